@@ -1,0 +1,105 @@
+"""Local training and evaluation loops shared by the three NumPyClients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .examples import Examples
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings, as sent by the server each round."""
+
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    server_round: int = 0
+
+    @staticmethod
+    def from_config(config: dict) -> TrainConfig:
+        """Read and check ``local-epochs``, ``batch-size``, ``learning-rate``, ...
+
+        Raises
+        ------
+        ValueError
+            If a setting is missing or out of range.
+        """
+        try:
+            tc = TrainConfig(
+                local_epochs=int(config["local-epochs"]),
+                batch_size=int(config["batch-size"]),
+                learning_rate=float(config["learning-rate"]),
+                optimizer=str(config.get("optimizer", "sgd")),
+                momentum=float(config.get("momentum", 0.0)),
+                server_round=int(config.get("server-round", 0)),
+            )
+        except KeyError as err:
+            raise ValueError(f"the server's config lacks {err}: is the ServerApp ours?") from err
+        if tc.local_epochs < 1 or tc.batch_size < 1 or not tc.learning_rate > 0:
+            raise ValueError(f"local-epochs, batch-size and learning-rate must be positive: {tc}")
+        if tc.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got '{tc.optimizer}'")
+        return tc
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    if tc.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=tc.learning_rate, momentum=tc.momentum)
+
+
+def _to(device: torch.device, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
+def train(
+    model: nn.Module,
+    data: Examples,
+    loss_fn: nn.Module,
+    tc: TrainConfig,
+    device: torch.device,
+    seed: int,
+) -> float:
+    """Run ``tc.local_epochs`` epochs of minibatch training; return the mean loss."""
+    model.to(device).train()
+    optimizer = make_optimizer(model, tc)
+    rng = np.random.default_rng(seed)
+    total, count = 0.0, 0
+    for _ in range(tc.local_epochs):
+        order = rng.permutation(len(data))
+        for start in range(0, len(order), tc.batch_size):
+            idx = order[start : start + tc.batch_size]
+            inputs, target = data.batch(idx)
+            inputs, (target,) = _to(device, inputs), _to(device, (target,))
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(*inputs), target)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    if not np.isfinite(total):
+        raise FloatingPointError("training diverged (loss is NaN or infinite): lower "
+                                 "learning-rate")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Examples, device: torch.device,
+            batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model outputs and targets for every example of ``data``."""
+    model.to(device).eval()
+    outputs, targets = [], []
+    for start in range(0, len(data), batch_size):
+        inputs, target = data.batch(np.arange(start, min(start + batch_size, len(data))))
+        outputs.append(model(*_to(device, inputs)).cpu())
+        targets.append(target)
+    return torch.cat(outputs), torch.cat(targets)

@@ -1,0 +1,173 @@
+"""Run settings: ``[tool.flwr.app.config]`` plus ``--run-config`` overrides, checked.
+
+``DEFAULTS`` mirrors ``[tool.flwr.app.config]`` in pyproject.toml (a test keeps
+them equal). Settings that say ``"auto"`` take the task's own default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clients.partition import PartitionSpec
+from clients.tasks import DataSpec, get_task
+
+DEFAULTS: dict[str, Any] = {
+    "task": "mnist",
+    "num-server-rounds": 3,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 1.0,
+    "min-train-nodes": 2,
+    "min-evaluate-nodes": 2,
+    "min-available-nodes": 2,
+    "round-timeout": 3600.0,
+    "aggregation": "fedavg",
+    "local-epochs": "auto",
+    "batch-size": "auto",
+    "learning-rate": "auto",
+    "optimizer": "auto",
+    "momentum": 0.0,
+    "data-source": "auto",
+    "data-dir": "",
+    "partitioning": "iid",
+    "dirichlet-alpha": 0.5,
+    "shards-per-client": 2,
+    "shard-size": 300,
+    "local-test-fraction": 0.1,
+    "mnist-model": "cnn",
+    "spam-buckets": 65536,
+    "central-eval": True,
+    "seed": 42,
+    "run-dir": "fedapp-runs",
+}
+
+
+def _auto(value: Any, default: Any, kind: type, key: str) -> Any:
+    if value == "auto":
+        return default
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key} must be 'auto' or a {kind.__name__}, got {value!r}") from err
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every run setting, typed and checked; build with :meth:`from_run_config`."""
+
+    task: str
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    round_timeout: float
+    aggregation: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    momentum: float
+    data_source: str
+    data_dir: str
+    partitioning: str
+    dirichlet_alpha: float
+    shards_per_client: int
+    shard_size: int
+    local_test_fraction: float
+    mnist_model: str
+    spam_buckets: int
+    central_eval: bool
+    seed: int
+    run_dir: str
+
+    @staticmethod
+    def from_run_config(run_config: dict[str, Any]) -> RunSettings:
+        """Merge ``run_config`` over :data:`DEFAULTS` and check every value.
+
+        Raises
+        ------
+        ValueError
+            On an unknown key or a value of the wrong type or range.
+        """
+        unknown = set(run_config) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown run settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        c = {**DEFAULTS, **run_config}
+        task = get_task(str(c["task"]))
+        s = RunSettings(
+            task=task.name,
+            num_server_rounds=int(c["num-server-rounds"]),
+            fraction_train=float(c["fraction-train"]),
+            fraction_evaluate=float(c["fraction-evaluate"]),
+            min_train_nodes=int(c["min-train-nodes"]),
+            min_evaluate_nodes=int(c["min-evaluate-nodes"]),
+            min_available_nodes=int(c["min-available-nodes"]),
+            round_timeout=float(c["round-timeout"]),
+            aggregation=str(c["aggregation"]),
+            local_epochs=_auto(c["local-epochs"], task.local_epochs, int, "local-epochs"),
+            batch_size=_auto(c["batch-size"], task.batch_size, int, "batch-size"),
+            learning_rate=_auto(c["learning-rate"], task.learning_rate, float, "learning-rate"),
+            optimizer=_auto(c["optimizer"], task.optimizer, str, "optimizer"),
+            momentum=float(c["momentum"]),
+            data_source=str(c["data-source"]),
+            data_dir=str(c["data-dir"]),
+            partitioning=str(c["partitioning"]),
+            dirichlet_alpha=float(c["dirichlet-alpha"]),
+            shards_per_client=int(c["shards-per-client"]),
+            shard_size=int(c["shard-size"]),
+            local_test_fraction=float(c["local-test-fraction"]),
+            mnist_model=str(c["mnist-model"]),
+            spam_buckets=int(c["spam-buckets"]),
+            central_eval=bool(c["central-eval"]),
+            seed=int(c["seed"]),
+            run_dir=str(c["run-dir"]),
+        )
+        s.check()
+        return s
+
+    def check(self) -> None:
+        if self.num_server_rounds < 1:
+            raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key.replace('_', '-')} must be in [0, 1]")
+        if min(self.min_train_nodes, self.min_evaluate_nodes, self.min_available_nodes) < 0:
+            raise ValueError("min-*-nodes must be >= 0")
+        if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise ValueError("local-epochs, batch-size and learning-rate must be positive")
+        self.data_spec(1)  # validates data-source, partitioning, model options
+
+    def data_spec(self, num_partitions: int, data_dir: str | None = None) -> DataSpec:
+        """The data description for a node; ``data_dir`` (node config) wins if given."""
+        return DataSpec(
+            task=self.task,
+            source=self.data_source,
+            data_dir=self.data_dir if data_dir is None else data_dir,
+            partition=PartitionSpec(
+                scheme=self.partitioning, num_partitions=num_partitions,
+                dirichlet_alpha=self.dirichlet_alpha, shards_per_client=self.shards_per_client,
+                shard_size=self.shard_size, seed=self.seed,
+            ),
+            local_test_fraction=self.local_test_fraction,
+            spam_buckets=self.spam_buckets,
+            mnist_model=self.mnist_model,
+        )
+
+    def train_config(self) -> dict[str, Any]:
+        """What each client gets for local training."""
+        return {"local-epochs": self.local_epochs, "batch-size": self.batch_size,
+                "learning-rate": self.learning_rate, "optimizer": self.optimizer,
+                "momentum": self.momentum}
+
+    def resolved_run_dir(self) -> Path:
+        """Absolute: a relative ``run-dir`` is taken from the home directory, because the
+        ServerApp's working directory is wherever the SuperLink was started."""
+        path = Path(self.run_dir).expanduser()
+        return path if path.is_absolute() else Path.home() / path
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,96 @@
+"""The Message-API ServerApp: weighted FedAvg with outputs in a run directory."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from clients.models import HOUSING_FEATURES, get_weights, set_weights
+from clients.numpy_clients import CLIENTS
+from clients.standardize import combine_stats, encode_floats
+from clients.tasks import build_model, load_central_test
+
+from .config import RunSettings
+from .outputs import RunRecorder
+from .rounds import run_rounds
+from .strategy import build_strategy
+
+app = ServerApp()
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Node ids once at least ``minimum`` are connected (or raise after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {minimum} nodes connected in {timeout:.0f} s")
+        time.sleep(1)
+    return nodes
+
+
+def federated_normalization(grid: Grid, settings: RunSettings) -> dict[str, bytes]:
+    """Ask every node for its row count, sums and sums of squares; return the
+    population mean and std as config entries (``norm-mean``, ``norm-std``)."""
+    nodes = wait_for_nodes(grid, max(1, settings.min_available_nodes), settings.round_timeout)
+    messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="query")
+                for n in nodes]
+    reports = []
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        if reply.has_error() or "properties" not in reply.content.config_records:
+            log(WARNING, "Node %s sent no statistics; left out", reply.metadata.src_node_id)
+            continue
+        reports.append(dict(reply.content.config_records["properties"]))
+    mean, std = combine_stats(reports, HOUSING_FEATURES + 1)
+    log(INFO, "Federated standardization from %d nodes: %d rows", len(reports),
+        sum(int(r["stats-n"]) for r in reports))
+    return {"norm-mean": encode_floats(mean), "norm-std": encode_floats(std)}
+
+
+def make_central_eval(settings: RunSettings, extra_config: dict):
+    """Evaluate the global model on the held-out test set, on the server."""
+    spec = settings.data_spec(1)
+    evaluator = CLIENTS[settings.task](spec, None, load_central_test(spec))
+
+    def central_eval(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        loss, n, metrics = evaluator.evaluate(arrays.to_numpy_ndarrays(), extra_config)
+        return MetricRecord({**metrics, "num-examples": n})
+
+    return central_eval
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    recorder = RunRecorder.create(settings.resolved_run_dir(), settings.task, context.run_id)
+    recorder.write_config(settings.as_dict())
+    log(INFO, "Run directory: %s", recorder.directory)
+
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.data_spec(1))
+    extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
+    central_eval = make_central_eval(settings, extra) if settings.central_eval else None
+    metric = "mse" if settings.task == "housing" else "accuracy"
+
+    def on_round(rnd: int, arrays: ArrayRecord, row: dict) -> None:
+        recorder.add_round({"round": rnd, **row})
+        shown = {k: row.get(k) for k in ("fed-loss", f"fed-{metric}", f"central-{metric}", "seconds")}
+        log(INFO, "Round %d done: %s", rnd, {k: round(v, 4) for k, v in shown.items() if v is not None})
+
+    final = run_rounds(
+        build_strategy(settings), grid, ArrayRecord(get_weights(model)),
+        settings.num_server_rounds,
+        train_config=ConfigRecord({**settings.train_config(), **extra}),
+        evaluate_config=ConfigRecord(extra),
+        timeout=settings.round_timeout,
+        central_eval=central_eval,
+        on_round=on_round,
+    )
+    set_weights(model, final.to_numpy_ndarrays())
+    recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
+    recorder.plot()
+    log(INFO, "Saved the final model, metrics and plot in %s", recorder.directory)
