@@ -1,0 +1,144 @@
+"""``fedapp``: run simulations, and start the server and client nodes of a deployment.
+
+    fedapp sim     run a simulation on a private SuperLink and report how it ended
+    fedapp server  start a SuperLink (the server node)
+    fedapp client  start a SuperNode (a client node) for one data partition
+    fedapp run     submit this app to a SuperLink and wait until the run ends
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import launch
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` pairs, values read as TOML scalars (numbers, true/false, 'strings')."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--run-config expects key=value, got '{item}'")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare word: take it as a string
+    return out
+
+
+def _flwr_home(args: argparse.Namespace) -> Path:
+    return Path(args.flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    status, run_dir, text = launch.simulate(
+        Path(args.app), Path(args.workdir), args.num_supernodes,
+        parse_overrides(args.run_config), timeout=args.timeout)
+    print(text)
+    print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
+    return 0 if status == launch.FINISHED_OK else 1
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
+                          args.insecure, server=True)
+    cmd = launch.superlink_command(args.host, args.port, tls,
+                                   database=Path(args.database) if args.database else None)
+    os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
+    return 1  # not reached
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
+                          args.insecure, server=False)
+    cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
+                                   args.port, tls, args.data_dir)
+    os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    home = _flwr_home(args)
+    ca = Path(args.certificates) / "ca.crt" if args.certificates else None
+    if not args.insecure and (ca is None or not ca.is_file()):
+        raise SystemExit("give --certificates DIR holding ca.crt, or --insecure")
+    launch.write_connection(home, "deployment", args.superlink, insecure=args.insecure,
+                            root_certificates=None if args.insecure else ca)
+    env = launch.flower_env(home)
+    run_id = launch.submit(Path(args.app), "deployment", env, parse_overrides(args.run_config))
+    print(f"submitted run {run_id}")
+    if args.no_wait:
+        return 0
+    status = launch.wait_for_run(run_id, "deployment", env, args.timeout)
+    print(launch.logs(run_id, "deployment", env))
+    print(json.dumps({"run-id": run_id, "status": status}))
+    return 0 if status == launch.FINISHED_OK else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedapp", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def tls(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--certificates", help="directory with ca.crt (and server.pem, "
+                        "server.key for the server); see scripts/make_certificates.py")
+        sp.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
+        sp.add_argument("--flwr-home", help="Flower's state directory (default $FLWR_HOME or ~/.flwr)")
+
+    s = sub.add_parser("sim", help="run a simulation and report whether it succeeded")
+    s.add_argument("--num-supernodes", type=int, default=2)
+    s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--workdir", default="fedapp-sim", help="SuperLink state, logs and runs")
+    s.add_argument("--app", default=str(APP_DIR), help="the Flower app directory")
+    s.add_argument("--timeout", type=float, default=6 * 3600)
+    s.set_defaults(func=cmd_sim)
+
+    s = sub.add_parser("server", help="start the SuperLink (server node)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=9092)
+    s.add_argument("--database", help="SQLite file for the SuperLink state (default: in memory)")
+    tls(s)
+    s.set_defaults(func=cmd_server)
+
+    s = sub.add_parser("client", help="start a SuperNode (client node) for one partition")
+    s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
+    s.add_argument("--partition-id", type=int, required=True)
+    s.add_argument("--num-partitions", type=int, required=True)
+    s.add_argument("--data-dir", help="this node's data directory (overrides the run's)")
+    s.add_argument("--port", type=int, default=9094,
+                   help="local port for the ClientApp runtime; one per node on a machine")
+    tls(s)
+    s.set_defaults(func=cmd_client)
+
+    s = sub.add_parser("run", help="submit the app to a SuperLink and wait for the result")
+    s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
+    s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--app", default=str(APP_DIR))
+    s.add_argument("--timeout", type=float, default=6 * 3600)
+    s.add_argument("--no-wait", action="store_true", help="return once submitted")
+    tls(s)
+    s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"fedapp {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

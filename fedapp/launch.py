@@ -1,0 +1,235 @@
+"""Start and stop Flower processes, submit runs and check how they ended.
+
+Used by the ``fedapp`` command line, the scripts and the tests. Every process
+is started here with a known PID and stopped by that PID. ``flwr run`` exits 0
+even when a run fails, so :func:`wait_for_run` reads the status from ``flwr ls``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FINISHED_OK = "finished:completed"
+
+
+def flower_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment with Flower's telemetry, update check and runtime
+    dependency installation off (the app's dependencies are installed already)."""
+    env = dict(os.environ)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", **extra)
+    if flwr_home is not None:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_command(name: str) -> str:
+    """Path of a Flower console script (``flwr``, ``flower-superlink``, ...)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"'{name}' not found: install the project (pip install -e .)")
+    return found
+
+
+def tls_args(certificates: Path | None, insecure: bool, server: bool) -> list[str]:
+    """Flower's TLS flags from a directory holding ``ca.crt`` (and, for the server,
+    ``server.pem`` / ``server.key``), or ``--insecure`` when asked for explicitly."""
+    if insecure:
+        return ["--insecure"]
+    if certificates is None:
+        raise ValueError("give a certificates directory (see scripts/make_certificates.py) "
+                         "or pass --insecure explicitly to run without TLS")
+    ca = certificates / "ca.crt"
+    needed = [ca] + ([certificates / "server.pem", certificates / "server.key"] if server else [])
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing TLS files: {', '.join(missing)}")
+    if server:
+        return ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(needed[1]),
+                "--ssl-keyfile", str(needed[2])]
+    return ["--root-certificates", str(ca)]
+
+
+def superlink_command(host: str, port: int, tls: list[str], simulation: bool = False,
+                      database: Path | None = None) -> list[str]:
+    cmd = [flower_command("flower-superlink"), *tls, "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if simulation:
+        cmd += ["--simulation", "--control-api-address", f"{host}:{free_port()}"]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
+                      tls: list[str], data_dir: str | None = None) -> list[str]:
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if data_dir:
+        node_config += f" data-dir='{Path(data_dir).expanduser().resolve()}'"
+    return [flower_command("flower-supernode"), *tls, "--superlink", superlink,
+            "--node-config", node_config, "--port", str(port)]
+
+
+def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group with output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - the child process owns it
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after ``grace`` s.
+    Its process group goes too (Flower's SuperExec and app subprocesses)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    else:
+        try:  # the leader is gone; children in its group may remain
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_port(host: str, port: int, timeout: float = 30.0,
+                  proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before "
+                               f"listening on {host}:{port}")
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def write_connection(flwr_home: Path, name: str, address: str, *, insecure: bool,
+                     root_certificates: Path | None = None,
+                     num_supernodes: int | None = None) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (the default)."""
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
+             f'address = "{address}"', f"insecure = {'true' if insecure else 'false'}"]
+    if root_certificates is not None:
+        lines.append(f'root-certificates = "{root_certificates.resolve()}"')
+    if num_supernodes is not None:
+        lines += [f"options.num-supernodes = {num_supernodes}",
+                  "options.backend.client-resources.num-cpus = 1"]
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def run_config_arg(overrides: dict[str, Any]) -> list[str]:
+    """``--run-config`` arguments in TOML syntax."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+    return ["--run-config", " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())] if overrides else []
+
+
+def submit(app_dir: Path, connection: str, env: dict[str, str],
+           overrides: dict[str, Any] | None = None) -> str:
+    """``flwr run APP CONNECTION``; returns the run id."""
+    out = subprocess.run(
+        [flower_command("flwr"), "run", str(app_dir), connection, "--format", "json",
+         *run_config_arg(overrides or {})],
+        env=env, capture_output=True, text=True, check=False)
+    try:
+        reply = json.loads(out.stdout[out.stdout.index("{"):])
+    except ValueError:
+        reply = {}
+    if out.returncode != 0 or not reply.get("success"):
+        raise RuntimeError(f"flwr run failed: {out.stdout.strip()} {out.stderr.strip()}")
+    return str(reply["run-id"])
+
+
+def run_status(run_id: str, connection: str, env: dict[str, str]) -> str:
+    out = subprocess.run([flower_command("flwr"), "ls", connection, "--run-id", run_id,
+                          "--format", "json"], env=env, capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout[out.stdout.index("{"):])["runs"][0]["status"]
+    except (ValueError, KeyError, IndexError):
+        return "unknown"
+
+
+def wait_for_run(run_id: str, connection: str, env: dict[str, str], timeout: float,
+                 poll: float = 2.0, progress: bool = True) -> str:
+    """Poll ``flwr ls`` until the run finishes; return its final status."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = run_status(run_id, connection, env)
+        if progress and status != last:
+            print(f"run {run_id}: {status}", flush=True)
+            last = status
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll)
+    return f"timeout after {timeout:.0f} s (last status {last})"
+
+
+def logs(run_id: str, connection: str, env: dict[str, str]) -> str:
+    """The run's logs, as ``flwr log --show`` prints them."""
+    out = subprocess.run([flower_command("flwr"), "log", run_id, connection, "--show"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    return out.stdout + out.stderr
+
+
+def find_run_dir(base: Path, run_id: str) -> Path | None:
+    """The run directory the ServerApp made under ``base`` for ``run_id``."""
+    found = sorted(base.glob(f"*-{run_id}"))
+    return found[-1] if found else None
+
+
+def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
+             overrides: dict[str, Any] | None = None, timeout: float = 3600.0,
+             progress: bool = True) -> tuple[str, Path | None, str]:
+    """One simulation on a private SuperLink that is stopped afterwards.
+
+    Returns ``(status, run directory, logs)``; ``status`` is ``finished:completed``
+    only if the run really succeeded.
+    """
+    workdir = workdir.resolve()
+    home = workdir / "flwr-home"
+    env = flower_env(home)
+    port = free_port()
+    write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True,
+                     num_supernodes=num_supernodes)
+    overrides = {"run-dir": str(workdir / "runs"), **(overrides or {})}
+    link = start(superlink_command("127.0.0.1", port, ["--insecure"], simulation=True),
+                 env, workdir / "superlink.log")
+    try:
+        wait_for_port("127.0.0.1", port, proc=link)
+        run_id = submit(app_dir, "sim", env, overrides)
+        status = wait_for_run(run_id, "sim", env, timeout, progress=progress)
+        text = logs(run_id, "sim", env)
+    finally:
+        stop(link)
+    return status, find_run_dir(Path(overrides["run-dir"]), run_id), text
