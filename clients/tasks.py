@@ -32,13 +32,14 @@ class Task:
     optimizer: str
     batch_size: int
     local_epochs: int
+    weight_decay: float
     has_embedded_data: bool
 
 
 TASKS = {
-    "mnist": Task("mnist", "accuracy", 0.05, "sgd", 32, 1, True),
-    "spam": Task("spam", "accuracy", 0.05, "sgd", 32, 1, False),
-    "housing": Task("housing", "mse", 0.005, "adam", 16, 5, True),
+    "mnist": Task("mnist", "accuracy", 0.05, "sgd", 32, 1, 0.0, True),
+    "spam": Task("spam", "accuracy", 0.01, "adam", 32, 1, 0.0, False),
+    "housing": Task("housing", "mse", 0.003, "adam", 16, 10, 0.1, True),
 }
 MNIST_MODELS = ("cnn", "small-cnn")
 

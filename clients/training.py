@@ -10,7 +10,7 @@ from torch import nn
 
 from .examples import Examples
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam")  # "adam" is AdamW: decoupled weight decay
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class TrainConfig:
     learning_rate: float
     optimizer: str = "sgd"
     momentum: float = 0.0
+    weight_decay: float = 0.0
     server_round: int = 0
 
     @staticmethod
@@ -40,11 +41,13 @@ class TrainConfig:
                 learning_rate=float(config["learning-rate"]),
                 optimizer=str(config.get("optimizer", "sgd")),
                 momentum=float(config.get("momentum", 0.0)),
+                weight_decay=float(config.get("weight-decay", 0.0)),
                 server_round=int(config.get("server-round", 0)),
             )
         except KeyError as err:
             raise ValueError(f"the server's config lacks {err}: is the ServerApp ours?") from err
-        if tc.local_epochs < 1 or tc.batch_size < 1 or not tc.learning_rate > 0:
+        if tc.local_epochs < 1 or tc.batch_size < 1 or not tc.learning_rate > 0 \
+                or tc.momentum < 0 or tc.weight_decay < 0:
             raise ValueError(f"local-epochs, batch-size and learning-rate must be positive: {tc}")
         if tc.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got '{tc.optimizer}'")
@@ -53,8 +56,10 @@ class TrainConfig:
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     if tc.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=tc.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=tc.learning_rate, momentum=tc.momentum)
+        return torch.optim.AdamW(model.parameters(), lr=tc.learning_rate,
+                                 weight_decay=tc.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=tc.learning_rate, momentum=tc.momentum,
+                           weight_decay=tc.weight_decay)
 
 
 def _to(device: torch.device, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

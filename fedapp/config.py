@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "learning-rate": "auto",
     "optimizer": "auto",
     "momentum": 0.0,
+    "weight-decay": "auto",
     "data-source": "auto",
     "data-dir": "",
     "partitioning": "iid",
@@ -71,6 +72,7 @@ class RunSettings:
     learning_rate: float
     optimizer: str
     momentum: float
+    weight_decay: float
     data_source: str
     data_dir: str
     partitioning: str
@@ -113,6 +115,7 @@ class RunSettings:
             learning_rate=_auto(c["learning-rate"], task.learning_rate, float, "learning-rate"),
             optimizer=_auto(c["optimizer"], task.optimizer, str, "optimizer"),
             momentum=float(c["momentum"]),
+            weight_decay=_auto(c["weight-decay"], task.weight_decay, float, "weight-decay"),
             data_source=str(c["data-source"]),
             data_dir=str(c["data-dir"]),
             partitioning=str(c["partitioning"]),
@@ -161,7 +164,7 @@ class RunSettings:
         """What each client gets for local training."""
         return {"local-epochs": self.local_epochs, "batch-size": self.batch_size,
                 "learning-rate": self.learning_rate, "optimizer": self.optimizer,
-                "momentum": self.momentum}
+                "momentum": self.momentum, "weight-decay": self.weight_decay}
 
     def resolved_run_dir(self) -> Path:
         """Absolute: a relative ``run-dir`` is taken from the home directory, because the
