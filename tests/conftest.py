@@ -1,0 +1,19 @@
+"""Shared fixtures. The real data sets come from $FEDAPP_TEST_DATA (CI points it at
+../shared/data); without them the data tests fail loudly rather than skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("FEDAPP_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
+    assert (path / "mnist").is_dir(), (
+        f"test data not found at {path}: set FEDAPP_TEST_DATA to the shared data directory")
+    return path
