@@ -17,3 +17,12 @@ def data_dir() -> Path:
     assert (path / "mnist").is_dir(), (
         f"test data not found at {path}: set FEDAPP_TEST_DATA to the shared data directory")
     return path
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages built outside a Flower process need the run and node ids set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
