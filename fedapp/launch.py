@@ -131,35 +131,34 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0,
 
 
 def write_connection(flwr_home: Path, name: str, address: str, *, insecure: bool,
-                     root_certificates: Path | None = None,
-                     num_supernodes: int | None = None) -> None:
+                     root_certificates: Path | None = None) -> None:
     """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (the default)."""
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
              f'address = "{address}"', f"insecure = {'true' if insecure else 'false'}"]
     if root_certificates is not None:
         lines.append(f'root-certificates = "{root_certificates.resolve()}"')
-    if num_supernodes is not None:
-        lines += [f"options.num-supernodes = {num_supernodes}",
-                  "options.backend.client-resources.num-cpus = 1"]
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def run_config_arg(overrides: dict[str, Any]) -> list[str]:
-    """``--run-config`` arguments in TOML syntax."""
+def config_arg(flag: str, overrides: dict[str, Any]) -> list[str]:
+    """``--run-config`` / ``--federation-config`` arguments in TOML syntax."""
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         return json.dumps(v) if isinstance(v, str) else repr(v)
-    return ["--run-config", " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())] if overrides else []
+    return [flag, " ".join(f"{k}={fmt(v)}" for k, v in overrides.items())] if overrides else []
 
 
 def submit(app_dir: Path, connection: str, env: dict[str, str],
-           overrides: dict[str, Any] | None = None) -> str:
-    """``flwr run APP CONNECTION``; returns the run id."""
+           overrides: dict[str, Any] | None = None,
+           federation: dict[str, Any] | None = None) -> str:
+    """``flwr run APP CONNECTION`` with run-config (and, for simulations, federation-config)
+    overrides; returns the run id."""
     out = subprocess.run(
         [flower_command("flwr"), "run", str(app_dir), connection, "--format", "json",
-         *run_config_arg(overrides or {})],
+         *config_arg("--run-config", overrides or {}),
+         *config_arg("--federation-config", federation or {})],
         env=env, capture_output=True, text=True, check=False)
     try:
         reply = json.loads(out.stdout[out.stdout.index("{"):])
@@ -220,14 +219,14 @@ def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
     home = workdir / "flwr-home"
     env = flower_env(home)
     port = free_port()
-    write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True,
-                     num_supernodes=num_supernodes)
+    write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)
     overrides = {"run-dir": str(workdir / "runs"), **(overrides or {})}
     link = start(superlink_command("127.0.0.1", port, ["--insecure"], simulation=True),
                  env, workdir / "superlink.log")
     try:
         wait_for_port("127.0.0.1", port, proc=link)
-        run_id = submit(app_dir, "sim", env, overrides)
+        run_id = submit(app_dir, "sim", env, overrides,
+                        {"num-supernodes": num_supernodes, "client-resources-num-cpus": 1})
         status = wait_for_run(run_id, "sim", env, timeout, progress=progress)
         text = logs(run_id, "sim", env)
     finally:

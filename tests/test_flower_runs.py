@@ -1,0 +1,91 @@
+"""Real Flower runs: simulation on both APIs, a failing run, and a TLS deployment
+of separate server and client processes on 127.0.0.1. Few and small on purpose."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from clients.models import McMahanCNN, get_weights
+from fedapp import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_run_on_the_message_api(tmp_path):
+    """The default job (embedded MNIST, no data directory) runs to the end."""
+    status, run_dir, logs = launch.simulate(ROOT, tmp_path, 2, {"num-server-rounds": 2},
+                                            timeout=600, progress=False)
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    for name in ("config.json", "metrics.json", "metrics.csv", "metrics.png", "model.npz"):
+        assert (run_dir / name).is_file(), name
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    model_bytes = sum(a.nbytes for a in get_weights(McMahanCNN()))
+    # 2 clients train and 2 evaluate: 4 models down, 2 updates up per round
+    assert abs(rows[2]["bytes-down"] / (4 * model_bytes) - 1) < 0.01
+    assert abs(rows[2]["bytes-up"] / (2 * model_bytes) - 1) < 0.01
+    assert rows[2]["train-clients"] == 2 and rows[2]["train-failures"] == 0
+    assert rows[2]["central-accuracy"] > 0.6 and rows[2]["fed-accuracy"] > 0.6
+    with np.load(run_dir / "model.npz", allow_pickle=False) as model:
+        assert sum(model[k].size for k in model.files) == 1_663_370
+    assert json.loads((run_dir / "config.json").read_text())["task"] == "mnist"
+
+
+def test_same_numpy_clients_on_the_legacy_api(tmp_path, data_dir):
+    """A legacy-API project (client_fn / server_fn, flwr.server.strategy) with our clients."""
+    app = tmp_path / "legacy-project"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(f"""
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+[project]
+name = "legacy-project"
+version = "1.0.0"
+requires-python = ">=3.11"
+dependencies = []
+[tool.flwr.app]
+publisher = "tests"
+[tool.flwr.app.components]
+serverapp = "fedapp.legacy:serverapp"
+clientapp = "fedapp.legacy:clientapp"
+[tool.flwr.app.config]
+task = "housing"
+num-server-rounds = 3
+data-dir = "{data_dir}"
+run-dir = "runs"
+""")
+    status, run_dir, logs = launch.simulate(app, tmp_path / "work", 2, timeout=600,
+                                            progress=False)
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    assert "Federated standardization from 2 clients" in logs
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    mse = [r["central-mse"] for r in rows if "central-mse" in r]
+    assert len(mse) == 3 and mse[-1] < mse[0]
+
+
+def test_a_failing_run_is_reported_as_failed(tmp_path):
+    """flwr run exits 0 even when the run fails; we read the status instead."""
+    status, _, logs = launch.simulate(ROOT, tmp_path, 2, {"task": "spam"}, timeout=300,
+                                      progress=False)
+    assert status != launch.FINISHED_OK
+    assert "No spam data found" in logs and "ham.txt" in logs
+
+
+def test_loopback_deployment_with_tls(tmp_path, data_dir):
+    """fedapp server + 3 fedapp client processes, TLS, 2 rounds, every process stopped."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
+         "--rounds", "2", "--clients", "3", "--data-dir", str(data_dir),
+         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert summary["status"] == launch.FINISHED_OK and summary["tls"] is True
+    assert summary["rounds-recorded"] == 2 and summary["processes-left-running"] == []
+    assert len(summary["processes-started"]) == 4
+    assert summary["last-round"]["train-clients"] == 3
