@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
 
-from clients.models import HOUSING_FEATURES, get_weights
+from clients.models import HOUSING_FEATURES, get_weights, set_weights
 from clients.numpy_clients import CLIENTS
 from clients.standardize import combine_stats, encode_floats
 from clients.tasks import build_model, load_central_test
@@ -95,7 +95,8 @@ def server_fn(context: Context) -> ServerAppComponents:
     strategy: StandardizingFedAvg
 
     def central_eval(rnd: int, ndarrays, _config):
-        """Runs after every round: records seconds and the held-out metrics."""
+        """Runs after every round: records seconds and the held-out metrics, and
+        after the last one saves the model and the plot."""
         row = {"round": rnd, "seconds": round(time.monotonic() - clock["last"], 3)}
         result = None
         if evaluator is not None and (settings.task != "housing" or strategy.extra_config):
@@ -103,6 +104,10 @@ def server_fn(context: Context) -> ServerAppComponents:
             row.update({f"central-{k}": v for k, v in metrics.items()})
             result = (loss, metrics)
         recorder.add_round(row)
+        if rnd == settings.num_server_rounds:
+            set_weights(model, ndarrays)
+            recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
+            recorder.plot()
         clock["last"] = time.monotonic()
         return result
 

@@ -67,6 +67,7 @@ run-dir = "runs"
     rows = json.loads((run_dir / "metrics.json").read_text())
     mse = [r["central-mse"] for r in rows if "central-mse" in r]
     assert len(mse) == 3 and mse[-1] < mse[0]
+    assert (run_dir / "model.npz").is_file() and (run_dir / "metrics.png").is_file()
 
 
 def test_a_failing_run_is_reported_as_failed(tmp_path):
