@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Shared 2-core machines: timing is noise, so no per-example deadlines.
+settings.register_profile("fedapp", deadline=None)
+settings.load_profile("fedapp")
 
 ROOT = Path(__file__).resolve().parent.parent
 
