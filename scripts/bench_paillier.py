@@ -1,0 +1,204 @@
+"""Benchmark: packed Paillier (strategies.encoding + strategies.paillier) against
+per-value Paillier with ``phe``, side by side in one run, on one core, 2048-bit keys.
+
+    python scripts/bench_paillier.py [--params 1663370] [--clients 10] [--agg-params 50000]
+
+Measures
+  * ``phe``: ``public_key.encrypt(x)`` on a few hundred floats (params/s), and decryption;
+  * ours: quantize + pack + encrypt of ``--params`` values (params/s, with the one-off
+    encryptor set-up included and excluded), and the speedup over ``phe``;
+  * server aggregation of ``--clients`` clients' ciphertext arrays of ``--agg-params``
+    values each (validation + homomorphic sum), scaled to the MNIST CNN;
+  * client decryption + decoding of that aggregate (params/s);
+  * bytes on the wire for the McMahan MNIST CNN (1,663,370 parameters) vs float32;
+  * the largest error of the decrypted weighted average against plaintext weighted
+    FedAvg on the same float32 updates, and the bound ``EncodingParams.max_error()``.
+
+Everything runs in this process (``workers=1``). Shared machines make absolute times
+noisy: compare the ratios measured in the same run. The last line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from phe import paillier as phe_paillier  # noqa: E402
+
+from strategies.aggregation import weighted_average  # noqa: E402
+from strategies.encoding import EncodingParams, decode, encode  # noqa: E402
+from strategies.paillier import (  # noqa: E402
+    Encryptor,
+    aggregate_arrays,
+    generate_keypair,
+    wire_metadata,
+)
+
+MNIST_CNN_PARAMS = 1_663_370  # McMahan et al. 2017 CNN: conv5x5x32, conv5x5x64, fc512, fc10
+KEY_BITS = 2048
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=MNIST_CNN_PARAMS,
+                        help="values one client encodes and encrypts (ours)")
+    parser.add_argument("--phe-values", type=int, default=200,
+                        help="floats encrypted one by one with phe")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--agg-params", type=int, default=50_000,
+                        help="values per client for the aggregation and decryption runs")
+    parser.add_argument("--max-total-weight", type=int, default=128,
+                        help="headroom of the encoding: the clients' integer weights "
+                             "sum to at most this")
+    parser.add_argument("--clip", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    summary: dict[str, object] = {"benchmark": "paillier", "key_bits": KEY_BITS, "cores": 1,
+                                  "cpu_count": os.cpu_count(),
+                                  "load_average_1min": os.getloadavg()[0]}
+
+    # -- keys -------------------------------------------------------------------------------
+    (pk, sk), t_ours_keygen = timed(generate_keypair, KEY_BITS)
+    (phe_pk, phe_sk), t_phe_keygen = timed(phe_paillier.generate_paillier_keypair,
+                                           n_length=KEY_BITS)
+    log(f"keygen: ours {t_ours_keygen:.2f} s, phe {t_phe_keygen:.2f} s")
+    params = EncodingParams.for_key(pk.n_bits, args.max_total_weight, clip=args.clip)
+    log(f"encoding: {params} -> max error {params.max_error():.3g}")
+
+    # -- per-value phe ------------------------------------------------------------------------
+    floats = rng.normal(0.0, 0.05, args.phe_values).astype(np.float32).astype(float)
+    phe_cts, t_phe = timed(lambda: [phe_pk.encrypt(x) for x in floats])
+    phe_rate = len(floats) / t_phe
+    some = phe_cts[:50]
+    _, t_phe_dec = timed(lambda: [phe_sk.decrypt(c) for c in some])
+    phe_dec_rate = len(some) / t_phe_dec
+    log(f"phe per-value: encrypt {phe_rate:.1f} params/s ({len(floats)} floats in {t_phe:.2f} s), "
+        f"decrypt {phe_dec_rate:.1f} params/s; MNIST CNN would take "
+        f"{MNIST_CNN_PARAMS / phe_rate / 3600:.2f} h to encrypt")
+
+    # -- ours: one client's encode + encrypt --------------------------------------------------
+    update = rng.normal(0.0, 0.05, args.params).astype(np.float32)
+    encryptor, t_setup = timed(Encryptor, pk, sk)
+    plaintexts, t_encode = timed(encode, update, params, 7, rng)
+    array, t_encrypt = timed(encryptor.encrypt_to_array, plaintexts)
+    ours_rate = args.params / (t_setup + t_encode + t_encrypt)
+    ours_rate_warm = args.params / (t_encode + t_encrypt)
+    log(f"ours: {args.params} params -> {array.shape[0]} ciphertexts; set-up {t_setup:.2f} s, "
+        f"quantize+pack {t_encode:.3f} s, encrypt {t_encrypt:.2f} s -> {ours_rate:,.0f} params/s "
+        f"({ours_rate_warm:,.0f} without set-up); speedup over phe {ours_rate / phe_rate:,.0f}x")
+
+    # -- server aggregation for K clients --------------------------------------------------------
+    weights = [int(w) for w in rng.integers(1, args.max_total_weight // args.clients + 1,
+                                            args.clients)]
+    total_weight = sum(weights)
+    updates = [rng.normal(0.0, 0.05, args.agg_params).astype(np.float32)
+               for _ in range(args.clients)]
+    updates[0][:10] = [args.clip, -args.clip, 0, 1e-6, -1e-6, 0.3, -0.3, 0.49, -0.49, 0.01]
+    count = params.num_plaintexts(args.agg_params)
+    arrays = []
+    for k, (x, w) in enumerate(zip(updates, weights)):
+        arrays.append(encryptor.encrypt_to_array(encode(x, params, w, rng)))
+        log(f"client {k}: weight {w}, {count} ciphertexts")
+    agg_times = []
+    for _ in range(3):
+        aggregate, t_agg = timed(aggregate_arrays, pk, arrays, count=count)
+        agg_times.append(t_agg)
+    t_agg = statistics.median(agg_times)
+    full_count = params.num_plaintexts(MNIST_CNN_PARAMS)
+    t_agg_full = t_agg * full_count / count
+    log(f"server: aggregate {args.clients} x {count} ciphertexts in {t_agg:.3f} s (median of 3) "
+        f"-> {t_agg_full:.1f} s for the MNIST CNN ({full_count} ciphertexts per client)")
+
+    # -- client decryption + decoding ------------------------------------------------------------
+    start = time.perf_counter()
+    sums = sk.decrypt_array(aggregate, count=count)
+    average = decode(sums, params, args.agg_params, total_weight)
+    t_dec = time.perf_counter() - start
+    dec_rate = args.agg_params / t_dec
+    log(f"client: decrypt+decode {args.agg_params} params in {t_dec:.2f} s -> {dec_rate:,.0f} "
+        f"params/s; MNIST CNN {MNIST_CNN_PARAMS / dec_rate:.0f} s")
+
+    expected = weighted_average([[x] for x in updates], weights)[0].astype(np.float64)
+    max_err = float(np.abs(average - expected).max())
+    mean_err = float((average - expected).mean())
+    log(f"error vs plaintext weighted FedAvg: max {max_err:.3g} (bound {params.max_error():.3g}), "
+        f"mean signed {mean_err:.2g}")
+
+    # -- wire size ---------------------------------------------------------------------------
+    bytes_per_ct = array.shape[1]
+    assert array.nbytes == array.shape[0] * bytes_per_ct
+    meta_bytes = len(json.dumps(wire_metadata(params, pk.fingerprint)))
+    wire_bytes = full_count * bytes_per_ct
+    float32_bytes = 4 * MNIST_CNN_PARAMS
+    examples_params = EncodingParams.for_key(pk.n_bits, 65_536, clip=args.clip)
+    examples_ratio = examples_params.num_plaintexts(MNIST_CNN_PARAMS) * bytes_per_ct / float32_bytes
+    log(f"wire: {full_count} x {bytes_per_ct} B = {wire_bytes / 1e6:.2f} MB (+{meta_bytes} B of "
+        f"metadata) vs float32 {float32_bytes / 1e6:.2f} MB -> {wire_bytes / float32_bytes:.3f}x; "
+        f"with weights up to 65,536 (example counts): {examples_ratio:.3f}x; phe per value: "
+        f"{2 * phe_pk.n.bit_length() // 8 / 4:.0f}x")
+
+    summary.update({
+        "encoding": params.to_dict(),
+        "clients": args.clients,
+        "weights": weights,
+        "keygen_s": {"ours": round(t_ours_keygen, 3), "phe": round(t_phe_keygen, 3)},
+        "phe_encrypt_params_per_s": round(phe_rate, 2),
+        "phe_decrypt_params_per_s": round(phe_dec_rate, 2),
+        "phe_mnist_cnn_encrypt_hours": round(MNIST_CNN_PARAMS / phe_rate / 3600, 2),
+        "ours_params_measured": args.params,
+        "ours_encryptor_setup_s": round(t_setup, 3),
+        "ours_encode_s": round(t_encode, 3),
+        "ours_encrypt_s": round(t_encrypt, 3),
+        "ours_encode_encrypt_params_per_s": round(ours_rate),
+        "ours_encode_encrypt_params_per_s_without_setup": round(ours_rate_warm),
+        "speedup_vs_phe": round(ours_rate / phe_rate, 1),
+        "server_aggregate_s_measured": round(t_agg, 4),
+        "server_aggregate_ciphertexts_measured": count,
+        "server_aggregate_s_mnist_cnn": round(t_agg_full, 2),
+        "client_decrypt_decode_params_per_s": round(dec_rate),
+        "client_decrypt_decode_s_mnist_cnn": round(MNIST_CNN_PARAMS / dec_rate, 1),
+        "mnist_cnn_params": MNIST_CNN_PARAMS,
+        "mnist_cnn_ciphertexts": full_count,
+        "wire_bytes_mnist_cnn": wire_bytes,
+        "metadata_bytes": meta_bytes,
+        "float32_bytes_mnist_cnn": float32_bytes,
+        "wire_ratio_vs_float32": round(wire_bytes / float32_bytes, 3),
+        "wire_ratio_vs_float32_weights_up_to_65536": round(examples_ratio, 3),
+        "max_abs_error": max_err,
+        "max_error_bound": params.max_error(),
+        "mean_signed_error": mean_err,
+        "targets_met": {
+            "encode_encrypt_ge_40000_params_per_s": ours_rate >= 40_000,
+            "speedup_ge_300x": ours_rate / phe_rate >= 300,
+            "wire_le_1.5x_float32": wire_bytes / float32_bytes <= 1.5,
+            "error_within_bound": max_err <= params.max_error(),
+        },
+    })
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
