@@ -4,6 +4,8 @@
     fedapp server  start a SuperLink (the server node)
     fedapp client  start a SuperNode (a client node) for one data partition
     fedapp run     submit this app to a SuperLink and wait until the run ends
+    fedapp keygen  make a Paillier key pair (public key for the server, private for clients)
+    fedapp decrypt turn an encrypted final model into a plaintext checkpoint (key holders)
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
-                                   args.port, tls, args.data_dir)
+                                   args.port, tls, args.data_dir, args.paillier_private_key)
     os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
     return 1
 
@@ -82,6 +84,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(launch.logs(run_id, "deployment", env))
     print(json.dumps({"run-id": run_id, "status": status}))
     return 0 if status == launch.FINISHED_OK else 1
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from strategies.keyfiles import write_keypair
+
+    public, private, fingerprint = write_keypair(Path(args.out), args.bits)
+    print(f"public key  (give to the server):       {public}")
+    print(f"private key (client nodes only, 0600):  {private}")
+    print(f"fingerprint: {fingerprint}")
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from strategies.keyfiles import load_private_key
+    from strategies.paillier_protocol import EncryptedModel, decrypt_model
+
+    key = load_private_key(Path(args.key))
+    with np.load(args.model, allow_pickle=False) as data:
+        encrypted = EncryptedModel.from_arrays({k: data[k] for k in data.files}, key.public_key)
+    arrays = decrypt_model(key, encrypted, workers=None)
+    names = list(encrypted.layout.names)
+    if args.task:  # name the arrays after the task model's parameters, for load_npz
+        from clients.tasks import DataSpec, build_model
+
+        names = list(build_model(DataSpec(task=args.task, mnist_model=args.mnist_model,
+                                          spam_buckets=args.spam_buckets)).state_dict())
+        if len(names) != len(arrays):
+            raise ValueError(f"the model has {len(arrays)} arrays, task {args.task} {len(names)}")
+    np.savez(args.out, **dict(zip(names, arrays, strict=True)))
+    print(f"wrote {args.out} ({sum(a.size for a in arrays):,} values)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,10 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--partition-id", type=int, required=True)
     s.add_argument("--num-partitions", type=int, required=True)
     s.add_argument("--data-dir", help="this node's data directory (overrides the run's)")
+    s.add_argument("--paillier-private-key", help="private key file for aggregation=paillier")
     s.add_argument("--port", type=int, default=9094,
                    help="local port for the ClientApp runtime; one per node on a machine")
     tls(s)
     s.set_defaults(func=cmd_client)
+
+    s = sub.add_parser("keygen", help="make a Paillier key pair")
+    s.add_argument("--out", required=True, help="directory for paillier.pub.json and paillier.key.json")
+    s.add_argument("--bits", type=int, default=2048, help="modulus size (at least 2048)")
+    s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("decrypt", help="decrypt a run's model.encrypted.npz")
+    s.add_argument("--key", required=True, help="the private key file")
+    s.add_argument("--model", required=True, help="model.encrypted.npz from a run directory")
+    s.add_argument("--out", required=True, help="plaintext .npz to write")
+    s.add_argument("--task", help="name arrays after this task's model (mnist, spam, housing)")
+    s.add_argument("--mnist-model", default="cnn")
+    s.add_argument("--spam-buckets", type=int, default=65536)
+    s.set_defaults(func=cmd_decrypt)
 
     s = sub.add_parser("run", help="submit the app to a SuperLink and wait for the result")
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
@@ -135,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"fedapp {args.command}: {err}", file=sys.stderr)
         return 2
 

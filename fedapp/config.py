@@ -24,6 +24,11 @@ DEFAULTS: dict[str, Any] = {
     "min-available-nodes": 2,
     "round-timeout": 3600.0,
     "aggregation": "fedavg",
+    "paillier-public-key": "",
+    "paillier-clip": "auto",
+    "paillier-value-bits": 16,
+    "paillier-max-total-weight": 65536,
+    "paillier-weight-unit": 1,
     "local-epochs": "auto",
     "batch-size": "auto",
     "learning-rate": "auto",
@@ -43,6 +48,11 @@ DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "run-dir": "fedapp-runs",
 }
+
+
+#: Paillier clip range per task: above the largest weight each model reaches.
+PAILLIER_CLIP = {"mnist": 1.0, "housing": 2.0, "spam": 8.0}
+AGGREGATIONS = ("fedavg", "paillier")
 
 
 def _auto(value: Any, default: Any, kind: type, key: str) -> Any:
@@ -67,6 +77,11 @@ class RunSettings:
     min_available_nodes: int
     round_timeout: float
     aggregation: str
+    paillier_public_key: str
+    paillier_clip: float
+    paillier_value_bits: int
+    paillier_max_total_weight: int
+    paillier_weight_unit: int
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -110,6 +125,12 @@ class RunSettings:
             min_available_nodes=int(c["min-available-nodes"]),
             round_timeout=float(c["round-timeout"]),
             aggregation=str(c["aggregation"]),
+            paillier_public_key=str(c["paillier-public-key"]),
+            paillier_clip=_auto(c["paillier-clip"], PAILLIER_CLIP[task.name], float,
+                                "paillier-clip"),
+            paillier_value_bits=int(c["paillier-value-bits"]),
+            paillier_max_total_weight=int(c["paillier-max-total-weight"]),
+            paillier_weight_unit=int(c["paillier-weight-unit"]),
             local_epochs=_auto(c["local-epochs"], task.local_epochs, int, "local-epochs"),
             batch_size=_auto(c["batch-size"], task.batch_size, int, "batch-size"),
             learning_rate=_auto(c["learning-rate"], task.learning_rate, float, "learning-rate"),
@@ -133,6 +154,11 @@ class RunSettings:
         return s
 
     def check(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got '{self.aggregation}'")
+        if self.aggregation == "paillier" and not self.paillier_public_key:
+            raise ValueError("aggregation='paillier' needs paillier-public-key: the path of the "
+                             "public key file on the server (make one with 'fedapp keygen')")
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
         for key in ("fraction_train", "fraction_evaluate"):

@@ -80,10 +80,13 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 
 
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
-                      tls: list[str], data_dir: str | None = None) -> list[str]:
+                      tls: list[str], data_dir: str | None = None,
+                      private_key: str | None = None) -> list[str]:
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
     if data_dir:
         node_config += f" data-dir='{Path(data_dir).expanduser().resolve()}'"
+    if private_key:
+        node_config += f" paillier-private-key='{Path(private_key).expanduser().resolve()}'"
     return [flower_command("flower-supernode"), *tls, "--superlink", superlink,
             "--node-config", node_config, "--port", str(port)]
 
@@ -209,15 +212,17 @@ def find_run_dir(base: Path, run_id: str) -> Path | None:
 
 def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
              overrides: dict[str, Any] | None = None, timeout: float = 3600.0,
-             progress: bool = True) -> tuple[str, Path | None, str]:
-    """One simulation on a private SuperLink that is stopped afterwards.
+             progress: bool = True, env: dict[str, str] | None = None
+             ) -> tuple[str, Path | None, str]:
+    """One simulation on a private SuperLink that is stopped afterwards. ``env``
+    adds environment variables for the simulated nodes (e.g. a private key path).
 
     Returns ``(status, run directory, logs)``; ``status`` is ``finished:completed``
     only if the run really succeeded.
     """
     workdir = workdir.resolve()
     home = workdir / "flwr-home"
-    env = flower_env(home)
+    env = flower_env(home, **(env or {}))
     port = free_port()
     write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)
     overrides = {"run-dir": str(workdir / "runs"), **(overrides or {})}

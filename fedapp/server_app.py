@@ -14,6 +14,7 @@ from clients.models import HOUSING_FEATURES, get_weights, set_weights
 from clients.numpy_clients import CLIENTS
 from clients.standardize import combine_stats, encode_floats
 from clients.tasks import build_model, load_central_test
+from strategies.paillier_protocol import EncryptedModel
 
 from .config import RunSettings
 from .outputs import RunRecorder
@@ -73,7 +74,12 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     model = build_model(settings.data_spec(1))
     extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
-    central_eval = make_central_eval(settings, extra) if settings.central_eval else None
+    secure = settings.aggregation != "fedavg"
+    if secure and settings.central_eval:
+        log(INFO, "Centralized evaluation is off: with %s aggregation the server cannot "
+            "see the model", settings.aggregation)
+    central_eval = make_central_eval(settings, extra) if settings.central_eval and not secure \
+        else None
     metric = "mse" if settings.task == "housing" else "accuracy"
 
     def on_round(rnd: int, arrays: ArrayRecord, row: dict) -> None:
@@ -90,7 +96,11 @@ def main(grid: Grid, context: Context) -> None:
         central_eval=central_eval,
         on_round=on_round,
     )
-    set_weights(model, final.to_numpy_ndarrays())
-    recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
+    arrays = {k: v.numpy() for k, v in final.items()}
+    if EncryptedModel.is_encrypted(arrays):  # only key holders can read it: fedapp decrypt
+        recorder.save_arrays("model.encrypted.npz", arrays)
+    else:
+        set_weights(model, final.to_numpy_ndarrays())
+        recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
     recorder.plot()
     log(INFO, "Saved the final model, metrics and plot in %s", recorder.directory)

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
+from pathlib import Path
+
 from strategies.fedavg import WeightedFedAvg
+from strategies.keyfiles import load_public_key
+from strategies.paillier_flower import PaillierFedAvg
 
 from .config import RunSettings
-
-AGGREGATIONS = ("fedavg",)
 
 
 def build_strategy(settings: RunSettings) -> Strategy:
     """The Message-API strategy for ``settings.aggregation``.
 
-    Raises
-    ------
-    ValueError
-        For an aggregation this build does not offer.
+    ``paillier`` loads the public key file named by ``paillier-public-key``; the
+    server never loads a private key.
     """
-    if settings.aggregation == "fedavg":
-        return WeightedFedAvg(
-            fraction_train=settings.fraction_train,
-            fraction_evaluate=settings.fraction_evaluate,
-            min_train_nodes=settings.min_train_nodes,
-            min_evaluate_nodes=settings.min_evaluate_nodes,
-            min_available_nodes=settings.min_available_nodes,
-        )
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got '{settings.aggregation}'")
+    sampling = dict(
+        fraction_train=settings.fraction_train,
+        fraction_evaluate=settings.fraction_evaluate,
+        min_train_nodes=settings.min_train_nodes,
+        min_evaluate_nodes=settings.min_evaluate_nodes,
+        min_available_nodes=settings.min_available_nodes,
+    )
+    if settings.aggregation == "paillier":
+        return PaillierFedAvg(
+            load_public_key(Path(settings.paillier_public_key).expanduser()),
+            clip=settings.paillier_clip, value_bits=settings.paillier_value_bits,
+            max_total_weight=settings.paillier_max_total_weight,
+            weight_unit=settings.paillier_weight_unit, **sampling)
+    return WeightedFedAvg(**sampling)

@@ -1,0 +1,55 @@
+"""Paillier key files: JSON, the private one written with mode 0600 and refused
+when other users can read it. The server only ever loads a public key file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from .paillier import PrivateKey, PublicKey, generate_keypair
+
+PUBLIC_NAME, PRIVATE_NAME = "paillier.pub.json", "paillier.key.json"
+
+
+def write_keypair(directory: Path, n_bits: int = 2048) -> tuple[Path, Path, str]:
+    """Generate a key pair into ``directory``; returns (public, private, fingerprint).
+
+    Refuses to overwrite an existing private key.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    public_path, private_path = directory / PUBLIC_NAME, directory / PRIVATE_NAME
+    if private_path.exists():
+        raise FileExistsError(f"{private_path} exists: remove it first or choose another directory")
+    public_key, private_key = generate_keypair(n_bits)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(private_key.to_dict(), f)
+    public_path.write_text(json.dumps(public_key.to_dict()))
+    return public_path, private_path, public_key.fingerprint
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read a key from {path}: {err} (see 'fedapp keygen')") from None
+
+
+def load_public_key(path: Path) -> PublicKey:
+    """A public key file; a private key file is refused (it fails the public key's
+    format check), so a server cannot be handed one by mistake."""
+    data = _read(path)
+    if "p" in data or "q" in data:
+        raise ValueError(f"{path} holds private key material: give the server the public key")
+    return PublicKey.from_dict(data)
+
+
+def load_private_key(path: Path) -> PrivateKey:
+    """A private key file, refused if group or others may read it (chmod 600 it)."""
+    mode = Path(path).stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): "
+                              f"run 'chmod 600 {path}'")
+    return PrivateKey.from_dict(_read(path))

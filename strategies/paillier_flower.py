@@ -1,0 +1,254 @@
+"""Paillier-encrypted weighted FedAvg on Flower's Message API: a strategy and a client mod.
+
+Switch an existing Message-API project with two changes::
+
+    strategy = PaillierFedAvg(load_public_key(path), clip=1.0, ...)   # server
+    app = ClientApp(mods=[paillier_mod])                                 # clients
+
+The server holds the public key only. Each client node holds the private key
+(node config ``paillier-private-key=PATH``, or ``$FEDAPP_PAILLIER_PRIVATE_KEY``):
+the mod decrypts the incoming global model before the ClientApp sees it and
+encrypts the outgoing update, so the server adds up ciphertexts and sends the
+encrypted aggregate back. The global model is plaintext only on client nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .aggregation import InvalidUpdate, check_weight
+from .encoding import EncodingParams
+from .keyfiles import load_private_key
+from .paillier import Encryptor, PrivateKey, PublicKey
+from .paillier_protocol import (EncryptedModel, Layout, aggregate, client_weight,
+                                decrypt_model, encrypt_update)
+
+PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
+PRIVATE_KEY_ENV = "FEDAPP_PAILLIER_PRIVATE_KEY"
+WORKERS_NODE_CONFIG = "paillier-workers"
+PREFIX = "paillier-"
+
+
+def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> dict:
+    """What a client needs to encrypt its update (sent in every train config)."""
+    return {f"{PREFIX}fingerprint": fingerprint, f"{PREFIX}weight-unit": weight_unit,
+            **{f"{PREFIX}encoding-{k}": v for k, v in params.to_dict().items()}}
+
+
+def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
+    """Inverse of :func:`round_config`; ``ValueError`` if absent or malformed."""
+    if f"{PREFIX}fingerprint" not in config:
+        raise ValueError("this node encrypts its updates (paillier_mod) but the server sent "
+                         "no Paillier parameters: the server must run PaillierFedAvg")
+    enc = {k[len(f"{PREFIX}encoding-"):]: v for k, v in config.items()
+           if k.startswith(f"{PREFIX}encoding-")}
+    unit = config.get(f"{PREFIX}weight-unit")
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+        raise ValueError(f"{PREFIX}weight-unit must be a positive int, got {unit!r}")
+    return EncodingParams.from_dict(enc), str(config[f"{PREFIX}fingerprint"]), unit
+
+
+def as_record(model: EncryptedModel) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in model.to_arrays().items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+class PaillierFedAvg(FedAvg):
+    """Weighted FedAvg over Paillier ciphertexts; the server never decrypts.
+
+    Parameters
+    ----------
+    public_key : PublicKey
+        The federation's public key (``strategies.keyfiles.load_public_key``).
+    clip : float
+        Model values are clipped to ``[-clip, clip]`` before quantization; choose
+        it above the largest weight the model reaches.
+    max_total_weight : int (default: 65536)
+        Largest sum of client weights in one round; sets the headroom bits.
+    weight_unit : int (default: 1)
+        Client weight = round(num_examples / weight_unit), at least 1. 1 weights by
+        examples exactly; a larger unit rounds the weights and, with a smaller
+        ``max_total_weight``, makes ciphertexts fewer.
+    value_bits : int (default: 16)
+        Quantization bits per value.
+    **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimums).
+
+    Replies under another key, with a wrong count or width of ciphertexts, values
+    >= n^2, another encoding, or a second reply from the same node are left out
+    with a warning naming the node; the round goes on with the rest. If none is
+    left the global model stays as it was.
+    """
+
+    def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
+                 weight_unit: int = 1, value_bits: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(public_key, PublicKey):
+            raise ValueError("public_key must be a strategies.paillier.PublicKey; the server "
+                             "needs the public key only")
+        if weight_unit < 1:
+            raise ValueError(f"weight_unit must be >= 1, got {weight_unit}")
+        self.public_key = public_key
+        self.weight_unit = weight_unit
+        self.params = EncodingParams.for_key(public_key.n_bits, max_total_weight, clip=clip,
+                                             value_bits=value_bits)
+        self._layout: Layout | None = None
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> Paillier: key %s..., %d-bit values in [-%g, %g], %d slots of %d bits "
+            "per ciphertext, weight unit %d", self.public_key.fingerprint[:16],
+            self.params.value_bits, self.params.clip, self.params.clip,
+            self.params.slots_per_plaintext, self.params.slot_bits, self.weight_unit)
+
+    def _remember_layout(self, arrays: ArrayRecord) -> None:
+        plain = record_arrays(arrays)
+        if EncryptedModel.is_encrypted(plain):
+            self._layout = EncryptedModel.from_arrays(plain, self.public_key).layout
+        else:  # the initial model: public, random weights
+            self._layout = Layout.of(list(plain), list(plain.values()))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._remember_layout(arrays)
+        config = ConfigRecord({**config, **round_config(
+            self.params, self.public_key.fingerprint, self.weight_unit)})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _check_reply(self, msg: Message) -> EncryptedModel:
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise InvalidUpdate("expected one ArrayRecord and one MetricRecord")
+        check_weight(next(iter(content.metric_records.values())).get(self.weighted_by_key))
+        arrays = record_arrays(next(iter(content.array_records.values())))
+        if not EncryptedModel.is_encrypted(arrays):
+            raise InvalidUpdate("the update is not encrypted: add paillier_mod to the ClientApp")
+        update = EncryptedModel.from_arrays(arrays, self.public_key)
+        if update.params != self.params:
+            raise InvalidUpdate("encoded with other parameters than this round's")
+        if update.layout != self._layout:
+            raise InvalidUpdate("the model's arrays differ from the global model's")
+        return update
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        seen: set[int] = set()
+        valid: list[tuple[Message, EncryptedModel]] = []
+        total = 0
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                continue
+            if node in seen:
+                log(WARNING, "Rejected a second reply from node %s in round %d", node, server_round)
+                continue
+            seen.add(node)
+            try:
+                update = self._check_reply(msg)
+                if total + update.total_weight > self.params.max_total_weight:
+                    raise InvalidUpdate(f"its weight {update.total_weight} would take the total "
+                                        f"past {self.params.max_total_weight}: raise "
+                                        "max_total_weight or weight_unit")
+            except InvalidUpdate as err:
+                log(WARNING, "Left out the reply of node %s: %s", node, err)
+                continue
+            total += update.total_weight
+            valid.append((msg, update))
+        log(INFO, "aggregate_train: %d valid encrypted replies of %d, total weight %d",
+            len(valid), len(replies), total)
+        if not valid:
+            return None, None
+        summed = aggregate(self.public_key, [u for _, u in valid])
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in valid], self.weighted_by_key)
+        return as_record(summed), metrics
+
+
+# ------------------------------------------------------------------ client mod
+_KEYS: dict[str, PrivateKey] = {}
+_ENCRYPTORS: dict[str, Encryptor] = {}
+_DECRYPTED: dict[str, list[np.ndarray]] = {}
+
+
+def node_private_key(context: Context) -> PrivateKey:
+    """This node's private key, from its node config or the environment (cached)."""
+    path = context.node_config.get(PRIVATE_KEY_NODE_CONFIG) or os.environ.get(PRIVATE_KEY_ENV)
+    if not path:
+        raise ValueError(f"no private key on this node: start the SuperNode with --node-config "
+                         f"\"{PRIVATE_KEY_NODE_CONFIG}='PATH'\" or set {PRIVATE_KEY_ENV}")
+    path = str(Path(str(path)).expanduser().resolve())
+    if path not in _KEYS:
+        _KEYS[path] = load_private_key(Path(path))
+    return _KEYS[path]
+
+
+def _workers(context: Context) -> int | None:
+    value = int(context.node_config.get(WORKERS_NODE_CONFIG, 1))
+    return None if value == 0 else value
+
+
+def _decrypt_records(msg: Message, key: PrivateKey, workers: int | None) -> None:
+    """Replace every encrypted ArrayRecord in ``msg`` by the plaintext model."""
+    for name, record in list(msg.content.array_records.items()):
+        arrays = record_arrays(record)
+        if not EncryptedModel.is_encrypted(arrays):
+            continue
+        model = EncryptedModel.from_arrays(arrays, key.public_key)
+        digest = model.digest()
+        if digest not in _DECRYPTED:  # evaluate(r) and train(r+1) carry the same aggregate
+            _DECRYPTED.clear()
+            _DECRYPTED[digest] = decrypt_model(key, model, workers=workers)
+        plain = _DECRYPTED[digest]
+        msg.content[name] = ArrayRecord({n: Array(a) for n, a in
+                                         zip(model.layout.names, plain, strict=True)})
+
+
+def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, workers: int | None) -> None:
+    config = next(iter(msg.content.config_records.values()), {})
+    params, fingerprint, unit = parse_round_config(dict(config))
+    if fingerprint != key.fingerprint:
+        raise ValueError(f"the server uses key {fingerprint[:16]}..., this node holds "
+                         f"{key.fingerprint[:16]}...: give every node the same key pair")
+    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
+        raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
+    (name, record), = reply.content.array_records.items()
+    metrics = next(iter(reply.content.metric_records.values()))
+    arrays = record_arrays(record)
+    layout = Layout.of(list(arrays), list(arrays.values()))
+    flat = layout.flatten(list(arrays.values()))
+    metrics["paillier-clipped"] = float(np.mean(np.abs(flat) > params.clip))
+    if metrics["paillier-clipped"] > 0:
+        log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
+            100 * metrics["paillier-clipped"], params.clip)
+    if key.fingerprint not in _ENCRYPTORS:
+        _ENCRYPTORS[key.fingerprint] = Encryptor(key.public_key, key)
+    weight = client_weight(int(metrics["num-examples"]), unit)
+    update = encrypt_update(list(arrays.values()), layout, weight, params,
+                            _ENCRYPTORS[key.fingerprint], workers=workers)
+    reply.content[name] = as_record(update)
+
+
+def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Decrypt the global model on the way in; encrypt the train update on the way out."""
+    key = node_private_key(context)
+    category = msg.metadata.message_type.split(".")[0]
+    if category in ("train", "evaluate"):
+        _decrypt_records(msg, key, _workers(context))
+    reply = call_next(msg, context)
+    if category == "train" and reply.has_content():
+        _encrypt_reply(msg, reply, key, _workers(context))
+    return reply

@@ -1,0 +1,215 @@
+"""Paillier-encrypted weighted FedAvg, Flower-free: what a client sends, what the
+server adds up, what a key holder decrypts.
+
+A client quantizes its model (all arrays, flattened), multiplies it by its small
+integer weight ``w_k = max(1, round(num_examples / weight_unit))``, packs and
+encrypts it (:mod:`strategies.encoding`, :mod:`strategies.paillier`). The server
+multiplies the ciphertexts of the valid replies, which adds the plaintexts, and
+sums the weights. A key holder decrypts the sum and divides by the total weight:
+``sum(w_k x_k) / sum(w_k)``, within ``EncodingParams.max_error()`` per value.
+With ``weight_unit = 1`` that is exactly weighted FedAvg by number of examples; a
+larger unit rounds the weights (fewer headroom bits, fewer bytes on the wire).
+
+An :class:`EncryptedModel` travels as two uint8 arrays: the ciphertexts (one
+fixed-width big-endian row each) and a JSON header (key fingerprint, encoding
+parameters, the model's layout, the total weight). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .aggregation import InvalidUpdate
+from .encoding import EncodingParams, decode, encode
+from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
+                       check_ciphertext_array)
+
+CIPHERTEXTS_KEY = "paillier-ciphertexts"
+HEADER_KEY = "paillier-header"
+MAX_HEADER_BYTES = 1 << 20
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and dtypes of a model's float arrays, in order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.names) == len(self.shapes) == len(self.dtypes)) or not self.names:
+            raise ValueError("a layout needs one name, shape and dtype per array")
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            if not isinstance(name, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"bad layout entry {name!r} {shape!r}")
+            if np.dtype(dtype).kind != "f":
+                raise ValueError(f"array '{name}' is {dtype}: only float arrays can be encrypted")
+
+    @staticmethod
+    def of(names: Sequence[str], arrays: Sequence[np.ndarray]) -> Layout:
+        return Layout(tuple(names), tuple(tuple(int(d) for d in a.shape) for a in arrays),
+                      tuple(str(a.dtype) for a in arrays))
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    def flatten(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        if [tuple(a.shape) for a in arrays] != list(self.shapes):
+            raise ValueError("the arrays do not match the model's layout")
+        return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+
+    def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
+        out, start = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            size = int(np.prod(shape, dtype=np.int64))
+            out.append(flat[start:start + size].reshape(shape).astype(dtype))
+            start += size
+        return out
+
+    def to_json(self) -> list:
+        return [[n, d, list(s)] for n, s, d in zip(self.names, self.shapes, self.dtypes, strict=True)]
+
+    @staticmethod
+    def from_json(data: object) -> Layout:
+        try:
+            names, dtypes, shapes = zip(*[(str(n), str(d), tuple(s)) for n, d, s in data])  # type: ignore[misc]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"malformed layout: {err}") from None
+        return Layout(names, shapes, dtypes)
+
+
+@dataclass(frozen=True)
+class EncryptedModel:
+    """A weighted sum of one or more clients' models, encrypted.
+
+    ``total_weight`` is the sum of the weights of the models inside; a single
+    client's update has its own weight.
+    """
+
+    ciphertexts: np.ndarray
+    fingerprint: str
+    params: EncodingParams
+    layout: Layout
+    total_weight: int
+
+    def header(self) -> dict:
+        return {"version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                "encoding": self.params.to_dict(), "layout": self.layout.to_json(),
+                "total-weight": self.total_weight}
+
+    def digest(self) -> str:
+        """SHA-256 of header and ciphertexts: names this aggregate (e.g. for caching)."""
+        h = hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode())
+        h.update(np.ascontiguousarray(self.ciphertexts).data)
+        return h.hexdigest()
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        header = json.dumps(self.header(), sort_keys=True).encode()
+        return {CIPHERTEXTS_KEY: self.ciphertexts,
+                HEADER_KEY: np.frombuffer(header, dtype=np.uint8).copy()}
+
+    @staticmethod
+    def is_encrypted(arrays: Mapping[str, object]) -> bool:
+        return CIPHERTEXTS_KEY in arrays and HEADER_KEY in arrays
+
+    @staticmethod
+    def from_arrays(arrays: Mapping[str, np.ndarray], public_key: PublicKey) -> EncryptedModel:
+        """Parse and check what arrived over the network.
+
+        Raises
+        ------
+        InvalidUpdate
+            On any malformed part, with the reason.
+        """
+        if set(arrays) != {CIPHERTEXTS_KEY, HEADER_KEY}:
+            raise InvalidUpdate(f"expected arrays {CIPHERTEXTS_KEY} and {HEADER_KEY}, got "
+                                f"{sorted(arrays)}")
+        raw = arrays[HEADER_KEY]
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1 \
+                or raw.size > MAX_HEADER_BYTES:
+            raise InvalidUpdate("the header must be a 1-D uint8 array of at most 1 MiB")
+        try:
+            header = json.loads(raw.tobytes().decode("utf-8"))
+            if header.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {header.get('version')!r}, expected {FORMAT_VERSION}")
+            fingerprint = header["fingerprint"]
+            params = EncodingParams.from_dict(header["encoding"])
+            layout = Layout.from_json(header["layout"])
+            total = header["total-weight"]
+            if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+                raise ValueError(f"total-weight must be a positive int, got {total!r}")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise InvalidUpdate(f"malformed header: {err}") from None
+        if fingerprint != public_key.fingerprint:
+            raise InvalidUpdate(
+                f"encrypted under key {str(fingerprint)[:16]}..., expected "
+                f"{public_key.fingerprint[:16]}...: this node uses another key pair")
+        if total > params.max_total_weight:
+            raise InvalidUpdate(f"total weight {total} exceeds the encoding's maximum "
+                                f"{params.max_total_weight}")
+        try:
+            cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY],
+                                         params.num_plaintexts(layout.size))
+        except ValueError as err:
+            raise InvalidUpdate(str(err)) from None
+        return EncryptedModel(cts, fingerprint, params, layout, total)
+
+
+def client_weight(num_examples: int, weight_unit: int) -> int:
+    """A client's integer weight: its examples in units of ``weight_unit``, at least 1."""
+    if weight_unit < 1:
+        raise ValueError(f"weight unit must be >= 1, got {weight_unit}")
+    return max(1, int(round(num_examples / weight_unit)))
+
+
+def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
+                   params: EncodingParams, encryptor: Encryptor, *, workers: int | None = 1,
+                   rng: np.random.Generator | None = None) -> EncryptedModel:
+    """One client's weighted, quantized, packed and encrypted model."""
+    if not 1 <= weight <= params.max_total_weight:
+        raise ValueError(f"weight {weight} is outside 1..{params.max_total_weight}: raise "
+                         "the weight unit or the maximum total weight")
+    plaintexts = encode(layout.flatten(arrays), params, weight, rng)
+    cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
+    return EncryptedModel(cts, encryptor.public_key.fingerprint, params, layout, weight)
+
+
+def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
+              workers: int | None = 1) -> EncryptedModel:
+    """Homomorphic sum of checked updates that share encoding and layout."""
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    first = updates[0]
+    for u in updates[1:]:
+        if u.params != first.params or u.layout != first.layout:
+            raise InvalidUpdate("updates disagree on encoding or layout")
+    total = sum(u.total_weight for u in updates)
+    if total > first.params.max_total_weight:
+        raise InvalidUpdate(f"total weight {total} exceeds the encoding's maximum "
+                            f"{first.params.max_total_weight}")
+    cts = aggregate_arrays(public_key, [u.ciphertexts for u in updates], workers=workers)
+    return EncryptedModel(cts, first.fingerprint, first.params, first.layout, total)
+
+
+def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *,
+                  workers: int | None = 1) -> list[np.ndarray]:
+    """The weighted average inside ``model``, as arrays in its layout.
+
+    Raises
+    ------
+    encoding.EncodingOverflow
+        If the sum cannot have come from honest clients (never wraps silently).
+    """
+    if model.fingerprint != private_key.fingerprint:
+        raise ValueError("this model was encrypted under another key pair")
+    plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
+    flat = decode(plaintexts, model.params, model.layout.size, model.total_weight)
+    return model.layout.unflatten(flat)
