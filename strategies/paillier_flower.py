@@ -30,13 +30,25 @@ from .aggregation import InvalidUpdate, check_weight
 from .encoding import EncodingParams
 from .keyfiles import load_private_key
 from .paillier import Encryptor, PrivateKey, PublicKey
-from .paillier_protocol import (EncryptedModel, Layout, aggregate, client_weight,
+from .paillier_protocol import (EncryptedModel, Layout, RoundSum, client_weight,
                                 decrypt_model, encrypt_update)
 
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
 PRIVATE_KEY_ENV = "FEDAPP_PAILLIER_PRIVATE_KEY"
 WORKERS_NODE_CONFIG = "paillier-workers"
 PREFIX = "paillier-"
+
+
+def encoding_for(public_key: PublicKey, *, clip: float, max_total_weight: int,
+                 weight_unit: int, value_bits: int) -> EncodingParams:
+    """Check a Paillier strategy's arguments; the encoding its clients must use."""
+    if not isinstance(public_key, PublicKey):
+        raise ValueError("public_key must be a strategies.paillier.PublicKey; the server "
+                         "needs the public key only")
+    if weight_unit < 1:
+        raise ValueError(f"weight_unit must be >= 1, got {weight_unit}")
+    return EncodingParams.for_key(public_key.n_bits, max_total_weight, clip=clip,
+                                  value_bits=value_bits)
 
 
 def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> dict:
@@ -48,8 +60,9 @@ def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> 
 def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
     """Inverse of :func:`round_config`; ``ValueError`` if absent or malformed."""
     if f"{PREFIX}fingerprint" not in config:
-        raise ValueError("this node encrypts its updates (paillier_mod) but the server sent "
-                         "no Paillier parameters: the server must run PaillierFedAvg")
+        raise ValueError("this node encrypts its updates (Paillier client mod) but the server "
+                         "sent no Paillier parameters: the server must run PaillierFedAvg "
+                         "(Message API) or LegacyPaillierFedAvg (legacy API)")
     enc = {k[len(f"{PREFIX}encoding-"):]: v for k, v in config.items()
            if k.startswith(f"{PREFIX}encoding-")}
     unit = config.get(f"{PREFIX}weight-unit")
@@ -96,15 +109,10 @@ class PaillierFedAvg(FedAvg):
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not isinstance(public_key, PublicKey):
-            raise ValueError("public_key must be a strategies.paillier.PublicKey; the server "
-                             "needs the public key only")
-        if weight_unit < 1:
-            raise ValueError(f"weight_unit must be >= 1, got {weight_unit}")
+        self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
+                                   weight_unit=weight_unit, value_bits=value_bits)
         self.public_key = public_key
         self.weight_unit = weight_unit
-        self.params = EncodingParams.for_key(public_key.n_bits, max_total_weight, clip=clip,
-                                             value_bits=value_bits)
         self._layout: Layout | None = None
 
     def summary(self) -> None:
@@ -128,7 +136,7 @@ class PaillierFedAvg(FedAvg):
             self.params, self.public_key.fingerprint, self.weight_unit)})
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _check_reply(self, msg: Message) -> EncryptedModel:
+    def _reply_arrays(self, msg: Message) -> dict[str, np.ndarray]:
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise InvalidUpdate("expected one ArrayRecord and one MetricRecord")
@@ -136,45 +144,32 @@ class PaillierFedAvg(FedAvg):
         arrays = record_arrays(next(iter(content.array_records.values())))
         if not EncryptedModel.is_encrypted(arrays):
             raise InvalidUpdate("the update is not encrypted: add paillier_mod to the ClientApp")
-        update = EncryptedModel.from_arrays(arrays, self.public_key)
-        if update.params != self.params:
-            raise InvalidUpdate("encoded with other parameters than this round's")
-        if update.layout != self._layout:
-            raise InvalidUpdate("the model's arrays differ from the global model's")
-        return update
+        return arrays
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        seen: set[int] = set()
-        valid: list[tuple[Message, EncryptedModel]] = []
-        total = 0
+        round_sum = RoundSum(self.public_key, self.params, self._layout)
+        valid: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log(WARNING, "Node %s failed: %s", node, msg.error.reason)
                 continue
-            if node in seen:
-                log(WARNING, "Rejected a second reply from node %s in round %d", node, server_round)
-                continue
-            seen.add(node)
             try:
-                update = self._check_reply(msg)
-                if total + update.total_weight > self.params.max_total_weight:
-                    raise InvalidUpdate(f"its weight {update.total_weight} would take the total "
-                                        f"past {self.params.max_total_weight}: raise "
-                                        "max_total_weight or weight_unit")
+                round_sum.claim(node)
+                round_sum.add(self._reply_arrays(msg))
             except InvalidUpdate as err:
-                log(WARNING, "Left out the reply of node %s: %s", node, err)
+                log(WARNING, "Left out the reply of node %s in round %d: %s", node,
+                    server_round, err)
                 continue
-            total += update.total_weight
-            valid.append((msg, update))
+            valid.append(msg)
         log(INFO, "aggregate_train: %d valid encrypted replies of %d, total weight %d",
-            len(valid), len(replies), total)
-        if not valid:
+            len(valid), len(replies), round_sum.total_weight)
+        summed = round_sum.result()
+        if summed is None:
             return None, None
-        summed = aggregate(self.public_key, [u for _, u in valid])
-        metrics = self.train_metrics_aggr_fn([m.content for m, _ in valid], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return as_record(summed), metrics
 
 
@@ -196,9 +191,52 @@ def node_private_key(context: Context) -> PrivateKey:
     return _KEYS[path]
 
 
-def _workers(context: Context) -> int | None:
+def node_workers(context: Context) -> int | None:
+    """Processes for encryption and decryption on this node (node config
+    ``paillier-workers``; 0 means all cores)."""
     value = int(context.node_config.get(WORKERS_NODE_CONFIG, 1))
     return None if value == 0 else value
+
+
+def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
+                         workers: int | None) -> tuple[Layout, list[np.ndarray]]:
+    """The plaintext model inside an encrypted aggregate that arrived from the server.
+
+    The last result is cached: evaluate(r) and train(r+1) carry the same aggregate.
+    """
+    model = EncryptedModel.from_arrays(arrays, key.public_key)
+    digest = model.digest()
+    if digest not in _DECRYPTED:
+        _DECRYPTED.clear()
+        _DECRYPTED[digest] = decrypt_model(key, model, workers=workers)
+    return model.layout, _DECRYPTED[digest]
+
+
+def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray],
+                        num_examples: int, key: PrivateKey, workers: int | None
+                        ) -> tuple[EncryptedModel, float]:
+    """This node's trained model, encrypted as the round's config asks, weighted by
+    its examples; returns the update and the fraction of values outside the clip range.
+
+    Raises ``ValueError`` if the config holds no Paillier parameters (the server is
+    not a Paillier strategy: never send plaintext then) or names another key.
+    """
+    params, fingerprint, unit = parse_round_config(config)
+    if fingerprint != key.fingerprint:
+        raise ValueError(f"the server uses key {fingerprint[:16]}..., this node holds "
+                         f"{key.fingerprint[:16]}...: give every node the same key pair")
+    layout = Layout.of(names, arrays)
+    flat = layout.flatten(arrays)
+    clipped = float(np.mean(np.abs(flat) > params.clip))
+    if clipped > 0:
+        log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
+            100 * clipped, params.clip)
+    if key.fingerprint not in _ENCRYPTORS:
+        _ENCRYPTORS[key.fingerprint] = Encryptor(key.public_key, key)
+    weight = client_weight(num_examples, unit)
+    update = encrypt_update(arrays, layout, weight, params, _ENCRYPTORS[key.fingerprint],
+                            workers=workers)
+    return update, clipped
 
 
 def _decrypt_records(msg: Message, key: PrivateKey, workers: int | None) -> None:
@@ -207,38 +245,21 @@ def _decrypt_records(msg: Message, key: PrivateKey, workers: int | None) -> None
         arrays = record_arrays(record)
         if not EncryptedModel.is_encrypted(arrays):
             continue
-        model = EncryptedModel.from_arrays(arrays, key.public_key)
-        digest = model.digest()
-        if digest not in _DECRYPTED:  # evaluate(r) and train(r+1) carry the same aggregate
-            _DECRYPTED.clear()
-            _DECRYPTED[digest] = decrypt_model(key, model, workers=workers)
-        plain = _DECRYPTED[digest]
+        layout, plain = decrypt_global_model(key, arrays, workers)
         msg.content[name] = ArrayRecord({n: Array(a) for n, a in
-                                         zip(model.layout.names, plain, strict=True)})
+                                         zip(layout.names, plain, strict=True)})
 
 
 def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, workers: int | None) -> None:
     config = next(iter(msg.content.config_records.values()), {})
-    params, fingerprint, unit = parse_round_config(dict(config))
-    if fingerprint != key.fingerprint:
-        raise ValueError(f"the server uses key {fingerprint[:16]}..., this node holds "
-                         f"{key.fingerprint[:16]}...: give every node the same key pair")
     if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
         raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
     (name, record), = reply.content.array_records.items()
     metrics = next(iter(reply.content.metric_records.values()))
     arrays = record_arrays(record)
-    layout = Layout.of(list(arrays), list(arrays.values()))
-    flat = layout.flatten(list(arrays.values()))
-    metrics["paillier-clipped"] = float(np.mean(np.abs(flat) > params.clip))
-    if metrics["paillier-clipped"] > 0:
-        log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
-            100 * metrics["paillier-clipped"], params.clip)
-    if key.fingerprint not in _ENCRYPTORS:
-        _ENCRYPTORS[key.fingerprint] = Encryptor(key.public_key, key)
-    weight = client_weight(int(metrics["num-examples"]), unit)
-    update = encrypt_update(list(arrays.values()), layout, weight, params,
-                            _ENCRYPTORS[key.fingerprint], workers=workers)
+    update, metrics["paillier-clipped"] = encrypt_local_model(
+        dict(config), list(arrays), list(arrays.values()), int(metrics["num-examples"]),
+        key, workers)
     reply.content[name] = as_record(update)
 
 
@@ -247,8 +268,8 @@ def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     key = node_private_key(context)
     category = msg.metadata.message_type.split(".")[0]
     if category in ("train", "evaluate"):
-        _decrypt_records(msg, key, _workers(context))
+        _decrypt_records(msg, key, node_workers(context))
     reply = call_next(msg, context)
     if category == "train" and reply.has_content():
-        _encrypt_reply(msg, reply, key, _workers(context))
+        _encrypt_reply(msg, reply, key, node_workers(context))
     return reply
