@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedapp import launch  # noqa: E402
+from fedapp.cli import parse_overrides  # noqa: E402
 
 TASKS = {
     "mnist": {
@@ -74,6 +75,8 @@ def main() -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--tasks", default="mnist,spam,housing")
     p.add_argument("--rounds", type=int, help="override every task's number of rounds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run setting of every selected task (TOML value)")
     p.add_argument("--workdir", help="where run directories go (default: a temporary one)")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-accuracy-")).resolve()
@@ -83,6 +86,7 @@ def main() -> int:
         config = {**spec["config"], "data-dir": str(Path(args.data_dir).resolve())}
         if args.rounds:
             config["num-server-rounds"] = args.rounds
+        config.update(parse_overrides(args.set))
         print(f"== {name}: {spec['supernodes']} supernodes, {config}", flush=True)
         start = time.monotonic()
         status, run_dir, text = launch.simulate(ROOT, workdir / name, spec["supernodes"], config)
