@@ -5,7 +5,7 @@ simulations (a private SuperLink, Ray, ``flwr run``), against published figures.
 
 Settings per task (overridable with --rounds-*):
   mnist    full MNIST, McMahan CNN, 100 clients IID (588 training images each), 10 per
-           round, E=5, B=10, SGD lr 0.1, 20 rounds;
+           round, E=5, B=10, SGD lr 0.1 momentum 0.5, 20 rounds;
            target test accuracy >= 0.99 (McMahan et al. 2017, Table 2: 20 rounds)
   spam     Enron-Spam split by mailbox (6 clients), target test accuracy >= 0.985
   housing  Keras split, 2 clients, target test MSE <= 12
@@ -34,7 +34,8 @@ TASKS = {
         "config": {"task": "mnist", "num-server-rounds": 20, "fraction-train": 0.1,
                    "min-train-nodes": 10, "fraction-evaluate": 0.1, "min-evaluate-nodes": 10,
                    "min-available-nodes": 100, "local-epochs": 5, "batch-size": 10,
-                   "learning-rate": 0.1, "partitioning": "iid", "local-test-fraction": 0.02},
+                   "learning-rate": 0.1, "momentum": 0.5, "partitioning": "iid",
+                   "local-test-fraction": 0.02},
     },
     "spam": {
         "supernodes": 6, "metric": "accuracy", "target": 0.985, "higher": True,

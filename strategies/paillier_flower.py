@@ -10,6 +10,7 @@ The server holds the public key only. Each client node holds the private key
 the mod decrypts the incoming global model before the ClientApp sees it and
 encrypts the outgoing update, so the server adds up ciphertexts and sends the
 encrypted aggregate back. The global model is plaintext only on client nodes.
+Legacy-API projects use :mod:`strategies.paillier_legacy`, built on the same helpers.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,6 +197,49 @@ def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
                             f"{first.params.max_total_weight}")
     cts = aggregate_arrays(public_key, [u.ciphertexts for u in updates], workers=workers)
     return EncryptedModel(cts, first.fingerprint, first.params, first.layout, total)
+
+
+class RoundSum:
+    """The server's side of one round, whatever Flower API carries the updates.
+
+    Each client may contribute one update (:meth:`claim`); an update must be
+    encrypted under ``public_key`` with this round's ``params`` and the global
+    model's ``layout``, and the total weight may not pass
+    ``params.max_total_weight`` (:meth:`add`). Both raise :class:`InvalidUpdate`
+    with the reason, so the caller can leave that client out and go on.
+    """
+
+    def __init__(self, public_key: PublicKey, params: EncodingParams,
+                 layout: Layout | None) -> None:
+        self.public_key, self.params, self.layout = public_key, params, layout
+        self.updates: list[EncryptedModel] = []
+        self.total_weight = 0
+        self._clients: set[Hashable] = set()
+
+    def claim(self, client: Hashable) -> None:
+        """Note that ``client`` replied; a second reply in the round is refused."""
+        if client in self._clients:
+            raise InvalidUpdate("a second reply from this client in this round")
+        self._clients.add(client)
+
+    def add(self, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
+        """Parse and check one update (see :meth:`EncryptedModel.from_arrays`), then keep it."""
+        update = EncryptedModel.from_arrays(arrays, self.public_key)
+        if update.params != self.params:
+            raise InvalidUpdate("encoded with other parameters than this round's")
+        if update.layout != self.layout:
+            raise InvalidUpdate("the model's arrays differ from the global model's")
+        if self.total_weight + update.total_weight > self.params.max_total_weight:
+            raise InvalidUpdate(f"its weight {update.total_weight} would take the total "
+                                f"past {self.params.max_total_weight}: raise "
+                                "max_total_weight or weight_unit")
+        self.updates.append(update)
+        self.total_weight += update.total_weight
+        return update
+
+    def result(self, *, workers: int | None = 1) -> EncryptedModel | None:
+        """The encrypted sum of the kept updates, or ``None`` if there is none."""
+        return aggregate(self.public_key, self.updates, workers=workers) if self.updates else None
 
 
 def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *,

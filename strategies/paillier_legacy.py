@@ -1,0 +1,283 @@
+"""Paillier-encrypted weighted FedAvg on Flower's legacy API: a strategy and a client mod.
+
+Switch an existing legacy project (``NumPyClient``, ``ClientApp(client_fn=...)``,
+``ServerApp(server_fn=...)``) with two changes::
+
+    strategy = LegacyPaillierFedAvg(load_public_key(path), clip=1.0, ...)   # server_fn
+    app = ClientApp(client_fn=client_fn, mods=[legacy_paillier_mod])          # clients
+
+It shares the protocol with :mod:`strategies.paillier_flower` (same round config,
+same encrypted model, same key handling on the nodes); only the envelope differs.
+
+Wire format
+-----------
+Legacy ``Parameters`` have no array names, only ``tensors: list[bytes]`` and a
+``tensor_type``. An encrypted model is::
+
+    Parameters(tensor_type="paillier-v1/numpy.ndarray",
+               tensors=[npy(ciphertexts), npy(header)])
+
+two ``.npy`` serializations (``allow_pickle=False``) of the uint8 arrays of
+:meth:`EncryptedModel.to_arrays`: the ciphertexts (one fixed-width big-endian
+row each) and the UTF-8 JSON header. Flower's compat layer turns ``Parameters``
+into an ``ArrayRecord`` of ``Array(data=tensor, stype=tensor_type)`` under keys
+``"0"``, ``"1"`` and back, byte for byte and in order, so both arrays arrive
+exactly. The distinct ``tensor_type`` marks the model as encrypted (Flower's own
+XGBoost strategies also send their own tensor types); a plaintext model keeps
+``"numpy.ndarray"``. The arrays of a plaintext legacy model are named ``"0"``,
+``"1"``, ... in the layout, as the compat layer names them.
+"""
+
+from __future__ import annotations
+
+import io
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (Code, FitIns, FitRes, Parameters, Scalar, ndarray_to_bytes,
+                         ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.common.logger import log
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from .aggregation import InvalidUpdate, check_weight
+from .paillier import PublicKey
+from .paillier_flower import (decrypt_global_model, encoding_for, encrypt_local_model,
+                              node_private_key, node_workers, parse_round_config,
+                              round_config)
+from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES, EncryptedModel,
+                                Layout, RoundSum)
+
+TENSOR_TYPE = "paillier-v1/numpy.ndarray"
+_ORDER = (CIPHERTEXTS_KEY, HEADER_KEY)
+
+
+def to_parameters(model: EncryptedModel) -> Parameters:
+    """An encrypted model as legacy ``Parameters`` (see the module's docstring)."""
+    arrays = model.to_arrays()
+    return Parameters(tensors=[ndarray_to_bytes(arrays[k]) for k in _ORDER],
+                      tensor_type=TENSOR_TYPE)
+
+
+def is_encrypted(parameters: Parameters) -> bool:
+    return parameters.tensor_type == TENSOR_TYPE
+
+
+def _load_uint8(tensor: bytes, what: str, max_bytes: int | None = None) -> np.ndarray:
+    """A uint8 array from ``.npy`` bytes, header checked before any data is read."""
+    if not isinstance(tensor, bytes):
+        raise InvalidUpdate(f"the {what} tensor is {type(tensor).__name__}, not bytes")
+    stream = io.BytesIO(tensor)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f".npy format version {version}")
+    except ValueError as err:
+        raise InvalidUpdate(f"the {what} tensor is not a .npy array: {err}") from None
+    size = int(np.prod(shape, dtype=np.int64))
+    if dtype != np.uint8 or size != len(tensor) - stream.tell():
+        raise InvalidUpdate(f"the {what} tensor must be uint8 with its data complete, got "
+                            f"{dtype} of shape {shape} in {len(tensor)} bytes")
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidUpdate(f"the {what} tensor is larger than {max_bytes} bytes")
+    return np.load(io.BytesIO(tensor), allow_pickle=False)
+
+
+def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
+    """The two arrays of an encrypted model, for :meth:`EncryptedModel.from_arrays`.
+
+    Raises
+    ------
+    InvalidUpdate
+        If ``parameters`` is not an encrypted model or a tensor is malformed.
+    """
+    if not is_encrypted(parameters):
+        raise InvalidUpdate(f"tensor type {parameters.tensor_type!r}, expected {TENSOR_TYPE!r}")
+    if len(parameters.tensors) != len(_ORDER):
+        raise InvalidUpdate(f"{len(parameters.tensors)} tensors, expected ciphertexts and header")
+    ciphertexts, header = parameters.tensors
+    return {CIPHERTEXTS_KEY: _load_uint8(ciphertexts, "ciphertext"),
+            HEADER_KEY: _load_uint8(header, "header", MAX_HEADER_BYTES)}
+
+
+def layout_of(arrays: list[np.ndarray]) -> Layout:
+    """The layout of a plaintext legacy model: arrays named "0", "1", ... as in Flower's
+    compat layer."""
+    return Layout.of([str(i) for i in range(len(arrays))], arrays)
+
+
+class LegacyPaillierFedAvg(FedAvg):
+    """Weighted FedAvg over Paillier ciphertexts for legacy projects; the server never
+    decrypts.
+
+    Parameters
+    ----------
+    public_key : PublicKey
+        The federation's public key (``strategies.keyfiles.load_public_key``).
+    clip : float
+        Model values are clipped to ``[-clip, clip]`` before quantization; choose
+        it above the largest weight the model reaches.
+    max_total_weight : int (default: 65536)
+        Largest sum of client weights in one round; sets the headroom bits.
+    weight_unit : int (default: 1)
+        Client weight = round(num_examples / weight_unit), at least 1.
+    value_bits : int (default: 16)
+        Quantization bits per value.
+    **kwargs
+        Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
+        ``on_fit_config_fn``, ``initial_parameters``, metrics aggregation).
+        ``evaluate_fn`` is refused: the server only ever holds the encrypted model,
+        so evaluate on the clients (``fraction_evaluate``).
+
+    Replies under another key, with a wrong count or width of ciphertexts, values
+    >= n^2, another encoding or layout, unencrypted, or a second reply from the
+    same client are left out with a warning naming the client; the round goes on
+    with the rest. If none is left the global model stays as it was.
+    """
+
+    def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
+                 weight_unit: int = 1, value_bits: int = 16, **kwargs) -> None:
+        if kwargs.get("evaluate_fn") is not None:
+            raise ValueError("LegacyPaillierFedAvg cannot take an evaluate_fn: the server holds "
+                             "only the encrypted model. Evaluate on the clients "
+                             "(fraction_evaluate > 0) or decrypt a saved model on a key holder")
+        super().__init__(**kwargs)
+        self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
+                                   weight_unit=weight_unit, value_bits=value_bits)
+        self.public_key = public_key
+        self.weight_unit = weight_unit
+        self._layout: Layout | None = None
+        log(INFO, "LegacyPaillierFedAvg: key %s..., %d-bit values in [-%g, %g], %d slots of "
+            "%d bits per ciphertext, weight unit %d", public_key.fingerprint[:16],
+            self.params.value_bits, self.params.clip, self.params.clip,
+            self.params.slots_per_plaintext, self.params.slot_bits, weight_unit)
+
+    def __repr__(self) -> str:
+        return (f"LegacyPaillierFedAvg(key={self.public_key.fingerprint[:16]}..., "
+                f"accept_failures={self.accept_failures})")
+
+    def evaluate(self, server_round: int, parameters: Parameters
+                 ) -> tuple[float, dict[str, Scalar]] | None:
+        """No centralized evaluation: the server cannot see the model."""
+        return None
+
+    def _remember_layout(self, parameters: Parameters) -> None:
+        if is_encrypted(parameters):
+            self._layout = EncryptedModel.from_arrays(parameters_arrays(parameters),
+                                                      self.public_key).layout
+        else:  # the initial model: public, random weights
+            self._layout = layout_of(parameters_to_ndarrays(parameters))
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self._remember_layout(parameters)
+        extra = round_config(self.params, self.public_key.fingerprint, self.weight_unit)
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        for _, ins in pairs:  # a new dict: never change the one on_fit_config_fn returned
+            ins.config = {**ins.config, **extra}
+        return pairs
+
+    def _reply_arrays(self, res: FitRes) -> dict[str, np.ndarray]:
+        check_weight(res.num_examples)
+        if not is_encrypted(res.parameters):
+            raise InvalidUpdate("the update is not encrypted: add legacy_paillier_mod to the "
+                                "ClientApp")
+        return parameters_arrays(res.parameters)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        for failure in failures:
+            if isinstance(failure, BaseException):
+                log(WARNING, "A client failed in round %d: %s", server_round, failure)
+            else:
+                log(WARNING, "Client %s failed in round %d: %s", failure[0].cid, server_round,
+                    failure[1].status.message)
+        if not results or (failures and not self.accept_failures):
+            return None, {}
+        round_sum = RoundSum(self.public_key, self.params, self._layout)
+        valid: list[FitRes] = []
+        for proxy, res in results:
+            try:
+                round_sum.claim(proxy.cid)
+                round_sum.add(self._reply_arrays(res))
+            except InvalidUpdate as err:
+                log(WARNING, "Left out the reply of client %s in round %d: %s", proxy.cid,
+                    server_round, err)
+                continue
+            valid.append(res)
+        log(INFO, "aggregate_fit: %d valid encrypted replies of %d, total weight %d",
+            len(valid), len(results), round_sum.total_weight)
+        summed = round_sum.result()
+        if summed is None:
+            return None, {}
+        metrics: dict[str, Scalar] = {}
+        if self.fit_metrics_aggregation_fn:
+            metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for r in valid])
+        elif server_round == 1:  # as FedAvg: only once
+            log(WARNING, "No fit_metrics_aggregation_fn provided")
+        return to_parameters(summed), metrics
+
+
+# ------------------------------------------------------------------ client mod
+def _decrypt_parameters(msg: Message, ins: str, context: Context) -> None:
+    """Replace the encrypted global model in a fit or evaluate message by the plaintext."""
+    name = f"{ins}.parameters"
+    record = msg.content.array_records.get(name)
+    if record is None:
+        return
+    parameters = compat.arrayrecord_to_parameters(record, keep_input=True)
+    if not is_encrypted(parameters):  # the initial model: public, random weights
+        return
+    _, plain = decrypt_global_model(node_private_key(context), parameters_arrays(parameters),
+                                    node_workers(context))
+    msg.content.array_records[name] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters(plain), keep_input=True)
+
+
+def _fit_config(msg: Message) -> dict:
+    return dict(msg.content.config_records.get("fitins.config", {}))
+
+
+def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
+    """Replace the plaintext model in a fit reply by the encrypted, weighted update."""
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    if res.status.code != Code.OK:  # no update: send none, never plaintext
+        encrypted = Parameters(tensors=[], tensor_type="")
+    else:
+        arrays = parameters_to_ndarrays(res.parameters)
+        update, clipped = encrypt_local_model(
+            _fit_config(msg), layout_of(arrays).names, arrays, res.num_examples,
+            node_private_key(context), node_workers(context))
+        encrypted = to_parameters(update)
+        reply.content.config_records["fitres.metrics"]["paillier-clipped"] = clipped
+    reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
+        encrypted, keep_input=True)
+
+
+def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Decrypt the global model of fit and evaluate messages on the way in; encrypt the
+    fit reply's model on the way out.
+
+    Fails (the node replies with an error) rather than send a plaintext model when the
+    server's fit config holds no Paillier parameters or names another key.
+    """
+    node_private_key(context)  # no key on this node: fail before anything else
+    kind = msg.metadata.message_type
+    if kind == MessageType.TRAIN:
+        parse_round_config(_fit_config(msg))  # before training, not after
+        _decrypt_parameters(msg, "fitins", context)
+    elif kind == MessageType.EVALUATE:
+        _decrypt_parameters(msg, "evaluateins", context)
+    reply = call_next(msg, context)
+    if kind == MessageType.TRAIN and reply.has_content():
+        _encrypt_fitres(msg, reply, context)
+    return reply

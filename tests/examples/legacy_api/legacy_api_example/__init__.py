@@ -1,0 +1,1 @@
+"""legacy-api-example: federated linear regression with NumPy on the legacy API."""

@@ -1,0 +1,40 @@
+"""legacy-api-example: a Flower ServerApp (legacy API: server_fn and a strategy)."""
+
+import json
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.strategy import FedAvg
+
+from strategies.keyfiles import load_public_key
+from strategies.paillier_legacy import LegacyPaillierFedAvg
+
+from legacy_api_example.task import initial_weights
+
+
+def server_fn(context: Context):
+    config = context.run_config
+    parameters = ndarrays_to_parameters(initial_weights(config["seed"]))
+
+    # Define the strategy; with secure=true, Paillier-encrypted FedAvg
+    if config["secure"]:
+        strategy = LegacyPaillierFedAvg(load_public_key(Path(config["paillier-public-key"])),
+                                        clip=config["paillier-clip"],
+                                        fraction_fit=config["fraction-fit"],
+                                        initial_parameters=parameters)
+    else:
+        strategy = FedAvg(fraction_fit=config["fraction-fit"], initial_parameters=parameters)
+
+    # Note the run's settings beside its outputs
+    out = Path(config["run-dir"]).expanduser().resolve() / f"run-{context.run_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run-config.json").write_text(json.dumps(dict(config), indent=2))
+
+    return ServerAppComponents(strategy=strategy,
+                               config=ServerConfig(num_rounds=config["num-server-rounds"]))
+
+
+# Create ServerApp
+app = ServerApp(server_fn=server_fn)

@@ -1,0 +1,1 @@
+"""message-api-example: federated linear regression with NumPy on the Message API."""
