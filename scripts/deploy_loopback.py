@@ -4,8 +4,11 @@
 ``flwr run`` (via ``fedapp run``). Checks with ``flwr ls`` that the run finished
 successfully, then stops every process it started, by PID.
 
-    python scripts/deploy_loopback.py [--clients 3] [--rounds 2] [--insecure]
+    python scripts/deploy_loopback.py [--clients 3] [--rounds 2] [--insecure] [--paillier]
         [--data-dir ../shared/data] [--run-config key=value ...]
+
+With --paillier a key pair is made (fedapp keygen); the server gets the public key
+in the run config, each client node the private key in its node config.
 
 TLS is on unless --insecure: a throw-away CA and server certificate are made
 first (scripts/make_certificates.py). The last line of output is a JSON summary.
@@ -36,6 +39,7 @@ def main() -> int:
     p.add_argument("--data-dir", default="", help="given to every client node (default: "
                    "the embedded data)")
     p.add_argument("--insecure", action="store_true", help="no TLS")
+    p.add_argument("--paillier", action="store_true", help="Paillier-encrypted aggregation")
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workdir", help="logs and state (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=900)
@@ -47,8 +51,11 @@ def main() -> int:
     if not args.insecure:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_certificates.py"),
                         str(certs)], check=True)
-    port = launch.free_port()
     fedapp = [sys.executable, "-m", "fedapp.cli"]
+    keys = work / "keys"
+    if args.paillier:
+        subprocess.run([*fedapp, "keygen", "--out", str(keys)], check=True)
+    port = launch.free_port()
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
     status, run_id = "not submitted", None
@@ -66,6 +73,8 @@ def main() -> int:
                    "--flwr-home", str(work / f"client{i}-home")]
             if args.data_dir:
                 cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
+            if args.paillier:
+                cmd += ["--paillier-private-key", str(keys / "paillier.key.json")]
             procs.append(launch.start(cmd, launch.flower_env(), work / f"client{i}.log"))
             print(f"client {i} (SuperNode) pid {procs[-1].pid}", flush=True)
         overrides = {"task": args.task, "num-server-rounds": args.rounds,
@@ -74,6 +83,9 @@ def main() -> int:
                      **parse_overrides(args.run_config)}
         if args.data_dir:
             overrides["data-dir"] = str(Path(args.data_dir).resolve())
+        if args.paillier:
+            overrides.update({"aggregation": "paillier",
+                              "paillier-public-key": str(keys / "paillier.pub.json")})
         home = work / "submit-home"
         ca = None if args.insecure else certs / "ca.crt"
         launch.write_connection(home, "deployment", f"127.0.0.1:{port}",
@@ -92,6 +104,7 @@ def main() -> int:
     rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
     print(json.dumps({
         "deployment": "loopback", "tls": not args.insecure, "clients": args.clients,
+        "aggregation": "paillier" if args.paillier else "fedavg",
         "status": status, "run-id": run_id, "rounds-recorded": sum(1 for r in rows if r["round"] > 0),
         "last-round": rows[-1] if rows else None, "run-dir": str(run_dir) if run_dir else None,
         "processes-started": [proc.pid for proc in procs], "processes-left-running": alive,

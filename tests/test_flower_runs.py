@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from clients.models import McMahanCNN, get_weights
 from fedapp import launch
@@ -78,15 +79,25 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
     assert "No spam data found" in logs and "ham.txt" in logs
 
 
-def test_loopback_deployment_with_tls(tmp_path, data_dir):
-    """fedapp server + 3 fedapp client processes, TLS, 2 rounds, every process stopped."""
+@pytest.mark.parametrize("aggregation", ["fedavg", "paillier"])
+def test_loopback_deployment_with_tls(aggregation, tmp_path, data_dir):
+    """fedapp server + 3 fedapp client processes, TLS, 2 rounds, every process stopped;
+    with Paillier the private key lives only in the client nodes' config."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
          "--rounds", "2", "--clients", "3", "--data-dir", str(data_dir),
-         "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+         "--workdir", str(tmp_path)] + (["--paillier"] if aggregation == "paillier" else []),
+        capture_output=True, text=True, timeout=900)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert summary["status"] == launch.FINISHED_OK and summary["tls"] is True
     assert summary["rounds-recorded"] == 2 and summary["processes-left-running"] == []
     assert len(summary["processes-started"]) == 4
     assert summary["last-round"]["train-clients"] == 3
+    assert summary["aggregation"] == aggregation
+    model = "model.encrypted.npz" if aggregation == "paillier" else "model.npz"
+    assert (Path(summary["run-dir"]) / model).is_file()
+    if aggregation == "paillier":  # what the server was given names the public key only
+        seen = (Path(summary["run-dir"]) / "config.json").read_text()
+        assert "paillier.pub.json" in seen and "paillier.key.json" not in seen
+        assert "paillier.key.json" not in (tmp_path / "server.log").read_text()
