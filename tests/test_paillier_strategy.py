@@ -61,6 +61,16 @@ def expected_average(models: list[dict[str, np.ndarray]], weights: list[int]) ->
     return [np.average(np.stack([m[k].astype(np.float64) for m in models]), axis=0,
                        weights=weights) for k in SHAPES]
 
+def assert_weighted_average_of_good(arrays, keypair, good, strategy) -> None:
+    """The aggregate holds the two good replies (weights 10 and 30), averaged within
+    one quantization step."""
+    summed = EncryptedModel.from_arrays(arrays, keypair[0])
+    assert summed.total_weight == 40
+    for out, exp in zip(decrypt_model(keypair[1], summed), expected_average(good, [10, 30]),
+                        strict=True):
+        np.testing.assert_allclose(out, exp, rtol=0, atol=strategy.params.max_error())
+
+
 
 def encrypted_arrays(keypair, arrays: list[np.ndarray], names: list[str], n: int,
                      strategy) -> dict[str, np.ndarray]:
@@ -177,11 +187,7 @@ def test_message_api_strategy_aggregates_valid_replies_and_names_bad_ones(
     flwr_caplog.clear()
     arrays, metrics = strategy.aggregate_train(1, replies)
 
-    summed = EncryptedModel.from_arrays(record_arrays(arrays), keypair[0])
-    assert summed.total_weight == 40
-    for out, exp in zip(decrypt_model(keypair[1], summed), expected_average(good, [10, 30]),
-                        strict=True):
-        np.testing.assert_allclose(out, exp, rtol=0, atol=strategy.params.max_error())
+    assert_weighted_average_of_good(record_arrays(arrays), keypair, good, strategy)
     assert metrics["train-loss"] == pytest.approx(1.75)
     warnings = [r.getMessage() for r in flwr_caplog.records if r.levelno == logging.WARNING]
     for node, why in [(1, "second reply"), (3, "another key pair"), (4, "got (2, 511)"),
@@ -285,11 +291,7 @@ def test_legacy_strategy_aggregates_valid_replies_and_names_bad_ones(keypair, ot
     parameters, metrics = strategy.aggregate_fit(1, results, [RuntimeError("node 8 is gone")])
 
     assert parameters.tensor_type == TENSOR_TYPE
-    summed = EncryptedModel.from_arrays(parameters_arrays(parameters), keypair[0])
-    assert summed.total_weight == 40
-    for out, exp in zip(decrypt_model(keypair[1], summed), expected_average(good, [10, 30]),
-                        strict=True):
-        np.testing.assert_allclose(out, exp, rtol=0, atol=strategy.params.max_error())
+    assert_weighted_average_of_good(parameters_arrays(parameters), keypair, good, strategy)
     assert metrics["train-loss"] == pytest.approx(1.75)
     warnings = [r.getMessage() for r in flwr_caplog.records if r.levelno == logging.WARNING]
     for client, why in [(1, "second reply"), (3, "another key pair"), (4, "got (2, 511)"),
