@@ -61,6 +61,7 @@ def expected_average(models: list[dict[str, np.ndarray]], weights: list[int]) ->
     return [np.average(np.stack([m[k].astype(np.float64) for m in models]), axis=0,
                        weights=weights) for k in SHAPES]
 
+
 def assert_weighted_average_of_good(arrays, keypair, good, strategy) -> None:
     """The aggregate holds the two good replies (weights 10 and 30), averaged within
     one quantization step."""
