@@ -29,6 +29,11 @@ DEFAULTS: dict[str, Any] = {
     "paillier-value-bits": 16,
     "paillier-max-total-weight": 65536,
     "paillier-weight-unit": 1,
+    "secagg-clip": "auto",
+    "secagg-value-bits": 16,
+    "secagg-max-total-weight": 65536,
+    "secagg-neighbors": 0,
+    "secagg-threshold": 0.5,
     "local-epochs": "auto",
     "batch-size": "auto",
     "learning-rate": "auto",
@@ -50,9 +55,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-#: Paillier clip range per task: above the largest weight each model reaches.
-PAILLIER_CLIP = {"mnist": 1.0, "housing": 2.0, "spam": 8.0}
-AGGREGATIONS = ("fedavg", "paillier")
+#: Clip range of the secure aggregations' fixed-point encoding per task: above the
+#: largest weight each model reaches.
+CLIP_RANGE = {"mnist": 1.0, "housing": 2.0, "spam": 8.0}
+AGGREGATIONS = ("fedavg", "paillier", "secagg")
 
 
 def _auto(value: Any, default: Any, kind: type, key: str) -> Any:
@@ -82,6 +88,11 @@ class RunSettings:
     paillier_value_bits: int
     paillier_max_total_weight: int
     paillier_weight_unit: int
+    secagg_clip: float
+    secagg_value_bits: int
+    secagg_max_total_weight: int
+    secagg_neighbors: int
+    secagg_threshold: float
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -126,11 +137,16 @@ class RunSettings:
             round_timeout=float(c["round-timeout"]),
             aggregation=str(c["aggregation"]),
             paillier_public_key=str(c["paillier-public-key"]),
-            paillier_clip=_auto(c["paillier-clip"], PAILLIER_CLIP[task.name], float,
+            paillier_clip=_auto(c["paillier-clip"], CLIP_RANGE[task.name], float,
                                 "paillier-clip"),
             paillier_value_bits=int(c["paillier-value-bits"]),
             paillier_max_total_weight=int(c["paillier-max-total-weight"]),
             paillier_weight_unit=int(c["paillier-weight-unit"]),
+            secagg_clip=_auto(c["secagg-clip"], CLIP_RANGE[task.name], float, "secagg-clip"),
+            secagg_value_bits=int(c["secagg-value-bits"]),
+            secagg_max_total_weight=int(c["secagg-max-total-weight"]),
+            secagg_neighbors=int(c["secagg-neighbors"]),
+            secagg_threshold=float(c["secagg-threshold"]),
             local_epochs=_auto(c["local-epochs"], task.local_epochs, int, "local-epochs"),
             batch_size=_auto(c["batch-size"], task.batch_size, int, "batch-size"),
             learning_rate=_auto(c["learning-rate"], task.learning_rate, float, "learning-rate"),

@@ -74,11 +74,11 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     model = build_model(settings.data_spec(1))
     extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
-    secure = settings.aggregation != "fedavg"
-    if secure and settings.central_eval:
-        log(INFO, "Centralized evaluation is off: with %s aggregation the server cannot "
-            "see the model", settings.aggregation)
-    central_eval = make_central_eval(settings, extra) if settings.central_eval and not secure \
+    hidden = settings.aggregation == "paillier"  # secagg: the aggregate is public
+    if hidden and settings.central_eval:
+        log(INFO, "Centralized evaluation is off: with Paillier aggregation the server cannot "
+            "see the model")
+    central_eval = make_central_eval(settings, extra) if settings.central_eval and not hidden \
         else None
     metric = "mse" if settings.task == "housing" else "accuracy"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from strategies.fedavg import WeightedFedAvg
 from strategies.keyfiles import load_public_key
 from strategies.paillier_flower import PaillierFedAvg
+from strategies.secagg_flower import SecAggFedAvg
 
 from .config import RunSettings
 
@@ -32,4 +33,10 @@ def build_strategy(settings: RunSettings) -> Strategy:
             clip=settings.paillier_clip, value_bits=settings.paillier_value_bits,
             max_total_weight=settings.paillier_max_total_weight,
             weight_unit=settings.paillier_weight_unit, **sampling)
+    if settings.aggregation == "secagg":
+        return SecAggFedAvg(
+            clip=settings.secagg_clip, value_bits=settings.secagg_value_bits,
+            max_total_weight=settings.secagg_max_total_weight,
+            num_neighbours=settings.secagg_neighbors, threshold=settings.secagg_threshold,
+            stage_timeout=settings.round_timeout, **sampling)
     return WeightedFedAvg(**sampling)

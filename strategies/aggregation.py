@@ -7,6 +7,7 @@ in ``sum(n_k * x_k) / sum(n_k)`` over the updates that passed these checks.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,3 +54,54 @@ def weighted_average(
             acc += arr.astype(np.float64) * (w / total)
         out.append(acc.astype(arrays[0].dtype))
     return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and dtypes of a model's float arrays, in order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.names) == len(self.shapes) == len(self.dtypes)) or not self.names:
+            raise ValueError("a layout needs one name, shape and dtype per array")
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            if not isinstance(name, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"bad layout entry {name!r} {shape!r}")
+            if np.dtype(dtype).kind != "f":
+                raise ValueError(f"array '{name}' is {dtype}: only float arrays can be encrypted")
+
+    @staticmethod
+    def of(names: Sequence[str], arrays: Sequence[np.ndarray]) -> Layout:
+        return Layout(tuple(names), tuple(tuple(int(d) for d in a.shape) for a in arrays),
+                      tuple(str(a.dtype) for a in arrays))
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    def flatten(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        if [tuple(a.shape) for a in arrays] != list(self.shapes):
+            raise ValueError("the arrays do not match the model's layout")
+        return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+
+    def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
+        out, start = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            size = int(np.prod(shape, dtype=np.int64))
+            out.append(flat[start:start + size].reshape(shape).astype(dtype))
+            start += size
+        return out
+
+    def to_json(self) -> list:
+        return [[n, d, list(s)] for n, s, d in zip(self.names, self.shapes, self.dtypes, strict=True)]
+
+    @staticmethod
+    def from_json(data: object) -> Layout:
+        try:
+            names, dtypes, shapes = zip(*[(str(n), str(d), tuple(s)) for n, d, s in data])  # type: ignore[misc]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"malformed layout: {err}") from None
+        return Layout(names, shapes, dtypes)

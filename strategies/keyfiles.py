@@ -1,5 +1,6 @@
-"""Paillier key files: JSON, the private one written with mode 0600 and refused
-when other users can read it. The server only ever loads a public key file."""
+"""Key files: Paillier key pairs (JSON) and the secure-aggregation authentication
+key (hex). Secret files are written with mode 0600 and refused when other users
+can read them. The server only ever loads a Paillier public key file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ from pathlib import Path
 from .paillier import PrivateKey, PublicKey, generate_keypair
 
 PUBLIC_NAME, PRIVATE_NAME = "paillier.pub.json", "paillier.key.json"
+AUTH_KEY_NAME = "secagg-auth.key"
+AUTH_KEY_BYTES = 32
+
+
+def _write_secret(path: Path, text: str) -> None:
+    if path.exists():
+        raise FileExistsError(f"{path} exists: remove it first or choose another directory")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _check_private(path: Path) -> None:
+    mode = Path(path).stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): "
+                              f"run 'chmod 600 {path}'")
 
 
 def write_keypair(directory: Path, n_bits: int = 2048) -> tuple[Path, Path, str]:
@@ -23,9 +41,7 @@ def write_keypair(directory: Path, n_bits: int = 2048) -> tuple[Path, Path, str]
     if private_path.exists():
         raise FileExistsError(f"{private_path} exists: remove it first or choose another directory")
     public_key, private_key = generate_keypair(n_bits)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(private_key.to_dict(), f)
+    _write_secret(private_path, json.dumps(private_key.to_dict()))
     public_path.write_text(json.dumps(public_key.to_dict()))
     return public_path, private_path, public_key.fingerprint
 
@@ -48,8 +64,28 @@ def load_public_key(path: Path) -> PublicKey:
 
 def load_private_key(path: Path) -> PrivateKey:
     """A private key file, refused if group or others may read it (chmod 600 it)."""
-    mode = Path(path).stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): "
-                              f"run 'chmod 600 {path}'")
+    _check_private(path)
     return PrivateKey.from_dict(_read(path))
+
+
+def write_auth_key(directory: Path) -> Path:
+    """A fresh secure-aggregation authentication key (32 random bytes, hex, mode
+    0600) for every client node of a federation, never for the server."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / AUTH_KEY_NAME
+    _write_secret(path, os.urandom(AUTH_KEY_BYTES).hex() + "\n")
+    return path
+
+
+def load_auth_key(path: Path) -> bytes:
+    """An authentication key file, refused if others may read it or if malformed."""
+    _check_private(path)
+    try:
+        key = bytes.fromhex(Path(path).read_text().strip())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read an authentication key from {path}: {err} "
+                         "(see 'fedapp keygen --secagg')") from None
+    if len(key) != AUTH_KEY_BYTES:
+        raise ValueError(f"{path} holds {len(key)} bytes, an authentication key has "
+                         f"{AUTH_KEY_BYTES}")
+    return key

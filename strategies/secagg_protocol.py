@@ -1,0 +1,557 @@
+"""Masked secure aggregation, Flower-free: the four stages of one round.
+
+Bonawitz et al. (CCS 2017) with SecAgg+'s sparse neighbour graph (Bell et al.,
+CCS 2020), for weighted FedAvg. For the round the server samples nodes ``U0`` and:
+
+1. **advertise**: each node makes two fresh X25519 key pairs (``c`` to seal
+   shares, ``s`` to agree masks) and sends the public halves (with an HMAC under
+   the federation's authentication key when the nodes hold one) → ``U1``.
+2. **share**: each node gets its neighbours' keys, draws a self-mask seed ``b``,
+   Shamir-shares ``b`` and its ``s`` private key among itself and its neighbours
+   (threshold ``t``), seals each neighbour's shares with AES-GCM under a key
+   agreed with that neighbour, and sends them with a commitment to ``b`` → ``U2``.
+3. **mask** (the train message): the server relays each node the sealed shares
+   addressed to it; the node trains and sends
+   ``y_u = w_u q_u + PRG(b_u) + sum_v ±PRG(s_uv)  (mod 2^bits)`` over its
+   neighbours ``v`` in ``U2`` (``+`` if ``u < v``) → ``U3``.
+4. **unmask**: each survivor reveals the ``b`` shares of survivors and the ``s``
+   shares of the dropped (``U2 \\ U3``), never both for one node, and only once
+   per round. The server rebuilds each seed, checks it against the commitment or
+   the advertised public key, removes the masks and decodes the weighted average.
+
+Pairwise masks cancel in the sum; a dropped node's masks are rebuilt from its
+``s`` key, so the survivors' sum comes out; a node whose masked input arrives
+after it was declared dropped can never be unmasked, since its ``b`` stays
+secret. Everything on the wire is JSON with base64 bytes and a uint32/uint64
+vector; nothing is pickled.
+
+The server side is :class:`ServerRound`; the client side is :func:`client_step`
+(stages 1, 2 and 4) and :func:`client_mask` (stage 3), which keep the node's
+secrets in a dict the Flower adapters store in the node's own context state.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.common.logger import log
+
+from .aggregation import InvalidUpdate
+from .masking import (SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, MaskingParams, agree,
+                      commitment, decode_sum, default_degree, encode_weighted, mac, mac_ok,
+                      neighbour_graph, prg, public_of, reconstruct_secret, seal, share_secret,
+                      threshold_for, unseal)
+
+VERSION = 1
+MASKED_KEY = "secagg-masked"
+HEADER_KEY = "secagg-header"
+PAYLOAD_KEY = "secagg-payload"
+MAX_PAYLOAD_BYTES = 16 << 20
+SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16  # GCM nonce, b and s shares, tag
+
+
+class RoundAborted(RuntimeError):
+    """Too few nodes are left to finish the round securely; the model stays as it was."""
+
+
+# ------------------------------------------------------------------ wire helpers
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object, size: int | None = None, what: str = "field") -> bytes:
+    if not isinstance(text, str):
+        raise MaskingError(f"{what} must be a base64 string")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise MaskingError(f"{what} is not valid base64") from None
+    if size is not None and len(data) != size:
+        raise MaskingError(f"{what} must have {size} bytes, got {len(data)}")
+    return data
+
+
+def dumps(payload: dict) -> str:
+    return json.dumps({"version": VERSION, **payload}, separators=(",", ":"))
+
+
+def loads(text: object, stage: str) -> dict:
+    """A stage payload, checked for size, JSON, version and stage name."""
+    if not isinstance(text, str):
+        raise MaskingError(f"the {stage} payload must be a JSON string")
+    if len(text) > MAX_PAYLOAD_BYTES:
+        raise MaskingError(f"the {stage} payload is larger than {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise MaskingError(f"the {stage} payload is not JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("version") != VERSION:
+        raise MaskingError(f"the {stage} payload must be an object of version {VERSION}")
+    if data.get("stage") != stage:
+        raise MaskingError(f"expected a '{stage}' payload, got stage {data.get('stage')!r}")
+    return data
+
+
+def node_id(value: object, what: str = "node id") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise MaskingError(f"{what} must be an unsigned 64-bit int, got {value!r}")
+    return value
+
+
+def node_map(value: object, what: str) -> dict[int, Any]:
+    """A JSON object keyed by decimal node ids."""
+    if not isinstance(value, dict):
+        raise MaskingError(f"{what} must be an object keyed by node id")
+    try:
+        return {node_id(int(k), what): v for k, v in value.items()}
+    except ValueError:
+        raise MaskingError(f"{what} has a key that is not a node id") from None
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+def mask_info(context: bytes, u: int, v: int) -> bytes:
+    """HKDF info of the pairwise mask of ``u`` and ``v`` (the same from both ends)."""
+    return b"fedapp-secagg mask" + context + _u64(min(u, v)) + _u64(max(u, v))
+
+
+def share_info(context: bytes, u: int, v: int) -> bytes:
+    return b"fedapp-secagg seal" + context + _u64(min(u, v)) + _u64(max(u, v))
+
+
+def advert_bytes(context: bytes, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    return b"fedapp-secagg advert" + context + _u64(node) + c_pk + s_pk
+
+
+def self_mask_seed(b: bytes, context: bytes) -> bytes:
+    return hashlib.sha256(b"fedapp-secagg self" + context + b).digest()
+
+
+def pair_mask(length: int, dtype: type, context: bytes, u: int, v: int, private: bytes,
+              peer_public: bytes) -> np.ndarray:
+    """The mask ``u`` adds for neighbour ``v``: ``+PRG`` if ``u < v``, else ``-PRG``.
+
+    ``private`` is the ``s`` private key of either end and ``peer_public`` the other
+    end's ``s`` public key (the node uses its own; the server a dropped node's).
+    """
+    mask = prg(agree(private, peer_public, mask_info(context, u, v)), length, dtype)
+    return mask if u < v else np.negative(mask)
+
+
+# ------------------------------------------------------------------ client side
+def client_step(request: str, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+    """Answer a stage 1, 2 or 4 request; return the reply payload and the new state.
+
+    ``state`` is the node's private round state (empty before the first round);
+    it holds private keys and must stay on the node.
+
+    Raises
+    ------
+    MaskingError
+        If the request is malformed, out of order, or asks for something an honest
+        node must refuse (both shares of one node, a second unmasking, key material
+        that fails its authentication).
+    """
+    try:
+        stage = json.loads(request).get("stage") if isinstance(request, str) else None
+    except ValueError:
+        stage = None
+    if stage == "advertise":
+        return _advertise(loads(request, stage), node, auth_key)
+    if stage == "share":
+        return _share(loads(request, stage), state, node, auth_key)
+    if stage == "unmask":
+        return _unmask(loads(request, stage), state, node)
+    raise MaskingError(f"unknown secure-aggregation stage {stage!r}")
+
+
+def _advertise(req: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+    if node_id(req.get("node")) != node:
+        raise MaskingError(f"the advertise request is addressed to node {req.get('node')}, "
+                           f"this is node {node}")
+    params = MaskingParams.from_dict(req.get("params", {}))
+    points = {k: int(v) for k, v in node_map(req.get("points"), "points").items()}
+    neighbours = sorted(points.keys() - {node})
+    threshold = req.get("threshold")
+    if node not in points or not isinstance(threshold, int) or not 1 <= threshold <= len(points):
+        raise MaskingError("the advertise request needs this node's share point and a "
+                           "threshold within its share group")
+    context = unb64(req.get("context"), 32, "context")
+    c, s = KeyPair.generate(), KeyPair.generate()
+    state = {"stage": "advertised", "context": b64(context), "node": node,
+             "params": params.to_dict(), "points": {str(k): v for k, v in points.items()},
+             "neighbours": neighbours, "threshold": threshold,
+             "c_sk": b64(c.private), "s_sk": b64(s.private)}
+    tag = mac(auth_key, advert_bytes(context, node, c.public, s.public)) if auth_key else b""
+    return dumps({"stage": "advertise", "node": node, "c_pk": b64(c.public),
+                  "s_pk": b64(s.public), "mac": b64(tag)}), state
+
+
+def _expect(state: dict, stage: str, now: str) -> bytes:
+    if state.get("stage") != stage:
+        raise MaskingError(f"a '{now}' request arrived when this node was at stage "
+                           f"{state.get('stage')!r}, not {stage!r}: out of order")
+    return unb64(state["context"], 32, "context")
+
+
+def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+    context = _expect(state, "advertised", "share")
+    if unb64(req.get("context"), 32, "context") != context:
+        raise MaskingError("the share request belongs to another round")
+    adverts = node_map(req.get("adverts"), "adverts")
+    unknown = adverts.keys() - set(state["neighbours"])
+    if unknown:
+        raise MaskingError(f"keys of nodes {sorted(unknown)} that are not this node's neighbours")
+    keys = {}
+    for v, ad in adverts.items():
+        c_pk, s_pk = unb64(ad.get("c_pk"), 32, "c_pk"), unb64(ad.get("s_pk"), 32, "s_pk")
+        if auth_key and not mac_ok(auth_key, advert_bytes(context, v, c_pk, s_pk),
+                                   unb64(ad.get("mac"), 32, "mac")):
+            raise MaskingError(f"the keys of node {v} fail authentication: substituted, "
+                               "replayed from another round, or nodes hold different "
+                               "authentication keys")
+        keys[v] = (c_pk, s_pk)
+    if len({k for pair in keys.values() for k in pair}) != 2 * len(keys):
+        raise MaskingError("two neighbours advertised the same public key (replayed keys)")
+    threshold = state["threshold"]
+    if len(keys) + 1 < threshold:
+        raise MaskingError(f"only {len(keys)} neighbours left, {threshold - 1} needed")
+    points = {int(k): v for k, v in state["points"].items()}
+    group = [node, *sorted(keys)]
+    b = secrets.token_bytes(SEED_BYTES)
+    s_sk = unb64(state["s_sk"])
+    xs = [points[v] for v in group]
+    b_shares = share_secret(b, xs, threshold)
+    s_shares = share_secret(s_sk, xs, threshold)
+    c_sk = unb64(state["c_sk"])
+    sealed = {}
+    for v in keys:
+        key = agree(c_sk, keys[v][0], share_info(context, node, v))
+        sealed[str(v)] = b64(seal(key, b_shares[points[v]] + s_shares[points[v]],
+                                  _u64(node) + _u64(v) + context))
+    own = b_shares[points[node]] + s_shares[points[node]]
+    state = {**state, "stage": "shared", "b": b64(b), "own": b64(own),
+             "keys": {str(v): [b64(c), b64(s)] for v, (c, s) in keys.items()}}
+    return dumps({"stage": "share", "node": node, "commit": b64(commitment(b)),
+                  "shares": sealed}), state
+
+
+def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: int,
+                rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict, dict]:
+    """Stage 3: the masked, weighted, quantized model; returns the vector, its
+    header (for the server's checks) and the new state.
+
+    Raises
+    ------
+    MaskingError
+        Out of order, malformed, too few neighbours left, or a weight the encoding
+        cannot hold.
+    """
+    req = loads(request, "mask")
+    context = _expect(state, "shared", "mask")
+    if unb64(req.get("context"), 32, "context") != context:
+        raise MaskingError("the train request belongs to another round")
+    received = node_map(req.get("shares"), "shares")
+    keys = {int(k): v for k, v in state["keys"].items()}
+    if not received.keys() <= keys.keys():
+        raise MaskingError(f"shares from nodes {sorted(received.keys() - keys.keys())} "
+                           "that did not take part in the share stage with this node")
+    if len(received) + 1 < state["threshold"]:
+        raise MaskingError(f"only {len(received)} neighbours left, "
+                           f"{state['threshold'] - 1} needed")
+    params = MaskingParams.from_dict(state["params"])
+    masked = encode_weighted(flat, weight, params, rng or np.random.default_rng())
+    masked += prg(self_mask_seed(unb64(state["b"]), context), flat.size, params.dtype)
+    s_sk = unb64(state["s_sk"])
+    for v in received:
+        masked += pair_mask(flat.size, params.dtype, context, node, v, s_sk, unb64(keys[v][1]))
+    for v, sealed in received.items():
+        unb64(sealed, SEALED_BYTES, f"sealed shares from node {v}")
+    state = {**state, "stage": "masked", "received": {str(v): ct for v, ct in received.items()}}
+    header = {"version": VERSION, "context": b64(context), "node": node,
+              "mod-bits": params.mod_bits, "length": int(flat.size)}
+    return masked, header, state
+
+
+def _unmask(req: dict, state: dict, node: int) -> tuple[str, dict]:
+    context = _expect(state, "masked", "unmask")
+    if unb64(req.get("context"), 32, "context") != context:
+        raise MaskingError("the unmask request belongs to another round")
+    survivors = {node_id(v) for v in req.get("survivors", [])}
+    dropped = {node_id(v) for v in req.get("dropped", [])}
+    if survivors & dropped:
+        raise MaskingError(f"nodes {sorted(survivors & dropped)} are listed both as survivors "
+                           "and as dropped: refusing to reveal both shares of a node")
+    if node not in survivors:
+        raise MaskingError("this node is not listed among the survivors")
+    received = {int(k): v for k, v in state["received"].items()}
+    group = received.keys() | {node}
+    if len(survivors & group) < state["threshold"]:
+        raise MaskingError(f"only {len(survivors & group)} survivors in this node's share "
+                           f"group, {state['threshold']} needed: refusing to unmask")
+    if (survivors | dropped) - group:
+        raise MaskingError(f"nodes {sorted((survivors | dropped) - group)} are not in this "
+                           "node's share group")
+    keys = {int(k): v for k, v in state["keys"].items()}
+    c_sk = unb64(state["c_sk"])
+    b_out, s_out = {}, {}
+    for v in (survivors | dropped) - {node}:
+        key = agree(c_sk, unb64(keys[v][0]), share_info(context, node, v))
+        opened = unseal(key, unb64(received[v]), _u64(v) + _u64(node) + context)
+        if len(opened) != 2 * SHARE_BYTES:
+            raise MaskingError(f"the shares from node {v} have the wrong length")
+        if v in survivors:
+            b_out[str(v)] = b64(opened[:SHARE_BYTES])
+        else:
+            s_out[str(v)] = b64(opened[SHARE_BYTES:])
+    b_out[str(node)] = b64(unb64(state["own"])[:SHARE_BYTES])
+    return dumps({"stage": "unmask", "node": node, "b_shares": b_out, "s_shares": s_out}), \
+        {**state, "stage": "done"}
+
+
+# ------------------------------------------------------------------ server side
+@dataclass
+class ServerRound:
+    """The server's side of one round: builds requests, checks replies, unmasks.
+
+    Every ``receive_*`` method takes ``{node: payload}`` for the nodes that
+    answered, logs and leaves out the replies that fail a check (naming the node),
+    and raises :class:`RoundAborted` when too few nodes are left to go on.
+
+    Parameters
+    ----------
+    params : MaskingParams
+        The encoding every client uses this round.
+    nodes : list[int]
+        The sampled nodes ``U0``.
+    length : int
+        Values in a model.
+    degree : int
+        Neighbours per node (0: SecAgg+'s ``2 ceil(log2 n) + 2``, at most all).
+    threshold_fraction : float
+        A secret needs more than this fraction of its share group.
+    seen_keys : set[bytes]
+        Public keys of earlier rounds (replays are refused); updated in place.
+    """
+
+    params: MaskingParams
+    nodes: list[int]
+    length: int
+    degree: int = 0
+    threshold_fraction: float = 0.5
+    seen_keys: set[bytes] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.nodes = sorted(set(self.nodes))
+        if len(self.nodes) < 2:
+            raise RoundAborted(f"secure aggregation needs at least 2 nodes, {len(self.nodes)} "
+                               "sampled: a sum of one is that node's update")
+        self.context = secrets.token_bytes(32)
+        degree = self.degree or default_degree(len(self.nodes))
+        self.graph = neighbour_graph(self.nodes, degree, self.context)
+        self.points = {u: i + 1 for i, u in enumerate(self.nodes)}
+        self.threshold = threshold_for(1 + min(len(v) for v in self.graph.values()),
+                                       self.threshold_fraction)
+        self.adverts: dict[int, dict] = {}
+        self.commits: dict[int, bytes] = {}
+        self.sealed: dict[int, dict[int, str]] = {}  # receiver -> sender -> sealed shares
+        self.masked: dict[int, int] = {}  # node -> weight
+        self.total = np.zeros(self.length, dtype=self.params.dtype)
+        self.stats = {"sampled": len(self.nodes)}
+
+    # stage 1
+    def advertise_requests(self) -> dict[int, str]:
+        return {u: dumps({"stage": "advertise", "node": u, "context": b64(self.context),
+                          "params": self.params.to_dict(), "threshold": self.threshold,
+                          "points": {str(v): self.points[v] for v in [u, *self.graph[u]]}})
+                for u in self.nodes}
+
+    def receive_adverts(self, replies: Mapping[int, object]) -> None:
+        for u, text in replies.items():
+            self._try(u, "advertise", lambda: self._advert(u, text))
+        self._enough(self.adverts, "advertise")
+
+    def _advert(self, u: int, text: object) -> None:
+        rep = self._reply(u, text, "advertise", self.adverts)
+        c_pk, s_pk = unb64(rep.get("c_pk"), 32, "c_pk"), unb64(rep.get("s_pk"), 32, "s_pk")
+        mac_tag = unb64(rep.get("mac"), None, "mac")
+        if c_pk == s_pk or {c_pk, s_pk} & self.seen_keys:
+            raise InvalidUpdate("replayed public keys (seen before)")
+        self.seen_keys.update((c_pk, s_pk))
+        self.adverts[u] = {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "mac": b64(mac_tag)}
+
+    # stage 2
+    def share_requests(self) -> dict[int, str]:
+        return {u: dumps({"stage": "share", "context": b64(self.context),
+                          "adverts": {str(v): self.adverts[v] for v in self.graph[u]
+                                      if v in self.adverts}})
+                for u in self.adverts}
+
+    def receive_shares(self, replies: Mapping[int, object]) -> None:
+        done: dict[int, dict] = {}
+        for u, text in replies.items():
+            self._try(u, "share", lambda: self._shares(u, text, done))
+        for u, shares in done.items():
+            for v, sealed in shares.items():
+                self.sealed.setdefault(v, {})[u] = sealed
+        self._enough(self.commits, "share")
+
+    def _shares(self, u: int, text: object, done: dict) -> None:
+        if u not in self.adverts:
+            raise InvalidUpdate("no advertised keys from this node")
+        rep = self._reply(u, text, "share", done)
+        shares = node_map(rep.get("shares"), "shares")
+        expected = {v for v in self.graph[u] if v in self.adverts}
+        if shares.keys() != expected:
+            raise InvalidUpdate(f"shares for nodes {sorted(shares)}, expected {sorted(expected)}")
+        for sealed in shares.values():
+            unb64(sealed, SEALED_BYTES, "sealed shares")
+        commit = unb64(rep.get("commit"), 32, "commit")
+        done[u] = {v: s for v, s in shares.items()}
+        self.commits[u] = commit
+
+    # stage 3
+    def mask_payloads(self) -> dict[int, str]:
+        """The payload of each train message (only for the nodes in ``U2``)."""
+        return {u: dumps({"stage": "mask", "context": b64(self.context),
+                          "shares": {str(v): s for v, s in self.sealed.get(u, {}).items()
+                                     if v in self.commits}})
+                for u in self.commits}
+
+    def receive_masked(self, u: int, vector: object, header: object, weight: int) -> None:
+        """Add one node's masked vector; :class:`InvalidUpdate` if it fails a check."""
+        if u not in self.commits:
+            raise InvalidUpdate("this node took no part in the share stage of this round")
+        if u in self.masked:
+            raise InvalidUpdate("a second masked update from this node")
+        if not isinstance(header, dict) or header.get("context") != b64(self.context):
+            raise InvalidUpdate("the masked update belongs to another round")
+        if header.get("node") != u:
+            raise InvalidUpdate(f"the masked update is from node {header.get('node')!r}, sent "
+                                f"by node {u}: a node may only answer for itself")
+        if header.get("mod-bits") != self.params.mod_bits:
+            raise InvalidUpdate(f"masked in a {header.get('mod-bits')}-bit modulus, expected "
+                                f"{self.params.mod_bits}")
+        if not isinstance(vector, np.ndarray) or vector.dtype != self.params.dtype \
+                or vector.shape != (self.length,):
+            raise InvalidUpdate(f"a masked vector must be {np.dtype(self.params.dtype).name} of "
+                                f"shape ({self.length},), got "
+                                f"{getattr(vector, 'dtype', type(vector).__name__)} of shape "
+                                f"{getattr(vector, 'shape', None)}")
+        if not 1 <= weight <= self.params.max_total_weight:
+            raise InvalidUpdate(f"weight {weight} outside [1, {self.params.max_total_weight}]")
+        self.total += vector
+        self.masked[u] = weight
+
+    # stage 4
+    def unmask_requests(self) -> dict[int, str]:
+        survivors = set(self.masked)
+        if len(survivors) < max(2, self.threshold):
+            raise RoundAborted(f"only {len(survivors)} masked updates arrived, "
+                               f"{max(2, self.threshold)} needed")
+        dropped = set(self.commits) - survivors
+        self.stats.update(survivors=len(survivors), dropped=len(dropped))
+        requests = {}
+        for u in survivors:
+            group = {u} | {v for v in self.sealed.get(u, {}) if v in self.commits}
+            requests[u] = dumps({"stage": "unmask", "context": b64(self.context),
+                                 "survivors": sorted(group & survivors),
+                                 "dropped": sorted(group & dropped)})
+        return requests
+
+    def receive_unmask(self, replies: Mapping[int, object]) -> tuple[np.ndarray, int]:
+        """Rebuild the secrets, remove the masks; the weighted average and total weight.
+
+        Raises
+        ------
+        RoundAborted
+            If a secret cannot be rebuilt from the shares that arrived, or the
+            unmasked sum is out of range.
+        """
+        b_shares: dict[int, dict[int, bytes]] = {}
+        s_shares: dict[int, dict[int, bytes]] = {}
+        answered: dict[int, dict] = {}
+        for u, text in replies.items():
+            self._try(u, "unmask", lambda: self._unmask_reply(u, text, answered,
+                                                              b_shares, s_shares))
+        survivors, dropped = set(self.masked), set(self.commits) - set(self.masked)
+        total = self.total.copy()
+        for u in sorted(survivors):
+            b = self._rebuild(u, b_shares.get(u, {}), "self-mask seed")
+            if commitment(b) != self.commits[u]:
+                raise RoundAborted(f"the rebuilt self-mask seed of node {u} does not match its "
+                                   "commitment: a node sent a wrong share")
+            total -= prg(self_mask_seed(b, self.context), self.length, self.params.dtype)
+        for v in sorted(dropped):
+            s_sk = self._rebuild(v, s_shares.get(v, {}), "mask key")
+            if public_of(s_sk) != unb64(self.adverts[v]["s_pk"]):
+                raise RoundAborted(f"the rebuilt mask key of dropped node {v} does not match "
+                                   "its public key: a node sent a wrong share")
+            s_pk = {u: unb64(self.adverts[u]["s_pk"]) for u in self.graph[v]}
+            for u in self.graph[v]:
+                if u in survivors and v in self.sealed.get(u, {}):
+                    total -= pair_mask(self.length, self.params.dtype, self.context, u, v,
+                                       s_sk, s_pk[u])
+        weight = sum(self.masked.values())
+        try:
+            average = decode_sum(total, weight, self.params)
+        except MaskingError as err:
+            raise RoundAborted(str(err)) from None
+        log(INFO, "Secure aggregation: %d of %d sampled nodes in the sum, %d dropped and "
+            "recovered, total weight %d", len(survivors), len(self.nodes), len(dropped), weight)
+        return average, weight
+
+    def _unmask_reply(self, u: int, text: object, answered: dict, b_shares: dict,
+                      s_shares: dict) -> None:
+        if u not in self.masked:
+            raise InvalidUpdate("shares from a node that is not a survivor")
+        rep = self._reply(u, text, "unmask", answered)
+        b_part = node_map(rep.get("b_shares"), "b_shares")
+        s_part = node_map(rep.get("s_shares"), "s_shares")
+        if b_part.keys() & s_part.keys():
+            raise InvalidUpdate("both shares of one node")
+        for v, share in b_part.items():
+            b_shares.setdefault(v, {})[self.points[u]] = unb64(share, SHARE_BYTES, "share")
+        for v, share in s_part.items():
+            s_shares.setdefault(v, {})[self.points[u]] = unb64(share, SHARE_BYTES, "share")
+        answered[u] = rep
+
+    def _rebuild(self, u: int, shares: dict[int, bytes], what: str) -> bytes:
+        if len(shares) < self.threshold:
+            raise RoundAborted(f"too many dropouts: {len(shares)} shares of the {what} of node "
+                               f"{u} arrived, {self.threshold} needed")
+        return reconstruct_secret(shares, self.threshold)
+
+    # checks
+    def _reply(self, u: int, text: object, stage: str, seen: Mapping[int, object]) -> dict:
+        if u not in self.points:
+            raise InvalidUpdate("this node was not sampled for the round")
+        if u in seen:
+            raise InvalidUpdate(f"a second {stage} reply")
+        rep = loads(text, stage)
+        if rep.get("node") != u:
+            raise InvalidUpdate(f"the reply claims to be from node {rep.get('node')!r}: a node "
+                                "may only answer for itself")
+        return rep
+
+    def _try(self, u: int, stage: str, step) -> None:
+        try:
+            step()
+        except (InvalidUpdate, MaskingError) as err:
+            log(WARNING, "Secure aggregation: left out node %s at the %s stage: %s", u, stage, err)
+
+    def _enough(self, done: Mapping[int, object], stage: str) -> None:
+        self.stats[stage] = len(done)
+        if len(done) < max(2, self.threshold):
+            raise RoundAborted(f"too many dropouts: {len(done)} of {len(self.nodes)} nodes "
+                               f"finished the {stage} stage, {max(2, self.threshold)} needed")
