@@ -30,7 +30,6 @@ XGBoost strategies also send their own tensor types); a plaintext model keeps
 
 from __future__ import annotations
 
-import io
 from logging import INFO, WARNING
 
 import numpy as np
@@ -45,6 +44,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
+from .legacy_wire import load_npy
 from .paillier import PublicKey
 from .paillier_flower import (decrypt_global_model, encoding_for, encrypt_local_model,
                               node_private_key, node_workers, parse_round_config,
@@ -67,30 +67,6 @@ def is_encrypted(parameters: Parameters) -> bool:
     return parameters.tensor_type == TENSOR_TYPE
 
 
-def _load_uint8(tensor: bytes, what: str, max_bytes: int | None = None) -> np.ndarray:
-    """A uint8 array from ``.npy`` bytes, header checked before any data is read."""
-    if not isinstance(tensor, bytes):
-        raise InvalidUpdate(f"the {what} tensor is {type(tensor).__name__}, not bytes")
-    stream = io.BytesIO(tensor)
-    try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f".npy format version {version}")
-    except ValueError as err:
-        raise InvalidUpdate(f"the {what} tensor is not a .npy array: {err}") from None
-    size = int(np.prod(shape, dtype=np.int64))
-    if dtype != np.uint8 or size != len(tensor) - stream.tell():
-        raise InvalidUpdate(f"the {what} tensor must be uint8 with its data complete, got "
-                            f"{dtype} of shape {shape} in {len(tensor)} bytes")
-    if max_bytes is not None and size > max_bytes:
-        raise InvalidUpdate(f"the {what} tensor is larger than {max_bytes} bytes")
-    return np.load(io.BytesIO(tensor), allow_pickle=False)
-
-
 def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
     """The two arrays of an encrypted model, for :meth:`EncryptedModel.from_arrays`.
 
@@ -104,8 +80,8 @@ def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
     if len(parameters.tensors) != len(_ORDER):
         raise InvalidUpdate(f"{len(parameters.tensors)} tensors, expected ciphertexts and header")
     ciphertexts, header = parameters.tensors
-    return {CIPHERTEXTS_KEY: _load_uint8(ciphertexts, "ciphertext"),
-            HEADER_KEY: _load_uint8(header, "header", MAX_HEADER_BYTES)}
+    return {CIPHERTEXTS_KEY: load_npy(ciphertexts, "ciphertext", (np.uint8,)),
+            HEADER_KEY: load_npy(header, "header", (np.uint8,), MAX_HEADER_BYTES)}
 
 
 def layout_of(arrays: list[np.ndarray]) -> Layout:

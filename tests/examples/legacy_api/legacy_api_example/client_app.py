@@ -5,6 +5,7 @@ from flwr.client import ClientApp, NumPyClient
 from flwr.clientapp.typing import ClientAppCallable
 
 from strategies.paillier_legacy import legacy_paillier_mod
+from strategies.secagg_legacy import legacy_secagg_mod
 
 from legacy_api_example.task import load_data, loss, train
 
@@ -36,9 +37,9 @@ def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     # known, so this example switches with a tiny mod. A project that always runs
     # with Paillier just writes:
     #     app = ClientApp(client_fn=client_fn, mods=[legacy_paillier_mod])
-    if context.run_config["secure"]:
-        return legacy_paillier_mod(msg, context, call_next)
-    return call_next(msg, context)
+    mod = {"paillier": legacy_paillier_mod,
+           "secagg": legacy_secagg_mod}.get(context.run_config["secure"])
+    return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
 # Flower ClientApp

@@ -10,6 +10,7 @@ from flwr.server.strategy import FedAvg
 
 from strategies.keyfiles import load_public_key
 from strategies.paillier_legacy import LegacyPaillierFedAvg
+from strategies.secagg_legacy import LegacySecAggFedAvg
 
 from legacy_api_example.task import initial_weights
 
@@ -18,12 +19,16 @@ def server_fn(context: Context):
     config = context.run_config
     parameters = ndarrays_to_parameters(initial_weights(config["seed"]))
 
-    # Define the strategy; with secure=true, Paillier-encrypted FedAvg
-    if config["secure"]:
+    # Define the strategy; secure="paillier": Paillier-encrypted FedAvg,
+    # secure="secagg": masked secure aggregation
+    if config["secure"] == "paillier":
         strategy = LegacyPaillierFedAvg(load_public_key(Path(config["paillier-public-key"])),
-                                        clip=config["paillier-clip"],
+                                        clip=config["clip"],
                                         fraction_fit=config["fraction-fit"],
                                         initial_parameters=parameters)
+    elif config["secure"] == "secagg":
+        strategy = LegacySecAggFedAvg(clip=config["clip"], fraction_fit=config["fraction-fit"],
+                                      initial_parameters=parameters)
     else:
         strategy = FedAvg(fraction_fit=config["fraction-fit"], initial_parameters=parameters)
 

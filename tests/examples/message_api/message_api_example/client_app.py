@@ -5,6 +5,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from strategies.paillier_flower import paillier_mod
+from strategies.secagg_flower import secagg_mod
 
 from message_api_example.task import load_data, loss
 from message_api_example.task import train as train_fn
@@ -14,9 +15,8 @@ def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     # A ClientApp is built when this module is imported, before the run config is
     # known, so this example switches with a tiny mod. A project that always runs
     # with Paillier just writes: app = ClientApp(mods=[paillier_mod])
-    if context.run_config["secure"]:
-        return paillier_mod(msg, context, call_next)
-    return call_next(msg, context)
+    mod = {"paillier": paillier_mod, "secagg": secagg_mod}.get(context.run_config["secure"])
+    return mod(msg, context, call_next) if mod else call_next(msg, context)
 
 
 # Flower ClientApp

@@ -10,6 +10,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.keyfiles import load_public_key
 from strategies.paillier_flower import PaillierFedAvg
+from strategies.secagg_flower import SecAggFedAvg
 
 from message_api_example.task import initial_weights
 
@@ -23,11 +24,13 @@ def main(grid: Grid, context: Context) -> None:
     config = context.run_config
     arrays = ArrayRecord(initial_weights(config["seed"]))
 
-    # Initialize FedAvg strategy; with secure=true, Paillier-encrypted FedAvg
-    if config["secure"]:
+    # Initialize FedAvg strategy; secure="paillier": Paillier-encrypted FedAvg,
+    # secure="secagg": masked secure aggregation
+    if config["secure"] == "paillier":
         strategy = PaillierFedAvg(load_public_key(Path(config["paillier-public-key"])),
-                                  clip=config["paillier-clip"],
-                                  fraction_train=config["fraction-train"])
+                                  clip=config["clip"], fraction_train=config["fraction-train"])
+    elif config["secure"] == "secagg":
+        strategy = SecAggFedAvg(clip=config["clip"], fraction_train=config["fraction-train"])
     else:
         strategy = FedAvg(fraction_train=config["fraction-train"])
 
@@ -39,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=config["num-server-rounds"],
     )
 
-    # Save the final model (encrypted with secure=true: decrypt it on a key holder,
+    # Save the final model (encrypted with secure="paillier": decrypt it on a key holder,
     # e.g. `fedapp decrypt`) and the federated evaluation metrics
     out = Path(config["run-dir"]).expanduser().resolve() / f"run-{context.run_id}"
     out.mkdir(parents=True, exist_ok=True)
