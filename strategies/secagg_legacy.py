@@ -1,0 +1,234 @@
+"""Masked secure aggregation (weighted FedAvg) on Flower's legacy API: a strategy
+and a client mod.
+
+Switch an existing legacy project (``NumPyClient``, ``ClientApp(client_fn=...)``,
+``ServerApp(server_fn=...)``) with two changes::
+
+    strategy = LegacySecAggFedAvg(clip=1.0, ...)                        # server_fn
+    app = ClientApp(client_fn=client_fn, mods=[legacy_secagg_mod])      # clients
+
+Same protocol and node-side helpers as :mod:`strategies.secagg_flower`; only the
+envelope differs. The key stages travel as ``get_properties`` calls whose config
+holds the ``secagg-payload`` (answered by the mod; the client's own
+``get_properties`` is never called for them), the mask payload rides in the fit
+config, and a masked update is::
+
+    Parameters(tensor_type="secagg-v1/numpy.ndarray",
+               tensors=[npy(masked vector), npy(header)])
+
+two ``.npy`` serializations (read back with ``allow_pickle=False``): the
+uint32/uint64 masked vector and the UTF-8 JSON header as uint8.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (Code, FitIns, FitRes, GetPropertiesIns, GetPropertiesRes, Parameters,
+                         Scalar, Status, ndarray_to_bytes, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.common.constant import MessageTypeLegacy
+from flwr.common.logger import log
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from .aggregation import InvalidUpdate, Layout, check_weight
+from .legacy_wire import load_npy
+from .masking import MaskingError
+from .secagg_flower import (MAX_HEADER_BYTES, answer_stage, header_of, layout_digest,
+                            mask_model, masking_params, require_payload)
+from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted, ServerRound
+
+TENSOR_TYPE = "secagg-v1/numpy.ndarray"
+
+
+def layout_of(arrays: list[np.ndarray]) -> Layout:
+    """A legacy model's layout: arrays named "0", "1", ... as in Flower's compat layer."""
+    return Layout.of([str(i) for i in range(len(arrays))], arrays)
+
+
+def to_parameters(arrays: dict[str, np.ndarray]) -> Parameters:
+    return Parameters(tensors=[ndarray_to_bytes(arrays[MASKED_KEY]),
+                               ndarray_to_bytes(arrays[HEADER_KEY])], tensor_type=TENSOR_TYPE)
+
+
+def parameters_masked(parameters: Parameters) -> tuple[np.ndarray, dict]:
+    """The masked vector and header of a fit reply; :class:`InvalidUpdate` if malformed."""
+    if parameters.tensor_type != TENSOR_TYPE:
+        raise InvalidUpdate(f"tensor type {parameters.tensor_type!r}, expected {TENSOR_TYPE!r}: "
+                            "is legacy_secagg_mod on the ClientApp?")
+    if len(parameters.tensors) != 2:
+        raise InvalidUpdate(f"{len(parameters.tensors)} tensors, expected masked vector and "
+                            "header")
+    vector = load_npy(parameters.tensors[0], "masked vector", (np.uint32, np.uint64))
+    header = load_npy(parameters.tensors[1], "header", (np.uint8,), MAX_HEADER_BYTES)
+    return vector, header_of(header)
+
+
+class LegacySecAggFedAvg(FedAvg):
+    """Weighted FedAvg by secure aggregation for legacy projects: the server sees only
+    masked updates and their sum.
+
+    Parameters
+    ----------
+    clip, max_total_weight, value_bits, num_neighbours, threshold, stage_timeout
+        As for :class:`strategies.secagg_flower.SecAggFedAvg`.
+    **kwargs
+        Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
+        ``on_fit_config_fn``, ``initial_parameters``, ``evaluate_fn``, metrics
+        aggregation). The aggregate is public, so centralized evaluation works.
+
+    A round whose key stages or unmasking lose too many clients is skipped with a
+    warning and the global model stays as it was; malformed, replayed or
+    mis-addressed replies are left out naming the client.
+    """
+
+    def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
+                 num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
+                                     threshold)
+        self.num_neighbours = num_neighbours
+        self.threshold = threshold
+        self.stage_timeout = stage_timeout
+        self._seen_keys: set[bytes] = set()
+        self._round: ServerRound | None = None
+        self._layout: Layout | None = None
+        self._proxies: dict[int, ClientProxy] = {}
+        log(INFO, "LegacySecAggFedAvg: %d-bit values in [-%g, %g] mod 2^%d, neighbours %s, "
+            "threshold > %g of each share group", self.params.value_bits, self.params.clip,
+            self.params.clip, self.params.mod_bits, num_neighbours or "auto (log n)", threshold)
+
+    def __repr__(self) -> str:
+        return f"LegacySecAggFedAvg(accept_failures={self.accept_failures})"
+
+    def _exchange(self, requests: dict[int, str], stage: str, server_round: int
+                  ) -> dict[int, str]:
+        """One key stage over ``get_properties``, all clients at once."""
+        def ask(u: int) -> str:
+            res = self._proxies[u].get_properties(
+                GetPropertiesIns(config={PAYLOAD_KEY: requests[u]}), timeout=self.stage_timeout,
+                group_id=server_round)
+            if res.status.code != Code.OK:
+                raise ValueError(res.status.message)
+            return res.properties.get(PAYLOAD_KEY)
+
+        answers = {}
+        with ThreadPoolExecutor(max_workers=min(32, len(requests) or 1)) as pool:
+            futures = {u: pool.submit(ask, u) for u in requests}
+            for u, future in futures.items():
+                try:
+                    answers[u] = future.result(timeout=self.stage_timeout)
+                except Exception as err:  # a failed or silent client is a dropout
+                    log(WARNING, "Secure aggregation: client %s failed the %s stage: %s", u,
+                        stage, err)
+        return answers
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self._round = None
+        if parameters.tensor_type == TENSOR_TYPE:
+            raise ValueError("the global model must be plaintext")
+        self._layout = layout_of(parameters_to_ndarrays(parameters))
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        self._proxies = {int(proxy.node_id): proxy for proxy, _ in pairs}
+        try:
+            rnd = ServerRound(self.params, list(self._proxies), self._layout.size,
+                              self.num_neighbours, self.threshold, self._seen_keys)
+            rnd.receive_adverts(self._exchange(rnd.advertise_requests(), "advertise",
+                                               server_round))
+            rnd.receive_shares(self._exchange(rnd.share_requests(), "share", server_round))
+        except RoundAborted as err:
+            log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
+            return []
+        self._round = rnd
+        payloads = rnd.mask_payloads()
+        return [(proxy, FitIns(ins.parameters, {**ins.config, PAYLOAD_KEY: payloads[u]}))
+                for (proxy, ins), u in zip(pairs, self._proxies, strict=True) if u in payloads]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        for failure in failures:
+            log(WARNING, "A client failed in round %d: %s", server_round,
+                failure if isinstance(failure, BaseException) else failure[1].status.message)
+        rnd, self._round = self._round, None
+        if rnd is None:
+            return None, {}
+        valid: list[FitRes] = []
+        for proxy, res in results:
+            try:
+                vector, header = parameters_masked(res.parameters)
+                if header.get("layout") != layout_digest(self._layout):
+                    raise InvalidUpdate("the masked model's arrays differ from the global "
+                                        "model's")
+                rnd.receive_masked(int(proxy.node_id), vector, header,
+                                   check_weight(res.num_examples))
+            except (InvalidUpdate, MaskingError) as err:
+                log(WARNING, "Left out the reply of client %s in round %d: %s", proxy.cid,
+                    server_round, err)
+                continue
+            valid.append(res)
+        try:
+            average, _ = rnd.receive_unmask(self._exchange(rnd.unmask_requests(), "unmask",
+                                                           server_round))
+        except RoundAborted as err:
+            log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
+            return None, {}
+        metrics: dict[str, Scalar] = {}
+        if self.fit_metrics_aggregation_fn:
+            metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for r in valid])
+        return ndarrays_to_parameters(self._layout.unflatten(average)), metrics
+
+
+# ------------------------------------------------------------------ client mod
+def _answer_properties(msg: Message, context: Context) -> Message | None:
+    """The reply to a key-stage ``get_properties`` call, or None for any other."""
+    config = msg.content.config_records.get("getpropertiesins.config", {})
+    if PAYLOAD_KEY not in config:
+        return None
+    reply = answer_stage(config[PAYLOAD_KEY], context, msg.metadata.dst_node_id)
+    res = GetPropertiesRes(status=Status(Code.OK, "Success"), properties={PAYLOAD_KEY: reply})
+    return Message(compat.getpropertiesres_to_recorddict(res), reply_to=msg)
+
+
+def _mask_fitres(payload: str, msg: Message, reply: Message, context: Context) -> None:
+    """Replace the plaintext model in a fit reply by the masked, weighted update."""
+    res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    if res.status.code != Code.OK:  # no update: send none, never plaintext
+        masked = Parameters(tensors=[], tensor_type="")
+    else:
+        arrays = parameters_to_ndarrays(res.parameters)
+        out, clipped = mask_model(payload, context, msg.metadata.dst_node_id,
+                                  layout_of(arrays).names, arrays, res.num_examples)
+        masked = to_parameters(out)
+        reply.content.config_records["fitres.metrics"]["secagg-clipped"] = clipped
+    reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
+        masked, keep_input=True)
+
+
+def legacy_secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Answer the key stages; mask the fit reply's model on the way out.
+
+    Fails (the client replies with an error) rather than send a plaintext model when
+    the fit config holds no secure-aggregation payload.
+    """
+    kind = msg.metadata.message_type
+    if kind == MessageTypeLegacy.GET_PROPERTIES:
+        answer = _answer_properties(msg, context)
+        if answer is not None:
+            return answer
+    if kind != MessageType.TRAIN:
+        return call_next(msg, context)
+    payload = require_payload(dict(msg.content.config_records.get("fitins.config", {})))
+    reply = call_next(msg, context)
+    if reply.has_content():
+        _mask_fitres(payload, msg, reply, context)
+    return reply
