@@ -120,7 +120,10 @@ class MaskingParams:
     def from_dict(data: dict) -> MaskingParams:
         """Inverse of :meth:`to_dict`; :class:`MaskingError` if malformed."""
         try:
-            params = MaskingParams(float(data["clip"]), _as_int(data["value-bits"]),
+            clip = data["clip"]
+            if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+                raise TypeError(f"clip must be a number, got {clip!r}")
+            params = MaskingParams(float(clip), _as_int(data["value-bits"]),
                                    _as_int(data["max-total-weight"]), _as_int(data["mod-bits"]))
         except (KeyError, TypeError, ValueError) as err:
             raise MaskingError(f"malformed masking parameters {data!r}: {err}") from None
@@ -150,6 +153,11 @@ def encode_weighted(values: np.ndarray, weight: int, params: MaskingParams,
     if not 1 <= weight <= params.max_total_weight:
         raise MaskingError(f"weight {weight} outside [1, {params.max_total_weight}]: raise "
                            "max_total_weight or give the client a smaller weight")
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise MaskingError(f"{int(np.count_nonzero(~np.isfinite(values)))} model values are "
+                           "NaN or infinite: the local training diverged; lower the learning "
+                           "rate")
     return quantize(values, params, rng) * params.dtype(weight)
 
 
@@ -297,8 +305,8 @@ def reconstruct_secret(shares: dict[int, bytes], threshold: int, length: int = S
 # ------------------------------------------------------------------ graph
 def neighbour_graph(nodes: list[int], degree: int, seed: bytes) -> dict[int, list[int]]:
     """SecAgg+'s sparse communication graph: the nodes in a random order on a ring,
-    each joined to ``degree // 2`` nodes on either side (a Harary graph; complete
-    when ``degree >= len(nodes) - 1``). ``seed`` fixes the order."""
+    each joined to ``max(1, degree // 2)`` nodes on either side (a Harary graph of
+    even degree; complete when ``degree >= len(nodes) - 1``). ``seed`` fixes the order."""
     n = len(nodes)
     if degree >= n - 1:
         return {u: [v for v in nodes if v != u] for u in nodes}

@@ -163,9 +163,10 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None) ->
         that fails its authentication).
     """
     try:
-        stage = json.loads(request).get("stage") if isinstance(request, str) else None
+        data = json.loads(request) if isinstance(request, str) else None
     except ValueError:
-        stage = None
+        data = None
+    stage = data.get("stage") if isinstance(data, dict) else None
     if stage == "advertise":
         return _advertise(loads(request, stage), node, auth_key)
     if stage == "share":
@@ -214,6 +215,8 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[s
         raise MaskingError(f"keys of nodes {sorted(unknown)} that are not this node's neighbours")
     keys = {}
     for v, ad in adverts.items():
+        if not isinstance(ad, dict):
+            raise MaskingError(f"the advertisement of node {v} is not an object")
         c_pk, s_pk = unb64(ad.get("c_pk"), 32, "c_pk"), unb64(ad.get("s_pk"), 32, "s_pk")
         if auth_key and not mac_ok(auth_key, advert_bytes(context, v, c_pk, s_pk),
                                    unb64(ad.get("mac"), 32, "mac")):
@@ -287,8 +290,11 @@ def _unmask(req: dict, state: dict, node: int) -> tuple[str, dict]:
     context = _expect(state, "masked", "unmask")
     if unb64(req.get("context"), 32, "context") != context:
         raise MaskingError("the unmask request belongs to another round")
-    survivors = {node_id(v) for v in req.get("survivors", [])}
-    dropped = {node_id(v) for v in req.get("dropped", [])}
+    survivors, dropped = (req.get(k) for k in ("survivors", "dropped"))
+    if not isinstance(survivors, list) or not isinstance(dropped, list):
+        raise MaskingError("the unmask request needs lists of survivors and dropped nodes")
+    survivors = {node_id(v) for v in survivors}
+    dropped = {node_id(v) for v in dropped}
     if survivors & dropped:
         raise MaskingError(f"nodes {sorted(survivors & dropped)} are listed both as survivors "
                            "and as dropped: refusing to reveal both shares of a node")
@@ -337,7 +343,8 @@ class ServerRound:
     length : int
         Values in a model.
     degree : int
-        Neighbours per node (0: SecAgg+'s ``2 ceil(log2 n) + 2``, at most all).
+        Neighbours per node, rounded down to even (a ring with ``degree // 2`` on
+        each side); 0: SecAgg+'s ``2 ceil(log2 n) + 2``; at most all other nodes.
     threshold_fraction : float
         A secret needs more than this fraction of its share group.
     seen_keys : set[bytes]
@@ -409,6 +416,8 @@ class ServerRound:
     def _shares(self, u: int, text: object, done: dict) -> None:
         if u not in self.adverts:
             raise InvalidUpdate("no advertised keys from this node")
+        if u in self.commits:
+            raise InvalidUpdate("a second share reply")
         rep = self._reply(u, text, "share", done)
         shares = node_map(rep.get("shares"), "shares")
         expected = {v for v in self.graph[u] if v in self.adverts}
@@ -497,11 +506,10 @@ class ServerRound:
             if public_of(s_sk) != unb64(self.adverts[v]["s_pk"]):
                 raise RoundAborted(f"the rebuilt mask key of dropped node {v} does not match "
                                    "its public key: a node sent a wrong share")
-            s_pk = {u: unb64(self.adverts[u]["s_pk"]) for u in self.graph[v]}
             for u in self.graph[v]:
                 if u in survivors and v in self.sealed.get(u, {}):
                     total -= pair_mask(self.length, self.params.dtype, self.context, u, v,
-                                       s_sk, s_pk[u])
+                                       s_sk, unb64(self.adverts[u]["s_pk"]))
         weight = sum(self.masked.values())
         try:
             average = decode_sum(total, weight, self.params)
@@ -530,7 +538,11 @@ class ServerRound:
         if len(shares) < self.threshold:
             raise RoundAborted(f"too many dropouts: {len(shares)} shares of the {what} of node "
                                f"{u} arrived, {self.threshold} needed")
-        return reconstruct_secret(shares, self.threshold)
+        try:
+            return reconstruct_secret(shares, self.threshold)
+        except MaskingError as err:
+            raise RoundAborted(f"the {what} of node {u} cannot be rebuilt ({err}): a node "
+                               "sent a wrong share") from None
 
     # checks
     def _reply(self, u: int, text: object, stage: str, seen: Mapping[int, object]) -> dict:

@@ -1,0 +1,975 @@
+"""Masked secure aggregation rounds (strategies.secagg_protocol), driven in-process:
+the server's ServerRound and each node's client_step/client_mask, payloads as JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chi2, chisquare
+
+import strategies.masking as masking
+import strategies.secagg_protocol as protocol
+from strategies.aggregation import InvalidUpdate, weighted_average
+from strategies.masking import (KeyPair, MaskingError, MaskingParams, encode_weighted, prg,
+                                public_of, reconstruct_secret)
+from strategies.secagg_protocol import (RoundAborted, ServerRound, b64, client_mask, client_step,
+                                        pair_mask, self_mask_seed)
+
+AUTH = bytes(range(32))
+
+
+# ------------------------------------------------------------------ helpers
+def node_ids(n: int, seed: int = 0) -> list[int]:
+    """Flower-like 63-bit node ids, distinct."""
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    while len(ids) < n:
+        u = int(rng.integers(1, 2**63))
+        if u not in ids:
+            ids.append(u)
+    return ids
+
+
+class Round:
+    """One round with honest in-process nodes; every stage can be tampered with
+    between the calls."""
+
+    def __init__(self, n=10, length=50, degree=0, params=None, auth=AUTH, seed=0,
+                 seen_keys=None, nodes=None, fraction=0.5):
+        self.params = params or MaskingParams.derive(1.0)
+        self.nodes = sorted(nodes or node_ids(n, seed))
+        self.length = length
+        self.auth = auth  # bytes, None, or {node: key}
+        self.sr = ServerRound(self.params, self.nodes, length, degree=degree,
+                              threshold_fraction=fraction,
+                              seen_keys=set() if seen_keys is None else seen_keys)
+        self.state = {u: {} for u in self.nodes}
+        self.rng = np.random.default_rng(seed + 1)
+        self.xs, self.ws, self.ys, self.headers, self.seeds = {}, {}, {}, {}, {}
+
+    def key(self, u):
+        return self.auth.get(u) if isinstance(self.auth, dict) else self.auth
+
+    def step(self, requests, skip=(), tolerate=False):
+        """The nodes' replies; with ``tolerate``, a node that refuses does not answer
+        (as a Flower node whose mod raises)."""
+        replies, self.refused = {}, {}
+        for u, req in requests.items():
+            if u in skip:
+                continue
+            try:
+                replies[u], self.state[u] = client_step(req, self.state[u], u, self.key(u))
+            except MaskingError as err:
+                if not tolerate:
+                    raise
+                self.refused[u] = str(err)
+        return replies
+
+    def advertise(self, skip=()):
+        replies = self.step(self.sr.advertise_requests(), skip)
+        self.sr.receive_adverts(replies)
+        return replies
+
+    def share(self, skip=()):
+        replies = self.step(self.sr.share_requests(), skip)
+        self.sr.receive_shares(replies)
+        return replies
+
+    def mask(self, drop=(), xs=None, ws=None):
+        """Every node in U2 masks; the vectors of ``drop`` never reach the server."""
+        for u, payload in self.sr.mask_payloads().items():
+            x = xs[u] if xs else self.rng.uniform(-self.params.clip, self.params.clip,
+                                                  self.length)
+            w = ws[u] if ws else int(self.rng.integers(1, 600))
+            self.seeds[u] = int(self.rng.integers(2**32))
+            y, h, self.state[u] = client_mask(payload, self.state[u], u, x, w,
+                                              np.random.default_rng(self.seeds[u]))
+            self.xs[u], self.ws[u], self.ys[u], self.headers[u] = x, w, y, h
+            if u not in drop:
+                self.sr.receive_masked(u, y, h, w)
+
+    def unmask(self, skip=(), tolerate=False):
+        self.unmask_replies = self.step(self.sr.unmask_requests(), skip, tolerate)
+        return self.sr.receive_unmask(self.unmask_replies)
+
+    def run(self, drop=(), xs=None, ws=None):
+        self.advertise()
+        self.share()
+        self.mask(drop, xs, ws)
+        return self.unmask()
+
+    def expected(self):
+        survivors = sorted(self.sr.masked)
+        return weighted_average([[self.xs[u]] for u in survivors],
+                                [self.ws[u] for u in survivors])[0]
+
+
+def edit(payload: str, **changes) -> str:
+    data = json.loads(payload)
+    data.update(changes)
+    return json.dumps(data)
+
+
+def other_key() -> str:
+    return b64(KeyPair.generate().public)
+
+
+@pytest.fixture
+def flwr_caplog(caplog):
+    """caplog that also sees Flower's logger, whether or not it propagates."""
+    logger = logging.getLogger("flwr")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def warnings_of(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+class _SeededSecrets:
+    def __init__(self, seed: int):
+        self._rand = random.Random(seed)
+
+    def token_bytes(self, n: int = 32) -> bytes:
+        return self._rand.randbytes(n)
+
+    def randbelow(self, n: int) -> int:
+        return self._rand.randrange(n)
+
+
+@pytest.fixture
+def seeded(monkeypatch):
+    """All the protocol's randomness (round context, seeds, keys, Shamir
+    coefficients, nonces) from a fixed seed: statistical tests are reproducible."""
+    fake = _SeededSecrets(20240601)
+    monkeypatch.setattr(protocol, "secrets", fake)
+    monkeypatch.setattr(masking, "secrets", fake)
+
+    def generate() -> KeyPair:
+        private = fake.token_bytes(32)
+        return KeyPair(private, public_of(private))
+
+    monkeypatch.setattr(KeyPair, "generate", staticmethod(generate))
+
+
+# ------------------------------------------------------------------ correctness
+def test_round_decodes_the_weighted_average():
+    r = Round(10, 300)
+    avg, weight = r.run()
+    assert weight == sum(r.ws.values())
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.stats == {"sampled": 10, "advertise": 10, "share": 10, "survivors": 10,
+                          "dropped": 0}
+    assert r.sr.threshold == 6
+    # the server's running total alone is uniformly masked, nothing like the sum
+    encoded = sum(encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
+                  for u in r.nodes)
+    assert np.count_nonzero(r.sr.total != encoded) >= 295
+
+
+@settings(max_examples=50)
+@given(n=st.integers(2, 12), length=st.integers(1, 120), degree=st.integers(0, 12),
+       mod_bits=st.sampled_from([32, 64]), value_bits=st.integers(2, 16),
+       clip=st.sampled_from([0.05, 1.0, 20.0]), seed=st.integers(0, 2**31))
+def test_round_matches_weighted_average_property(n, length, degree, mod_bits, value_bits, clip,
+                                                 seed):
+    max_total = 2 ** (mod_bits - value_bits)
+    params = MaskingParams.derive(clip, max_total_weight=max_total, value_bits=value_bits,
+                                  mod_bits=mod_bits)
+    r = Round(n, length, degree=degree, params=params, seed=seed)
+    rng = np.random.default_rng(seed)
+    xs = {u: rng.uniform(-clip, clip, length) for u in r.nodes}
+    xs[r.nodes[0]][0] = clip
+    xs[r.nodes[-1]][-1] = -clip
+    ws = {u: int(rng.integers(1, max(2, max_total // n))) for u in r.nodes}
+    avg, weight = r.run(xs=xs, ws=ws)
+    assert weight == sum(ws.values())
+    assert avg.shape == (length,)
+    assert np.abs(avg - r.expected()).max() <= params.error_bound
+    for u in r.nodes:
+        assert r.ys[u].dtype == params.dtype
+        assert r.state[u]["stage"] == "done"
+
+
+def test_sum_of_all_masked_vectors_is_the_sum_plus_self_masks():
+    """Integer identity: the pairwise masks cancel exactly; only the self masks remain."""
+    r = Round(7, 400, degree=2, params=MaskingParams.derive(1.0, mod_bits=64))
+    r.advertise()
+    r.share()
+    r.mask()
+    ctx = r.sr.context
+    expected = np.zeros(400, dtype=np.uint64)
+    for u in r.nodes:
+        expected += encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
+        b = base64.b64decode(r.state[u]["b"])
+        expected += prg(self_mask_seed(b, ctx), 400, np.uint64)
+    assert np.array_equal(r.sr.total, expected)
+
+
+def test_masked_vector_is_uniform_and_plain_encoding_is_not(seeded):
+    """What the server sees of one node (masked all-zero model) passes chi-square tests
+    of uniformity; the same model unmasked fails them."""
+    n_values = 200_000
+    r = Round(3, n_values)
+    zeros = {u: np.zeros(n_values) for u in r.nodes}
+    avg, _ = r.run(xs=zeros, ws={u: 5 for u in r.nodes})
+    assert np.abs(avg).max() <= r.params.error_bound
+
+    def pvalues(vector: np.ndarray) -> tuple[float, float, float]:
+        v = vector.astype(np.uint64)
+        top = np.bincount((v >> np.uint64(24)).astype(np.int64), minlength=256)
+        low = np.bincount((v & np.uint64(255)).astype(np.int64), minlength=256)
+        ones = np.array([np.count_nonzero((v >> np.uint64(i)) & np.uint64(1)) for i in range(32)])
+        z = (ones - n_values / 2) / np.sqrt(n_values / 4)
+        return chisquare(top).pvalue, chisquare(low).pvalue, chi2.sf(float(z @ z), 32)
+
+    u = r.nodes[0]
+    assert r.ys[u].dtype == np.uint32
+    assert min(pvalues(r.ys[u])) > 1e-4
+    # the running total of the others too
+    assert min(pvalues(r.ys[r.nodes[1]] + r.ys[r.nodes[2]])) > 1e-4
+    plain = encode_weighted(zeros[u], 5, r.params, np.random.default_rng(0))
+    assert max(pvalues(plain)) < 1e-100
+
+
+# ------------------------------------------------------------------ dropouts
+@pytest.mark.parametrize("dropped", [1, 2, 3, 4])
+def test_dropouts_complete_graph(dropped):
+    r = Round(10, 200)
+    drop = set(r.nodes[:dropped])
+    avg, weight = r.run(drop=drop)
+    assert set(r.sr.masked) == set(r.nodes) - drop
+    assert weight == sum(r.ws[u] for u in r.nodes if u not in drop)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.stats["dropped"] == dropped
+    # no survivor revealed a dropped node's self-mask share, nor a survivor's key share
+    for reply in r.unmask_replies.values():
+        rep = json.loads(reply)
+        assert not {int(v) for v in rep["b_shares"]} & drop
+        assert {int(v) for v in rep["s_shares"]} == drop
+
+
+def droppable(sr: ServerRound, k: int, rng: random.Random) -> set[int]:
+    """``k`` nodes whose loss leaves every share group at least the threshold."""
+    drop: set[int] = set()
+    candidates = list(sr.nodes)
+    rng.shuffle(candidates)
+    for c in candidates:
+        if len(drop) == k:
+            break
+        trial = drop | {c}
+        if all(len(({u} | set(sr.graph[u])) - trial) >= sr.threshold for u in sr.nodes):
+            drop = trial
+    assert len(drop) == k
+    return drop
+
+
+@pytest.mark.parametrize("dropped", [0, 1, 3, 6, 9])
+def test_dropouts_sparse_graph(dropped):
+    r = Round(30, 150, degree=6)
+    assert {len(v) for v in r.sr.graph.values()} == {6}
+    assert r.sr.threshold == 4  # more than half of a share group of 7
+    r.advertise()
+    r.share()
+    drop = droppable(r.sr, dropped, random.Random(dropped))
+    r.mask(drop)
+    avg, weight = r.unmask()
+    assert weight == sum(r.ws[u] for u in r.nodes if u not in drop)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    # sparse: every unmask request names only the node's share group
+    for u, req in r.sr.unmask_requests().items():
+        data = json.loads(req)
+        assert set(data["survivors"]) | set(data["dropped"]) <= {u, *r.sr.graph[u]}
+
+
+def test_too_many_dropouts_after_share_aborts():
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes[:5]))  # 5 left, threshold 6
+    with pytest.raises(RoundAborted, match="only 5 masked updates arrived, 6 needed"):
+        r.sr.unmask_requests()
+
+
+def test_too_many_dropouts_in_a_sparse_group_aborts():
+    r = Round(30, 20, degree=6)
+    r.advertise()
+    r.share()
+    victim = r.nodes[0]
+    r.mask(drop=set(r.sr.graph[victim][:4]))  # 3 of its group of 7 are left, 4 needed
+    # its group keeps itself and 2 neighbours, and it refuses to answer: 2 shares of its b
+    with pytest.raises(RoundAborted, match="too many dropouts: 2 shares of the self-mask seed of "
+                                           f"node {victim} arrived, 4 needed"):
+        r.unmask(tolerate=True)
+    assert "only 3 survivors in this node's share group, 4 needed" in r.refused[victim]
+
+
+def test_too_many_dropouts_at_advertise_and_share_abort():
+    r = Round(10, 20)
+    with pytest.raises(RoundAborted, match="5 of 10 nodes finished the advertise stage, 6 needed"):
+        r.advertise(skip=r.nodes[:5])
+    r = Round(10, 20)
+    r.advertise(skip=r.nodes[:2])
+    assert len(r.sr.adverts) == 8
+    with pytest.raises(RoundAborted, match="5 of 10 nodes finished the share stage"):
+        r.share(skip=r.nodes[2:5])
+
+
+def test_dropouts_during_advertise_share_and_unmask():
+    r = Round(12, 60)
+    assert {len(v) for v in r.sr.graph.values()} == {10}  # default degree for 12 nodes
+    assert r.sr.threshold == 6
+    r.advertise(skip=r.nodes[1:2])
+    r.share(skip=r.nodes[2:4])
+    r.mask()
+    avg, weight = r.unmask(skip=r.nodes[4:6])  # 9 survivors, 7 answer (>= 6 in every group)
+    assert set(r.sr.masked) == set(r.nodes) - set(r.nodes[1:4])
+    assert weight == sum(r.ws[u] for u in r.sr.masked)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.stats == {"sampled": 12, "advertise": 11, "share": 9, "survivors": 9,
+                          "dropped": 0}
+
+
+@pytest.mark.parametrize("n", [5, 10])
+def test_dropout_at_advertise_and_after_share(n):
+    """BUG (strategies/secagg_protocol.py ServerRound.receive_unmask): one node that
+    never answers the advertise stage and one that drops after the share stage
+    crash the server with KeyError. For the dropped node ``v`` it builds
+    ``{u: self.adverts[u]["s_pk"] for u in self.graph[v]}`` over *all* of v's graph
+    neighbours, including those that never advertised (not in ``self.adverts``).
+    The Flower adapter only catches RoundAborted, so an ordinary pair of dropouts
+    crashes aggregate_train instead of giving the survivors' average."""
+    r = Round(n, 20)
+    r.advertise(skip=r.nodes[:1])
+    r.share()
+    r.mask(drop=set(r.nodes[1:2]))
+    try:
+        avg, _ = r.unmask()
+    except KeyError as err:
+        pytest.fail(f"receive_unmask raised KeyError({err}) for a neighbour that never "
+                    "advertised (expected the survivors' average)")
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_missing_unmask_replies_abort():
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes[:2]))
+    assert np.abs(r.unmask(skip=r.nodes[2:4])[0] - r.expected()).max() <= r.params.error_bound
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes[:2]))
+    with pytest.raises(RoundAborted, match="too many dropouts: 5 shares .* 6 needed"):
+        r.unmask(skip=r.nodes[2:5])
+
+
+def test_fewer_than_two_nodes_abort():
+    with pytest.raises(RoundAborted, match="at least 2 nodes"):
+        ServerRound(MaskingParams.derive(1.0), [5, 5], 10)
+
+
+def test_late_vector_of_a_dropped_node_stays_masked():
+    r = Round(10, 2000)
+    r.advertise()
+    r.share()
+    late = r.nodes[3]
+    r.mask(drop={late})
+    avg, _ = r.unmask()
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    sr, ctx, dtype = r.sr, r.sr.context, r.params.dtype
+    # everything the server learnt of the late node: its s key, from the s shares
+    s_shares, b_shares = {}, {}
+    for u, reply in r.unmask_replies.items():
+        rep = json.loads(reply)
+        if str(late) in rep["s_shares"]:
+            s_shares[sr.points[u]] = base64.b64decode(rep["s_shares"][str(late)])
+        if str(late) in rep["b_shares"]:
+            b_shares[sr.points[u]] = base64.b64decode(rep["b_shares"][str(late)])
+    assert not b_shares, "a survivor revealed a self-mask share of a dropped node"
+    s_sk = reconstruct_secret(s_shares, sr.threshold)
+    assert public_of(s_sk) == base64.b64decode(sr.adverts[late]["s_pk"])
+    # remove every pairwise mask of the late vector
+    unmasked = r.ys[late].copy()
+    for v in sr.graph[late]:
+        if late in sr.sealed.get(v, {}):
+            unmasked -= pair_mask(r.length, dtype, ctx, late, v, s_sk,
+                                  base64.b64decode(sr.adverts[v]["s_pk"]))
+    truth = encode_weighted(r.xs[late], r.ws[late], r.params,
+                            np.random.default_rng(r.seeds[late]))
+    assert np.count_nonzero(unmasked != truth) >= 0.99 * r.length
+    # what is left is exactly the self mask PRG(b), b known to the node alone
+    b = base64.b64decode(r.state[late]["b"])
+    assert np.array_equal(unmasked - truth, prg(self_mask_seed(b, ctx), r.length, dtype))
+    # and decoding it gives nonsense, not the input
+    with pytest.raises(MaskingError, match="exceed"):
+        masking.decode_sum(unmasked, r.ws[late], r.params)
+
+
+@pytest.mark.parametrize("told_survivor", [0, 3, 5, 6, 9])
+def test_inconsistent_unmask_requests_never_reveal_both_secrets(told_survivor):
+    """A server that tells some nodes a node survived and others it dropped gets
+    fewer than the threshold of one of the two secrets (threshold > half a group)."""
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    target = r.nodes[0]
+    others = r.nodes[1:]
+    b_count = s_count = 0
+    ctx = b64(r.sr.context)
+    for i, u in enumerate([target, *others]):
+        says_survived = u == target or i <= told_survivor
+        rest = [v for v in r.nodes if v != target]
+        req = json.dumps({"version": 1, "stage": "unmask", "context": ctx,
+                          "survivors": rest + [target] if says_survived else rest,
+                          "dropped": [] if says_survived else [target]})
+        try:
+            reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+        except MaskingError:
+            continue
+        rep = json.loads(reply)
+        b_count += str(target) in rep["b_shares"]
+        s_count += str(target) in rep["s_shares"]
+    assert b_count + s_count == 10
+    assert not (b_count >= r.sr.threshold and s_count >= r.sr.threshold)
+
+
+def test_unmask_refuses_both_shares_and_a_second_request():
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    r.mask(drop={r.nodes[0]})
+    requests = r.sr.unmask_requests()
+    u, v = r.nodes[1], r.nodes[2]
+    data = json.loads(requests[u])
+    both = json.dumps({**data, "dropped": data["dropped"] + [v]})
+    with pytest.raises(MaskingError, match=rf"nodes \[{v}\] are listed both as survivors and as "
+                                           "dropped"):
+        client_step(both, r.state[u], u, AUTH)
+    reply, state = client_step(requests[u], r.state[u], u, AUTH)
+    assert state["stage"] == "done"
+    for again in (requests[u], both):
+        with pytest.raises(MaskingError, match="out of order"):
+            client_step(again, state, u, AUTH)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda d, u, g: {**d, "survivors": [u]}, "only 1 survivors in this node's share group"),
+    (lambda d, u, g: {**d, "survivors": [v for v in d["survivors"] if v != u]},
+     "not listed among the survivors"),
+    (lambda d, u, g: {**d, "dropped": d["dropped"] + [12345]}, r"nodes \[12345\] are not in"),
+    (lambda d, u, g: {**d, "survivors": d["survivors"] + [True]}, "unsigned 64-bit"),
+    (lambda d, u, g: {**d, "context": b64(bytes(32))}, "belongs to another round"),
+])
+def test_unmask_refuses_bad_requests(change, match):
+    r = Round(6, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    u = r.nodes[0]
+    data = json.loads(r.sr.unmask_requests()[u])
+    with pytest.raises(MaskingError, match=match):
+        client_step(json.dumps(change(data, u, r.sr.graph)), r.state[u], u, AUTH)
+
+
+# ------------------------------------------------------------------ bad masked vectors
+def test_receive_masked_refuses_bad_vectors_and_the_round_still_decodes():
+    r = Round(5, 40)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes))  # computed, nothing sent yet
+    sr = r.sr
+    other = Round(5, 40)
+    other.advertise()
+    other.share()
+    other.mask(drop=set(other.nodes))
+    u, v = r.nodes[0], r.nodes[1]
+    y, h, w = r.ys[u], r.headers[u], r.ws[u]
+    cases = [
+        ((u, y[:-1], h, w), r"of shape \(40,\), got uint32 of shape \(39,\)"),
+        ((u, np.append(y, y[:1]), h, w), r"shape \(40,\)"),
+        ((u, y.astype(np.uint64), h, w), "must be uint32 .* got uint64"),
+        ((u, y.astype(np.uint64), {**h, "mod-bits": 64}, w), "masked in a 64-bit modulus"),
+        ((u, y.astype(np.int32), h, w), "must be uint32"),
+        ((u, y.tolist(), h, w), "must be uint32 .* got list"),
+        ((u, y.reshape(8, 5), h, w), "shape"),
+        ((u, other.ys[other.nodes[0]], {**h, "context": other.headers[other.nodes[0]]["context"]},
+          w), "belongs to another round"),
+        ((u, y, None, w), "belongs to another round"),
+        ((u, r.ys[v], r.headers[v], r.ws[v]), f"from node {v}, sent by node {u}: a node may only "
+                                              "answer for itself"),
+        ((u, y, h, 0), r"weight 0 outside \[1, 65536\]"),
+        ((u, y, h, 65537), r"weight 65537 outside"),
+        ((424242, y, {**h, "node": 424242}, w), "took no part in the share stage"),
+    ]
+    for args, match in cases:
+        with pytest.raises(InvalidUpdate, match=match):
+            sr.receive_masked(*args)
+        assert not sr.masked and not sr.total.any()
+    for u2 in r.nodes:
+        sr.receive_masked(u2, r.ys[u2], r.headers[u2], r.ws[u2])
+    with pytest.raises(InvalidUpdate, match="a second masked update"):
+        sr.receive_masked(u, y, h, w)
+    avg, _ = r.unmask()
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_total_weight_above_max_aborts():
+    params = MaskingParams.derive(1.0, max_total_weight=100)
+    r = Round(3, 10, params=params)
+    with pytest.raises(RoundAborted, match=r"total weight 120 outside \[1, 100\]"):
+        r.run(ws={u: 40 for u in r.nodes})
+
+
+def test_client_refuses_weight_above_max():
+    r = Round(3, 10, params=MaskingParams.derive(1.0, max_total_weight=100))
+    r.advertise()
+    r.share()
+    u = r.nodes[0]
+    with pytest.raises(MaskingError, match=r"weight 101 outside \[1, 100\]"):
+        client_mask(r.sr.mask_payloads()[u], r.state[u], u, np.zeros(10), 101)
+
+
+def test_corrupted_sum_overflows():
+    r = Round(4, 30)
+    r.advertise()
+    r.share()
+    r.mask()
+    r.sr.total[7] += np.uint32(2**31)  # a mask that does not cancel, or a dishonest node
+    with pytest.raises(RoundAborted, match="1 summed values exceed .* a mask did not cancel"):
+        r.unmask()
+
+
+# ------------------------------------------------------------------ bad replies at the server
+def _bad_advert(kind, r, replies, u, v):
+    if kind == "not json":
+        return "{not json"
+    if kind == "not a string":
+        return None
+    if kind == "json list":
+        return "[1, 2]"
+    if kind == "version":
+        return edit(replies[u], version=2)
+    if kind == "stage":
+        return edit(replies[u], stage="share")
+    if kind == "for another":
+        return replies[v]
+    if kind == "claims another":
+        return edit(replies[u], node=v)
+    if kind == "same key twice":
+        data = json.loads(replies[u])
+        return edit(replies[u], s_pk=data["c_pk"])
+    if kind == "short key":
+        return edit(replies[u], c_pk=b64(bytes(31)))
+    if kind == "bad base64":
+        return edit(replies[u], s_pk="***")
+    if kind == "too large":
+        return edit(replies[u], pad="x" * (16 << 20))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("kind", "match"), [
+    ("not json", "the advertise payload is not JSON"),
+    ("not a string", "the advertise payload must be a JSON string"),
+    ("json list", "must be an object of version 1"),
+    ("version", "must be an object of version 1"),
+    ("stage", "expected a 'advertise' payload, got stage 'share'"),
+    ("for another", "the reply claims to be from node"),
+    ("claims another", "the reply claims to be from node"),
+    ("same key twice", "replayed public keys"),
+    ("short key", "c_pk must have 32 bytes, got 31"),
+    ("bad base64", "s_pk is not valid base64"),
+    ("too large", "larger than"),
+])
+def test_bad_adverts_are_left_out(flwr_caplog, kind, match):
+    r = Round(10, 10)
+    replies = r.step(r.sr.advertise_requests())
+    u, v = r.nodes[0], r.nodes[1]
+    replies[u] = _bad_advert(kind, r, replies, u, v)
+    flwr_caplog.clear()
+    r.sr.receive_adverts(replies)
+    assert u not in r.sr.adverts and len(r.sr.adverts) == 9
+    logged = warnings_of(flwr_caplog)
+    assert f"left out node {u} at the advertise stage" in logged
+    assert match in logged
+    # the others go on without it
+    r.share()
+    r.mask()
+    avg, _ = r.unmask()
+    assert u not in r.sr.masked
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_duplicate_and_unsampled_replies_are_left_out(flwr_caplog):
+    r = Round(5, 10)
+    replies = r.step(r.sr.advertise_requests())
+    u = r.nodes[0]
+    r.sr.receive_adverts(replies)
+    first = dict(r.sr.adverts[u])
+    again, r.state[u] = client_step(r.sr.advertise_requests()[u], {}, u, AUTH)
+    r.sr.receive_adverts({u: again, 99: edit(again, node=99)})
+    assert r.sr.adverts[u] == first and 99 not in r.sr.adverts
+    logged = warnings_of(flwr_caplog)
+    assert f"left out node {u} at the advertise stage: a second advertise reply" in logged
+    assert "left out node 99 at the advertise stage: this node was not sampled" in logged
+
+
+def test_replayed_keys_from_an_earlier_round_are_refused(flwr_caplog):
+    seen: set[bytes] = set()
+    nodes = node_ids(6)
+    first = Round(nodes=nodes, seen_keys=seen)
+    old = first.advertise()
+    assert len(seen) == 12
+    second = Round(nodes=nodes, seen_keys=seen)
+    replies = second.step(second.sr.advertise_requests())
+    u = nodes[2]
+    replies[u] = old[u]
+    second.sr.receive_adverts(replies)
+    assert u not in second.sr.adverts and len(second.sr.adverts) == 5
+    assert f"left out node {u} at the advertise stage: replayed public keys" in \
+        warnings_of(flwr_caplog)
+    assert len(seen) == 22
+
+
+def test_two_nodes_advertising_the_same_key(flwr_caplog):
+    r = Round(6, 10)
+    replies = r.step(r.sr.advertise_requests())
+    u, v = r.nodes[0], r.nodes[1]
+    copied = json.loads(replies[u])
+    replies[v] = edit(replies[v], s_pk=copied["s_pk"])
+    r.sr.receive_adverts(replies)
+    assert u in r.sr.adverts and v not in r.sr.adverts
+    assert f"left out node {v} at the advertise stage: replayed public keys" in \
+        warnings_of(flwr_caplog)
+
+
+def test_replayed_advert_fails_authentication_at_the_nodes():
+    """A server without the shared seen-keys set cannot replay keys either: the
+    MAC binds them to the round."""
+    nodes = node_ids(5)
+    old = Round(nodes=nodes).advertise()
+    r = Round(nodes=nodes)
+    replies = r.step(r.sr.advertise_requests())
+    u = nodes[0]
+    replies[u] = old[u]
+    r.sr.receive_adverts(replies)
+    assert u in r.sr.adverts  # the server cannot tell
+    v = nodes[1]
+    with pytest.raises(MaskingError, match=f"the keys of node {u} fail authentication"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+
+
+@pytest.mark.parametrize("field", ["c_pk", "s_pk", "mac"])
+def test_substituted_keys_fail_authentication(field):
+    r = Round(5, 10)
+    r.advertise()
+    u, v = r.nodes[0], r.nodes[1]
+    r.sr.adverts[u][field] = other_key()  # the server swaps in its own key
+    with pytest.raises(MaskingError, match=f"the keys of node {u} fail authentication"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+
+
+def test_without_auth_key_substitution_goes_unnoticed():
+    """What the authentication key buys: without it the nodes accept a swapped key."""
+    r = Round(5, 10, auth=None)
+    r.advertise()
+    u, v = r.nodes[0], r.nodes[1]
+    r.sr.adverts[u]["c_pk"] = other_key()
+    reply, state = client_step(r.sr.share_requests()[v], r.state[v], v, None)
+    assert state["stage"] == "shared" and json.loads(reply)["node"] == v
+
+
+def test_different_auth_keys_fail():
+    r = Round(4, 10)
+    r.auth = {u: AUTH for u in r.nodes}
+    r.auth[r.nodes[0]] = bytes(32)
+    r.advertise()
+    v = r.nodes[1]
+    with pytest.raises(MaskingError, match=f"the keys of node {r.nodes[0]} fail authentication"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+
+
+def test_same_key_for_two_neighbours_refused_by_node():
+    r = Round(5, 10, auth=None)
+    r.advertise()
+    u, w, v = r.nodes[0], r.nodes[1], r.nodes[2]
+    r.sr.adverts[w] = dict(r.sr.adverts[u])
+    with pytest.raises(MaskingError, match="two neighbours advertised the same public key"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, None)
+
+
+# ------------------------------------------------------------------ share stage
+def test_bad_share_replies_are_left_out(flwr_caplog):
+    r = Round(12, 10)
+    r.advertise()
+    replies = r.step(r.sr.share_requests())
+    a, b, c, d, e, f = r.nodes[:6]
+    shares_a = json.loads(replies[a])["shares"]
+    replies[a] = edit(replies[a], shares={k: s for k, s in list(shares_a.items())[1:]})
+    replies[b] = edit(replies[b], commit=b64(bytes(31)))
+    replies[c] = replies[d]
+    replies[e] = edit(replies[e], shares={k: b64(bytes(5)) for k in json.loads(replies[e])
+                                          ["shares"]})
+    replies[f] = edit(replies[f], stage="advertise")
+    r.sr.receive_shares(replies)
+    assert set(r.sr.commits) == set(r.nodes[6:]) | {d}
+    logged = warnings_of(flwr_caplog)
+    for node, match in [(a, "shares for nodes"), (b, "commit must have 32 bytes"),
+                        (c, "the reply claims to be from node"), (e, "sealed shares must have"),
+                        (f, "expected a 'share' payload")]:
+        assert f"left out node {node} at the share stage: {match}" in logged
+    # nobody receives shares from a left-out node
+    for payload in r.sr.mask_payloads().values():
+        assert not {str(x) for x in (a, b, c, e, f)} & set(json.loads(payload)["shares"])
+
+
+def test_shares_before_adverts_are_refused(flwr_caplog):
+    r = Round(4, 10)
+    with pytest.raises(RoundAborted, match="0 of 4 nodes finished the share stage"):
+        r.sr.receive_shares({u: "{}" for u in r.nodes})
+    assert "no advertised keys from this node" in warnings_of(flwr_caplog)
+
+
+def test_tampered_sealed_shares_fail_at_unmask(flwr_caplog):
+    r = Round(10, 30)
+    r.advertise()
+    r.share()
+    u, v = r.nodes[0], r.nodes[1]
+    sealed = bytearray(base64.b64decode(r.sr.sealed[u][v]))
+    sealed[20] ^= 1
+    r.sr.sealed[u][v] = b64(bytes(sealed))
+    r.mask()
+    request = r.sr.unmask_requests()[u]
+    with pytest.raises(MaskingError, match="a sealed share failed authentication"):
+        client_step(request, r.state[u], u, AUTH)
+    # the round goes on without that node's shares
+    avg, _ = r.unmask(skip={u})
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_sealed_shares_swapped_between_senders_fail():
+    r = Round(5, 10)
+    r.advertise()
+    r.share()
+    u, v, w = r.nodes[:3]
+    r.sr.sealed[u][v], r.sr.sealed[u][w] = r.sr.sealed[u][w], r.sr.sealed[u][v]
+    r.mask()
+    with pytest.raises(MaskingError, match="failed authentication"):
+        client_step(r.sr.unmask_requests()[u], r.state[u], u, AUTH)
+
+
+# ------------------------------------------------------------------ client: requests
+def test_client_stages_out_of_order():
+    r = Round(4, 10)
+    u = r.nodes[0]
+    adv_req = r.sr.advertise_requests()[u]
+    r.advertise()
+    share_req = r.sr.share_requests()[u]
+    with pytest.raises(MaskingError, match="a 'share' request arrived .* stage None.*out of "
+                                           "order"):
+        client_step(share_req, {}, u, AUTH)
+    _, fresh = client_step(adv_req, {}, u, AUTH)
+    with pytest.raises(MaskingError, match="'mask' request .* 'advertised', not 'shared'"):
+        client_mask(json.dumps({"version": 1, "stage": "mask", "context": b64(r.sr.context),
+                                "shares": {}}), fresh, u, np.zeros(10), 1)
+    r.share()
+    mask_req = r.sr.mask_payloads()[u]
+    with pytest.raises(MaskingError, match="'share' request .* 'shared', not 'advertised'"):
+        client_step(share_req, r.state[u], u, AUTH)
+    with pytest.raises(MaskingError, match="'unmask' request .* 'shared', not 'masked'"):
+        client_step(json.dumps({"version": 1, "stage": "unmask", "context": b64(r.sr.context),
+                                "survivors": r.nodes, "dropped": []}), r.state[u], u, AUTH)
+    _, _, masked_state = client_mask(mask_req, r.state[u], u, np.zeros(10), 1)
+    with pytest.raises(MaskingError, match="'mask' request .* 'masked', not 'shared'"):
+        client_mask(mask_req, masked_state, u, np.zeros(10), 1)
+
+
+@pytest.mark.parametrize(("request_text", "match"), [
+    ("{not json", "unknown secure-aggregation stage None"),
+    (None, "unknown secure-aggregation stage None"),
+    ('{"version": 1, "stage": "train"}', "unknown secure-aggregation stage 'train'"),
+    ('{"version": 1, "stage": "mask"}', "unknown secure-aggregation stage 'mask'"),
+    ('{"version": 2, "stage": "advertise"}', "must be an object of version 1"),
+    ('{"stage": "advertise"}', "must be an object of version 1"),
+])
+def test_client_refuses_malformed_requests(request_text, match):
+    with pytest.raises(MaskingError, match=match):
+        client_step(request_text, {}, 7, AUTH)
+
+
+@pytest.mark.parametrize("request_text", ["[]", "null", "1", '"advertise"', '["stage"]'])
+def test_client_refuses_json_that_is_not_an_object(request_text):
+    """BUG (strategies/secagg_protocol.py client_step): the stage is read with
+    ``json.loads(request).get("stage")``, which only catches ValueError, so a request
+    that is valid JSON but not an object raises AttributeError instead of the
+    documented MaskingError (loads() would have said "must be an object of version 1")."""
+    try:
+        client_step(request_text, {}, 7, AUTH)
+    except MaskingError:
+        pass
+    except AttributeError as err:
+        pytest.fail(f"client_step({request_text!r}) raised AttributeError({err}), "
+                    "not MaskingError")
+    else:
+        pytest.fail("accepted")
+
+
+@pytest.mark.parametrize("stage", ["share", "unmask"])
+def test_client_refuses_ill_typed_fields_with_masking_error(stage):
+    """BUG (same class as above, client_step's _share/_unmask): ill-typed fields of
+    a well-formed request escape as AttributeError/TypeError, not MaskingError: an
+    advert that is not an object (``ad.get`` on a str), ``survivors``/``dropped`` that
+    are not lists (iterating an int or None)."""
+    r = Round(4, 10)
+    r.advertise()
+    u = r.nodes[0]
+    if stage == "share":
+        req = json.loads(r.sr.share_requests()[u])
+        v = next(iter(req["adverts"]))
+        bad = [{**req, "adverts": {**req["adverts"], v: "not an object"}}]
+    else:
+        r.share()
+        r.mask()
+        req = json.loads(r.sr.unmask_requests()[u])
+        bad = [{**req, "survivors": 5}, {**req, "dropped": None}]
+    escaped = []
+    for data in bad:
+        try:
+            client_step(json.dumps(data), r.state[u], u, AUTH)
+        except MaskingError:
+            continue
+        except (AttributeError, TypeError) as err:
+            escaped.append(f"{type(err).__name__}: {err}")
+    assert not escaped, f"ill-typed {stage} request fields raised {escaped}, not MaskingError"
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"node": 8}, "addressed to node 8, this is node 7"),
+    ({"node": "7"}, "unsigned 64-bit int"),
+    ({"params": {"clip": 1.0}}, "malformed masking parameters"),
+    ({"params": {"clip": 1.0, "value-bits": 16, "max-total-weight": True, "mod-bits": 32}},
+     "expected an int"),
+    ({"points": {"8": 2}}, "this node's share point"),
+    ({"points": {"x": 1}}, "not a node id"),
+    ({"points": []}, "keyed by node id"),
+    ({"threshold": 3}, "threshold within its share group"),
+    ({"threshold": 0}, "threshold within its share group"),
+    ({"threshold": "1"}, "threshold within its share group"),
+    ({"context": b64(bytes(16))}, "context must have 32 bytes"),
+])
+def test_client_refuses_bad_advertise_requests(change, match):
+    good = {"version": 1, "stage": "advertise", "node": 7, "context": b64(bytes(32)),
+            "params": MaskingParams.derive(1.0).to_dict(), "threshold": 2,
+            "points": {"7": 1, "8": 2}}
+    client_step(json.dumps(good), {}, 7, AUTH)  # the base request is fine
+    with pytest.raises(MaskingError, match=match):
+        client_step(json.dumps({**good, **change}), {}, 7, AUTH)
+
+
+def test_client_refuses_bad_share_requests():
+    r = Round(30, 10, degree=4)
+    r.advertise()
+    u = r.nodes[0]
+    req = json.loads(r.sr.share_requests()[u])
+    stranger = next(v for v in r.nodes if v not in r.sr.graph[u] and v != u)
+    cases = [
+        ({**req, "context": b64(bytes(32))}, "the share request belongs to another round"),
+        ({**req, "adverts": {**req["adverts"], str(stranger): r.sr.adverts[stranger]}},
+         rf"keys of nodes \[{stranger}\] that are not this node's neighbours"),
+        ({**req, "adverts": {**req["adverts"], str(u): r.sr.adverts[u]}},
+         "not this node's neighbours"),
+        ({**req, "adverts": dict(list(req["adverts"].items())[:1])},
+         "only 1 neighbours left, 2 needed"),
+    ]
+    assert r.sr.threshold == 3
+    for data, match in cases:
+        with pytest.raises(MaskingError, match=match):
+            client_step(json.dumps(data), r.state[u], u, AUTH)
+    assert r.state[u]["stage"] == "advertised"
+
+
+def test_client_refuses_bad_mask_requests():
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    u = r.nodes[0]
+    req = json.loads(r.sr.mask_payloads()[u])
+    few = dict(list(req["shares"].items())[:4])
+    with pytest.raises(MaskingError, match="the train request belongs to another round"):
+        client_mask(json.dumps({**req, "context": b64(bytes(32))}), r.state[u], u,
+                    np.zeros(10), 1)
+    with pytest.raises(MaskingError, match=r"shares from nodes \[424242\] that did not take "
+                                           "part"):
+        client_mask(json.dumps({**req, "shares": {**req["shares"], "424242": "AA=="}}),
+                    r.state[u], u, np.zeros(10), 1)
+    with pytest.raises(MaskingError, match="only 4 neighbours left, 5 needed"):
+        client_mask(json.dumps({**req, "shares": few}), r.state[u], u, np.zeros(10), 1)
+    v = next(iter(req["shares"]))
+    with pytest.raises(MaskingError, match=f"sealed shares from node {v} must have"):
+        client_mask(json.dumps({**req, "shares": {**req["shares"], v: b64(bytes(10))}}),
+                    r.state[u], u, np.zeros(10), 1)
+    with pytest.raises(MaskingError, match="expected a 'mask' payload"):
+        client_mask(json.dumps({**req, "stage": "share"}), r.state[u], u, np.zeros(10), 1)
+
+
+# ------------------------------------------------------------------ bad unmask replies
+def test_bad_unmask_replies_are_left_out(flwr_caplog):
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    dropped = r.nodes[0]
+    r.mask(drop={dropped})
+    replies = r.step(r.sr.unmask_requests())
+    a, b = r.nodes[1], r.nodes[2]
+    rep_a = json.loads(replies[a])
+    both = {**rep_a, "s_shares": {**rep_a["s_shares"], str(b): rep_a["b_shares"][str(b)]}}
+    replies[a] = json.dumps(both)
+    replies[dropped] = replies[b]
+    avg, _ = r.sr.receive_unmask(replies)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    logged = warnings_of(flwr_caplog)
+    assert f"left out node {a} at the unmask stage: both shares of one node" in logged
+    assert f"left out node {dropped} at the unmask stage: shares from a node that is not a " \
+           "survivor" in logged
+
+
+def test_a_wrong_share_aborts_the_round():
+    """A survivor that sends a well-formed but wrong share makes the round abort
+    (reconstruction cannot tell which share is wrong).
+
+    BUG (strategies/secagg_protocol.py ServerRound._rebuild / receive_unmask): the
+    documented RoundAborted is only raised when the rebuilt secret happens to fit in
+    32 bytes and then fails its commitment; a wrong share almost always interpolates
+    to a value >= 2^256, and reconstruct_secret's MaskingError ("the shares do not
+    reconstruct a secret of the expected size") escapes receive_unmask. The Flower
+    adapter (SecAggFedAvg.aggregate_train) only catches RoundAborted there, so one
+    malicious node crashes the server run instead of skipping the round.
+    """
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask()
+    replies = r.step(r.sr.unmask_requests())
+    liar, victim = r.nodes[1], r.nodes[2]
+    rep = json.loads(replies[liar])
+    rep["b_shares"][str(victim)] = b64((12345).to_bytes(66, "big"))
+    replies = {liar: json.dumps(rep), **{u: t for u, t in replies.items() if u != liar}}
+    try:
+        r.sr.receive_unmask(replies)
+    except RoundAborted:
+        pass
+    except MaskingError as err:
+        pytest.fail(f"receive_unmask raised {type(err).__name__}({err}) instead of RoundAborted")
+    else:
+        pytest.fail("a wrong share went unnoticed")
