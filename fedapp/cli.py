@@ -4,7 +4,8 @@
     fedapp server  start a SuperLink (the server node)
     fedapp client  start a SuperNode (a client node) for one data partition
     fedapp run     submit this app to a SuperLink and wait until the run ends
-    fedapp keygen  make a Paillier key pair (public key for the server, private for clients)
+    fedapp keygen  make a Paillier key pair (public key for the server, private for clients),
+                   or with --secagg the client nodes' secure-aggregation authentication key
     fedapp decrypt turn an encrypted final model into a plaintext checkpoint (key holders)
 """
 
@@ -63,7 +64,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
-                                   args.port, tls, args.data_dir, args.paillier_private_key)
+                                   args.port, tls, args.data_dir, args.paillier_private_key,
+                                   args.secagg_auth_key)
     os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
     return 1
 
@@ -87,8 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from strategies.keyfiles import write_keypair
+    from strategies.keyfiles import write_auth_key, write_keypair
 
+    if args.secagg:
+        path = write_auth_key(Path(args.out))
+        print(f"authentication key (every client node, never the server; 0600): {path}")
+        return 0
     public, private, fingerprint = write_keypair(Path(args.out), args.bits)
     print(f"public key  (give to the server):       {public}")
     print(f"private key (client nodes only, 0600):  {private}")
@@ -151,13 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-partitions", type=int, required=True)
     s.add_argument("--data-dir", help="this node's data directory (overrides the run's)")
     s.add_argument("--paillier-private-key", help="private key file for aggregation=paillier")
+    s.add_argument("--secagg-auth-key", help="authentication key file for aggregation=secagg "
+                   "(fedapp keygen --secagg; the same on every client node)")
     s.add_argument("--port", type=int, default=9094,
                    help="local port for the ClientApp runtime; one per node on a machine")
     tls(s)
     s.set_defaults(func=cmd_client)
 
-    s = sub.add_parser("keygen", help="make a Paillier key pair")
-    s.add_argument("--out", required=True, help="directory for paillier.pub.json and paillier.key.json")
+    s = sub.add_parser("keygen", help="make a Paillier key pair, or a secure-aggregation "
+                       "authentication key (--secagg)")
+    s.add_argument("--out", required=True, help="directory for paillier.pub.json and "
+                   "paillier.key.json (with --secagg: secagg-auth.key)")
+    s.add_argument("--secagg", action="store_true", help="make the client nodes' shared "
+                   "authentication key for aggregation=secagg instead")
     s.add_argument("--bits", type=int, default=2048, help="modulus size (at least 2048)")
     s.set_defaults(func=cmd_keygen)
 

@@ -81,12 +81,15 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
                       tls: list[str], data_dir: str | None = None,
-                      private_key: str | None = None) -> list[str]:
+                      private_key: str | None = None, auth_key: str | None = None) -> list[str]:
+    """``flower-supernode`` for one partition; key files go in the node config
+    (``paillier-private-key``, ``secagg-auth-key``), never to the server."""
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
-    if data_dir:
-        node_config += f" data-dir='{Path(data_dir).expanduser().resolve()}'"
-    if private_key:
-        node_config += f" paillier-private-key='{Path(private_key).expanduser().resolve()}'"
+    paths = {"data-dir": data_dir, "paillier-private-key": private_key,
+             "secagg-auth-key": auth_key}
+    for key, path in paths.items():
+        if path:
+            node_config += f" {key}='{Path(path).expanduser().resolve()}'"
     return [flower_command("flower-supernode"), *tls, "--superlink", superlink,
             "--node-config", node_config, "--port", str(port)]
 

@@ -100,7 +100,8 @@ clientapp = "fedapp.legacy:secaggplus_clientapp"
 def compute_round(n: int, length: int, degree: int, drop_fraction: float,
                   rng: np.random.Generator) -> dict[str, Any]:
     """One full in-process round of the masking core: ``n`` clients with random
-    models of ``length`` values, ``drop_fraction`` of them dropping after the share
+    models of ``length`` values and random weights (examples) whose total fits the
+    default 32-bit encoding, ``drop_fraction`` of them dropping after the share
     stage; seconds per client (mean) and on the server per stage, and the max error
     against the exact weighted average of the survivors."""
     params = MaskingParams.derive(1.0)
@@ -134,7 +135,7 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     total_weight = 0
     for u, payload in payloads.items():
         x = rng.uniform(-1, 1, length)
-        weight = int(rng.integers(100, 700))
+        weight = int(rng.integers(1, min(700, params.max_total_weight // n) + 1))
         start = time.perf_counter()
         masked, header, states[u] = client_mask(payload, states[u], u, x, weight)
         client["mask"] += time.perf_counter() - start

@@ -4,11 +4,14 @@
 ``flwr run`` (via ``fedapp run``). Checks with ``flwr ls`` that the run finished
 successfully, then stops every process it started, by PID.
 
-    python scripts/deploy_loopback.py [--clients 3] [--rounds 2] [--insecure] [--paillier]
-        [--data-dir ../shared/data] [--run-config key=value ...]
+    python scripts/deploy_loopback.py [--clients 3] [--rounds 2] [--insecure]
+        [--aggregation fedavg|paillier|secagg] [--data-dir ../shared/data]
+        [--run-config key=value ...]
 
-With --paillier a key pair is made (fedapp keygen); the server gets the public key
-in the run config, each client node the private key in its node config.
+With --aggregation paillier a key pair is made (fedapp keygen); the server gets the
+public key in the run config, each client node the private key in its node config.
+With --aggregation secagg an authentication key is made (fedapp keygen --secagg) for
+the client nodes' node config only.
 
 TLS is on unless --insecure: a throw-away CA and server certificate are made
 first (scripts/make_certificates.py). The last line of output is a JSON summary.
@@ -39,7 +42,7 @@ def main() -> int:
     p.add_argument("--data-dir", default="", help="given to every client node (default: "
                    "the embedded data)")
     p.add_argument("--insecure", action="store_true", help="no TLS")
-    p.add_argument("--paillier", action="store_true", help="Paillier-encrypted aggregation")
+    p.add_argument("--aggregation", choices=("fedavg", "paillier", "secagg"), default="fedavg")
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workdir", help="logs and state (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=900)
@@ -53,8 +56,10 @@ def main() -> int:
                         str(certs)], check=True)
     fedapp = [sys.executable, "-m", "fedapp.cli"]
     keys = work / "keys"
-    if args.paillier:
+    if args.aggregation == "paillier":
         subprocess.run([*fedapp, "keygen", "--out", str(keys)], check=True)
+    elif args.aggregation == "secagg":
+        subprocess.run([*fedapp, "keygen", "--secagg", "--out", str(keys)], check=True)
     port = launch.free_port()
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
@@ -73,19 +78,20 @@ def main() -> int:
                    "--flwr-home", str(work / f"client{i}-home")]
             if args.data_dir:
                 cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
-            if args.paillier:
+            if args.aggregation == "paillier":
                 cmd += ["--paillier-private-key", str(keys / "paillier.key.json")]
+            elif args.aggregation == "secagg":
+                cmd += ["--secagg-auth-key", str(keys / "secagg-auth.key")]
             procs.append(launch.start(cmd, launch.flower_env(), work / f"client{i}.log"))
             print(f"client {i} (SuperNode) pid {procs[-1].pid}", flush=True)
         overrides = {"task": args.task, "num-server-rounds": args.rounds,
                      "min-available-nodes": args.clients, "min-train-nodes": args.clients,
                      "min-evaluate-nodes": args.clients, "run-dir": str(work / "runs"),
-                     **parse_overrides(args.run_config)}
+                     "aggregation": args.aggregation, **parse_overrides(args.run_config)}
         if args.data_dir:
             overrides["data-dir"] = str(Path(args.data_dir).resolve())
-        if args.paillier:
-            overrides.update({"aggregation": "paillier",
-                              "paillier-public-key": str(keys / "paillier.pub.json")})
+        if args.aggregation == "paillier":
+            overrides["paillier-public-key"] = str(keys / "paillier.pub.json")
         home = work / "submit-home"
         ca = None if args.insecure else certs / "ca.crt"
         launch.write_connection(home, "deployment", f"127.0.0.1:{port}",
@@ -104,7 +110,7 @@ def main() -> int:
     rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
     print(json.dumps({
         "deployment": "loopback", "tls": not args.insecure, "clients": args.clients,
-        "aggregation": "paillier" if args.paillier else "fedavg",
+        "aggregation": args.aggregation,
         "status": status, "run-id": run_id, "rounds-recorded": sum(1 for r in rows if r["round"] > 0),
         "last-round": rows[-1] if rows else None, "run-dir": str(run_dir) if run_dir else None,
         "processes-started": [proc.pid for proc in procs], "processes-left-running": alive,

@@ -79,14 +79,15 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
     assert "No spam data found" in logs and "ham.txt" in logs
 
 
-@pytest.mark.parametrize("aggregation", ["fedavg", "paillier"])
+@pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
 def test_loopback_deployment_with_tls(aggregation, tmp_path, data_dir):
     """fedapp server + 3 fedapp client processes, TLS, 2 rounds, every process stopped;
-    with Paillier the private key lives only in the client nodes' config."""
+    with Paillier the private key, with masking the authentication key, lives only in
+    the client nodes' config."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
          "--rounds", "2", "--clients", "3", "--data-dir", str(data_dir),
-         "--workdir", str(tmp_path)] + (["--paillier"] if aggregation == "paillier" else []),
+         "--workdir", str(tmp_path), "--aggregation", aggregation],
         capture_output=True, text=True, timeout=900)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -101,3 +102,7 @@ def test_loopback_deployment_with_tls(aggregation, tmp_path, data_dir):
         seen = (Path(summary["run-dir"]) / "config.json").read_text()
         assert "paillier.pub.json" in seen and "paillier.key.json" not in seen
         assert "paillier.key.json" not in (tmp_path / "server.log").read_text()
+    if aggregation == "secagg":
+        for seen in (Path(summary["run-dir"]) / "config.json", tmp_path / "server.log"):
+            assert "secagg-auth.key" not in seen.read_text()
+        assert "without an authentication key" not in (tmp_path / "client0.log").read_text()
