@@ -175,6 +175,11 @@ class RunSettings:
         if self.aggregation == "paillier" and not self.paillier_public_key:
             raise ValueError("aggregation='paillier' needs paillier-public-key: the path of the "
                              "public key file on the server (make one with 'fedapp keygen')")
+        if self.aggregation == "secagg":
+            from strategies.secagg_flower import masking_params
+
+            masking_params(self.secagg_clip, self.secagg_max_total_weight,
+                           self.secagg_value_bits, self.secagg_neighbors, self.secagg_threshold)
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
         for key in ("fraction_train", "fraction_evaluate"):

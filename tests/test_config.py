@@ -23,6 +23,7 @@ def test_auto_settings_take_the_task_defaults():
     s = RunSettings.from_run_config({"task": "mnist", "learning-rate": 0.2, "batch-size": 10})
     assert (s.learning_rate, s.batch_size, s.optimizer) == (0.2, 10, "sgd")
     assert s.train_config()["learning-rate"] == 0.2
+    assert RunSettings.from_run_config({"task": "spam", "aggregation": "secagg"}).secagg_clip == 8.0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -33,6 +34,12 @@ def test_auto_settings_take_the_task_defaults():
     ({"data-source": "s3"}, "data-source must be one of"),
     ({"fraction-train": 1.5}, "fraction-train"),
     ({"num-server-rounds": 0}, "num-server-rounds"),
+    ({"aggregation": "secure"}, "aggregation must be one of"),
+    ({"aggregation": "paillier"}, "needs paillier-public-key"),
+    ({"aggregation": "secagg", "secagg-threshold": 1.0}, "threshold must be in"),
+    ({"aggregation": "secagg", "secagg-neighbors": -2}, "num_neighbours must be >= 0"),
+    ({"aggregation": "secagg", "secagg-clip": -1.0}, "clip must be a positive"),
+    ({"aggregation": "secagg", "secagg-value-bits": 40}, "value_bits must be in"),
 ])
 def test_bad_settings_say_what_is_wrong(override, message):
     with pytest.raises(ValueError, match=message):
