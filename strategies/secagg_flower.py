@@ -107,7 +107,33 @@ def layout_digest(layout: Layout) -> str:
 
 
 # ------------------------------------------------------------------ strategy
-class SecAggFedAvg(FedAvg):
+class MaskingRounds:
+    """What both masking strategies (Message API and legacy) hold: the encoding, the
+    round's settings, the public keys seen so far and the round in progress."""
+
+    def _init_masking(self, clip: float, max_total_weight: int, value_bits: int,
+                      num_neighbours: int, threshold: float, stage_timeout: float) -> None:
+        self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
+                                     threshold)
+        self.num_neighbours = num_neighbours
+        self.threshold = threshold
+        self.stage_timeout = stage_timeout
+        self._seen_keys: set[bytes] = set()
+        self._round: ServerRound | None = None
+        self._layout: Layout | None = None
+
+    def _new_round(self, nodes: list[int]) -> ServerRound:
+        return ServerRound(self.params, nodes, self._layout.size, self.num_neighbours,
+                           self.threshold, self._seen_keys)
+
+    def _describe(self) -> str:
+        return (f"{self.params.value_bits}-bit values in [-{self.params.clip:g}, "
+                f"{self.params.clip:g}] mod 2^{self.params.mod_bits}, neighbours "
+                f"{self.num_neighbours or 'auto (log n)'}, threshold > {self.threshold:g} "
+                "of each share group")
+
+
+class SecAggFedAvg(MaskingRounds, FedAvg):
     """Weighted FedAvg by secure aggregation: the server sees only masked updates.
 
     Parameters
@@ -139,22 +165,13 @@ class SecAggFedAvg(FedAvg):
                  num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
-                                     threshold)
-        self.num_neighbours = num_neighbours
-        self.threshold = threshold
-        self.stage_timeout = stage_timeout
-        self._seen_keys: set[bytes] = set()
-        self._round: ServerRound | None = None
-        self._layout: Layout | None = None
+        self._init_masking(clip, max_total_weight, value_bits, num_neighbours, threshold,
+                           stage_timeout)
         self._grid: Grid | None = None
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> SecAgg: %d-bit values in [-%g, %g] mod 2^%d, neighbours %s, "
-            "threshold > %g of each share group", self.params.value_bits, self.params.clip,
-            self.params.clip, self.params.mod_bits, self.num_neighbours or "auto (log n)",
-            self.threshold)
+        log(INFO, "\t└──> SecAgg: %s", self._describe())
 
     def _exchange(self, requests: dict[int, str], stage: str) -> dict[int, str]:
         """Send one key stage's requests; the payloads of the nodes that answered."""
@@ -182,9 +199,7 @@ class SecAggFedAvg(FedAvg):
         if not sampled:
             return []
         try:
-            rnd = ServerRound(self.params, [m.metadata.dst_node_id for m in sampled],
-                              self._layout.size, self.num_neighbours, self.threshold,
-                              self._seen_keys)
+            rnd = self._new_round([m.metadata.dst_node_id for m in sampled])
             rnd.receive_adverts(self._exchange(rnd.advertise_requests(), "advertise"))
             rnd.receive_shares(self._exchange(rnd.share_requests(), "share"))
         except RoundAborted as err:

@@ -41,9 +41,9 @@ from flwr.server.strategy import FedAvg
 from .aggregation import InvalidUpdate, Layout, check_weight
 from .legacy_wire import load_npy
 from .masking import MaskingError
-from .secagg_flower import (MAX_HEADER_BYTES, answer_stage, header_of, layout_digest,
-                            mask_model, masking_params, require_payload)
-from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted, ServerRound
+from .secagg_flower import (MAX_HEADER_BYTES, MaskingRounds, answer_stage, header_of,
+                            layout_digest, mask_model, require_payload)
+from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted
 
 TENSOR_TYPE = "secagg-v1/numpy.ndarray"
 
@@ -71,7 +71,7 @@ def parameters_masked(parameters: Parameters) -> tuple[np.ndarray, dict]:
     return vector, header_of(header)
 
 
-class LegacySecAggFedAvg(FedAvg):
+class LegacySecAggFedAvg(MaskingRounds, FedAvg):
     """Weighted FedAvg by secure aggregation for legacy projects: the server sees only
     masked updates and their sum.
 
@@ -93,18 +93,10 @@ class LegacySecAggFedAvg(FedAvg):
                  num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
-                                     threshold)
-        self.num_neighbours = num_neighbours
-        self.threshold = threshold
-        self.stage_timeout = stage_timeout
-        self._seen_keys: set[bytes] = set()
-        self._round: ServerRound | None = None
-        self._layout: Layout | None = None
+        self._init_masking(clip, max_total_weight, value_bits, num_neighbours, threshold,
+                           stage_timeout)
         self._proxies: dict[int, ClientProxy] = {}
-        log(INFO, "LegacySecAggFedAvg: %d-bit values in [-%g, %g] mod 2^%d, neighbours %s, "
-            "threshold > %g of each share group", self.params.value_bits, self.params.clip,
-            self.params.clip, self.params.mod_bits, num_neighbours or "auto (log n)", threshold)
+        log(INFO, "LegacySecAggFedAvg: %s", self._describe())
 
     def __repr__(self) -> str:
         return f"LegacySecAggFedAvg(accept_failures={self.accept_failures})"
@@ -140,8 +132,7 @@ class LegacySecAggFedAvg(FedAvg):
         pairs = super().configure_fit(server_round, parameters, client_manager)
         self._proxies = {int(proxy.node_id): proxy for proxy, _ in pairs}
         try:
-            rnd = ServerRound(self.params, list(self._proxies), self._layout.size,
-                              self.num_neighbours, self.threshold, self._seen_keys)
+            rnd = self._new_round(list(self._proxies))
             rnd.receive_adverts(self._exchange(rnd.advertise_requests(), "advertise",
                                                server_round))
             rnd.receive_shares(self._exchange(rnd.share_requests(), "share", server_round))

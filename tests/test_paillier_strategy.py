@@ -40,16 +40,6 @@ def other_public_key():
     return generate_keypair(2048)[0]
 
 
-@pytest.fixture
-def flwr_caplog(caplog):
-    """caplog that also sees Flower's logger, whether or not it propagates."""
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def model(value: float, seed: int | None = None) -> dict[str, np.ndarray]:
     """Arrays of SHAPES around ``value``, jittered when ``seed`` is given."""
     rng = np.random.default_rng(seed)

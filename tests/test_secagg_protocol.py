@@ -121,16 +121,6 @@ def other_key() -> str:
     return b64(KeyPair.generate().public)
 
 
-@pytest.fixture
-def flwr_caplog(caplog):
-    """caplog that also sees Flower's logger, whether or not it propagates."""
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
 def warnings_of(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 

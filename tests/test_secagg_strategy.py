@@ -11,7 +11,6 @@ return no model; a node never sends a plaintext update to a non-masking server.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
                       RecordDict)
 from flwr.client import NumPyClient
-from flwr.common import Code, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
@@ -33,15 +32,6 @@ from strategies.secagg_legacy import TENSOR_TYPE, LegacySecAggFedAvg, legacy_sec
 CLIP = 2.0
 SHAPES = {"w": (40, 3), "b": (3,)}
 NODES = [101, 202, 303, 404, 505, 606]  # threshold: more than half of 6, i.e. 4
-
-
-@pytest.fixture
-def flwr_caplog(caplog):
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def local_model(node: int) -> dict[str, np.ndarray]:
