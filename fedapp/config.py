@@ -34,6 +34,18 @@ DEFAULTS: dict[str, Any] = {
     "secagg-max-total-weight": 65536,
     "secagg-neighbors": 0,
     "secagg-threshold": 0.5,
+    "dp-noise-multiplier": 0.0,
+    "dp-clip": 1.0,
+    "dp-adaptive-clip": False,
+    "dp-target-quantile": 0.5,
+    "dp-clip-learning-rate": 0.2,
+    "dp-clipped-count-stddev": "auto",
+    "dp-delta": 1e-5,
+    "dp-max-epsilon": 0.0,
+    "dp-population": 0,
+    "dp-sgd": False,
+    "dp-sgd-noise-multiplier": 1.0,
+    "dp-sgd-max-grad-norm": 1.0,
     "local-epochs": "auto",
     "batch-size": "auto",
     "learning-rate": "auto",
@@ -93,6 +105,18 @@ class RunSettings:
     secagg_max_total_weight: int
     secagg_neighbors: int
     secagg_threshold: float
+    dp_noise_multiplier: float
+    dp_clip: float
+    dp_adaptive_clip: bool
+    dp_target_quantile: float
+    dp_clip_learning_rate: float
+    dp_clipped_count_stddev: float | None
+    dp_delta: float
+    dp_max_epsilon: float
+    dp_population: int
+    dp_sgd: bool
+    dp_sgd_noise_multiplier: float
+    dp_sgd_max_grad_norm: float
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -147,6 +171,19 @@ class RunSettings:
             secagg_max_total_weight=int(c["secagg-max-total-weight"]),
             secagg_neighbors=int(c["secagg-neighbors"]),
             secagg_threshold=float(c["secagg-threshold"]),
+            dp_noise_multiplier=float(c["dp-noise-multiplier"]),
+            dp_clip=float(c["dp-clip"]),
+            dp_adaptive_clip=bool(c["dp-adaptive-clip"]),
+            dp_target_quantile=float(c["dp-target-quantile"]),
+            dp_clip_learning_rate=float(c["dp-clip-learning-rate"]),
+            dp_clipped_count_stddev=_auto(c["dp-clipped-count-stddev"], None, float,
+                                          "dp-clipped-count-stddev"),
+            dp_delta=float(c["dp-delta"]),
+            dp_max_epsilon=float(c["dp-max-epsilon"]),
+            dp_population=int(c["dp-population"]),
+            dp_sgd=bool(c["dp-sgd"]),
+            dp_sgd_noise_multiplier=float(c["dp-sgd-noise-multiplier"]),
+            dp_sgd_max_grad_norm=float(c["dp-sgd-max-grad-norm"]),
             local_epochs=_auto(c["local-epochs"], task.local_epochs, int, "local-epochs"),
             batch_size=_auto(c["batch-size"], task.batch_size, int, "batch-size"),
             learning_rate=_auto(c["learning-rate"], task.learning_rate, float, "learning-rate"),
@@ -208,10 +245,16 @@ class RunSettings:
         )
 
     def train_config(self) -> dict[str, Any]:
-        """What each client gets for local training."""
-        return {"local-epochs": self.local_epochs, "batch-size": self.batch_size,
-                "learning-rate": self.learning_rate, "optimizer": self.optimizer,
-                "momentum": self.momentum, "weight-decay": self.weight_decay}
+        """What each client gets for local training (and, with ``dp-sgd``, its DP-SGD
+        settings)."""
+        config = {"local-epochs": self.local_epochs, "batch-size": self.batch_size,
+                  "learning-rate": self.learning_rate, "optimizer": self.optimizer,
+                  "momentum": self.momentum, "weight-decay": self.weight_decay}
+        if self.dp_sgd:
+            config.update({"dp-sgd-noise-multiplier": self.dp_sgd_noise_multiplier,
+                           "dp-sgd-max-grad-norm": self.dp_sgd_max_grad_norm,
+                           "dp-delta": self.dp_delta})
+        return config
 
     def resolved_run_dir(self) -> Path:
         """Absolute: a relative ``run-dir`` is taken from the home directory, because the
