@@ -10,6 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
+from strategies.dp_flower import dp_clip_mod
 from strategies.paillier_flower import paillier_mod
 from strategies.secagg_flower import secagg_mod
 
@@ -19,8 +20,13 @@ from .nodes import make_client
 
 def aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Apply the secure aggregation's client mod that the run asks for."""
-    mod = MODS.get(str(context.run_config.get("aggregation")))
-    return mod(msg, context, call_next) if mod else call_next(msg, context)
+    aggregation = str(context.run_config.get("aggregation"))
+    inner = call_next
+    if float(context.run_config.get("dp-noise-multiplier", 0)) > 0 and aggregation != "fedavg":
+        def inner(m: Message, c: Context) -> Message:  # clip where the server cannot
+            return dp_clip_mod(m, c, call_next)
+    mod = MODS.get(aggregation)
+    return mod(msg, context, inner) if mod else inner(msg, context)
 
 
 MODS = {"paillier": paillier_mod, "secagg": secagg_mod}

@@ -217,6 +217,18 @@ class RunSettings:
 
             masking_params(self.secagg_clip, self.secagg_max_total_weight,
                            self.secagg_value_bits, self.secagg_neighbors, self.secagg_threshold)
+        if self.dp_noise_multiplier > 0:
+            from strategies.dp import DPConfig
+
+            if self.aggregation == "paillier":
+                raise ValueError("central DP (dp-noise-multiplier > 0) with Paillier "
+                                 "aggregation is not available yet: use fedavg or secagg")
+            if self.aggregation == "secagg" and self.dp_adaptive_clip and self.secagg_clip < 1:
+                raise ValueError("adaptive clipping with secagg sends a 0/1 value through the "
+                                 "masked sum: secagg-clip must be >= 1")
+            DPConfig(self.dp_noise_multiplier, self.dp_clip, 1, 1, self.dp_delta,
+                     self.dp_max_epsilon, self.dp_adaptive_clip, self.dp_target_quantile,
+                     self.dp_clip_learning_rate, self.dp_clipped_count_stddev)
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
         for key in ("fraction_train", "fraction_evaluate"):

@@ -6,6 +6,7 @@ from flwr.serverapp.strategy import Strategy
 
 from pathlib import Path
 
+from strategies.dp_flower import CentralDP
 from strategies.fedavg import WeightedFedAvg
 from strategies.keyfiles import load_public_key
 from strategies.paillier_flower import PaillierFedAvg
@@ -15,6 +16,21 @@ from .config import RunSettings
 
 
 def build_strategy(settings: RunSettings) -> Strategy:
+    """The run's strategy: the aggregation's, wrapped in central DP when
+    ``dp-noise-multiplier`` > 0."""
+    strategy = aggregation_strategy(settings)
+    if settings.dp_noise_multiplier <= 0:
+        return strategy
+    return CentralDP(
+        strategy, noise_multiplier=settings.dp_noise_multiplier, clip=settings.dp_clip,
+        population=settings.dp_population, delta=settings.dp_delta,
+        max_epsilon=settings.dp_max_epsilon, adaptive=settings.dp_adaptive_clip,
+        target_quantile=settings.dp_target_quantile,
+        clip_learning_rate=settings.dp_clip_learning_rate,
+        clipped_count_stddev=settings.dp_clipped_count_stddev)
+
+
+def aggregation_strategy(settings: RunSettings) -> Strategy:
     """The Message-API strategy for ``settings.aggregation``.
 
     ``paillier`` loads the public key file named by ``paillier-public-key``; the

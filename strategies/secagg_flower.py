@@ -121,6 +121,7 @@ class MaskingRounds:
         self._seen_keys: set[bytes] = set()
         self._round: ServerRound | None = None
         self._layout: Layout | None = None
+        self.last_total_weight = 0  # of the last aggregate: central DP reads it
 
     def _new_round(self, nodes: list[int]) -> ServerRound:
         return ServerRound(self.params, nodes, self._layout.size, self.num_neighbours,
@@ -244,7 +245,8 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
             valid.append(msg)
         rnd, self._round = self._round, None
         try:
-            average, _ = rnd.receive_unmask(self._exchange(rnd.unmask_requests(), "unmask"))
+            average, self.last_total_weight = rnd.receive_unmask(
+                self._exchange(rnd.unmask_requests(), "unmask"))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return None, None

@@ -1,0 +1,208 @@
+"""Central differential privacy for FedAvg (Flower-free): clipping, noise, adaptive
+clipping and privacy accounting.
+
+DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language
+Models", ICLR 2018) with uniform client weights: each client's update
+``delta_k = x_k - global`` is clipped to L2 norm ``C``, the server sums the
+clipped updates of the ``n`` clients that answered, adds Gaussian noise of std
+``z C`` to the sum and divides by the fixed denominator ``m`` (the number of
+clients sampled for the round):
+
+    global' = global + (sum_k clip(delta_k) + N(0, (z C)^2 I)) / m
+
+One client changes the sum by at most ``C`` whatever its number of examples,
+so ``z`` is the noise multiplier of the subsampled Gaussian mechanism that the
+RDP accountant composes (Mironov, CSF 2017; Mironov, Talwar and Zhang 2019),
+with sample rate ``q = m / population``. (Weighting by examples would make one
+client's influence ``n_k C / sum n``, unbounded by ``C / m``: that is why DP here
+always weights uniformly.) A client that drops out adds nothing; the round's
+noise and denominator stay as they are.
+
+Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
+Clipping", NeurIPS 2021): each round every client also reports whether its update
+norm was at most ``C``; the server adds noise of std ``sigma_b`` to the count and
+moves ``C`` geometrically towards the ``target_quantile`` of the update norms:
+``C <- C exp(-eta (b/m - gamma))``. Spending part of the budget on the count, the
+update noise multiplier becomes ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` so that
+the two releases together are a Gaussian mechanism of multiplier ``z``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from opacus.accountants import RDPAccountant
+
+
+class BudgetExhausted(RuntimeError):
+    """The next round would take the privacy loss past the configured budget."""
+
+
+def l2_norm(arrays: list[np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
+
+
+def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray], float]:
+    """``delta`` scaled down to L2 norm at most ``clip`` (all arrays together);
+    returns the clipped arrays (float64) and the norm before clipping."""
+    if not clip > 0:
+        raise ValueError(f"the clipping norm must be positive, got {clip}")
+    norm = l2_norm(delta)
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return [np.asarray(d, np.float64) * scale for d in delta], norm
+
+
+def gaussian_noise(shapes: list[tuple[int, ...]], std: float,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """Independent N(0, std^2) noise for arrays of ``shapes``; ``rng`` must be
+    seeded from the OS (``np.random.default_rng()``), never from a fixed seed."""
+    return [rng.normal(0.0, std, size=s) for s in shapes]
+
+
+@dataclass
+class DPConfig:
+    """Central DP settings.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        ``z``: noise std on the sum of clipped updates, in units of the clipping norm.
+    clip : float
+        ``C``: the clipping norm (the initial one with adaptive clipping).
+    num_sampled : int
+        ``m``: clients sampled per round, the fixed denominator.
+    population : int
+        Clients the ``m`` are sampled from (sample rate ``q = m / population``).
+    delta : float (default: 1e-5)
+        The delta at which epsilon is reported.
+    max_epsilon : float (default: 0 = no budget)
+        Training stops before a round that would take epsilon past this.
+    adaptive : bool (default: False)
+        Adaptive clipping (Andrew et al. 2021).
+    target_quantile, clip_learning_rate : float (default: 0.5, 0.2)
+        ``gamma`` and ``eta`` of adaptive clipping.
+    clipped_count_stddev : float or None (default: None = ``m / 20``, the paper's)
+        ``sigma_b``, noise std on the count of unclipped updates.
+    """
+
+    noise_multiplier: float
+    clip: float
+    num_sampled: int
+    population: int
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be positive, got {self.clip}")
+        if not 1 <= self.num_sampled <= self.population:
+            raise ValueError(f"need 1 <= clients per round ({self.num_sampled}) <= population "
+                             f"({self.population})")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.max_epsilon < 0:
+            raise ValueError(f"max_epsilon must be >= 0 (0: no budget), got {self.max_epsilon}")
+        if not 0 <= self.target_quantile <= 1 or not self.clip_learning_rate > 0:
+            raise ValueError("target_quantile must be in [0, 1] and clip_learning_rate > 0")
+        if self.adaptive:
+            self.update_noise_multiplier  # noqa: B018 - raises if the count takes all noise
+
+    @property
+    def sample_rate(self) -> float:
+        return self.num_sampled / self.population
+
+    @property
+    def count_stddev(self) -> float:
+        return self.clipped_count_stddev if self.clipped_count_stddev is not None \
+            else self.num_sampled / 20
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The multiplier for the updates: ``z``, or with adaptive clipping ``z_delta``."""
+        if not self.adaptive:
+            return self.noise_multiplier
+        rest = self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2
+        if rest <= 0:
+            raise ValueError(f"the clipped-count noise (std {self.count_stddev}) spends the whole "
+                             f"noise multiplier {self.noise_multiplier}: raise "
+                             "dp-clipped-count-stddev or the noise multiplier")
+        return rest ** -0.5
+
+
+@dataclass
+class PrivacyLedger:
+    """The RDP accountant of a run (Opacus's ``RDPAccountant``) with a budget.
+
+    Each round is one step of the Poisson-subsampled Gaussian mechanism with the
+    configured noise multiplier and sample rate.
+    """
+
+    config: DPConfig
+    accountant: RDPAccountant = field(default_factory=RDPAccountant)
+
+    def epsilon(self) -> float:
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=self.config.delta))
+
+    def epsilon_after_next(self) -> float:
+        """Epsilon if one more round were run."""
+        trial = RDPAccountant()
+        trial.history = [*self.accountant.history]
+        trial.step(noise_multiplier=self.config.noise_multiplier,
+                   sample_rate=self.config.sample_rate)
+        return float(trial.get_epsilon(delta=self.config.delta))
+
+    def check_budget(self) -> None:
+        """:class:`BudgetExhausted` if the next round would exceed ``max_epsilon``."""
+        if self.config.max_epsilon > 0:
+            nxt = self.epsilon_after_next()
+            if nxt > self.config.max_epsilon:
+                raise BudgetExhausted(
+                    f"another round would take epsilon from {self.epsilon():.3f} to "
+                    f"{nxt:.3f}, past the budget {self.config.max_epsilon:g} "
+                    f"(delta {self.config.delta:g}): training stops here")
+
+    def step(self) -> float:
+        """Account one round; the cumulative epsilon."""
+        self.accountant.step(noise_multiplier=self.config.noise_multiplier,
+                             sample_rate=self.config.sample_rate)
+        return self.epsilon()
+
+
+@dataclass
+class AdaptiveClip:
+    """The clipping norm of a run, moved each round by adaptive clipping (if on)."""
+
+    config: DPConfig
+    clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.clip = self.clip or self.config.clip
+
+    def update(self, unclipped: int, rng: np.random.Generator) -> float:
+        """Move the norm given how many of the ``m`` sampled clients were not clipped."""
+        if self.config.adaptive:
+            noisy = unclipped + rng.normal(0.0, self.config.count_stddev)
+            fraction = noisy / self.config.num_sampled
+            self.clip *= math.exp(-self.config.clip_learning_rate
+                                  * (fraction - self.config.target_quantile))
+        return self.clip
+
+
+def noised_average(global_arrays: list[np.ndarray], clipped_sum: list[np.ndarray],
+                   config: DPConfig, clip: float, rng: np.random.Generator
+                   ) -> list[np.ndarray]:
+    """``global + (clipped_sum + N(0, (z C)^2)) / m`` in the dtypes of ``global``."""
+    std = config.update_noise_multiplier * clip
+    noise = gaussian_noise([a.shape for a in global_arrays], std, rng)
+    return [(g.astype(np.float64) + (s + e) / config.num_sampled).astype(g.dtype)
+            for g, s, e in zip(global_arrays, clipped_sum, noise, strict=True)]

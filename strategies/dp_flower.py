@@ -1,0 +1,256 @@
+"""Central DP-FedAvg on Flower's Message API: a strategy wrapper and a client mod.
+
+Wrap the run's strategy::
+
+    strategy = CentralDP(WeightedFedAvg(...), noise_multiplier=1.0, clip=0.1)      # plaintext
+    strategy = CentralDP(SecAggFedAvg(...), noise_multiplier=1.0, clip=0.1)        # masking
+    app = ClientApp(mods=[secagg_mod, dp_clip_mod])                                # its clients
+
+With a plaintext strategy the server sees each update and clips it itself. With
+masking it cannot, so each client clips its own update (:func:`dp_clip_mod`, inside
+the secure mod) and the server adds the noise to the unmasked sum. Either way
+clients count equally (weight 1) and the denominator is the number of clients
+sampled (:mod:`strategies.dp`). The cumulative epsilon after every round goes into
+the train metrics (``dp-epsilon``) and the log; with ``max_epsilon`` set, training
+stops before the round that would exceed it (:attr:`CentralDP.budget_exhausted`).
+
+Adaptive clipping needs the number of clients whose update was not clipped: the
+server counts it in plaintext mode; with masking each client adds a one-value
+array ``dp-unclipped`` (0 or 1) to its update, so only the masked sum of the bits
+is revealed, like the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
+                      MetricRecord, RecordDict)
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from .aggregation import InvalidUpdate, check_update
+from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
+                 noised_average)
+from .secagg_flower import SecAggFedAvg
+
+CLIP_KEY = "dp-clip"
+BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
+
+
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class CentralDP(Strategy):
+    """DP-FedAvg around a plaintext or masking FedAvg strategy (Message API).
+
+    Parameters
+    ----------
+    strategy : FedAvg
+        The strategy to wrap: a plaintext FedAvg (``WeightedFedAvg`` or Flower's
+        ``FedAvg``; the server clips) or :class:`SecAggFedAvg` (the clients clip,
+        with :func:`dp_clip_mod` inside ``secagg_mod``).
+    noise_multiplier : float
+        ``z``: noise std on the sum of clipped updates over the clipping norm.
+    clip : float
+        ``C``, the L2 clipping norm of an update (initial value if adaptive).
+    population : int (default: 0)
+        Clients the round's sample is drawn from, for the sample rate; 0 takes the
+        number of connected nodes at the first round.
+    delta, max_epsilon, adaptive, target_quantile, clip_learning_rate,
+    clipped_count_stddev
+        As in :class:`strategies.dp.DPConfig`.
+    """
+
+    def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip: float,
+                 population: int = 0, delta: float = 1e-5, max_epsilon: float = 0.0,
+                 adaptive: bool = False, target_quantile: float = 0.5,
+                 clip_learning_rate: float = 0.2,
+                 clipped_count_stddev: float | None = None) -> None:
+        if not isinstance(strategy, FedAvg):
+            raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg or "
+                            "SecAggFedAvg)")
+        if type(strategy).__name__ == "PaillierFedAvg":
+            raise ValueError("central DP with Paillier aggregation is not available yet: use "
+                             "aggregation fedavg or secagg")
+        self.strategy = strategy
+        self.masked = isinstance(strategy, SecAggFedAvg)
+        self.population = population
+        self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
+                              max_epsilon=max_epsilon, adaptive=adaptive,
+                              target_quantile=target_quantile,
+                              clip_learning_rate=clip_learning_rate,
+                              clipped_count_stddev=clipped_count_stddev)
+        DPConfig(num_sampled=1, population=1, **self._settings)  # check the arguments now
+        self.config: DPConfig | None = None
+        self.ledger: PrivacyLedger | None = None
+        self.clipper: AdaptiveClip | None = None
+        self.budget_exhausted = False
+        self._global: dict[str, np.ndarray] = {}
+        self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
+
+    def summary(self) -> None:
+        self.strategy.summary()
+        log(INFO, "\t└──> Central DP: noise multiplier %g, clip %g%s, delta %g%s, clipping "
+            "on the %s", self._settings["noise_multiplier"], self._settings["clip"],
+            " (adaptive)" if self._settings["adaptive"] else "", self._settings["delta"],
+            f", budget epsilon {self._settings['max_epsilon']:g}"
+            if self._settings["max_epsilon"] else "", "clients" if self.masked else "server")
+
+    def _start(self, grid: Grid) -> None:
+        """Fix the sampling figures at the first round: the denominator is the number
+        of clients FedAvg samples (even if some drop out later)."""
+        connected = len(list(grid.get_node_ids()))
+        sampled = max(int(connected * self.strategy.fraction_train),
+                      self.strategy.min_train_nodes)
+        population = self.population or connected
+        self.config = DPConfig(num_sampled=sampled, population=max(population, sampled),
+                               **self._settings)
+        self.ledger = PrivacyLedger(self.config)
+        self.clipper = AdaptiveClip(self.config)
+        log(INFO, "Central DP: %d of %d clients per round (sample rate %.4f), update noise "
+            "multiplier %.4f", sampled, self.config.population, self.config.sample_rate,
+            self.config.update_noise_multiplier)
+
+    # ------------------------------------------------------------ train
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.ledger is not None:
+            try:
+                self.ledger.check_budget()
+            except BudgetExhausted as err:
+                log(WARNING, "Round %d not run: %s", server_round, err)
+                self.budget_exhausted = True
+                return []
+        self._global = _arrays(arrays)
+        clip = self.clipper.clip if self.clipper else self._settings["clip"]
+        config = ConfigRecord({**config, CLIP_KEY: clip})
+        if self.masked and self._settings["adaptive"]:
+            config[BIT_KEY] = True
+            arrays = _record({**self._global, BIT_KEY: np.zeros(1, np.float32)})
+        if self.config is None:
+            self._start(grid)
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def _server_clipped_sum(self, replies: list[Message]) -> tuple[list[np.ndarray], int, int,
+                                                                   list[Message]]:
+        """Plaintext mode: validate, clip and sum the updates; the sum, how many were
+        summed and not clipped, and the valid replies."""
+        reference = list(self._global.values())
+        total = [np.zeros(a.shape) for a in reference]
+        n = unclipped = 0
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                continue
+            try:
+                if len(msg.content.array_records) != 1:
+                    raise InvalidUpdate("expected one ArrayRecord")
+                update = list(_arrays(next(iter(msg.content.array_records.values()))).values())
+                check_update(update, reference)
+            except InvalidUpdate as err:
+                log(WARNING, "Left out the reply of node %s: %s", node, err)
+                continue
+            clipped, norm = clip_update([u - g for u, g in zip(update, reference)],
+                                        self.clipper.clip)
+            total = [t + c for t, c in zip(total, clipped)]
+            n += 1
+            unclipped += norm <= self.clipper.clip
+            valid.append(msg)
+        return total, n, unclipped, valid
+
+    def _masked_sum(self, server_round: int, replies: list[Message]
+                    ) -> tuple[list[np.ndarray], int, int, MetricRecord | None]:
+        """Masking mode: the unmasked sum of the clients' own clipped updates."""
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return [], 0, 0, None
+        n = self.strategy.last_total_weight
+        average = _arrays(arrays)
+        unclipped = round(float(average.pop(BIT_KEY, np.zeros(1))[0]) * n)
+        total = [n * (average[k].astype(np.float64) - g.astype(np.float64))
+                 for k, g in self._global.items()]
+        return total, n, unclipped, metrics
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.masked:
+            total, n, unclipped, metrics = self._masked_sum(server_round, replies)
+        else:
+            total, n, unclipped, valid = self._server_clipped_sum(replies)
+            metrics = self.strategy.train_metrics_aggr_fn(
+                [m.content for m in valid], self.strategy.weighted_by_key) if valid else None
+        if n == 0:
+            log(WARNING, "Round %d: no update to add noise to; nothing released",
+                server_round)
+            return None, None
+        clip = self.clipper.clip
+        new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
+        epsilon = self.ledger.step()
+        next_clip = self.clipper.update(unclipped, self._rng)
+        log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g (%d "
+            "unclipped), epsilon %.4f at delta %g", server_round, n, self.config.num_sampled,
+            clip, unclipped, epsilon, self.config.delta)
+        metrics = MetricRecord({**(metrics or {}), "dp-epsilon": epsilon, "dp-clip": clip,
+                                "dp-next-clip": next_clip})
+        return _record(dict(zip(self._global, new, strict=True))), metrics
+
+    # ------------------------------------------------------------ evaluate
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+# ------------------------------------------------------------------ client mod
+def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip this client's update to the round's ``dp-clip`` norm and weight it 1.
+
+    Put it inside the secure aggregation's mod (``mods=[secagg_mod, dp_clip_mod]``)
+    so it sees the plaintext model both ways. Refuses to train when the server sent
+    no clipping norm (it is not running :class:`CentralDP`).
+    """
+    if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN \
+            or "secagg" in msg.content.config_records:  # key stages pass through
+        return call_next(msg, context)
+    config = next(iter(msg.content.config_records.values()), {})
+    clip = config.get(CLIP_KEY)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+        raise ValueError("this node clips its updates for central DP (dp_clip_mod) but the "
+                         "server sent no dp-clip norm: the server must wrap its strategy in "
+                         "CentralDP")
+    (name, record), = msg.content.array_records.items()
+    incoming = _arrays(record)
+    incoming.pop(BIT_KEY, None)
+    msg.content[name] = _record(incoming)
+    reply = call_next(msg, context)
+    if not reply.has_content():
+        return reply
+    (out_name, out_record), = reply.content.array_records.items()
+    trained = _arrays(out_record)
+    if list(trained) != list(incoming):
+        raise ValueError("the trained model's arrays differ from the global model's")
+    clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], float(clip))
+    update = {k: (incoming[k].astype(np.float64) + c).astype(incoming[k].dtype)
+              for k, c in zip(incoming, clipped, strict=True)}
+    if config.get(BIT_KEY):
+        update[BIT_KEY] = np.array([1.0 if norm <= clip else 0.0], np.float32)
+    reply.content[out_name] = _record(update)
+    metrics = next(iter(reply.content.metric_records.values()))
+    metrics["num-examples"] = 1  # DP weighs every client the same
+    return reply
