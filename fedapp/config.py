@@ -226,8 +226,10 @@ class RunSettings:
             if self.aggregation == "secagg" and self.dp_adaptive_clip and self.secagg_clip < 1:
                 raise ValueError("adaptive clipping with secagg sends a 0/1 value through the "
                                  "masked sum: secagg-clip must be >= 1")
+            # the default count noise depends on the clients per round: checked at round 1
+            adaptive = self.dp_adaptive_clip and self.dp_clipped_count_stddev is not None
             DPConfig(self.dp_noise_multiplier, self.dp_clip, 1, 1, self.dp_delta,
-                     self.dp_max_epsilon, self.dp_adaptive_clip, self.dp_target_quantile,
+                     self.dp_max_epsilon, adaptive, self.dp_target_quantile,
                      self.dp_clip_learning_rate, self.dp_clipped_count_stddev)
         if self.num_server_rounds < 1:
             raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")

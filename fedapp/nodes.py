@@ -30,10 +30,15 @@ def node_partition(node_config: dict) -> tuple[int, int]:
 
 
 def make_client(context: Context) -> TaskClient:
-    """The NumPyClient for this node's task and partition."""
+    """The NumPyClient for this node's task and partition.
+
+    It gets the node's ``context.state``, which outlives the client (rebuilt for
+    every message): DP-SGD keeps its privacy accountant there between rounds.
+    """
     settings = RunSettings.from_run_config(dict(context.run_config))
     pid, n = node_partition(dict(context.node_config))
     data_dir = context.node_config.get("data-dir")
     spec = settings.data_spec(n, None if data_dir is None else str(data_dir))
     train, test = load_client_data(spec, pid)
-    return CLIENTS[settings.task](spec, train, test, seed=settings.seed + pid)
+    return CLIENTS[settings.task](spec, train, test, seed=settings.seed + pid,
+                                 state=context.state)
