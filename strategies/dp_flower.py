@@ -205,6 +205,8 @@ class CentralDP(Strategy):
             clip, unclipped, epsilon, self.config.delta)
         metrics = MetricRecord({**(metrics or {}), "dp-epsilon": epsilon, "dp-clip": clip,
                                 "dp-next-clip": next_clip})
+        if not self.masked or self.config.adaptive:  # the server knows the count then
+            metrics["dp-unclipped-fraction"] = unclipped / n
         return _record(dict(zip(self._global, new, strict=True))), metrics
 
     # ------------------------------------------------------------ evaluate
