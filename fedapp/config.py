@@ -220,9 +220,10 @@ class RunSettings:
         if self.dp_noise_multiplier > 0:
             from strategies.dp import DPConfig
 
-            if self.aggregation == "paillier":
-                raise ValueError("central DP (dp-noise-multiplier > 0) with Paillier "
-                                 "aggregation is not available yet: use fedavg or secagg")
+            if self.aggregation == "paillier" and self.dp_adaptive_clip:
+                raise ValueError("adaptive clipping needs the count of unclipped updates, "
+                                 "which the server cannot read under Paillier: set "
+                                 "dp-adaptive-clip false")
             if self.aggregation == "secagg" and self.dp_adaptive_clip and self.secagg_clip < 1:
                 raise ValueError("adaptive clipping with secagg sends a 0/1 value through the "
                                  "masked sum: secagg-clip must be >= 1")

@@ -5,12 +5,15 @@ Wrap the run's strategy::
     strategy = CentralDP(WeightedFedAvg(...), noise_multiplier=1.0, clip=0.1)      # plaintext
     strategy = CentralDP(SecAggFedAvg(...), noise_multiplier=1.0, clip=0.1)        # masking
     app = ClientApp(mods=[secagg_mod, dp_clip_mod])                                # its clients
+    strategy = CentralDP(PaillierFedAvg(...), noise_multiplier=1.0, clip=0.1)      # Paillier
+    app = ClientApp(mods=[paillier_mod, dp_clip_mod])                              # its clients
 
 With a plaintext strategy the server sees each update and clips it itself. With
-masking it cannot, so each client clips its own update (:func:`dp_clip_mod`, inside
-the secure mod) and the server adds the noise to the unmasked sum. Either way
-clients count equally (weight 1) and the denominator is the number of clients
-sampled (:mod:`strategies.dp`). The cumulative epsilon after every round goes into
+masking or Paillier it cannot, so each client clips its own update
+(:func:`dp_clip_mod`, inside the secure mod). Clients count equally (weight 1).
+The server adds the noise to the plain sum or the unmasked sum and divides by the
+number of clients sampled (:mod:`strategies.dp`); under Paillier it adds encrypted,
+quantized noise to the encrypted average of the ``n`` updates that arrived. The cumulative epsilon after every round goes into
 the train metrics (``dp-epsilon``) and the log; with ``max_epsilon`` set, training
 stops before the round that would exceed it (:attr:`CentralDP.budget_exhausted`).
 
@@ -36,6 +39,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from .aggregation import InvalidUpdate, check_update
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
                  noised_average)
+from .paillier import Encryptor
+from .paillier_flower import PaillierFedAvg, as_record
+from .paillier_protocol import EncryptedModel, add_noise
 from .secagg_flower import SecAggFedAvg
 
 CLIP_KEY = "dp-clip"
@@ -57,8 +63,8 @@ class CentralDP(Strategy):
     ----------
     strategy : FedAvg
         The strategy to wrap: a plaintext FedAvg (``WeightedFedAvg`` or Flower's
-        ``FedAvg``; the server clips) or :class:`SecAggFedAvg` (the clients clip,
-        with :func:`dp_clip_mod` inside ``secagg_mod``).
+        ``FedAvg``; the server clips), :class:`SecAggFedAvg` or ``PaillierFedAvg``
+        (the clients clip, with :func:`dp_clip_mod` inside the secure mod).
     noise_multiplier : float
         ``z``: noise std on the sum of clipped updates over the clipping norm.
     clip : float
@@ -79,11 +85,13 @@ class CentralDP(Strategy):
         if not isinstance(strategy, FedAvg):
             raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg or "
                             "SecAggFedAvg)")
-        if type(strategy).__name__ == "PaillierFedAvg":
-            raise ValueError("central DP with Paillier aggregation is not available yet: use "
-                             "aggregation fedavg or secagg")
         self.strategy = strategy
         self.masked = isinstance(strategy, SecAggFedAvg)
+        self.encrypted = isinstance(strategy, PaillierFedAvg)
+        if self.encrypted and adaptive:
+            raise ValueError("adaptive clipping needs the count of unclipped updates, which "
+                             "the server cannot read under Paillier: use a fixed clip")
+        self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
         self.population = population
         self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
                               max_epsilon=max_epsilon, adaptive=adaptive,
@@ -183,9 +191,37 @@ class CentralDP(Strategy):
                  for k, g in self._global.items()]
         return total, n, unclipped, metrics
 
+    def _encrypted_noised(self, server_round: int, replies: list[Message]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Paillier mode: noise added to the encrypted average of the ``n`` clipped
+        updates, homomorphically. The server cannot rescale an encrypted average to
+        the fixed denominator, so the noise is ``z C`` on the sum divided by ``n``:
+        the same Gaussian mechanism on the sum, then a division by the public ``n``."""
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return None, None
+        model = EncryptedModel.from_arrays(_arrays(arrays), self.strategy.public_key)
+        std = self.config.update_noise_multiplier * self.clipper.clip / model.total_weight
+        noise = self._rng.normal(0.0, std, model.layout.size)
+        # clipping the noise at 8 std changes it with probability < 1e-15 per value
+        noisy = add_noise(model, noise, 8 * std, self._encryptor, rng=self._rng)
+        return as_record(noisy), metrics
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        if self.encrypted:
+            arrays, metrics = self._encrypted_noised(server_round, replies)
+            if arrays is None:
+                log(WARNING, "Round %d: no update to add noise to; nothing released",
+                    server_round)
+                return None, None
+            epsilon = self.ledger.step()
+            log(INFO, "Central DP round %d (Paillier): noise added to the encrypted aggregate, "
+                "clip %.4g, epsilon %.4f at delta %g", server_round, self.clipper.clip,
+                epsilon, self.config.delta)
+            return arrays, MetricRecord({**(metrics or {}), "dp-epsilon": epsilon,
+                                         "dp-clip": self.clipper.clip})
         if self.masked:
             total, n, unclipped, metrics = self._masked_sum(server_round, replies)
         else:

@@ -368,6 +368,7 @@ def unpack(
     params: EncodingParams,
     num_values: int,
     total_weight: int,
+    noise_offset: int = 0,
 ) -> np.ndarray:
     """Unpack summed plaintexts into the per-value sums ``S = sum(w_k * q_k)``.
 
@@ -381,6 +382,9 @@ def unpack(
         Number of values packed (the model size).
     total_weight
         ``sum(w_k)`` over the clients included in the sum.
+    noise_offset
+        The offset of noise the server added (:func:`encode_noise`); a slot may
+        then hold up to ``2 * noise_offset`` more.
 
     Returns
     -------
@@ -437,7 +441,7 @@ def unpack(
             "a padding slot after the last value is not zero: the ciphertexts were tampered "
             "with or made for a different model size")
     sums = sums[:num_values]
-    limit = int(total_weight) * params.max_value
+    limit = int(total_weight) * params.max_value + 2 * int(noise_offset)
     if sums.size and int(sums.max()) > limit:
         bad = int(np.argmax(sums > np.uint64(limit)))
         raise EncodingOverflow(
@@ -447,15 +451,44 @@ def unpack(
     return sums
 
 
-def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int) -> np.ndarray:
-    """The weighted average ``S / W * scale - clip`` as float64
+def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int,
+               noise_offset: int = 0) -> np.ndarray:
+    """The weighted average ``(S - noise_offset) / W * scale - clip`` as float64
     (its error bound is :meth:`EncodingParams.max_error`)."""
     if isinstance(total_weight, bool) or not isinstance(total_weight, (int, np.integer)):
         raise ValueError(f"total_weight must be an int, got {type(total_weight).__name__}")
     if total_weight < 1:
         raise ValueError(f"total_weight must be >= 1, got {total_weight}")
-    avg = np.asarray(sums).astype(np.float64) / float(total_weight)
+    avg = (np.asarray(sums).astype(np.float64) - float(noise_offset)) / float(total_weight)
     return avg * params.scale - params.clip
+
+
+def encode_noise(noise: np.ndarray, bound: float, total_weight: int, params: EncodingParams,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+    """Slot values that add ``noise`` (value units, clipped to ``[-bound, bound]``) to
+    the weighted average of a sum of total weight ``total_weight``; and the offset
+    that keeps them non-negative (decoders subtract it: :func:`dequantize`).
+
+    ``T = W * (K + noise / scale)`` rounded stochastically, ``K = ceil(bound / scale)``,
+    offset ``W * K``. Rounding noise onto the integer sum is post-processing of the
+    continuous noise (``round(S + x) = S + round(x)`` for integer ``S``).
+
+    Raises
+    ------
+    EncodingOverflow
+        If the sum with the noise could carry out of its slots.
+    """
+    rng = rng or np.random.default_rng()
+    k = math.ceil(bound / params.scale)
+    offset = int(total_weight) * k
+    if int(total_weight) * params.max_value + 2 * offset >= 1 << params.slot_bits:
+        raise EncodingOverflow(f"noise up to {bound:g} does not fit the {params.slot_bits}-bit "
+                               "slots: raise the maximum total weight (more headroom)")
+    scaled = total_weight * (k + np.clip(np.asarray(noise, np.float64), -bound, bound)
+                             / params.scale)
+    low = np.floor(scaled)
+    values = low + (rng.random(scaled.shape) < (scaled - low))
+    return np.clip(values, 0, 2 * offset).astype(np.uint64), offset
 
 
 def encode(
@@ -473,6 +506,8 @@ def decode(
     params: EncodingParams,
     num_values: int,
     total_weight: int,
+    noise_offset: int = 0,
 ) -> np.ndarray:
     """:func:`unpack` then :func:`dequantize`: the weighted average of the clients."""
-    return dequantize(unpack(plaintexts, params, num_values, total_weight), params, total_weight)
+    return dequantize(unpack(plaintexts, params, num_values, total_weight, noise_offset),
+                      params, total_weight, noise_offset)

@@ -17,6 +17,7 @@ parameters, the model's layout, the total weight). Nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Hashable, Mapping, Sequence
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .aggregation import InvalidUpdate, Layout  # noqa: F401  (Layout: part of this API)
-from .encoding import EncodingParams, decode, encode
+from .encoding import EncodingParams, decode, encode, encode_noise, pack
 from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
                        check_ciphertext_array)
 
@@ -48,11 +49,15 @@ class EncryptedModel:
     params: EncodingParams
     layout: Layout
     total_weight: int
+    noise_offset: int = 0  # > 0 once the server added DP noise (encoding.encode_noise)
 
     def header(self) -> dict:
-        return {"version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-                "encoding": self.params.to_dict(), "layout": self.layout.to_json(),
-                "total-weight": self.total_weight}
+        header = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                  "encoding": self.params.to_dict(), "layout": self.layout.to_json(),
+                  "total-weight": self.total_weight}
+        if self.noise_offset:
+            header["noise-offset"] = self.noise_offset
+        return header
 
     def digest(self) -> str:
         """SHA-256 of header and ciphertexts: names this aggregate (e.g. for caching)."""
@@ -95,6 +100,9 @@ class EncryptedModel:
             total = header["total-weight"]
             if isinstance(total, bool) or not isinstance(total, int) or total < 1:
                 raise ValueError(f"total-weight must be a positive int, got {total!r}")
+            offset = header.get("noise-offset", 0)
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"noise-offset must be a non-negative int, got {offset!r}")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
             raise InvalidUpdate(f"malformed header: {err}") from None
         if fingerprint != public_key.fingerprint:
@@ -109,7 +117,7 @@ class EncryptedModel:
                                          params.num_plaintexts(layout.size))
         except ValueError as err:
             raise InvalidUpdate(str(err)) from None
-        return EncryptedModel(cts, fingerprint, params, layout, total)
+        return EncryptedModel(cts, fingerprint, params, layout, total, offset)
 
 
 def client_weight(num_examples: int, weight_unit: int) -> int:
@@ -145,7 +153,28 @@ def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
         raise InvalidUpdate(f"total weight {total} exceeds the encoding's maximum "
                             f"{first.params.max_total_weight}")
     cts = aggregate_arrays(public_key, [u.ciphertexts for u in updates], workers=workers)
-    return EncryptedModel(cts, first.fingerprint, first.params, first.layout, total)
+    return EncryptedModel(cts, first.fingerprint, first.params, first.layout, total,
+                          sum(u.noise_offset for u in updates))
+
+
+def add_noise(model: EncryptedModel, noise: np.ndarray, bound: float, encryptor: Encryptor, *,
+              workers: int | None = 1, rng: np.random.Generator | None = None
+              ) -> EncryptedModel:
+    """``model`` with ``noise`` (value units, clipped to ``[-bound, bound]``) added to
+    its weighted average, homomorphically: the server encrypts the encoded noise
+    under the public key and multiplies it in. Central DP in Paillier mode.
+
+    Raises
+    ------
+    encoding.EncodingOverflow
+        If the noise does not fit the slots' headroom.
+    """
+    values, offset = encode_noise(noise, bound, model.total_weight, model.params, rng)
+    noise_cts = encryptor.encrypt_to_array(pack(values, model.params), workers=workers)
+    cts = aggregate_arrays(encryptor.public_key, [model.ciphertexts, noise_cts],
+                           workers=workers)
+    return dataclasses.replace(model, ciphertexts=cts,
+                               noise_offset=model.noise_offset + offset)
 
 
 class RoundSum:
@@ -174,6 +203,8 @@ class RoundSum:
     def add(self, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
         """Parse and check one update (see :meth:`EncryptedModel.from_arrays`), then keep it."""
         update = EncryptedModel.from_arrays(arrays, self.public_key)
+        if update.noise_offset:
+            raise InvalidUpdate("a client update carries a noise offset")
         if update.params != self.params:
             raise InvalidUpdate("encoded with other parameters than this round's")
         if update.layout != self.layout:
@@ -203,5 +234,6 @@ def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *,
     if model.fingerprint != private_key.fingerprint:
         raise ValueError("this model was encrypted under another key pair")
     plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
-    flat = decode(plaintexts, model.params, model.layout.size, model.total_weight)
+    flat = decode(plaintexts, model.params, model.layout.size, model.total_weight,
+                  model.noise_offset)
     return model.layout.unflatten(flat)
