@@ -13,24 +13,26 @@ masking or Paillier it cannot, so each client clips its own update
 (:func:`dp_clip_mod`, inside the secure mod). Clients count equally (weight 1).
 The server adds the noise to the plain sum or the unmasked sum and divides by the
 number of clients sampled (:mod:`strategies.dp`); under Paillier it adds encrypted,
-quantized noise to the encrypted average of the ``n`` updates that arrived. The cumulative epsilon after every round goes into
-the train metrics (``dp-epsilon``) and the log; with ``max_epsilon`` set, training
-stops before the round that would exceed it (:attr:`CentralDP.budget_exhausted`).
+quantized noise to the encrypted average of the ``n`` updates that arrived. The
+cumulative epsilon after every round goes into the train metrics (``dp-epsilon``)
+and the log; with ``max_epsilon`` set, training stops before the round that would
+exceed it (:attr:`CentralDP.budget_exhausted`).
 
 Adaptive clipping needs the number of clients whose update was not clipped: the
 server counts it in plaintext mode; with masking each client adds a one-value
 array ``dp-unclipped`` (0 or 1) to its update, so only the masked sum of the bits
-is revealed, like the model.
+is revealed, like the model. Legacy-API projects use :mod:`strategies.dp_legacy`,
+built on the same :class:`DPRounds`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
-                      MetricRecord, RecordDict)
+                      MetricRecord)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -39,7 +41,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from .aggregation import InvalidUpdate, check_update
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
                  noised_average)
-from .paillier import Encryptor
+from .paillier import Encryptor, PublicKey
 from .paillier_flower import PaillierFedAvg, as_record
 from .paillier_protocol import EncryptedModel, add_noise
 from .secagg_flower import SecAggFedAvg
@@ -56,8 +58,149 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-class CentralDP(Strategy):
-    """DP-FedAvg around a plaintext or masking FedAvg strategy (Message API).
+class DPRounds:
+    """The central-DP state both wrappers (Message API and legacy) hold: settings,
+    accountant, clipping norm, the round's global model, and the steps of a round."""
+
+    def _init_dp(self, mode: str, public_key: PublicKey | None, *, noise_multiplier: float,
+                 clip: float, population: int, delta: float, max_epsilon: float,
+                 adaptive: bool, target_quantile: float, clip_learning_rate: float,
+                 clipped_count_stddev: float | None) -> None:
+        self.masked, self.encrypted = mode == "masked", mode == "encrypted"
+        if self.encrypted and adaptive:
+            raise ValueError("adaptive clipping needs the count of unclipped updates, which "
+                             "the server cannot read under Paillier: use a fixed clip")
+        self._encryptor = Encryptor(public_key) if self.encrypted else None
+        self.population = population
+        self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
+                              max_epsilon=max_epsilon, adaptive=adaptive,
+                              target_quantile=target_quantile,
+                              clip_learning_rate=clip_learning_rate,
+                              clipped_count_stddev=clipped_count_stddev)
+        DPConfig(num_sampled=1, population=1, **self._settings)  # check the arguments now
+        self.config: DPConfig | None = None
+        self.ledger: PrivacyLedger | None = None
+        self.clipper: AdaptiveClip | None = None
+        self.budget_exhausted = False
+        self._global: dict[str, np.ndarray] = {}
+        self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
+
+    def _describe_dp(self) -> str:
+        s = self._settings
+        budget = f", budget epsilon {s['max_epsilon']:g}" if s["max_epsilon"] else ""
+        where = "clients" if self.masked or self.encrypted else "server"
+        return (f"noise multiplier {s['noise_multiplier']:g}, clip {s['clip']:g}"
+                f"{' (adaptive)' if s['adaptive'] else ''}, delta {s['delta']:g}{budget}, "
+                f"clipping on the {where}")
+
+    def _start_dp(self, connected: int, sampled: int) -> None:
+        """Fix the sampling figures at the first round: the denominator is the number
+        of clients the strategy samples (even if some drop out later)."""
+        population = self.population or connected
+        self.config = DPConfig(num_sampled=sampled, population=max(population, sampled),
+                               **self._settings)
+        self.ledger = PrivacyLedger(self.config)
+        self.clipper = AdaptiveClip(self.config)
+        log(INFO, "Central DP: %d of %d clients per round (sample rate %.4f), update noise "
+            "multiplier %.4f", sampled, self.config.population, self.config.sample_rate,
+            self.config.update_noise_multiplier)
+
+    def _budget_left(self, server_round: int) -> bool:
+        try:
+            self.ledger.check_budget()
+        except BudgetExhausted as err:
+            log(WARNING, "Round %d not run: %s", server_round, err)
+            self.budget_exhausted = True
+            return False
+        return True
+
+    def _round_config(self) -> dict:
+        """What the clients' clip mod needs this round."""
+        config = {CLIP_KEY: self.clipper.clip}
+        if self.masked and self.config.adaptive:
+            config[BIT_KEY] = True
+        return config
+
+    def _with_bit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global arrays as sent for training (masked adaptive mode: plus the bit)."""
+        if self.masked and self.config.adaptive:
+            return {**arrays, BIT_KEY: np.zeros(1, np.float32)}
+        return arrays
+
+    def _clipped_sum(self, updates: Sequence[tuple[object, list[np.ndarray]]]
+                     ) -> tuple[list[np.ndarray], int, int, list[int]]:
+        """Plaintext mode: check, clip and sum ``(client, arrays)`` updates; the sum, how
+        many were summed and were not clipped, and the indices of the valid ones."""
+        reference = list(self._global.values())
+        total = [np.zeros(a.shape) for a in reference]
+        n = unclipped = 0
+        valid = []
+        for i, (client, update) in enumerate(updates):
+            try:
+                check_update(update, reference)
+            except InvalidUpdate as err:
+                log(WARNING, "Left out the reply of %s: %s", client, err)
+                continue
+            clipped, norm = clip_update([u - g for u, g in zip(update, reference)],
+                                        self.clipper.clip)
+            total = [t + c for t, c in zip(total, clipped)]
+            n += 1
+            unclipped += norm <= self.clipper.clip
+            valid.append(i)
+        return total, n, unclipped, valid
+
+    def _unmasked_sum(self, average: dict[str, np.ndarray], n: int
+                      ) -> tuple[list[np.ndarray], int]:
+        """Masking mode: the sum of the clients' clipped updates from their average,
+        and the number of them that were not clipped."""
+        unclipped = round(float(average.pop(BIT_KEY, np.zeros(1))[0]) * n)
+        total = [n * (average[k].astype(np.float64) - g.astype(np.float64))
+                 for k, g in self._global.items()]
+        return total, unclipped
+
+    def _release(self, server_round: int, total: list[np.ndarray], n: int, unclipped: int
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+        """The noised new global model and the round's DP metrics."""
+        clip = self.clipper.clip
+        new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
+        epsilon = self.ledger.step()
+        next_clip = self.clipper.update(unclipped, self._rng)
+        log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g (%d "
+            "unclipped), epsilon %.4f at delta %g", server_round, n, self.config.num_sampled,
+            clip, unclipped, epsilon, self.config.delta)
+        metrics = {"dp-epsilon": epsilon, "dp-clip": clip, "dp-next-clip": next_clip}
+        if not self.masked or self.config.adaptive:  # the server knows the count then
+            metrics["dp-unclipped-fraction"] = unclipped / n
+        return dict(zip(self._global, new, strict=True)), metrics
+
+    def _release_encrypted(self, server_round: int, model: EncryptedModel
+                           ) -> tuple[EncryptedModel, dict]:
+        """Paillier mode: noise added to the encrypted average of the ``n`` clipped
+        updates, homomorphically. The server cannot rescale an encrypted average to
+        the fixed denominator, so the noise is ``z C`` on the sum divided by ``n``:
+        the same Gaussian mechanism on the sum, then a division by the public ``n``."""
+        std = self.config.update_noise_multiplier * self.clipper.clip / model.total_weight
+        noise = self._rng.normal(0.0, std, model.layout.size)
+        # clipping the noise at 8 std changes it with probability < 1e-15 per value
+        noisy = add_noise(model, noise, 8 * std, self._encryptor, rng=self._rng)
+        epsilon = self.ledger.step()
+        log(INFO, "Central DP round %d (Paillier): noise added to the encrypted average of %d "
+            "updates, clip %.4g, epsilon %.4f at delta %g", server_round, model.total_weight,
+            self.clipper.clip, epsilon, self.config.delta)
+        return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip}
+
+
+def wrapped_mode(strategy: object) -> str:
+    if isinstance(strategy, SecAggFedAvg) or type(strategy).__name__ == "LegacySecAggFedAvg":
+        return "masked"
+    if isinstance(strategy, PaillierFedAvg) or \
+            type(strategy).__name__ == "LegacyPaillierFedAvg":
+        return "encrypted"
+    return "plain"
+
+
+class CentralDP(DPRounds, Strategy):
+    """DP-FedAvg around a plaintext, masking or Paillier FedAvg strategy (Message API).
 
     Parameters
     ----------
@@ -83,167 +226,69 @@ class CentralDP(Strategy):
                  clip_learning_rate: float = 0.2,
                  clipped_count_stddev: float | None = None) -> None:
         if not isinstance(strategy, FedAvg):
-            raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg or "
-                            "SecAggFedAvg)")
+            raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg, "
+                            "SecAggFedAvg or PaillierFedAvg)")
         self.strategy = strategy
-        self.masked = isinstance(strategy, SecAggFedAvg)
-        self.encrypted = isinstance(strategy, PaillierFedAvg)
-        if self.encrypted and adaptive:
-            raise ValueError("adaptive clipping needs the count of unclipped updates, which "
-                             "the server cannot read under Paillier: use a fixed clip")
-        self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
-        self.population = population
-        self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
-                              max_epsilon=max_epsilon, adaptive=adaptive,
-                              target_quantile=target_quantile,
-                              clip_learning_rate=clip_learning_rate,
-                              clipped_count_stddev=clipped_count_stddev)
-        DPConfig(num_sampled=1, population=1, **self._settings)  # check the arguments now
-        self.config: DPConfig | None = None
-        self.ledger: PrivacyLedger | None = None
-        self.clipper: AdaptiveClip | None = None
-        self.budget_exhausted = False
-        self._global: dict[str, np.ndarray] = {}
-        self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
+        mode = wrapped_mode(strategy)
+        self._init_dp(mode, getattr(strategy, "public_key", None),
+                      noise_multiplier=noise_multiplier, clip=clip, population=population,
+                      delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
+                      target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
+                      clipped_count_stddev=clipped_count_stddev)
 
     def summary(self) -> None:
         self.strategy.summary()
-        log(INFO, "\t└──> Central DP: noise multiplier %g, clip %g%s, delta %g%s, clipping "
-            "on the %s", self._settings["noise_multiplier"], self._settings["clip"],
-            " (adaptive)" if self._settings["adaptive"] else "", self._settings["delta"],
-            f", budget epsilon {self._settings['max_epsilon']:g}"
-            if self._settings["max_epsilon"] else "", "clients" if self.masked else "server")
-
-    def _start(self, grid: Grid) -> None:
-        """Fix the sampling figures at the first round: the denominator is the number
-        of clients FedAvg samples (even if some drop out later)."""
-        connected = len(list(grid.get_node_ids()))
-        sampled = max(int(connected * self.strategy.fraction_train),
-                      self.strategy.min_train_nodes)
-        population = self.population or connected
-        self.config = DPConfig(num_sampled=sampled, population=max(population, sampled),
-                               **self._settings)
-        self.ledger = PrivacyLedger(self.config)
-        self.clipper = AdaptiveClip(self.config)
-        log(INFO, "Central DP: %d of %d clients per round (sample rate %.4f), update noise "
-            "multiplier %.4f", sampled, self.config.population, self.config.sample_rate,
-            self.config.update_noise_multiplier)
+        log(INFO, "\t└──> Central DP: %s", self._describe_dp())
 
     # ------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if self.ledger is not None:
-            try:
-                self.ledger.check_budget()
-            except BudgetExhausted as err:
-                log(WARNING, "Round %d not run: %s", server_round, err)
-                self.budget_exhausted = True
-                return []
-        self._global = _arrays(arrays)
-        clip = self.clipper.clip if self.clipper else self._settings["clip"]
-        config = ConfigRecord({**config, CLIP_KEY: clip})
-        if self.masked and self._settings["adaptive"]:
-            config[BIT_KEY] = True
-            arrays = _record({**self._global, BIT_KEY: np.zeros(1, np.float32)})
         if self.config is None:
-            self._start(grid)
+            connected = len(list(grid.get_node_ids()))
+            self._start_dp(connected, max(int(connected * self.strategy.fraction_train),
+                                          self.strategy.min_train_nodes))
+        if not self._budget_left(server_round):
+            return []
+        self._global = _arrays(arrays)
+        config = ConfigRecord({**config, **self._round_config()})
+        arrays = _record(self._with_bit(self._global))
         return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def _server_clipped_sum(self, replies: list[Message]) -> tuple[list[np.ndarray], int, int,
-                                                                   list[Message]]:
-        """Plaintext mode: validate, clip and sum the updates; the sum, how many were
-        summed and not clipped, and the valid replies."""
-        reference = list(self._global.values())
-        total = [np.zeros(a.shape) for a in reference]
-        n = unclipped = 0
-        valid = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(WARNING, "Node %s failed: %s", node, msg.error.reason)
-                continue
-            try:
-                if len(msg.content.array_records) != 1:
-                    raise InvalidUpdate("expected one ArrayRecord")
-                update = list(_arrays(next(iter(msg.content.array_records.values()))).values())
-                check_update(update, reference)
-            except InvalidUpdate as err:
-                log(WARNING, "Left out the reply of node %s: %s", node, err)
-                continue
-            clipped, norm = clip_update([u - g for u, g in zip(update, reference)],
-                                        self.clipper.clip)
-            total = [t + c for t, c in zip(total, clipped)]
-            n += 1
-            unclipped += norm <= self.clipper.clip
-            valid.append(msg)
-        return total, n, unclipped, valid
-
-    def _masked_sum(self, server_round: int, replies: list[Message]
-                    ) -> tuple[list[np.ndarray], int, int, MetricRecord | None]:
-        """Masking mode: the unmasked sum of the clients' own clipped updates."""
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is None:
-            return [], 0, 0, None
-        n = self.strategy.last_total_weight
-        average = _arrays(arrays)
-        unclipped = round(float(average.pop(BIT_KEY, np.zeros(1))[0]) * n)
-        total = [n * (average[k].astype(np.float64) - g.astype(np.float64))
-                 for k, g in self._global.items()]
-        return total, n, unclipped, metrics
-
-    def _encrypted_noised(self, server_round: int, replies: list[Message]
-                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Paillier mode: noise added to the encrypted average of the ``n`` clipped
-        updates, homomorphically. The server cannot rescale an encrypted average to
-        the fixed denominator, so the noise is ``z C`` on the sum divided by ``n``:
-        the same Gaussian mechanism on the sum, then a division by the public ``n``."""
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is None:
-            return None, None
-        model = EncryptedModel.from_arrays(_arrays(arrays), self.strategy.public_key)
-        std = self.config.update_noise_multiplier * self.clipper.clip / model.total_weight
-        noise = self._rng.normal(0.0, std, model.layout.size)
-        # clipping the noise at 8 std changes it with probability < 1e-15 per value
-        noisy = add_noise(model, noise, 8 * std, self._encryptor, rng=self._rng)
-        return as_record(noisy), metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if self.encrypted:
-            arrays, metrics = self._encrypted_noised(server_round, replies)
+        if self.masked or self.encrypted:
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
             if arrays is None:
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, None
-            epsilon = self.ledger.step()
-            log(INFO, "Central DP round %d (Paillier): noise added to the encrypted aggregate, "
-                "clip %.4g, epsilon %.4f at delta %g", server_round, self.clipper.clip,
-                epsilon, self.config.delta)
-            return arrays, MetricRecord({**(metrics or {}), "dp-epsilon": epsilon,
-                                         "dp-clip": self.clipper.clip})
-        if self.masked:
-            total, n, unclipped, metrics = self._masked_sum(server_round, replies)
+            if self.encrypted:
+                model = EncryptedModel.from_arrays(_arrays(arrays), self.strategy.public_key)
+                noisy, dp_metrics = self._release_encrypted(server_round, model)
+                return as_record(noisy), MetricRecord({**(metrics or {}), **dp_metrics})
+            n = self.strategy.last_total_weight
+            total, unclipped = self._unmasked_sum(_arrays(arrays), n)
         else:
-            total, n, unclipped, valid = self._server_clipped_sum(replies)
+            updates, contents = [], []
+            for msg in replies:
+                node = msg.metadata.src_node_id
+                if msg.has_error():
+                    log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                elif len(msg.content.array_records) != 1:
+                    log(WARNING, "Left out the reply of node %s: expected one ArrayRecord", node)
+                else:
+                    record = next(iter(msg.content.array_records.values()))
+                    updates.append((f"node {node}", list(_arrays(record).values())))
+                    contents.append(msg.content)
+            total, n, unclipped, valid = self._clipped_sum(updates)
             metrics = self.strategy.train_metrics_aggr_fn(
-                [m.content for m in valid], self.strategy.weighted_by_key) if valid else None
+                [contents[i] for i in valid], self.strategy.weighted_by_key) if valid else None
         if n == 0:
-            log(WARNING, "Round %d: no update to add noise to; nothing released",
-                server_round)
+            log(WARNING, "Round %d: no update to add noise to; nothing released", server_round)
             return None, None
-        clip = self.clipper.clip
-        new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
-        epsilon = self.ledger.step()
-        next_clip = self.clipper.update(unclipped, self._rng)
-        log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g (%d "
-            "unclipped), epsilon %.4f at delta %g", server_round, n, self.config.num_sampled,
-            clip, unclipped, epsilon, self.config.delta)
-        metrics = MetricRecord({**(metrics or {}), "dp-epsilon": epsilon, "dp-clip": clip,
-                                "dp-next-clip": next_clip})
-        if not self.masked or self.config.adaptive:  # the server knows the count then
-            metrics["dp-unclipped-fraction"] = unclipped / n
-        return _record(dict(zip(self._global, new, strict=True))), metrics
+        new, dp_metrics = self._release(server_round, total, n, unclipped)
+        return _record(new), MetricRecord({**(metrics or {}), **dp_metrics})
 
     # ------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -256,6 +301,26 @@ class CentralDP(Strategy):
 
 
 # ------------------------------------------------------------------ client mod
+def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
+                      trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The trained model with its update clipped to the round's ``dp-clip`` norm (and
+    the unclipped bit when the round asks for it). Refuses when the server sent no
+    clipping norm (it is not running central DP)."""
+    clip = config.get(CLIP_KEY)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+        raise ValueError("this node clips its updates for central DP (dp_clip_mod) but the "
+                         "server sent no dp-clip norm: the server must wrap its strategy in "
+                         "CentralDP (Message API) or LegacyCentralDP (legacy API)")
+    if list(trained) != list(incoming):
+        raise ValueError("the trained model's arrays differ from the global model's")
+    clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], float(clip))
+    update = {k: (incoming[k].astype(np.float64) + c).astype(incoming[k].dtype)
+              for k, c in zip(incoming, clipped, strict=True)}
+    if config.get(BIT_KEY):
+        update[BIT_KEY] = np.array([1.0 if norm <= clip else 0.0], np.float32)
+    return update
+
+
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip this client's update to the round's ``dp-clip`` norm and weight it 1.
 
@@ -266,12 +331,8 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN \
             or "secagg" in msg.content.config_records:  # key stages pass through
         return call_next(msg, context)
-    config = next(iter(msg.content.config_records.values()), {})
-    clip = config.get(CLIP_KEY)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
-        raise ValueError("this node clips its updates for central DP (dp_clip_mod) but the "
-                         "server sent no dp-clip norm: the server must wrap its strategy in "
-                         "CentralDP")
+    config = dict(next(iter(msg.content.config_records.values()), {}))
+    clip_local_update(config, {}, {})  # no norm: fail before training
     (name, record), = msg.content.array_records.items()
     incoming = _arrays(record)
     incoming.pop(BIT_KEY, None)
@@ -280,15 +341,7 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if not reply.has_content():
         return reply
     (out_name, out_record), = reply.content.array_records.items()
-    trained = _arrays(out_record)
-    if list(trained) != list(incoming):
-        raise ValueError("the trained model's arrays differ from the global model's")
-    clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], float(clip))
-    update = {k: (incoming[k].astype(np.float64) + c).astype(incoming[k].dtype)
-              for k, c in zip(incoming, clipped, strict=True)}
-    if config.get(BIT_KEY):
-        update[BIT_KEY] = np.array([1.0 if norm <= clip else 0.0], np.float32)
-    reply.content[out_name] = _record(update)
+    reply.content[out_name] = _record(clip_local_update(config, incoming, _arrays(out_record)))
     metrics = next(iter(reply.content.metric_records.values()))
     metrics["num-examples"] = 1  # DP weighs every client the same
     return reply

@@ -168,8 +168,8 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                 continue
             valid.append(res)
         try:
-            average, _ = rnd.receive_unmask(self._exchange(rnd.unmask_requests(), "unmask",
-                                                           server_round))
+            average, self.last_total_weight = rnd.receive_unmask(
+                self._exchange(rnd.unmask_requests(), "unmask", server_round))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return None, {}

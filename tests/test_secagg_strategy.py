@@ -251,16 +251,20 @@ class LegacyClient(NumPyClient):
 class LegacyProxy(ClientProxy):
     """A client proxy that runs the legacy mod and NumPyClient in-process."""
 
-    def __init__(self, node: int, silent: str = "") -> None:
+    def __init__(self, node: int, silent: str = "", mods: tuple = (legacy_secagg_mod,)) -> None:
         super().__init__(str(node))
-        self.node_id, self.silent = node, silent
+        self.node_id, self.silent, self.mods = node, silent, mods
         self.context = new_context(node)
 
     def _call(self, content: RecordDict, message_type: str) -> RecordDict:
         msg = Message(content, dst_node_id=self.node_id, message_type=message_type)
-        reply = legacy_secagg_mod(msg, self.context, lambda m, c: handle_legacy_message_from_msgtype(
-            lambda context: LegacyClient(self.node_id).to_client(), m, c))
-        return reply.content
+
+        def app(m: Message, c: Context) -> Message:
+            return handle_legacy_message_from_msgtype(
+                lambda context: LegacyClient(self.node_id).to_client(), m, c)
+        for mod in reversed(self.mods):  # the first mod is the outermost, as in Flower
+            app = (lambda mod, inner: lambda m, c: mod(m, c, inner))(mod, app)
+        return app(msg, self.context).content
 
     def get_properties(self, ins, timeout, group_id):
         if json.loads(ins.config[PAYLOAD_KEY])["stage"] == self.silent:
