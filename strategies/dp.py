@@ -184,6 +184,7 @@ class AdaptiveClip:
 
     config: DPConfig
     clip: float = 0.0
+    noisy_fraction: float = 0.0  # the last noised fraction of unclipped updates
 
     def __post_init__(self) -> None:
         self.clip = self.clip or self.config.clip
@@ -192,9 +193,9 @@ class AdaptiveClip:
         """Move the norm given how many of the ``m`` sampled clients were not clipped."""
         if self.config.adaptive:
             noisy = unclipped + rng.normal(0.0, self.config.count_stddev)
-            fraction = noisy / self.config.num_sampled
+            self.noisy_fraction = noisy / self.config.num_sampled
             self.clip *= math.exp(-self.config.clip_learning_rate
-                                  * (fraction - self.config.target_quantile))
+                                  * (self.noisy_fraction - self.config.target_quantile))
         return self.clip
 
 

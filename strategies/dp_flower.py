@@ -38,10 +38,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from .aggregation import InvalidUpdate, check_update
+from .aggregation import InvalidUpdate, check_update, check_weight
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
                  noised_average)
-from .paillier import Encryptor, PublicKey
+from .paillier import Encryptor
 from .paillier_flower import PaillierFedAvg, as_record
 from .paillier_protocol import EncryptedModel, add_noise
 from .secagg_flower import SecAggFedAvg
@@ -58,11 +58,20 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _has_weight(msg: Message, key: str) -> bool:
+    """Whether a reply's metrics hold a valid weight (its metrics are averaged by it)."""
+    try:
+        check_weight(next(iter(msg.content.metric_records.values())).get(key))
+    except InvalidUpdate:
+        return False
+    return True
+
+
 class DPRounds:
     """The central-DP state both wrappers (Message API and legacy) hold: settings,
     accountant, clipping norm, the round's global model, and the steps of a round."""
 
-    def _init_dp(self, mode: str, public_key: PublicKey | None, *, noise_multiplier: float,
+    def _init_dp(self, mode: str, strategy: object, *, noise_multiplier: float,
                  clip: float, population: int, delta: float, max_epsilon: float,
                  adaptive: bool, target_quantile: float, clip_learning_rate: float,
                  clipped_count_stddev: float | None) -> None:
@@ -70,14 +79,20 @@ class DPRounds:
         if self.encrypted and adaptive:
             raise ValueError("adaptive clipping needs the count of unclipped updates, which "
                              "the server cannot read under Paillier: use a fixed clip")
-        self._encryptor = Encryptor(public_key) if self.encrypted else None
+        if self.masked and adaptive and strategy.params.clip < 1:
+            raise ValueError("adaptive clipping with masking sends a 0/1 value through the "
+                             f"masked sum, but its clip range is {strategy.params.clip:g}: "
+                             "use a masking clip of at least 1")
+        self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
         self.population = population
         self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
                               max_epsilon=max_epsilon, adaptive=adaptive,
                               target_quantile=target_quantile,
                               clip_learning_rate=clip_learning_rate,
                               clipped_count_stddev=clipped_count_stddev)
-        DPConfig(num_sampled=1, population=1, **self._settings)  # check the arguments now
+        # check the arguments now (the default count noise depends on m: at round 1)
+        DPConfig(num_sampled=1, population=1, **{
+            **self._settings, "adaptive": adaptive and clipped_count_stddev is not None})
         self.config: DPConfig | None = None
         self.ledger: PrivacyLedger | None = None
         self.clipper: AdaptiveClip | None = None
@@ -165,12 +180,14 @@ class DPRounds:
         new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
         epsilon = self.ledger.step()
         next_clip = self.clipper.update(unclipped, self._rng)
-        log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g (%d "
-            "unclipped), epsilon %.4f at delta %g", server_round, n, self.config.num_sampled,
-            clip, unclipped, epsilon, self.config.delta)
+        log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g, "
+            "epsilon %.4f at delta %g", server_round, n, self.config.num_sampled, clip,
+            epsilon, self.config.delta)
         metrics = {"dp-epsilon": epsilon, "dp-clip": clip, "dp-next-clip": next_clip}
-        if not self.masked or self.config.adaptive:  # the server knows the count then
+        if not self.masked:  # plaintext: the server sees every update anyway
             metrics["dp-unclipped-fraction"] = unclipped / n
+        elif self.config.adaptive:  # masked: only the noised count is released
+            metrics["dp-unclipped-fraction"] = self.clipper.noisy_fraction
         return dict(zip(self._global, new, strict=True)), metrics
 
     def _release_encrypted(self, server_round: int, model: EncryptedModel
@@ -230,7 +247,7 @@ class CentralDP(DPRounds, Strategy):
                             "SecAggFedAvg or PaillierFedAvg)")
         self.strategy = strategy
         mode = wrapped_mode(strategy)
-        self._init_dp(mode, getattr(strategy, "public_key", None),
+        self._init_dp(mode, strategy,
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
@@ -275,8 +292,13 @@ class CentralDP(DPRounds, Strategy):
                 node = msg.metadata.src_node_id
                 if msg.has_error():
                     log(WARNING, "Node %s failed: %s", node, msg.error.reason)
-                elif len(msg.content.array_records) != 1:
-                    log(WARNING, "Left out the reply of node %s: expected one ArrayRecord", node)
+                elif len(msg.content.array_records) != 1 or \
+                        len(msg.content.metric_records) != 1:
+                    log(WARNING, "Left out the reply of node %s: expected one ArrayRecord and "
+                        "one MetricRecord", node)
+                elif not _has_weight(msg, self.strategy.weighted_by_key):
+                    log(WARNING, "Left out the reply of node %s: no valid %s", node,
+                        self.strategy.weighted_by_key)
                 else:
                     record = next(iter(msg.content.array_records.values()))
                     updates.append((f"node {node}", list(_arrays(record).values())))

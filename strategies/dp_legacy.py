@@ -50,7 +50,7 @@ class LegacyCentralDP(DPRounds, Strategy):
             raise TypeError("LegacyCentralDP wraps a flwr.server.strategy.FedAvg (or "
                             "LegacySecAggFedAvg, LegacyPaillierFedAvg)")
         self.strategy = strategy
-        self._init_dp(wrapped_mode(strategy), getattr(strategy, "public_key", None),
+        self._init_dp(wrapped_mode(strategy), strategy,
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
