@@ -2,16 +2,19 @@
 
 They work unchanged in a legacy ``ClientApp(client_fn=...)`` and behind the
 Message-API adapter in :mod:`fedapp.client_app`. Training settings (local
-epochs, batch size, learning rate, optimizer) come from the server's config.
+epochs, batch size, learning rate, optimizer and, with ``dp-sgd``, the DP-SGD
+settings) come from the server's config.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 from flwr.client import NumPyClient
 from torch import nn
 
+from .dp_sgd import DPSGDConfig, load_history, save_history, train_dp_sgd
 from .examples import ArrayExamples, Examples
 from .models import HOUSING_FEATURES, get_weights, set_weights
 from .standardize import decode_floats, local_stats
@@ -36,17 +39,26 @@ class TaskClient(NumPyClient):
         centralized evaluation has no training set.
     seed : int
         Seeds local shuffling; the round number is mixed in each round.
+    device : torch.device, optional
+        Where to train; CUDA when present, else the CPU.
+    state : RecordDict, optional
+        State that outlives this object: the node's ``context.state`` (Flower
+        rebuilds the client for every message). DP-SGD keeps its privacy
+        accountant's history here, so epsilon accumulates over rounds. Without
+        it, a fresh RecordDict that lasts as long as this object.
     """
 
     loss_fn: nn.Module
 
     def __init__(self, spec: DataSpec, train: Examples | None, test: Examples,
-                 seed: int = 0, device: torch.device | None = None) -> None:
+                 seed: int = 0, device: torch.device | None = None,
+                 state: RecordDict | None = None) -> None:
         self.spec = spec
         self.train_set, self.test_set = train, test
         self.seed = seed
         self.device = device or default_device()
         self.model = build_model(spec)
+        self.state = RecordDict() if state is None else state
 
     def data_for_round(self, config: dict) -> tuple[Examples | None, Examples]:
         """Train and test data as the model sees them this round."""
@@ -64,10 +76,17 @@ class TaskClient(NumPyClient):
         train_set, _ = self.data_for_round(config)
         if train_set is None or len(train_set) == 0:
             raise ValueError("this client has no training data")
+        dp = DPSGDConfig.from_config(config)
         set_weights(self.model, parameters)
-        loss = train(self.model, train_set, self.loss_fn, tc, self.device,
-                     seed=self.seed * 1_000_003 + tc.server_round)
-        return get_weights(self.model), len(train_set), {"train-loss": loss}
+        if dp is None:
+            loss = train(self.model, train_set, self.loss_fn, tc, self.device,
+                         seed=self.seed * 1_000_003 + tc.server_round)
+            return get_weights(self.model), len(train_set), {"train-loss": loss}
+        result = train_dp_sgd(self.model, train_set, self.loss_fn, tc, dp, self.device,
+                              load_history(self.state))
+        save_history(self.state, result.history)
+        return get_weights(self.model), len(train_set), {
+            "train-loss": result.loss, "dp-sgd-epsilon": result.epsilon}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict):
         _, test_set = self.data_for_round(config)
