@@ -52,12 +52,12 @@ def run_rounds(
     if central_eval is not None:
         on_round(0, arrays, _prefixed("central-", central_eval(0, arrays)))
     for rnd in range(1, num_rounds + 1):
-        if getattr(strategy, "budget_exhausted", False):  # central DP's privacy budget
-            log(WARNING, "Training stopped after round %d: the privacy budget is spent", rnd - 1)
-            break
         start = time.monotonic()
         log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
         sent = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
+        if getattr(strategy, "budget_exhausted", False):  # central DP's privacy budget
+            log(WARNING, "Training stopped before round %d: the privacy budget is spent", rnd)
+            break
         replies = list(grid.send_and_receive(sent, timeout=timeout))
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:

@@ -114,3 +114,32 @@ def test_the_server_refuses_a_private_key_file(keys, tmp_path):
                             "num-server-rounds": 1}, timeout=300, progress=False)
     assert status != launch.FINISHED_OK
     assert "holds private key material" in logs
+
+
+@pytest.mark.parametrize("aggregation", ["secagg", "paillier"])
+def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir, tmp_path):
+    """DP-FedAvg over masking (adaptive clipping, the bit in the masked sum) and over
+    Paillier (encrypted noise): real runs, epsilon reported and growing every round,
+    the budget stopping training before it is exceeded."""
+    settings = {**settings_for("housing", data_dir), "num-server-rounds": 4,
+                "min-available-nodes": 4, "aggregation": aggregation,
+                "dp-noise-multiplier": 1.0, "dp-clip": 1.0, "dp-max-epsilon": 8.0,
+                "paillier-public-key": str(keys[0])}
+    if aggregation == "secagg":  # adaptive: count noise that leaves room for the update noise
+        settings.update({"dp-adaptive-clip": True, "dp-clipped-count-stddev": 1.0})
+    status, run_dir, logs = launch.simulate(
+        ROOT, tmp_path, 4, settings, timeout=900, progress=False,
+        env={"FEDAPP_PAILLIER_PRIVATE_KEY": str(keys[1])})
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    rows = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r["round"] > 0]
+    epsilon = [r["train-dp-epsilon"] for r in rows]
+    # q = 1, z = 1: 4.73, 7.08, 9.01 after rounds 1-3: the budget of 8 allows two rounds
+    assert len(rows) == 2 and epsilon == sorted(epsilon) and epsilon[-1] <= 8.0
+    assert epsilon[0] == pytest.approx(4.7285, abs=1e-3)
+    assert "Training stopped before round 3: the privacy budget is spent" in logs
+    assert all(r["train-clients"] == 4 for r in rows)
+    if aggregation == "secagg":
+        assert rows[1]["train-dp-clip"] != rows[0]["train-dp-clip"]  # adaptive clipping moved
+        assert logs.count("Secure aggregation: 4 of 4 sampled nodes in the sum") == 2
+    else:
+        assert logs.count("noise added to the encrypted average of 4 updates") == 2
