@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType,
                       MetricRecord)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
@@ -44,18 +44,11 @@ from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_up
 from .paillier import Encryptor
 from .paillier_flower import PaillierFedAvg, as_record
 from .paillier_protocol import EncryptedModel, add_noise
+from .records import array_record, record_arrays
 from .secagg_flower import SecAggFedAvg
 
 CLIP_KEY = "dp-clip"
 BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
-
-
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def _has_weight(msg: Message, key: str) -> bool:
@@ -266,9 +259,9 @@ class CentralDP(DPRounds, Strategy):
                                           self.strategy.min_train_nodes))
         if not self._budget_left(server_round):
             return []
-        self._global = _arrays(arrays)
+        self._global = record_arrays(arrays)
         config = ConfigRecord({**config, **self._round_config()})
-        arrays = _record(self._with_bit(self._global))
+        arrays = array_record(self._with_bit(self._global))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -281,11 +274,11 @@ class CentralDP(DPRounds, Strategy):
                     server_round)
                 return None, None
             if self.encrypted:
-                model = EncryptedModel.from_arrays(_arrays(arrays), self.strategy.public_key)
+                model = EncryptedModel.fromrecord_arrays(record_arrays(arrays), self.strategy.public_key)
                 noisy, dp_metrics = self._release_encrypted(server_round, model)
                 return as_record(noisy), MetricRecord({**(metrics or {}), **dp_metrics})
             n = self.strategy.last_total_weight
-            total, unclipped = self._unmasked_sum(_arrays(arrays), n)
+            total, unclipped = self._unmasked_sum(record_arrays(arrays), n)
         else:
             updates, contents = [], []
             for msg in replies:
@@ -301,7 +294,7 @@ class CentralDP(DPRounds, Strategy):
                         self.strategy.weighted_by_key)
                 else:
                     record = next(iter(msg.content.array_records.values()))
-                    updates.append((f"node {node}", list(_arrays(record).values())))
+                    updates.append((f"node {node}", list(record_arrays(record).values())))
                     contents.append(msg.content)
             total, n, unclipped, valid = self._clipped_sum(updates)
             metrics = self.strategy.train_metrics_aggr_fn(
@@ -310,7 +303,7 @@ class CentralDP(DPRounds, Strategy):
             log(WARNING, "Round %d: no update to add noise to; nothing released", server_round)
             return None, None
         new, dp_metrics = self._release(server_round, total, n, unclipped)
-        return _record(new), MetricRecord({**(metrics or {}), **dp_metrics})
+        return array_record(new), MetricRecord({**(metrics or {}), **dp_metrics})
 
     # ------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -356,14 +349,14 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     config = dict(next(iter(msg.content.config_records.values()), {}))
     clip_local_update(config, {}, {})  # no norm: fail before training
     (name, record), = msg.content.array_records.items()
-    incoming = _arrays(record)
+    incoming = record_arrays(record)
     incoming.pop(BIT_KEY, None)
-    msg.content[name] = _record(incoming)
+    msg.content[name] = array_record(incoming)
     reply = call_next(msg, context)
     if not reply.has_content():
         return reply
     (out_name, out_record), = reply.content.array_records.items()
-    reply.content[out_name] = _record(clip_local_update(config, incoming, _arrays(out_record)))
+    reply.content[out_name] = array_record(clip_local_update(config, incoming, record_arrays(out_record)))
     metrics = next(iter(reply.content.metric_records.values()))
     metrics["num-examples"] = 1  # DP weighs every client the same
     return reply

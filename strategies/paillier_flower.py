@@ -21,7 +21,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -31,6 +31,7 @@ from .aggregation import InvalidUpdate, check_weight
 from .encoding import EncodingParams
 from .keyfiles import load_private_key
 from .paillier import Encryptor, PrivateKey, PublicKey
+from .records import array_record, record_arrays
 from .paillier_protocol import (EncryptedModel, Layout, RoundSum, client_weight,
                                 decrypt_model, encrypt_update)
 
@@ -73,11 +74,7 @@ def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
 
 
 def as_record(model: EncryptedModel) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in model.to_arrays().items()})
-
-
-def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return array_record(model.to_arrays())
 
 
 class PaillierFedAvg(FedAvg):
@@ -247,8 +244,7 @@ def _decrypt_records(msg: Message, key: PrivateKey, workers: int | None) -> None
         if not EncryptedModel.is_encrypted(arrays):
             continue
         layout, plain = decrypt_global_model(key, arrays, workers)
-        msg.content[name] = ArrayRecord({n: Array(a) for n, a in
-                                         zip(layout.names, plain, strict=True)})
+        msg.content[name] = array_record(dict(zip(layout.names, plain, strict=True)))
 
 
 def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, workers: int | None) -> None:

@@ -32,7 +32,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType,
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType,
                       MetricRecord, RecordDict)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import FedAvg
 from .aggregation import InvalidUpdate, Layout, check_weight
 from .keyfiles import load_auth_key
 from .masking import MaskingError, MaskingParams
+from .records import array_record, record_arrays
 from .secagg_protocol import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted, ServerRound,
                               client_mask, client_step)
 
@@ -95,10 +96,6 @@ def masked_arrays(record: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
         raise InvalidUpdate(f"expected arrays {MASKED_KEY!r} and {HEADER_KEY!r}, got "
                             f"{sorted(record)}: is secagg_mod on the ClientApp?")
     return record[MASKED_KEY], header_of(record[HEADER_KEY])
-
-
-def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
 
 
 def layout_digest(layout: Layout) -> str:
@@ -250,8 +247,8 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return None, None
-        arrays = ArrayRecord({n: Array(a) for n, a in zip(
-            self._layout.names, self._layout.unflatten(average), strict=True)})
+        arrays = array_record(dict(zip(self._layout.names, self._layout.unflatten(average),
+                                       strict=True)))
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return arrays, metrics
 
@@ -345,5 +342,5 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         arrays, metrics["secagg-clipped"] = mask_model(
             payload, context, node, list(plain), list(plain.values()),
             int(metrics["num-examples"]))
-        reply.content[name] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        reply.content[name] = array_record(arrays)
     return reply
