@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from opacus import GradSampleModule
+import strategies.opacus_import  # noqa: F401  (before opacus: keeps logging as it was)
+from opacus import GradSampleModule  # noqa: E402
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler

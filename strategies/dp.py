@@ -33,7 +33,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from opacus.accountants import RDPAccountant
+from . import opacus_import  # noqa: F401  (before any opacus module: keeps logging as it was)
+from opacus.accountants import RDPAccountant  # noqa: E402
 
 
 class BudgetExhausted(RuntimeError):

@@ -784,3 +784,20 @@ def test_central_dp_wraps_paillier_only_with_a_fixed_clip(paillier_public_key):
                                              "Paillier: use a fixed clip"):
             CentralDP(cls(paillier_public_key, clip=1.0), noise_multiplier=1.0, clip=1.0,
                       adaptive=True)
+
+
+def test_importing_opacus_through_us_leaves_logging_alone():
+    """Opacus calls logging.basicConfig at import; our modules undo it, or every Flower
+    log line would print twice."""
+    import subprocess
+    import sys
+
+    code = ("import logging, strategies.dp, clients.dp_sgd; "
+            "print(len(logging.getLogger().handlers))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    assert out.stdout.strip() == "0"
+    raw = subprocess.run([sys.executable, "-c", "import logging, opacus.accountants; "
+                          "print(len(logging.getLogger().handlers))"],
+                         capture_output=True, text=True, check=True)
+    assert raw.stdout.strip() == "1"  # what we undo (if Opacus stops, drop the workaround)
