@@ -274,7 +274,8 @@ class CentralDP(DPRounds, Strategy):
                     server_round)
                 return None, None
             if self.encrypted:
-                model = EncryptedModel.fromrecord_arrays(record_arrays(arrays), self.strategy.public_key)
+                model = EncryptedModel.from_arrays(record_arrays(arrays),
+                                                   self.strategy.public_key)
                 noisy, dp_metrics = self._release_encrypted(server_round, model)
                 return as_record(noisy), MetricRecord({**(metrics or {}), **dp_metrics})
             n = self.strategy.last_total_weight
@@ -356,7 +357,8 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if not reply.has_content():
         return reply
     (out_name, out_record), = reply.content.array_records.items()
-    reply.content[out_name] = array_record(clip_local_update(config, incoming, record_arrays(out_record)))
+    reply.content[out_name] = array_record(
+        clip_local_update(config, incoming, record_arrays(out_record)))
     metrics = next(iter(reply.content.metric_records.values()))
     metrics["num-examples"] = 1  # DP weighs every client the same
     return reply
