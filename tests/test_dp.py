@@ -801,3 +801,63 @@ def test_importing_opacus_through_us_leaves_logging_alone():
                           "print(len(logging.getLogger().handlers))"],
                          capture_output=True, text=True, check=True)
     assert raw.stdout.strip() == "1"  # what we undo (if Opacus stops, drop the workaround)
+
+
+# ------------------------------------------------------------------ Paillier mode
+class PaillierNode:
+    """A Paillier-mode node: paillier_mod(dp_clip_mod(train)) as the app composes them."""
+
+    def __init__(self, node: int, delta, key) -> None:
+        self.node, self.key = node, key
+        self.train = train_with(delta, weight=25)
+        self.context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
+                               run_config={})
+
+    def handle(self, msg: Message) -> Message:
+        from strategies import paillier_flower
+
+        original = paillier_flower.node_private_key  # the node's key, without a key file
+        paillier_flower.node_private_key = lambda context: self.key
+        try:
+            return paillier_flower.paillier_mod(
+                msg, self.context, lambda m, c: dp_clip_mod(m, c, self.train))
+        finally:
+            paillier_flower.node_private_key = original
+
+
+@pytest.fixture(scope="module")
+def paillier_keys():
+    from strategies.paillier import generate_keypair
+    return generate_keypair(2048)
+
+
+@pytest.mark.parametrize("z", [1e-6, 2.0])
+def test_paillier_round_adds_encrypted_noise_of_std_z_c_over_n(z, paillier_keys, task_identity):
+    """The noise goes into the encrypted average: a key holder decrypts the clipped
+    average of the n updates plus N(0, (z C / n)^2) (within the quantization error)."""
+    from strategies.paillier_flower import PaillierFedAvg
+    from strategies.paillier_protocol import EncryptedModel, decrypt_model
+
+    public, private = paillier_keys
+    shapes = {"w": (40, 50)}  # 2,000 values: 32 ciphertexts
+    glob = model(shapes, 41, scale=0.1)
+    clip = 0.5
+    deltas = {u: scaled_to(shapes, u, 2.0) for u in NODES[:4]}  # all clipped to 0.5
+    nodes = [PaillierNode(u, deltas[u], private) for u in NODES[:4]]
+    dp = CentralDP(PaillierFedAvg(public, clip=2.0, min_available_nodes=4, min_train_nodes=4,
+                                  fraction_evaluate=0.0), noise_multiplier=z, clip=clip)
+    new, metrics, _ = run_round(dp, FakeGrid(nodes), glob)
+    encrypted = EncryptedModel.from_arrays(numpy_of(new), public)
+    assert encrypted.total_weight == 4 and encrypted.noise_offset > 0
+    got = decrypt_model(private, encrypted)[0].astype(np.float64).ravel()
+    expected = glob["w"].astype(np.float64).ravel() + sum(
+        flat(deltas[u]) * (clip / np.linalg.norm(flat(deltas[u]))) for u in deltas) / 4
+    residual = got - expected
+    quantization = dp.strategy.params.max_error() + 1e-6  # + float32
+    if z < 1e-3:
+        assert np.abs(residual).max() <= quantization
+    else:
+        std = z * clip / 4
+        assert abs(residual.std() / std - 1) < 0.08  # 2,000 samples: ~1.6% standard error
+        assert abs(residual.mean()) < 5 * std / np.sqrt(residual.size)
+    assert metrics["dp-epsilon"] > 0
