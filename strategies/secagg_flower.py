@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -177,6 +178,7 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
                             dst_node_id=u, message_type=STAGE_MESSAGE_TYPE)
                     for u, text in requests.items()]
         answers = {}
+        start = time.monotonic()
         for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -186,6 +188,8 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
                 log(WARNING, "Secure aggregation: node %s sent no %s payload", node, stage)
             else:
                 answers[node] = reply.content.config_records[RECORD_KEY].get(PAYLOAD_KEY)
+        log(INFO, "Secure aggregation: %s stage, %d of %d nodes answered in %.2f s", stage,
+            len(answers), len(messages), time.monotonic() - start)
         return answers
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -22,6 +22,7 @@ uint32/uint64 masked vector and the UTF-8 JSON header as uint8.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 
@@ -113,6 +114,7 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
             return res.properties.get(PAYLOAD_KEY)
 
         answers = {}
+        start = time.monotonic()
         with ThreadPoolExecutor(max_workers=min(32, len(requests) or 1)) as pool:
             futures = {u: pool.submit(ask, u) for u in requests}
             for u, future in futures.items():
@@ -121,6 +123,8 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                 except Exception as err:  # a failed or silent client is a dropout
                     log(WARNING, "Secure aggregation: client %s failed the %s stage: %s", u,
                         stage, err)
+        log(INFO, "Secure aggregation: %s stage, %d of %d clients answered in %.2f s", stage,
+            len(answers), len(requests), time.monotonic() - start)
         return answers
 
     def configure_fit(self, server_round: int, parameters: Parameters,
