@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "central-eval": True,
     "seed": 42,
     "run-dir": "fedapp-runs",
+    "resume-from": "",
 }
 
 
@@ -135,6 +136,7 @@ class RunSettings:
     central_eval: bool
     seed: int
     run_dir: str
+    resume_from: str
 
     @staticmethod
     def from_run_config(run_config: dict[str, Any]) -> RunSettings:
@@ -202,6 +204,7 @@ class RunSettings:
             central_eval=bool(c["central-eval"]),
             seed=int(c["seed"]),
             run_dir=str(c["run-dir"]),
+            resume_from=str(c["resume-from"]),
         )
         s.check()
         return s
@@ -275,6 +278,13 @@ class RunSettings:
         """Absolute: a relative ``run-dir`` is taken from the home directory, because the
         ServerApp's working directory is wherever the SuperLink was started."""
         path = Path(self.run_dir).expanduser()
+        return path if path.is_absolute() else Path.home() / path
+
+    def resolved_resume_dir(self) -> Path | None:
+        """The run directory to resume (``resume-from``), absolute as ``run-dir``; or None."""
+        if not self.resume_from:
+            return None
+        path = Path(self.resume_from).expanduser()
         return path if path.is_absolute() else Path.home() / path
 
     def as_dict(self) -> dict[str, Any]:

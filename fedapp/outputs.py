@@ -30,6 +30,16 @@ class RunRecorder:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return RunRecorder(base / f"{stamp}-{task}-{run_id}")
 
+    @staticmethod
+    def reopen(directory: Path, last_round: int) -> RunRecorder:
+        """Go on writing into ``directory`` (a resumed run): keep its metrics up to
+        ``last_round``, drop any row of a round the checkpoint does not hold."""
+        rec = RunRecorder(directory)
+        metrics = directory / "metrics.json"
+        if metrics.is_file():
+            rec.rows = [r for r in json.loads(metrics.read_text()) if r["round"] <= last_round]
+        return rec
+
     def write_config(self, config: dict[str, Any]) -> None:
         (self.directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 

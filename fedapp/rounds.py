@@ -42,16 +42,25 @@ def run_rounds(
     timeout: float,
     central_eval: Callable[[int, ArrayRecord], MetricRecord | None] | None,
     on_round: RoundHook,
+    first_round: int = 1,
 ) -> ArrayRecord:
-    """Run ``num_rounds`` rounds; call ``on_round(round, arrays, row)`` after each.
+    """Run rounds ``first_round`` .. ``num_rounds``; call ``on_round(round, arrays,
+    row)`` after each (``first_round`` > 1 goes on from a checkpoint).
 
     ``row`` holds seconds, bytes each way, the number of valid and failed train
     replies, aggregated client metrics (``train-*``, ``fed-*``) and centralized
     ones (``central-*``). Returns the final global arrays.
+
+    Raises
+    ------
+    RuntimeError
+        If rounds ran but none produced a usable update (every client failed or was
+        left out): such a run must not end as a success.
     """
-    if central_eval is not None:
+    if central_eval is not None and first_round == 1:
         on_round(0, arrays, _prefixed("central-", central_eval(0, arrays)))
-    for rnd in range(1, num_rounds + 1):
+    ran, updated = 0, 0
+    for rnd in range(first_round, num_rounds + 1):
         start = time.monotonic()
         log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
         sent = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
@@ -60,10 +69,11 @@ def run_rounds(
             break
         replies = list(grid.send_and_receive(sent, timeout=timeout))
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        ran += 1
         if new_arrays is None:
             log(WARNING, "Round %d: no usable update, the global model stays as it was", rnd)
         else:
-            arrays = new_arrays
+            arrays, updated = new_arrays, updated + 1
         failures = sum(1 for m in replies if m.has_error()) + len(sent) - len(replies)
         eval_sent = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
         eval_replies = list(grid.send_and_receive(eval_sent, timeout=timeout))
@@ -81,4 +91,7 @@ def run_rounds(
             row.update(_prefixed("central-", central_eval(rnd, arrays)))
         row["seconds"] = round(time.monotonic() - start, 3)
         on_round(rnd, arrays, row)
+    if ran and not updated:
+        raise RuntimeError(f"none of the {ran} rounds run produced a usable update: every "
+                           "client failed or was left out (see the warnings above)")
     return arrays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO, WARNING
 
@@ -15,7 +16,9 @@ from clients.numpy_clients import CLIENTS
 from clients.standardize import combine_stats, encode_floats
 from clients.tasks import build_model, load_central_test
 from strategies.paillier_protocol import EncryptedModel
+from strategies.records import array_record, record_arrays
 
+from .checkpoint import Checkpoint, CheckpointError, check_compatible
 from .config import RunSettings
 from .outputs import RunRecorder
 from .rounds import run_rounds
@@ -64,10 +67,24 @@ def make_central_eval(settings: RunSettings, extra_config: dict):
     return central_eval
 
 
+def open_run(settings: RunSettings, run_id: int) -> tuple[RunRecorder, Checkpoint | None]:
+    """A new run directory, or with ``resume-from`` the old one and its checkpoint."""
+    directory = settings.resolved_resume_dir()
+    if directory is None:
+        return RunRecorder.create(settings.resolved_run_dir(), settings.task, run_id), None
+    checkpoint = Checkpoint.load(directory)
+    saved = directory / "config.json"
+    if not saved.is_file():
+        raise CheckpointError(f"no config.json in {directory}: not a run directory")
+    check_compatible(json.loads(saved.read_text()), settings.as_dict(), directory)
+    log(INFO, "Resuming %s after round %d", directory, checkpoint.round)
+    return RunRecorder.reopen(directory, checkpoint.round), checkpoint
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    recorder = RunRecorder.create(settings.resolved_run_dir(), settings.task, context.run_id)
+    recorder, checkpoint = open_run(settings, context.run_id)
     recorder.write_config(settings.as_dict())
     log(INFO, "Run directory: %s", recorder.directory)
 
@@ -81,22 +98,34 @@ def main(grid: Grid, context: Context) -> None:
     central_eval = make_central_eval(settings, extra) if settings.central_eval and not hidden \
         else None
     metric = "mse" if settings.task == "housing" else "accuracy"
+    strategy = build_strategy(settings)
+    arrays = ArrayRecord(get_weights(model))
+    if checkpoint is not None:
+        arrays = array_record(checkpoint.arrays)
+        if hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(checkpoint.strategy)
 
     def on_round(rnd: int, arrays: ArrayRecord, row: dict) -> None:
         recorder.add_round({"round": rnd, **row})
+        if rnd > 0:
+            state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
+            Checkpoint(rnd, record_arrays(arrays), state).save(recorder.directory)
         shown = {k: row.get(k) for k in ("fed-loss", f"fed-{metric}", f"central-{metric}", "seconds")}
         log(INFO, "Round %d done: %s", rnd, {k: round(v, 4) for k, v in shown.items() if v is not None})
 
+    first = checkpoint.round + 1 if checkpoint else 1
+    if first > settings.num_server_rounds:
+        log(INFO, "All %d rounds were finished before: nothing to run", settings.num_server_rounds)
     final = run_rounds(
-        build_strategy(settings), grid, ArrayRecord(get_weights(model)),
-        settings.num_server_rounds,
+        strategy, grid, arrays, settings.num_server_rounds,
         train_config=ConfigRecord({**settings.train_config(), **extra}),
         evaluate_config=ConfigRecord(extra),
         timeout=settings.round_timeout,
         central_eval=central_eval,
         on_round=on_round,
+        first_round=first,
     )
-    arrays = {k: v.numpy() for k, v in final.items()}
+    arrays = record_arrays(final)
     if EncryptedModel.is_encrypted(arrays):  # only key holders can read it: fedapp decrypt
         recorder.save_arrays("model.encrypted.npz", arrays)
     else:

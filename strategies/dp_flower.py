@@ -113,6 +113,29 @@ class DPRounds:
             "multiplier %.4f", sampled, self.config.population, self.config.sample_rate,
             self.config.update_noise_multiplier)
 
+    def state_dict(self) -> dict:
+        """What a restarted server needs to go on (JSON-able): the sampling figures
+        fixed at round 1, the accountant's history and the clipping norm."""
+        if self.config is None:
+            return {}
+        return {"num-sampled": self.config.num_sampled, "population": self.config.population,
+                "history": [list(h) for h in self.ledger.accountant.history],
+                "clip": self.clipper.clip}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from :meth:`state_dict` of an earlier run (same settings)."""
+        if not state:
+            return
+        self.config = DPConfig(num_sampled=int(state["num-sampled"]),
+                               population=int(state["population"]), **self._settings)
+        self.ledger = PrivacyLedger(self.config)
+        self.ledger.accountant.history = [(float(z), float(q), int(s))
+                                          for z, q, s in state["history"]]
+        self.clipper = AdaptiveClip(self.config, clip=float(state["clip"]))
+        log(INFO, "Central DP resumed: epsilon %.3f after %d rounds, clip %.4g",
+            self.ledger.epsilon(), sum(s for _, _, s in self.ledger.accountant.history),
+            self.clipper.clip)
+
     def _budget_left(self, server_round: int) -> bool:
         try:
             self.ledger.check_budget()

@@ -1,0 +1,128 @@
+"""The server's per-round checkpoint, resuming, and run_rounds' failure rule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+
+from fedapp.checkpoint import FILE, Checkpoint, CheckpointError, check_compatible
+from fedapp.config import RunSettings
+from fedapp.outputs import RunRecorder
+from fedapp.rounds import run_rounds
+from strategies.dp_flower import CentralDP
+from strategies.fedavg import WeightedFedAvg
+
+
+def test_round_trip_keeps_arrays_dtypes_and_state(tmp_path):
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "ciphertexts": np.random.default_rng(0).integers(0, 256, (4, 512), dtype=np.uint8),
+              "header": np.frombuffer(b'{"k": 1}', dtype=np.uint8)}
+    Checkpoint(3, arrays, {"clip": 0.5, "history": [[1.0, 0.1, 3]]}).save(tmp_path)
+    back = Checkpoint.load(tmp_path)
+    assert back.round == 3 and back.strategy == {"clip": 0.5, "history": [[1.0, 0.1, 3]]}
+    assert list(back.arrays) == list(arrays)
+    for k, v in arrays.items():
+        assert back.arrays[k].dtype == v.dtype and np.array_equal(back.arrays[k], v)
+    assert [p.name for p in tmp_path.iterdir()] == [FILE]  # no temporary file left
+
+
+def test_a_later_round_replaces_the_earlier(tmp_path):
+    for rnd in (1, 2):
+        Checkpoint(rnd, {"w": np.full(3, rnd, np.float32)}).save(tmp_path)
+    back = Checkpoint.load(tmp_path)
+    assert back.round == 2 and back.arrays["w"].tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip", b"PK\x03\x04garbage"])
+def test_missing_or_damaged_checkpoints_are_named(tmp_path, content):
+    with pytest.raises(CheckpointError, match="no checkpoint.npz"):
+        Checkpoint.load(tmp_path)
+    (tmp_path / FILE).write_bytes(content)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        Checkpoint.load(tmp_path)
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path):
+    np.savez(tmp_path / FILE, w=np.array([{"a": 1}], dtype=object),
+             __state__=np.frombuffer(b'{"round": 1, "strategy": {}}', np.uint8))
+    with pytest.raises(CheckpointError, match="cannot read"):
+        Checkpoint.load(tmp_path)
+
+
+def test_settings_that_must_match_are_listed():
+    saved = RunSettings.from_run_config({}).as_dict()
+    check_compatible(saved, {**saved, "num-server-rounds": 10, "round-timeout": 5.0}, None)
+    with pytest.raises(CheckpointError, match="task: 'mnist' then, 'spam' now"):
+        check_compatible(saved, RunSettings.from_run_config({"task": "spam"}).as_dict(), None)
+
+
+def test_reopened_recorder_drops_rounds_past_the_checkpoint(tmp_path):
+    rec = RunRecorder(tmp_path)
+    for rnd in range(4):
+        rec.add_round({"round": rnd, "seconds": 1.0})
+    again = RunRecorder.reopen(tmp_path, 2)
+    assert [r["round"] for r in again.rows] == [0, 1, 2]
+    again.add_round({"round": 3, "seconds": 2.0})
+    assert [r["round"] for r in json.loads((tmp_path / "metrics.json").read_text())] == \
+        [0, 1, 2, 3]
+
+
+def central_dp() -> CentralDP:
+    return CentralDP(WeightedFedAvg(), noise_multiplier=0.8, clip=1.0, adaptive=True,
+                     clipped_count_stddev=2.0)
+
+
+def test_central_dp_state_goes_on_where_it_stopped():
+    rng = np.random.default_rng(1)
+    first = central_dp()
+    first._start_dp(100, 10)
+    for _ in range(3):
+        first.ledger.step()
+        first.clipper.update(4, rng)
+    state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint holds
+    second = central_dp()
+    second.load_state_dict(state)
+    assert second.clipper.clip == first.clipper.clip
+    assert second.config.sample_rate == first.config.sample_rate == 0.1
+    assert second.ledger.epsilon() == first.ledger.epsilon() > 0
+    assert second.ledger.step() == first.ledger.step()
+    assert central_dp().state_dict() == {}  # before round 1 there is nothing to keep
+
+
+class NoUpdates:
+    """A strategy whose rounds never produce an update (every client failed)."""
+
+    def configure_train(self, rnd, arrays, config, grid):
+        return []
+
+    def aggregate_train(self, rnd, replies):
+        return None, None
+
+    def configure_evaluate(self, rnd, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, rnd, replies):
+        return None
+
+
+class Grid:
+    def send_and_receive(self, messages, timeout=None):
+        return []
+
+
+def rounds(first_round: int, num_rounds: int, seen: list) -> ArrayRecord:
+    return run_rounds(NoUpdates(), Grid(), ArrayRecord([np.zeros(2)]), num_rounds,
+                      ConfigRecord(), ConfigRecord(), 1.0, None,
+                      lambda rnd, arrays, row: seen.append(rnd), first_round=first_round)
+
+
+def test_a_run_without_any_update_fails_and_resumed_rounds_start_later():
+    seen: list[int] = []
+    with pytest.raises(RuntimeError, match="none of the 2 rounds run produced a usable update"):
+        rounds(3, 4, seen)
+    assert seen == [3, 4]
+    rounds(5, 4, seen)  # nothing left to run: not a failure
+    assert seen == [3, 4]
