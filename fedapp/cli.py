@@ -1,12 +1,14 @@
 """``fedapp``: run simulations, and start the server and client nodes of a deployment.
 
-    fedapp sim     run a simulation on a private SuperLink and report how it ended
-    fedapp server  start a SuperLink (the server node)
-    fedapp client  start a SuperNode (a client node) for one data partition
-    fedapp run     submit this app to a SuperLink and wait until the run ends
-    fedapp keygen  make a Paillier key pair (public key for the server, private for clients),
-                   or with --secagg the client nodes' secure-aggregation authentication key
-    fedapp decrypt turn an encrypted final model into a plaintext checkpoint (key holders)
+    fedapp sim       run a simulation on a private SuperLink and report how it ended
+    fedapp server    start a SuperLink (the server node): TLS, and SuperNode authentication
+    fedapp client    start a SuperNode (a client node) for one data partition
+    fedapp register  register client nodes' public keys with a running SuperLink
+    fedapp run       submit this app to a SuperLink and wait until the run ends
+    fedapp keygen    make a Paillier key pair (public key for the server, private for clients),
+                     with --secagg the client nodes' secure-aggregation authentication key,
+                     with --supernode one client node's SuperNode authentication key pair
+    fedapp decrypt   turn an encrypted final model into a plaintext checkpoint (key holders)
 """
 
 from __future__ import annotations
@@ -55,29 +57,70 @@ def cmd_server(args: argparse.Namespace) -> int:
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=True)
     cmd = launch.superlink_command(args.host, args.port, tls,
-                                   database=Path(args.database) if args.database else None)
+                                   database=Path(args.database) if args.database else None,
+                                   supernode_auth=not (args.insecure or args.no_supernode_auth))
     os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
     return 1  # not reached
+
+
+def client_secrets(args: argparse.Namespace) -> str | None:
+    """Check the key files a client node was given before it starts; returns the
+    SuperNode private key path (None without node authentication).
+
+    Raises
+    ------
+    ValueError
+        If node authentication is on (TLS without ``--no-supernode-auth``) and no
+        ``--supernode-key`` was given, or a key is given with ``--insecure`` or
+        ``--no-supernode-auth``, or the key is not a usable SuperNode key.
+    PermissionError
+        If a private key file is readable by group or others.
+    """
+    from strategies.keyfiles import check_private
+
+    from .nodekeys import check_node_private_key
+
+    if args.insecure and args.supernode_key:
+        raise ValueError("--supernode-key needs TLS (Flower refuses node authentication "
+                         "over an insecure connection): drop --insecure or the key")
+    if args.no_supernode_auth and args.supernode_key:
+        raise ValueError("give either --supernode-key or --no-supernode-auth, not both")
+    if not (args.insecure or args.no_supernode_auth or args.supernode_key):
+        raise ValueError("give --supernode-key FILE (this node's private key from 'fedapp "
+                         "keygen --supernode', its public key registered with 'fedapp "
+                         "register'), or --no-supernode-auth for a SuperLink started with it")
+    for path in (args.paillier_private_key, args.secagg_auth_key):
+        if path:
+            check_private(Path(path).expanduser())
+    return str(check_node_private_key(Path(args.supernode_key))) if args.supernode_key else None
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
+    node_key = client_secrets(args)
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
                                    args.port, tls, args.data_dir, args.paillier_private_key,
-                                   args.secagg_auth_key)
+                                   args.secagg_auth_key, node_key)
     os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
     return 1
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def connect(args: argparse.Namespace, name: str = "deployment") -> dict[str, str]:
+    """Write the connection to ``args.superlink`` into ``$FLWR_HOME/config.toml``
+    (TLS with ``--certificates DIR``/ca.crt unless ``--insecure``); returns the
+    environment for ``flwr`` commands."""
     home = _flwr_home(args)
     ca = Path(args.certificates) / "ca.crt" if args.certificates else None
     if not args.insecure and (ca is None or not ca.is_file()):
         raise SystemExit("give --certificates DIR holding ca.crt, or --insecure")
-    launch.write_connection(home, "deployment", args.superlink, insecure=args.insecure,
+    launch.write_connection(home, name, args.superlink, insecure=args.insecure,
                             root_certificates=None if args.insecure else ca)
-    env = launch.flower_env(home)
+    return launch.flower_env(home)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    env = connect(args)
     run_id = launch.submit(Path(args.app), "deployment", env, parse_overrides(args.run_config))
     print(f"submitted run {run_id}")
     if args.no_wait:
@@ -88,12 +131,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == launch.FINISHED_OK else 1
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from .nodekeys import check_node_public_key
+
+    if args.insecure:
+        raise SystemExit("SuperNode authentication needs TLS: a SuperLink started with "
+                         "--insecure lets any SuperNode in, there is nothing to register")
+    keys = [check_node_public_key(Path(k)) for k in args.public_keys]
+    env = connect(args)
+    ids = {str(k): launch.register_supernode(k, "deployment", env) for k in keys}
+    print(json.dumps({"registered": ids}))
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from strategies.keyfiles import write_auth_key, write_keypair
 
     if args.secagg:
         path = write_auth_key(Path(args.out))
         print(f"authentication key (every client node, never the server; 0600): {path}")
+        return 0
+    if args.supernode:
+        from .nodekeys import write_node_keypair
+
+        public, private = write_node_keypair(Path(args.out))
+        print(f"SuperNode public key  (register it: fedapp register):  {public}")
+        print(f"SuperNode private key (this client node only, 0600):   {private}")
         return 0
     public, private, fingerprint = write_keypair(Path(args.out), args.bits)
     print(f"public key  (give to the server):       {public}")
@@ -147,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="start the SuperLink (server node)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=9092)
-    s.add_argument("--database", help="SQLite file for the SuperLink state (default: in memory)")
+    s.add_argument("--database", help="SQLite file for the SuperLink state, registered "
+                   "SuperNodes included (default: in memory)")
+    s.add_argument("--no-supernode-auth", action="store_true", help="let any SuperNode "
+                   "connect (default with TLS: only SuperNodes registered with fedapp register)")
     tls(s)
     s.set_defaults(func=cmd_server)
 
@@ -159,17 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--paillier-private-key", help="private key file for aggregation=paillier")
     s.add_argument("--secagg-auth-key", help="authentication key file for aggregation=secagg "
                    "(fedapp keygen --secagg; the same on every client node)")
+    s.add_argument("--supernode-key", help="this node's SuperNode authentication private key "
+                   "(fedapp keygen --supernode); needed with TLS")
+    s.add_argument("--no-supernode-auth", action="store_true",
+                   help="connect without node authentication (the SuperLink must allow it)")
     s.add_argument("--port", type=int, default=9094,
                    help="local port for the ClientApp runtime; one per node on a machine")
     tls(s)
     s.set_defaults(func=cmd_client)
 
-    s = sub.add_parser("keygen", help="make a Paillier key pair, or a secure-aggregation "
-                       "authentication key (--secagg)")
+    s = sub.add_parser("keygen", help="make a Paillier key pair, a secure-aggregation "
+                       "authentication key (--secagg) or a SuperNode key pair (--supernode)")
     s.add_argument("--out", required=True, help="directory for paillier.pub.json and "
-                   "paillier.key.json (with --secagg: secagg-auth.key)")
-    s.add_argument("--secagg", action="store_true", help="make the client nodes' shared "
-                   "authentication key for aggregation=secagg instead")
+                   "paillier.key.json (with --secagg: secagg-auth.key; with --supernode: "
+                   "supernode.key and supernode.pub)")
+    kind = s.add_mutually_exclusive_group()
+    kind.add_argument("--secagg", action="store_true", help="make the client nodes' shared "
+                      "authentication key for aggregation=secagg instead")
+    kind.add_argument("--supernode", action="store_true", help="make this client node's "
+                      "SuperNode authentication key pair (EC P-384, OpenSSH) instead")
     s.add_argument("--bits", type=int, default=2048, help="modulus size (at least 2048)")
     s.set_defaults(func=cmd_keygen)
 
@@ -190,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="return once submitted")
     tls(s)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("register", help="register client nodes' public keys with a running "
+                       "SuperLink (SuperNode authentication)")
+    s.add_argument("public_keys", nargs="+", metavar="PUBLIC_KEY",
+                   help="supernode.pub files from 'fedapp keygen --supernode'")
+    s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
+    tls(s)
+    s.set_defaults(func=cmd_register)
     return p
 
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from strategies.keyfiles import check_private
+
 FINISHED_OK = "finished:completed"
 
 
@@ -51,7 +53,17 @@ def flower_command(name: str) -> str:
 
 def tls_args(certificates: Path | None, insecure: bool, server: bool) -> list[str]:
     """Flower's TLS flags from a directory holding ``ca.crt`` (and, for the server,
-    ``server.pem`` / ``server.key``), or ``--insecure`` when asked for explicitly."""
+    ``server.pem`` / ``server.key``), or ``--insecure`` when asked for explicitly.
+
+    Raises
+    ------
+    ValueError
+        Without a certificates directory and without ``insecure``.
+    FileNotFoundError
+        If a certificate file is missing.
+    PermissionError
+        If the server's TLS key is readable by group or others.
+    """
     if insecure:
         return ["--insecure"]
     if certificates is None:
@@ -63,15 +75,29 @@ def tls_args(certificates: Path | None, insecure: bool, server: bool) -> list[st
     if missing:
         raise FileNotFoundError(f"missing TLS files: {', '.join(missing)}")
     if server:
+        check_private(needed[2])
         return ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(needed[1]),
                 "--ssl-keyfile", str(needed[2])]
     return ["--root-certificates", str(ca)]
 
 
 def superlink_command(host: str, port: int, tls: list[str], simulation: bool = False,
-                      database: Path | None = None) -> list[str]:
+                      database: Path | None = None, supernode_auth: bool = False) -> list[str]:
+    """``flower-superlink`` on ``host:port``; with ``supernode_auth`` only SuperNodes
+    whose public key was registered (:func:`register_supernode`) may connect.
+
+    Raises
+    ------
+    ValueError
+        If ``supernode_auth`` is asked for without TLS (Flower refuses it).
+    """
+    if supernode_auth and "--insecure" in tls:
+        raise ValueError("SuperNode authentication needs TLS: give certificates, or "
+                         "turn node authentication off (--no-supernode-auth)")
     cmd = [flower_command("flower-superlink"), *tls, "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     if simulation:
         cmd += ["--simulation", "--control-api-address", f"{host}:{free_port()}"]
     if database is not None:
@@ -81,17 +107,61 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
                       tls: list[str], data_dir: str | None = None,
-                      private_key: str | None = None, auth_key: str | None = None) -> list[str]:
-    """``flower-supernode`` for one partition; key files go in the node config
-    (``paillier-private-key``, ``secagg-auth-key``), never to the server."""
+                      private_key: str | None = None, auth_key: str | None = None,
+                      node_key: str | None = None) -> list[str]:
+    """``flower-supernode`` for one partition.
+
+    The federation's client-side key files go in the node config
+    (``paillier-private-key``, ``secagg-auth-key``), where the ClientApp reads
+    them; ``node_key``, this node's SuperNode authentication private key
+    (``fedapp keygen --supernode``), goes to Flower's
+    ``--auth-supernode-private-key``. None of them ever reaches the server.
+
+    Raises
+    ------
+    ValueError
+        If ``node_key`` is given without TLS (Flower refuses it).
+    """
+    if node_key and "--insecure" in tls:
+        raise ValueError("SuperNode authentication needs TLS: give certificates, or "
+                         "drop the SuperNode private key")
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
     paths = {"data-dir": data_dir, "paillier-private-key": private_key,
              "secagg-auth-key": auth_key}
     for key, path in paths.items():
         if path:
             node_config += f" {key}='{Path(path).expanduser().resolve()}'"
-    return [flower_command("flower-supernode"), *tls, "--superlink", superlink,
-            "--node-config", node_config, "--port", str(port)]
+    cmd = [flower_command("flower-supernode"), *tls, "--superlink", superlink,
+           "--node-config", node_config, "--port", str(port)]
+    if node_key:
+        cmd += ["--auth-supernode-private-key", str(Path(node_key).expanduser().resolve())]
+    return cmd
+
+
+def register_supernode(public_key: Path, connection: str, env: dict[str, str]) -> int:
+    """Register a SuperNode's public key with a SuperLink through its Control API
+    (``flwr supernode register``); returns the node id Flower gives it.
+
+    The SuperLink must be running; it keeps registrations in its state (in memory
+    unless it was started with ``--database``).
+
+    Raises
+    ------
+    RuntimeError
+        With Flower's message, if the registration failed (e.g. the key is
+        registered already, or the SuperLink cannot be reached).
+    """
+    out = subprocess.run(
+        [flower_command("flwr"), "supernode", "register", str(public_key), connection,
+         "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        reply = json.loads(out.stdout[out.stdout.index("{"):])
+    except ValueError:
+        reply = {}
+    if out.returncode != 0 or not reply.get("success"):
+        raise RuntimeError(f"flwr supernode register {public_key} failed: "
+                           f"{out.stdout.strip()} {out.stderr.strip()}")
+    return int(reply["node-id"])
 
 
 def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -138,11 +208,18 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0,
 
 def write_connection(flwr_home: Path, name: str, address: str, *, insecure: bool,
                      root_certificates: Path | None = None) -> None:
-    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (the default)."""
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
-             f'address = "{address}"', f"insecure = {'true' if insecure else 'false'}"]
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (the default).
+
+    With ``insecure=False`` the ``flwr`` commands use TLS, verifying the SuperLink
+    against ``root_certificates`` (or the system's trust store when it is None).
+    """
+    if insecure and root_certificates is not None:
+        raise ValueError("a connection is either insecure or verified with root certificates")
+    q = json.dumps  # a TOML basic string is a JSON string
+    lines = ["[superlink]", f"default = {q(name)}", "", f"[superlink.{name}]",
+             f"address = {q(address)}", f"insecure = {'true' if insecure else 'false'}"]
     if root_certificates is not None:
-        lines.append(f'root-certificates = "{root_certificates.resolve()}"')
+        lines.append(f"root-certificates = {q(str(root_certificates.resolve()))}")
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 

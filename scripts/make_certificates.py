@@ -3,8 +3,10 @@
     python scripts/make_certificates.py OUT_DIR [--host 127.0.0.1 --host server.example]
 
 Writes OUT_DIR/ca.crt (give it to every client node), OUT_DIR/server.pem and
-OUT_DIR/server.key (mode 0600, for the server only). For tests and trials: a
-production deployment uses certificates from the organisation's own CA.
+OUT_DIR/server.key (mode 0600, for the server only; refused by ``fedapp server``
+when others can read it). Existing files are never overwritten. The CA's private
+key is not kept. For tests and trials: a production deployment uses certificates
+from the organisation's own CA.
 """
 
 from __future__ import annotations
@@ -33,7 +35,18 @@ def _san(host: str) -> x509.GeneralName:
 
 
 def make_certificates(out: Path, hosts: list[str], days: int = 30) -> None:
+    """Write ``ca.crt``, ``server.pem`` and ``server.key`` (0600) into ``out``.
+
+    Raises
+    ------
+    FileExistsError
+        If any of the three exists already.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    existing = [str(out / n) for n in ("ca.crt", "server.pem", "server.key") if (out / n).exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} exist: remove them or choose another "
+                              "directory")
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("fedapp test CA"))
@@ -52,7 +65,7 @@ def make_certificates(out: Path, hosts: list[str], days: int = 30) -> None:
     (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path = out / "server.key"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM,
                                   serialization.PrivateFormat.TraditionalOpenSSL,
@@ -66,7 +79,10 @@ def main() -> None:
                    "(repeatable; default 127.0.0.1 and localhost)")
     p.add_argument("--days", type=int, default=30)
     args = p.parse_args()
-    make_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
+    try:
+        make_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
+    except FileExistsError as err:
+        raise SystemExit(f"make_certificates: {err}") from None
     print(f"wrote {args.out}/ca.crt, server.pem, server.key")
 
 

@@ -16,7 +16,14 @@ AUTH_KEY_NAME = "secagg-auth.key"
 AUTH_KEY_BYTES = 32
 
 
-def _write_secret(path: Path, text: str) -> None:
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to a new file readable by its owner only (mode 0600).
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists: a secret is never overwritten (nor its mode kept).
+    """
     if path.exists():
         raise FileExistsError(f"{path} exists: remove it first or choose another directory")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -24,7 +31,14 @@ def _write_secret(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _check_private(path: Path) -> None:
+def check_private(path: Path) -> None:
+    """Refuse a secret file that group or others may read, write or execute.
+
+    Raises
+    ------
+    PermissionError
+        With the ``chmod`` command that fixes it.
+    """
     mode = Path(path).stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise PermissionError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): "
@@ -41,16 +55,20 @@ def write_keypair(directory: Path, n_bits: int = 2048) -> tuple[Path, Path, str]
     if private_path.exists():
         raise FileExistsError(f"{private_path} exists: remove it first or choose another directory")
     public_key, private_key = generate_keypair(n_bits)
-    _write_secret(private_path, json.dumps(private_key.to_dict()))
+    write_secret(private_path, json.dumps(private_key.to_dict()))
     public_path.write_text(json.dumps(public_key.to_dict()))
     return public_path, private_path, public_key.fingerprint
 
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: too deep JSON
         raise ValueError(f"cannot read a key from {path}: {err} (see 'fedapp keygen')") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds JSON {type(data).__name__}, not a key object "
+                         "(see 'fedapp keygen')")
+    return data
 
 
 def load_public_key(path: Path) -> PublicKey:
@@ -64,7 +82,7 @@ def load_public_key(path: Path) -> PublicKey:
 
 def load_private_key(path: Path) -> PrivateKey:
     """A private key file, refused if group or others may read it (chmod 600 it)."""
-    _check_private(path)
+    check_private(path)
     return PrivateKey.from_dict(_read(path))
 
 
@@ -73,13 +91,13 @@ def write_auth_key(directory: Path) -> Path:
     0600) for every client node of a federation, never for the server."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / AUTH_KEY_NAME
-    _write_secret(path, os.urandom(AUTH_KEY_BYTES).hex() + "\n")
+    write_secret(path, os.urandom(AUTH_KEY_BYTES).hex() + "\n")
     return path
 
 
 def load_auth_key(path: Path) -> bytes:
     """An authentication key file, refused if others may read it or if malformed."""
-    _check_private(path)
+    check_private(path)
     try:
         key = bytes.fromhex(Path(path).read_text().strip())
     except (OSError, ValueError) as err:

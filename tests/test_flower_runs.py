@@ -82,8 +82,9 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
 @pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
 def test_loopback_deployment_with_tls(aggregation, tmp_path, data_dir):
     """fedapp server + 3 fedapp client processes, TLS, 2 rounds, every process stopped;
-    with Paillier the private key, with masking the authentication key, lives only in
-    the client nodes' config."""
+    SuperNode authentication: the 3 registered nodes connect under their registered
+    ids and a node with an unregistered key is turned away; with Paillier the private
+    key, with masking the authentication key, lives only in the client nodes' config."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
          "--rounds", "2", "--clients", "3", "--data-dir", str(data_dir),
@@ -93,7 +94,13 @@ def test_loopback_deployment_with_tls(aggregation, tmp_path, data_dir):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert summary["status"] == launch.FINISHED_OK and summary["tls"] is True
     assert summary["rounds-recorded"] == 2 and summary["processes-left-running"] == []
-    assert len(summary["processes-started"]) == 4
+    assert len(summary["processes-started"]) == 5  # server, unregistered node, 3 clients
+    assert summary["supernode-auth"] is True and summary["unregistered-node-refused"] is True
+    assert summary["nodes-connected-as-registered"] is True
+    assert len(set(summary["registered-nodes"].values())) == 3
+    server_log = (tmp_path / "server.log").read_text()
+    assert "SuperNode authentication is disabled" not in server_log  # Flower's warning
+    assert "supernode.key" not in server_log
     assert summary["last-round"]["train-clients"] == 3
     assert summary["aggregation"] == aggregation
     model = "model.encrypted.npz" if aggregation == "paillier" else "model.npz"
