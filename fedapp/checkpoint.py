@@ -1,8 +1,9 @@
 """The server's state after each finished round, in the run directory, to resume from.
 
-One file, ``checkpoint.npz``: the global arrays (ciphertexts under Paillier) and a
-JSON entry with the round number and the strategy's state (central DP's
-accountant and clipping norm). It is written to a temporary file and renamed, so a
+One file, ``checkpoint.npz``: the global arrays (ciphertexts under Paillier), the
+config entries every round sends (housing's federated standardization, so a
+resumed run scales features as before) and a JSON entry with the round number and
+the strategy's state (central DP's accountant and clipping norm). It is written to a temporary file and renamed, so a
 crash mid-write leaves the previous round's checkpoint whole. Read back with
 ``allow_pickle=False``.
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 FILE = "checkpoint.npz"
 _STATE = "__state__"  # the JSON entry; model array names never start with "__"
+_CONFIG = "__config__/"  # prefix of the config entries (bytes)
 
 #: Settings a resumed run must share with the run it resumes (the others, e.g. the
 #: number of rounds or the timeout, may change).
@@ -41,6 +43,7 @@ class Checkpoint:
     round: int
     arrays: dict[str, np.ndarray]
     strategy: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, bytes] = field(default_factory=dict)
 
     def save(self, directory: Path) -> Path:
         """Write atomically to ``directory / checkpoint.npz``."""
@@ -48,7 +51,9 @@ class Checkpoint:
         tmp = directory / f".{FILE}.tmp"
         state = json.dumps({"round": self.round, "strategy": self.strategy}).encode()
         with open(tmp, "wb") as f:
-            np.savez(f, **self.arrays, **{_STATE: np.frombuffer(state, dtype=np.uint8)})
+            np.savez(f, **self.arrays, **{_STATE: np.frombuffer(state, dtype=np.uint8)},
+                     **{_CONFIG + k: np.frombuffer(v, dtype=np.uint8)
+                        for k, v in self.config.items()})
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,7 +76,9 @@ class Checkpoint:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
             state = json.loads(arrays.pop(_STATE).tobytes())
-            return Checkpoint(int(state["round"]), arrays, dict(state["strategy"]))
+            config = {k[len(_CONFIG):]: arrays.pop(k).tobytes()
+                      for k in list(arrays) if k.startswith(_CONFIG)}
+            return Checkpoint(int(state["round"]), arrays, dict(state["strategy"]), config)
         except (OSError, EOFError, ValueError, KeyError, TypeError,
                 zipfile.BadZipFile) as err:
             raise CheckpointError(f"cannot read {path}: {err}") from err

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.models import HOUSING_FEATURES, get_weights, set_weights
 from clients.numpy_clients import CLIENTS
-from clients.standardize import combine_stats, encode_floats
+from clients.standardize import combine_stats, encode_floats, read_stats
 from clients.tasks import build_model, load_central_test
 from strategies.paillier_protocol import EncryptedModel
 from strategies.records import array_record, record_arrays
@@ -48,7 +48,14 @@ def federated_normalization(grid: Grid, settings: RunSettings) -> dict[str, byte
         if reply.has_error() or "properties" not in reply.content.config_records:
             log(WARNING, "Node %s sent no statistics; left out", reply.metadata.src_node_id)
             continue
-        reports.append(dict(reply.content.config_records["properties"]))
+        report = dict(reply.content.config_records["properties"])
+        try:
+            read_stats(report, HOUSING_FEATURES + 1)
+        except ValueError as err:
+            log(WARNING, "Left out the statistics of node %s: %s", reply.metadata.src_node_id,
+                err)
+            continue
+        reports.append(report)
     mean, std = combine_stats(reports, HOUSING_FEATURES + 1)
     log(INFO, "Federated standardization from %d nodes: %d rows", len(reports),
         sum(int(r["stats-n"]) for r in reports))
@@ -90,7 +97,10 @@ def main(grid: Grid, context: Context) -> None:
 
     torch.manual_seed(settings.seed)
     model = build_model(settings.data_spec(1))
-    extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
+    if checkpoint is not None:  # scale features as the rounds before did
+        extra = checkpoint.config
+    else:
+        extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
     hidden = settings.aggregation == "paillier"  # secagg: the aggregate is public
     if hidden and settings.central_eval:
         log(INFO, "Centralized evaluation is off: with Paillier aggregation the server cannot "
@@ -109,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         recorder.add_round({"round": rnd, **row})
         if rnd > 0:
             state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
-            Checkpoint(rnd, record_arrays(arrays), state).save(recorder.directory)
+            Checkpoint(rnd, record_arrays(arrays), state, extra).save(recorder.directory)
         shown = {k: row.get(k) for k in ("fed-loss", f"fed-{metric}", f"central-{metric}", "seconds")}
         log(INFO, "Round %d done: %s", rnd, {k: round(v, 4) for k, v in shown.items() if v is not None})
 

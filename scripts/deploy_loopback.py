@@ -19,14 +19,25 @@ its registration got.
 With --aggregation paillier a key pair is made (fedapp keygen); the server gets the
 public key in the run config, each client node the private key in its node config.
 With --aggregation secagg an authentication key is made (fedapp keygen --secagg) for
-the client nodes' node config only. The last line of output is a JSON summary.
+the client nodes' node config only.
+
+Faults, for real (by PID, while the run goes on): --crash-client R kills client 0
+(SIGKILL) as round R starts; --hang-client R freezes client 1 (SIGSTOP) as round R
+starts, until the end; both rounds must finish with the survivors (the minimum
+numbers of nodes drop by one per faulty client). --restart-server R kills the
+server (SIGKILL) once round R is finished, starts it again on the same port and
+state database, and submits the run again with ``resume-from`` its run directory:
+the clients reconnect and the run goes on from round R + 1. The last line of
+output is a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedapp import launch  # noqa: E402
+from fedapp.checkpoint import Checkpoint, CheckpointError  # noqa: E402
 from fedapp.cli import parse_overrides  # noqa: E402
 
 FEDAPP = [sys.executable, "-m", "fedapp.cli"]
@@ -57,7 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workdir", help="logs and state (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=900)
-    return p.parse_args(argv)
+    p.add_argument("--crash-client", type=int, default=0, metavar="ROUND",
+                   help="kill client 0 as this round starts")
+    p.add_argument("--hang-client", type=int, default=0, metavar="ROUND",
+                   help="freeze client 1 as this round starts (set round-timeout short)")
+    p.add_argument("--restart-server", type=int, default=0, metavar="ROUND",
+                   help="kill and restart the server after this round, then resume")
+    args = p.parse_args(argv)
+    if args.hang_client and args.clients < 2:
+        p.error("--hang-client freezes client 1: needs --clients 2 or more")
+    return args
 
 
 def security_args(args: argparse.Namespace, work: Path) -> list[str]:
@@ -80,9 +101,11 @@ def make_keys(args: argparse.Namespace, work: Path) -> None:
 
 
 def server_command(args: argparse.Namespace, work: Path, port: int) -> list[str]:
-    """``fedapp server``: TLS files (its own certificate and key) and nothing else."""
+    """``fedapp server``: TLS files (its own certificate and key) and nothing else; a
+    state database when it is to be restarted (registered nodes survive)."""
+    database = ["--database", str(work / "superlink.db")] if args.restart_server else []
     return [*FEDAPP, "server", "--port", str(port), *security_args(args, work),
-            "--flwr-home", str(work / "server-home")]
+            "--flwr-home", str(work / "server-home"), *database]
 
 
 def client_command(args: argparse.Namespace, work: Path, port: int, i: int,
@@ -108,9 +131,10 @@ def client_command(args: argparse.Namespace, work: Path, port: int, i: int,
 
 def run_overrides(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The run config the server's ServerApp gets: the Paillier public key at most."""
+    least = args.clients - bool(args.crash_client) - bool(args.hang_client)
     overrides = {"task": args.task, "num-server-rounds": args.rounds,
-                 "min-available-nodes": args.clients, "min-train-nodes": args.clients,
-                 "min-evaluate-nodes": args.clients, "run-dir": str(work / "runs"),
+                 "min-available-nodes": least, "min-train-nodes": least,
+                 "min-evaluate-nodes": least, "run-dir": str(work / "runs"),
                  "aggregation": args.aggregation, **parse_overrides(args.run_config)}
     if args.data_dir:
         overrides["data-dir"] = str(Path(args.data_dir).resolve())
@@ -140,6 +164,89 @@ def connected_node_id(log_path: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def finished_round(run_dir: Path | None) -> int:
+    """The last round the run's checkpoint holds (-1: no run directory yet)."""
+    if run_dir is None:
+        return -1
+    try:
+        return Checkpoint.load(run_dir).round
+    except CheckpointError:
+        return 0
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group we started ``proc`` in."""
+    os.killpg(proc.pid, sig)
+
+
+class FaultRun:
+    """Waits for a run while injecting the requested faults; restarting the server
+    resubmits the run with ``resume-from``."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, port: int,
+                 procs: list[subprocess.Popen], server: subprocess.Popen,
+                 clients: list[subprocess.Popen], env: dict[str, str]) -> None:
+        self.args, self.work, self.port, self.env = args, work, port, env
+        self.procs, self.server, self.clients = procs, server, clients
+        self.events: list[str] = []
+        self.run_ids: list[str] = []
+        self.run_dir: Path | None = None
+
+    def event(self, text: str) -> None:
+        print(text, flush=True)
+        self.events.append(text)
+
+    def submit(self, overrides: dict[str, Any]) -> str:
+        run_id = launch.submit(ROOT, "deployment", self.env, overrides)
+        self.run_ids.append(run_id)
+        print(f"submitted run {run_id}", flush=True)
+        return run_id
+
+    def restart_server(self) -> None:
+        signal_group(self.server, signal.SIGKILL)
+        self.server.wait()
+        self.event(f"server pid {self.server.pid} killed after round {self.args.restart_server}")
+        self.server = launch.start(server_command(self.args, self.work, self.port),
+                                   launch.flower_env(), self.work / "server-restarted.log")
+        self.procs.append(self.server)
+        launch.wait_for_port("127.0.0.1", self.port, proc=self.server)
+        self.event(f"server restarted, pid {self.server.pid}")
+
+    def wait(self, run_id: str) -> str:
+        a = self.args
+        todo = {k for k in ("crash", "hang", "restart") if getattr(a, {
+            "crash": "crash_client", "hang": "hang_client", "restart": "restart_server"}[k])}
+        deadline = time.monotonic() + a.timeout
+        while time.monotonic() < deadline:
+            status = launch.run_status(run_id, "deployment", self.env)
+            if status.startswith("finished"):
+                return status
+            self.run_dir = self.run_dir or launch.find_run_dir(self.work / "runs", run_id)
+            done = finished_round(self.run_dir)
+            if "crash" in todo and done >= a.crash_client - 1 >= 0 and self.run_dir:
+                signal_group(self.clients[0], signal.SIGKILL)
+                self.event(f"client 0 (pid {self.clients[0].pid}) killed as round "
+                           f"{a.crash_client} starts")
+                todo.discard("crash")
+            if "hang" in todo and done >= a.hang_client - 1 >= 0 and self.run_dir:
+                signal_group(self.clients[1], signal.SIGSTOP)
+                self.event(f"client 1 (pid {self.clients[1].pid}) frozen as round "
+                           f"{a.hang_client} starts")
+                todo.discard("hang")
+            if "restart" in todo and done >= a.restart_server:
+                todo.discard("restart")
+                self.restart_server()
+                run_id = self.submit({**run_overrides(a, self.work),
+                                      "resume-from": str(self.run_dir)})
+            time.sleep(0.2)
+        return f"timeout after {a.timeout:.0f} s"
+
+    def thaw(self) -> None:
+        """Let a frozen client go on, so it can be stopped."""
+        if self.args.hang_client and self.clients[1].poll() is None:
+            signal_group(self.clients[1], signal.SIGCONT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deploy-")).resolve()
@@ -149,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen] = []
     started = time.monotonic()
     status, run_id, registered, refused, intruder = "not submitted", None, {}, None, None
+    faults: FaultRun | None = None
     try:
         server = launch.start(server_command(args, work, port), launch.flower_env(),
                               work / "server.log")
@@ -162,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                                     launch.flower_env(), work / "intruder.log")
             procs.append(intruder)
             print(f"unregistered SuperNode pid {intruder.pid}", flush=True)
+        clients = []
         for i in range(args.clients):
-            procs.append(launch.start(client_command(args, work, port, i),
-                                      launch.flower_env(), work / f"client{i}.log"))
+            clients.append(launch.start(client_command(args, work, port, i),
+                                        launch.flower_env(), work / f"client{i}.log"))
+            procs.append(clients[-1])
             print(f"client {i} (SuperNode) pid {procs[-1].pid}", flush=True)
         if intruder is not None:  # turned away before the run starts, or the check fails
             try:
@@ -178,16 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         launch.write_connection(home, "deployment", f"127.0.0.1:{port}",
                                 insecure=args.insecure, root_certificates=ca)
         env = launch.flower_env(home)
-        run_id = launch.submit(ROOT, "deployment", env, run_overrides(args, work))
-        print(f"submitted run {run_id}", flush=True)
-        status = launch.wait_for_run(run_id, "deployment", env, args.timeout)
+        faults = FaultRun(args, work, port, procs, server, clients, env)
+        run_id = faults.submit(run_overrides(args, work))
+        status = faults.wait(run_id)
+        run_id = faults.run_ids[-1]
         if status != launch.FINISHED_OK:
             print(launch.logs(run_id, "deployment", env)[-8000:])
     finally:
+        if faults is not None:
+            faults.thaw()
         for proc in reversed(procs):
             launch.stop(proc)
     alive = [proc.pid for proc in procs if proc.poll() is None]
-    run_dir = launch.find_run_dir(work / "runs", run_id) if run_id else None
+    run_dir = faults.run_dir if faults and faults.run_dir else (
+        launch.find_run_dir(work / "runs", run_id) if run_id else None)
     rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
     connected = {f"client{i}": connected_node_id(work / f"client{i}.log")
                  for i in range(args.clients)}
@@ -196,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         "deployment": "loopback", "tls": not args.insecure, "supernode-auth": node_auth,
         "clients": args.clients, "aggregation": args.aggregation,
         "status": status, "run-id": run_id, "rounds-recorded": sum(1 for r in rows if r["round"] > 0),
+        "rounds": [r["round"] for r in rows if r["round"] > 0],
+        "train-clients": [r.get("train-clients") for r in rows if r["round"] > 0],
+        "runs-submitted": faults.run_ids if faults else [], "faults": faults.events if faults else [],
         "last-round": rows[-1] if rows else None, "run-dir": str(run_dir) if run_dir else None,
         "registered-nodes": registered, "connected-nodes": connected,
         "nodes-connected-as-registered": ids_match, "unregistered-node-refused": refused,

@@ -20,9 +20,11 @@ def test_round_trip_keeps_arrays_dtypes_and_state(tmp_path):
     arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
               "ciphertexts": np.random.default_rng(0).integers(0, 256, (4, 512), dtype=np.uint8),
               "header": np.frombuffer(b'{"k": 1}', dtype=np.uint8)}
-    Checkpoint(3, arrays, {"clip": 0.5, "history": [[1.0, 0.1, 3]]}).save(tmp_path)
+    config = {"norm-mean": b"\x00\x01\xff", "empty": b""}
+    Checkpoint(3, arrays, {"clip": 0.5, "history": [[1.0, 0.1, 3]]}, config).save(tmp_path)
     back = Checkpoint.load(tmp_path)
     assert back.round == 3 and back.strategy == {"clip": 0.5, "history": [[1.0, 0.1, 3]]}
+    assert back.config == config
     assert list(back.arrays) == list(arrays)
     for k, v in arrays.items():
         assert back.arrays[k].dtype == v.dtype and np.array_equal(back.arrays[k], v)

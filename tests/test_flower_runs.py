@@ -79,29 +79,46 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
     assert "No spam data found" in logs and "ham.txt" in logs
 
 
+#: Faults injected per mode: (clients, rounds, fault flags, train clients per round).
+FAULT_PLANS = {
+    "fedavg": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
+    "paillier": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
+    "secagg": (4, 4, ["--crash-client", "2", "--hang-client", "3", "--restart-server", "3"],
+               [4, 3, 2, 2]),
+}
+
+
 @pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
-def test_loopback_deployment_with_tls(aggregation, tmp_path, data_dir):
-    """fedapp server + 3 fedapp client processes, TLS, 2 rounds, every process stopped;
-    SuperNode authentication: the 3 registered nodes connect under their registered
+def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir):
+    """fedapp server + fedapp client processes, TLS, every process stopped at the end;
+    SuperNode authentication: the registered nodes connect under their registered
     ids and a node with an unregistered key is turned away; with Paillier the private
-    key, with masking the authentication key, lives only in the client nodes' config."""
+    key, with masking the authentication key, lives only in the client nodes' config.
+    Faults for real: client 0 is killed as round 2 starts (with masking client 1 is
+    also frozen in round 3), those rounds finish with the survivors; the server is
+    killed after a round, restarted, and the run resumed: every round recorded once."""
+    clients, rounds, faults, trained = FAULT_PLANS[aggregation]
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
-         "--rounds", "2", "--clients", "3", "--data-dir", str(data_dir),
-         "--workdir", str(tmp_path), "--aggregation", aggregation],
-        capture_output=True, text=True, timeout=900)
+         "--rounds", str(rounds), "--clients", str(clients), "--data-dir", str(data_dir),
+         "--workdir", str(tmp_path), "--aggregation", aggregation, *faults,
+         "--run-config", "round-timeout=60"],
+        capture_output=True, text=True, timeout=1500)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert summary["status"] == launch.FINISHED_OK and summary["tls"] is True
-    assert summary["rounds-recorded"] == 2 and summary["processes-left-running"] == []
-    assert len(summary["processes-started"]) == 5  # server, unregistered node, 3 clients
+    assert summary["rounds"] == list(range(1, rounds + 1)), summary  # none redone or lost
+    assert summary["train-clients"] == trained, summary
+    assert len(summary["runs-submitted"]) == 2 and len(summary["faults"]) == len(faults) // 2 + 1
+    assert summary["processes-left-running"] == []
+    # server, unregistered node, the clients, the restarted server
+    assert len(summary["processes-started"]) == clients + 3
     assert summary["supernode-auth"] is True and summary["unregistered-node-refused"] is True
     assert summary["nodes-connected-as-registered"] is True
-    assert len(set(summary["registered-nodes"].values())) == 3
+    assert len(set(summary["registered-nodes"].values())) == clients
     server_log = (tmp_path / "server.log").read_text()
     assert "SuperNode authentication is disabled" not in server_log  # Flower's warning
     assert "supernode.key" not in server_log
-    assert summary["last-round"]["train-clients"] == 3
     assert summary["aggregation"] == aggregation
     model = "model.encrypted.npz" if aggregation == "paillier" else "model.npz"
     assert (Path(summary["run-dir"]) / model).is_file()
