@@ -60,7 +60,7 @@ from torch import nn
 
 from .examples import Examples
 from .models import SpamModel
-from .training import TrainConfig, make_optimizer
+from .training import TrainConfig, config_number, make_optimizer
 
 #: The accountant behind every epsilon reported here.
 ACCOUNTANT = "rdp"
@@ -94,12 +94,14 @@ class DPSGDConfig:
     delta: float
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
+        if not 0 < self.noise_multiplier < math.inf:
             raise ValueError(
-                f"dp-sgd-noise-multiplier must be positive, got {self.noise_multiplier}: "
-                "without noise no epsilon is finite (set dp-sgd = false to train without DP)")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"dp-sgd-max-grad-norm must be positive, got {self.max_grad_norm}")
+                f"dp-sgd-noise-multiplier must be positive and finite, got "
+                f"{self.noise_multiplier}: without noise no epsilon is finite (set dp-sgd = "
+                "false to train without DP)")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"dp-sgd-max-grad-norm must be positive and finite, got "
+                             f"{self.max_grad_norm}")
         if not 0 < self.delta < 1:
             raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
 
@@ -121,7 +123,7 @@ class DPSGDConfig:
         missing = [k for k in keys if k not in config]
         if missing:
             raise ValueError(f"the fit config asks for DP-SGD but lacks {missing}")
-        return DPSGDConfig(float(config[keys[0]]), float(config[keys[1]]), float(config[keys[2]]))
+        return DPSGDConfig(*(config_number(config, k, float) for k in keys))
 
 
 @dataclass(frozen=True)

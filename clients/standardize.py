@@ -39,26 +39,45 @@ def local_stats(table: np.ndarray) -> dict[str, int | bytes]:
     }
 
 
+def read_stats(report: object, width: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """The row count, column sums and sums of squares of one :func:`local_stats` report.
+
+    Raises
+    ------
+    ValueError
+        Naming the entry that is missing or malformed.
+    """
+    if not isinstance(report, dict):
+        raise ValueError(f"a statistics report must be a dict, got {type(report).__name__}")
+    count = report.get("stats-n")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"stats-n must be a non-negative int, got {count!r}")
+    return (count, decode_floats(report.get("stats-sum"), width, "stats-sum"),
+            decode_floats(report.get("stats-sumsq"), width, "stats-sumsq"))
+
+
 def combine_stats(reports: list[dict], width: int) -> tuple[np.ndarray, np.ndarray]:
     """Population mean and standard deviation from several :func:`local_stats` reports.
 
     Raises
     ------
     ValueError
-        If a report is malformed or the reports hold fewer than two rows in all.
+        If a report is malformed (:func:`read_stats`), the reports hold fewer than two
+        rows in all, or their sums are too large to combine.
     """
     n, total, total_sq = 0, np.zeros(width), np.zeros(width)
     for report in reports:
-        count = report.get("stats-n")
-        if not isinstance(count, int) or count < 0:
-            raise ValueError(f"stats-n must be a non-negative int, got {count!r}")
+        count, sums, sums_sq = read_stats(report, width)
         n += count
-        total += decode_floats(report.get("stats-sum"), width, "stats-sum")
-        total_sq += decode_floats(report.get("stats-sumsq"), width, "stats-sumsq")
+        total += sums
+        total_sq += sums_sq
     if n < 2:
         raise ValueError(f"need at least 2 rows across clients to standardize, got {n}")
     mean = total / n
     var = np.maximum(total_sq / n - mean**2, 0.0)
     std = np.sqrt(var)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError("the reports' sums overflow float64: one holds values far outside "
+                         "any data set")
     std[std == 0] = 1.0  # a constant column stays as it is
     return mean, std

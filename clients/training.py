@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,26 @@ from torch import nn
 from .examples import Examples
 
 OPTIMIZERS = ("sgd", "adam")  # "adam" is AdamW: decoupled weight decay
+
+
+def config_number(config: dict, key: str, kind: type, default: float | None = None
+                  ) -> int | float:
+    """A number the server sent in a config, as ``kind`` (int or float).
+
+    Raises
+    ------
+    ValueError
+        Naming ``key``, if it is missing and has no ``default``, or is not a finite
+        number (an integral one for ``int``).
+    """
+    if key not in config and default is None:
+        raise ValueError(f"the server's config lacks '{key}': is the ServerApp ours?")
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or (kind is int and value != int(value)):
+        raise ValueError(f"{key} must be a finite {'integer' if kind is int else 'number'}, "
+                         f"got {value!r}")
+    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -34,18 +55,15 @@ class TrainConfig:
         ValueError
             If a setting is missing or out of range.
         """
-        try:
-            tc = TrainConfig(
-                local_epochs=int(config["local-epochs"]),
-                batch_size=int(config["batch-size"]),
-                learning_rate=float(config["learning-rate"]),
-                optimizer=str(config.get("optimizer", "sgd")),
-                momentum=float(config.get("momentum", 0.0)),
-                weight_decay=float(config.get("weight-decay", 0.0)),
-                server_round=int(config.get("server-round", 0)),
-            )
-        except KeyError as err:
-            raise ValueError(f"the server's config lacks {err}: is the ServerApp ours?") from err
+        tc = TrainConfig(
+            local_epochs=config_number(config, "local-epochs", int),
+            batch_size=config_number(config, "batch-size", int),
+            learning_rate=config_number(config, "learning-rate", float),
+            optimizer=str(config.get("optimizer", "sgd")),
+            momentum=config_number(config, "momentum", float, 0.0),
+            weight_decay=config_number(config, "weight-decay", float, 0.0),
+            server_round=config_number(config, "server-round", int, 0),
+        )
         if tc.local_epochs < 1 or tc.batch_size < 1 or not tc.learning_rate > 0 \
                 or tc.momentum < 0 or tc.weight_decay < 0:
             raise ValueError(f"local-epochs, batch-size and learning-rate must be positive: {tc}")

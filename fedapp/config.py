@@ -7,12 +7,15 @@ them equal). Settings that say ``"auto"`` take the task's own default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clients.partition import PartitionSpec
 from clients.tasks import DataSpec, get_task
+from clients.training import OPTIMIZERS
 
 DEFAULTS: dict[str, Any] = {
     "task": "mnist",
@@ -72,6 +75,26 @@ DEFAULTS: dict[str, Any] = {
 #: largest weight each model reaches.
 CLIP_RANGE = {"mnist": 1.0, "housing": 2.0, "spam": 8.0}
 AGGREGATIONS = ("fedavg", "paillier", "secagg")
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number",
+               str: "a string"}
+
+
+def _check_type(key: str, value: Any) -> None:
+    """Refuse a value of another type than its setting's: no silent conversion
+    (``bool("false")`` is True, ``int(2.7)`` is 2, NaN passes every range check)."""
+    if DEFAULTS[key] == "auto" and value == "auto":
+        return
+    kind = _KINDS[key]
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value)
+    else:
+        ok = type(value) is kind
+    if not ok:
+        auto = "'auto' or " if DEFAULTS[key] == "auto" else ""
+        raise ValueError(f"{key} must be {auto}{_KIND_NAMES[kind]}, got {value!r}")
 
 
 def _auto(value: Any, default: Any, kind: type, key: str) -> Any:
@@ -149,7 +172,10 @@ class RunSettings:
         """
         unknown = set(run_config) - set(DEFAULTS)
         if unknown:
-            raise ValueError(f"unknown run settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+            raise ValueError(f"unknown run settings {sorted(map(str, unknown))}; known: "
+                             f"{sorted(DEFAULTS)}")
+        for key, value in run_config.items():
+            _check_type(key, value)
         c = {**DEFAULTS, **run_config}
         task = get_task(str(c["task"]))
         s = RunSettings(
@@ -244,6 +270,24 @@ class RunSettings:
             raise ValueError("min-*-nodes must be >= 0")
         if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise ValueError("local-epochs, batch-size and learning-rate must be positive")
+        if not self.round_timeout > 0:
+            raise ValueError(f"round-timeout must be positive, got {self.round_timeout}")
+        for key in ("momentum", "weight_decay", "dp_noise_multiplier", "dp_population", "seed"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key.replace('_', '-')} must be >= 0, got {getattr(self, key)}")
+        for key in ("shards_per_client", "shard_size", "spam_buckets"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.local_test_fraction < 1:
+            raise ValueError(f"local-test-fraction must be in (0, 1), got "
+                             f"{self.local_test_fraction}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be 'auto' or one of {OPTIMIZERS}, got "
+                             f"'{self.optimizer}'")
+        if self.dp_sgd:
+            from clients.dp_sgd import DPSGDConfig
+
+            DPSGDConfig(self.dp_sgd_noise_multiplier, self.dp_sgd_max_grad_norm, self.dp_delta)
         self.data_spec(1)  # validates data-source, partitioning, model options
 
     def data_spec(self, num_partitions: int, data_dir: str | None = None) -> DataSpec:
@@ -289,3 +333,8 @@ class RunSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+
+#: Each setting's type, from the fields of RunSettings (``float | None``: a float or "auto").
+_KINDS = {name.replace("_", "-"): float if hint == float | None else hint
+          for name, hint in typing.get_type_hints(RunSettings).items()}

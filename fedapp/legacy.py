@@ -13,16 +13,19 @@ baseline for our own secure aggregation.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
-from flwr.common import GetPropertiesIns, Metrics, ndarrays_to_parameters
+from flwr.common import (GetPropertiesIns, Metrics, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
 from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
@@ -31,8 +34,10 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 
 from clients.models import HOUSING_FEATURES, get_weights, set_weights
 from clients.numpy_clients import CLIENTS
-from clients.standardize import combine_stats, encode_floats
+from clients.standardize import combine_stats, encode_floats, read_stats
 from clients.tasks import build_model, load_central_test
+from strategies.aggregation import InvalidUpdate, check_update, check_weight
+from strategies.legacy_wire import load_ndarrays
 from strategies.masking import default_degree, threshold_for
 
 from .config import RunSettings
@@ -51,18 +56,27 @@ def weighted_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
     """Average every numeric metric weighted by the number of examples."""
     total = sum(n for n, _ in results)
     keys = {k for _, m in results for k, v in m.items() if isinstance(v, (int, float))}
-    return {k: sum(n * float(m.get(k, 0.0)) for n, m in results) / total for k in keys} if total else {}
+
+    def number(value: object) -> float:  # a client may send anything: count it as missing
+        return float(value) if isinstance(value, (int, float)) else 0.0
+    return {k: sum(n * number(m.get(k, 0.0)) for n, m in results) / total
+            for k in keys} if total else {}
 
 
 class StandardizingFedAvg(FedAvg):
     """Legacy FedAvg that, when ``needs_stats``, first gathers every client's
     statistics (``get_properties``) and adds ``norm-mean`` / ``norm-std`` to all
-    fit and evaluate configs, and to :attr:`extra_config` for central evaluation."""
+    fit and evaluate configs, and to :attr:`extra_config` for central evaluation.
+
+    Replies that Flower's FedAvg would choke on (tensors that are no ``.npy`` arrays,
+    arrays that differ from the global model's or hold NaN or infinity, weights that
+    are no positive int, losses that are no finite number) are logged and left out."""
 
     def __init__(self, *, needs_stats: bool, **kwargs) -> None:
         super().__init__(**kwargs)
         self.needs_stats = needs_stats
         self.extra_config: dict = {}
+        self._sent: list[np.ndarray] = []
 
     def _gather_stats(self, client_manager, server_round: int) -> None:
         client_manager.wait_for(self.min_available_clients)
@@ -73,6 +87,11 @@ class StandardizingFedAvg(FedAvg):
             if res.status.code.value != 0:
                 log(WARNING, "Client %s sent no statistics", proxy.cid)
                 continue
+            try:
+                read_stats(res.properties, HOUSING_FEATURES + 1)
+            except ValueError as err:
+                log(WARNING, "Left out the statistics of client %s: %s", proxy.cid, err)
+                continue
             reports.append(res.properties)
         mean, std = combine_stats(reports, HOUSING_FEATURES + 1)
         self.extra_config = {"norm-mean": encode_floats(mean), "norm-std": encode_floats(std)}
@@ -81,10 +100,39 @@ class StandardizingFedAvg(FedAvg):
     def configure_fit(self, server_round, parameters, client_manager):
         if self.needs_stats and not self.extra_config:
             self._gather_stats(client_manager, server_round)
+        self._sent = parameters_to_ndarrays(parameters)
         pairs = super().configure_fit(server_round, parameters, client_manager)
         for _, ins in pairs:
             ins.config.update(self.extra_config)
         return pairs
+
+    def aggregate_fit(self, server_round, results, failures):
+        valid = []
+        for proxy, res in results:
+            try:
+                check_weight(res.num_examples)
+                check_update(load_ndarrays(res.parameters.tensors), self._sent)
+            except InvalidUpdate as err:
+                log(WARNING, "Left out the reply of client %s in round %d: %s", proxy.cid,
+                    server_round, err)
+                continue
+            valid.append((proxy, res))
+        return super().aggregate_fit(server_round, valid, failures)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        valid = []
+        for proxy, res in results:
+            try:
+                check_weight(res.num_examples)
+                if isinstance(res.loss, bool) or not isinstance(res.loss, (int, float)) \
+                        or not math.isfinite(res.loss):
+                    raise InvalidUpdate(f"the loss must be a finite number, got {res.loss!r}")
+            except InvalidUpdate as err:
+                log(WARNING, "Left out the evaluation of client %s in round %d: %s",
+                    proxy.cid, server_round, err)
+                continue
+            valid.append((proxy, res))
+        return super().aggregate_evaluate(server_round, valid, failures)
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         pairs = super().configure_evaluate(server_round, parameters, client_manager)

@@ -6,6 +6,7 @@ in ``sum(n_k * x_k) / sum(n_k)`` over the updates that passed these checks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,10 +69,20 @@ class Layout:
         if not (len(self.names) == len(self.shapes) == len(self.dtypes)) or not self.names:
             raise ValueError("a layout needs one name, shape and dtype per array")
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
-            if not isinstance(name, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError(f"bad layout entry {name!r} {shape!r}")
-            if np.dtype(dtype).kind != "f":
-                raise ValueError(f"array '{name}' is {dtype}: only float arrays can be encrypted")
+            if not isinstance(name, str) or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError(f"bad layout entry {name!r} {shape!r}: a name and a shape of "
+                                 "non-negative ints")
+            if math.prod(shape) >= 2**63:
+                raise ValueError(f"array '{name}' of shape {shape} is larger than numpy allows")
+            try:
+                kind = np.dtype(dtype).kind if isinstance(dtype, str) else ""
+            except (TypeError, ValueError):  # not a dtype numpy knows
+                kind = ""
+            if kind != "f":
+                raise ValueError(f"array '{name}' is {dtype!r}: only float arrays can be encrypted")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"a layout's array names must be distinct, got {list(self.names)}")
 
     @staticmethod
     def of(names: Sequence[str], arrays: Sequence[np.ndarray]) -> Layout:
@@ -80,7 +91,7 @@ class Layout:
 
     @property
     def size(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+        return sum(math.prod(s) for s in self.shapes)  # Python ints: a shape can't overflow
 
     def flatten(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         if [tuple(a.shape) for a in arrays] != list(self.shapes):
@@ -90,7 +101,7 @@ class Layout:
     def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
         out, start = [], 0
         for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
-            size = int(np.prod(shape, dtype=np.int64))
+            size = math.prod(shape)
             out.append(flat[start:start + size].reshape(shape).astype(dtype))
             start += size
         return out
@@ -100,8 +111,10 @@ class Layout:
 
     @staticmethod
     def from_json(data: object) -> Layout:
-        try:
-            names, dtypes, shapes = zip(*[(str(n), str(d), tuple(s)) for n, d, s in data])  # type: ignore[misc]
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"malformed layout: {err}") from None
-        return Layout(names, shapes, dtypes)
+        """Inverse of :meth:`to_json`; ``ValueError`` unless ``data`` is a list of
+        ``[name, dtype, shape]`` entries that make a valid layout."""
+        if not isinstance(data, list) or not all(
+                isinstance(e, list) and len(e) == 3 and isinstance(e[2], list) for e in data):
+            raise ValueError("malformed layout: expected a list of [name, dtype, shape] entries")
+        return Layout(tuple(e[0] for e in data), tuple(tuple(e[2]) for e in data),
+                      tuple(e[1] for e in data))

@@ -51,6 +51,9 @@ def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray],
     if not clip > 0:
         raise ValueError(f"the clipping norm must be positive, got {clip}")
     norm = l2_norm(delta)
+    if not math.isfinite(norm):  # clip / norm would be 0 and inf * 0 NaN
+        raise ValueError(f"the update's L2 norm is {norm}: it holds NaN or infinity, or "
+                         "values too large to measure")
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     return [np.asarray(d, np.float64) * scale for d in delta], norm
 

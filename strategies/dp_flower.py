@@ -27,6 +27,7 @@ built on the same :class:`DPRounds`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
@@ -41,6 +42,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from .aggregation import InvalidUpdate, check_update, check_weight
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
                  noised_average)
+from .fedavg import aggregate_metrics
 from .paillier import Encryptor
 from .paillier_flower import PaillierFedAvg, as_record
 from .paillier_protocol import EncryptedModel, add_noise
@@ -169,11 +171,13 @@ class DPRounds:
         for i, (client, update) in enumerate(updates):
             try:
                 check_update(update, reference)
-            except InvalidUpdate as err:
+                # in float64: finite float32 values can differ by more than float32 holds
+                clipped, norm = clip_update([np.asarray(u, np.float64) - g
+                                             for u, g in zip(update, reference)],
+                                            self.clipper.clip)
+            except ValueError as err:  # InvalidUpdate, or a norm too large to measure
                 log(WARNING, "Left out the reply of %s: %s", client, err)
                 continue
-            clipped, norm = clip_update([u - g for u, g in zip(update, reference)],
-                                        self.clipper.clip)
             total = [t + c for t, c in zip(total, clipped)]
             n += 1
             unclipped += norm <= self.clipper.clip
@@ -317,12 +321,19 @@ class CentralDP(DPRounds, Strategy):
                     log(WARNING, "Left out the reply of node %s: no valid %s", node,
                         self.strategy.weighted_by_key)
                 else:
-                    record = next(iter(msg.content.array_records.values()))
-                    updates.append((f"node {node}", list(record_arrays(record).values())))
+                    try:
+                        arrays = record_arrays(next(iter(msg.content.array_records.values())))
+                        if list(arrays) != list(self._global):
+                            raise InvalidUpdate("array names differ from the global model's")
+                    except InvalidUpdate as err:
+                        log(WARNING, "Left out the reply of node %s: %s", node, err)
+                        continue
+                    updates.append((f"node {node}", list(arrays.values())))
                     contents.append(msg.content)
             total, n, unclipped, valid = self._clipped_sum(updates)
-            metrics = self.strategy.train_metrics_aggr_fn(
-                [contents[i] for i in valid], self.strategy.weighted_by_key) if valid else None
+            metrics = aggregate_metrics(
+                self.strategy.train_metrics_aggr_fn, [contents[i] for i in valid],
+                self.strategy.weighted_by_key) if valid else None
         if n == 0:
             log(WARNING, "Round %d: no update to add noise to; nothing released", server_round)
             return None, None
@@ -346,10 +357,11 @@ def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
     the unclipped bit when the round asks for it). Refuses when the server sent no
     clipping norm (it is not running central DP)."""
     clip = config.get(CLIP_KEY)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf:
         raise ValueError("this node clips its updates for central DP (dp_clip_mod) but the "
                          "server sent no dp-clip norm: the server must wrap its strategy in "
-                         "CentralDP (Message API) or LegacyCentralDP (legacy API)")
+                         "CentralDP (Message API) or LegacyCentralDP (legacy API); got "
+                         f"{clip!r}, not a positive finite number")
     if list(trained) != list(incoming):
         raise ValueError("the trained model's arrays differ from the global model's")
     clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], float(clip))

@@ -27,7 +27,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
 
+from .aggregation import InvalidUpdate
 from .dp_flower import BIT_KEY, DPRounds, clip_local_update, wrapped_mode
+from .legacy_wire import load_ndarrays
 from .paillier_legacy import parameters_arrays, to_parameters
 from .paillier_protocol import EncryptedModel
 
@@ -100,13 +102,18 @@ class LegacyCentralDP(DPRounds, Strategy):
             for failure in failures:
                 log(WARNING, "A client failed in round %d: %s", server_round, failure
                     if isinstance(failure, BaseException) else failure[1].status.message)
+            decoded = []
+            for proxy, res in results:
+                try:
+                    decoded.append((proxy, res, load_ndarrays(res.parameters.tensors)))
+                except InvalidUpdate as err:
+                    log(WARNING, "Left out the reply of client %s: %s", proxy.cid, err)
             total, n, unclipped, valid = self._clipped_sum(
-                [(f"client {proxy.cid}", parameters_to_ndarrays(res.parameters))
-                 for proxy, res in results])
+                [(f"client {proxy.cid}", arrays) for proxy, _, arrays in decoded])
             metrics = {}
             if valid and self.strategy.fit_metrics_aggregation_fn:
                 metrics = self.strategy.fit_metrics_aggregation_fn(
-                    [(1, results[i][1].metrics) for i in valid])
+                    [(1, decoded[i][1].metrics) for i in valid])
         if n == 0:
             log(WARNING, "Round %d: no update to add noise to; nothing released", server_round)
             return None, {}

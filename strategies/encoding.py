@@ -233,6 +233,20 @@ class EncodingParams:
         """
         return self.scale + 1e-9 * self.clip
 
+    def check_noise_offset(self, noise_offset: object, total_weight: int) -> int:
+        """``noise_offset`` as an int; ``ValueError`` unless it is one that
+        :func:`encode_noise` can produce for a sum of ``total_weight``
+        (:class:`EncodingOverflow` if it does not fit the slots)."""
+        if isinstance(noise_offset, bool) or not isinstance(noise_offset, (int, np.integer)) \
+                or noise_offset < 0:
+            raise ValueError(f"noise offset must be a non-negative int, got {noise_offset!r}")
+        if noise_offset and int(total_weight) * self.max_value + 2 * int(noise_offset) \
+                >= 1 << self.slot_bits:
+            raise EncodingOverflow(
+                f"noise offset {noise_offset} does not fit the {self.slot_bits}-bit slots at "
+                f"total weight {total_weight}: no noise that encode_noise adds is that large")
+        return int(noise_offset)
+
     # -- flat dict form (for metadata sent beside ciphertexts) ---------------
 
     def to_dict(self) -> dict[str, int | str]:
@@ -249,10 +263,12 @@ class EncodingParams:
     def from_dict(cls, data: Mapping[str, object]) -> EncodingParams:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` on missing, extra or
         ill-typed entries."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"encoding parameters must be a dict, got {type(data).__name__}")
         expected = {"value-bits", "clip", "headroom-bits", "slot-bits", "slots-per-plaintext"}
         keys = set(data)
         if keys != expected:
-            missing, extra = sorted(expected - keys), sorted(keys - expected)
+            missing, extra = sorted(expected - keys), sorted(map(str, keys - expected))
             raise ValueError(
                 f"encoding parameters: missing keys {missing}, unexpected keys {extra}")
         clip = data["clip"]
@@ -407,6 +423,7 @@ def unpack(
             f"total weight {total_weight} exceeds the headroom of the encoding "
             f"({params.max_total_weight} = 2**{params.headroom_bits}): slots may have carried "
             "into each other; aggregate fewer clients or derive parameters for more weight")
+    noise_offset = params.check_noise_offset(noise_offset, total_weight)
     m = params.num_plaintexts(num_values)
     if len(plaintexts) != m:
         raise ValueError(f"{len(plaintexts)} plaintexts for {num_values} values, expected {m}")
@@ -441,7 +458,7 @@ def unpack(
             "a padding slot after the last value is not zero: the ciphertexts were tampered "
             "with or made for a different model size")
     sums = sums[:num_values]
-    limit = int(total_weight) * params.max_value + 2 * int(noise_offset)
+    limit = int(total_weight) * params.max_value + 2 * noise_offset
     if sums.size and int(sums.max()) > limit:
         bad = int(np.argmax(sums > np.uint64(limit)))
         raise EncodingOverflow(
@@ -459,6 +476,7 @@ def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int,
         raise ValueError(f"total_weight must be an int, got {type(total_weight).__name__}")
     if total_weight < 1:
         raise ValueError(f"total_weight must be >= 1, got {total_weight}")
+    noise_offset = params.check_noise_offset(noise_offset, total_weight)
     avg = (np.asarray(sums).astype(np.float64) - float(noise_offset)) / float(total_weight)
     return avg * params.scale - params.clip
 

@@ -2,20 +2,22 @@
 
 Flower's ``FedAvg`` raises on the first inconsistent reply, which ends the
 run. ``WeightedFedAvg`` checks each reply against the model it sent, logs the
-node and the reason for each one it leaves out, and aggregates the rest.
+node and the reason for each one it leaves out, and aggregates the rest. The
+secure strategies aggregate their clients' metrics with the same helpers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_update, check_weight, weighted_average
+from .records import record_arrays
 
 
 class WeightedFedAvg(FedAvg):
@@ -38,8 +40,8 @@ class WeightedFedAvg(FedAvg):
         self._sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _valid(self, replies: Iterable[Message], with_arrays: bool) -> list[Message]:
-        reference = self._sent.to_numpy_ndarrays() if with_arrays and self._sent else None
+    def _valid(self, replies: Iterable[Message]) -> list[Message]:
+        reference = self._sent.to_numpy_ndarrays() if self._sent else None
         valid = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -52,14 +54,13 @@ class WeightedFedAvg(FedAvg):
                     raise InvalidUpdate(f"{len(content.metric_records)} MetricRecords, expected 1")
                 metrics = next(iter(content.metric_records.values()))
                 check_weight(metrics.get(self.weighted_by_key))
-                if with_arrays:
-                    if len(content.array_records) != 1:
-                        raise InvalidUpdate(f"{len(content.array_records)} ArrayRecords, expected 1")
-                    record = next(iter(content.array_records.values()))
-                    if reference is not None:
-                        if list(record.keys()) != list(self._sent.keys()):
-                            raise InvalidUpdate("array names differ from the global model's")
-                        check_update(record.to_numpy_ndarrays(), reference)
+                if len(content.array_records) != 1:
+                    raise InvalidUpdate(f"{len(content.array_records)} ArrayRecords, expected 1")
+                record = next(iter(content.array_records.values()))
+                if reference is not None:
+                    if list(record.keys()) != list(self._sent.keys()):
+                        raise InvalidUpdate("array names differ from the global model's")
+                    check_update(list(record_arrays(record).values()), reference)
             except (InvalidUpdate, ValueError, TypeError) as err:
                 log(WARNING, "Left out the reply of node %s: %s", node, err)
                 continue
@@ -70,7 +71,7 @@ class WeightedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid = self._valid(replies, with_arrays=True)
+        valid = self._valid(replies)
         log(INFO, "aggregate_train: %d valid replies of %d", len(valid), len(replies))
         if not valid:
             return None, None
@@ -80,12 +81,48 @@ class WeightedFedAvg(FedAvg):
         keys = list(next(iter(contents[0].array_records.values())).keys())
         averaged = weighted_average(updates, weights)
         arrays = ArrayRecord({k: Array(a) for k, a in zip(keys, averaged, strict=True)})
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return arrays, aggregate_metrics(self.train_metrics_aggr_fn, contents,
+                                         self.weighted_by_key)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        valid = self._valid(replies, with_arrays=False)
-        if not valid:
-            return None
-        return self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return evaluate_metrics(self, replies)
+
+
+def aggregate_metrics(aggregate: Callable[[list[RecordDict], str], MetricRecord],
+                      contents: list[RecordDict], weighted_by_key: str) -> MetricRecord | None:
+    """``aggregate(contents, weighted_by_key)``, or ``None`` with a warning if the
+    replies' metrics cannot be averaged together (a list where another reply sends a
+    number, lists of other lengths): clients choose their metrics, and one bad
+    metric must not end the round."""
+    try:
+        return aggregate(contents, weighted_by_key)
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        log(WARNING, "Left out this round's client metrics, they do not aggregate: %s", err)
+        return None
+
+
+def evaluate_metrics(strategy: FedAvg, replies: Iterable[Message]) -> MetricRecord | None:
+    """The evaluation metrics of ``replies`` aggregated by ``strategy``'s function,
+    weighted by ``strategy.weighted_by_key``; a reply with an error, not exactly one
+    MetricRecord or no positive int weight is logged and left out (Flower's FedAvg
+    raises instead, which ends the run)."""
+    valid = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log(WARNING, "Node %s failed to evaluate: %s", node, msg.error.reason)
+            continue
+        records = msg.content.metric_records
+        try:
+            if len(records) != 1:
+                raise InvalidUpdate(f"{len(records)} MetricRecords, expected 1")
+            check_weight(next(iter(records.values())).get(strategy.weighted_by_key))
+        except InvalidUpdate as err:
+            log(WARNING, "Left out the evaluation of node %s: %s", node, err)
+            continue
+        valid.append(msg.content)
+    if not valid:
+        return None
+    return aggregate_metrics(strategy.evaluate_metrics_aggr_fn, valid, strategy.weighted_by_key)

@@ -1,19 +1,22 @@
-"""Arrays inside legacy ``Parameters`` tensors: ``.npy`` bytes read without pickle,
-the header checked before any data is read."""
+"""Arrays that arrive as ``.npy`` bytes (legacy ``Parameters`` tensors, the data of a
+Message-API ``Array``): read without pickle, the header checked before any data is read."""
 
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from .aggregation import InvalidUpdate
 
 
-def load_npy(tensor: object, what: str, dtypes: tuple[type, ...],
+def load_npy(tensor: object, what: str, dtypes: tuple[type, ...] | None = None,
              max_bytes: int | None = None) -> np.ndarray:
-    """An array of one of ``dtypes`` from ``.npy`` bytes; :class:`InvalidUpdate` if the
-    bytes are not such an array with its data complete, or exceed ``max_bytes``."""
+    """An array of one of ``dtypes`` (``None``: any dtype without Python objects) from
+    ``.npy`` bytes; :class:`InvalidUpdate` if the bytes are not such an array with its
+    data complete, or exceed ``max_bytes``. Never unpickles."""
     if not isinstance(tensor, bytes):
         raise InvalidUpdate(f"the {what} tensor is {type(tensor).__name__}, not bytes")
     stream = io.BytesIO(tensor)
@@ -25,13 +28,27 @@ def load_npy(tensor: object, what: str, dtypes: tuple[type, ...],
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ValueError(f".npy format version {version}")
-    except ValueError as err:
+    except Exception as err:  # numpy's header parser (ast, tokenize, dtypes) raises many kinds
         raise InvalidUpdate(f"the {what} tensor is not a .npy array: {err}") from None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    names = "/".join(np.dtype(d).name for d in dtypes)
-    if dtype not in [np.dtype(d) for d in dtypes] or nbytes != len(tensor) - stream.tell():
+    if dtypes is None:
+        allowed, names = not dtype.hasobject and dtype.itemsize > 0, "an array of plain values"
+    else:
+        allowed = dtype in [np.dtype(d) for d in dtypes]
+        names = "/".join(np.dtype(d).name for d in dtypes)
+    # Python ints: a product of header dimensions never overflows
+    nbytes = math.prod(shape) * dtype.itemsize if all(d >= 0 for d in shape) else -1
+    if not allowed or nbytes != len(tensor) - stream.tell():
         raise InvalidUpdate(f"the {what} tensor must be {names} with its data complete, got "
                             f"{dtype} of shape {shape} in {len(tensor)} bytes")
     if max_bytes is not None and nbytes > max_bytes:
         raise InvalidUpdate(f"the {what} tensor is larger than {max_bytes} bytes")
-    return np.load(io.BytesIO(tensor), allow_pickle=False)
+    try:
+        return np.load(io.BytesIO(tensor), allow_pickle=False)
+    except ValueError as err:  # e.g. a shape with a zero whose other dimensions overflow
+        raise InvalidUpdate(f"the {what} tensor is not a loadable array: {err}") from None
+
+
+def load_ndarrays(tensors: Sequence[object], what: str = "model") -> list[np.ndarray]:
+    """The arrays of legacy ``Parameters`` tensors, each read by :func:`load_npy` (any
+    dtype without Python objects); :class:`InvalidUpdate` names the first bad one."""
+    return [load_npy(tensor, f"{what} array {i}") for i, tensor in enumerate(tensors)]

@@ -213,6 +213,18 @@ def public_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
+def check_public_key(public: bytes) -> None:
+    """:class:`MaskingError` unless ``public`` is an X25519 public key a node can agree
+    on a secret with: not one of the low-order points that make every secret zero."""
+    if len(public) != 32:
+        raise MaskingError(f"an X25519 public key has 32 bytes, got {len(public)}")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise MaskingError("a public key of low order: every secret agreed with it would be "
+                           "zero") from None
+
+
 def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:
     """A 32-byte key both ends derive: HKDF-SHA256 of the X25519 shared secret,
     bound to ``info`` (the round and the purpose)."""

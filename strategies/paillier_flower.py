@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
 from .encoding import EncodingParams
+from .fedavg import aggregate_metrics, evaluate_metrics
 from .keyfiles import load_private_key
 from .paillier import Encryptor, PrivateKey, PublicKey
 from .records import array_record, record_arrays
@@ -101,7 +102,8 @@ class PaillierFedAvg(FedAvg):
     Replies under another key, with a wrong count or width of ciphertexts, values
     >= n^2, another encoding, or a second reply from the same node are left out
     with a warning naming the node; the round goes on with the rest. If none is
-    left the global model stays as it was.
+    left the global model stays as it was. Evaluation replies without a valid weight
+    are left out too (:func:`strategies.fedavg.evaluate_metrics`).
     """
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
@@ -167,8 +169,13 @@ class PaillierFedAvg(FedAvg):
         summed = round_sum.result()
         if summed is None:
             return None, None
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        metrics = aggregate_metrics(self.train_metrics_aggr_fn, [m.content for m in valid],
+                                    self.weighted_by_key)
         return as_record(summed), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return evaluate_metrics(self, replies)
 
 
 # ------------------------------------------------------------------ client mod
@@ -223,6 +230,7 @@ def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray]
     if fingerprint != key.fingerprint:
         raise ValueError(f"the server uses key {fingerprint[:16]}..., this node holds "
                          f"{key.fingerprint[:16]}...: give every node the same key pair")
+    params.check_modulus_bits(key.public_key.n_bits)
     layout = Layout.of(names, arrays)
     flat = layout.flatten(arrays)
     clipped = float(np.mean(np.abs(flat) > params.clip))

@@ -92,18 +92,21 @@ class EncryptedModel:
             raise InvalidUpdate("the header must be a 1-D uint8 array of at most 1 MiB")
         try:
             header = json.loads(raw.tobytes().decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError(f"expected a JSON object, got {type(header).__name__}")
             if header.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {header.get('version')!r}, expected {FORMAT_VERSION}")
             fingerprint = header["fingerprint"]
             params = EncodingParams.from_dict(header["encoding"])
+            params.check_modulus_bits(public_key.n_bits)  # else no one could decode the sum
             layout = Layout.from_json(header["layout"])
             total = header["total-weight"]
             if isinstance(total, bool) or not isinstance(total, int) or total < 1:
                 raise ValueError(f"total-weight must be a positive int, got {total!r}")
-            offset = header.get("noise-offset", 0)
-            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                raise ValueError(f"noise-offset must be a non-negative int, got {offset!r}")
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            offset = params.check_noise_offset(header.get("noise-offset", 0), total)
+        except KeyError as err:
+            raise InvalidUpdate(f"malformed header: no {err} entry") from None
+        except (ValueError, TypeError, AttributeError, RecursionError) as err:  # deep JSON
             raise InvalidUpdate(f"malformed header: {err}") from None
         if fingerprint != public_key.fingerprint:
             raise InvalidUpdate(

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, Layout, check_weight
+from .fedavg import aggregate_metrics, evaluate_metrics
 from .keyfiles import load_auth_key
 from .masking import MaskingError, MaskingParams
 from .records import array_record, record_arrays
@@ -84,7 +85,7 @@ def header_of(array: object) -> dict:
                             f"{MAX_HEADER_BYTES} bytes")
     try:
         header = json.loads(array.tobytes().decode())
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
         raise InvalidUpdate("the masked update's header is not UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise InvalidUpdate("the masked update's header is not a JSON object")
@@ -157,7 +158,7 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
 
     A round whose key stages or unmasking lose too many nodes is skipped with a
     warning and the global model stays as it was; malformed, replayed or
-    mis-addressed replies are left out naming the node.
+    mis-addressed replies (evaluation replies too) are left out naming the node.
     """
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
@@ -253,8 +254,13 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
             return None, None
         arrays = array_record(dict(zip(self._layout.names, self._layout.unflatten(average),
                                        strict=True)))
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        metrics = aggregate_metrics(self.train_metrics_aggr_fn, [m.content for m in valid],
+                                    self.weighted_by_key)
         return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return evaluate_metrics(self, replies)
 
 
 # ------------------------------------------------------------------ node side

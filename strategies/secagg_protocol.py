@@ -45,10 +45,10 @@ import numpy as np
 from flwr.common.logger import log
 
 from .aggregation import InvalidUpdate
-from .masking import (SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, MaskingParams, agree,
-                      commitment, decode_sum, default_degree, encode_weighted, mac, mac_ok,
-                      neighbour_graph, prg, public_of, reconstruct_secret, seal, share_secret,
-                      threshold_for, unseal)
+from .masking import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, MaskingParams,
+                      agree, check_public_key, commitment, decode_sum, default_degree,
+                      encode_weighted, mac, mac_ok, neighbour_graph, prg, public_of,
+                      reconstruct_secret, seal, share_secret, threshold_for, unseal)
 
 VERSION = 1
 MASKED_KEY = "secagg-masked"
@@ -91,7 +91,7 @@ def loads(text: object, stage: str) -> dict:
         raise MaskingError(f"the {stage} payload is larger than {MAX_PAYLOAD_BYTES} bytes")
     try:
         data = json.loads(text)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
         raise MaskingError(f"the {stage} payload is not JSON: {err}") from None
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise MaskingError(f"the {stage} payload must be an object of version {VERSION}")
@@ -164,7 +164,7 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None) ->
     """
     try:
         data = json.loads(request) if isinstance(request, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     stage = data.get("stage") if isinstance(data, dict) else None
     if stage == "advertise":
@@ -181,10 +181,15 @@ def _advertise(req: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]
         raise MaskingError(f"the advertise request is addressed to node {req.get('node')}, "
                            f"this is node {node}")
     params = MaskingParams.from_dict(req.get("params", {}))
-    points = {k: int(v) for k, v in node_map(req.get("points"), "points").items()}
+    points = node_map(req.get("points"), "points")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < PRIME
+               for x in points.values()) or len(set(points.values())) != len(points):
+        raise MaskingError("the advertise request's share points must be distinct ints in "
+                           "[1, 2^521 - 1)")
     neighbours = sorted(points.keys() - {node})
     threshold = req.get("threshold")
-    if node not in points or not isinstance(threshold, int) or not 1 <= threshold <= len(points):
+    if node not in points or isinstance(threshold, bool) or not isinstance(threshold, int) \
+            or not 1 <= threshold <= len(points):
         raise MaskingError("the advertise request needs this node's share point and a "
                            "threshold within its share group")
     context = unb64(req.get("context"), 32, "context")
@@ -391,6 +396,8 @@ class ServerRound:
     def _advert(self, u: int, text: object) -> None:
         rep = self._reply(u, text, "advertise", self.adverts)
         c_pk, s_pk = unb64(rep.get("c_pk"), 32, "c_pk"), unb64(rep.get("s_pk"), 32, "s_pk")
+        check_public_key(c_pk)
+        check_public_key(s_pk)
         mac_tag = unb64(rep.get("mac"), None, "mac")
         if c_pk == s_pk or {c_pk, s_pk} & self.seen_keys:
             raise InvalidUpdate("replayed public keys (seen before)")
@@ -528,10 +535,13 @@ class ServerRound:
         s_part = node_map(rep.get("s_shares"), "s_shares")
         if b_part.keys() & s_part.keys():
             raise InvalidUpdate("both shares of one node")
-        for v, share in b_part.items():
-            b_shares.setdefault(v, {})[self.points[u]] = unb64(share, SHARE_BYTES, "share")
-        for v, share in s_part.items():
-            s_shares.setdefault(v, {})[self.points[u]] = unb64(share, SHARE_BYTES, "share")
+        # decode all before keeping any: a reply that fails a check leaves nothing behind
+        parsed = [(b_shares, v, unb64(share, SHARE_BYTES, "share"))
+                  for v, share in b_part.items()]
+        parsed += [(s_shares, v, unb64(share, SHARE_BYTES, "share"))
+                   for v, share in s_part.items()]
+        for shares, v, share in parsed:
+            shares.setdefault(v, {})[self.points[u]] = share
         answered[u] = rep
 
     def _rebuild(self, u: int, shares: dict[int, bytes], what: str) -> bytes:
