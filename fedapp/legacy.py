@@ -87,12 +87,13 @@ class StandardizingFedAvg(FedAvg):
             if res.status.code.value != 0:
                 log(WARNING, "Client %s sent no statistics", proxy.cid)
                 continue
+            report = dict(res.properties)  # a ConfigRecord in Flower's legacy layer
             try:
-                read_stats(res.properties, HOUSING_FEATURES + 1)
+                read_stats(report, HOUSING_FEATURES + 1)
             except ValueError as err:
                 log(WARNING, "Left out the statistics of client %s: %s", proxy.cid, err)
                 continue
-            reports.append(res.properties)
+            reports.append(report)
         mean, std = combine_stats(reports, HOUSING_FEATURES + 1)
         self.extra_config = {"norm-mean": encode_floats(mean), "norm-std": encode_floats(std)}
         log(INFO, "Federated standardization from %d clients", len(reports))
