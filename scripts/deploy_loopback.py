@@ -213,9 +213,11 @@ class FaultRun:
         self.event(f"server restarted, pid {self.server.pid}")
 
     def wait(self, run_id: str) -> str:
+        """Poll the run; inject each fault once the run has finished the round before
+        it (crash, hang) or the round itself (restart). Returns the final status."""
         a = self.args
-        todo = {k for k in ("crash", "hang", "restart") if getattr(a, {
-            "crash": "crash_client", "hang": "hang_client", "restart": "restart_server"}[k])}
+        rounds = {"crash": a.crash_client, "hang": a.hang_client, "restart": a.restart_server}
+        pending = {f: r - (f != "restart") for f, r in rounds.items() if r}  # 0: not asked
         deadline = time.monotonic() + a.timeout
         while time.monotonic() < deadline:
             status = launch.run_status(run_id, "deployment", self.env)
@@ -223,21 +225,20 @@ class FaultRun:
                 return status
             self.run_dir = self.run_dir or launch.find_run_dir(self.work / "runs", run_id)
             done = finished_round(self.run_dir)
-            if "crash" in todo and done >= a.crash_client - 1 >= 0 and self.run_dir:
-                signal_group(self.clients[0], signal.SIGKILL)
-                self.event(f"client 0 (pid {self.clients[0].pid}) killed as round "
-                           f"{a.crash_client} starts")
-                todo.discard("crash")
-            if "hang" in todo and done >= a.hang_client - 1 >= 0 and self.run_dir:
-                signal_group(self.clients[1], signal.SIGSTOP)
-                self.event(f"client 1 (pid {self.clients[1].pid}) frozen as round "
-                           f"{a.hang_client} starts")
-                todo.discard("hang")
-            if "restart" in todo and done >= a.restart_server:
-                todo.discard("restart")
-                self.restart_server()
-                run_id = self.submit({**run_overrides(a, self.work),
-                                      "resume-from": str(self.run_dir)})
+            for fault in [f for f, after in pending.items() if self.run_dir and done >= after]:
+                del pending[fault]
+                if fault == "crash":
+                    signal_group(self.clients[0], signal.SIGKILL)
+                    self.event(f"client 0 (pid {self.clients[0].pid}) killed as round "
+                               f"{a.crash_client} starts")
+                elif fault == "hang":
+                    signal_group(self.clients[1], signal.SIGSTOP)
+                    self.event(f"client 1 (pid {self.clients[1].pid}) frozen as round "
+                               f"{a.hang_client} starts")
+                else:
+                    self.restart_server()
+                    run_id = self.submit({**run_overrides(a, self.work),
+                                          "resume-from": str(self.run_dir)})
             time.sleep(0.2)
         return f"timeout after {a.timeout:.0f} s"
 

@@ -83,9 +83,10 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
 FAULT_PLANS = {
     "fedavg": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
     "paillier": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
-    "secagg": (4, 4, ["--crash-client", "2", "--hang-client", "3", "--restart-server", "3"],
-               [4, 3, 2, 2]),
+    "secagg": (4, 3, ["--crash-client", "2", "--restart-server", "2"], [4, 3, 3]),
 }
+# A frozen client (--hang-client) on real nodes costs a round timeout per stage: it is
+# tested in simulation for every mode (tests/test_faults.py) and measured in the README.
 
 
 @pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
@@ -94,15 +95,15 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
     SuperNode authentication: the registered nodes connect under their registered
     ids and a node with an unregistered key is turned away; with Paillier the private
     key, with masking the authentication key, lives only in the client nodes' config.
-    Faults for real: client 0 is killed as round 2 starts (with masking client 1 is
-    also frozen in round 3), those rounds finish with the survivors; the server is
-    killed after a round, restarted, and the run resumed: every round recorded once."""
+    Faults for real: client 0 is killed as round 2 starts and the round finishes with
+    the survivors (with masking, its masks recovered from the shares); the server is
+    killed after round 2, restarted, and the run resumed: every round recorded once."""
     clients, rounds, faults, trained = FAULT_PLANS[aggregation]
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
          "--rounds", str(rounds), "--clients", str(clients), "--data-dir", str(data_dir),
          "--workdir", str(tmp_path), "--aggregation", aggregation, *faults,
-         "--run-config", "round-timeout=60"],
+         "--run-config", "round-timeout=40"],
         capture_output=True, text=True, timeout=1500)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -28,11 +28,11 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message,
                       MetricRecord, RecordDict)
 from flwr.common import Code, FitRes, Parameters, Status, ndarray_to_bytes, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fakes import FakeProxy
 from strategies import keyfiles
 from strategies.aggregation import InvalidUpdate, Layout, check_update, check_weight
 from strategies.dp_flower import CentralDP, clip_local_update
@@ -291,27 +291,6 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.nodes)
-
-
-class FakeProxy(ClientProxy):
-    def __init__(self, node_id: int):
-        super().__init__(str(node_id))
-        self.node_id = node_id
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
 
 
 def client_manager(nodes: int = 8) -> SimpleClientManager:

@@ -14,8 +14,8 @@ from flwr.common import (Code, EvaluateIns, FitIns, FitRes, Parameters, Status,
                          ndarray_to_bytes, ndarrays_to_parameters)
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
 
+from fakes import FakeProxy
 from strategies.keyfiles import load_private_key, write_keypair
 from strategies.paillier import Encryptor, PrivateKey, generate_keypair
 from strategies.paillier_flower import (PaillierFedAvg, as_record, encrypt_local_model,
@@ -60,7 +60,6 @@ def assert_weighted_average_of_good(arrays, keypair, good, strategy) -> None:
     for out, exp in zip(decrypt_model(keypair[1], summed), expected_average(good, [10, 30]),
                         strict=True):
         np.testing.assert_allclose(out, exp, rtol=0, atol=strategy.params.max_error())
-
 
 
 def encrypted_arrays(keypair, arrays: list[np.ndarray], names: list[str], n: int,
@@ -204,27 +203,6 @@ def test_message_api_strategy_refuses_a_total_weight_overflow(keypair, task_iden
 
 
 # ------------------------------------------------------------------ legacy API
-class FakeProxy(ClientProxy):
-    def __init__(self, node_id: int):
-        super().__init__(str(node_id))
-        self.node_id = node_id
-
-    def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def get_parameters(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def fit(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def evaluate(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-    def reconnect(self, ins, timeout, group_id):
-        raise NotImplementedError
-
-
 def raw_parameters(arrays: dict[str, np.ndarray]) -> Parameters:
     """Arrays as a client would send them, checked by nobody."""
     return Parameters(tensors=[ndarray_to_bytes(arrays[CIPHERTEXTS_KEY]),
