@@ -89,6 +89,9 @@ def client_secrets(args: argparse.Namespace) -> str | None:
         raise ValueError("give --supernode-key FILE (this node's private key from 'fedapp "
                          "keygen --supernode', its public key registered with 'fedapp "
                          "register'), or --no-supernode-auth for a SuperLink started with it")
+    if args.paillier_workers < 0:
+        raise ValueError(f"--paillier-workers must be >= 0 (0: all cores), got "
+                         f"{args.paillier_workers}")
     for path in (args.paillier_private_key, args.secagg_auth_key):
         if path:
             check_private(Path(path).expanduser())
@@ -101,7 +104,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     node_key = client_secrets(args)
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
                                    args.port, tls, args.data_dir, args.paillier_private_key,
-                                   args.secagg_auth_key, node_key)
+                                   args.secagg_auth_key, node_key, args.paillier_workers)
     os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
     return 1
 
@@ -223,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-partitions", type=int, required=True)
     s.add_argument("--data-dir", help="this node's data directory (overrides the run's)")
     s.add_argument("--paillier-private-key", help="private key file for aggregation=paillier")
+    s.add_argument("--paillier-workers", type=int, default=0,
+                   help="processes for Paillier encryption and decryption on this node "
+                        "(default 0: all cores)")
     s.add_argument("--secagg-auth-key", help="authentication key file for aggregation=secagg "
                    "(fedapp keygen --secagg; the same on every client node)")
     s.add_argument("--supernode-key", help="this node's SuperNode authentication private key "

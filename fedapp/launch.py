@@ -108,12 +108,13 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
                       tls: list[str], data_dir: str | None = None,
                       private_key: str | None = None, auth_key: str | None = None,
-                      node_key: str | None = None) -> list[str]:
+                      node_key: str | None = None, paillier_workers: int = 0) -> list[str]:
     """``flower-supernode`` for one partition.
 
     The federation's client-side key files go in the node config
     (``paillier-private-key``, ``secagg-auth-key``), where the ClientApp reads
-    them; ``node_key``, this node's SuperNode authentication private key
+    them, with ``paillier-workers`` (processes for Paillier encryption and
+    decryption; 0: all cores); ``node_key``, this node's SuperNode authentication private key
     (``fedapp keygen --supernode``), goes to Flower's
     ``--auth-supernode-private-key``. None of them ever reaches the server.
 
@@ -131,6 +132,8 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
     for key, path in paths.items():
         if path:
             node_config += f" {key}='{Path(path).expanduser().resolve()}'"
+    if private_key:
+        node_config += f" paillier-workers={int(paillier_workers)}"
     cmd = [flower_command("flower-supernode"), *tls, "--superlink", superlink,
            "--node-config", node_config, "--port", str(port)]
     if node_key:

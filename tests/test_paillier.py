@@ -24,9 +24,9 @@ from strategies.paillier import (
     check_fingerprint,
     ciphertexts_from_array,
     ciphertexts_to_array,
-    djn_exponent_bits,
     generate_keypair,
     parse_wire_metadata,
+    subgroup_prime_bits,
     wire_metadata,
 )
 
@@ -38,13 +38,13 @@ def keypair() -> tuple[PublicKey, PrivateKey]:
 
 @pytest.fixture(scope="session")
 def encryptor(keypair) -> Encryptor:
-    """The clients' fast path: DJN randomizer with CRT (the private key is known)."""
+    """The clients' fast path: subgroup randomizer with CRT (the private key is known)."""
     return Encryptor(*keypair)
 
 
 @pytest.fixture(scope="session")
 def public_encryptor(keypair) -> Encryptor:
-    """DJN randomizer with the public key only."""
+    """Subgroup randomizer with the public key only (the server's DP noise)."""
     return Encryptor(keypair[0])
 
 
@@ -60,15 +60,26 @@ def test_keypair(keypair):
     pk, sk = keypair
     assert pk.n_bits == 2048 and pk.n_bytes == 256 and pk.ciphertext_bytes == 512
     assert sk.p * sk.q == pk.n and sk.p.bit_length() == sk.q.bit_length() == 1024
-    assert pk.fingerprint == hashlib.sha256(int(pk.n).to_bytes(256, "big")).hexdigest()
+    assert pk.fingerprint == hashlib.sha256(int(pk.n).to_bytes(256, "big")
+                                            + int(pk.h).to_bytes(256, "big")).hexdigest()
     assert sk.fingerprint == pk.fingerprint
+    # the subgroup: alpha_p | p - 1, alpha_q | q - 1, h of order alpha_p alpha_q modulo n
+    assert subgroup_prime_bits(2048) == 224 and subgroup_prime_bits(3072) == 256
+    assert sk.alpha_p.bit_length() == sk.alpha_q.bit_length() == 224
+    assert (sk.p - 1) % sk.alpha_p == 0 and (sk.q - 1) % sk.alpha_q == 0
+    alpha = int(sk.alpha_p * sk.alpha_q)
+    assert pow(int(pk.h), alpha, int(pk.n)) == 1
+    assert all(pow(int(pk.h), alpha // a, int(pk.n)) != 1 for a in (sk.alpha_p, sk.alpha_q))
+    assert pk.subgroup_bits == alpha.bit_length()
+    # p - 1 is not smooth: its cofactor beyond 2 alpha_p is a large random number
+    assert ((sk.p - 1) // (2 * sk.alpha_p)).bit_length() > 700
 
 
 def test_small_keys_need_explicit_opt_in(small_keypair):
     with pytest.raises(ValueError, match="insecure"):
         generate_keypair(1024)
     with pytest.raises(ValueError, match="insecure"):
-        PublicKey(small_keypair[0].n)
+        PublicKey(small_keypair[0].n, small_keypair[0].h, small_keypair[0].subgroup_bits)
     with pytest.raises(ValueError, match="even int"):
         generate_keypair(2049)
     assert small_keypair[0].n_bits == 512
@@ -85,10 +96,10 @@ def test_key_serialization_round_trip(keypair, encryptor):
 def test_public_key_dict_holds_no_private_material(keypair):
     pk, sk = keypair
     data = pk.to_dict()
-    assert set(data) == {"type", "version", "n", "fingerprint"}
+    assert set(data) == {"type", "version", "n", "h", "subgroup-bits", "fingerprint"}
     text = json.dumps(data)
     lam = (sk.p - 1) * (sk.q - 1)
-    for secret in (sk.p, sk.q, lam, lam // 2):
+    for secret in (sk.p, sk.q, lam, lam // 2, sk.alpha_p, sk.alpha_q, sk.alpha_p * sk.alpha_q):
         assert format(int(secret), "x") not in text
         assert str(int(secret)) not in text
     assert str(sk.p) not in repr(sk) and format(int(sk.p), "x") not in repr(sk)
@@ -106,6 +117,16 @@ def test_key_dicts_are_validated(keypair, small_keypair):
         PublicKey.from_dict({**pk.to_dict(), "p": "1"})
     with pytest.raises(ValueError, match="primes"):
         PrivateKey.from_dict({**sk.to_dict(), "q": format(int(sk.q) + 2, "x")})
+    with pytest.raises(ValueError, match="divide"):
+        PrivateKey.from_dict({**sk.to_dict(), "alpha-p": sk.to_dict()["alpha-q"],
+                              "alpha-q": sk.to_dict()["alpha-p"]})
+    with pytest.raises(ValueError, match="order"):
+        PrivateKey.from_dict({**sk.to_dict(), "h": format(int(pk.h) + 1, "x")})
+    with pytest.raises(ValueError, match="fingerprint"):  # h changes the fingerprint
+        PublicKey.from_dict({**pk.to_dict(), "h": format(int(pk.h) + 1, "x")})
+    with pytest.raises(ValueError, match="fedapp keygen"):  # keys from before the subgroup
+        PublicKey.from_dict({"type": "paillier-public-key", "version": 1, "n": "ff",
+                             "fingerprint": "0" * 64})
     mixed = {**sk.to_dict(), "q": format(int(small_keypair[1].q), "x")}
     with pytest.raises(ValueError):
         PrivateKey.from_dict(mixed, allow_insecure=True)
@@ -133,13 +154,27 @@ def test_encryption_is_randomized(keypair, encryptor, public_encryptor):
     assert encryptor.obfuscator() != encryptor.obfuscator()
 
 
-def test_djn_exponent_size(keypair, small_keypair):
-    assert djn_exponent_bits(2048) == 448 and djn_exponent_bits(3072) == 512
-    assert Encryptor(keypair[0]).exponent_bits == 448
-    with pytest.raises(ValueError, match="exponent_bits"):
-        Encryptor(keypair[0], exponent_bits=128)
+def test_randomizers_lie_in_the_key_subgroup(keypair, encryptor, public_encryptor, small_keypair):
+    pk, sk = keypair
+    alpha = int(sk.alpha_p * sk.alpha_q)
+    for enc in (encryptor, public_encryptor):
+        r = enc.obfuscator()
+        assert pow(int(r), alpha, int(pk.nsquare)) == 1 and r != 1
     with pytest.raises(ValueError, match="does not belong"):
         Encryptor(keypair[0], small_keypair[1])
+
+
+def test_decrypt_refuses_ciphertexts_outside_the_subgroup(keypair, encryptor):
+    """A textbook Paillier ciphertext (randomizer r^n, r uniform) is not one of this
+    key's: decryption refuses it rather than return garbage."""
+    pk, sk = keypair
+    r = secrets.randbelow(int(pk.n) - 2) + 2
+    textbook = (1 + 5 * int(pk.n)) * pow(r, int(pk.n), int(pk.nsquare)) % int(pk.nsquare)
+    with pytest.raises(ValueError, match="subgroup"):
+        sk.decrypt(textbook)
+    mixed = int(encryptor.encrypt(5)) * textbook % int(pk.nsquare)
+    with pytest.raises(ValueError, match="subgroup"):
+        sk.decrypt_array(ciphertexts_to_array(pk, [encryptor.encrypt(1), mixed]))
 
 
 @pytest.mark.parametrize("bad", [-1, "n", 1.5, True])

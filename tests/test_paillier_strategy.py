@@ -88,7 +88,8 @@ def with_big_row(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def find_secrets(obj, private_key: PrivateKey, path: str = "strategy", seen=None) -> list[str]:
-    """Paths below ``obj`` (attributes, slots, containers) that hold a PrivateKey or a prime."""
+    """Paths below ``obj`` (attributes, slots, containers) that hold a PrivateKey, a prime
+    or a subgroup prime (the order of ``h``: it decrypts too)."""
     seen = set() if seen is None else seen
     if id(obj) in seen or isinstance(obj, (str, bytes, float, bool, type(None))):
         return []
@@ -96,7 +97,8 @@ def find_secrets(obj, private_key: PrivateKey, path: str = "strategy", seen=None
     if isinstance(obj, PrivateKey):
         return [path]
     try:
-        if int(obj) in (int(private_key.p), int(private_key.q)):
+        if int(obj) in (int(private_key.p), int(private_key.q), int(private_key.alpha_p),
+                        int(private_key.alpha_q), int(private_key.alpha_p * private_key.alpha_q)):
             return [path]
     except (TypeError, ValueError, OverflowError):
         pass

@@ -374,8 +374,8 @@ def test_server_strategies_hold_no_client_secret(paillier_keys, tmp_path, monkey
     monkeypatch.setenv(PRIVATE_KEY_ENV, str(paillier_keys[1]))
     monkeypatch.setenv(AUTH_KEY_ENV, str(auth_path))
     private, auth = load_private_key(paillier_keys[1]), load_auth_key(auth_path)
-    needles = [int(private.p), int(private.q), auth, auth.hex(), str(paillier_keys[1]),
-               str(auth_path)]
+    needles = [int(private.p), int(private.q), int(private.alpha_p), int(private.alpha_q), auth,
+               auth.hex(), str(paillier_keys[1]), str(auth_path)]
     class Leaky:  # the search would catch a strategy keeping any of them
         def __init__(self):
             self.cache = {"k": [private.q], "path": Path(str(auth_path))}
