@@ -228,9 +228,10 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
               "num-server-rounds": args.sim_rounds, "min-available-nodes": n,
               "min-train-nodes": n, "min-evaluate-nodes": n, "local-epochs": 1,
               "batch-size": 32, "central-eval": False}
-    # weights: examples in units of 256 (about 23 per client), total at most 256: 24-bit slots
+    # weights: examples in units of 512 (about 12 per client), total at most 128: 23-bit
+    # slots, 89 per ciphertext, the 1.44x wire size measured above
     paillier = {"aggregation": "paillier", "paillier-public-key": str(public),
-                "paillier-weight-unit": 256, "paillier-max-total-weight": 256}
+                "paillier-weight-unit": 512, "paillier-max-total-weight": 128}
     out = {"settings": common, "paillier-settings": {k: v for k, v in paillier.items()
                                                      if k != "paillier-public-key"}}
     for name, extra in (("plaintext", {}), ("paillier", paillier)):

@@ -388,30 +388,30 @@ def generate_keypair(
         return private.public_key, private
 
 
-def _fixed_base_table(base: mpz, modulus: mpz, digits: int) -> list[list[mpz]]:
-    """``table[i][d] = base^(d * 256^i) mod modulus`` for ``d`` in ``[0, 256)``."""
+def _fixed_base_table(base: mpz, modulus: mpz, exponent_bits: int, window: int
+                      ) -> list[list[mpz]]:
+    """``table[i][d] = base^(d * 2^(window * i)) mod modulus`` for ``d`` in
+    ``[0, 2^window)``, enough rows for exponents of ``exponent_bits`` bits."""
     table = []
     g = base % modulus
-    for _ in range(digits):
+    for _ in range(-(-exponent_bits // window)):
         row = [mpz(1), g]
-        for _ in range(2, 256):
+        for _ in range(2, 1 << window):
             row.append(row[-1] * g % modulus)
         table.append(row)
-        g = row[-1] * g % modulus  # base^(256^(i+1))
+        g = row[-1] * g % modulus  # base^(2^(window * (i + 1)))
     return table
 
 
-def _fixed_base_pow(table: list[list[mpz]], exponent: bytes, modulus: mpz) -> mpz:
-    """``base^a mod modulus`` with ``a = int.from_bytes(exponent, "little")``."""
-    acc = mpz(1)
-    for row, digit in zip(table, exponent):
+def _fixed_base_pow(table: list[list[mpz]], exponent: int, modulus: mpz, window: int) -> mpz:
+    """``base^exponent mod modulus``: one multiplication per ``window`` bits."""
+    acc, mask = mpz(1), (1 << window) - 1
+    for row in table:
+        digit = exponent & mask
         if digit:
             acc = acc * row[digit] % modulus
+        exponent >>= window
     return acc
-
-
-def _byte_length(value: int) -> int:
-    return -(-int(value).bit_length() // 8)
 
 
 class Encryptor:
@@ -440,25 +440,25 @@ class Encryptor:
         self.private_key = private_key
         n, h = public_key.n, public_key.h
         if private_key is None:
-            self._bytes = -(-(public_key.subgroup_bits + _STATISTICAL_BITS) // 8)
-            nsquare = public_key.nsquare
-            self._tables = (_fixed_base_table(gmpy2.powmod(h, n, nsquare), nsquare, self._bytes),)
+            self._bits = public_key.subgroup_bits + _STATISTICAL_BITS
+            self._window = 8  # tables modulo n^2 are twice as wide: keep them small
+            mods = (public_key.nsquare,)
         else:
-            sk = private_key
-            self._bytes = max(_byte_length(sk.alpha_p), _byte_length(sk.alpha_q))
-            self._tables = tuple(_fixed_base_table(gmpy2.powmod(h, n, mod), mod, self._bytes)
-                                 for mod in (sk.psquare, sk.qsquare))
+            self._bits = max(int(private_key.alpha_p.bit_length()),
+                             int(private_key.alpha_q.bit_length()))
+            self._window = 11  # 2 x 11 MB of tables: 21 instead of 28 multiplications
+            mods = (private_key.psquare, private_key.qsquare)
+        self._tables = tuple(_fixed_base_table(gmpy2.powmod(h, n, mod), mod, self._bits,
+                                               self._window) for mod in mods)
 
     def obfuscator(self) -> mpz:
         """A fresh ``hs^a mod n^2`` (the ``r^n`` factor of a ciphertext)."""
-        sk = self.private_key
+        sk, w = self.private_key, self._window
         if sk is None:
-            a = secrets.token_bytes(self._bytes)
-            return _fixed_base_pow(self._tables[0], a, self.public_key.nsquare)
-        ap = secrets.randbelow(int(sk.alpha_p)).to_bytes(self._bytes, "little")
-        aq = secrets.randbelow(int(sk.alpha_q)).to_bytes(self._bytes, "little")
-        rp = _fixed_base_pow(self._tables[0], ap, sk.psquare)
-        rq = _fixed_base_pow(self._tables[1], aq, sk.qsquare)
+            a = secrets.randbits(self._bits)
+            return _fixed_base_pow(self._tables[0], a, self.public_key.nsquare, w)
+        rp = _fixed_base_pow(self._tables[0], secrets.randbelow(int(sk.alpha_p)), sk.psquare, w)
+        rq = _fixed_base_pow(self._tables[1], secrets.randbelow(int(sk.alpha_q)), sk.qsquare, w)
         return rq + sk.qsquare * ((rp - rq) * sk._qsquare_inv_psquare % sk.psquare)
 
     def encrypt(self, plaintext: int) -> mpz:

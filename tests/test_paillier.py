@@ -164,6 +164,18 @@ def test_randomizers_lie_in_the_key_subgroup(keypair, encryptor, public_encrypto
         Encryptor(keypair[0], small_keypair[1])
 
 
+@settings(max_examples=50, deadline=None)
+@given(exponent=st.integers(0, 2**300 - 1), window=st.sampled_from([1, 8, 11]))
+def test_fixed_base_tables_match_powmod(small_keypair, exponent, window):
+    from strategies.paillier import _fixed_base_pow, _fixed_base_table
+
+    modulus = small_keypair[1].psquare
+    base = small_keypair[0].h
+    table = _fixed_base_table(base, modulus, 300, window)
+    assert _fixed_base_pow(table, exponent, modulus, window) == pow(int(base), exponent,
+                                                                    int(modulus))
+
+
 def test_decrypt_refuses_ciphertexts_outside_the_subgroup(keypair, encryptor):
     """A textbook Paillier ciphertext (randomizer r^n, r uniform) is not one of this
     key's: decryption refuses it rather than return garbage."""
