@@ -8,12 +8,12 @@ that overrides the run config's for this node.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.app import Context
 
-from clients.numpy_clients import CLIENTS, TaskClient
-from clients.tasks import load_client_data
-
-from .config import RunSettings
+if TYPE_CHECKING:
+    from clients.numpy_clients import TaskClient
 
 
 def node_partition(node_config: dict) -> tuple[int, int]:
@@ -35,6 +35,13 @@ def make_client(context: Context) -> TaskClient:
     It gets the node's ``context.state``, which outlives the client (rebuilt for
     every message): DP-SGD keeps its privacy accountant there between rounds.
     """
+    # torch loads here, not at import: on real nodes every message gets a new ClientApp
+    # process, and one that only answers a secure-aggregation key stage never needs it.
+    from clients.numpy_clients import CLIENTS
+    from clients.tasks import load_client_data
+
+    from .config import RunSettings
+
     settings = RunSettings.from_run_config(dict(context.run_config))
     pid, n = node_partition(dict(context.node_config))
     data_dir = context.node_config.get("data-dir")

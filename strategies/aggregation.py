@@ -93,10 +93,12 @@ class Layout:
     def size(self) -> int:
         return sum(math.prod(s) for s in self.shapes)  # Python ints: a shape can't overflow
 
-    def flatten(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    def flatten(self, arrays: Sequence[np.ndarray], dtype: type | np.dtype = np.float64
+                ) -> np.ndarray:
+        """The arrays as one 1-d array of ``dtype`` (float64 unless asked otherwise)."""
         if [tuple(a.shape) for a in arrays] != list(self.shapes):
             raise ValueError("the arrays do not match the model's layout")
-        return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+        return np.concatenate([np.asarray(a).ravel() for a in arrays], dtype=dtype)
 
     def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
         out, start = [], 0

@@ -32,9 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-from . import opacus_import  # noqa: F401  (before any opacus module: keeps logging as it was)
-from opacus.accountants import RDPAccountant  # noqa: E402
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
 
 
 class BudgetExhausted(RuntimeError):
@@ -141,6 +144,15 @@ class DPConfig:
         return rest ** -0.5
 
 
+def new_accountant() -> RDPAccountant:
+    """A fresh Opacus ``RDPAccountant``. Opacus (and torch) load on first use: a
+    client process that only clips or answers a key stage never imports them."""
+    from . import opacus_import  # noqa: F401  (before any opacus module: keeps logging as it was)
+    from opacus.accountants import RDPAccountant
+
+    return RDPAccountant()
+
+
 @dataclass
 class PrivacyLedger:
     """The RDP accountant of a run (Opacus's ``RDPAccountant``) with a budget.
@@ -150,7 +162,7 @@ class PrivacyLedger:
     """
 
     config: DPConfig
-    accountant: RDPAccountant = field(default_factory=RDPAccountant)
+    accountant: Any = field(default_factory=new_accountant)  # an RDPAccountant
 
     def epsilon(self) -> float:
         if not self.accountant.history:
@@ -159,7 +171,7 @@ class PrivacyLedger:
 
     def epsilon_after_next(self) -> float:
         """Epsilon if one more round were run."""
-        trial = RDPAccountant()
+        trial = new_accountant()
         trial.history = [*self.accountant.history]
         trial.step(noise_multiplier=self.config.noise_multiplier,
                    sample_rate=self.config.sample_rate)

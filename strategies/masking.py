@@ -138,12 +138,24 @@ def _as_int(value: object) -> int:
 
 
 def quantize(values: np.ndarray, params: MaskingParams, rng: np.random.Generator) -> np.ndarray:
-    """Clip to ``[-clip, clip]`` and round stochastically to ``[0, levels]`` (unbiased)."""
-    scaled = (np.clip(np.asarray(values, dtype=np.float64), -params.clip, params.clip)
-              + params.clip) / params.step
-    low = np.floor(scaled)
-    q = low + (rng.random(scaled.shape) < (scaled - low))
-    return np.minimum(q, params.levels).astype(params.dtype)
+    """Clip to ``[-clip, clip]`` and round stochastically to ``[0, levels]`` (unbiased).
+
+    The arithmetic is float64 whatever the input dtype, in place on one copy (this
+    runs on every node for every value of the model). ``floor(s + u)`` with ``u``
+    uniform in ``[0, 1)`` is ``floor(s) + 1`` with probability ``s - floor(s)``:
+    unbiased up to the rounding of ``s + u``, below ``2^(value_bits - 53)`` of a
+    step, and always one of the two levels around ``s`` (``s + u`` rounds to at
+    least ``s`` and at most ``s + 1``, both exact in float64), so the error bound
+    of one step holds exactly.
+    """
+    scaled = np.array(values, dtype=np.float64)
+    np.clip(scaled, -params.clip, params.clip, out=scaled)
+    scaled += params.clip
+    scaled /= params.step
+    scaled += rng.random(scaled.shape)
+    np.floor(scaled, out=scaled)
+    np.minimum(scaled, params.levels, out=scaled)
+    return scaled.astype(params.dtype)
 
 
 def encode_weighted(values: np.ndarray, weight: int, params: MaskingParams,
@@ -153,12 +165,16 @@ def encode_weighted(values: np.ndarray, weight: int, params: MaskingParams,
     if not 1 <= weight <= params.max_total_weight:
         raise MaskingError(f"weight {weight} outside [1, {params.max_total_weight}]: raise "
                            "max_total_weight or give the client a smaller weight")
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
+    if values.dtype.kind != "f":  # float32 models are checked as they are, without a copy
+        values = values.astype(np.float64)
     if not np.isfinite(values).all():
         raise MaskingError(f"{int(np.count_nonzero(~np.isfinite(values)))} model values are "
                            "NaN or infinite: the local training diverged; lower the learning "
                            "rate")
-    return quantize(values, params, rng) * params.dtype(weight)
+    encoded = quantize(values, params, rng)
+    encoded *= params.dtype(weight)
+    return encoded
 
 
 def decode_sum(total: np.ndarray, total_weight: int, params: MaskingParams) -> np.ndarray:

@@ -10,7 +10,10 @@ Each round, before the train messages, the strategy runs two short key stages
 with the sampled nodes (``train`` messages holding only a ``secagg`` record, which
 the mod answers itself without calling the app), puts
 the relayed shares in each train message's config, and after the masked replies
-one unmask stage (:mod:`strategies.secagg_protocol`). The server only ever sees
+one unmask stage (:mod:`strategies.secagg_protocol`). The unmask replies carry
+the survivors' keys for the next round, so from the second round on only the
+nodes without such keys are sent an advertise request (none, usually: the stage
+is skipped). The server only ever sees
 masked vectors and the sum. Node secrets stay in the node's ``context.state``.
 
 Key advertisements are authenticated with HMAC-SHA256 when the client nodes hold
@@ -28,7 +31,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -120,11 +123,39 @@ class MaskingRounds:
         self._seen_keys: set[bytes] = set()
         self._round: ServerRound | None = None
         self._layout: Layout | None = None
+        # (context, keys) the last unmask stage's survivors pre-advertised for the next round
+        self._next: tuple[bytes, dict[int, dict]] | None = None
         self.last_total_weight = 0  # of the last aggregate: central DP reads it
 
     def _new_round(self, nodes: list[int]) -> ServerRound:
+        """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
+        preadvertised, self._next = self._next, None
         return ServerRound(self.params, nodes, self._layout.size, self.num_neighbours,
-                           self.threshold, self._seen_keys)
+                           self.threshold, self._seen_keys, preadvertised)
+
+    def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
+                                                                 dict[int, str]]) -> None:
+        """Stages 1 and 2 through ``exchange(requests, stage) -> replies``; stage 1 only
+        for the nodes without pre-advertised keys (skipped when there are none)."""
+        requests = rnd.advertise_requests()
+        if requests:
+            rnd.receive_adverts(exchange(requests, "advertise"))
+        else:
+            log(INFO, "Secure aggregation: advertise stage skipped, all %d nodes "
+                "pre-advertised their keys", len(rnd.nodes))
+            rnd.receive_adverts({})
+        rnd.receive_shares(exchange(rnd.share_requests(), "share"))
+
+    def _unmask(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
+                                                           dict[int, str]]
+                ) -> tuple[np.ndarray, int]:
+        """Stage 4 through ``exchange``; keeps the keys pre-advertised for the next round
+        (even if this one aborts: they are bound to the next round's context only)."""
+        replies = exchange(rnd.unmask_requests(), "unmask")
+        try:
+            return rnd.receive_unmask(replies)
+        finally:
+            self._next = (rnd.next_context, rnd.next_adverts) if rnd.next_adverts else None
 
     def _describe(self) -> str:
         return (f"{self.params.value_bits}-bit values in [-{self.params.clip:g}, "
@@ -203,8 +234,7 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
             return []
         try:
             rnd = self._new_round([m.metadata.dst_node_id for m in sampled])
-            rnd.receive_adverts(self._exchange(rnd.advertise_requests(), "advertise"))
-            rnd.receive_shares(self._exchange(rnd.share_requests(), "share"))
+            self._key_stages(rnd, self._exchange)
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return []
@@ -247,8 +277,7 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
             valid.append(msg)
         rnd, self._round = self._round, None
         try:
-            average, self.last_total_weight = rnd.receive_unmask(
-                self._exchange(rnd.unmask_requests(), "unmask"))
+            average, self.last_total_weight = self._unmask(rnd, self._exchange)
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return None, None
@@ -311,15 +340,25 @@ def require_payload(config: dict) -> str:
     return payload
 
 
+def below_or_at(value: float, dtype: np.dtype) -> np.floating:
+    """The largest ``dtype`` number at most ``value``: for ``x`` of that dtype,
+    ``x > below_or_at(value)`` exactly when ``x > value``."""
+    with np.errstate(over="ignore"):  # beyond the dtype's range: its largest number
+        out = np.asarray(value, dtype=dtype)[()]
+    return np.nextafter(out, dtype.type(-np.inf)) if float(out) > value else out
+
+
 def mask_model(payload: str, context: Context, node: int, names: list[str],
                arrays: list[np.ndarray], weight: int) -> tuple[dict[str, np.ndarray], float]:
     """This node's trained model, masked; returns the arrays to send and the fraction
     of values outside the clip range."""
     layout = Layout.of(names, arrays)
-    flat = layout.flatten(arrays)
+    # in the model's own float dtype (float32 for torch): quantize computes in float64
+    flat = layout.flatten(arrays, np.result_type(*arrays))
     state = load_state(context)
     clip = float(state.get("params", {}).get("clip", np.inf))
-    clipped = float(np.mean(np.abs(flat) > clip))
+    clipped = float(np.count_nonzero(np.abs(flat) > below_or_at(clip, flat.dtype))
+                    / max(flat.size, 1))
     if clipped > 0:
         log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
             100 * clipped, clip)

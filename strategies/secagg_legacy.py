@@ -137,9 +137,8 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
         self._proxies = {int(proxy.node_id): proxy for proxy, _ in pairs}
         try:
             rnd = self._new_round(list(self._proxies))
-            rnd.receive_adverts(self._exchange(rnd.advertise_requests(), "advertise",
-                                               server_round))
-            rnd.receive_shares(self._exchange(rnd.share_requests(), "share", server_round))
+            self._key_stages(rnd, lambda requests, stage: self._exchange(requests, stage,
+                                                                         server_round))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return []
@@ -172,8 +171,8 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                 continue
             valid.append(res)
         try:
-            average, self.last_total_weight = rnd.receive_unmask(
-                self._exchange(rnd.unmask_requests(), "unmask", server_round))
+            average, self.last_total_weight = self._unmask(
+                rnd, lambda requests, stage: self._exchange(requests, stage, server_round))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             return None, {}

@@ -19,6 +19,26 @@ CCS 2020), for weighted FedAvg. For the round the server samples nodes ``U0`` an
    per round. The server rebuilds each seed, checks it against the commitment or
    the advertised public key, removes the masks and decodes the weighted average.
 
+From the second round on, stage 1 mostly disappears: **pre-advertising**. The
+unmask request names the context of the server's next round, and each survivor
+answers it with two fresh key pairs for that context (their public halves and
+MAC beside its shares). A node sampled again is then sent the round's settings
+(share points, threshold, encoding) in its share request instead of an advertise
+request. Why this keeps every property of stage 1:
+
+- the keys are fresh, made only for that context, and leave the node only as
+  public keys; a node uses a pre-advertised pair for at most one share stage
+  (then it is gone from its state) and drops it when a newer one replaces it;
+- the MAC and every HKDF info bind them to the context, so they are worthless in
+  any other round (a replay fails authentication at the neighbours, and the
+  server refuses public keys it has seen before, as for stage 1);
+- the node checks the settings in the share request exactly as it checks an
+  advertise request, and the server picks the context, sample and graph in
+  either case: it learns nothing earlier than it would from stage 1.
+
+Nodes sampled without a pre-advertised pair (new ones, or ones that missed the
+last unmask stage) still get a normal advertise request.
+
 Pairwise masks cancel in the sum; a dropped node's masks are rebuilt from its
 ``s`` key, so the survivors' sum comes out; a node whose masked input arrives
 after it was declared dropped can never be unmasked, since its ``b`` stays
@@ -172,35 +192,52 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None) ->
     if stage == "share":
         return _share(loads(request, stage), state, node, auth_key)
     if stage == "unmask":
-        return _unmask(loads(request, stage), state, node)
+        return _unmask(loads(request, stage), state, node, auth_key)
     raise MaskingError(f"unknown secure-aggregation stage {stage!r}")
 
 
 def _advertise(req: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
-    if node_id(req.get("node")) != node:
-        raise MaskingError(f"the advertise request is addressed to node {req.get('node')}, "
+    c, s = KeyPair.generate(), KeyPair.generate()
+    state = _round_state(req, node, req.get("context"), c.private, s.private)
+    context = unb64(state["context"])
+    return dumps({"stage": "advertise", "node": node,
+                  **_advert_fields(context, node, c, s, auth_key)}), state
+
+
+def _advert_fields(context: bytes, node: int, c: KeyPair, s: KeyPair,
+                   auth_key: bytes | None) -> dict[str, str]:
+    """The public keys of a node for the round of ``context``, with their MAC."""
+    tag = mac(auth_key, advert_bytes(context, node, c.public, s.public)) if auth_key else b""
+    return {"c_pk": b64(c.public), "s_pk": b64(s.public), "mac": b64(tag)}
+
+
+def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: bytes
+                 ) -> dict:
+    """The node's state at stage 'advertised' from the round's settings (node, share
+    points, threshold, encoding) as the server sent them and its base64 ``context``;
+    :class:`MaskingError` if they fail a check."""
+    if not isinstance(setup, dict):
+        raise MaskingError("the round's settings must be an object")
+    if node_id(setup.get("node")) != node:
+        raise MaskingError(f"the advertise request is addressed to node {setup.get('node')}, "
                            f"this is node {node}")
-    params = MaskingParams.from_dict(req.get("params", {}))
-    points = node_map(req.get("points"), "points")
+    params = MaskingParams.from_dict(setup.get("params", {}))
+    points = node_map(setup.get("points"), "points")
     if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < PRIME
                for x in points.values()) or len(set(points.values())) != len(points):
         raise MaskingError("the advertise request's share points must be distinct ints in "
                            "[1, 2^521 - 1)")
     neighbours = sorted(points.keys() - {node})
-    threshold = req.get("threshold")
+    threshold = setup.get("threshold")
     if node not in points or isinstance(threshold, bool) or not isinstance(threshold, int) \
             or not 1 <= threshold <= len(points):
         raise MaskingError("the advertise request needs this node's share point and a "
                            "threshold within its share group")
-    context = unb64(req.get("context"), 32, "context")
-    c, s = KeyPair.generate(), KeyPair.generate()
-    state = {"stage": "advertised", "context": b64(context), "node": node,
-             "params": params.to_dict(), "points": {str(k): v for k, v in points.items()},
-             "neighbours": neighbours, "threshold": threshold,
-             "c_sk": b64(c.private), "s_sk": b64(s.private)}
-    tag = mac(auth_key, advert_bytes(context, node, c.public, s.public)) if auth_key else b""
-    return dumps({"stage": "advertise", "node": node, "c_pk": b64(c.public),
-                  "s_pk": b64(s.public), "mac": b64(tag)}), state
+    context = unb64(context, 32, "context")
+    return {"stage": "advertised", "context": b64(context), "node": node,
+            "params": params.to_dict(), "points": {str(k): v for k, v in points.items()},
+            "neighbours": neighbours, "threshold": threshold,
+            "c_sk": b64(c_sk), "s_sk": b64(s_sk)}
 
 
 def _expect(state: dict, stage: str, now: str) -> bytes:
@@ -211,9 +248,19 @@ def _expect(state: dict, stage: str, now: str) -> bytes:
 
 
 def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
-    context = _expect(state, "advertised", "share")
-    if unb64(req.get("context"), 32, "context") != context:
-        raise MaskingError("the share request belongs to another round")
+    pending = state.get("pending")
+    if "setup" in req:  # keys pre-advertised in the last unmask reply: use them, once
+        context = unb64(req.get("context"), 32, "context")
+        if not isinstance(pending, dict) or pending.get("context") != b64(context):
+            raise MaskingError("the share request names no keys this node pre-advertised for "
+                               "its round (used already, replaced, or never made)")
+        state = _round_state(req["setup"], node, req.get("context"),
+                             unb64(pending.get("c_sk"), 32, "c_sk"),
+                             unb64(pending.get("s_sk"), 32, "s_sk"))
+    else:
+        context = _expect(state, "advertised", "share")
+        if unb64(req.get("context"), 32, "context") != context:
+            raise MaskingError("the share request belongs to another round")
     adverts = node_map(req.get("adverts"), "adverts")
     unknown = adverts.keys() - set(state["neighbours"])
     if unknown:
@@ -281,8 +328,13 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     masked = encode_weighted(flat, weight, params, rng or np.random.default_rng())
     masked += prg(self_mask_seed(unb64(state["b"]), context), flat.size, params.dtype)
     s_sk = unb64(state["s_sk"])
-    for v in received:
-        masked += pair_mask(flat.size, params.dtype, context, node, v, s_sk, unb64(keys[v][1]))
+    for v in received:  # pair_mask's sign, applied by the add (no negated copy)
+        mask = prg(agree(s_sk, unb64(keys[v][1]), mask_info(context, node, v)), flat.size,
+                   params.dtype)
+        if node < v:
+            masked += mask
+        else:
+            masked -= mask
     for v, sealed in received.items():
         unb64(sealed, SEALED_BYTES, f"sealed shares from node {v}")
     state = {**state, "stage": "masked", "received": {str(v): ct for v, ct in received.items()}}
@@ -291,7 +343,7 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     return masked, header, state
 
 
-def _unmask(req: dict, state: dict, node: int) -> tuple[str, dict]:
+def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
     context = _expect(state, "masked", "unmask")
     if unb64(req.get("context"), 32, "context") != context:
         raise MaskingError("the unmask request belongs to another round")
@@ -326,8 +378,17 @@ def _unmask(req: dict, state: dict, node: int) -> tuple[str, dict]:
         else:
             s_out[str(v)] = b64(opened[SHARE_BYTES:])
     b_out[str(node)] = b64(unb64(state["own"])[:SHARE_BYTES])
-    return dumps({"stage": "unmask", "node": node, "b_shares": b_out, "s_shares": s_out}), \
-        {**state, "stage": "done"}
+    reply = {"stage": "unmask", "node": node, "b_shares": b_out, "s_shares": s_out}
+    state = {k: v for k, v in state.items() if k != "pending"}
+    if req.get("next") is not None:
+        next_context = unb64(req["next"], 32, "next context")
+        if next_context == context:
+            raise MaskingError("the next round's context is this round's")
+        c, s = KeyPair.generate(), KeyPair.generate()
+        reply["next_advert"] = _advert_fields(next_context, node, c, s, auth_key)
+        state["pending"] = {"context": b64(next_context), "c_sk": b64(c.private),
+                            "s_sk": b64(s.private)}
+    return dumps(reply), {**state, "stage": "done"}
 
 
 # ------------------------------------------------------------------ server side
@@ -354,6 +415,12 @@ class ServerRound:
         A secret needs more than this fraction of its share group.
     seen_keys : set[bytes]
         Public keys of earlier rounds (replays are refused); updated in place.
+    preadvertised : tuple[bytes, Mapping[int, dict]] | None
+        The context of this round and the keys nodes pre-advertised for it in the
+        last round's unmask replies (:attr:`next_context`, :attr:`next_adverts`);
+        None: a fresh context, every node advertises.
+    preadvertise : bool
+        Ask the survivors for keys for the next round in the unmask requests.
     """
 
     params: MaskingParams
@@ -362,19 +429,29 @@ class ServerRound:
     degree: int = 0
     threshold_fraction: float = 0.5
     seen_keys: set[bytes] = field(default_factory=set)
+    preadvertised: tuple[bytes, Mapping[int, dict]] | None = None
+    preadvertise: bool = True
 
     def __post_init__(self) -> None:
         self.nodes = sorted(set(self.nodes))
         if len(self.nodes) < 2:
             raise RoundAborted(f"secure aggregation needs at least 2 nodes, {len(self.nodes)} "
                                "sampled: a sum of one is that node's update")
-        self.context = secrets.token_bytes(32)
+        context, adverts = self.preadvertised or (secrets.token_bytes(32), {})
+        if len(context) != 32:
+            raise ValueError("a round's context has 32 bytes")
+        self.context = context
+        self.next_context = secrets.token_bytes(32)
+        self.next_adverts: dict[int, dict] = {}
         degree = self.degree or default_degree(len(self.nodes))
         self.graph = neighbour_graph(self.nodes, degree, self.context)
         self.points = {u: i + 1 for i, u in enumerate(self.nodes)}
         self.threshold = threshold_for(1 + min(len(v) for v in self.graph.values()),
                                        self.threshold_fraction)
-        self.adverts: dict[int, dict] = {}
+        # keys checked (and added to seen_keys) when they arrived; only the sampled
+        self.adverts: dict[int, dict] = {u: dict(adverts[u]) for u in self.nodes
+                                         if u in adverts}
+        self.preadvertised_nodes = set(self.adverts)
         self.commits: dict[int, bytes] = {}
         self.sealed: dict[int, dict[int, str]] = {}  # receiver -> sender -> sealed shares
         self.masked: dict[int, int] = {}  # node -> weight
@@ -382,11 +459,17 @@ class ServerRound:
         self.stats = {"sampled": len(self.nodes)}
 
     # stage 1
+    def _setup(self, u: int) -> dict:
+        """What node ``u`` needs to know of the round besides its context."""
+        return {"node": u, "params": self.params.to_dict(), "threshold": self.threshold,
+                "points": {str(v): self.points[v] for v in [u, *self.graph[u]]}}
+
     def advertise_requests(self) -> dict[int, str]:
-        return {u: dumps({"stage": "advertise", "node": u, "context": b64(self.context),
-                          "params": self.params.to_dict(), "threshold": self.threshold,
-                          "points": {str(v): self.points[v] for v in [u, *self.graph[u]]}})
-                for u in self.nodes}
+        """The advertise requests, for the nodes without pre-advertised keys (none
+        at all when every sampled node pre-advertised: skip the stage)."""
+        return {u: dumps({"stage": "advertise", "context": b64(self.context),
+                          **self._setup(u)})
+                for u in self.nodes if u not in self.preadvertised_nodes}
 
     def receive_adverts(self, replies: Mapping[int, object]) -> None:
         for u, text in replies.items():
@@ -395,6 +478,10 @@ class ServerRound:
 
     def _advert(self, u: int, text: object) -> None:
         rep = self._reply(u, text, "advertise", self.adverts)
+        self.adverts[u] = self._checked_keys(rep)
+
+    def _checked_keys(self, rep: dict) -> dict:
+        """A node's advertised keys, checked and remembered (replays are refused)."""
         c_pk, s_pk = unb64(rep.get("c_pk"), 32, "c_pk"), unb64(rep.get("s_pk"), 32, "s_pk")
         check_public_key(c_pk)
         check_public_key(s_pk)
@@ -402,13 +489,15 @@ class ServerRound:
         if c_pk == s_pk or {c_pk, s_pk} & self.seen_keys:
             raise InvalidUpdate("replayed public keys (seen before)")
         self.seen_keys.update((c_pk, s_pk))
-        self.adverts[u] = {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "mac": b64(mac_tag)}
+        return {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "mac": b64(mac_tag)}
 
     # stage 2
     def share_requests(self) -> dict[int, str]:
         return {u: dumps({"stage": "share", "context": b64(self.context),
                           "adverts": {str(v): self.adverts[v] for v in self.graph[u]
-                                      if v in self.adverts}})
+                                      if v in self.adverts},
+                          **({"setup": self._setup(u)} if u in self.preadvertised_nodes
+                             else {})})
                 for u in self.adverts}
 
     def receive_shares(self, replies: Mapping[int, object]) -> None:
@@ -482,7 +571,9 @@ class ServerRound:
             group = {u} | {v for v in self.sealed.get(u, {}) if v in self.commits}
             requests[u] = dumps({"stage": "unmask", "context": b64(self.context),
                                  "survivors": sorted(group & survivors),
-                                 "dropped": sorted(group & dropped)})
+                                 "dropped": sorted(group & dropped),
+                                 **({"next": b64(self.next_context)} if self.preadvertise
+                                    else {})})
         return requests
 
     def receive_unmask(self, replies: Mapping[int, object]) -> tuple[np.ndarray, int]:
@@ -500,6 +591,8 @@ class ServerRound:
         for u, text in replies.items():
             self._try(u, "unmask", lambda: self._unmask_reply(u, text, answered,
                                                               b_shares, s_shares))
+            if u in answered and self.preadvertise and "next_advert" in answered[u]:
+                self._try(u, "pre-advertise", lambda: self._next_advert(u, answered[u]))
         survivors, dropped = set(self.masked), set(self.commits) - set(self.masked)
         total = self.total.copy()
         for u in sorted(survivors):
@@ -543,6 +636,17 @@ class ServerRound:
         for shares, v, share in parsed:
             shares.setdefault(v, {})[self.points[u]] = share
         answered[u] = rep
+
+    def _next_advert(self, u: int, rep: dict) -> None:
+        """Keep the keys ``u`` pre-advertised for :attr:`next_context` (a bad one
+        costs the node only the pre-advertisement: it advertises again)."""
+        advert = rep["next_advert"]
+        if not isinstance(advert, dict):
+            raise InvalidUpdate("the pre-advertised keys are not an object")
+        try:
+            self.next_adverts[u] = self._checked_keys(advert)
+        except (InvalidUpdate, MaskingError) as err:
+            raise InvalidUpdate(f"pre-advertised keys refused: {err}") from None
 
     def _rebuild(self, u: int, shares: dict[int, bytes], what: str) -> bytes:
         if len(shares) < self.threshold:

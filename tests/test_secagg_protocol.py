@@ -42,15 +42,21 @@ class Round:
     between the calls."""
 
     def __init__(self, n=10, length=50, degree=0, params=None, auth=AUTH, seed=0,
-                 seen_keys=None, nodes=None, fraction=0.5):
+                 seen_keys=None, nodes=None, fraction=0.5, after=None):
+        """``after``: the previous Round; this one goes on with its nodes' states, its
+        seen keys and the keys its survivors pre-advertised."""
         self.params = params or MaskingParams.derive(1.0)
-        self.nodes = sorted(nodes or node_ids(n, seed))
+        self.nodes = sorted(nodes or (after.nodes if after else node_ids(n, seed)))
         self.length = length
         self.auth = auth  # bytes, None, or {node: key}
+        if after is not None and seen_keys is None:
+            seen_keys = after.sr.seen_keys
         self.sr = ServerRound(self.params, self.nodes, length, degree=degree,
                               threshold_fraction=fraction,
-                              seen_keys=set() if seen_keys is None else seen_keys)
-        self.state = {u: {} for u in self.nodes}
+                              seen_keys=set() if seen_keys is None else seen_keys,
+                              preadvertised=(after.sr.next_context, after.sr.next_adverts)
+                              if after else None)
+        self.state = {u: dict(after.state.get(u, {})) if after else {} for u in self.nodes}
         self.rng = np.random.default_rng(seed + 1)
         self.xs, self.ws, self.ys, self.headers, self.seeds = {}, {}, {}, {}, {}
 
@@ -965,3 +971,143 @@ def test_a_wrong_share_aborts_the_round():
         pytest.fail(f"receive_unmask raised {type(err).__name__}({err}) instead of RoundAborted")
     else:
         pytest.fail("a wrong share went unnoticed")
+
+
+# ------------------------------------------------------------------ pre-advertised keys
+def test_later_rounds_skip_the_advertise_stage_and_decode():
+    first = Round(8, 30, seed=3)
+    first.run()
+    assert set(first.sr.next_adverts) == set(first.nodes)
+    second = Round(length=30, after=first)
+    assert second.sr.context == first.sr.next_context
+    assert second.sr.advertise_requests() == {}
+    second.advertise()  # nothing to ask: the pre-advertised keys count
+    for u in second.nodes:  # the share request carries the round's settings instead
+        assert json.loads(second.sr.share_requests()[u])["setup"]["node"] == u
+    second.share()
+    for u in second.nodes:
+        assert "pending" not in second.state[u]  # used once, then gone
+        assert second.state[u]["context"] == b64(second.sr.context)
+    second.mask()
+    average, _ = second.unmask()
+    assert np.abs(average - second.expected()).max() <= second.params.error_bound
+    third = Round(length=30, after=second)  # and so on
+    assert third.sr.advertise_requests() == {}
+    assert np.abs(third.run()[0] - third.expected()).max() <= third.params.error_bound
+
+
+def test_nodes_without_preadvertised_keys_advertise_and_dropouts_still_recover():
+    first = Round(8, 30, seed=4)
+    first.advertise()
+    first.share()
+    first.mask()
+    late = first.nodes[0]
+    first.unmask(skip={late})  # it missed the unmask stage: no keys for the next round
+    assert late not in first.sr.next_adverts
+    second = Round(length=30, after=first)
+    assert set(second.sr.advertise_requests()) == {late}
+    second.advertise()
+    assert "setup" not in json.loads(second.sr.share_requests()[late])
+    second.share()
+    second.mask(drop={second.nodes[3]})  # a pre-advertised node drops after sharing
+    average, _ = second.unmask()
+    assert np.abs(average - second.expected()).max() <= second.params.error_bound
+
+
+def test_preadvertised_keys_are_bound_to_their_round():
+    first = Round(5, 10, seed=5)
+    first.run()
+    u, v = first.nodes[0], first.nodes[1]
+    # a round on another context cannot use them: the node refuses...
+    other = Round(length=10, after=first)
+    other.sr.context = bytes(32)
+    with pytest.raises(MaskingError, match="names no keys this node pre-advertised"):
+        client_step(other.sr.share_requests()[u], other.state[u], u, AUTH)
+    # ...and if the server re-binds them to a fresh context, the MAC gives it away
+    moved = Round(length=10, after=first, seen_keys=set())
+    moved.sr.preadvertised_nodes.discard(v)  # v advertises afresh for the new context
+    moved.sr.context = bytes(range(32))
+    moved.sr.adverts.pop(v)
+    moved.state[v] = {}
+    moved.advertise()
+    with pytest.raises(MaskingError, match=f"the keys of node {u} fail authentication"):
+        client_step(moved.sr.share_requests()[v], moved.state[v], v, AUTH)
+
+
+def test_a_preadvertised_pair_is_used_once():
+    first = Round(5, 10, seed=6)
+    first.run()
+    second = Round(length=10, after=first)
+    u = second.nodes[0]
+    request = second.sr.share_requests()[u]
+    before = dict(second.state[u])
+    _, used = client_step(request, second.state[u], u, AUTH)
+    assert second.state[u] == before  # not changed in place
+    with pytest.raises(MaskingError, match="names no keys this node pre-advertised"):
+        client_step(request, used, u, AUTH)  # a replayed share request
+    # a normal advertise request drops the pending pair: the share request for it fails
+    adv = Round(length=10, after=first).sr
+    fresh_req = json.dumps({"version": 1, "stage": "advertise", "context": b64(adv.context),
+                            **adv._setup(u)})
+    _, readvertised = client_step(fresh_req, second.state[u], u, AUTH)
+    assert "pending" not in readvertised
+    with pytest.raises(MaskingError, match="names no keys this node pre-advertised"):
+        client_step(request, readvertised, u, AUTH)
+
+
+def test_replayed_preadvertised_keys_are_refused_by_the_server(flwr_caplog):
+    first = Round(5, 10, seed=7)
+    first.run()
+    u = first.nodes[0]
+    later = Round(length=10, nodes=first.nodes, seen_keys=first.sr.seen_keys)  # no pre-adverts
+    replies = later.step(later.sr.advertise_requests())
+    keys = first.sr.next_adverts[u]
+    replies[u] = edit(replies[u], c_pk=keys["c_pk"], s_pk=keys["s_pk"])
+    later.sr.receive_adverts(replies)
+    assert u not in later.sr.adverts and len(later.sr.adverts) == 4
+    assert f"left out node {u} at the advertise stage: replayed public keys" in \
+        warnings_of(flwr_caplog)
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda ad, other: "not an object",
+    lambda ad, other: {**ad, "s_pk": ad["c_pk"]},
+    lambda ad, other: {**ad, "c_pk": other["c_pk"]},
+    lambda ad, other: {**ad, "c_pk": "%%%"},
+])
+def test_bad_preadvertised_keys_cost_only_the_preadvertisement(flwr_caplog, tamper):
+    r = Round(6, 20, seed=8)
+    r.advertise()
+    r.share()
+    r.mask()
+    replies = r.step(r.sr.unmask_requests())
+    u, w = r.nodes[0], r.nodes[1]
+    rep = json.loads(replies[u])
+    rep["next_advert"] = tamper(rep["next_advert"], r.sr.adverts[w])  # w's keys: seen
+    replies = {u: json.dumps(rep), **{k: x for k, x in replies.items() if k != u}}
+    average, _ = r.sr.receive_unmask(replies)
+    assert np.abs(average - r.expected()).max() <= r.params.error_bound
+    assert u not in r.sr.next_adverts and len(r.sr.next_adverts) == 5
+    assert f"left out node {u} at the pre-advertise stage" in warnings_of(flwr_caplog)
+
+
+def test_unmask_refuses_a_next_context_equal_to_the_round():
+    r = Round(4, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    u = r.nodes[0]
+    data = json.loads(r.sr.unmask_requests()[u])
+    with pytest.raises(MaskingError, match="next round's context is this round's"):
+        client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, AUTH)
+    with pytest.raises(MaskingError, match="next context"):
+        client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, AUTH)
+
+
+def test_without_preadvertising_every_round_advertises():
+    r = Round(4, 10)
+    r.sr.preadvertise = False
+    r.run()
+    assert "next" not in json.loads(r.sr.unmask_requests()[r.nodes[0]])
+    assert r.sr.next_adverts == {}
+    assert all("next_advert" not in json.loads(x) for x in r.unmask_replies.values())

@@ -330,3 +330,92 @@ def test_legacy_bad_reply_left_out_and_too_many_dropouts_skip(task_identity, flw
     assert f"Left out the reply of client {pairs[0][0].cid}" in flwr_caplog.text
     assert "tensor type 'numpy.ndarray'" in flwr_caplog.text
     assert "Round 1 skipped" in flwr_caplog.text
+
+
+# ------------------------------------------------------------------ pre-advertised keys
+class CountingGrid(FakeGrid):
+    """A FakeGrid that records the stage of every key-stage message it sends."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        super().__init__(nodes)
+        self.stages: list[str] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            record = m.content.config_records.get("secagg")
+            if record is not None:
+                self.stages.append(json.loads(record[PAYLOAD_KEY])["stage"])
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_message_api_later_rounds_skip_the_advertise_stage(task_identity, flwr_caplog):
+    nodes = [Node(u, silent="unmask" if u == 101 else "") for u in NODES + [707]]
+    strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=7, min_train_nodes=7)
+    grid = CountingGrid(nodes)
+    for rnd in (1, 2, 3):
+        grid.stages.clear()
+        messages = list(strategy.configure_train(rnd, global_arrays(), ConfigRecord(), grid))
+        arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
+        assert_average_of(arrays, NODES + [707])
+        if rnd == 1:
+            assert grid.stages.count("advertise") == 7
+        else:  # only 101 (silent at unmask, so it never pre-advertised) is asked
+            assert grid.stages.count("advertise") == 1
+        assert grid.stages.count("share") == 7 and grid.stages.count("unmask") == 7
+        nodes[0].silent = "unmask" if rnd < 2 else ""  # 101 answers from round 2 on
+    assert "advertise stage, 1 of 1 nodes answered" in flwr_caplog.text
+
+
+def test_message_api_every_node_preadvertised_skips_the_stage(task_identity, flwr_caplog):
+    strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=6, min_train_nodes=6)
+    grid = CountingGrid([Node(u) for u in NODES])
+    for rnd in (1, 2):
+        grid.stages.clear()
+        messages = list(strategy.configure_train(rnd, global_arrays(), ConfigRecord(), grid))
+        arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
+        assert_average_of(arrays, NODES)
+    assert grid.stages == ["share"] * 6 + ["unmask"] * 6
+    assert "advertise stage skipped, all 6 nodes pre-advertised" in flwr_caplog.text
+
+
+def test_message_api_a_node_that_lost_its_state_drops_out_then_advertises(task_identity,
+                                                                          flwr_caplog):
+    """A restarted node has no pre-advertised keys: it refuses the share request of the
+    next round (a dropout the others survive) and advertises afresh after that."""
+    nodes = [Node(u) for u in NODES + [707]]
+    strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=7, min_train_nodes=7)
+    grid = CountingGrid(nodes)
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), grid))
+    strategy.aggregate_train(1, grid.send_and_receive(messages))
+    nodes[0].context = new_context(101)  # restarted: its state is gone
+    messages = list(strategy.configure_train(2, global_arrays(), ConfigRecord(), grid))
+    assert 101 not in {m.metadata.dst_node_id for m in messages}
+    arrays, _ = strategy.aggregate_train(2, grid.send_and_receive(messages))
+    assert_average_of(arrays, NODES[1:] + [707])
+    assert "names no keys this node pre-advertised" in flwr_caplog.text
+    grid.stages.clear()
+    messages = list(strategy.configure_train(3, global_arrays(), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(3, grid.send_and_receive(messages))
+    assert_average_of(arrays, NODES + [707])
+    assert grid.stages.count("advertise") == 1
+
+
+def test_legacy_later_rounds_skip_the_advertise_stage(task_identity, flwr_caplog):
+    proxies = [LegacyProxy(u) for u in NODES]
+    strategy = LegacySecAggFedAvg(clip=CLIP, min_fit_clients=6, min_available_clients=6)
+    manager = SimpleClientManager()
+    for proxy in proxies:
+        manager.register(proxy)
+    initial = ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES.values()])
+    bound = strategy.params.error_bound
+    for rnd in (1, 2):
+        pairs = strategy.configure_fit(rnd, initial, manager)
+        results = [(proxy, proxy.fit(ins, None, rnd)) for proxy, ins in pairs]
+        parameters, _ = strategy.aggregate_fit(rnd, results, [])
+        for got, exp in zip(parameters_to_ndarrays(parameters), expected(NODES), strict=True):
+            np.testing.assert_allclose(got, exp, rtol=0, atol=bound + 1e-6)
+    answered = {id(r) for r in flwr_caplog.records
+                if "advertise stage, 6 of 6 clients answered" in r.getMessage()}
+    assert len(answered) == 1  # round 1 only
+    assert "advertise stage skipped, all 6 nodes pre-advertised" in flwr_caplog.text
