@@ -21,7 +21,6 @@ from pathlib import Path
 
 from . import launch
 
-APP_DIR = Path(__file__).resolve().parent.parent
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -44,9 +43,16 @@ def _flwr_home(args: argparse.Namespace) -> Path:
     return Path(args.flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr").expanduser()
 
 
+def app_dir(args: argparse.Namespace) -> Path:
+    """The app to submit (``--app``, default the current directory), said out loud."""
+    path = Path(args.app).expanduser().resolve()
+    print(f"submitting the Flower app in {path}", flush=True)
+    return path
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     status, run_dir, text = launch.simulate(
-        Path(args.app), Path(args.workdir), args.num_supernodes,
+        app_dir(args), Path(args.workdir), args.num_supernodes,
         parse_overrides(args.run_config), timeout=args.timeout)
     print(text)
     print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
@@ -109,27 +115,30 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 1
 
 
-def connect(args: argparse.Namespace, name: str = "deployment") -> dict[str, str]:
-    """Write the connection to ``args.superlink`` into ``$FLWR_HOME/config.toml``
-    (TLS with ``--certificates DIR``/ca.crt unless ``--insecure``); returns the
-    environment for ``flwr`` commands."""
+def connect(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """Add or update this SuperLink's own connection (``fedapp-HOST-PORT``) in
+    ``$FLWR_HOME/config.toml``, TLS with ``--certificates DIR``/ca.crt unless
+    ``--insecure``; the user's other connections and default stay as they were.
+    Returns the connection's name and the environment for ``flwr`` commands."""
     home = _flwr_home(args)
     ca = Path(args.certificates) / "ca.crt" if args.certificates else None
     if not args.insecure and (ca is None or not ca.is_file()):
         raise SystemExit("give --certificates DIR holding ca.crt, or --insecure")
+    name = launch.connection_name(args.superlink)
     launch.write_connection(home, name, args.superlink, insecure=args.insecure,
                             root_certificates=None if args.insecure else ca)
-    return launch.flower_env(home)
+    return name, launch.flower_env(home)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    env = connect(args)
-    run_id = launch.submit(Path(args.app), "deployment", env, parse_overrides(args.run_config))
-    print(f"submitted run {run_id}")
+    connection, env = connect(args)
+    run_id = launch.submit(app_dir(args), connection, env, parse_overrides(args.run_config))
+    print(f"submitted run {run_id} (connection '{connection}': flwr log {run_id} "
+          f"{connection} --stream)")
     if args.no_wait:
         return 0
-    status = launch.wait_for_run(run_id, "deployment", env, args.timeout)
-    print(launch.logs(run_id, "deployment", env))
+    status = launch.wait_for_run(run_id, connection, env, args.timeout)
+    print(launch.logs(run_id, connection, env))
     print(json.dumps({"run-id": run_id, "status": status}))
     return 0 if status == launch.FINISHED_OK else 1
 
@@ -141,15 +150,21 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise SystemExit("SuperNode authentication needs TLS: a SuperLink started with "
                          "--insecure lets any SuperNode in, there is nothing to register")
     keys = [check_node_public_key(Path(k)) for k in args.public_keys]
-    env = connect(args)
-    ids = {str(k): launch.register_supernode(k, "deployment", env) for k in keys}
+    connection, env = connect(args)
+    ids = {str(k): launch.register_supernode(k, connection, env) for k in keys}
     print(json.dumps({"registered": ids}))
     return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from strategies.keyfiles import write_auth_key, write_keypair
+    from strategies.keyfiles import default_key_dir, write_auth_key, write_keypair
 
+    from .bundle import refuse_inside_app
+
+    out = Path(args.out).expanduser() if args.out else default_key_dir()
+    if not args.allow_inside_app:
+        refuse_inside_app(out, "private keys")
+    args.out = str(out)
     if args.secagg:
         path = write_auth_key(Path(args.out))
         print(f"authentication key (every client node, never the server; 0600): {path}")
@@ -206,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-supernodes", type=int, default=2)
     s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--workdir", default="fedapp-sim", help="SuperLink state, logs and runs")
-    s.add_argument("--app", default=str(APP_DIR), help="the Flower app directory")
+    s.add_argument("--app", default=".", help="the Flower app directory (default: the "
+                   "current directory)")
     s.add_argument("--timeout", type=float, default=6 * 3600)
     s.set_defaults(func=cmd_sim)
 
@@ -242,9 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("keygen", help="make a Paillier key pair, a secure-aggregation "
                        "authentication key (--secagg) or a SuperNode key pair (--supernode)")
-    s.add_argument("--out", required=True, help="directory for paillier.pub.json and "
-                   "paillier.key.json (with --secagg: secagg-auth.key; with --supernode: "
-                   "supernode.key and supernode.pub)")
+    s.add_argument("--out", help="directory for paillier.pub.json and paillier.key.json "
+                   "(with --secagg: secagg-auth.key; with --supernode: supernode.key and "
+                   "supernode.pub); default $FEDAPP_KEY_DIR or ~/.fedapp/keys, where client "
+                   "nodes look for their keys. Refused inside a Flower app: its files travel "
+                   "to the server in the app bundle")
+    s.add_argument("--allow-inside-app", action="store_true", help="write inside a Flower "
+                   "app's directory all the same (the key files must be ignored there)")
     kind = s.add_mutually_exclusive_group()
     kind.add_argument("--secagg", action="store_true", help="make the client nodes' shared "
                       "authentication key for aggregation=secagg instead")
@@ -265,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="submit the app to a SuperLink and wait for the result")
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
     s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--app", default=str(APP_DIR))
+    s.add_argument("--app", default=".", help="the Flower app directory (default: the "
+                   "current directory)")
     s.add_argument("--timeout", type=float, default=6 * 3600)
     s.add_argument("--no-wait", action="store_true", help="return once submitted")
     tls(s)

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "min-evaluate-nodes": 2,
     "min-available-nodes": 2,
     "round-timeout": 3600.0,
+    "max-empty-rounds": "auto",
     "aggregation": "fedavg",
     "paillier-public-key": "",
     "paillier-clip": "auto",
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "secagg-max-total-weight": 65536,
     "secagg-neighbors": 0,
     "secagg-threshold": 0.5,
+    "secagg-allow-unauthenticated": False,
     "dp-noise-multiplier": 0.0,
     "dp-clip": 1.0,
     "dp-adaptive-clip": False,
@@ -118,6 +120,7 @@ class RunSettings:
     min_evaluate_nodes: int
     min_available_nodes: int
     round_timeout: float
+    max_empty_rounds: int | None
     aggregation: str
     paillier_public_key: str
     paillier_clip: float
@@ -129,6 +132,7 @@ class RunSettings:
     secagg_max_total_weight: int
     secagg_neighbors: int
     secagg_threshold: float
+    secagg_allow_unauthenticated: bool
     dp_noise_multiplier: float
     dp_clip: float
     dp_adaptive_clip: bool
@@ -187,6 +191,7 @@ class RunSettings:
             min_evaluate_nodes=int(c["min-evaluate-nodes"]),
             min_available_nodes=int(c["min-available-nodes"]),
             round_timeout=float(c["round-timeout"]),
+            max_empty_rounds=_auto(c["max-empty-rounds"], None, int, "max-empty-rounds"),
             aggregation=str(c["aggregation"]),
             paillier_public_key=str(c["paillier-public-key"]),
             paillier_clip=_auto(c["paillier-clip"], CLIP_RANGE[task.name], float,
@@ -199,6 +204,7 @@ class RunSettings:
             secagg_max_total_weight=int(c["secagg-max-total-weight"]),
             secagg_neighbors=int(c["secagg-neighbors"]),
             secagg_threshold=float(c["secagg-threshold"]),
+            secagg_allow_unauthenticated=bool(c["secagg-allow-unauthenticated"]),
             dp_noise_multiplier=float(c["dp-noise-multiplier"]),
             dp_clip=float(c["dp-clip"]),
             dp_adaptive_clip=bool(c["dp-adaptive-clip"]),
@@ -270,6 +276,9 @@ class RunSettings:
             raise ValueError("min-*-nodes must be >= 0")
         if self.local_epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise ValueError("local-epochs, batch-size and learning-rate must be positive")
+        if self.max_empty_rounds is not None and self.max_empty_rounds < 1:
+            raise ValueError(f"max-empty-rounds must be 'auto' or >= 1, got "
+                             f"{self.max_empty_rounds}")
         if not self.round_timeout > 0:
             raise ValueError(f"round-timeout must be positive, got {self.round_timeout}")
         for key in ("momentum", "weight_decay", "dp_noise_multiplier", "dp_population", "seed"):
@@ -335,6 +344,6 @@ class RunSettings:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
 
-#: Each setting's type, from the fields of RunSettings (``float | None``: a float or "auto").
-_KINDS = {name.replace("_", "-"): float if hint == float | None else hint
+#: Each setting's type, from the fields of RunSettings (``T | None``: a T or "auto").
+_KINDS = {name.replace("_", "-"): typing.get_args(hint)[0] if typing.get_args(hint) else hint
           for name, hint in typing.get_type_hints(RunSettings).items()}

@@ -15,10 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from strategies.keyfiles import check_private
+
+from .bundle import check_app
 
 FINISHED_OK = "finished:completed"
 
@@ -209,22 +212,39 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0,
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def connection_name(address: str) -> str:
+    """The name ``fedapp run``/``register`` give the connection to ``address`` in
+    Flower's config: one per SuperLink, beside the user's own connections."""
+    return "fedapp-" + "".join(c if c.isalnum() else "-" for c in address).strip("-")
+
+
 def write_connection(flwr_home: Path, name: str, address: str, *, insecure: bool,
                      root_certificates: Path | None = None) -> None:
-    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection (the default).
+    """Add or update the connection ``name`` in ``$FLWR_HOME/config.toml``.
 
-    With ``insecure=False`` the ``flwr`` commands use TLS, verifying the SuperLink
-    against ``root_certificates`` (or the system's trust store when it is None).
+    Every other connection, and the default, stay as they were (a new file starts
+    from Flower's own, whose default is the ``local`` simulation). With
+    ``insecure=False`` the ``flwr`` commands use TLS, verifying the SuperLink against
+    ``root_certificates`` (or the system's trust store when it is None).
     """
+    import tomli_w
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
     if insecure and root_certificates is not None:
         raise ValueError("a connection is either insecure or verified with root certificates")
-    q = json.dumps  # a TOML basic string is a JSON string
-    lines = ["[superlink]", f"default = {q(name)}", "", f"[superlink.{name}]",
-             f"address = {q(address)}", f"insecure = {'true' if insecure else 'false'}"]
+    path = flwr_home / "config.toml"
+    text = path.read_text() if path.is_file() else DEFAULT_FLOWER_CONFIG_TOML
+    try:
+        config = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML ({err}): fix or remove it") from None
+    links = config.setdefault("superlink", {})
+    links.setdefault("default", name)
+    links[name] = {"address": address, "insecure": insecure}
     if root_certificates is not None:
-        lines.append(f"root-certificates = {q(str(root_certificates.resolve()))}")
+        links[name]["root-certificates"] = str(root_certificates.resolve())
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps(config))
 
 
 def config_arg(flag: str, overrides: dict[str, Any]) -> list[str]:
@@ -240,7 +260,15 @@ def submit(app_dir: Path, connection: str, env: dict[str, str],
            overrides: dict[str, Any] | None = None,
            federation: dict[str, Any] | None = None) -> str:
     """``flwr run APP CONNECTION`` with run-config (and, for simulations, federation-config)
-    overrides; returns the run id."""
+    overrides; returns the run id.
+
+    Raises
+    ------
+    ValueError
+        If ``app_dir`` is not a Flower app or holds private key material (which the
+        bundle would carry to the server).
+    """
+    check_app(app_dir)
     out = subprocess.run(
         [flower_command("flwr"), "run", str(app_dir), connection, "--format", "json",
          *config_arg("--run-config", overrides or {}),
@@ -303,6 +331,7 @@ def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
     Returns ``(status, run directory, logs)``; ``status`` is ``finished:completed``
     only if the run really succeeded.
     """
+    check_app(app_dir)  # before starting anything
     workdir = workdir.resolve()
     home = workdir / "flwr-home"
     env = flower_env(home, **(env or {}))

@@ -39,6 +39,7 @@ from clients.tasks import build_model, load_central_test
 from strategies.aggregation import InvalidUpdate, check_update, check_weight
 from strategies.legacy_wire import load_ndarrays
 from strategies.masking import default_degree, threshold_for
+from strategies.screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch, report_failures
 
 from .config import RunSettings
 from .nodes import make_client
@@ -72,8 +73,10 @@ class StandardizingFedAvg(FedAvg):
     arrays that differ from the global model's or hold NaN or infinity, weights that
     are no positive int, losses that are no finite number) are logged and left out."""
 
-    def __init__(self, *, needs_stats: bool, **kwargs) -> None:
+    def __init__(self, *, needs_stats: bool, max_empty_rounds: int = PLAINTEXT_EMPTY_ROUNDS,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.watch = RoundWatch(max_empty_rounds)
         self.needs_stats = needs_stats
         self.extra_config: dict = {}
         self._sent: list[np.ndarray] = []
@@ -118,6 +121,8 @@ class StandardizingFedAvg(FedAvg):
                     server_round, err)
                 continue
             valid.append((proxy, res))
+        report_failures(self.watch, failures)
+        self.watch.end_round(server_round, bool(valid))
         return super().aggregate_fit(server_round, valid, failures)
 
     def aggregate_evaluate(self, server_round, results, failures):

@@ -17,6 +17,7 @@ from clients.standardize import combine_stats, encode_floats, read_stats
 from clients.tasks import build_model, load_central_test
 from strategies.paillier_protocol import EncryptedModel
 from strategies.records import array_record, record_arrays
+from strategies.screening import RoundWatch
 
 from .checkpoint import Checkpoint, CheckpointError, check_compatible
 from .config import RunSettings
@@ -43,19 +44,26 @@ def federated_normalization(grid: Grid, settings: RunSettings) -> dict[str, byte
     nodes = wait_for_nodes(grid, max(1, settings.min_available_nodes), settings.round_timeout)
     messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="query")
                 for n in nodes]
-    reports = []
+    reports, watch = [], RoundWatch(1)
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
-        if reply.has_error() or "properties" not in reply.content.config_records:
-            log(WARNING, "Node %s sent no statistics; left out", reply.metadata.src_node_id)
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            watch.node_failed(node, reply.error.reason, "statistics")
+            continue
+        if "properties" not in reply.content.config_records:
+            watch.node_failed(node, "no statistics in the reply", "statistics")
             continue
         report = dict(reply.content.config_records["properties"])
         try:
             read_stats(report, HOUSING_FEATURES + 1)
         except ValueError as err:
-            log(WARNING, "Left out the statistics of node %s: %s", reply.metadata.src_node_id,
-                err)
+            watch.node_failed(node, f"statistics left out: {err}", "statistics")
             continue
         reports.append(report)
+    failures = watch.flush()
+    if not reports:
+        raise RuntimeError("no node sent the statistics for the federated standardization: "
+                           + ("; ".join(failures) or "no node answered"))
     mean, std = combine_stats(reports, HOUSING_FEATURES + 1)
     log(INFO, "Federated standardization from %d nodes: %d rows", len(reports),
         sum(int(r["stats-n"]) for r in reports))

@@ -43,6 +43,8 @@ def aggregation_strategy(settings: RunSettings) -> Strategy:
         min_evaluate_nodes=settings.min_evaluate_nodes,
         min_available_nodes=settings.min_available_nodes,
     )
+    if settings.max_empty_rounds is not None:  # else each strategy's own default
+        sampling["max_empty_rounds"] = settings.max_empty_rounds
     if settings.aggregation == "paillier":
         return PaillierFedAvg(
             load_public_key(Path(settings.paillier_public_key).expanduser()),

@@ -219,7 +219,7 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
     import tempfile
 
     from fedapp import launch
-    from strategies.keyfiles import write_keypair
+    from strategies.keyfiles import KEY_DIR_ENV, write_keypair
 
     work = Path(tempfile.mkdtemp(prefix="bench-paillier-"))
     public, private, _ = write_keypair(work / "keys")
@@ -238,7 +238,7 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
         log(f"simulation: {name} MNIST, {n} clients, {args.sim_rounds} rounds")
         status, run_dir, logs = launch.simulate(
             ROOT, work / name, n, {**common, **extra}, timeout=4 * 3600,
-            env={"FEDAPP_PAILLIER_PRIVATE_KEY": str(private)})
+            env={KEY_DIR_ENV: str(private.parent)})
         rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
         later = [r for r in rows if r["round"] > 1]
         out[name] = {

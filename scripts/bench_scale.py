@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedapp import launch  # noqa: E402
-from strategies.keyfiles import write_auth_key, write_keypair  # noqa: E402
+from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair  # noqa: E402
 
 MODES = ("fedavg", "paillier", "secagg")
 
@@ -113,12 +113,9 @@ def run_one(mode: str, clients: int, args: argparse.Namespace, keys: dict[str, P
         "min-available-nodes": clients, "central-eval": False,
         "data-dir": str(Path(args.data_dir).resolve()),
     }
-    env = {}
+    env = {KEY_DIR_ENV: str(work / "keys")}  # the simulated nodes' key directory
     if mode == "paillier":
         overrides["paillier-public-key"] = str(keys["public"])
-        env["FEDAPP_PAILLIER_PRIVATE_KEY"] = str(keys["private"])
-    if mode == "secagg":
-        env["FEDAPP_SECAGG_AUTH_KEY"] = str(keys["auth"])
     start = time.monotonic()
     with PeakMemory(args.sample_seconds) as memory:
         status, run_dir, logs = launch.simulate(ROOT, work / f"{mode}-{clients}", clients,

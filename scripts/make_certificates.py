@@ -4,7 +4,8 @@
 
 Writes OUT_DIR/ca.crt (give it to every client node), OUT_DIR/server.pem and
 OUT_DIR/server.key (mode 0600, for the server only; refused by ``fedapp server``
-when others can read it). Existing files are never overwritten. The CA's private
+when others can read it). OUT_DIR inside a Flower app is refused (the app's files
+travel to the server in its bundle; ``fedapp run`` refuses an app holding a key). Existing files are never overwritten. The CA's private
 key is not kept. For tests and trials: a production deployment uses certificates
 from the organisation's own CA.
 """
@@ -15,12 +16,16 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fedapp.bundle import refuse_inside_app  # noqa: E402
 
 
 def _name(common_name: str) -> x509.Name:
@@ -78,10 +83,15 @@ def main() -> None:
     p.add_argument("--host", action="append", help="name or IP the server is reached by "
                    "(repeatable; default 127.0.0.1 and localhost)")
     p.add_argument("--days", type=int, default=30)
+    p.add_argument("--allow-inside-app", action="store_true", help="write into a Flower "
+                   "app's directory all the same (fedapp sim/run refuse to submit an app "
+                   "holding server.key)")
     args = p.parse_args()
     try:
+        if not args.allow_inside_app:
+            refuse_inside_app(args.out, "the server's TLS key")
         make_certificates(args.out, args.host or ["127.0.0.1", "localhost"], args.days)
-    except FileExistsError as err:
+    except (FileExistsError, ValueError) as err:
         raise SystemExit(f"make_certificates: {err}") from None
     print(f"wrote {args.out}/ca.crt, server.pem, server.key")
 

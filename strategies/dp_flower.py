@@ -47,6 +47,7 @@ from .paillier import Encryptor
 from .paillier_flower import PaillierFedAvg, as_record
 from .paillier_protocol import EncryptedModel, add_noise
 from .records import array_record, record_arrays
+from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
 from .secagg_flower import SecAggFedAvg
 
 CLIP_KEY = "dp-clip"
@@ -79,6 +80,8 @@ class DPRounds:
                              f"masked sum, but its clip range is {strategy.params.clip:g}: "
                              "use a masking clip of at least 1")
         self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
+        # the wrapped strategy's (so its max_empty_rounds holds); Flower's FedAvg has none
+        self.watch = getattr(strategy, "watch", None) or RoundWatch(PLAINTEXT_EMPTY_ROUNDS)
         self.population = population
         self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
                               max_epsilon=max_epsilon, adaptive=adaptive,
@@ -255,6 +258,10 @@ class CentralDP(DPRounds, Strategy):
     delta, max_epsilon, adaptive, target_quantile, clip_learning_rate,
     clipped_count_stddev
         As in :class:`strategies.dp.DPConfig`.
+
+    Rounds without a usable update count towards the wrapped strategy's
+    ``max_empty_rounds`` (3 around Flower's own FedAvg); the rounds after the privacy
+    budget is spent do not.
     """
 
     def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip: float,
@@ -294,6 +301,8 @@ class CentralDP(DPRounds, Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        if self.budget_exhausted:  # Flower's Strategy.start goes on calling: nothing to do
+            return None, None
         if self.masked or self.encrypted:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
             if arrays is None:
@@ -312,7 +321,7 @@ class CentralDP(DPRounds, Strategy):
             for msg in replies:
                 node = msg.metadata.src_node_id
                 if msg.has_error():
-                    log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                    self.watch.node_failed(node, msg.error.reason)
                 elif len(msg.content.array_records) != 1 or \
                         len(msg.content.metric_records) != 1:
                     log(WARNING, "Left out the reply of node %s: expected one ArrayRecord and "
@@ -331,6 +340,7 @@ class CentralDP(DPRounds, Strategy):
                     updates.append((f"node {node}", list(arrays.values())))
                     contents.append(msg.content)
             total, n, unclipped, valid = self._clipped_sum(updates)
+            self.watch.end_round(server_round, n > 0)
             metrics = aggregate_metrics(
                 self.strategy.train_metrics_aggr_fn, [contents[i] for i in valid],
                 self.strategy.weighted_by_key) if valid else None

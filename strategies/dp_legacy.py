@@ -32,6 +32,7 @@ from .dp_flower import BIT_KEY, DPRounds, clip_local_update, wrapped_mode
 from .legacy_wire import load_ndarrays
 from .paillier_legacy import parameters_arrays, to_parameters
 from .paillier_protocol import EncryptedModel
+from .screening import report_failures
 
 
 def _names(arrays: list[np.ndarray]) -> list[str]:
@@ -99,9 +100,7 @@ class LegacyCentralDP(DPRounds, Strategy):
                 self.strategy.last_total_weight)
             n = self.strategy.last_total_weight
         else:
-            for failure in failures:
-                log(WARNING, "A client failed in round %d: %s", server_round, failure
-                    if isinstance(failure, BaseException) else failure[1].status.message)
+            report_failures(self.watch, failures)
             decoded = []
             for proxy, res in results:
                 try:
@@ -110,6 +109,7 @@ class LegacyCentralDP(DPRounds, Strategy):
                     log(WARNING, "Left out the reply of client %s: %s", proxy.cid, err)
             total, n, unclipped, valid = self._clipped_sum(
                 [(f"client {proxy.cid}", arrays) for proxy, _, arrays in decoded])
+            self.watch.end_round(server_round, n > 0)
             metrics = {}
             if valid and self.strategy.fit_metrics_aggregation_fn:
                 metrics = self.strategy.fit_metrics_aggregation_fn(

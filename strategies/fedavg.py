@@ -18,20 +18,31 @@ from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_update, check_weight, weighted_average
 from .records import record_arrays
+from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
 
 
 class WeightedFedAvg(FedAvg):
     """FedAvg weighted by ``num-examples``, dropping malformed replies.
 
-    Takes the same arguments as :class:`flwr.serverapp.strategy.FedAvg`. A reply
-    is left out (and logged with its node id) if it carries an error, has not
-    exactly one ArrayRecord and one MetricRecord, lacks a positive integer
+    Parameters
+    ----------
+    max_empty_rounds : int (default: 3)
+        Rounds in a row without a usable update after which the run fails
+        (:class:`strategies.screening.NoUsableUpdate`).
+    *args, **kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+
+    A reply is left out (and logged with its node id) if it carries an error, has
+    not exactly one ArrayRecord and one MetricRecord, lacks a positive integer
     weight, or its arrays differ from the global model in number, shape or dtype,
-    or hold NaN or infinity. If no reply is left, the round keeps the model.
+    or hold NaN or infinity. If no reply is left, the round keeps the model. Nodes
+    that failed are logged once per round and cause.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, max_empty_rounds: int = PLAINTEXT_EMPTY_ROUNDS,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.watch = RoundWatch(max_empty_rounds)
         self._sent: ArrayRecord | None = None
 
     def configure_train(
@@ -46,7 +57,7 @@ class WeightedFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                self.watch.node_failed(node, msg.error.reason)
                 continue
             try:
                 content = msg.content
@@ -73,6 +84,7 @@ class WeightedFedAvg(FedAvg):
         replies = list(replies)
         valid = self._valid(replies)
         log(INFO, "aggregate_train: %d valid replies of %d", len(valid), len(replies))
+        self.watch.end_round(server_round, bool(valid))
         if not valid:
             return None, None
         contents = [m.content for m in valid]
@@ -87,7 +99,7 @@ class WeightedFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return evaluate_metrics(self, replies)
+        return evaluate_metrics(self, replies, self.watch)
 
 
 def aggregate_metrics(aggregate: Callable[[list[RecordDict], str], MetricRecord],
@@ -103,16 +115,17 @@ def aggregate_metrics(aggregate: Callable[[list[RecordDict], str], MetricRecord]
         return None
 
 
-def evaluate_metrics(strategy: FedAvg, replies: Iterable[Message]) -> MetricRecord | None:
+def evaluate_metrics(strategy: FedAvg, replies: Iterable[Message],
+                     watch: RoundWatch) -> MetricRecord | None:
     """The evaluation metrics of ``replies`` aggregated by ``strategy``'s function,
-    weighted by ``strategy.weighted_by_key``; a reply with an error, not exactly one
-    MetricRecord or no positive int weight is logged and left out (Flower's FedAvg
-    raises instead, which ends the run)."""
+    weighted by ``strategy.weighted_by_key``; a reply with an error (logged through
+    ``watch``, once per cause), not exactly one MetricRecord or no positive int weight
+    is left out (Flower's FedAvg raises instead, which ends the run)."""
     valid = []
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            log(WARNING, "Node %s failed to evaluate: %s", node, msg.error.reason)
+            watch.node_failed(node, msg.error.reason, "evaluate")
             continue
         records = msg.content.metric_records
         try:
@@ -123,6 +136,7 @@ def evaluate_metrics(strategy: FedAvg, replies: Iterable[Message]) -> MetricReco
             log(WARNING, "Left out the evaluation of node %s: %s", node, err)
             continue
         valid.append(msg.content)
+    watch.flush()
     if not valid:
         return None
     return aggregate_metrics(strategy.evaluate_metrics_aggr_fn, valid, strategy.weighted_by_key)

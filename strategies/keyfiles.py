@@ -1,6 +1,13 @@
 """Key files: Paillier key pairs (JSON) and the secure-aggregation authentication
 key (hex). Secret files are written with mode 0600 and refused when other users
-can read them. The server only ever loads a Paillier public key file."""
+can read them. The server only ever loads a Paillier public key file.
+
+Keys live in a key directory outside any Flower app: ``$FEDAPP_KEY_DIR``, else
+``~/.fedapp/keys`` (:func:`default_key_dir`). ``flwr run`` packs an app's files
+(every ``.json`` included) into the bundle it uploads to the SuperLink, so a key
+kept in the app directory would travel to the server. Client nodes look for their
+keys there too (:func:`node_key_file`), unless their node config names a file.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,46 @@ from .paillier import PrivateKey, PublicKey, generate_keypair
 PUBLIC_NAME, PRIVATE_NAME = "paillier.pub.json", "paillier.key.json"
 AUTH_KEY_NAME = "secagg-auth.key"
 AUTH_KEY_BYTES = 32
+KEY_DIR_ENV = "FEDAPP_KEY_DIR"
+KEY_DIR_NODE_CONFIG = "key-dir"
+
+
+class KeyNotFound(FileNotFoundError):
+    """A client node holds no key file where it was told to look (the message says
+    where it looked and how to fix it; it names no secret)."""
+
+
+def default_key_dir() -> Path:
+    """``$FEDAPP_KEY_DIR``, else ``~/.fedapp/keys``: where ``fedapp keygen`` writes keys
+    and client nodes look for them. Never inside an app directory (see the module)."""
+    return Path(os.environ.get(KEY_DIR_ENV) or Path.home() / ".fedapp" / "keys").expanduser()
+
+
+def node_key_file(node_config: dict, config_key: str, file_name: str, keygen: str) -> Path:
+    """The key file a client node uses: ``node_config[config_key]`` if given, else
+    ``file_name`` in the node's key directory (node config ``key-dir``, else
+    :func:`default_key_dir`).
+
+    Raises
+    ------
+    KeyNotFound
+        If that file does not exist, saying where the node looked and how to give it
+        the key.
+    """
+    explicit = node_config.get(config_key)
+    if explicit:
+        path = Path(str(explicit)).expanduser()
+    else:
+        directory = node_config.get(KEY_DIR_NODE_CONFIG) or default_key_dir()
+        path = Path(str(directory)).expanduser() / file_name
+    if not path.is_file():
+        raise KeyNotFound(
+            f"no {file_name} on this node (looked for {path}): make it with '{keygen}' "
+            f"(it writes to ${KEY_DIR_ENV} or ~/.fedapp/keys), or start the SuperNode with "
+            f"--node-config \"{config_key}='PATH'\". In a simulation the nodes run in the "
+            f"SuperLink's processes, which read ${KEY_DIR_ENV} when the SuperLink starts: "
+            "set it before then (fedapp sim does), or keep the keys in ~/.fedapp/keys")
+    return path
 
 
 def write_secret(path: Path, text: str) -> None:

@@ -6,7 +6,8 @@ Switch an existing Message-API project with two changes::
     app = ClientApp(mods=[paillier_mod])                                 # clients
 
 The server holds the public key only. Each client node holds the private key
-(node config ``paillier-private-key=PATH``, or ``$FEDAPP_PAILLIER_PRIVATE_KEY``):
+(node config ``paillier-private-key=PATH``, else ``paillier.key.json`` in the node's
+key directory, :func:`strategies.keyfiles.node_key_file`):
 the mod decrypts the incoming global model before the ClientApp sees it and
 encrypts the outgoing update, so the server adds up ciphertexts and sends the
 encrypted aggregate back. The global model is plaintext only on client nodes.
@@ -15,7 +16,6 @@ Legacy-API projects use :mod:`strategies.paillier_legacy`, built on the same hel
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -30,14 +30,15 @@ from flwr.serverapp.strategy import FedAvg
 from .aggregation import InvalidUpdate, check_weight
 from .encoding import EncodingParams
 from .fedavg import aggregate_metrics, evaluate_metrics
-from .keyfiles import load_private_key
+from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
+from .node_errors import NodeError, reports_errors
 from .paillier import Encryptor, PrivateKey, PublicKey
 from .records import array_record, record_arrays
+from .screening import SECURE_EMPTY_ROUNDS, RoundWatch
 from .paillier_protocol import (EncryptedModel, Layout, RoundSum, client_weight,
                                 decrypt_model, encrypt_update)
 
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
-PRIVATE_KEY_ENV = "FEDAPP_PAILLIER_PRIVATE_KEY"
 WORKERS_NODE_CONFIG = "paillier-workers"
 PREFIX = "paillier-"
 
@@ -61,9 +62,10 @@ def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> 
 
 
 def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
-    """Inverse of :func:`round_config`; ``ValueError`` if absent or malformed."""
+    """Inverse of :func:`round_config`; ``ValueError`` if absent or malformed
+    (:class:`NodeError` if absent: the server runs no Paillier strategy)."""
     if f"{PREFIX}fingerprint" not in config:
-        raise ValueError("this node encrypts its updates (Paillier client mod) but the server "
+        raise NodeError("this node encrypts its updates (Paillier client mod) but the server "
                          "sent no Paillier parameters: the server must run PaillierFedAvg "
                          "(Message API) or LegacyPaillierFedAvg (legacy API)")
     enc = {k[len(f"{PREFIX}encoding-"):]: v for k, v in config.items()
@@ -96,6 +98,10 @@ class PaillierFedAvg(FedAvg):
         ``max_total_weight``, makes ciphertexts fewer.
     value_bits : int (default: 16)
         Quantization bits per value.
+    max_empty_rounds : int (default: 1)
+        Rounds in a row without a usable update after which the run fails
+        (:class:`strategies.screening.NoUsableUpdate`): in a secure mode an empty
+        round usually means the nodes lack their key.
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimums).
 
@@ -107,8 +113,10 @@ class PaillierFedAvg(FedAvg):
     """
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
-                 weight_unit: int = 1, value_bits: int = 16, **kwargs) -> None:
+                 weight_unit: int = 1, value_bits: int = 16,
+                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.watch = RoundWatch(max_empty_rounds)
         self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
                                    weight_unit=weight_unit, value_bits=value_bits)
         self.public_key = public_key
@@ -154,7 +162,7 @@ class PaillierFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                self.watch.node_failed(node, msg.error.reason)
                 continue
             try:
                 round_sum.claim(node)
@@ -167,6 +175,7 @@ class PaillierFedAvg(FedAvg):
         log(INFO, "aggregate_train: %d valid encrypted replies of %d, total weight %d",
             len(valid), len(replies), round_sum.total_weight)
         summed = round_sum.result()
+        self.watch.end_round(server_round, summed is not None)
         if summed is None:
             return None, None
         metrics = aggregate_metrics(self.train_metrics_aggr_fn, [m.content for m in valid],
@@ -175,7 +184,7 @@ class PaillierFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return evaluate_metrics(self, replies)
+        return evaluate_metrics(self, replies, self.watch)
 
 
 # ------------------------------------------------------------------ client mod
@@ -185,12 +194,16 @@ _DECRYPTED: dict[str, list[np.ndarray]] = {}
 
 
 def node_private_key(context: Context) -> PrivateKey:
-    """This node's private key, from its node config or the environment (cached)."""
-    path = context.node_config.get(PRIVATE_KEY_NODE_CONFIG) or os.environ.get(PRIVATE_KEY_ENV)
-    if not path:
-        raise ValueError(f"no private key on this node: start the SuperNode with --node-config "
-                         f"\"{PRIVATE_KEY_NODE_CONFIG}='PATH'\" or set {PRIVATE_KEY_ENV}")
-    path = str(Path(str(path)).expanduser().resolve())
+    """This node's private key (cached): the file its node config names, else
+    ``paillier.key.json`` in its key directory.
+
+    Raises
+    ------
+    strategies.keyfiles.KeyNotFound
+        If there is no such file, saying where the node looked and what to do.
+    """
+    path = str(node_key_file(dict(context.node_config), PRIVATE_KEY_NODE_CONFIG, PRIVATE_NAME,
+                             "fedapp keygen").resolve())
     if path not in _KEYS:
         _KEYS[path] = load_private_key(Path(path))
     return _KEYS[path]
@@ -228,7 +241,7 @@ def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray]
     """
     params, fingerprint, unit = parse_round_config(config)
     if fingerprint != key.fingerprint:
-        raise ValueError(f"the server uses key {fingerprint[:16]}..., this node holds "
+        raise NodeError(f"the server uses key {fingerprint[:16]}..., this node holds "
                          f"{key.fingerprint[:16]}...: give every node the same key pair")
     params.check_modulus_bits(key.public_key.n_bits)
     layout = Layout.of(names, arrays)
@@ -268,8 +281,14 @@ def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, workers: int |
     reply.content[name] = as_record(update)
 
 
+@reports_errors(PermissionError)
 def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Decrypt the global model on the way in; encrypt the train update on the way out."""
+    """Decrypt the global model on the way in; encrypt the train update on the way out.
+
+    Fails closed: without a private key, or when the server sends no Paillier
+    parameters, the node answers with an error naming the cause and the fix (and never
+    sends plaintext); other failures reach the server as their type only
+    (:mod:`strategies.node_errors`)."""
     key = node_private_key(context)
     category = msg.metadata.message_type.split(".")[0]
     if category in ("train", "evaluate"):

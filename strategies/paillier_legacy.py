@@ -45,6 +45,8 @@ from flwr.server.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
 from .legacy_wire import load_npy
+from .node_errors import reports_errors
+from .screening import SECURE_EMPTY_ROUNDS, RoundWatch, report_failures
 from .paillier import PublicKey
 from .paillier_flower import (decrypt_global_model, encoding_for, encrypt_local_model,
                               node_private_key, node_workers, parse_round_config,
@@ -107,6 +109,9 @@ class LegacyPaillierFedAvg(FedAvg):
         Client weight = round(num_examples / weight_unit), at least 1.
     value_bits : int (default: 16)
         Quantization bits per value.
+    max_empty_rounds : int (default: 1)
+        Rounds in a row without a usable update after which the run fails
+        (:class:`strategies.screening.NoUsableUpdate`).
     **kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
         ``on_fit_config_fn``, ``initial_parameters``, metrics aggregation).
@@ -120,12 +125,14 @@ class LegacyPaillierFedAvg(FedAvg):
     """
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
-                 weight_unit: int = 1, value_bits: int = 16, **kwargs) -> None:
+                 weight_unit: int = 1, value_bits: int = 16,
+                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         if kwargs.get("evaluate_fn") is not None:
             raise ValueError("LegacyPaillierFedAvg cannot take an evaluate_fn: the server holds "
                              "only the encrypted model. Evaluate on the clients "
                              "(fraction_evaluate > 0) or decrypt a saved model on a key holder")
         super().__init__(**kwargs)
+        self.watch = RoundWatch(max_empty_rounds)
         self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
                                    weight_unit=weight_unit, value_bits=value_bits)
         self.public_key = public_key
@@ -171,13 +178,9 @@ class LegacyPaillierFedAvg(FedAvg):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for failure in failures:
-            if isinstance(failure, BaseException):
-                log(WARNING, "A client failed in round %d: %s", server_round, failure)
-            else:
-                log(WARNING, "Client %s failed in round %d: %s", failure[0].cid, server_round,
-                    failure[1].status.message)
+        report_failures(self.watch, failures)
         if not results or (failures and not self.accept_failures):
+            self.watch.end_round(server_round, False)
             return None, {}
         round_sum = RoundSum(self.public_key, self.params, self._layout)
         valid: list[FitRes] = []
@@ -193,6 +196,7 @@ class LegacyPaillierFedAvg(FedAvg):
         log(INFO, "aggregate_fit: %d valid encrypted replies of %d, total weight %d",
             len(valid), len(results), round_sum.total_weight)
         summed = round_sum.result()
+        self.watch.end_round(server_round, summed is not None)
         if summed is None:
             return None, {}
         metrics: dict[str, Scalar] = {}
@@ -239,12 +243,14 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
         encrypted, keep_input=True)
 
 
+@reports_errors(PermissionError)
 def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model of fit and evaluate messages on the way in; encrypt the
     fit reply's model on the way out.
 
     Fails (the node replies with an error) rather than send a plaintext model when the
-    server's fit config holds no Paillier parameters or names another key.
+    server's fit config holds no Paillier parameters or names another key, or the node
+    holds no private key (see :func:`strategies.paillier_flower.paillier_mod`).
     """
     node_private_key(context)  # no key on this node: fail before anything else
     kind = msg.metadata.message_type

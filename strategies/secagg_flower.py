@@ -16,11 +16,15 @@ nodes without such keys are sent an advertise request (none, usually: the stage
 is skipped). The server only ever sees
 masked vectors and the sum. Node secrets stay in the node's ``context.state``.
 
-Key advertisements are authenticated with HMAC-SHA256 when the client nodes hold
-a federation authentication key (node config ``secagg-auth-key=PATH``, or
-``$FEDAPP_SECAGG_AUTH_KEY``; make one with ``fedapp keygen --secagg``); the
-server never holds it. Without one the server is trusted to relay keys honestly
-(semi-honest server), and each node says so once in its log.
+Key advertisements are authenticated with HMAC-SHA256 under a federation
+authentication key the client nodes hold (node config ``secagg-auth-key=PATH``,
+else ``secagg-auth.key`` in the node's key directory,
+:func:`strategies.keyfiles.node_key_file`; make one with ``fedapp keygen
+--secagg``); the server never holds it. A node without one refuses to take part
+(fail closed) unless the run or node config sets
+``secagg-allow-unauthenticated = true``: then the server is trusted to relay keys
+honestly (semi-honest server), and the node says so once in its log. A node that
+holds a key always authenticates, whatever the run config says.
 
 Legacy-API projects use :mod:`strategies.secagg_legacy`, built on the same helpers.
 """
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -45,14 +48,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, Layout, check_weight
 from .fedavg import aggregate_metrics, evaluate_metrics
-from .keyfiles import load_auth_key
+from .keyfiles import AUTH_KEY_NAME, KeyNotFound, load_auth_key, node_key_file
+from .node_errors import NodeError, reports_errors
 from .masking import MaskingError, MaskingParams
 from .records import array_record, record_arrays
+from .screening import SECURE_EMPTY_ROUNDS, RoundWatch
 from .secagg_protocol import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted, ServerRound,
                               client_mask, client_step)
 
 AUTH_KEY_NODE_CONFIG = "secagg-auth-key"
-AUTH_KEY_ENV = "FEDAPP_SECAGG_AUTH_KEY"
+ALLOW_UNAUTHENTICATED = "secagg-allow-unauthenticated"
 # Flower routes a message to a registered function, and the mods wrap those: the
 # key stages travel as "train" messages (every training project registers one)
 # holding a "secagg" ConfigRecord, which the mod answers without calling the app.
@@ -114,7 +119,9 @@ class MaskingRounds:
     round's settings, the public keys seen so far and the round in progress."""
 
     def _init_masking(self, clip: float, max_total_weight: int, value_bits: int,
-                      num_neighbours: int, threshold: float, stage_timeout: float) -> None:
+                      num_neighbours: int, threshold: float, stage_timeout: float,
+                      max_empty_rounds: int) -> None:
+        self.watch = RoundWatch(max_empty_rounds)
         self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
                                      threshold)
         self.num_neighbours = num_neighbours
@@ -140,6 +147,10 @@ class MaskingRounds:
         requests = rnd.advertise_requests()
         if requests:
             rnd.receive_adverts(exchange(requests, "advertise"))
+            tagged = sum(1 for a in rnd.adverts.values() if a.get("mac"))
+            log(INFO if tagged == len(rnd.adverts) else WARNING, "Secure aggregation: %d of %d "
+                "nodes' key advertisements carry an authentication tag", tagged,
+                len(rnd.adverts))
         else:
             log(INFO, "Secure aggregation: advertise stage skipped, all %d nodes "
                 "pre-advertised their keys", len(rnd.nodes))
@@ -184,20 +195,24 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
         the number of colluders with the server it withstands.
     stage_timeout : float (default: 300)
         Seconds to wait for the replies of each key stage.
+    max_empty_rounds : int (default: 1)
+        Rounds in a row without a usable update after which the run fails
+        (:class:`strategies.screening.NoUsableUpdate`).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimums).
 
     A round whose key stages or unmasking lose too many nodes is skipped with a
-    warning and the global model stays as it was; malformed, replayed or
-    mis-addressed replies (evaluation replies too) are left out naming the node.
+    warning and the global model stays as it was (it counts as an empty round);
+    malformed, replayed or mis-addressed replies (evaluation replies too) are left
+    out naming the node.
     """
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
                  num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
-                 **kwargs) -> None:
+                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
         self._init_masking(clip, max_total_weight, value_bits, num_neighbours, threshold,
-                           stage_timeout)
+                           stage_timeout, max_empty_rounds)
         self._grid: Grid | None = None
 
     def summary(self) -> None:
@@ -214,12 +229,12 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
         for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "Secure aggregation: node %s failed the %s stage: %s", node, stage,
-                    reply.error.reason)
+                self.watch.node_failed(node, reply.error.reason, stage)
             elif RECORD_KEY not in reply.content.config_records:
                 log(WARNING, "Secure aggregation: node %s sent no %s payload", node, stage)
             else:
                 answers[node] = reply.content.config_records[RECORD_KEY].get(PAYLOAD_KEY)
+        self.watch.flush()
         log(INFO, "Secure aggregation: %s stage, %d of %d nodes answered in %.2f s", stage,
             len(answers), len(messages), time.monotonic() - start)
         return answers
@@ -260,13 +275,14 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if self._round is None:
+        if self._round is None:  # the key stages lost too many nodes
+            self.watch.end_round(server_round, False)
             return None, None
         valid = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log(WARNING, "Node %s failed: %s", node, msg.error.reason)
+                self.watch.node_failed(node, msg.error.reason)
                 continue
             try:
                 self._add_reply(msg)
@@ -276,11 +292,14 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
                 continue
             valid.append(msg)
         rnd, self._round = self._round, None
+        self.watch.flush()
         try:
             average, self.last_total_weight = self._unmask(rnd, self._exchange)
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
+            self.watch.end_round(server_round, False)
             return None, None
+        self.watch.end_round(server_round, True)
         arrays = array_record(dict(zip(self._layout.names, self._layout.unflatten(average),
                                        strict=True)))
         metrics = aggregate_metrics(self.train_metrics_aggr_fn, [m.content for m in valid],
@@ -289,26 +308,47 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return evaluate_metrics(self, replies)
+        return evaluate_metrics(self, replies, self.watch)
 
 
 # ------------------------------------------------------------------ node side
 _WARNED: set[str] = set()
 
 
+def allows_unauthenticated(context: Context) -> bool:
+    """Whether the node or run config says ``secagg-allow-unauthenticated = true``."""
+    return any(config.get(ALLOW_UNAUTHENTICATED) in (True, "true")
+               for config in (context.node_config, context.run_config))
+
+
 def node_auth_key(context: Context) -> bytes | None:
-    """This node's authentication key (node config ``secagg-auth-key`` or
-    ``$FEDAPP_SECAGG_AUTH_KEY``), or None with a one-time warning."""
-    path = context.node_config.get(AUTH_KEY_NODE_CONFIG) or os.environ.get(AUTH_KEY_ENV)
-    if not path:
+    """This node's authentication key (node config ``secagg-auth-key``, else
+    ``secagg-auth.key`` in its key directory).
+
+    Returns None, with a one-time warning, only if there is none and the node or run
+    config allows unauthenticated key exchange (``secagg-allow-unauthenticated``).
+
+    Raises
+    ------
+    NodeError
+        If there is no key and nothing allows running without one (fail closed), or
+        the file the node config names does not exist.
+    """
+    try:
+        path = node_key_file(dict(context.node_config), AUTH_KEY_NODE_CONFIG, AUTH_KEY_NAME,
+                             "fedapp keygen --secagg")
+    except KeyNotFound as err:
+        if AUTH_KEY_NODE_CONFIG in context.node_config or not allows_unauthenticated(context):
+            raise NodeError(
+                f"secure aggregation needs the federation's authentication key: {err}. To run "
+                "without one, trusting the server to relay keys honestly, set "
+                f"{ALLOW_UNAUTHENTICATED}=true in the run config") from None
         if "auth" not in _WARNED:
             _WARNED.add("auth")
-            log(WARNING, "Secure aggregation without an authentication key: the server is "
-                "trusted to relay keys honestly. Give every client node the same key (fedapp "
-                "keygen --secagg) with --node-config \"%s='PATH'\" or $%s",
-                AUTH_KEY_NODE_CONFIG, AUTH_KEY_ENV)
+            log(WARNING, "Secure aggregation without an authentication key (%s = true): the "
+                "server is trusted to relay keys honestly", ALLOW_UNAUTHENTICATED)
         return None
-    return load_auth_key(Path(str(path)).expanduser())
+    return load_auth_key(path)
 
 
 def load_state(context: Context) -> dict:
@@ -334,7 +374,7 @@ def require_payload(config: dict) -> str:
     (the server is then not a secure-aggregation strategy: never send plaintext)."""
     payload = config.get(PAYLOAD_KEY)
     if not isinstance(payload, str):
-        raise ValueError("this node masks its updates (secure-aggregation client mod) but the "
+        raise NodeError("this node masks its updates (secure-aggregation client mod) but the "
                          "server sent no secure-aggregation payload: the server must run "
                          "SecAggFedAvg (Message API) or LegacySecAggFedAvg (legacy API)")
     return payload
@@ -368,8 +408,14 @@ def mask_model(payload: str, context: Context, node: int, names: list[str],
     return {MASKED_KEY: masked, HEADER_KEY: header_array(header)}, clipped
 
 
+@reports_errors(MaskingError, PermissionError)
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Answer the key stages; mask the train update on the way out."""
+    """Answer the key stages; mask the train update on the way out.
+
+    Fails closed: without the authentication key (unless allowed), or when the server
+    sends no masking payload, the node answers with an error naming the cause and the
+    fix, and never sends plaintext; other failures reach the server as their type only
+    (:mod:`strategies.node_errors`)."""
     node = msg.metadata.dst_node_id
     if msg.metadata.message_type == STAGE_MESSAGE_TYPE and \
             RECORD_KEY in msg.content.config_records:

@@ -42,6 +42,8 @@ from flwr.server.strategy import FedAvg
 from .aggregation import InvalidUpdate, Layout, check_weight
 from .legacy_wire import load_npy
 from .masking import MaskingError
+from .node_errors import reports_errors
+from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .secagg_flower import (MAX_HEADER_BYTES, MaskingRounds, answer_stage, header_of,
                             layout_digest, mask_model, require_payload)
 from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted
@@ -78,7 +80,8 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
 
     Parameters
     ----------
-    clip, max_total_weight, value_bits, num_neighbours, threshold, stage_timeout
+    clip, max_total_weight, value_bits, num_neighbours, threshold, stage_timeout,
+    max_empty_rounds
         As for :class:`strategies.secagg_flower.SecAggFedAvg`.
     **kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
@@ -92,10 +95,10 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
                  num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
-                 **kwargs) -> None:
+                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
         self._init_masking(clip, max_total_weight, value_bits, num_neighbours, threshold,
-                           stage_timeout)
+                           stage_timeout, max_empty_rounds)
         self._proxies: dict[int, ClientProxy] = {}
         log(INFO, "LegacySecAggFedAvg: %s", self._describe())
 
@@ -121,8 +124,9 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                 try:
                     answers[u] = future.result(timeout=self.stage_timeout)
                 except Exception as err:  # a failed or silent client is a dropout
-                    log(WARNING, "Secure aggregation: client %s failed the %s stage: %s", u,
-                        stage, err)
+                    self.watch.node_failed(u, str(err) or type(err).__name__,
+                                           stage)
+        self.watch.flush()
         log(INFO, "Secure aggregation: %s stage, %d of %d clients answered in %.2f s", stage,
             len(answers), len(requests), time.monotonic() - start)
         return answers
@@ -141,6 +145,8 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                                                                          server_round))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
+            # Flower's legacy loop calls no aggregate_fit for a round without clients
+            self.watch.end_round(server_round, False)
             return []
         self._round = rnd
         payloads = rnd.mask_payloads()
@@ -150,9 +156,7 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for failure in failures:
-            log(WARNING, "A client failed in round %d: %s", server_round,
-                failure if isinstance(failure, BaseException) else failure[1].status.message)
+        report_failures(self.watch, failures)
         rnd, self._round = self._round, None
         if rnd is None:
             return None, {}
@@ -170,12 +174,15 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                     server_round, err)
                 continue
             valid.append(res)
+        self.watch.flush()
         try:
             average, self.last_total_weight = self._unmask(
                 rnd, lambda requests, stage: self._exchange(requests, stage, server_round))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
+            self.watch.end_round(server_round, False)
             return None, {}
+        self.watch.end_round(server_round, True)
         metrics: dict[str, Scalar] = {}
         if self.fit_metrics_aggregation_fn:
             metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for r in valid])
@@ -208,6 +215,7 @@ def _mask_fitres(payload: str, msg: Message, reply: Message, context: Context) -
         masked, keep_input=True)
 
 
+@reports_errors(MaskingError, PermissionError)
 def legacy_secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Answer the key stages; mask the fit reply's model on the way out.
 

@@ -25,6 +25,25 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_key_dir(tmp_path_factory) -> Path:
+    """The client nodes' key directory for every test (never the user's ~/.fedapp/keys):
+    ``$FEDAPP_KEY_DIR``, holding the masking authentication key, so in-process nodes
+    and simulated ones (they inherit the environment) authenticate their keys. A test
+    of a node without keys points ``$FEDAPP_KEY_DIR`` at an empty directory."""
+    from strategies.keyfiles import KEY_DIR_ENV, write_auth_key
+
+    directory = tmp_path_factory.mktemp("node-keys")
+    write_auth_key(directory)
+    old = os.environ.get(KEY_DIR_ENV)
+    os.environ[KEY_DIR_ENV] = str(directory)
+    yield directory
+    if old is None:
+        os.environ.pop(KEY_DIR_ENV, None)
+    else:
+        os.environ[KEY_DIR_ENV] = old
+
+
 @pytest.fixture
 def task_identity(monkeypatch):
     """Messages built outside a Flower process need the run and node ids set."""

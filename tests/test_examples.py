@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 
 from fedapp import launch
-from strategies.keyfiles import load_private_key, write_keypair
-from strategies.paillier_flower import PRIVATE_KEY_ENV
+from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_auth_key, write_keypair
 from strategies.paillier_protocol import EncryptedModel, decrypt_model
 from strategies.secagg_flower import masking_params
 
@@ -39,7 +38,11 @@ LOSS_RTOL = 1e-2
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    public, private, _ = write_keypair(tmp_path_factory.mktemp("paillier-keys"), 2048)
+    """The client nodes' key directory: a Paillier key pair and the masking
+    authentication key, as ``fedapp keygen`` makes them."""
+    directory = tmp_path_factory.mktemp("keys")
+    public, private, _ = write_keypair(directory, 2048)
+    write_auth_key(directory)
     return public, private
 
 
@@ -47,7 +50,7 @@ def run(example: str, workdir: Path, keys: tuple[Path, Path], secure: str = ""):
     overrides = {"secure": secure, "paillier-public-key": str(keys[0])}
     status, run_dir, logs = launch.simulate(
         EXAMPLES / example, workdir / (secure or "plain"), 2, overrides,
-        timeout=300, progress=False, env={PRIVATE_KEY_ENV: str(keys[1])})
+        timeout=300, progress=False, env={KEY_DIR_ENV: str(keys[1].parent)})
     assert status == launch.FINISHED_OK, logs[-3000:]
     return run_dir, logs
 
@@ -120,6 +123,20 @@ def test_message_api_example_with_masking(tmp_path, keys, message_api_plain):
                         list(load_model(message_api_plain).values()), params.error_bound)
     plain_loss, secure_loss = eval_losses(message_api_plain), eval_losses(secure_dir)
     assert secure_loss == pytest.approx(plain_loss, rel=LOSS_RTOL)
+
+
+def test_a_plugged_in_strategy_fails_the_run_when_no_node_can_decrypt(tmp_path, keys):
+    """Flower's own round loop (``strategy.start``) with PaillierFedAvg, and client nodes
+    that lack the private key: the run ends failed at round 1, naming the cause, instead
+    of saving an untouched model as a success."""
+    status, _, logs = launch.simulate(
+        EXAMPLES / "message_api", tmp_path, 2,
+        {"secure": "paillier", "paillier-public-key": str(keys[0])}, timeout=300,
+        progress=False, env={KEY_DIR_ENV: str(tmp_path)})  # no key there
+    assert status == "finished:failed", logs[-3000:]
+    assert "nodes" in logs and "failed the train stage: no paillier.key.json on this node" \
+        in logs
+    assert "1 round(s) in a row without a usable update" in logs
 
 
 @pytest.mark.parametrize("secure", ["paillier", "secagg"])

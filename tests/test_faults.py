@@ -32,13 +32,15 @@ def faulty_app(tmp_path: Path) -> Path:
 
 def keys_for(aggregation: str, tmp_path: Path) -> tuple[dict, dict]:
     """Run settings and node environment for ``aggregation`` (keys made for it)."""
-    from strategies.keyfiles import write_auth_key, write_keypair
+    from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair
 
+    env = {KEY_DIR_ENV: str(tmp_path / "keys")}
     if aggregation == "paillier":
-        pub, priv, _ = write_keypair(tmp_path / "keys")
-        return {"paillier-public-key": str(pub)}, {"FEDAPP_PAILLIER_PRIVATE_KEY": str(priv)}
+        pub, _, _ = write_keypair(tmp_path / "keys")
+        return {"paillier-public-key": str(pub)}, env
     if aggregation == "secagg":
-        return {}, {"FEDAPP_SECAGG_AUTH_KEY": str(write_auth_key(tmp_path / "keys"))}
+        write_auth_key(tmp_path / "keys")
+        return {}, env
     return {}, {}
 
 

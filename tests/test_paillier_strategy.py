@@ -16,7 +16,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 
 from fakes import FakeProxy
-from strategies.keyfiles import load_private_key, write_keypair
+from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_keypair
 from strategies.paillier import Encryptor, PrivateKey, generate_keypair
 from strategies.paillier_flower import (PaillierFedAvg, as_record, encrypt_local_model,
                                         record_arrays, round_config)
@@ -316,7 +316,7 @@ def test_legacy_mod_decrypts_encrypts_and_fails_closed(tmp_path, keypair, task_i
 
     _, private_path, _ = write_keypair(tmp_path / "keys", n_bits=2048)
     key = load_private_key(private_path)
-    monkeypatch.setenv("FEDAPP_PAILLIER_PRIVATE_KEY", str(private_path))
+    monkeypatch.setenv(KEY_DIR_ENV, str(private_path.parent))
     strategy = LegacyPaillierFedAvg(key.public_key, clip=CLIP)
     seen = {}
 
@@ -361,7 +361,14 @@ def test_legacy_mod_decrypts_encrypts_and_fails_closed(tmp_path, keypair, task_i
 
     # a server without the Paillier strategy: the node refuses to train, nothing is sent
     seen.clear()
-    with pytest.raises(ValueError, match="no Paillier parameters"):
-        legacy_paillier_mod(fit_message(ndarrays_to_parameters(global_model), {"lr": 0.1}),
-                            context, call_next)
+    reply = legacy_paillier_mod(fit_message(ndarrays_to_parameters(global_model), {"lr": 0.1}),
+                                context, call_next)
+    assert reply.has_error() and "no Paillier parameters" in reply.error.reason
     assert "fit" not in seen
+
+    # a node without its private key answers with the cause and the fix, and trains not
+    monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path / "empty"))
+    reply = legacy_paillier_mod(fit_message(to_parameters(encrypted), config), context,
+                                call_next)
+    assert reply.has_error() and "no paillier.key.json on this node" in reply.error.reason
+    assert "fedapp keygen" in reply.error.reason and "fit" not in seen

@@ -25,6 +25,8 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from strategies.aggregation import weighted_average
+from strategies.keyfiles import KEY_DIR_ENV
+from strategies.screening import NoUsableUpdate
 from strategies.secagg_flower import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, SecAggFedAvg,
                                       record_arrays, secagg_mod)
 from strategies.secagg_legacy import TENSOR_TYPE, LegacySecAggFedAvg, legacy_secagg_mod
@@ -147,22 +149,49 @@ def test_message_api_survives_dropouts_at_every_stage(task_identity, flwr_caplog
 
 def test_message_api_too_many_dropouts_skip_the_round(task_identity, flwr_caplog):
     nodes = [Node(u, fail="train" if u in NODES[:3] else "") for u in NODES]
-    arrays, _ = run_round(nodes)
+    arrays, _ = run_round(nodes, max_empty_rounds=2)
     assert arrays is None
     assert "Round 1 skipped, the model stays as it was: only 3 masked updates" in flwr_caplog.text
+    # by default the first empty round ends the run, naming what the nodes said
+    with pytest.raises(NoUsableUpdate, match="node 101 failed the train stage: node 101 "
+                                             "crashed at train"):
+        run_round([Node(u, fail="train" if u in NODES[:3] else "") for u in NODES])
 
 
 def test_message_api_dropouts_in_the_unmask_stage_skip_the_round(task_identity, flwr_caplog):
     nodes = [Node(u, silent="unmask" if u in NODES[:3] else "") for u in NODES]
-    arrays, _ = run_round(nodes)
+    arrays, _ = run_round(nodes, max_empty_rounds=2)
     assert arrays is None and "too many dropouts" in flwr_caplog.text
 
 
 def test_message_api_too_few_keys_send_no_train_message(task_identity, flwr_caplog):
     nodes = [Node(u, fail="advertise" if u in NODES[:3] else "") for u in NODES]
-    arrays, messages = run_round(nodes)
+    arrays, messages = run_round(nodes, max_empty_rounds=2)
     assert messages == [] and arrays is None
     assert "finished the advertise stage" in flwr_caplog.text
+    with pytest.raises(NoUsableUpdate, match="node 101 failed the advertise stage"):
+        run_round([Node(u, fail="advertise" if u in NODES[:3] else "") for u in NODES])
+
+
+def test_nodes_without_the_authentication_key_fail_closed(task_identity, flwr_caplog,
+                                                         tmp_path, monkeypatch):
+    """No key on the nodes: every node refuses (one line each, no traceback), the server
+    logs the cause once for all of them and the run stops at the first round; with
+    ``secagg-allow-unauthenticated`` the round runs, unauthenticated, and the server
+    says so."""
+    monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path))  # empty: no key on any node
+    with pytest.raises(NoUsableUpdate, match="needs the federation's authentication key"):
+        run_round([Node(u) for u in NODES])
+    line = (f"nodes {', '.join(map(str, NODES))} failed the advertise stage: secure "
+            "aggregation needs the federation's authentication key")
+    assert line in flwr_caplog.text and "Traceback" not in flwr_caplog.text
+
+    allowed = [Node(u) for u in NODES]
+    for node in allowed:
+        node.context.run_config["secagg-allow-unauthenticated"] = True
+    arrays, _ = run_round(allowed)
+    assert_average_of(arrays, NODES)
+    assert "0 of 6 nodes' key advertisements carry an authentication tag" in flwr_caplog.text
 
 
 def _set_masked(reply: Message, vector: np.ndarray) -> None:
@@ -216,8 +245,9 @@ def test_the_mod_refuses_to_train_for_a_plaintext_server(task_identity):
     msg = Message(RecordDict({"arrays": global_arrays(), "config": ConfigRecord()}),
                   dst_node_id=101, message_type="train")
     called = []
-    with pytest.raises(ValueError, match="server sent no secure-aggregation payload"):
-        secagg_mod(msg, new_context(101), lambda m, c: called.append(m))
+    reply = secagg_mod(msg, new_context(101), lambda m, c: called.append(m))
+    assert reply.has_error() and "server sent no secure-aggregation payload" in \
+        reply.error.reason
     assert called == []  # never trained, so nothing could leak
 
 
@@ -313,12 +343,13 @@ def test_legacy_round_with_dropouts_gives_the_weighted_average(task_identity, fl
     for got, exp in zip(parameters_to_ndarrays(parameters), expected(survivors), strict=True):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, exp, rtol=0, atol=bound + 1e-6)
-    assert "client 101 failed the share stage" in flwr_caplog.text
+    assert "node 101 failed the share stage" in flwr_caplog.text
 
 
 def test_legacy_bad_reply_left_out_and_too_many_dropouts_skip(task_identity, flwr_caplog):
     # a plaintext reply is refused, and with 3 of 6 left the round is skipped
-    strategy = LegacySecAggFedAvg(clip=CLIP, min_fit_clients=6, min_available_clients=6)
+    strategy = LegacySecAggFedAvg(clip=CLIP, min_fit_clients=6, min_available_clients=6,
+                                  max_empty_rounds=2)
     manager = SimpleClientManager()
     for proxy in [LegacyProxy(u) for u in NODES]:
         manager.register(proxy)
@@ -403,7 +434,8 @@ def test_message_api_a_node_that_lost_its_state_drops_out_then_advertises(task_i
 
 def test_legacy_later_rounds_skip_the_advertise_stage(task_identity, flwr_caplog):
     proxies = [LegacyProxy(u) for u in NODES]
-    strategy = LegacySecAggFedAvg(clip=CLIP, min_fit_clients=6, min_available_clients=6)
+    strategy = LegacySecAggFedAvg(clip=CLIP, min_fit_clients=6, min_available_clients=6,
+                                  max_empty_rounds=2)
     manager = SimpleClientManager()
     for proxy in proxies:
         manager.register(proxy)

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from fedapp import cli, launch
-from strategies.keyfiles import write_auth_key, write_keypair
-from strategies.secagg_flower import AUTH_KEY_ENV
+from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +26,17 @@ CASES = {  # task: (supernodes, settings, metric, tolerance)
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    public, private, _ = write_keypair(tmp_path_factory.mktemp("keys"))
+    """The client nodes' key directory (a Paillier key pair and the masking
+    authentication key, as ``fedapp keygen`` makes them) and the public key."""
+    directory = tmp_path_factory.mktemp("keys")
+    public, private, _ = write_keypair(directory)
+    write_auth_key(directory)
     return public, private
+
+
+def node_env(keys) -> dict[str, str]:
+    """What the simulated nodes need to find their keys."""
+    return {KEY_DIR_ENV: str(keys[1].parent)}
 
 
 def final_rows(run_dir: Path) -> dict:
@@ -66,12 +74,11 @@ def assert_same_result(task: str, plain: dict, secure: dict) -> None:
 
 
 @pytest.mark.parametrize("task", sorted(CASES))
-def test_masking_reaches_the_plaintext_result(task, plaintext, data_dir, tmp_path):
-    auth = write_auth_key(tmp_path / "keys")
+def test_masking_reaches_the_plaintext_result(task, keys, plaintext, data_dir, tmp_path):
     status, run_dir, logs = launch.simulate(
         ROOT, tmp_path / "secagg", CASES[task][0],
         {**settings_for(task, data_dir), "aggregation": "secagg"}, timeout=900,
-        progress=False, env={AUTH_KEY_ENV: str(auth)})
+        progress=False, env=node_env(keys))
     assert status == launch.FINISHED_OK, logs[-3000:]
     assert_same_result(task, final_rows(plaintext(task)), final_rows(run_dir))
     rounds = CASES[task][1]["num-server-rounds"]
@@ -88,7 +95,7 @@ def test_paillier_reaches_the_plaintext_result(task, keys, plaintext, data_dir, 
         ROOT, tmp_path / "paillier", supernodes,
         {**settings_for(task, data_dir), "aggregation": "paillier",
          "paillier-public-key": str(keys[0])},
-        timeout=900, progress=False, env={"FEDAPP_PAILLIER_PRIVATE_KEY": str(keys[1])})
+        timeout=900, progress=False, env=node_env(keys))
     assert status == launch.FINISHED_OK, logs[-3000:]
     secure = final_rows(run_dir)
     assert_same_result(task, final_rows(plain_dir), secure)
@@ -133,7 +140,7 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
         settings.update({"dp-adaptive-clip": True, "dp-clipped-count-stddev": 1.0})
     status, run_dir, logs = launch.simulate(
         ROOT, tmp_path, 4, settings, timeout=900, progress=False,
-        env={"FEDAPP_PAILLIER_PRIVATE_KEY": str(keys[1])})
+        env=node_env(keys))
     assert status == launch.FINISHED_OK, logs[-3000:]
     rows = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r["round"] > 0]
     epsilon = [r["train-dp-epsilon"] for r in rows]

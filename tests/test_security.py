@@ -93,19 +93,50 @@ def test_run_writes_a_tls_connection_that_flower_reads(certs, tmp_path, monkeypa
 
     submitted = []
     monkeypatch.setattr(launch, "submit", lambda app, conn, env, overrides: (
-        submitted.append((conn, env["FLWR_HOME"])) or "7"))
+        submitted.append((conn, env["FLWR_HOME"], app)) or "7"))
+    monkeypatch.chdir(ROOT)
     home = tmp_path / "home"
     assert cli.main(["run", "--superlink", "server.example:9092", "--certificates", str(certs),
                      "--flwr-home", str(home), "--no-wait"]) == 0
-    assert submitted == [("deployment", str(home))]
+    name = "fedapp-server-example-9092"
+    assert submitted == [(name, str(home), ROOT)]  # the current directory's app
     config = tomllib.loads((home / "config.toml").read_text())
-    assert config["superlink"]["default"] == "deployment"
-    connection = parse_superlink_connection(config["superlink"]["deployment"], "deployment")
+    connection = parse_superlink_connection(config["superlink"][name], name)
     assert connection.address == "server.example:9092" and connection.insecure is False
     assert load_certificate_in_connection(connection) == (certs / "ca.crt").read_bytes()
     with pytest.raises(ValueError, match="either insecure or verified"):
         launch.write_connection(home, "x", "h:1", insecure=True,
                                 root_certificates=certs / "ca.crt")
+
+
+def test_run_and_register_leave_the_users_connections_alone(certs, tmp_path, monkeypatch):
+    """A Flower config with the user's ``local`` simulation as default and a connection of
+    their own: fedapp adds its own connection per SuperLink, changes nothing else, and a
+    second CA for the same SuperLink only changes that connection."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = ('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+            'options.num-supernodes = 10\n\n[superlink.prod]\naddress = "prod:9093"\n'
+            'root-certificates = "/etc/prod-ca.crt"\n')
+    (home / "config.toml").write_text(mine)
+    monkeypatch.setattr(launch, "submit", lambda *a: "7")
+    monkeypatch.setattr(launch, "register_supernode", lambda *a: 3)
+    public, _ = write_node_keypair(tmp_path / "node")
+    assert cli.main(["register", str(public), "--superlink", "127.0.0.1:9092",
+                     "--certificates", str(certs), "--flwr-home", str(home)]) == 0
+    other = tmp_path / "other-certs"
+    other.mkdir()
+    (other / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+    assert cli.main(["run", "--superlink", "127.0.0.1:9092", "--certificates", str(other),
+                     "--flwr-home", str(home), "--no-wait", "--app", str(ROOT)]) == 0
+    config = tomllib.loads((home / "config.toml").read_text())
+    before = tomllib.loads(mine)["superlink"]
+    assert config["superlink"]["default"] == "local"
+    assert config["superlink"]["local"] == before["local"]
+    assert config["superlink"]["prod"] == before["prod"]
+    assert config["superlink"]["fedapp-127-0-0-1-9092"] == {
+        "address": "127.0.0.1:9092", "insecure": False,
+        "root-certificates": str((other / "ca.crt").resolve())}
 
 
 def test_deploy_script_uses_tls_and_node_auth_unless_insecure(tmp_path):
@@ -320,7 +351,8 @@ def test_superlink_command_names_only_its_own_tls_files(certs):
 def test_run_config_cannot_carry_client_secrets():
     """The ServerApp gets the run config: it has no setting for a private key, and
     an unknown setting stops the run (node config keys stay with the nodes)."""
-    assert not [k for k in DEFAULTS if any(w in k for w in ("private", "secret", "auth"))]
+    assert not [k for k, v in DEFAULTS.items() if not isinstance(v, bool)  # a switch holds none
+                and any(w in k for w in ("private", "secret", "auth"))]
     for key in ("paillier-private-key", "secagg-auth-key", "supernode-key"):
         with pytest.raises(ValueError, match="unknown run settings"):
             RunSettings.from_run_config({**DEFAULTS, key: "/keys/secret"})
@@ -367,12 +399,10 @@ def _holds(obj, needles: list, seen: set[int] | None = None, path: str = "strate
 def test_server_strategies_hold_no_client_secret(paillier_keys, tmp_path, monkeypatch):
     """Even with the client-side keys in its environment (as in a simulation), the
     server's strategy for every mode holds no private material nor key path."""
-    from strategies.paillier_flower import PRIVATE_KEY_ENV
-    from strategies.secagg_flower import AUTH_KEY_ENV
+    from strategies.keyfiles import KEY_DIR_ENV
 
     auth_path = write_auth_key(tmp_path)
-    monkeypatch.setenv(PRIVATE_KEY_ENV, str(paillier_keys[1]))
-    monkeypatch.setenv(AUTH_KEY_ENV, str(auth_path))
+    monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path))
     private, auth = load_private_key(paillier_keys[1]), load_auth_key(auth_path)
     needles = [int(private.p), int(private.q), int(private.alpha_p), int(private.alpha_q), auth,
                auth.hex(), str(paillier_keys[1]), str(auth_path)]
