@@ -248,7 +248,7 @@ class RunSettings:
             raise ValueError("aggregation='paillier' needs paillier-public-key: the path of the "
                              "public key file on the server (make one with 'fedapp keygen')")
         if self.aggregation == "secagg":
-            from strategies.secagg_flower import masking_params
+            from strategies.secagg_rounds import masking_params
 
             masking_params(self.secagg_clip, self.secagg_max_total_weight,
                            self.secagg_value_bits, self.secagg_neighbors, self.secagg_threshold)

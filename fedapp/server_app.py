@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO, WARNING
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict

@@ -27,11 +27,9 @@ built on the same :class:`DPRounds`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
-import numpy as np
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType,
                       MetricRecord)
 from flwr.clientapp.typing import ClientAppCallable
@@ -39,19 +37,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from .aggregation import InvalidUpdate, check_update, check_weight
-from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
-                 noised_average)
+from .aggregation import InvalidUpdate, check_weight
+from .dp_rounds import BIT_KEY, DPRounds, clip_local_update
 from .fedavg import aggregate_metrics
-from .paillier import Encryptor
-from .paillier_flower import PaillierFedAvg, as_record
-from .paillier_protocol import EncryptedModel, add_noise
+from .paillier_protocol import EncryptedModel
 from .records import array_record, record_arrays
-from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
-from .secagg_flower import SecAggFedAvg
-
-CLIP_KEY = "dp-clip"
-BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
+from .secagg_wire import STAGE_RECORD_KEY
 
 
 def _has_weight(msg: Message, key: str) -> bool:
@@ -61,182 +52,6 @@ def _has_weight(msg: Message, key: str) -> bool:
     except InvalidUpdate:
         return False
     return True
-
-
-class DPRounds:
-    """The central-DP state both wrappers (Message API and legacy) hold: settings,
-    accountant, clipping norm, the round's global model, and the steps of a round."""
-
-    def _init_dp(self, mode: str, strategy: object, *, noise_multiplier: float,
-                 clip: float, population: int, delta: float, max_epsilon: float,
-                 adaptive: bool, target_quantile: float, clip_learning_rate: float,
-                 clipped_count_stddev: float | None) -> None:
-        self.masked, self.encrypted = mode == "masked", mode == "encrypted"
-        if self.encrypted and adaptive:
-            raise ValueError("adaptive clipping needs the count of unclipped updates, which "
-                             "the server cannot read under Paillier: use a fixed clip")
-        if self.masked and adaptive and strategy.params.clip < 1:
-            raise ValueError("adaptive clipping with masking sends a 0/1 value through the "
-                             f"masked sum, but its clip range is {strategy.params.clip:g}: "
-                             "use a masking clip of at least 1")
-        self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
-        # the wrapped strategy's (so its max_empty_rounds holds); Flower's FedAvg has none
-        self.watch = getattr(strategy, "watch", None) or RoundWatch(PLAINTEXT_EMPTY_ROUNDS)
-        self.population = population
-        self._settings = dict(noise_multiplier=noise_multiplier, clip=clip, delta=delta,
-                              max_epsilon=max_epsilon, adaptive=adaptive,
-                              target_quantile=target_quantile,
-                              clip_learning_rate=clip_learning_rate,
-                              clipped_count_stddev=clipped_count_stddev)
-        # check the arguments now (the default count noise depends on m: at round 1)
-        DPConfig(num_sampled=1, population=1, **{
-            **self._settings, "adaptive": adaptive and clipped_count_stddev is not None})
-        self.config: DPConfig | None = None
-        self.ledger: PrivacyLedger | None = None
-        self.clipper: AdaptiveClip | None = None
-        self.budget_exhausted = False
-        self._global: dict[str, np.ndarray] = {}
-        self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
-
-    def _describe_dp(self) -> str:
-        s = self._settings
-        budget = f", budget epsilon {s['max_epsilon']:g}" if s["max_epsilon"] else ""
-        where = "clients" if self.masked or self.encrypted else "server"
-        return (f"noise multiplier {s['noise_multiplier']:g}, clip {s['clip']:g}"
-                f"{' (adaptive)' if s['adaptive'] else ''}, delta {s['delta']:g}{budget}, "
-                f"clipping on the {where}")
-
-    def _start_dp(self, connected: int, sampled: int) -> None:
-        """Fix the sampling figures at the first round: the denominator is the number
-        of clients the strategy samples (even if some drop out later)."""
-        population = self.population or connected
-        self.config = DPConfig(num_sampled=sampled, population=max(population, sampled),
-                               **self._settings)
-        self.ledger = PrivacyLedger(self.config)
-        self.clipper = AdaptiveClip(self.config)
-        log(INFO, "Central DP: %d of %d clients per round (sample rate %.4f), update noise "
-            "multiplier %.4f", sampled, self.config.population, self.config.sample_rate,
-            self.config.update_noise_multiplier)
-
-    def state_dict(self) -> dict:
-        """What a restarted server needs to go on (JSON-able): the sampling figures
-        fixed at round 1, the accountant's history and the clipping norm."""
-        if self.config is None:
-            return {}
-        return {"num-sampled": self.config.num_sampled, "population": self.config.population,
-                "history": [list(h) for h in self.ledger.accountant.history],
-                "clip": self.clipper.clip}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Go on from :meth:`state_dict` of an earlier run (same settings)."""
-        if not state:
-            return
-        self.config = DPConfig(num_sampled=int(state["num-sampled"]),
-                               population=int(state["population"]), **self._settings)
-        self.ledger = PrivacyLedger(self.config)
-        self.ledger.accountant.history = [(float(z), float(q), int(s))
-                                          for z, q, s in state["history"]]
-        self.clipper = AdaptiveClip(self.config, clip=float(state["clip"]))
-        log(INFO, "Central DP resumed: epsilon %.3f after %d rounds, clip %.4g",
-            self.ledger.epsilon(), sum(s for _, _, s in self.ledger.accountant.history),
-            self.clipper.clip)
-
-    def _budget_left(self, server_round: int) -> bool:
-        try:
-            self.ledger.check_budget()
-        except BudgetExhausted as err:
-            log(WARNING, "Round %d not run: %s", server_round, err)
-            self.budget_exhausted = True
-            return False
-        return True
-
-    def _round_config(self) -> dict:
-        """What the clients' clip mod needs this round."""
-        config = {CLIP_KEY: self.clipper.clip}
-        if self.masked and self.config.adaptive:
-            config[BIT_KEY] = True
-        return config
-
-    def _with_bit(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The global arrays as sent for training (masked adaptive mode: plus the bit)."""
-        if self.masked and self.config.adaptive:
-            return {**arrays, BIT_KEY: np.zeros(1, np.float32)}
-        return arrays
-
-    def _clipped_sum(self, updates: Sequence[tuple[object, list[np.ndarray]]]
-                     ) -> tuple[list[np.ndarray], int, int, list[int]]:
-        """Plaintext mode: check, clip and sum ``(client, arrays)`` updates; the sum, how
-        many were summed and were not clipped, and the indices of the valid ones."""
-        reference = list(self._global.values())
-        total = [np.zeros(a.shape) for a in reference]
-        n = unclipped = 0
-        valid = []
-        for i, (client, update) in enumerate(updates):
-            try:
-                check_update(update, reference)
-                # in float64: finite float32 values can differ by more than float32 holds
-                clipped, norm = clip_update([np.asarray(u, np.float64) - g
-                                             for u, g in zip(update, reference)],
-                                            self.clipper.clip)
-            except ValueError as err:  # InvalidUpdate, or a norm too large to measure
-                log(WARNING, "Left out the reply of %s: %s", client, err)
-                continue
-            total = [t + c for t, c in zip(total, clipped)]
-            n += 1
-            unclipped += norm <= self.clipper.clip
-            valid.append(i)
-        return total, n, unclipped, valid
-
-    def _unmasked_sum(self, average: dict[str, np.ndarray], n: int
-                      ) -> tuple[list[np.ndarray], int]:
-        """Masking mode: the sum of the clients' clipped updates from their average,
-        and the number of them that were not clipped."""
-        unclipped = round(float(average.pop(BIT_KEY, np.zeros(1))[0]) * n)
-        total = [n * (average[k].astype(np.float64) - g.astype(np.float64))
-                 for k, g in self._global.items()]
-        return total, unclipped
-
-    def _release(self, server_round: int, total: list[np.ndarray], n: int, unclipped: int
-                 ) -> tuple[dict[str, np.ndarray], dict]:
-        """The noised new global model and the round's DP metrics."""
-        clip = self.clipper.clip
-        new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
-        epsilon = self.ledger.step()
-        next_clip = self.clipper.update(unclipped, self._rng)
-        log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g, "
-            "epsilon %.4f at delta %g", server_round, n, self.config.num_sampled, clip,
-            epsilon, self.config.delta)
-        metrics = {"dp-epsilon": epsilon, "dp-clip": clip, "dp-next-clip": next_clip}
-        if not self.masked:  # plaintext: the server sees every update anyway
-            metrics["dp-unclipped-fraction"] = unclipped / n
-        elif self.config.adaptive:  # masked: only the noised count is released
-            metrics["dp-unclipped-fraction"] = self.clipper.noisy_fraction
-        return dict(zip(self._global, new, strict=True)), metrics
-
-    def _release_encrypted(self, server_round: int, model: EncryptedModel
-                           ) -> tuple[EncryptedModel, dict]:
-        """Paillier mode: noise added to the encrypted average of the ``n`` clipped
-        updates, homomorphically. The server cannot rescale an encrypted average to
-        the fixed denominator, so the noise is ``z C`` on the sum divided by ``n``:
-        the same Gaussian mechanism on the sum, then a division by the public ``n``."""
-        std = self.config.update_noise_multiplier * self.clipper.clip / model.total_weight
-        noise = self._rng.normal(0.0, std, model.layout.size)
-        # clipping the noise at 8 std changes it with probability < 1e-15 per value
-        noisy = add_noise(model, noise, 8 * std, self._encryptor, rng=self._rng)
-        epsilon = self.ledger.step()
-        log(INFO, "Central DP round %d (Paillier): noise added to the encrypted average of %d "
-            "updates, clip %.4g, epsilon %.4f at delta %g", server_round, model.total_weight,
-            self.clipper.clip, epsilon, self.config.delta)
-        return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip}
-
-
-def wrapped_mode(strategy: object) -> str:
-    if isinstance(strategy, SecAggFedAvg) or type(strategy).__name__ == "LegacySecAggFedAvg":
-        return "masked"
-    if isinstance(strategy, PaillierFedAvg) or \
-            type(strategy).__name__ == "LegacyPaillierFedAvg":
-        return "encrypted"
-    return "plain"
 
 
 class CentralDP(DPRounds, Strategy):
@@ -273,8 +88,7 @@ class CentralDP(DPRounds, Strategy):
             raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg, "
                             "SecAggFedAvg or PaillierFedAvg)")
         self.strategy = strategy
-        mode = wrapped_mode(strategy)
-        self._init_dp(mode, strategy,
+        self._init_dp(strategy,
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
@@ -313,7 +127,8 @@ class CentralDP(DPRounds, Strategy):
                 model = EncryptedModel.from_arrays(record_arrays(arrays),
                                                    self.strategy.public_key)
                 noisy, dp_metrics = self._release_encrypted(server_round, model)
-                return as_record(noisy), MetricRecord({**(metrics or {}), **dp_metrics})
+                return array_record(noisy.to_arrays()), MetricRecord({**(metrics or {}),
+                                                                     **dp_metrics})
             n = self.strategy.last_total_weight
             total, unclipped = self._unmasked_sum(record_arrays(arrays), n)
         else:
@@ -361,26 +176,6 @@ class CentralDP(DPRounds, Strategy):
 
 
 # ------------------------------------------------------------------ client mod
-def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
-                      trained: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The trained model with its update clipped to the round's ``dp-clip`` norm (and
-    the unclipped bit when the round asks for it). Refuses when the server sent no
-    clipping norm (it is not running central DP)."""
-    clip = config.get(CLIP_KEY)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf:
-        raise ValueError("this node clips its updates for central DP (dp_clip_mod) but the "
-                         "server sent no dp-clip norm: the server must wrap its strategy in "
-                         "CentralDP (Message API) or LegacyCentralDP (legacy API); got "
-                         f"{clip!r}, not a positive finite number")
-    if list(trained) != list(incoming):
-        raise ValueError("the trained model's arrays differ from the global model's")
-    clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], float(clip))
-    update = {k: (incoming[k].astype(np.float64) + c).astype(incoming[k].dtype)
-              for k, c in zip(incoming, clipped, strict=True)}
-    if config.get(BIT_KEY):
-        update[BIT_KEY] = np.array([1.0 if norm <= clip else 0.0], np.float32)
-    return update
-
 
 def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip this client's update to the round's ``dp-clip`` norm and weight it 1.
@@ -390,7 +185,7 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     no clipping norm (it is not running :class:`CentralDP`).
     """
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN \
-            or "secagg" in msg.content.config_records:  # key stages pass through
+            or STAGE_RECORD_KEY in msg.content.config_records:  # key stages pass through
         return call_next(msg, context)
     config = dict(next(iter(msg.content.config_records.values()), {}))
     clip_local_update(config, {}, {})  # no norm: fail before training

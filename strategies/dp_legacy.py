@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from logging import WARNING
 
-import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (Code, EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar,
@@ -28,15 +27,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
 
 from .aggregation import InvalidUpdate
-from .dp_flower import BIT_KEY, DPRounds, clip_local_update, wrapped_mode
-from .legacy_wire import load_ndarrays
+from .dp_rounds import BIT_KEY, DPRounds, clip_local_update
+from .legacy_wire import legacy_names, load_ndarrays
 from .paillier_legacy import parameters_arrays, to_parameters
 from .paillier_protocol import EncryptedModel
 from .screening import report_failures
-
-
-def _names(arrays: list[np.ndarray]) -> list[str]:
-    return [str(i) for i in range(len(arrays))]
 
 
 class LegacyCentralDP(DPRounds, Strategy):
@@ -53,7 +48,7 @@ class LegacyCentralDP(DPRounds, Strategy):
             raise TypeError("LegacyCentralDP wraps a flwr.server.strategy.FedAvg (or "
                             "LegacySecAggFedAvg, LegacyPaillierFedAvg)")
         self.strategy = strategy
-        self._init_dp(wrapped_mode(strategy), strategy,
+        self._init_dp(strategy,
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
@@ -74,7 +69,7 @@ class LegacyCentralDP(DPRounds, Strategy):
             return []
         if not self.encrypted:
             arrays = parameters_to_ndarrays(parameters)
-            self._global = dict(zip(_names(arrays), arrays, strict=True))
+            self._global = dict(zip(legacy_names(len(arrays)), arrays, strict=True))
             parameters = ndarrays_to_parameters(list(self._with_bit(self._global).values()))
         pairs = self.strategy.configure_fit(server_round, parameters, client_manager)
         extra = self._round_config()
@@ -158,7 +153,7 @@ def legacy_dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCalla
     res = compat.recorddict_to_fitres(reply.content, keep_input=True)
     if res.status.code != Code.OK:
         return reply
-    names = _names(incoming)
+    names = legacy_names(len(incoming))
     update = clip_local_update(ins.config, dict(zip(names, incoming, strict=True)),
                                dict(zip(names, parameters_to_ndarrays(res.parameters),
                                         strict=True)))

@@ -39,6 +39,8 @@ class WeightedFedAvg(FedAvg):
     that failed are logged once per round and cause.
     """
 
+    server_sees = "plain"
+
     def __init__(self, *args, max_empty_rounds: int = PLAINTEXT_EMPTY_ROUNDS,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)

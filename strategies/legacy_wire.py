@@ -1,5 +1,6 @@
 """Arrays that arrive as ``.npy`` bytes (legacy ``Parameters`` tensors, the data of a
-Message-API ``Array``): read without pickle, the header checked before any data is read."""
+Message-API ``Array``): read without pickle, the header checked before any data is read;
+and the names a legacy model's arrays go by."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .aggregation import InvalidUpdate
+from .aggregation import InvalidUpdate, Layout
 
 
 def load_npy(tensor: object, what: str, dtypes: tuple[type, ...] | None = None,
@@ -52,3 +53,13 @@ def load_ndarrays(tensors: Sequence[object], what: str = "model") -> list[np.nda
     """The arrays of legacy ``Parameters`` tensors, each read by :func:`load_npy` (any
     dtype without Python objects); :class:`InvalidUpdate` names the first bad one."""
     return [load_npy(tensor, f"{what} array {i}") for i, tensor in enumerate(tensors)]
+
+
+def legacy_names(count: int) -> list[str]:
+    """The names Flower's compat layer gives a legacy model's arrays: "0", "1", ..."""
+    return [str(i) for i in range(count)]
+
+
+def layout_of(arrays: Sequence[np.ndarray]) -> Layout:
+    """A plaintext legacy model's layout, its arrays named as :func:`legacy_names`."""
+    return Layout.of(legacy_names(len(arrays)), arrays)

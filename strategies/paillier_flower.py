@@ -11,14 +11,14 @@ key directory, :func:`strategies.keyfiles.node_key_file`):
 the mod decrypts the incoming global model before the ClientApp sees it and
 encrypts the outgoing update, so the server adds up ciphertexts and sends the
 encrypted aggregate back. The global model is plaintext only on client nodes.
-Legacy-API projects use :mod:`strategies.paillier_legacy`, built on the same helpers.
+Legacy-API projects use :mod:`strategies.paillier_legacy`; both build on
+:mod:`strategies.paillier_node`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -28,52 +28,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
-from .encoding import EncodingParams
 from .fedavg import aggregate_metrics, evaluate_metrics
-from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
-from .node_errors import NodeError, reports_errors
-from .paillier import Encryptor, PrivateKey, PublicKey
+from .node_errors import reports_errors
+from .paillier import PrivateKey, PublicKey
+from .paillier_node import (decrypt_global_model, encoding_for, encrypt_local_model,
+                            node_private_key, node_workers, round_config)
+from .paillier_protocol import EncryptedModel, Layout, RoundSum
 from .records import array_record, record_arrays
 from .screening import SECURE_EMPTY_ROUNDS, RoundWatch
-from .paillier_protocol import (EncryptedModel, Layout, RoundSum, client_weight,
-                                decrypt_model, encrypt_update)
-
-PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
-WORKERS_NODE_CONFIG = "paillier-workers"
-PREFIX = "paillier-"
-
-
-def encoding_for(public_key: PublicKey, *, clip: float, max_total_weight: int,
-                 weight_unit: int, value_bits: int) -> EncodingParams:
-    """Check a Paillier strategy's arguments; the encoding its clients must use."""
-    if not isinstance(public_key, PublicKey):
-        raise ValueError("public_key must be a strategies.paillier.PublicKey; the server "
-                         "needs the public key only")
-    if weight_unit < 1:
-        raise ValueError(f"weight_unit must be >= 1, got {weight_unit}")
-    return EncodingParams.for_key(public_key.n_bits, max_total_weight, clip=clip,
-                                  value_bits=value_bits)
-
-
-def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> dict:
-    """What a client needs to encrypt its update (sent in every train config)."""
-    return {f"{PREFIX}fingerprint": fingerprint, f"{PREFIX}weight-unit": weight_unit,
-            **{f"{PREFIX}encoding-{k}": v for k, v in params.to_dict().items()}}
-
-
-def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
-    """Inverse of :func:`round_config`; ``ValueError`` if absent or malformed
-    (:class:`NodeError` if absent: the server runs no Paillier strategy)."""
-    if f"{PREFIX}fingerprint" not in config:
-        raise NodeError("this node encrypts its updates (Paillier client mod) but the server "
-                         "sent no Paillier parameters: the server must run PaillierFedAvg "
-                         "(Message API) or LegacyPaillierFedAvg (legacy API)")
-    enc = {k[len(f"{PREFIX}encoding-"):]: v for k, v in config.items()
-           if k.startswith(f"{PREFIX}encoding-")}
-    unit = config.get(f"{PREFIX}weight-unit")
-    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
-        raise ValueError(f"{PREFIX}weight-unit must be a positive int, got {unit!r}")
-    return EncodingParams.from_dict(enc), str(config[f"{PREFIX}fingerprint"]), unit
 
 
 def as_record(model: EncryptedModel) -> ArrayRecord:
@@ -111,6 +73,8 @@ class PaillierFedAvg(FedAvg):
     left the global model stays as it was. Evaluation replies without a valid weight
     are left out too (:func:`strategies.fedavg.evaluate_metrics`).
     """
+
+    server_sees = "encrypted"  # for CentralDP: noise goes into the encrypted aggregate
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16,
@@ -188,74 +152,6 @@ class PaillierFedAvg(FedAvg):
 
 
 # ------------------------------------------------------------------ client mod
-_KEYS: dict[str, PrivateKey] = {}
-_ENCRYPTORS: dict[str, Encryptor] = {}
-_DECRYPTED: dict[str, list[np.ndarray]] = {}
-
-
-def node_private_key(context: Context) -> PrivateKey:
-    """This node's private key (cached): the file its node config names, else
-    ``paillier.key.json`` in its key directory.
-
-    Raises
-    ------
-    strategies.keyfiles.KeyNotFound
-        If there is no such file, saying where the node looked and what to do.
-    """
-    path = str(node_key_file(dict(context.node_config), PRIVATE_KEY_NODE_CONFIG, PRIVATE_NAME,
-                             "fedapp keygen").resolve())
-    if path not in _KEYS:
-        _KEYS[path] = load_private_key(Path(path))
-    return _KEYS[path]
-
-
-def node_workers(context: Context) -> int | None:
-    """Processes for encryption and decryption on this node (node config
-    ``paillier-workers``; 0 means all cores)."""
-    value = int(context.node_config.get(WORKERS_NODE_CONFIG, 1))
-    return None if value == 0 else value
-
-
-def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
-                         workers: int | None) -> tuple[Layout, list[np.ndarray]]:
-    """The plaintext model inside an encrypted aggregate that arrived from the server.
-
-    The last result is cached: evaluate(r) and train(r+1) carry the same aggregate.
-    """
-    model = EncryptedModel.from_arrays(arrays, key.public_key)
-    digest = model.digest()
-    if digest not in _DECRYPTED:
-        _DECRYPTED.clear()
-        _DECRYPTED[digest] = decrypt_model(key, model, workers=workers)
-    return model.layout, _DECRYPTED[digest]
-
-
-def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray],
-                        num_examples: int, key: PrivateKey, workers: int | None
-                        ) -> tuple[EncryptedModel, float]:
-    """This node's trained model, encrypted as the round's config asks, weighted by
-    its examples; returns the update and the fraction of values outside the clip range.
-
-    Raises ``ValueError`` if the config holds no Paillier parameters (the server is
-    not a Paillier strategy: never send plaintext then) or names another key.
-    """
-    params, fingerprint, unit = parse_round_config(config)
-    if fingerprint != key.fingerprint:
-        raise NodeError(f"the server uses key {fingerprint[:16]}..., this node holds "
-                         f"{key.fingerprint[:16]}...: give every node the same key pair")
-    params.check_modulus_bits(key.public_key.n_bits)
-    layout = Layout.of(names, arrays)
-    flat = layout.flatten(arrays)
-    clipped = float(np.mean(np.abs(flat) > params.clip))
-    if clipped > 0:
-        log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
-            100 * clipped, params.clip)
-    if key.fingerprint not in _ENCRYPTORS:
-        _ENCRYPTORS[key.fingerprint] = Encryptor(key.public_key, key)
-    weight = client_weight(num_examples, unit)
-    update = encrypt_update(arrays, layout, weight, params, _ENCRYPTORS[key.fingerprint],
-                            workers=workers)
-    return update, clipped
 
 
 def _decrypt_records(msg: Message, key: PrivateKey, workers: int | None) -> None:

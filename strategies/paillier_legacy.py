@@ -6,8 +6,9 @@ Switch an existing legacy project (``NumPyClient``, ``ClientApp(client_fn=...)``
     strategy = LegacyPaillierFedAvg(load_public_key(path), clip=1.0, ...)   # server_fn
     app = ClientApp(client_fn=client_fn, mods=[legacy_paillier_mod])          # clients
 
-It shares the protocol with :mod:`strategies.paillier_flower` (same round config,
-same encrypted model, same key handling on the nodes); only the envelope differs.
+It shares the protocol with the Message-API adapter :mod:`strategies.paillier_flower`
+through :mod:`strategies.paillier_node` (same round config, same encrypted model, same
+key handling on the nodes); only the envelope differs.
 
 Wire format
 -----------
@@ -44,13 +45,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
-from .legacy_wire import load_npy
+from .legacy_wire import layout_of, load_npy
 from .node_errors import reports_errors
 from .screening import SECURE_EMPTY_ROUNDS, RoundWatch, report_failures
 from .paillier import PublicKey
-from .paillier_flower import (decrypt_global_model, encoding_for, encrypt_local_model,
-                              node_private_key, node_workers, parse_round_config,
-                              round_config)
+from .paillier_node import (decrypt_global_model, encoding_for, encrypt_local_model,
+                            node_private_key, node_workers, parse_round_config, round_config)
 from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES, EncryptedModel,
                                 Layout, RoundSum)
 
@@ -86,12 +86,6 @@ def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
             HEADER_KEY: load_npy(header, "header", (np.uint8,), MAX_HEADER_BYTES)}
 
 
-def layout_of(arrays: list[np.ndarray]) -> Layout:
-    """The layout of a plaintext legacy model: arrays named "0", "1", ... as in Flower's
-    compat layer."""
-    return Layout.of([str(i) for i in range(len(arrays))], arrays)
-
-
 class LegacyPaillierFedAvg(FedAvg):
     """Weighted FedAvg over Paillier ciphertexts for legacy projects; the server never
     decrypts.
@@ -123,6 +117,8 @@ class LegacyPaillierFedAvg(FedAvg):
     same client are left out with a warning naming the client; the round goes on
     with the rest. If none is left the global model stays as it was.
     """
+
+    server_sees = "encrypted"  # for CentralDP: noise goes into the encrypted aggregate
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16,

@@ -39,21 +39,17 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from .aggregation import InvalidUpdate, Layout, check_weight
-from .legacy_wire import load_npy
+from .aggregation import InvalidUpdate, check_weight
+from .legacy_wire import layout_of, load_npy
 from .masking import MaskingError
 from .node_errors import reports_errors
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
-from .secagg_flower import (MAX_HEADER_BYTES, MaskingRounds, answer_stage, header_of,
-                            layout_digest, mask_model, require_payload)
+from .secagg_node import answer_stage, mask_model, require_payload
+from .secagg_rounds import MaskingRounds
+from .secagg_wire import MAX_HEADER_BYTES, header_of, layout_digest
 from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted
 
 TENSOR_TYPE = "secagg-v1/numpy.ndarray"
-
-
-def layout_of(arrays: list[np.ndarray]) -> Layout:
-    """A legacy model's layout: arrays named "0", "1", ... as in Flower's compat layer."""
-    return Layout.of([str(i) for i in range(len(arrays))], arrays)
 
 
 def to_parameters(arrays: dict[str, np.ndarray]) -> Parameters:
@@ -82,7 +78,7 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
     ----------
     clip, max_total_weight, value_bits, num_neighbours, threshold, stage_timeout,
     max_empty_rounds
-        As for :class:`strategies.secagg_flower.SecAggFedAvg`.
+        As for :class:`strategies.secagg_flower.SecAggFedAvg` (the Message-API adapter).
     **kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
         ``on_fit_config_fn``, ``initial_parameters``, ``evaluate_fn``, metrics

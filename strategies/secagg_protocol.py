@@ -55,6 +55,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,13 +63,15 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.common.logger import log
 
 from .aggregation import InvalidUpdate
 from .masking import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, MaskingParams,
                       agree, check_public_key, commitment, decode_sum, default_degree,
                       encode_weighted, mac, mac_ok, neighbour_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
+
+# Flower's logger by name: its lines show where Flower's do, without importing Flower
+log = logging.getLogger("flwr").log
 
 VERSION = 1
 MASKED_KEY = "secagg-masked"

@@ -32,9 +32,11 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 
 from strategies.dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger,
                            clip_update, gaussian_noise, l2_norm, noised_average)
-from strategies.dp_flower import BIT_KEY, CLIP_KEY, CentralDP, dp_clip_mod
+from strategies.dp_flower import CentralDP, dp_clip_mod
+from strategies.dp_rounds import BIT_KEY, CLIP_KEY
 from strategies.fedavg import WeightedFedAvg
-from strategies.secagg_flower import PAYLOAD_KEY, SecAggFedAvg, secagg_mod
+from strategies.secagg_flower import SecAggFedAvg, secagg_mod
+from strategies.secagg_protocol import PAYLOAD_KEY
 
 BIG = {"w": (400, 500), "b": (500,)}  # 200,500 values: std measured to ~0.3%
 SMALL = {"w": (30, 20), "b": (20,)}

@@ -26,7 +26,7 @@ import pytest
 from fedapp import launch
 from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_auth_key, write_keypair
 from strategies.paillier_protocol import EncryptedModel, decrypt_model
-from strategies.secagg_flower import masking_params
+from strategies.secagg_rounds import masking_params
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 ROUNDS = 2  # num-server-rounds in both examples' pyproject.toml

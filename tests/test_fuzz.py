@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 from fakes import FakeProxy
 from strategies import keyfiles
 from strategies.aggregation import InvalidUpdate, Layout, check_update, check_weight
-from strategies.dp_flower import CentralDP, clip_local_update
+from strategies.dp_flower import CentralDP
+from strategies.dp_rounds import clip_local_update
 from strategies.dp_legacy import LegacyCentralDP
 from strategies.encoding import EncodingParams, decode, dequantize, encode, unpack
 from strategies.fedavg import WeightedFedAvg
@@ -46,14 +47,16 @@ from strategies.masking import (SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, 
 from strategies.paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
                                  check_ciphertext_array, generate_keypair, parse_wire_metadata,
                                  wire_metadata)
-from strategies.paillier_flower import (PaillierFedAvg, decrypt_global_model,
-                                        encrypt_local_model, parse_round_config, round_config)
+from strategies.paillier_flower import PaillierFedAvg
+from strategies.paillier_node import (decrypt_global_model, encrypt_local_model,
+                                      parse_round_config, round_config)
 from strategies.paillier_legacy import LegacyPaillierFedAvg, parameters_arrays
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, RoundSum,
                                           encrypt_update)
 from strategies.records import record_arrays
-from strategies.secagg_flower import (SecAggFedAvg, answer_stage, header_of, masked_arrays,
-                                      secagg_mod)
+from strategies.secagg_flower import SecAggFedAvg, secagg_mod
+from strategies.secagg_node import answer_stage
+from strategies.secagg_wire import header_of, masked_arrays
 from strategies.secagg_legacy import TENSOR_TYPE as SECAGG_TENSOR_TYPE
 from strategies.secagg_legacy import parameters_masked
 from strategies.secagg_protocol import (RoundAborted, ServerRound, b64, client_mask, client_step,

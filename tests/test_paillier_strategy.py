@@ -18,10 +18,12 @@ from flwr.server.client_manager import SimpleClientManager
 from fakes import FakeProxy
 from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_keypair
 from strategies.paillier import Encryptor, PrivateKey, generate_keypair
-from strategies.paillier_flower import (PaillierFedAvg, as_record, encrypt_local_model,
-                                        record_arrays, round_config)
-from strategies.paillier_legacy import (TENSOR_TYPE, LegacyPaillierFedAvg, layout_of,
-                                        legacy_paillier_mod, parameters_arrays, to_parameters)
+from strategies.paillier_flower import PaillierFedAvg, as_record
+from strategies.paillier_node import encrypt_local_model, round_config
+from strategies.records import record_arrays
+from strategies.legacy_wire import layout_of
+from strategies.paillier_legacy import (TENSOR_TYPE, LegacyPaillierFedAvg, legacy_paillier_mod,
+                                        parameters_arrays, to_parameters)
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, Layout,
                                           decrypt_model, encrypt_update)
 

@@ -27,8 +27,9 @@ from flwr.server.client_proxy import ClientProxy
 from strategies.aggregation import weighted_average
 from strategies.keyfiles import KEY_DIR_ENV
 from strategies.screening import NoUsableUpdate
-from strategies.secagg_flower import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, SecAggFedAvg,
-                                      record_arrays, secagg_mod)
+from strategies.records import record_arrays
+from strategies.secagg_flower import SecAggFedAvg, secagg_mod
+from strategies.secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY
 from strategies.secagg_legacy import TENSOR_TYPE, LegacySecAggFedAvg, legacy_secagg_mod
 
 CLIP = 2.0

@@ -1,0 +1,96 @@
+"""The server side of masked secure aggregation shared by both Flower APIs: the
+strategy's arguments checked, and the round in progress driven through its key
+stages and unmasking (:class:`MaskingRounds`). The Message-API adapter
+(:mod:`strategies.secagg_flower`) and the legacy one (:mod:`strategies.secagg_legacy`)
+only supply the message exchange; neither imports the other."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common.logger import log
+
+from .aggregation import Layout
+from .masking import MaskingError, MaskingParams
+from .screening import RoundWatch
+from .secagg_protocol import ServerRound
+
+def masking_params(clip: float, max_total_weight: int, value_bits: int, num_neighbours: int,
+                   threshold: float) -> MaskingParams:
+    """Check a masking strategy's arguments; the encoding its clients must use."""
+    if num_neighbours < 0:
+        raise ValueError(f"num_neighbours must be >= 0 (0: SecAgg+'s logarithmic default), "
+                         f"got {num_neighbours}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    try:
+        return MaskingParams.derive(clip, max_total_weight, value_bits)
+    except MaskingError as err:
+        raise ValueError(str(err)) from None
+
+
+
+class MaskingRounds:
+    """What both masking strategies (Message API and legacy) hold: the encoding, the
+    round's settings, the public keys seen so far and the round in progress."""
+
+    server_sees = "masked"  # for CentralDP: clients clip, noise goes on the unmasked sum
+
+    def _init_masking(self, clip: float, max_total_weight: int, value_bits: int,
+                      num_neighbours: int, threshold: float, stage_timeout: float,
+                      max_empty_rounds: int) -> None:
+        self.watch = RoundWatch(max_empty_rounds)
+        self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
+                                     threshold)
+        self.num_neighbours = num_neighbours
+        self.threshold = threshold
+        self.stage_timeout = stage_timeout
+        self._seen_keys: set[bytes] = set()
+        self._round: ServerRound | None = None
+        self._layout: Layout | None = None
+        # (context, keys) the last unmask stage's survivors pre-advertised for the next round
+        self._next: tuple[bytes, dict[int, dict]] | None = None
+        self.last_total_weight = 0  # of the last aggregate: central DP reads it
+
+    def _new_round(self, nodes: list[int]) -> ServerRound:
+        """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
+        preadvertised, self._next = self._next, None
+        return ServerRound(self.params, nodes, self._layout.size, self.num_neighbours,
+                           self.threshold, self._seen_keys, preadvertised)
+
+    def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
+                                                                 dict[int, str]]) -> None:
+        """Stages 1 and 2 through ``exchange(requests, stage) -> replies``; stage 1 only
+        for the nodes without pre-advertised keys (skipped when there are none)."""
+        requests = rnd.advertise_requests()
+        if requests:
+            rnd.receive_adverts(exchange(requests, "advertise"))
+            tagged = sum(1 for a in rnd.adverts.values() if a.get("mac"))
+            log(INFO if tagged == len(rnd.adverts) else WARNING, "Secure aggregation: %d of %d "
+                "nodes' key advertisements carry an authentication tag", tagged,
+                len(rnd.adverts))
+        else:
+            log(INFO, "Secure aggregation: advertise stage skipped, all %d nodes "
+                "pre-advertised their keys", len(rnd.nodes))
+            rnd.receive_adverts({})
+        rnd.receive_shares(exchange(rnd.share_requests(), "share"))
+
+    def _unmask(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
+                                                           dict[int, str]]
+                ) -> tuple[np.ndarray, int]:
+        """Stage 4 through ``exchange``; keeps the keys pre-advertised for the next round
+        (even if this one aborts: they are bound to the next round's context only)."""
+        replies = exchange(rnd.unmask_requests(), "unmask")
+        try:
+            return rnd.receive_unmask(replies)
+        finally:
+            self._next = (rnd.next_context, rnd.next_adverts) if rnd.next_adverts else None
+
+    def _describe(self) -> str:
+        return (f"{self.params.value_bits}-bit values in [-{self.params.clip:g}, "
+                f"{self.params.clip:g}] mod 2^{self.params.mod_bits}, neighbours "
+                f"{self.num_neighbours or 'auto (log n)'}, threshold > {self.threshold:g} "
+                "of each share group")
+
