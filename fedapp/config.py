@@ -76,7 +76,6 @@ DEFAULTS: dict[str, Any] = {
 #: Clip range of the secure aggregations' fixed-point encoding per task: above the
 #: largest weight each model reaches.
 CLIP_RANGE = {"mnist": 1.0, "housing": 2.0, "spam": 8.0}
-AGGREGATIONS = ("fedavg", "paillier", "secagg")
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number",
@@ -242,26 +241,12 @@ class RunSettings:
         return s
 
     def check(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got '{self.aggregation}'")
-        if self.aggregation == "paillier" and not self.paillier_public_key:
-            raise ValueError("aggregation='paillier' needs paillier-public-key: the path of the "
-                             "public key file on the server (make one with 'fedapp keygen')")
-        if self.aggregation == "secagg":
-            from strategies.secagg_rounds import masking_params
+        from .modes import mode_of
 
-            masking_params(self.secagg_clip, self.secagg_max_total_weight,
-                           self.secagg_value_bits, self.secagg_neighbors, self.secagg_threshold)
+        mode_of(self.aggregation).check(self)
         if self.dp_noise_multiplier > 0:
             from strategies.dp import DPConfig
 
-            if self.aggregation == "paillier" and self.dp_adaptive_clip:
-                raise ValueError("adaptive clipping needs the count of unclipped updates, "
-                                 "which the server cannot read under Paillier: set "
-                                 "dp-adaptive-clip false")
-            if self.aggregation == "secagg" and self.dp_adaptive_clip and self.secagg_clip < 1:
-                raise ValueError("adaptive clipping with secagg sends a 0/1 value through the "
-                                 "masked sum: secagg-clip must be >= 1")
             # the default count noise depends on the clients per round: checked at round 1
             adaptive = self.dp_adaptive_clip and self.dp_clipped_count_stddev is not None
             DPConfig(self.dp_noise_multiplier, self.dp_clip, 1, 1, self.dp_delta,

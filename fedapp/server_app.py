@@ -21,6 +21,7 @@ from strategies.screening import RoundWatch
 
 from .checkpoint import Checkpoint, CheckpointError, check_compatible
 from .config import RunSettings
+from .modes import mode_of
 from .outputs import RunRecorder
 from .rounds import run_rounds
 from .strategy import build_strategy
@@ -109,7 +110,7 @@ def main(grid: Grid, context: Context) -> None:
         extra = checkpoint.config
     else:
         extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
-    hidden = settings.aggregation == "paillier"  # secagg: the aggregate is public
+    hidden = mode_of(settings.aggregation).server_sees == "encrypted"  # masked: sum is public
     if hidden and settings.central_eval:
         log(INFO, "Centralized evaluation is off: with Paillier aggregation the server cannot "
             "see the model")

@@ -1,18 +1,13 @@
-"""The one place where the run's ``aggregation`` setting becomes a strategy."""
+"""The run's server strategy: its aggregation mode's, wrapped in central DP."""
 
 from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
-from pathlib import Path
-
 from strategies.dp_flower import CentralDP
-from strategies.fedavg import WeightedFedAvg
-from strategies.keyfiles import load_public_key
-from strategies.paillier_flower import PaillierFedAvg
-from strategies.secagg_flower import SecAggFedAvg
 
 from .config import RunSettings
+from .modes import mode_of
 
 
 def build_strategy(settings: RunSettings) -> Strategy:
@@ -31,11 +26,7 @@ def build_strategy(settings: RunSettings) -> Strategy:
 
 
 def aggregation_strategy(settings: RunSettings) -> Strategy:
-    """The Message-API strategy for ``settings.aggregation``.
-
-    ``paillier`` loads the public key file named by ``paillier-public-key``; the
-    server never loads a private key.
-    """
+    """The Message-API strategy of the run's aggregation mode (:data:`fedapp.modes.MODES`)."""
     sampling = dict(
         fraction_train=settings.fraction_train,
         fraction_evaluate=settings.fraction_evaluate,
@@ -45,16 +36,4 @@ def aggregation_strategy(settings: RunSettings) -> Strategy:
     )
     if settings.max_empty_rounds is not None:  # else each strategy's own default
         sampling["max_empty_rounds"] = settings.max_empty_rounds
-    if settings.aggregation == "paillier":
-        return PaillierFedAvg(
-            load_public_key(Path(settings.paillier_public_key).expanduser()),
-            clip=settings.paillier_clip, value_bits=settings.paillier_value_bits,
-            max_total_weight=settings.paillier_max_total_weight,
-            weight_unit=settings.paillier_weight_unit, **sampling)
-    if settings.aggregation == "secagg":
-        return SecAggFedAvg(
-            clip=settings.secagg_clip, value_bits=settings.secagg_value_bits,
-            max_total_weight=settings.secagg_max_total_weight,
-            num_neighbours=settings.secagg_neighbors, threshold=settings.secagg_threshold,
-            stage_timeout=settings.round_timeout, **sampling)
-    return WeightedFedAvg(**sampling)
+    return mode_of(settings.aggregation).strategy(settings, sampling)

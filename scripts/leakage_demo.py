@@ -7,7 +7,7 @@ nothing leaks under Paillier or masking (the attack of *Grokking Deep Learning* 
 One client holds ONE real Enron email and trains the spam model for one local epoch
 with the app's own code: the run's strategy, the client mods, the Message-API
 adapter and the ``SpamClient``, in round 1 from the app's initial (all-zero) model,
-served in this process (``fedapp/leakage.py``). Paillier uses a fresh 2048-bit key
+served in this process (``scripts/leakage.py``). Paillier uses a fresh 2048-bit key
 pair; the masked round has 3 nodes (the other two hold random emails). The server
 hashes the vocabulary of the whole public Enron corpus with the clients' hash and
 maps the embedding rows that changed back to words.
@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from fedapp.config import DEFAULTS  # noqa: E402
-from fedapp.leakage import (MODES, Corpus, Dictionary, Lab, Outcome, attack,  # noqa: E402
-                            email_words, flower_identity, run_trials)
+from leakage import (MODES, Corpus, Dictionary, Lab, Outcome, attack,  # noqa: E402
+                     email_words, flower_identity, run_trials)
 from strategies.paillier_protocol import CIPHERTEXTS_KEY  # noqa: E402
 from strategies.secagg_protocol import MASKED_KEY  # noqa: E402
 

@@ -5,11 +5,15 @@ plaintext FedAvg, and under Paillier and masking the server's guesses are at cha
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from fedapp.leakage import (Corpus, Dictionary, Lab, attack, chance_band, email_words,
-                            flower_identity, run_trials)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from leakage import (Corpus, Dictionary, Lab, attack, chance_band, email_words,  # noqa: E402
+                     flower_identity, run_trials)
 from strategies.paillier_protocol import CIPHERTEXTS_KEY
 from strategies.paillier_protocol import HEADER_KEY as PAILLIER_HEADER
 from strategies.secagg_protocol import HEADER_KEY as SECAGG_HEADER

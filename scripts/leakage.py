@@ -65,10 +65,10 @@ from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, Encrypted
 from strategies.records import record_arrays
 from strategies.secagg_protocol import MASKED_KEY
 
-from .adapter import serve_numpy_client
-from .client_app import aggregation_mod
-from .config import RunSettings
-from .strategy import aggregation_strategy
+from fedapp.adapter import serve_numpy_client
+from fedapp.client_app import aggregation_mod
+from fedapp.config import RunSettings
+from fedapp.strategy import aggregation_strategy
 
 MODES = ("fedavg", "paillier", "secagg")
 #: Emails drawn for the trials have at least MIN_WORDS and at most MAX_WORDS distinct words.
