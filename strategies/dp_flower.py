@@ -37,21 +37,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from .aggregation import InvalidUpdate, check_weight
+from .aggregation import InvalidUpdate
 from .dp_rounds import BIT_KEY, DPRounds, clip_local_update
 from .fedavg import aggregate_metrics
 from .paillier_protocol import EncryptedModel
-from .records import array_record, record_arrays
+from .records import array_record, record_arrays, screen, train_reply
 from .secagg_wire import STAGE_RECORD_KEY
-
-
-def _has_weight(msg: Message, key: str) -> bool:
-    """Whether a reply's metrics hold a valid weight (its metrics are averaged by it)."""
-    try:
-        check_weight(next(iter(msg.content.metric_records.values())).get(key))
-    except InvalidUpdate:
-        return False
-    return True
 
 
 class CentralDP(DPRounds, Strategy):
@@ -133,27 +124,15 @@ class CentralDP(DPRounds, Strategy):
             total, unclipped = self._unmasked_sum(record_arrays(arrays), n)
         else:
             updates, contents = [], []
-            for msg in replies:
-                node = msg.metadata.src_node_id
-                if msg.has_error():
-                    self.watch.node_failed(node, msg.error.reason)
-                elif len(msg.content.array_records) != 1 or \
-                        len(msg.content.metric_records) != 1:
-                    log(WARNING, "Left out the reply of node %s: expected one ArrayRecord and "
-                        "one MetricRecord", node)
-                elif not _has_weight(msg, self.strategy.weighted_by_key):
-                    log(WARNING, "Left out the reply of node %s: no valid %s", node,
-                        self.strategy.weighted_by_key)
-                else:
-                    try:
-                        arrays = record_arrays(next(iter(msg.content.array_records.values())))
-                        if list(arrays) != list(self._global):
-                            raise InvalidUpdate("array names differ from the global model's")
-                    except InvalidUpdate as err:
-                        log(WARNING, "Left out the reply of node %s: %s", node, err)
-                        continue
-                    updates.append((f"node {node}", list(arrays.values())))
-                    contents.append(msg.content)
+
+            def accept(msg: Message) -> None:
+                arrays, _ = train_reply(msg, self.strategy.weighted_by_key)
+                if list(arrays) != list(self._global):
+                    raise InvalidUpdate("array names differ from the global model's")
+                updates.append((f"node {msg.metadata.src_node_id}", list(arrays.values())))
+                contents.append(msg.content)
+
+            screen(server_round, replies, self.watch, accept)
             total, n, unclipped, valid = self._clipped_sum(updates)
             self.watch.end_round(server_round, n > 0)
             metrics = aggregate_metrics(

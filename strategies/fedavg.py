@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_update, check_weight, weighted_average
-from .records import record_arrays
+from .records import screen, train_reply
 from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
 
 
@@ -53,38 +53,18 @@ class WeightedFedAvg(FedAvg):
         self._sent = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _valid(self, replies: Iterable[Message]) -> list[Message]:
-        reference = self._sent.to_numpy_ndarrays() if self._sent else None
-        valid = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.watch.node_failed(node, msg.error.reason)
-                continue
-            try:
-                content = msg.content
-                if len(content.metric_records) != 1:
-                    raise InvalidUpdate(f"{len(content.metric_records)} MetricRecords, expected 1")
-                metrics = next(iter(content.metric_records.values()))
-                check_weight(metrics.get(self.weighted_by_key))
-                if len(content.array_records) != 1:
-                    raise InvalidUpdate(f"{len(content.array_records)} ArrayRecords, expected 1")
-                record = next(iter(content.array_records.values()))
-                if reference is not None:
-                    if list(record.keys()) != list(self._sent.keys()):
-                        raise InvalidUpdate("array names differ from the global model's")
-                    check_update(list(record_arrays(record).values()), reference)
-            except (InvalidUpdate, ValueError, TypeError) as err:
-                log(WARNING, "Left out the reply of node %s: %s", node, err)
-                continue
-            valid.append(msg)
-        return valid
+    def _accept(self, msg: Message) -> None:
+        arrays, _ = train_reply(msg, self.weighted_by_key)
+        if self._sent is not None:
+            if list(arrays) != list(self._sent.keys()):
+                raise InvalidUpdate("array names differ from the global model's")
+            check_update(list(arrays.values()), self._sent.to_numpy_ndarrays())
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid = self._valid(replies)
+        valid = screen(server_round, replies, self.watch, self._accept)
         log(INFO, "aggregate_train: %d valid replies of %d", len(valid), len(replies))
         self.watch.end_round(server_round, bool(valid))
         if not valid:

@@ -18,23 +18,22 @@ Legacy-API projects use :mod:`strategies.paillier_legacy`; both build on
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .aggregation import InvalidUpdate, check_weight
+from .aggregation import InvalidUpdate
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import reports_errors
 from .paillier import PrivateKey, PublicKey
 from .paillier_node import (decrypt_global_model, encoding_for, encrypt_local_model,
                             node_private_key, node_workers, round_config)
 from .paillier_protocol import EncryptedModel, Layout, RoundSum
-from .records import array_record, record_arrays
+from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS, RoundWatch
 
 
@@ -108,34 +107,19 @@ class PaillierFedAvg(FedAvg):
             self.params, self.public_key.fingerprint, self.weight_unit)})
         return super().configure_train(server_round, arrays, config, grid)
 
-    def _reply_arrays(self, msg: Message) -> dict[str, np.ndarray]:
-        content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise InvalidUpdate("expected one ArrayRecord and one MetricRecord")
-        check_weight(next(iter(content.metric_records.values())).get(self.weighted_by_key))
-        arrays = record_arrays(next(iter(content.array_records.values())))
+    def _accept(self, msg: Message, round_sum: RoundSum) -> None:
+        round_sum.claim(msg.metadata.src_node_id)  # one reply per node, even a bad one
+        arrays, _ = train_reply(msg, self.weighted_by_key)
         if not EncryptedModel.is_encrypted(arrays):
             raise InvalidUpdate("the update is not encrypted: add paillier_mod to the ClientApp")
-        return arrays
+        round_sum.add(arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         round_sum = RoundSum(self.public_key, self.params, self._layout)
-        valid: list[Message] = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.watch.node_failed(node, msg.error.reason)
-                continue
-            try:
-                round_sum.claim(node)
-                round_sum.add(self._reply_arrays(msg))
-            except InvalidUpdate as err:
-                log(WARNING, "Left out the reply of node %s in round %d: %s", node,
-                    server_round, err)
-                continue
-            valid.append(msg)
+        valid = screen(server_round, replies, self.watch,
+                       lambda msg: self._accept(msg, round_sum))
         log(INFO, "aggregate_train: %d valid encrypted replies of %d, total weight %d",
             len(valid), len(replies), round_sum.total_weight)
         summed = round_sum.result()

@@ -43,11 +43,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .aggregation import InvalidUpdate, Layout, check_weight
+from .aggregation import InvalidUpdate, Layout
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .masking import MaskingError
 from .node_errors import reports_errors
-from .records import array_record, record_arrays
+from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_node import answer_stage, mask_model, require_payload
 from .secagg_protocol import PAYLOAD_KEY, RoundAborted
@@ -146,13 +146,9 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
                         dst_node_id=u, message_type=MessageType.TRAIN)
                 for u, payload in rnd.mask_payloads().items()]
 
-    def _add_reply(self, msg: Message) -> None:
-        content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise InvalidUpdate("expected one ArrayRecord and one MetricRecord")
-        weight = check_weight(next(iter(content.metric_records.values())).get(
-            self.weighted_by_key))
-        vector, header = masked_arrays(record_arrays(next(iter(content.array_records.values()))))
+    def _accept(self, msg: Message) -> None:
+        arrays, weight = train_reply(msg, self.weighted_by_key)
+        vector, header = masked_arrays(arrays)
         if header.get("layout") != layout_digest(self._layout):
             raise InvalidUpdate("the masked model's arrays (names, shapes, dtypes) differ from "
                                 "the global model's")
@@ -164,19 +160,7 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
         if self._round is None:  # the key stages lost too many nodes
             self.watch.end_round(server_round, False)
             return None, None
-        valid = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.watch.node_failed(node, msg.error.reason)
-                continue
-            try:
-                self._add_reply(msg)
-            except (InvalidUpdate, MaskingError) as err:
-                log(WARNING, "Left out the reply of node %s in round %d: %s", node,
-                    server_round, err)
-                continue
-            valid.append(msg)
+        valid = screen(server_round, replies, self.watch, self._accept)
         rnd, self._round = self._round, None
         self.watch.flush()
         try:
