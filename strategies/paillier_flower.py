@@ -30,18 +30,18 @@ from .aggregation import InvalidUpdate
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import reports_errors
 from .paillier import PrivateKey, PublicKey
-from .paillier_node import (decrypt_global_model, encoding_for, encrypt_local_model,
+from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
                             node_private_key, node_workers, round_config)
-from .paillier_protocol import EncryptedModel, Layout, RoundSum
+from .paillier_protocol import EncryptedModel, RoundSum
 from .records import array_record, record_arrays, screen, train_reply
-from .screening import SECURE_EMPTY_ROUNDS, RoundWatch
+from .screening import SECURE_EMPTY_ROUNDS
 
 
 def as_record(model: EncryptedModel) -> ArrayRecord:
     return array_record(model.to_arrays())
 
 
-class PaillierFedAvg(FedAvg):
+class PaillierFedAvg(PaillierRounds, FedAvg):
     """Weighted FedAvg over Paillier ciphertexts; the server never decrypts.
 
     Parameters
@@ -73,36 +73,22 @@ class PaillierFedAvg(FedAvg):
     are left out too (:func:`strategies.fedavg.evaluate_metrics`).
     """
 
-    server_sees = "encrypted"  # for CentralDP: noise goes into the encrypted aggregate
-
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.watch = RoundWatch(max_empty_rounds)
-        self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
-                                   weight_unit=weight_unit, value_bits=value_bits)
-        self.public_key = public_key
-        self.weight_unit = weight_unit
-        self._layout: Layout | None = None
+        self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
+                            max_empty_rounds)
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> Paillier: key %s..., %d-bit values in [-%g, %g], %d slots of %d bits "
-            "per ciphertext, weight unit %d", self.public_key.fingerprint[:16],
-            self.params.value_bits, self.params.clip, self.params.clip,
-            self.params.slots_per_plaintext, self.params.slot_bits, self.weight_unit)
-
-    def _remember_layout(self, arrays: ArrayRecord) -> None:
-        plain = record_arrays(arrays)
-        if EncryptedModel.is_encrypted(plain):
-            self._layout = EncryptedModel.from_arrays(plain, self.public_key).layout
-        else:  # the initial model: public, random weights
-            self._layout = Layout.of(list(plain), list(plain.values()))
+        log(INFO, "\t└──> Paillier: %s", self._describe())
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._remember_layout(arrays)
+        plain = record_arrays(arrays)
+        encrypted = EncryptedModel.is_encrypted(plain)
+        self._remember_layout(plain if encrypted else None, list(plain.values()), list(plain))
         config = ConfigRecord({**config, **round_config(
             self.params, self.public_key.fingerprint, self.weight_unit)})
         return super().configure_train(server_round, arrays, config, grid)

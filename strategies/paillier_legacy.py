@@ -47,12 +47,12 @@ from flwr.server.strategy import FedAvg
 from .aggregation import InvalidUpdate, check_weight
 from .legacy_wire import layout_of, load_npy
 from .node_errors import reports_errors
-from .screening import SECURE_EMPTY_ROUNDS, RoundWatch, report_failures
+from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .paillier import PublicKey
-from .paillier_node import (decrypt_global_model, encoding_for, encrypt_local_model,
+from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
                             node_private_key, node_workers, parse_round_config, round_config)
 from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES, EncryptedModel,
-                                Layout, RoundSum)
+                                RoundSum)
 
 TENSOR_TYPE = "paillier-v1/numpy.ndarray"
 _ORDER = (CIPHERTEXTS_KEY, HEADER_KEY)
@@ -86,7 +86,7 @@ def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
             HEADER_KEY: load_npy(header, "header", (np.uint8,), MAX_HEADER_BYTES)}
 
 
-class LegacyPaillierFedAvg(FedAvg):
+class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
     """Weighted FedAvg over Paillier ciphertexts for legacy projects; the server never
     decrypts.
 
@@ -118,8 +118,6 @@ class LegacyPaillierFedAvg(FedAvg):
     with the rest. If none is left the global model stays as it was.
     """
 
-    server_sees = "encrypted"  # for CentralDP: noise goes into the encrypted aggregate
-
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
@@ -128,16 +126,9 @@ class LegacyPaillierFedAvg(FedAvg):
                              "only the encrypted model. Evaluate on the clients "
                              "(fraction_evaluate > 0) or decrypt a saved model on a key holder")
         super().__init__(**kwargs)
-        self.watch = RoundWatch(max_empty_rounds)
-        self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
-                                   weight_unit=weight_unit, value_bits=value_bits)
-        self.public_key = public_key
-        self.weight_unit = weight_unit
-        self._layout: Layout | None = None
-        log(INFO, "LegacyPaillierFedAvg: key %s..., %d-bit values in [-%g, %g], %d slots of "
-            "%d bits per ciphertext, weight unit %d", public_key.fingerprint[:16],
-            self.params.value_bits, self.params.clip, self.params.clip,
-            self.params.slots_per_plaintext, self.params.slot_bits, weight_unit)
+        self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
+                            max_empty_rounds)
+        log(INFO, "LegacyPaillierFedAvg: %s", self._describe())
 
     def __repr__(self) -> str:
         return (f"LegacyPaillierFedAvg(key={self.public_key.fingerprint[:16]}..., "
@@ -148,16 +139,13 @@ class LegacyPaillierFedAvg(FedAvg):
         """No centralized evaluation: the server cannot see the model."""
         return None
 
-    def _remember_layout(self, parameters: Parameters) -> None:
-        if is_encrypted(parameters):
-            self._layout = EncryptedModel.from_arrays(parameters_arrays(parameters),
-                                                      self.public_key).layout
-        else:  # the initial model: public, random weights
-            self._layout = layout_of(parameters_to_ndarrays(parameters))
-
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        self._remember_layout(parameters)
+        if is_encrypted(parameters):
+            self._remember_layout(parameters_arrays(parameters))
+        else:
+            arrays = parameters_to_ndarrays(parameters)
+            self._remember_layout(None, arrays, layout_of(arrays).names)
         extra = round_config(self.params, self.public_key.fingerprint, self.weight_unit)
         pairs = super().configure_fit(server_round, parameters, client_manager)
         for _, ins in pairs:  # a new dict: never change the one on_fit_config_fn returned

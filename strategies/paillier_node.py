@@ -1,6 +1,7 @@
-"""The Paillier protocol's shared layer, for both Flower APIs: the round config the
-server sends and the client reads, and what a client node does (find its private key,
-decrypt the global model once per aggregate, encrypt its weighted update).
+"""The Paillier protocol's shared layer, for both Flower APIs: the server state both
+strategies hold (:class:`PaillierRounds`), the round config the server sends and the
+client reads, and what a client node does (find its private key, decrypt the global
+model once per aggregate, encrypt its weighted update).
 
 The Message-API adapter (:mod:`strategies.paillier_flower`) and the legacy one
 (:mod:`strategies.paillier_legacy`) only move these values in and out of their
@@ -17,6 +18,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 
 from .encoding import EncodingParams
+from .screening import RoundWatch
 from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
 from .node_errors import NodeError
 from .paillier import Encryptor, PrivateKey, PublicKey
@@ -40,6 +42,39 @@ def encoding_for(public_key: PublicKey, *, clip: float, max_total_weight: int,
     return EncodingParams.for_key(public_key.n_bits, max_total_weight, clip=clip,
                                   value_bits=value_bits)
 
+
+
+class PaillierRounds:
+    """What both Paillier strategies (Message API and legacy) hold: the public key, the
+    encoding, the weight unit, the global model's layout and the round watch."""
+
+    server_sees = "encrypted"  # for CentralDP: noise goes into the encrypted aggregate
+
+    def _init_paillier(self, public_key: PublicKey, clip: float, max_total_weight: int,
+                       weight_unit: int, value_bits: int, max_empty_rounds: int) -> None:
+        self.watch = RoundWatch(max_empty_rounds)
+        self.params = encoding_for(public_key, clip=clip, max_total_weight=max_total_weight,
+                                   weight_unit=weight_unit, value_bits=value_bits)
+        self.public_key = public_key
+        self.weight_unit = weight_unit
+        self._layout: Layout | None = None
+
+    def _remember_layout(self, plain: dict[str, np.ndarray] | None,
+                         arrays: list[np.ndarray] | None = None,
+                         names: list[str] | None = None) -> None:
+        """The layout of the global model sent this round: from the encrypted model's
+        header (``plain`` holds its arrays), or of the initial plaintext model
+        (``arrays`` named ``names``: public, random weights)."""
+        if plain is not None:
+            self._layout = EncryptedModel.from_arrays(plain, self.public_key).layout
+        else:
+            self._layout = Layout.of(names, arrays)
+
+    def _describe(self) -> str:
+        p = self.params
+        return (f"key {self.public_key.fingerprint[:16]}..., {p.value_bits}-bit values in "
+                f"[-{p.clip:g}, {p.clip:g}], {p.slots_per_plaintext} slots of {p.slot_bits} "
+                f"bits per ciphertext, weight unit {self.weight_unit}")
 
 
 def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> dict:
