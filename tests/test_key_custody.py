@@ -168,19 +168,7 @@ def test_readme_paillier_steps_keep_the_key_on_the_clients(tmp_path, data_dir):
     assert secrets_under(work, [private, hex_p, hex_q]) == []  # the SuperLink's FLWR_HOME too
     assert not list(work.rglob("paillier.key.json"))
     assert secrets_under(home / ".flwr", [private, hex_p, hex_q]) == []
-
-    # the key holders' key gone: the nodes refuse, the run ends failed at round 1, and
-    # the server's log names the nodes and the fix once, with no traceback from a node
-    (keys / "paillier.key.json").rename(tmp_path / "moved.json")
-    run = fedapp(["sim", "--workdir", str(tmp_path / "work2"), *SIM, "--run-config",
-                  f"data-dir='{data_dir}'", "--run-config", "aggregation=paillier",
-                  "--run-config", f"paillier-public-key='{keys / 'paillier.pub.json'}'"],
-                 app, env)
-    assert run.returncode == 1 and '"status": "finished:failed"' in run.stdout
-    # housing asks every node for its statistics first: that stage already names the cause
-    assert "failed the statistics stage: no paillier.key.json on this node" in run.stdout, \
-        run.stdout[-3000:]
-    assert "no node sent the statistics" in run.stdout
+    # (a node without the key: tests/test_examples.py, a run that fails at round 1)
 
 
 def test_readme_masking_steps_authenticate_and_fail_closed_without_the_key(tmp_path, data_dir):
