@@ -172,20 +172,39 @@ def test_readme_paillier_steps_keep_the_key_on_the_clients(tmp_path, data_dir):
 
 
 def test_readme_masking_steps_authenticate_and_fail_closed_without_the_key(tmp_path, data_dir):
+    """One SuperLink, started before the key exists (as ``flwr run .`` leaves one running):
+    a run without the key fails closed, naming the cause; after ``fedapp keygen --secagg``
+    the next run on the same SuperLink finds the key and authenticates."""
     app, home = fresh_checkout(tmp_path), tmp_path / "home"
     env = readme_env(home)
-    sim = ["sim", *SIM, "--run-config", f"data-dir='{data_dir}'", "--run-config",
-           "aggregation=secagg"]
-    # no key: the nodes refuse, the run fails, the server says why and how to fix it
-    run = fedapp([*sim, "--workdir", str(tmp_path / "w1")], app, env)
-    assert run.returncode == 1, run.stdout[-3000:]
-    assert "failed the advertise stage: secure aggregation needs the federation's " \
-        "authentication key" in run.stdout
-    assert "1 round(s) in a row without a usable update" in run.stdout
-    # the README's way: make the key, run, authenticated
-    assert fedapp(["keygen", "--secagg"], app, env).returncode == 0
+    flwr_home = tmp_path / "superlink-home"
+    env["FLWR_HOME"] = str(flwr_home)
+    port = launch.free_port()
+    launch.write_connection(flwr_home, "sim", f"127.0.0.1:{port}", insecure=True)
+    link = launch.start(launch.superlink_command("127.0.0.1", port, ["--insecure"],
+                                                 simulation=True), env, tmp_path / "link.log")
+    settings = {"task": "housing", "num-server-rounds": 1, "data-dir": str(data_dir),
+                "aggregation": "secagg", "run-dir": str(tmp_path / "runs")}
+    federation = {"num-supernodes": 2, "client-resources-num-cpus": 1}
+
+    def run() -> tuple[str, str]:
+        run_id = launch.submit(app, "sim", env, settings, federation)
+        status = launch.wait_for_run(run_id, "sim", env, 600, progress=False)
+        return status, launch.logs(run_id, "sim", env)
+
+    try:
+        launch.wait_for_port("127.0.0.1", port, proc=link)
+        status, logs = run()  # no key anywhere yet
+        assert status == "finished:failed", logs[-3000:]
+        assert "failed the advertise stage: secure aggregation needs the federation's " \
+            "authentication key" in logs
+        assert "1 round(s) in a row without a usable update" in logs
+        made = fedapp(["keygen", "--secagg"], app, env)  # the README's way, after the start
+        assert made.returncode == 0, made.stderr
+        status, logs = run()
+    finally:
+        launch.stop(link)
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    assert "2 of 2 nodes' key advertisements carry an authentication tag" in logs
     key = (home / ".fedapp" / "keys" / "secagg-auth.key").read_bytes().strip()
-    run = fedapp([*sim, "--workdir", str(tmp_path / "w2")], app, env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "2 of 2 nodes' key advertisements carry an authentication tag" in run.stdout
-    assert secrets_under(tmp_path / "w2", [key, bytes.fromhex(key.decode())]) == []
+    assert secrets_under(flwr_home, [key, bytes.fromhex(key.decode())]) == []
