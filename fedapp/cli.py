@@ -51,10 +51,9 @@ def app_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    status, run_dir, text = launch.simulate(
+    status, run_dir, _ = launch.simulate(
         app_dir(args), Path(args.workdir), args.num_supernodes,
-        parse_overrides(args.run_config), timeout=args.timeout)
-    print(text)
+        parse_overrides(args.run_config), timeout=args.timeout)  # streams the log as it goes
     print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
     return 0 if status == launch.FINISHED_OK else 1
 
@@ -137,8 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{connection} --stream)")
     if args.no_wait:
         return 0
-    status = launch.wait_for_run(run_id, connection, env, args.timeout)
-    print(launch.logs(run_id, connection, env))
+    status = launch.wait_for_run(run_id, connection, env, args.timeout)  # streams the log
     print(json.dumps({"run-id": run_id, "status": status}))
     return 0 if status == launch.FINISHED_OK else 1
 

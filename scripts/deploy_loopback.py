@@ -54,6 +54,7 @@ from fedapp.cli import parse_overrides  # noqa: E402
 
 FEDAPP = [sys.executable, "-m", "fedapp.cli"]
 INTRUDER_TIMEOUT = 90.0  # seconds an unregistered SuperNode may take to be turned away
+STATUS_SECONDS = 5.0  # how often the run's status is read while faults are pending
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,14 +165,24 @@ def connected_node_id(log_path: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+_LAST_CHECKPOINT: dict[Path, tuple[float, int]] = {}
+
+
 def finished_round(run_dir: Path | None) -> int:
-    """The last round the run's checkpoint holds (-1: no run directory yet)."""
+    """The last round the run's checkpoint holds (-1: no run directory yet); the file is
+    read again only when it changed."""
     if run_dir is None:
         return -1
     try:
-        return Checkpoint.load(run_dir).round
-    except CheckpointError:
+        mtime = (run_dir / "checkpoint.npz").stat().st_mtime
+    except OSError:
         return 0
+    if _LAST_CHECKPOINT.get(run_dir, (None,))[0] != mtime:
+        try:
+            _LAST_CHECKPOINT[run_dir] = (mtime, Checkpoint.load(run_dir).round)
+        except CheckpointError:
+            return 0
+    return _LAST_CHECKPOINT[run_dir][1]
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -213,16 +224,24 @@ class FaultRun:
         self.event(f"server restarted, pid {self.server.pid}")
 
     def wait(self, run_id: str) -> str:
-        """Poll the run; inject each fault once the run has finished the round before
-        it (crash, hang) or the round itself (restart). Returns the final status."""
+        """Follow the run; inject each fault once the run has finished the round before
+        it (crash, hang) or the round itself (restart). Returns the final status.
+
+        While faults are pending the run's checkpoint is watched (a file: cheap) and the
+        run's status read every few seconds; then :func:`fedapp.launch.wait_for_run`
+        follows the run to its end (one ``flwr log --stream`` process, not a ``flwr ls``
+        process every fraction of a second, which would take a core from the nodes)."""
         a = self.args
         rounds = {"crash": a.crash_client, "hang": a.hang_client, "restart": a.restart_server}
         pending = {f: r - (f != "restart") for f, r in rounds.items() if r}  # 0: not asked
         deadline = time.monotonic() + a.timeout
-        while time.monotonic() < deadline:
-            status = launch.run_status(run_id, "deployment", self.env)
-            if status.startswith("finished"):
-                return status
+        next_status = 0.0
+        while pending and time.monotonic() < deadline:
+            if time.monotonic() >= next_status:
+                status = launch.run_status(run_id, "deployment", self.env)
+                if status.startswith("finished"):
+                    return status
+                next_status = time.monotonic() + STATUS_SECONDS
             self.run_dir = self.run_dir or launch.find_run_dir(self.work / "runs", run_id)
             done = finished_round(self.run_dir)
             for fault in [f for f, after in pending.items() if self.run_dir and done >= after]:
@@ -240,7 +259,8 @@ class FaultRun:
                     run_id = self.submit({**run_overrides(a, self.work),
                                           "resume-from": str(self.run_dir)})
             time.sleep(0.2)
-        return f"timeout after {a.timeout:.0f} s"
+        return launch.wait_for_run(run_id, "deployment", self.env,
+                                   max(0.0, deadline - time.monotonic()), progress=False)
 
     def thaw(self) -> None:
         """Let a frozen client go on, so it can be stopped."""
