@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 from flwr.client import NumPyClient
 from torch import nn
 
-from .dp_sgd import DPSGDConfig, load_history, save_history, train_dp_sgd
+from .dp_sgd_config import DPSGDConfig, load_history, save_history
 from .examples import ArrayExamples, Examples
 from .models import HOUSING_FEATURES, get_weights, set_weights
 from .standardize import decode_floats, local_stats
@@ -82,6 +82,8 @@ class TaskClient(NumPyClient):
             loss = train(self.model, train_set, self.loss_fn, tc, self.device,
                          seed=self.seed * 1_000_003 + tc.server_round)
             return get_weights(self.model), len(train_set), {"train-loss": loss}
+        from .dp_sgd import train_dp_sgd  # Opacus loads only for DP-SGD (about 6 s)
+
         result = train_dp_sgd(self.model, train_set, self.loss_fn, tc, dp, self.device,
                               load_history(self.state))
         save_history(self.state, result.history)

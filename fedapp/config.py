@@ -279,7 +279,7 @@ class RunSettings:
             raise ValueError(f"optimizer must be 'auto' or one of {OPTIMIZERS}, got "
                              f"'{self.optimizer}'")
         if self.dp_sgd:
-            from clients.dp_sgd import DPSGDConfig
+            from clients.dp_sgd_config import DPSGDConfig
 
             DPSGDConfig(self.dp_sgd_noise_multiplier, self.dp_sgd_max_grad_norm, self.dp_delta)
         self.data_spec(1)  # validates data-source, partitioning, model options

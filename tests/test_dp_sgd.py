@@ -18,14 +18,8 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from torch import nn
 
-from clients.dp_sgd import (
-    STATE_KEY,
-    DPSGDConfig,
-    load_history,
-    make_dp_training,
-    save_history,
-    train_dp_sgd,
-)
+from clients.dp_sgd import make_dp_training, train_dp_sgd
+from clients.dp_sgd_config import STATE_KEY, DPSGDConfig, load_history, save_history
 from clients.examples import BagExamples
 from clients.loaders import TokenHasher, find_file
 from clients.models import HousingMLP, SmallCNN, SpamModel, get_weights

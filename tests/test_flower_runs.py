@@ -103,7 +103,7 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
         [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
          "--rounds", str(rounds), "--clients", str(clients), "--data-dir", str(data_dir),
          "--workdir", str(tmp_path), "--aggregation", aggregation, *faults,
-         "--run-config", "round-timeout=40"],
+         "--run-config", "round-timeout=60"],
         capture_output=True, text=True, timeout=1500)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

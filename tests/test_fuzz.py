@@ -1630,7 +1630,7 @@ TRAIN_CONFIG = {"local-epochs": 1, "batch-size": 32, "learning-rate": 0.05, "opt
 @fuzz(100)
 @given(data=st.data())
 def test_train_config_sent_by_the_server(data):
-    from clients.dp_sgd import DPSGDConfig
+    from clients.dp_sgd_config import DPSGDConfig
     from clients.training import TrainConfig
 
     config = data.draw(mutated_json(TRAIN_CONFIG).filter(lambda c: isinstance(c, dict)))
