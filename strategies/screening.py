@@ -11,9 +11,10 @@ empty run usually hides a key problem on the nodes.
 
 from __future__ import annotations
 
+import logging
 from logging import WARNING
 
-from flwr.common.logger import log
+log = logging.getLogger("flwr").log  # Flower's logger by name, without importing Flower
 
 #: Rounds in a row without a usable update before a run fails, by default.
 SECURE_EMPTY_ROUNDS = 1
