@@ -10,7 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from strategies.dp_flower import dp_clip_mod
+from strategies.dp_message import dp_clip_mod
 
 from .adapter import serve_numpy_client
 from .modes import mode_of

@@ -38,7 +38,7 @@ from clients.standardize import combine_stats, encode_floats, read_stats
 from clients.tasks import build_model, load_central_test
 from strategies.aggregation import InvalidUpdate, check_update, check_weight
 from strategies.legacy_wire import load_ndarrays
-from strategies.masking import default_degree, threshold_for
+from strategies.secagg_masks import default_degree, threshold_for
 from strategies.screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch, report_failures
 
 from .config import RunSettings
@@ -241,7 +241,7 @@ serverapp = ServerApp(server_fn=server_fn)
 # -- Flower's SecAgg+ ------------------------------------------------------------------------
 
 def secaggplus_shares(num_sampled: int, neighbors: int, threshold: float) -> tuple[int, int]:
-    """Number of key shares (a node and its neighbours) and reconstruction threshold
+    """Number of key shares (a node and its neighbors) and reconstruction threshold
     for ``num_sampled`` nodes, by the same rule as our ``secagg`` aggregation
     (:class:`strategies.secagg_protocol.ServerRound`).
 

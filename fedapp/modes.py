@@ -67,7 +67,7 @@ def _paillier(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
     """Loads the public key file named by ``paillier-public-key``; the server never
     loads a private key (the loader refuses one)."""
     from strategies.keyfiles import load_public_key
-    from strategies.paillier_flower import PaillierFedAvg
+    from strategies.paillier_message import PaillierFedAvg
 
     return PaillierFedAvg(
         load_public_key(Path(settings.paillier_public_key).expanduser()),
@@ -77,12 +77,12 @@ def _paillier(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
 
 
 def _masking(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
-    from strategies.secagg_flower import SecAggFedAvg
+    from strategies.secagg_message import SecAggFedAvg
 
     return SecAggFedAvg(
         clip=settings.secagg_clip, value_bits=settings.secagg_value_bits,
         max_total_weight=settings.secagg_max_total_weight,
-        num_neighbours=settings.secagg_neighbors, threshold=settings.secagg_threshold,
+        num_neighbors=settings.secagg_neighbors, threshold=settings.secagg_threshold,
         stage_timeout=settings.round_timeout, **sampling)
 
 
@@ -100,9 +100,9 @@ def _check_paillier(settings: RunSettings) -> None:
 
 
 def _check_masking(settings: RunSettings) -> None:
-    from strategies.secagg_rounds import masking_params
+    from strategies.secagg_rounds import secagg_params
 
-    masking_params(settings.secagg_clip, settings.secagg_max_total_weight,
+    secagg_params(settings.secagg_clip, settings.secagg_max_total_weight,
                    settings.secagg_value_bits, settings.secagg_neighbors,
                    settings.secagg_threshold)
     if settings.dp_noise_multiplier > 0 and settings.dp_adaptive_clip \
@@ -113,9 +113,9 @@ def _check_masking(settings: RunSettings) -> None:
 
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("fedavg", _plain, None, "plain", _check_plain),
-    Mode("paillier", _paillier, "strategies.paillier_flower:paillier_mod", "encrypted",
+    Mode("paillier", _paillier, "strategies.paillier_message:paillier_mod", "encrypted",
          _check_paillier),
-    Mode("secagg", _masking, "strategies.secagg_flower:secagg_mod", "masked", _check_masking),
+    Mode("secagg", _masking, "strategies.secagg_message:secagg_mod", "masked", _check_masking),
 )}
 
 

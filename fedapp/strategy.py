@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
-from strategies.dp_flower import CentralDP
+from strategies.dp_message import CentralDP
 
 from .config import RunSettings
 from .modes import mode_of

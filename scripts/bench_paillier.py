@@ -49,8 +49,9 @@ from strategies.paillier import (  # noqa: E402
     Encryptor,
     aggregate_arrays,
     generate_keypair,
-    wire_metadata,
 )
+from strategies.paillier_protocol import EncryptedModel  # noqa: E402
+from strategies.aggregation import Layout  # noqa: E402
 
 MNIST_CNN_PARAMS = 1_663_370  # McMahan et al. 2017 CNN: conv5x5x32, conv5x5x64, fc512, fc10
 KEY_BITS = 2048
@@ -160,7 +161,12 @@ def main() -> None:
     # -- wire size ---------------------------------------------------------------------------
     bytes_per_ct = array.shape[1]
     assert array.nbytes == array.shape[0] * bytes_per_ct
-    meta_bytes = len(json.dumps(wire_metadata(params, pk.fingerprint)))
+    # the header each upload carries beside its ciphertexts (the MNIST CNN's 8 arrays)
+    cnn = Layout(("conv1.w", "conv1.b", "conv2.w", "conv2.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b"),
+                 ((32, 1, 5, 5), (32,), (64, 32, 5, 5), (64,), (512, 3136), (512,), (10, 512),
+                  (10,)), ("float32",) * 8)
+    header = EncryptedModel(array, pk.fingerprint, params, cnn, 1).header()
+    meta_bytes = len(json.dumps(header, sort_keys=True))
     wire_bytes = full_count * bytes_per_ct
     float32_bytes = 4 * MNIST_CNN_PARAMS
     examples_params = EncodingParams.for_key(pk.n_bits, 65_536, clip=args.clip)

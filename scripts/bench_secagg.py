@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from fedapp import launch  # noqa: E402
-from strategies.masking import MaskingParams  # noqa: E402
+from strategies.secagg_masks import SecAggParams  # noqa: E402
 from strategies.secagg_protocol import ServerRound, client_mask, client_step  # noqa: E402
 
 RUNS = ("plaintext", "ours", "flower-secaggplus")
@@ -104,7 +104,7 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     default 32-bit encoding, ``drop_fraction`` of them dropping after the share
     stage; seconds per client (mean) and on the server per stage, and the max error
     against the exact weighted average of the survivors."""
-    params = MaskingParams.derive(1.0)
+    params = SecAggParams.derive(1.0)
     nodes = [int(u) for u in rng.choice(2**62, size=n, replace=False) + 1]
     server: dict[str, float] = {}
     client: dict[str, float] = {"advertise": 0.0, "share": 0.0, "mask": 0.0, "unmask": 0.0}
@@ -146,7 +146,7 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     average, _ = timed("unmask", rnd.receive_unmask, clients("unmask", timed(
         "unmask", rnd.unmask_requests)))
     return {
-        "clients": n, "values": length, "neighbours": len(rnd.graph[nodes[0]]),
+        "clients": n, "values": length, "neighbors": len(rnd.graph[nodes[0]]),
         "threshold": rnd.threshold, "dropped": len(dropped),
         "client_seconds": {k: round(v / n, 4) for k, v in client.items()},
         "client_seconds_total": round(sum(client.values()) / n, 4),
@@ -160,7 +160,7 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
 def compute_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """In-process compute of the masking core for a model of ``--compute-values``
     (default: the MNIST CNN's 1,663,370): per client and on the server, for each
-    of ``--compute-clients`` with SecAgg+'s logarithmic neighbourhoods, and with a
+    of ``--compute-clients`` with SecAgg+'s logarithmic neighborhoods, and with a
     complete graph (every pair masks, as in the original protocol) at the largest
     count up to 100, so the growth is visible. 10% of the clients drop after the
     share stage and are recovered."""
@@ -168,7 +168,7 @@ def compute_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"values": args.compute_values, "drop_fraction": 0.1,
                            "sparse": [], "complete": None}
     for n in args.compute_clients:
-        log(f"compute: {n} clients, logarithmic neighbourhoods")
+        log(f"compute: {n} clients, logarithmic neighborhoods")
         out["sparse"].append(compute_round(n, args.compute_values, 0, 0.1, rng))
         log(json.dumps(out["sparse"][-1]))
     small = [n for n in args.compute_clients if n <= 100]

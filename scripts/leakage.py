@@ -58,7 +58,7 @@ from clients.numpy_clients import SpamClient
 from clients.tasks import build_model
 from strategies.keyfiles import (AUTH_KEY_NAME, PRIVATE_NAME, PUBLIC_NAME, load_public_key,
                                  write_auth_key, write_keypair)
-from strategies.masking import encode_weighted
+from strategies.secagg_masks import encode_weighted
 from strategies.paillier import Encryptor
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, Layout,
                                           encrypt_update)

@@ -16,7 +16,7 @@ Layout, by the direction of imports:
 - protocol cores, which never import Flower: :mod:`~strategies.aggregation` (update
   checks, weighted average, layouts), :mod:`~strategies.encoding` (fixed point and
   packing), :mod:`~strategies.paillier`, :mod:`~strategies.paillier_protocol`,
-  :mod:`~strategies.masking`, :mod:`~strategies.secagg_protocol`,
+  :mod:`~strategies.secagg_masks`, :mod:`~strategies.secagg_protocol`,
   :mod:`~strategies.secagg_wire`, :mod:`~strategies.dp`, :mod:`~strategies.keyfiles`,
   :mod:`~strategies.legacy_wire`;
 - the layer both APIs share (server round logic, what a client node does, how failures
@@ -24,7 +24,7 @@ Layout, by the direction of imports:
   :mod:`~strategies.secagg_node`, :mod:`~strategies.dp_rounds`,
   :mod:`~strategies.screening`, :mod:`~strategies.node_errors`,
   :mod:`~strategies.records`;
-- one thin adapter per API, which never import each other: ``*_flower`` and
+- one thin adapter per API, which never import each other: ``*_message`` and
   :mod:`~strategies.fedavg` (Message API), ``*_legacy`` (legacy API).
 
 Names load on first use, so importing one piece does not import them all.
@@ -38,9 +38,9 @@ from typing import Any
 _WHERE = {
     # Message API
     "WeightedFedAvg": "fedavg",
-    "PaillierFedAvg": "paillier_flower", "paillier_mod": "paillier_flower",
-    "SecAggFedAvg": "secagg_flower", "secagg_mod": "secagg_flower",
-    "CentralDP": "dp_flower", "dp_clip_mod": "dp_flower",
+    "PaillierFedAvg": "paillier_message", "paillier_mod": "paillier_message",
+    "SecAggFedAvg": "secagg_message", "secagg_mod": "secagg_message",
+    "CentralDP": "dp_message", "dp_clip_mod": "dp_message",
     # legacy API
     "LegacyPaillierFedAvg": "paillier_legacy", "legacy_paillier_mod": "paillier_legacy",
     "LegacySecAggFedAvg": "secagg_legacy", "legacy_secagg_mod": "secagg_legacy",

@@ -6,7 +6,7 @@ Wrap the strategy a ``server_fn`` returns::
     strategy = LegacyCentralDP(LegacySecAggFedAvg(...), noise_multiplier=1.0, clip=0.1)
     app = ClientApp(client_fn=client_fn, mods=[legacy_secagg_mod, legacy_dp_clip_mod])
 
-The same DP-FedAvg as :mod:`strategies.dp_flower` (shared :class:`DPRounds`): the
+The same DP-FedAvg as :mod:`strategies.dp_message` (shared :class:`DPRounds`): the
 server clips in plaintext mode; with masking (``LegacySecAggFedAvg``) or Paillier
 (``LegacyPaillierFedAvg``) each client clips its own update with
 :func:`legacy_dp_clip_mod` inside the secure mod.
@@ -37,7 +37,7 @@ from .screening import report_failures
 class LegacyCentralDP(DPRounds, Strategy):
     """DP-FedAvg around a legacy FedAvg, ``LegacySecAggFedAvg`` or
     ``LegacyPaillierFedAvg`` (the arguments are those of
-    :class:`strategies.dp_flower.CentralDP`)."""
+    :class:`strategies.dp_message.CentralDP`)."""
 
     def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip: float,
                  population: int = 0, delta: float = 1e-5, max_epsilon: float = 0.0,

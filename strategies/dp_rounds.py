@@ -5,7 +5,7 @@ accountant, the clipping norm, the round's global model, and each step of a roun
 The wrapped strategy says what the server sees of the updates (its ``server_sees``:
 ``"plain"``, ``"masked"`` or ``"encrypted"``; Flower's own FedAvg, without one, is
 plain), which decides where clipping happens and how noise is added. The Message-API
-wrapper (:mod:`strategies.dp_flower`) and the legacy one (:mod:`strategies.dp_legacy`)
+wrapper (:mod:`strategies.dp_message`) and the legacy one (:mod:`strategies.dp_legacy`)
 only move values in and out of their envelopes; neither imports the other.
 """
 

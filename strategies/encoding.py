@@ -23,7 +23,7 @@ The scheme, in the style of BatchCrypt (Zhang et al., USENIX ATC 2020):
    ``value_bits + headroom_bits`` bits or more, and ``headroom_bits =
    ceil(log2(max_total_weight))``: a sum of weighted values of total weight ``W <=
    2**headroom_bits`` is at most ``W * (2**value_bits - 1) < 2**slot_bits``, so it
-   never carries into its neighbour slot. The packed integer has at most
+   never carries into its neighbor slot. The packed integer has at most
    ``slot_bits * slots_per_plaintext <= n_bits - 1`` bits, so it (and the sum of
    all clients' packed integers) stays below a Paillier modulus of ``n_bits`` bits.
 5. **Decode** the summed plaintexts: every slot must be at most
@@ -51,6 +51,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .fixed_point import FixedPoint
 
 __all__ = [
     "EncodingOverflow",
@@ -191,14 +193,19 @@ class EncodingParams:
         return 1 << self.headroom_bits
 
     @property
+    def fixed_point(self) -> FixedPoint:
+        """The quantizer of values (shared with masking)."""
+        return FixedPoint(self.clip, self.value_bits)
+
+    @property
     def max_value(self) -> int:
         """Largest quantized value, ``2**value_bits - 1``."""
-        return (1 << self.value_bits) - 1
+        return self.fixed_point.levels
 
     @property
     def scale(self) -> float:
         """Width of one quantization step: ``2 * clip / (2**value_bits - 1)``."""
-        return 2.0 * self.clip / self.max_value
+        return self.fixed_point.step
 
     @property
     def plaintext_bits(self) -> int:
@@ -333,13 +340,7 @@ def quantize(
     if not np.isfinite(x).all():
         raise ValueError("values hold NaN or infinity")
     rng = np.random.default_rng() if rng is None else rng
-    t = (np.clip(x, -params.clip, params.clip) + params.clip) / params.scale
-    q = np.floor(t + rng.random(t.shape))
-    np.clip(q, 0, params.max_value, out=q)
-    out = q.astype(np.uint64)
-    if weight != 1:
-        out *= np.uint64(weight)
-    return out
+    return params.fixed_point.quantize(x, rng, weight)
 
 
 def pack(encoded: np.ndarray, params: EncodingParams) -> list[int]:
@@ -458,7 +459,7 @@ def unpack(
             "a padding slot after the last value is not zero: the ciphertexts were tampered "
             "with or made for a different model size")
     sums = sums[:num_values]
-    limit = int(total_weight) * params.max_value + 2 * noise_offset
+    limit = params.fixed_point.max_sum(total_weight) + 2 * noise_offset
     if sums.size and int(sums.max()) > limit:
         bad = int(np.argmax(sums > np.uint64(limit)))
         raise EncodingOverflow(
@@ -477,8 +478,7 @@ def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int,
     if total_weight < 1:
         raise ValueError(f"total_weight must be >= 1, got {total_weight}")
     noise_offset = params.check_noise_offset(noise_offset, total_weight)
-    avg = (np.asarray(sums).astype(np.float64) - float(noise_offset)) / float(total_weight)
-    return avg * params.scale - params.clip
+    return params.fixed_point.dequantize(sums, total_weight, noise_offset)
 
 
 def encode_noise(noise: np.ndarray, bound: float, total_weight: int, params: EncodingParams,

@@ -77,8 +77,6 @@ __all__ = [
     "add_ciphertexts",
     "aggregate_arrays",
     "check_fingerprint",
-    "wire_metadata",
-    "parse_wire_metadata",
 ]
 
 MIN_KEY_BITS = 2048
@@ -88,8 +86,6 @@ _MPZ = type(mpz(0))
 _PUBLIC_TYPE = "paillier-public-key"
 _PRIVATE_TYPE = "paillier-private-key"
 _FORMAT_VERSION = 2  # 1: textbook randomizers, no subgroup (refused: generate a new key pair)
-_FINGERPRINT_KEY = "paillier-key-fingerprint"
-_ENCODING_PREFIX = "encoding-"
 _STATISTICAL_BITS = 128  # extra exponent bits when alpha is unknown (public-key-only encryption)
 
 
@@ -630,36 +626,6 @@ def check_fingerprint(public_key: PublicKey, fingerprint: str) -> None:
         raise ValueError(
             f"ciphertexts were made under key {str(fingerprint)[:16]}..., but this key is "
             f"{public_key.fingerprint[:16]}...: all clients must use the same key pair")
-
-
-def wire_metadata(params: EncodingParams, fingerprint: str) -> dict[str, int | str]:
-    """Encoding parameters and key fingerprint as a flat dict of str/int values,
-    e.g. for a Flower ``ConfigRecord`` next to the ciphertext array."""
-    if not isinstance(params, EncodingParams):
-        raise ValueError(f"params must be EncodingParams, got {type(params).__name__}")
-    _check_fingerprint_format(fingerprint)
-    meta: dict[str, int | str] = {_FINGERPRINT_KEY: fingerprint}
-    meta.update({_ENCODING_PREFIX + k: v for k, v in params.to_dict().items()})
-    return meta
-
-
-def parse_wire_metadata(meta: Mapping[str, Any]) -> tuple[EncodingParams, str]:
-    """Inverse of :func:`wire_metadata`: ``(params, fingerprint)``. Keys other
-    than the ``encoding-*`` ones and the fingerprint are ignored."""
-    if not isinstance(meta, Mapping):
-        raise ValueError(f"metadata must be a dict, got {type(meta).__name__}")
-    if _FINGERPRINT_KEY not in meta:
-        raise ValueError(f"metadata lacks '{_FINGERPRINT_KEY}'")
-    fingerprint = meta[_FINGERPRINT_KEY]
-    _check_fingerprint_format(fingerprint)
-    enc = {k[len(_ENCODING_PREFIX):]: v for k, v in meta.items() if k.startswith(_ENCODING_PREFIX)}
-    return EncodingParams.from_dict(enc), fingerprint
-
-
-def _check_fingerprint_format(fingerprint: object) -> None:
-    if (not isinstance(fingerprint, str) or len(fingerprint) != 64
-            or any(ch not in "0123456789abcdef" for ch in fingerprint)):
-        raise ValueError("a key fingerprint must be 64 lowercase hex digits (SHA-256)")
 
 
 # -- worker processes -------------------------------------------------------------------

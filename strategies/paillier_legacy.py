@@ -6,7 +6,7 @@ Switch an existing legacy project (``NumPyClient``, ``ClientApp(client_fn=...)``
     strategy = LegacyPaillierFedAvg(load_public_key(path), clip=1.0, ...)   # server_fn
     app = ClientApp(client_fn=client_fn, mods=[legacy_paillier_mod])          # clients
 
-It shares the protocol with the Message-API adapter :mod:`strategies.paillier_flower`
+It shares the protocol with the Message-API adapter :mod:`strategies.paillier_message`
 through :mod:`strategies.paillier_node` (same round config, same encrypted model, same
 key handling on the nodes); only the envelope differs.
 
@@ -234,7 +234,7 @@ def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCall
 
     Fails (the node replies with an error) rather than send a plaintext model when the
     server's fit config holds no Paillier parameters or names another key, or the node
-    holds no private key (see :func:`strategies.paillier_flower.paillier_mod`).
+    holds no private key (see :func:`strategies.paillier_message.paillier_mod`).
     """
     node_private_key(context)  # no key on this node: fail before anything else
     kind = msg.metadata.message_type

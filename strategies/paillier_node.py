@@ -3,7 +3,7 @@ strategies hold (:class:`PaillierRounds`), the round config the server sends and
 client reads, and what a client node does (find its private key, decrypt the global
 model once per aggregate, encrypt its weighted update).
 
-The Message-API adapter (:mod:`strategies.paillier_flower`) and the legacy one
+The Message-API adapter (:mod:`strategies.paillier_message`) and the legacy one
 (:mod:`strategies.paillier_legacy`) only move these values in and out of their
 envelopes; neither imports the other.
 """

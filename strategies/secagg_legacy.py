@@ -7,7 +7,7 @@ Switch an existing legacy project (``NumPyClient``, ``ClientApp(client_fn=...)``
     strategy = LegacySecAggFedAvg(clip=1.0, ...)                        # server_fn
     app = ClientApp(client_fn=client_fn, mods=[legacy_secagg_mod])      # clients
 
-Same protocol and node-side helpers as :mod:`strategies.secagg_flower`; only the
+Same protocol and node-side helpers as :mod:`strategies.secagg_message`; only the
 envelope differs. The key stages travel as ``get_properties`` calls whose config
 holds the ``secagg-payload`` (answered by the mod; the client's own
 ``get_properties`` is never called for them), the mask payload rides in the fit
@@ -41,11 +41,11 @@ from flwr.server.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
 from .legacy_wire import layout_of, load_npy
-from .masking import MaskingError
+from .secagg_masks import SecAggError
 from .node_errors import reports_errors
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .secagg_node import answer_stage, mask_model, require_payload
-from .secagg_rounds import MaskingRounds
+from .secagg_rounds import SecAggRounds
 from .secagg_wire import MAX_HEADER_BYTES, header_of, layout_digest
 from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted
 
@@ -70,15 +70,15 @@ def parameters_masked(parameters: Parameters) -> tuple[np.ndarray, dict]:
     return vector, header_of(header)
 
 
-class LegacySecAggFedAvg(MaskingRounds, FedAvg):
+class LegacySecAggFedAvg(SecAggRounds, FedAvg):
     """Weighted FedAvg by secure aggregation for legacy projects: the server sees only
     masked updates and their sum.
 
     Parameters
     ----------
-    clip, max_total_weight, value_bits, num_neighbours, threshold, stage_timeout,
+    clip, max_total_weight, value_bits, num_neighbors, threshold, stage_timeout,
     max_empty_rounds
-        As for :class:`strategies.secagg_flower.SecAggFedAvg` (the Message-API adapter).
+        As for :class:`strategies.secagg_message.SecAggFedAvg` (the Message-API adapter).
     **kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
         ``on_fit_config_fn``, ``initial_parameters``, ``evaluate_fn``, metrics
@@ -90,10 +90,10 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
     """
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
-                 num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
+                 num_neighbors: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._init_masking(clip, max_total_weight, value_bits, num_neighbours, threshold,
+        self._init_masking(clip, max_total_weight, value_bits, num_neighbors, threshold,
                            stage_timeout, max_empty_rounds)
         self._proxies: dict[int, ClientProxy] = {}
         log(INFO, "LegacySecAggFedAvg: %s", self._describe())
@@ -165,7 +165,7 @@ class LegacySecAggFedAvg(MaskingRounds, FedAvg):
                                         "model's")
                 rnd.receive_masked(int(proxy.node_id), vector, header,
                                    check_weight(res.num_examples))
-            except (InvalidUpdate, MaskingError) as err:
+            except (InvalidUpdate, SecAggError) as err:
                 log(WARNING, "Left out the reply of client %s in round %d: %s", proxy.cid,
                     server_round, err)
                 continue
@@ -211,7 +211,7 @@ def _mask_fitres(payload: str, msg: Message, reply: Message, context: Context) -
         masked, keep_input=True)
 
 
-@reports_errors(MaskingError, PermissionError)
+@reports_errors(SecAggError, PermissionError)
 def legacy_secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Answer the key stages; mask the fit reply's model on the way out.
 

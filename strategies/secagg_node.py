@@ -2,7 +2,7 @@
 its authentication key (fail closed without one), answer the key stages from its
 state in ``context.state``, and mask its weighted update.
 
-The Message-API mod (:mod:`strategies.secagg_flower`) and the legacy one
+The Message-API mod (:mod:`strategies.secagg_message`) and the legacy one
 (:mod:`strategies.secagg_legacy`) only move these values in and out of their
 envelopes."""
 
@@ -17,7 +17,7 @@ from flwr.common.logger import log
 
 from .aggregation import Layout
 from .keyfiles import AUTH_KEY_NAME, KeyNotFound, load_auth_key, node_key_file
-from .masking import MaskingError
+from .secagg_masks import SecAggError
 from .node_errors import NodeError
 from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, client_mask, client_step
 from .secagg_wire import header_array, layout_digest
@@ -85,7 +85,7 @@ def save_state(context: Context, state: dict) -> None:
 def answer_stage(payload: object, context: Context, node: int) -> str:
     """Answer a key stage (advertise, share, unmask) on this node."""
     if not isinstance(payload, str):
-        raise MaskingError("the secure-aggregation request holds no payload")
+        raise SecAggError("the secure-aggregation request holds no payload")
     reply, state = client_step(payload, load_state(context), node, node_auth_key(context))
     save_state(context, state)
     return reply

@@ -1,19 +1,19 @@
 """Masked secure aggregation, Flower-free: the four stages of one round.
 
-Bonawitz et al. (CCS 2017) with SecAgg+'s sparse neighbour graph (Bell et al.,
+Bonawitz et al. (CCS 2017) with SecAgg+'s sparse neighbor graph (Bell et al.,
 CCS 2020), for weighted FedAvg. For the round the server samples nodes ``U0`` and:
 
 1. **advertise**: each node makes two fresh X25519 key pairs (``c`` to seal
    shares, ``s`` to agree masks) and sends the public halves (with an HMAC under
    the federation's authentication key when the nodes hold one) → ``U1``.
-2. **share**: each node gets its neighbours' keys, draws a self-mask seed ``b``,
-   Shamir-shares ``b`` and its ``s`` private key among itself and its neighbours
-   (threshold ``t``), seals each neighbour's shares with AES-GCM under a key
-   agreed with that neighbour, and sends them with a commitment to ``b`` → ``U2``.
+2. **share**: each node gets its neighbors' keys, draws a self-mask seed ``b``,
+   Shamir-shares ``b`` and its ``s`` private key among itself and its neighbors
+   (threshold ``t``), seals each neighbor's shares with AES-GCM under a key
+   agreed with that neighbor, and sends them with a commitment to ``b`` → ``U2``.
 3. **mask** (the train message): the server relays each node the sealed shares
    addressed to it; the node trains and sends
    ``y_u = w_u q_u + PRG(b_u) + sum_v ±PRG(s_uv)  (mod 2^bits)`` over its
-   neighbours ``v`` in ``U2`` (``+`` if ``u < v``) → ``U3``.
+   neighbors ``v`` in ``U2`` (``+`` if ``u < v``) → ``U3``.
 4. **unmask**: each survivor reveals the ``b`` shares of survivors and the ``s``
    shares of the dropped (``U2 \\ U3``), never both for one node, and only once
    per round. The server rebuilds each seed, checks it against the commitment or
@@ -30,7 +30,7 @@ request. Why this keeps every property of stage 1:
   public keys; a node uses a pre-advertised pair for at most one share stage
   (then it is gone from its state) and drops it when a newer one replaces it;
 - the MAC and every HKDF info bind them to the context, so they are worthless in
-  any other round (a replay fails authentication at the neighbours, and the
+  any other round (a replay fails authentication at the neighbors, and the
   server refuses public keys it has seen before, as for stage 1);
 - the node checks the settings in the share request exactly as it checks an
   advertise request, and the server picks the context, sample and graph in
@@ -65,9 +65,9 @@ from typing import Any
 import numpy as np
 
 from .aggregation import InvalidUpdate
-from .masking import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, MaskingParams,
+from .secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
                       agree, check_public_key, commitment, decode_sum, default_degree,
-                      encode_weighted, mac, mac_ok, neighbour_graph, prg, public_of,
+                      encode_weighted, mac, mac_ok, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
 
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
@@ -92,13 +92,13 @@ def b64(data: bytes) -> str:
 
 def unb64(text: object, size: int | None = None, what: str = "field") -> bytes:
     if not isinstance(text, str):
-        raise MaskingError(f"{what} must be a base64 string")
+        raise SecAggError(f"{what} must be a base64 string")
     try:
         data = base64.b64decode(text, validate=True)
     except ValueError:
-        raise MaskingError(f"{what} is not valid base64") from None
+        raise SecAggError(f"{what} is not valid base64") from None
     if size is not None and len(data) != size:
-        raise MaskingError(f"{what} must have {size} bytes, got {len(data)}")
+        raise SecAggError(f"{what} must have {size} bytes, got {len(data)}")
     return data
 
 
@@ -109,34 +109,34 @@ def dumps(payload: dict) -> str:
 def loads(text: object, stage: str) -> dict:
     """A stage payload, checked for size, JSON, version and stage name."""
     if not isinstance(text, str):
-        raise MaskingError(f"the {stage} payload must be a JSON string")
+        raise SecAggError(f"the {stage} payload must be a JSON string")
     if len(text) > MAX_PAYLOAD_BYTES:
-        raise MaskingError(f"the {stage} payload is larger than {MAX_PAYLOAD_BYTES} bytes")
+        raise SecAggError(f"the {stage} payload is larger than {MAX_PAYLOAD_BYTES} bytes")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
-        raise MaskingError(f"the {stage} payload is not JSON: {err}") from None
+        raise SecAggError(f"the {stage} payload is not JSON: {err}") from None
     if not isinstance(data, dict) or data.get("version") != VERSION:
-        raise MaskingError(f"the {stage} payload must be an object of version {VERSION}")
+        raise SecAggError(f"the {stage} payload must be an object of version {VERSION}")
     if data.get("stage") != stage:
-        raise MaskingError(f"expected a '{stage}' payload, got stage {data.get('stage')!r}")
+        raise SecAggError(f"expected a '{stage}' payload, got stage {data.get('stage')!r}")
     return data
 
 
 def node_id(value: object, what: str = "node id") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-        raise MaskingError(f"{what} must be an unsigned 64-bit int, got {value!r}")
+        raise SecAggError(f"{what} must be an unsigned 64-bit int, got {value!r}")
     return value
 
 
 def node_map(value: object, what: str) -> dict[int, Any]:
     """A JSON object keyed by decimal node ids."""
     if not isinstance(value, dict):
-        raise MaskingError(f"{what} must be an object keyed by node id")
+        raise SecAggError(f"{what} must be an object keyed by node id")
     try:
         return {node_id(int(k), what): v for k, v in value.items()}
     except ValueError:
-        raise MaskingError(f"{what} has a key that is not a node id") from None
+        raise SecAggError(f"{what} has a key that is not a node id") from None
 
 
 def _u64(value: int) -> bytes:
@@ -162,7 +162,7 @@ def self_mask_seed(b: bytes, context: bytes) -> bytes:
 
 def pair_mask(length: int, dtype: type, context: bytes, u: int, v: int, private: bytes,
               peer_public: bytes) -> np.ndarray:
-    """The mask ``u`` adds for neighbour ``v``: ``+PRG`` if ``u < v``, else ``-PRG``.
+    """The mask ``u`` adds for neighbor ``v``: ``+PRG`` if ``u < v``, else ``-PRG``.
 
     ``private`` is the ``s`` private key of either end and ``peer_public`` the other
     end's ``s`` public key (the node uses its own; the server a dropped node's).
@@ -180,7 +180,7 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None) ->
 
     Raises
     ------
-    MaskingError
+    SecAggError
         If the request is malformed, out of order, or asks for something an honest
         node must refuse (both shares of one node, a second unmasking, key material
         that fails its authentication).
@@ -196,7 +196,7 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None) ->
         return _share(loads(request, stage), state, node, auth_key)
     if stage == "unmask":
         return _unmask(loads(request, stage), state, node, auth_key)
-    raise MaskingError(f"unknown secure-aggregation stage {stage!r}")
+    raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
 
 
 def _advertise(req: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
@@ -218,34 +218,34 @@ def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: b
                  ) -> dict:
     """The node's state at stage 'advertised' from the round's settings (node, share
     points, threshold, encoding) as the server sent them and its base64 ``context``;
-    :class:`MaskingError` if they fail a check."""
+    :class:`SecAggError` if they fail a check."""
     if not isinstance(setup, dict):
-        raise MaskingError("the round's settings must be an object")
+        raise SecAggError("the round's settings must be an object")
     if node_id(setup.get("node")) != node:
-        raise MaskingError(f"the advertise request is addressed to node {setup.get('node')}, "
+        raise SecAggError(f"the advertise request is addressed to node {setup.get('node')}, "
                            f"this is node {node}")
-    params = MaskingParams.from_dict(setup.get("params", {}))
+    params = SecAggParams.from_dict(setup.get("params", {}))
     points = node_map(setup.get("points"), "points")
     if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < PRIME
                for x in points.values()) or len(set(points.values())) != len(points):
-        raise MaskingError("the advertise request's share points must be distinct ints in "
+        raise SecAggError("the advertise request's share points must be distinct ints in "
                            "[1, 2^521 - 1)")
-    neighbours = sorted(points.keys() - {node})
+    neighbors = sorted(points.keys() - {node})
     threshold = setup.get("threshold")
     if node not in points or isinstance(threshold, bool) or not isinstance(threshold, int) \
             or not 1 <= threshold <= len(points):
-        raise MaskingError("the advertise request needs this node's share point and a "
+        raise SecAggError("the advertise request needs this node's share point and a "
                            "threshold within its share group")
     context = unb64(context, 32, "context")
     return {"stage": "advertised", "context": b64(context), "node": node,
             "params": params.to_dict(), "points": {str(k): v for k, v in points.items()},
-            "neighbours": neighbours, "threshold": threshold,
+            "neighbors": neighbors, "threshold": threshold,
             "c_sk": b64(c_sk), "s_sk": b64(s_sk)}
 
 
 def _expect(state: dict, stage: str, now: str) -> bytes:
     if state.get("stage") != stage:
-        raise MaskingError(f"a '{now}' request arrived when this node was at stage "
+        raise SecAggError(f"a '{now}' request arrived when this node was at stage "
                            f"{state.get('stage')!r}, not {stage!r}: out of order")
     return unb64(state["context"], 32, "context")
 
@@ -255,7 +255,7 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[s
     if "setup" in req:  # keys pre-advertised in the last unmask reply: use them, once
         context = unb64(req.get("context"), 32, "context")
         if not isinstance(pending, dict) or pending.get("context") != b64(context):
-            raise MaskingError("the share request names no keys this node pre-advertised for "
+            raise SecAggError("the share request names no keys this node pre-advertised for "
                                "its round (used already, replaced, or never made)")
         state = _round_state(req["setup"], node, req.get("context"),
                              unb64(pending.get("c_sk"), 32, "c_sk"),
@@ -263,27 +263,27 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[s
     else:
         context = _expect(state, "advertised", "share")
         if unb64(req.get("context"), 32, "context") != context:
-            raise MaskingError("the share request belongs to another round")
+            raise SecAggError("the share request belongs to another round")
     adverts = node_map(req.get("adverts"), "adverts")
-    unknown = adverts.keys() - set(state["neighbours"])
+    unknown = adverts.keys() - set(state["neighbors"])
     if unknown:
-        raise MaskingError(f"keys of nodes {sorted(unknown)} that are not this node's neighbours")
+        raise SecAggError(f"keys of nodes {sorted(unknown)} that are not this node's neighbors")
     keys = {}
     for v, ad in adverts.items():
         if not isinstance(ad, dict):
-            raise MaskingError(f"the advertisement of node {v} is not an object")
+            raise SecAggError(f"the advertisement of node {v} is not an object")
         c_pk, s_pk = unb64(ad.get("c_pk"), 32, "c_pk"), unb64(ad.get("s_pk"), 32, "s_pk")
         if auth_key and not mac_ok(auth_key, advert_bytes(context, v, c_pk, s_pk),
                                    unb64(ad.get("mac"), 32, "mac")):
-            raise MaskingError(f"the keys of node {v} fail authentication: substituted, "
+            raise SecAggError(f"the keys of node {v} fail authentication: substituted, "
                                "replayed from another round, or nodes hold different "
                                "authentication keys")
         keys[v] = (c_pk, s_pk)
     if len({k for pair in keys.values() for k in pair}) != 2 * len(keys):
-        raise MaskingError("two neighbours advertised the same public key (replayed keys)")
+        raise SecAggError("two neighbors advertised the same public key (replayed keys)")
     threshold = state["threshold"]
     if len(keys) + 1 < threshold:
-        raise MaskingError(f"only {len(keys)} neighbours left, {threshold - 1} needed")
+        raise SecAggError(f"only {len(keys)} neighbors left, {threshold - 1} needed")
     points = {int(k): v for k, v in state["points"].items()}
     group = [node, *sorted(keys)]
     b = secrets.token_bytes(SEED_BYTES)
@@ -311,23 +311,23 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
 
     Raises
     ------
-    MaskingError
-        Out of order, malformed, too few neighbours left, or a weight the encoding
+    SecAggError
+        Out of order, malformed, too few neighbors left, or a weight the encoding
         cannot hold.
     """
     req = loads(request, "mask")
     context = _expect(state, "shared", "mask")
     if unb64(req.get("context"), 32, "context") != context:
-        raise MaskingError("the train request belongs to another round")
+        raise SecAggError("the train request belongs to another round")
     received = node_map(req.get("shares"), "shares")
     keys = {int(k): v for k, v in state["keys"].items()}
     if not received.keys() <= keys.keys():
-        raise MaskingError(f"shares from nodes {sorted(received.keys() - keys.keys())} "
+        raise SecAggError(f"shares from nodes {sorted(received.keys() - keys.keys())} "
                            "that did not take part in the share stage with this node")
     if len(received) + 1 < state["threshold"]:
-        raise MaskingError(f"only {len(received)} neighbours left, "
+        raise SecAggError(f"only {len(received)} neighbors left, "
                            f"{state['threshold'] - 1} needed")
-    params = MaskingParams.from_dict(state["params"])
+    params = SecAggParams.from_dict(state["params"])
     masked = encode_weighted(flat, weight, params, rng or np.random.default_rng())
     masked += prg(self_mask_seed(unb64(state["b"]), context), flat.size, params.dtype)
     s_sk = unb64(state["s_sk"])
@@ -349,24 +349,24 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
 def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
     context = _expect(state, "masked", "unmask")
     if unb64(req.get("context"), 32, "context") != context:
-        raise MaskingError("the unmask request belongs to another round")
+        raise SecAggError("the unmask request belongs to another round")
     survivors, dropped = (req.get(k) for k in ("survivors", "dropped"))
     if not isinstance(survivors, list) or not isinstance(dropped, list):
-        raise MaskingError("the unmask request needs lists of survivors and dropped nodes")
+        raise SecAggError("the unmask request needs lists of survivors and dropped nodes")
     survivors = {node_id(v) for v in survivors}
     dropped = {node_id(v) for v in dropped}
     if survivors & dropped:
-        raise MaskingError(f"nodes {sorted(survivors & dropped)} are listed both as survivors "
+        raise SecAggError(f"nodes {sorted(survivors & dropped)} are listed both as survivors "
                            "and as dropped: refusing to reveal both shares of a node")
     if node not in survivors:
-        raise MaskingError("this node is not listed among the survivors")
+        raise SecAggError("this node is not listed among the survivors")
     received = {int(k): v for k, v in state["received"].items()}
     group = received.keys() | {node}
     if len(survivors & group) < state["threshold"]:
-        raise MaskingError(f"only {len(survivors & group)} survivors in this node's share "
+        raise SecAggError(f"only {len(survivors & group)} survivors in this node's share "
                            f"group, {state['threshold']} needed: refusing to unmask")
     if (survivors | dropped) - group:
-        raise MaskingError(f"nodes {sorted((survivors | dropped) - group)} are not in this "
+        raise SecAggError(f"nodes {sorted((survivors | dropped) - group)} are not in this "
                            "node's share group")
     keys = {int(k): v for k, v in state["keys"].items()}
     c_sk = unb64(state["c_sk"])
@@ -375,7 +375,7 @@ def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[
         key = agree(c_sk, unb64(keys[v][0]), share_info(context, node, v))
         opened = unseal(key, unb64(received[v]), _u64(v) + _u64(node) + context)
         if len(opened) != 2 * SHARE_BYTES:
-            raise MaskingError(f"the shares from node {v} have the wrong length")
+            raise SecAggError(f"the shares from node {v} have the wrong length")
         if v in survivors:
             b_out[str(v)] = b64(opened[:SHARE_BYTES])
         else:
@@ -386,7 +386,7 @@ def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[
     if req.get("next") is not None:
         next_context = unb64(req["next"], 32, "next context")
         if next_context == context:
-            raise MaskingError("the next round's context is this round's")
+            raise SecAggError("the next round's context is this round's")
         c, s = KeyPair.generate(), KeyPair.generate()
         reply["next_advert"] = _advert_fields(next_context, node, c, s, auth_key)
         state["pending"] = {"context": b64(next_context), "c_sk": b64(c.private),
@@ -405,14 +405,14 @@ class ServerRound:
 
     Parameters
     ----------
-    params : MaskingParams
+    params : SecAggParams
         The encoding every client uses this round.
     nodes : list[int]
         The sampled nodes ``U0``.
     length : int
         Values in a model.
     degree : int
-        Neighbours per node, rounded down to even (a ring with ``degree // 2`` on
+        Neighbors per node, rounded down to even (a ring with ``degree // 2`` on
         each side); 0: SecAgg+'s ``2 ceil(log2 n) + 2``; at most all other nodes.
     threshold_fraction : float
         A secret needs more than this fraction of its share group.
@@ -426,7 +426,7 @@ class ServerRound:
         Ask the survivors for keys for the next round in the unmask requests.
     """
 
-    params: MaskingParams
+    params: SecAggParams
     nodes: list[int]
     length: int
     degree: int = 0
@@ -447,7 +447,7 @@ class ServerRound:
         self.next_context = secrets.token_bytes(32)
         self.next_adverts: dict[int, dict] = {}
         degree = self.degree or default_degree(len(self.nodes))
-        self.graph = neighbour_graph(self.nodes, degree, self.context)
+        self.graph = neighbor_graph(self.nodes, degree, self.context)
         self.points = {u: i + 1 for i, u in enumerate(self.nodes)}
         self.threshold = threshold_for(1 + min(len(v) for v in self.graph.values()),
                                        self.threshold_fraction)
@@ -616,7 +616,7 @@ class ServerRound:
         weight = sum(self.masked.values())
         try:
             average = decode_sum(total, weight, self.params)
-        except MaskingError as err:
+        except SecAggError as err:
             raise RoundAborted(str(err)) from None
         log(INFO, "Secure aggregation: %d of %d sampled nodes in the sum, %d dropped and "
             "recovered, total weight %d", len(survivors), len(self.nodes), len(dropped), weight)
@@ -648,7 +648,7 @@ class ServerRound:
             raise InvalidUpdate("the pre-advertised keys are not an object")
         try:
             self.next_adverts[u] = self._checked_keys(advert)
-        except (InvalidUpdate, MaskingError) as err:
+        except (InvalidUpdate, SecAggError) as err:
             raise InvalidUpdate(f"pre-advertised keys refused: {err}") from None
 
     def _rebuild(self, u: int, shares: dict[int, bytes], what: str) -> bytes:
@@ -657,7 +657,7 @@ class ServerRound:
                                f"{u} arrived, {self.threshold} needed")
         try:
             return reconstruct_secret(shares, self.threshold)
-        except MaskingError as err:
+        except SecAggError as err:
             raise RoundAborted(f"the {what} of node {u} cannot be rebuilt ({err}): a node "
                                "sent a wrong share") from None
 
@@ -676,7 +676,7 @@ class ServerRound:
     def _try(self, u: int, stage: str, step) -> None:
         try:
             step()
-        except (InvalidUpdate, MaskingError) as err:
+        except (InvalidUpdate, SecAggError) as err:
             log(WARNING, "Secure aggregation: left out node %s at the %s stage: %s", u, stage, err)
 
     def _enough(self, done: Mapping[int, object], stage: str) -> None:

@@ -1,7 +1,7 @@
 """The server side of masked secure aggregation shared by both Flower APIs: the
 strategy's arguments checked, and the round in progress driven through its key
-stages and unmasking (:class:`MaskingRounds`). The Message-API adapter
-(:mod:`strategies.secagg_flower`) and the legacy one (:mod:`strategies.secagg_legacy`)
+stages and unmasking (:class:`SecAggRounds`). The Message-API adapter
+(:mod:`strategies.secagg_message`) and the legacy one (:mod:`strategies.secagg_legacy`)
 only supply the message exchange; neither imports the other."""
 
 from __future__ import annotations
@@ -13,38 +13,38 @@ import numpy as np
 from flwr.common.logger import log
 
 from .aggregation import Layout
-from .masking import MaskingError, MaskingParams
+from .secagg_masks import SecAggError, SecAggParams
 from .screening import RoundWatch
 from .secagg_protocol import ServerRound
 
-def masking_params(clip: float, max_total_weight: int, value_bits: int, num_neighbours: int,
-                   threshold: float) -> MaskingParams:
+def secagg_params(clip: float, max_total_weight: int, value_bits: int, num_neighbors: int,
+                   threshold: float) -> SecAggParams:
     """Check a masking strategy's arguments; the encoding its clients must use."""
-    if num_neighbours < 0:
-        raise ValueError(f"num_neighbours must be >= 0 (0: SecAgg+'s logarithmic default), "
-                         f"got {num_neighbours}")
+    if num_neighbors < 0:
+        raise ValueError(f"num_neighbors must be >= 0 (0: SecAgg+'s logarithmic default), "
+                         f"got {num_neighbors}")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     try:
-        return MaskingParams.derive(clip, max_total_weight, value_bits)
-    except MaskingError as err:
+        return SecAggParams.derive(clip, max_total_weight, value_bits)
+    except SecAggError as err:
         raise ValueError(str(err)) from None
 
 
 
-class MaskingRounds:
+class SecAggRounds:
     """What both masking strategies (Message API and legacy) hold: the encoding, the
     round's settings, the public keys seen so far and the round in progress."""
 
     server_sees = "masked"  # for CentralDP: clients clip, noise goes on the unmasked sum
 
     def _init_masking(self, clip: float, max_total_weight: int, value_bits: int,
-                      num_neighbours: int, threshold: float, stage_timeout: float,
+                      num_neighbors: int, threshold: float, stage_timeout: float,
                       max_empty_rounds: int) -> None:
         self.watch = RoundWatch(max_empty_rounds)
-        self.params = masking_params(clip, max_total_weight, value_bits, num_neighbours,
+        self.params = secagg_params(clip, max_total_weight, value_bits, num_neighbors,
                                      threshold)
-        self.num_neighbours = num_neighbours
+        self.num_neighbors = num_neighbors
         self.threshold = threshold
         self.stage_timeout = stage_timeout
         self._seen_keys: set[bytes] = set()
@@ -57,7 +57,7 @@ class MaskingRounds:
     def _new_round(self, nodes: list[int]) -> ServerRound:
         """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
         preadvertised, self._next = self._next, None
-        return ServerRound(self.params, nodes, self._layout.size, self.num_neighbours,
+        return ServerRound(self.params, nodes, self._layout.size, self.num_neighbors,
                            self.threshold, self._seen_keys, preadvertised)
 
     def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
@@ -90,7 +90,7 @@ class MaskingRounds:
 
     def _describe(self) -> str:
         return (f"{self.params.value_bits}-bit values in [-{self.params.clip:g}, "
-                f"{self.params.clip:g}] mod 2^{self.params.mod_bits}, neighbours "
-                f"{self.num_neighbours or 'auto (log n)'}, threshold > {self.threshold:g} "
+                f"{self.params.clip:g}] mod 2^{self.params.mod_bits}, neighbors "
+                f"{self.num_neighbors or 'auto (log n)'}, threshold > {self.threshold:g} "
                 "of each share group")
 

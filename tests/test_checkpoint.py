@@ -12,7 +12,7 @@ from fedapp.checkpoint import FILE, Checkpoint, CheckpointError, check_compatibl
 from fedapp.config import RunSettings
 from fedapp.outputs import RunRecorder
 from fedapp.rounds import run_rounds
-from strategies.dp_flower import CentralDP
+from strategies.dp_message import CentralDP
 from strategies.fedavg import WeightedFedAvg
 
 

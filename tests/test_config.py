@@ -37,7 +37,7 @@ def test_auto_settings_take_the_task_defaults():
     ({"aggregation": "secure"}, "aggregation must be one of"),
     ({"aggregation": "paillier"}, "needs paillier-public-key"),
     ({"aggregation": "secagg", "secagg-threshold": 1.0}, "threshold must be in"),
-    ({"aggregation": "secagg", "secagg-neighbors": -2}, "num_neighbours must be >= 0"),
+    ({"aggregation": "secagg", "secagg-neighbors": -2}, "num_neighbors must be >= 0"),
     ({"aggregation": "secagg", "secagg-clip": -1.0}, "clip must be a positive"),
     ({"aggregation": "secagg", "secagg-value-bits": 40}, "value_bits must be in"),
 ])

@@ -1,4 +1,4 @@
-"""Central DP-FedAvg (strategies.dp, strategies.dp_flower).
+"""Central DP-FedAvg (strategies.dp, strategies.dp_message).
 
 Checked: the noise actually added has the configured std (plaintext, adaptive and
 masked modes, and noised_average itself); clipping bounds every client's influence
@@ -32,10 +32,10 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 
 from strategies.dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger,
                            clip_update, gaussian_noise, l2_norm, noised_average)
-from strategies.dp_flower import CentralDP, dp_clip_mod
+from strategies.dp_message import CentralDP, dp_clip_mod
 from strategies.dp_rounds import BIT_KEY, CLIP_KEY
 from strategies.fedavg import WeightedFedAvg
-from strategies.secagg_flower import SecAggFedAvg, secagg_mod
+from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from strategies.secagg_protocol import PAYLOAD_KEY
 
 BIG = {"w": (400, 500), "b": (500,)}  # 200,500 values: std measured to ~0.3%
@@ -773,7 +773,7 @@ def paillier_public_key():
 
 
 def test_central_dp_wraps_paillier_only_with_a_fixed_clip(paillier_public_key):
-    from strategies.paillier_flower import PaillierFedAvg
+    from strategies.paillier_message import PaillierFedAvg
 
     class TunedPaillier(PaillierFedAvg):  # a subclass is Paillier aggregation too
         pass
@@ -816,15 +816,15 @@ class PaillierNode:
                                run_config={})
 
     def handle(self, msg: Message) -> Message:
-        from strategies import paillier_flower
+        from strategies import paillier_message
 
-        original = paillier_flower.node_private_key  # the node's key, without a key file
-        paillier_flower.node_private_key = lambda context: self.key
+        original = paillier_message.node_private_key  # the node's key, without a key file
+        paillier_message.node_private_key = lambda context: self.key
         try:
-            return paillier_flower.paillier_mod(
+            return paillier_message.paillier_mod(
                 msg, self.context, lambda m, c: dp_clip_mod(m, c, self.train))
         finally:
-            paillier_flower.node_private_key = original
+            paillier_message.node_private_key = original
 
 
 @pytest.fixture(scope="module")
@@ -837,7 +837,7 @@ def paillier_keys():
 def test_paillier_round_adds_encrypted_noise_of_std_z_c_over_n(z, paillier_keys, task_identity):
     """The noise goes into the encrypted average: a key holder decrypts the clipped
     average of the n updates plus N(0, (z C / n)^2) (within the quantization error)."""
-    from strategies.paillier_flower import PaillierFedAvg
+    from strategies.paillier_message import PaillierFedAvg
     from strategies.paillier_protocol import EncryptedModel, decrypt_model
 
     public, private = paillier_keys

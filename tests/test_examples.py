@@ -26,7 +26,7 @@ import pytest
 from fedapp import launch
 from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_auth_key, write_keypair
 from strategies.paillier_protocol import EncryptedModel, decrypt_model
-from strategies.secagg_rounds import masking_params
+from strategies.secagg_rounds import secagg_params
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 ROUNDS = 2  # num-server-rounds in both examples' pyproject.toml
@@ -118,7 +118,7 @@ def test_message_api_example_with_masking(tmp_path, keys, message_api_plain):
     secure_dir, logs = run("message_api", tmp_path, keys, secure="secagg")
     assert logs.count("Secure aggregation: 2 of 2 sampled nodes in the sum") == ROUNDS
     assert "Left out" not in logs
-    params = masking_params(2.0, 65536, 16, 0, 0.5)  # the example's clip, the defaults
+    params = secagg_params(2.0, 65536, 16, 0, 0.5)  # the example's clip, the defaults
     assert_close_models(list(load_model(secure_dir).values()),
                         list(load_model(message_api_plain).values()), params.error_bound)
     plain_loss, secure_loss = eval_losses(message_api_plain), eval_losses(secure_dir)

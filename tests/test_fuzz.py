@@ -35,26 +35,25 @@ from hypothesis import strategies as st
 from fakes import FakeProxy
 from strategies import keyfiles
 from strategies.aggregation import InvalidUpdate, Layout, check_update, check_weight
-from strategies.dp_flower import CentralDP
+from strategies.dp_message import CentralDP
 from strategies.dp_rounds import clip_local_update
 from strategies.dp_legacy import LegacyCentralDP
 from strategies.encoding import EncodingParams, decode, dequantize, encode, unpack
 from strategies.fedavg import WeightedFedAvg
 from strategies.legacy_wire import load_ndarrays, load_npy
-from strategies.masking import (SEED_BYTES, SHARE_BYTES, KeyPair, MaskingError, MaskingParams,
+from strategies.secagg_masks import (SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
                                 MaskOverflow, agree, decode_sum, reconstruct_secret, seal,
                                 share_secret, unseal)
 from strategies.paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
-                                 check_ciphertext_array, generate_keypair, parse_wire_metadata,
-                                 wire_metadata)
-from strategies.paillier_flower import PaillierFedAvg
+                                 check_ciphertext_array, generate_keypair)
+from strategies.paillier_message import PaillierFedAvg
 from strategies.paillier_node import (decrypt_global_model, encrypt_local_model,
                                       parse_round_config, round_config)
 from strategies.paillier_legacy import LegacyPaillierFedAvg, parameters_arrays
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, RoundSum,
                                           encrypt_update)
 from strategies.records import record_arrays
-from strategies.secagg_flower import SecAggFedAvg, secagg_mod
+from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from strategies.secagg_node import answer_stage
 from strategies.secagg_wire import header_of, masked_arrays
 from strategies.secagg_legacy import TENSOR_TYPE as SECAGG_TENSOR_TYPE
@@ -442,11 +441,10 @@ def test_encoding_params_dict(paillier, data):
 
 @fuzz(60)
 @given(data=st.data())
-def test_wire_metadata(keys, paillier, data):
-    meta = wire_metadata(paillier["params"], keys[0].fingerprint)
-    document = data.draw(mutated_json(meta))
-    result = attempt(lambda: parse_wire_metadata(document), ValueError)
-    assert refused(result) or (isinstance(result[0], EncodingParams) and len(result[1]) == 64)
+def test_encoding_params_from_the_header(paillier, data):
+    document = data.draw(mutated_json(paillier["params"].to_dict()))
+    result = attempt(lambda: EncodingParams.from_dict(document), ValueError)
+    assert refused(result) or isinstance(result, EncodingParams)
 
 
 @fuzz(80)
@@ -775,7 +773,7 @@ def test_round_config_with_slots_past_the_key_is_refused(keys, paillier):
 
 
 # ================================================================== masking
-MASK_PARAMS = MaskingParams.derive(1.0, 1000)
+MASK_PARAMS = SecAggParams.derive(1.0, 1000)
 MASK_NODES = [11, 22, 33, 44, 55]  # complete graph; a secret needs 3 of 5 shares
 MASK_LENGTH = 6
 BAD = 11  # the node whose messages are tampered with
@@ -790,7 +788,7 @@ LOW_ORDER_POINTS = [bytes(32), (1).to_bytes(32, "little"), bytes.fromhex(
 @given(data=st.data())
 def test_masking_params_dict(data):
     document = data.draw(mutated_json(MASK_PARAMS.to_dict()))
-    result = attempt(lambda: MaskingParams.from_dict(document), MaskingError)
+    result = attempt(lambda: SecAggParams.from_dict(document), SecAggError)
     if not refused(result):
         result.check()
 
@@ -802,10 +800,10 @@ def test_base64_fields_and_node_maps(data, size):
         st.just(b64(bytes(range(32)))).map(str.encode).flatmap(mutated_bytes).map(
             lambda b: b.decode("latin-1")),
         st.text(max_size=60), json_values))
-    result = attempt(lambda: unb64(text, size, "a field"), MaskingError)
+    result = attempt(lambda: unb64(text, size, "a field"), SecAggError)
     assert refused(result) or size is None or len(result) == size
     document = data.draw(json_values | mutated_json({"11": "x", "22": [1]}))
-    result = attempt(lambda: node_map(document, "a map"), MaskingError)
+    result = attempt(lambda: node_map(document, "a map"), SecAggError)
     assert refused(result) or all(type(k) is int and 0 <= k < 2**64 for k in result)
 
 
@@ -817,13 +815,13 @@ def test_stage_payload_text(data, stage):
         st.just(valid.encode()).flatmap(mutated_bytes).map(lambda b: b.decode("latin-1")),
         st.just(json.loads(valid)).flatmap(mutated_json).map(json.dumps),
         st.text(max_size=100), json_values))
-    result = attempt(lambda: loads(text, stage), MaskingError)
+    result = attempt(lambda: loads(text, stage), SecAggError)
     assert refused(result) or (isinstance(result, dict) and result["stage"] == stage)
 
 
 def test_deep_json_payloads_are_refused():
-    must_refuse(lambda: loads(deep_json(), "share"), MaskingError)
-    must_refuse(lambda: client_step(deep_json(), {}, 11, AUTH), MaskingError)
+    must_refuse(lambda: loads(deep_json(), "share"), SecAggError)
+    must_refuse(lambda: client_step(deep_json(), {}, 11, AUTH), SecAggError)
     must_refuse(lambda: header_of(np.frombuffer(deep_json(2000).encode(), np.uint8)),
                 InvalidUpdate)
 
@@ -842,7 +840,7 @@ def test_shamir_shares(data):
     if data.draw(st.booleans()):
         given_shares[data.draw(st.sampled_from([0, -1, 2**521 - 1, 2**600, 6]))] = \
             data.draw(st.sampled_from(list(shares.values())) | garbage)
-    result = attempt(lambda: reconstruct_secret(given_shares, 3), MaskingError)
+    result = attempt(lambda: reconstruct_secret(given_shares, 3), SecAggError)
     if not refused(result):
         assert len(result) == SEED_BYTES
         if all(given_shares.get(x) == shares.get(x) for x in list(given_shares)[:3]):
@@ -855,14 +853,14 @@ def test_sealed_shares(data):
     key, plaintext, associated = bytes(32), bytes(2 * SHARE_BYTES), b"ad"
     sealed = seal(key, plaintext, associated)
     changed = data.draw(mutated_bytes(sealed) | garbage)
-    result = attempt(lambda: unseal(key, changed, associated), MaskingError)
+    result = attempt(lambda: unseal(key, changed, associated), SecAggError)
     assert refused(result) or (changed == sealed and result == plaintext)
 
 
 @fuzz(60)
 @given(peer=st.binary(max_size=40) | st.sampled_from(LOW_ORDER_POINTS))
 def test_key_agreement_with_any_peer_key(peer):
-    result = attempt(lambda: agree(KeyPair.generate().private, peer, b"info"), MaskingError)
+    result = attempt(lambda: agree(KeyPair.generate().private, peer, b"info"), SecAggError)
     assert refused(result) or len(result) == 32
 
 
@@ -913,10 +911,10 @@ def test_client_stage_requests(secagg_stages, data, stage):
         st.text(max_size=100), json_values))
     before = copy.deepcopy(state)
     if stage == "mask":
-        result = attempt(lambda: client_mask(text, state, BAD, XS[BAD], WS[BAD]), MaskingError)
+        result = attempt(lambda: client_mask(text, state, BAD, XS[BAD], WS[BAD]), SecAggError)
         assert refused(result) or result[0].shape == (MASK_LENGTH,)
     else:
-        result = attempt(lambda: client_step(text, state, BAD, AUTH), MaskingError)
+        result = attempt(lambda: client_step(text, state, BAD, AUTH), SecAggError)
         assert refused(result) or json.loads(result[0])["node"] == BAD
     assert state == before, "a request changed the node's state in place"
 
@@ -924,7 +922,7 @@ def test_client_stage_requests(secagg_stages, data, stage):
 def test_a_stage_message_without_payload_is_refused():
     context = Context(run_id=1, node_id=BAD, node_config={}, state=RecordDict(), run_config={})
     for payload in (None, 5, b"{}", ["x"]):
-        must_refuse(lambda: answer_stage(payload, context, BAD), MaskingError)
+        must_refuse(lambda: answer_stage(payload, context, BAD), SecAggError)
 
 
 @pytest.mark.parametrize("points", [{"11": None}, {"11": float("inf")}, {"11": "x" * 5000},
@@ -932,7 +930,7 @@ def test_a_stage_message_without_payload_is_refused():
 def test_advertise_requests_with_bad_share_points_are_refused(points):
     sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
     request = {**json.loads(sr.advertise_requests()[BAD]), "points": points}
-    must_refuse(lambda: client_step(json.dumps(request), {}, BAD, AUTH), MaskingError)
+    must_refuse(lambda: client_step(json.dumps(request), {}, BAD, AUTH), SecAggError)
 
 
 # ------------------------------------------------------------------ secagg: server side
@@ -948,7 +946,7 @@ def run_masked_round(stage: str, tamper, auth: bytes | None = AUTH):
         for u, request in requests.items():
             try:
                 replies[u], states[u] = client_step(request, states[u], u, auth)
-            except MaskingError:  # an honest node refuses what fails its checks: a dropout
+            except SecAggError:  # an honest node refuses what fails its checks: a dropout
                 continue
             if name == stage and u == BAD:
                 replies[u] = tamper(replies[u])
@@ -964,7 +962,7 @@ def run_masked_round(stage: str, tamper, auth: bytes | None = AUTH):
                 try:
                     vector, header, states[u] = client_mask(payload, states[u], u, XS[u],
                                                             WS[u])
-                except MaskingError:
+                except SecAggError:
                     continue
                 if stage == "masked" and u == BAD:
                     vector, header = tamper((vector, header))
@@ -1047,7 +1045,7 @@ def test_server_round_with_a_tampered_masked_vector(data):
 
 
 def test_low_order_public_keys_are_refused_at_advertise(caplog_flwr):
-    """Keys that make every shared secret zero: neighbours would fail to mask with the
+    """Keys that make every shared secret zero: neighbors would fail to mask with the
     node, and the server could not rebuild their masks."""
     for point in LOW_ORDER_POINTS:
         def tamper(text):
@@ -1060,7 +1058,7 @@ def test_low_order_public_keys_are_refused_at_advertise(caplog_flwr):
 
 
 def test_a_low_order_key_cannot_crash_the_unmasking():
-    """With a sparse graph the neighbours of a node that advertised a low-order key drop
+    """With a sparse graph the neighbors of a node that advertised a low-order key drop
     out; rebuilding their masks must not fail with anything but RoundAborted."""
     nodes = list(range(101, 111))
     sr = ServerRound(MASK_PARAMS, nodes, MASK_LENGTH, degree=2, threshold_fraction=0.0)
@@ -1072,7 +1070,7 @@ def test_a_low_order_key_cannot_crash_the_unmasking():
         for u, request in requests.items():
             try:
                 replies[u], states[u] = client_step(request, states[u], u, None)
-            except MaskingError:
+            except SecAggError:
                 continue
         return replies
 
@@ -1087,7 +1085,7 @@ def test_a_low_order_key_cannot_crash_the_unmasking():
                 try:
                     vector, header, states[u] = client_mask(
                         payload, states[u], u, np.zeros(MASK_LENGTH), 10)
-                except MaskingError:
+                except SecAggError:
                     continue
                 sr.receive_masked(u, vector, header, 10)
             average, _ = sr.receive_unmask(ask(sr.unmask_requests()))
@@ -1139,7 +1137,7 @@ def test_masked_update_arrays(data):
                                  max_size=3))
     parameters = Parameters(tensors=tensors, tensor_type=data.draw(
         st.sampled_from([SECAGG_TENSOR_TYPE, "numpy.ndarray", ""])))
-    result = attempt(lambda: parameters_masked(parameters), (InvalidUpdate, MaskingError))
+    result = attempt(lambda: parameters_masked(parameters), (InvalidUpdate, SecAggError))
     if not refused(result):
         assert result[0].dtype in (np.uint32, np.uint64) and isinstance(result[1], dict)
 

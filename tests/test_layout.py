@@ -14,9 +14,9 @@ from fedapp.config import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "strategies"
-CORES = {"aggregation", "encoding", "paillier", "paillier_protocol", "masking",
+CORES = {"aggregation", "fixed_point", "encoding", "paillier", "paillier_protocol", "secagg_masks",
          "secagg_protocol", "secagg_wire", "dp", "keyfiles", "legacy_wire", "opacus_import"}
-MESSAGE_API = {"fedavg", "paillier_flower", "secagg_flower", "dp_flower"}
+MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message"}
 LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy"}
 
 
@@ -62,8 +62,8 @@ def test_the_two_api_adapters_never_import_each_other():
 
 
 def test_central_dp_imports_no_secure_strategy():
-    for module in ("dp_flower", "dp_legacy", "dp_rounds"):
-        assert not local(imports(module)) & {"paillier_flower", "secagg_flower",
+    for module in ("dp_message", "dp_legacy", "dp_rounds"):
+        assert not local(imports(module)) & {"paillier_message", "secagg_message",
                                               "secagg_legacy"}, module
 
 

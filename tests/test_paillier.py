@@ -25,9 +25,7 @@ from strategies.paillier import (
     ciphertexts_from_array,
     ciphertexts_to_array,
     generate_keypair,
-    parse_wire_metadata,
     subgroup_prime_bits,
-    wire_metadata,
 )
 
 
@@ -273,21 +271,8 @@ def test_aggregate_names_the_bad_array(keypair, wire):
         aggregate_arrays(keypair[0], [])
 
 
-def test_metadata_round_trip_and_validation(keypair):
+def test_fingerprint_check(keypair):
     pk = keypair[0]
-    params = EncodingParams.for_key(pk.n_bits, 100, clip=0.25)
-    meta = wire_metadata(params, pk.fingerprint)
-    assert all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in meta.items())
-    assert parse_wire_metadata(json.loads(json.dumps(meta))) == (params, pk.fingerprint)
-    assert parse_wire_metadata({**meta, "other-key": 1.5}) == (params, pk.fingerprint)
-    with pytest.raises(ValueError, match="lacks"):
-        parse_wire_metadata({k: v for k, v in meta.items() if "fingerprint" not in k})
-    with pytest.raises(ValueError, match="64 lowercase hex"):
-        parse_wire_metadata({**meta, "paillier-key-fingerprint": "abc"})
-    with pytest.raises(ValueError, match="missing keys"):
-        parse_wire_metadata({k: v for k, v in meta.items() if k != "encoding-clip"})
-    with pytest.raises(ValueError, match="64 lowercase hex"):
-        wire_metadata(params, pk.fingerprint.upper())
     check_fingerprint(pk, pk.fingerprint)
     with pytest.raises(ValueError, match="same key pair"):
         check_fingerprint(pk, "0" * 64)

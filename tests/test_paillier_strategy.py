@@ -18,7 +18,7 @@ from flwr.server.client_manager import SimpleClientManager
 from fakes import FakeProxy
 from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_keypair
 from strategies.paillier import Encryptor, PrivateKey, generate_keypair
-from strategies.paillier_flower import PaillierFedAvg, as_record
+from strategies.paillier_message import PaillierFedAvg, as_record
 from strategies.paillier_node import encrypt_local_model, round_config
 from strategies.records import record_arrays
 from strategies.legacy_wire import layout_of

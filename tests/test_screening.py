@@ -16,12 +16,12 @@ from flwr.serverapp.strategy import FedAvg as MessageFedAvg
 from fedapp.config import RunSettings
 from fedapp.legacy import StandardizingFedAvg
 from fedapp.strategy import build_strategy
-from strategies.dp_flower import CentralDP
+from strategies.dp_message import CentralDP
 from strategies.dp_legacy import LegacyCentralDP
 from strategies.fedavg import WeightedFedAvg
 from strategies.keyfiles import write_keypair
 from strategies.node_errors import NodeError, reports_errors
-from strategies.paillier_flower import PaillierFedAvg
+from strategies.paillier_message import PaillierFedAvg
 from strategies.paillier_legacy import LegacyPaillierFedAvg
 from strategies.screening import NoUsableUpdate, RoundWatch
 from strategies.secagg_legacy import LegacySecAggFedAvg

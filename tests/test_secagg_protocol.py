@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chi2, chisquare
 
-import strategies.masking as masking
+import strategies.secagg_masks as masking
 import strategies.secagg_protocol as protocol
 from strategies.aggregation import InvalidUpdate, weighted_average
-from strategies.masking import (KeyPair, MaskingError, MaskingParams, encode_weighted, prg,
+from strategies.secagg_masks import (KeyPair, SecAggError, SecAggParams, encode_weighted, prg,
                                 public_of, reconstruct_secret)
 from strategies.secagg_protocol import (RoundAborted, ServerRound, b64, client_mask, client_step,
                                         pair_mask, self_mask_seed)
@@ -45,7 +45,7 @@ class Round:
                  seen_keys=None, nodes=None, fraction=0.5, after=None):
         """``after``: the previous Round; this one goes on with its nodes' states, its
         seen keys and the keys its survivors pre-advertised."""
-        self.params = params or MaskingParams.derive(1.0)
+        self.params = params or SecAggParams.derive(1.0)
         self.nodes = sorted(nodes or (after.nodes if after else node_ids(n, seed)))
         self.length = length
         self.auth = auth  # bytes, None, or {node: key}
@@ -72,7 +72,7 @@ class Round:
                 continue
             try:
                 replies[u], self.state[u] = client_step(req, self.state[u], u, self.key(u))
-            except MaskingError as err:
+            except SecAggError as err:
                 if not tolerate:
                     raise
                 self.refused[u] = str(err)
@@ -179,7 +179,7 @@ def test_round_decodes_the_weighted_average():
 def test_round_matches_weighted_average_property(n, length, degree, mod_bits, value_bits, clip,
                                                  seed):
     max_total = 2 ** (mod_bits - value_bits)
-    params = MaskingParams.derive(clip, max_total_weight=max_total, value_bits=value_bits,
+    params = SecAggParams.derive(clip, max_total_weight=max_total, value_bits=value_bits,
                                   mod_bits=mod_bits)
     r = Round(n, length, degree=degree, params=params, seed=seed)
     rng = np.random.default_rng(seed)
@@ -198,7 +198,7 @@ def test_round_matches_weighted_average_property(n, length, degree, mod_bits, va
 
 def test_sum_of_all_masked_vectors_is_the_sum_plus_self_masks():
     """Integer identity: the pairwise masks cancel exactly; only the self masks remain."""
-    r = Round(7, 400, degree=2, params=MaskingParams.derive(1.0, mod_bits=64))
+    r = Round(7, 400, degree=2, params=SecAggParams.derive(1.0, mod_bits=64))
     r.advertise()
     r.share()
     r.mask()
@@ -302,7 +302,7 @@ def test_too_many_dropouts_in_a_sparse_group_aborts():
     r.share()
     victim = r.nodes[0]
     r.mask(drop=set(r.sr.graph[victim][:4]))  # 3 of its group of 7 are left, 4 needed
-    # its group keeps itself and 2 neighbours, and it refuses to answer: 2 shares of its b
+    # its group keeps itself and 2 neighbors, and it refuses to answer: 2 shares of its b
     # (which node's secret is found short first depends on the random graph)
     with pytest.raises(RoundAborted, match=r"too many dropouts: [0-3] shares of the "
                                            r"(self-mask seed|mask key) of node \d+ arrived, "
@@ -343,7 +343,7 @@ def test_dropout_at_advertise_and_after_share(n):
     never answers the advertise stage and one that drops after the share stage
     crash the server with KeyError. For the dropped node ``v`` it builds
     ``{u: self.adverts[u]["s_pk"] for u in self.graph[v]}`` over *all* of v's graph
-    neighbours, including those that never advertised (not in ``self.adverts``).
+    neighbors, including those that never advertised (not in ``self.adverts``).
     The Flower adapter only catches RoundAborted, so an ordinary pair of dropouts
     crashes aggregate_train instead of giving the survivors' average."""
     r = Round(n, 20)
@@ -353,7 +353,7 @@ def test_dropout_at_advertise_and_after_share(n):
     try:
         avg, _ = r.unmask()
     except KeyError as err:
-        pytest.fail(f"receive_unmask raised KeyError({err}) for a neighbour that never "
+        pytest.fail(f"receive_unmask raised KeyError({err}) for a neighbor that never "
                     "advertised (expected the survivors' average)")
     assert np.abs(avg - r.expected()).max() <= r.params.error_bound
 
@@ -374,7 +374,7 @@ def test_missing_unmask_replies_abort():
 
 def test_fewer_than_two_nodes_abort():
     with pytest.raises(RoundAborted, match="at least 2 nodes"):
-        ServerRound(MaskingParams.derive(1.0), [5, 5], 10)
+        ServerRound(SecAggParams.derive(1.0), [5, 5], 10)
 
 
 def test_late_vector_of_a_dropped_node_stays_masked():
@@ -410,7 +410,7 @@ def test_late_vector_of_a_dropped_node_stays_masked():
     b = base64.b64decode(r.state[late]["b"])
     assert np.array_equal(unmasked - truth, prg(self_mask_seed(b, ctx), r.length, dtype))
     # and decoding it gives nonsense, not the input
-    with pytest.raises(MaskingError, match="exceed"):
+    with pytest.raises(SecAggError, match="exceed"):
         masking.decode_sum(unmasked, r.ws[late], r.params)
 
 
@@ -434,7 +434,7 @@ def test_inconsistent_unmask_requests_never_reveal_both_secrets(told_survivor):
                           "dropped": [] if says_survived else [target]})
         try:
             reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
-        except MaskingError:
+        except SecAggError:
             continue
         rep = json.loads(reply)
         b_count += str(target) in rep["b_shares"]
@@ -452,13 +452,13 @@ def test_unmask_refuses_both_shares_and_a_second_request():
     u, v = r.nodes[1], r.nodes[2]
     data = json.loads(requests[u])
     both = json.dumps({**data, "dropped": data["dropped"] + [v]})
-    with pytest.raises(MaskingError, match=rf"nodes \[{v}\] are listed both as survivors and as "
+    with pytest.raises(SecAggError, match=rf"nodes \[{v}\] are listed both as survivors and as "
                                            "dropped"):
         client_step(both, r.state[u], u, AUTH)
     reply, state = client_step(requests[u], r.state[u], u, AUTH)
     assert state["stage"] == "done"
     for again in (requests[u], both):
-        with pytest.raises(MaskingError, match="out of order"):
+        with pytest.raises(SecAggError, match="out of order"):
             client_step(again, state, u, AUTH)
 
 
@@ -477,7 +477,7 @@ def test_unmask_refuses_bad_requests(change, match):
     r.mask()
     u = r.nodes[0]
     data = json.loads(r.sr.unmask_requests()[u])
-    with pytest.raises(MaskingError, match=match):
+    with pytest.raises(SecAggError, match=match):
         client_step(json.dumps(change(data, u, r.sr.graph)), r.state[u], u, AUTH)
 
 
@@ -524,18 +524,18 @@ def test_receive_masked_refuses_bad_vectors_and_the_round_still_decodes():
 
 
 def test_total_weight_above_max_aborts():
-    params = MaskingParams.derive(1.0, max_total_weight=100)
+    params = SecAggParams.derive(1.0, max_total_weight=100)
     r = Round(3, 10, params=params)
     with pytest.raises(RoundAborted, match=r"total weight 120 outside \[1, 100\]"):
         r.run(ws={u: 40 for u in r.nodes})
 
 
 def test_client_refuses_weight_above_max():
-    r = Round(3, 10, params=MaskingParams.derive(1.0, max_total_weight=100))
+    r = Round(3, 10, params=SecAggParams.derive(1.0, max_total_weight=100))
     r.advertise()
     r.share()
     u = r.nodes[0]
-    with pytest.raises(MaskingError, match=r"weight 101 outside \[1, 100\]"):
+    with pytest.raises(SecAggError, match=r"weight 101 outside \[1, 100\]"):
         client_mask(r.sr.mask_payloads()[u], r.state[u], u, np.zeros(10), 101)
 
 
@@ -664,7 +664,7 @@ def test_replayed_advert_fails_authentication_at_the_nodes():
     r.sr.receive_adverts(replies)
     assert u in r.sr.adverts  # the server cannot tell
     v = nodes[1]
-    with pytest.raises(MaskingError, match=f"the keys of node {u} fail authentication"):
+    with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
         client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
 
 
@@ -674,7 +674,7 @@ def test_substituted_keys_fail_authentication(field):
     r.advertise()
     u, v = r.nodes[0], r.nodes[1]
     r.sr.adverts[u][field] = other_key()  # the server swaps in its own key
-    with pytest.raises(MaskingError, match=f"the keys of node {u} fail authentication"):
+    with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
         client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
 
 
@@ -694,16 +694,16 @@ def test_different_auth_keys_fail():
     r.auth[r.nodes[0]] = bytes(32)
     r.advertise()
     v = r.nodes[1]
-    with pytest.raises(MaskingError, match=f"the keys of node {r.nodes[0]} fail authentication"):
+    with pytest.raises(SecAggError, match=f"the keys of node {r.nodes[0]} fail authentication"):
         client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
 
 
-def test_same_key_for_two_neighbours_refused_by_node():
+def test_same_key_for_two_neighbors_refused_by_node():
     r = Round(5, 10, auth=None)
     r.advertise()
     u, w, v = r.nodes[0], r.nodes[1], r.nodes[2]
     r.sr.adverts[w] = dict(r.sr.adverts[u])
-    with pytest.raises(MaskingError, match="two neighbours advertised the same public key"):
+    with pytest.raises(SecAggError, match="two neighbors advertised the same public key"):
         client_step(r.sr.share_requests()[v], r.state[v], v, None)
 
 
@@ -749,7 +749,7 @@ def test_tampered_sealed_shares_fail_at_unmask(flwr_caplog):
     r.sr.sealed[u][v] = b64(bytes(sealed))
     r.mask()
     request = r.sr.unmask_requests()[u]
-    with pytest.raises(MaskingError, match="a sealed share failed authentication"):
+    with pytest.raises(SecAggError, match="a sealed share failed authentication"):
         client_step(request, r.state[u], u, AUTH)
     # the round goes on without that node's shares
     avg, _ = r.unmask(skip={u})
@@ -763,7 +763,7 @@ def test_sealed_shares_swapped_between_senders_fail():
     u, v, w = r.nodes[:3]
     r.sr.sealed[u][v], r.sr.sealed[u][w] = r.sr.sealed[u][w], r.sr.sealed[u][v]
     r.mask()
-    with pytest.raises(MaskingError, match="failed authentication"):
+    with pytest.raises(SecAggError, match="failed authentication"):
         client_step(r.sr.unmask_requests()[u], r.state[u], u, AUTH)
 
 
@@ -774,22 +774,22 @@ def test_client_stages_out_of_order():
     adv_req = r.sr.advertise_requests()[u]
     r.advertise()
     share_req = r.sr.share_requests()[u]
-    with pytest.raises(MaskingError, match="a 'share' request arrived .* stage None.*out of "
+    with pytest.raises(SecAggError, match="a 'share' request arrived .* stage None.*out of "
                                            "order"):
         client_step(share_req, {}, u, AUTH)
     _, fresh = client_step(adv_req, {}, u, AUTH)
-    with pytest.raises(MaskingError, match="'mask' request .* 'advertised', not 'shared'"):
+    with pytest.raises(SecAggError, match="'mask' request .* 'advertised', not 'shared'"):
         client_mask(json.dumps({"version": 1, "stage": "mask", "context": b64(r.sr.context),
                                 "shares": {}}), fresh, u, np.zeros(10), 1)
     r.share()
     mask_req = r.sr.mask_payloads()[u]
-    with pytest.raises(MaskingError, match="'share' request .* 'shared', not 'advertised'"):
+    with pytest.raises(SecAggError, match="'share' request .* 'shared', not 'advertised'"):
         client_step(share_req, r.state[u], u, AUTH)
-    with pytest.raises(MaskingError, match="'unmask' request .* 'shared', not 'masked'"):
+    with pytest.raises(SecAggError, match="'unmask' request .* 'shared', not 'masked'"):
         client_step(json.dumps({"version": 1, "stage": "unmask", "context": b64(r.sr.context),
                                 "survivors": r.nodes, "dropped": []}), r.state[u], u, AUTH)
     _, _, masked_state = client_mask(mask_req, r.state[u], u, np.zeros(10), 1)
-    with pytest.raises(MaskingError, match="'mask' request .* 'masked', not 'shared'"):
+    with pytest.raises(SecAggError, match="'mask' request .* 'masked', not 'shared'"):
         client_mask(mask_req, masked_state, u, np.zeros(10), 1)
 
 
@@ -802,7 +802,7 @@ def test_client_stages_out_of_order():
     ('{"stage": "advertise"}', "must be an object of version 1"),
 ])
 def test_client_refuses_malformed_requests(request_text, match):
-    with pytest.raises(MaskingError, match=match):
+    with pytest.raises(SecAggError, match=match):
         client_step(request_text, {}, 7, AUTH)
 
 
@@ -811,14 +811,14 @@ def test_client_refuses_json_that_is_not_an_object(request_text):
     """BUG (strategies/secagg_protocol.py client_step): the stage is read with
     ``json.loads(request).get("stage")``, which only catches ValueError, so a request
     that is valid JSON but not an object raises AttributeError instead of the
-    documented MaskingError (loads() would have said "must be an object of version 1")."""
+    documented SecAggError (loads() would have said "must be an object of version 1")."""
     try:
         client_step(request_text, {}, 7, AUTH)
-    except MaskingError:
+    except SecAggError:
         pass
     except AttributeError as err:
         pytest.fail(f"client_step({request_text!r}) raised AttributeError({err}), "
-                    "not MaskingError")
+                    "not SecAggError")
     else:
         pytest.fail("accepted")
 
@@ -826,7 +826,7 @@ def test_client_refuses_json_that_is_not_an_object(request_text):
 @pytest.mark.parametrize("stage", ["share", "unmask"])
 def test_client_refuses_ill_typed_fields_with_masking_error(stage):
     """BUG (same class as above, client_step's _share/_unmask): ill-typed fields of
-    a well-formed request escape as AttributeError/TypeError, not MaskingError: an
+    a well-formed request escape as AttributeError/TypeError, not SecAggError: an
     advert that is not an object (``ad.get`` on a str), ``survivors``/``dropped`` that
     are not lists (iterating an int or None)."""
     r = Round(4, 10)
@@ -845,11 +845,11 @@ def test_client_refuses_ill_typed_fields_with_masking_error(stage):
     for data in bad:
         try:
             client_step(json.dumps(data), r.state[u], u, AUTH)
-        except MaskingError:
+        except SecAggError:
             continue
         except (AttributeError, TypeError) as err:
             escaped.append(f"{type(err).__name__}: {err}")
-    assert not escaped, f"ill-typed {stage} request fields raised {escaped}, not MaskingError"
+    assert not escaped, f"ill-typed {stage} request fields raised {escaped}, not SecAggError"
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -868,10 +868,10 @@ def test_client_refuses_ill_typed_fields_with_masking_error(stage):
 ])
 def test_client_refuses_bad_advertise_requests(change, match):
     good = {"version": 1, "stage": "advertise", "node": 7, "context": b64(bytes(32)),
-            "params": MaskingParams.derive(1.0).to_dict(), "threshold": 2,
+            "params": SecAggParams.derive(1.0).to_dict(), "threshold": 2,
             "points": {"7": 1, "8": 2}}
     client_step(json.dumps(good), {}, 7, AUTH)  # the base request is fine
-    with pytest.raises(MaskingError, match=match):
+    with pytest.raises(SecAggError, match=match):
         client_step(json.dumps({**good, **change}), {}, 7, AUTH)
 
 
@@ -884,15 +884,15 @@ def test_client_refuses_bad_share_requests():
     cases = [
         ({**req, "context": b64(bytes(32))}, "the share request belongs to another round"),
         ({**req, "adverts": {**req["adverts"], str(stranger): r.sr.adverts[stranger]}},
-         rf"keys of nodes \[{stranger}\] that are not this node's neighbours"),
+         rf"keys of nodes \[{stranger}\] that are not this node's neighbors"),
         ({**req, "adverts": {**req["adverts"], str(u): r.sr.adverts[u]}},
-         "not this node's neighbours"),
+         "not this node's neighbors"),
         ({**req, "adverts": dict(list(req["adverts"].items())[:1])},
-         "only 1 neighbours left, 2 needed"),
+         "only 1 neighbors left, 2 needed"),
     ]
     assert r.sr.threshold == 3
     for data, match in cases:
-        with pytest.raises(MaskingError, match=match):
+        with pytest.raises(SecAggError, match=match):
             client_step(json.dumps(data), r.state[u], u, AUTH)
     assert r.state[u]["stage"] == "advertised"
 
@@ -904,20 +904,20 @@ def test_client_refuses_bad_mask_requests():
     u = r.nodes[0]
     req = json.loads(r.sr.mask_payloads()[u])
     few = dict(list(req["shares"].items())[:4])
-    with pytest.raises(MaskingError, match="the train request belongs to another round"):
+    with pytest.raises(SecAggError, match="the train request belongs to another round"):
         client_mask(json.dumps({**req, "context": b64(bytes(32))}), r.state[u], u,
                     np.zeros(10), 1)
-    with pytest.raises(MaskingError, match=r"shares from nodes \[424242\] that did not take "
+    with pytest.raises(SecAggError, match=r"shares from nodes \[424242\] that did not take "
                                            "part"):
         client_mask(json.dumps({**req, "shares": {**req["shares"], "424242": "AA=="}}),
                     r.state[u], u, np.zeros(10), 1)
-    with pytest.raises(MaskingError, match="only 4 neighbours left, 5 needed"):
+    with pytest.raises(SecAggError, match="only 4 neighbors left, 5 needed"):
         client_mask(json.dumps({**req, "shares": few}), r.state[u], u, np.zeros(10), 1)
     v = next(iter(req["shares"]))
-    with pytest.raises(MaskingError, match=f"sealed shares from node {v} must have"):
+    with pytest.raises(SecAggError, match=f"sealed shares from node {v} must have"):
         client_mask(json.dumps({**req, "shares": {**req["shares"], v: b64(bytes(10))}}),
                     r.state[u], u, np.zeros(10), 1)
-    with pytest.raises(MaskingError, match="expected a 'mask' payload"):
+    with pytest.raises(SecAggError, match="expected a 'mask' payload"):
         client_mask(json.dumps({**req, "stage": "share"}), r.state[u], u, np.zeros(10), 1)
 
 
@@ -949,7 +949,7 @@ def test_a_wrong_share_aborts_the_round():
     BUG (strategies/secagg_protocol.py ServerRound._rebuild / receive_unmask): the
     documented RoundAborted is only raised when the rebuilt secret happens to fit in
     32 bytes and then fails its commitment; a wrong share almost always interpolates
-    to a value >= 2^256, and reconstruct_secret's MaskingError ("the shares do not
+    to a value >= 2^256, and reconstruct_secret's SecAggError ("the shares do not
     reconstruct a secret of the expected size") escapes receive_unmask. The Flower
     adapter (SecAggFedAvg.aggregate_train) only catches RoundAborted there, so one
     malicious node crashes the server run instead of skipping the round.
@@ -967,7 +967,7 @@ def test_a_wrong_share_aborts_the_round():
         r.sr.receive_unmask(replies)
     except RoundAborted:
         pass
-    except MaskingError as err:
+    except SecAggError as err:
         pytest.fail(f"receive_unmask raised {type(err).__name__}({err}) instead of RoundAborted")
     else:
         pytest.fail("a wrong share went unnoticed")
@@ -1021,7 +1021,7 @@ def test_preadvertised_keys_are_bound_to_their_round():
     # a round on another context cannot use them: the node refuses...
     other = Round(length=10, after=first)
     other.sr.context = bytes(32)
-    with pytest.raises(MaskingError, match="names no keys this node pre-advertised"):
+    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
         client_step(other.sr.share_requests()[u], other.state[u], u, AUTH)
     # ...and if the server re-binds them to a fresh context, the MAC gives it away
     moved = Round(length=10, after=first, seen_keys=set())
@@ -1030,7 +1030,7 @@ def test_preadvertised_keys_are_bound_to_their_round():
     moved.sr.adverts.pop(v)
     moved.state[v] = {}
     moved.advertise()
-    with pytest.raises(MaskingError, match=f"the keys of node {u} fail authentication"):
+    with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
         client_step(moved.sr.share_requests()[v], moved.state[v], v, AUTH)
 
 
@@ -1043,7 +1043,7 @@ def test_a_preadvertised_pair_is_used_once():
     before = dict(second.state[u])
     _, used = client_step(request, second.state[u], u, AUTH)
     assert second.state[u] == before  # not changed in place
-    with pytest.raises(MaskingError, match="names no keys this node pre-advertised"):
+    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
         client_step(request, used, u, AUTH)  # a replayed share request
     # a normal advertise request drops the pending pair: the share request for it fails
     adv = Round(length=10, after=first).sr
@@ -1051,7 +1051,7 @@ def test_a_preadvertised_pair_is_used_once():
                             **adv._setup(u)})
     _, readvertised = client_step(fresh_req, second.state[u], u, AUTH)
     assert "pending" not in readvertised
-    with pytest.raises(MaskingError, match="names no keys this node pre-advertised"):
+    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
         client_step(request, readvertised, u, AUTH)
 
 
@@ -1098,9 +1098,9 @@ def test_unmask_refuses_a_next_context_equal_to_the_round():
     r.mask()
     u = r.nodes[0]
     data = json.loads(r.sr.unmask_requests()[u])
-    with pytest.raises(MaskingError, match="next round's context is this round's"):
+    with pytest.raises(SecAggError, match="next round's context is this round's"):
         client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, AUTH)
-    with pytest.raises(MaskingError, match="next context"):
+    with pytest.raises(SecAggError, match="next context"):
         client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, AUTH)
 
 

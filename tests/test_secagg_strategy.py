@@ -28,7 +28,7 @@ from strategies.aggregation import weighted_average
 from strategies.keyfiles import KEY_DIR_ENV
 from strategies.screening import NoUsableUpdate
 from strategies.records import record_arrays
-from strategies.secagg_flower import SecAggFedAvg, secagg_mod
+from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from strategies.secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY
 from strategies.secagg_legacy import TENSOR_TYPE, LegacySecAggFedAvg, legacy_secagg_mod
 
@@ -264,8 +264,8 @@ def test_strategy_refuses_bad_arguments():
         SecAggFedAvg(clip=1.0, max_total_weight=2**50, value_bits=16)
     with pytest.raises(ValueError, match="threshold"):
         SecAggFedAvg(clip=1.0, threshold=1.0)
-    with pytest.raises(ValueError, match="num_neighbours"):
-        SecAggFedAvg(clip=1.0, num_neighbours=-1)
+    with pytest.raises(ValueError, match="num_neighbors"):
+        SecAggFedAvg(clip=1.0, num_neighbors=-1)
     with pytest.raises(ValueError, match="clip"):
         SecAggFedAvg(clip=0.0)
 

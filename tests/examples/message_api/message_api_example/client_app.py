@@ -4,8 +4,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from strategies.paillier_flower import paillier_mod
-from strategies.secagg_flower import secagg_mod
+from strategies.paillier_message import paillier_mod
+from strategies.secagg_message import secagg_mod
 
 from message_api_example.task import load_data, loss
 from message_api_example.task import train as train_fn

@@ -9,8 +9,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.keyfiles import load_public_key
-from strategies.paillier_flower import PaillierFedAvg
-from strategies.secagg_flower import SecAggFedAvg
+from strategies.paillier_message import PaillierFedAvg
+from strategies.secagg_message import SecAggFedAvg
 
 from message_api_example.task import initial_weights
 

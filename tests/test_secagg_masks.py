@@ -1,4 +1,4 @@
-"""The cryptographic core of masked secure aggregation (strategies.masking) and the
+"""The cryptographic core of masked secure aggregation (strategies.secagg_masks) and the
 authentication key files (strategies.keyfiles)."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 from strategies.aggregation import weighted_average
 from strategies.keyfiles import AUTH_KEY_BYTES, AUTH_KEY_NAME, load_auth_key, write_auth_key
-from strategies.masking import (
+from strategies.secagg_masks import (
     PRIME,
     SEED_BYTES,
     SHARE_BYTES,
     KeyPair,
-    MaskingError,
-    MaskingParams,
+    SecAggError,
+    SecAggParams,
     MaskOverflow,
     agree,
     commitment,
@@ -29,7 +29,7 @@ from strategies.masking import (
     encode_weighted,
     mac,
     mac_ok,
-    neighbour_graph,
+    neighbor_graph,
     prg,
     public_of,
     quantize,
@@ -46,12 +46,12 @@ SEED = bytes(range(32))
 
 # ------------------------------------------------------------------ parameters
 def test_derive_picks_the_smallest_modulus_with_headroom():
-    assert MaskingParams.derive(1.0).mod_bits == 32  # 65536 x (2^16 - 1) < 2^32
-    assert MaskingParams.derive(1.0, max_total_weight=65537).mod_bits == 32  # = 2^32 - 1
-    assert MaskingParams.derive(1.0, max_total_weight=65538).mod_bits == 64
-    assert MaskingParams.derive(1.0, value_bits=8, max_total_weight=2**24).mod_bits == 32
-    assert MaskingParams.derive(1.0, mod_bits=64).mod_bits == 64
-    p = MaskingParams.derive(0.5, value_bits=4)
+    assert SecAggParams.derive(1.0).mod_bits == 32  # 65536 x (2^16 - 1) < 2^32
+    assert SecAggParams.derive(1.0, max_total_weight=65537).mod_bits == 32  # = 2^32 - 1
+    assert SecAggParams.derive(1.0, max_total_weight=65538).mod_bits == 64
+    assert SecAggParams.derive(1.0, value_bits=8, max_total_weight=2**24).mod_bits == 32
+    assert SecAggParams.derive(1.0, mod_bits=64).mod_bits == 64
+    p = SecAggParams.derive(0.5, value_bits=4)
     assert (p.levels, p.dtype) == (15, np.uint32)
     assert p.step == pytest.approx(1 / 15)
     assert p.error_bound == p.step
@@ -70,14 +70,14 @@ def test_derive_picks_the_smallest_modulus_with_headroom():
     (dict(clip=1.0, value_bits=32, max_total_weight=2**33), "does not fit in 64 bits"),
 ])
 def test_derive_refuses_bad_parameters(kwargs, match):
-    with pytest.raises(MaskingError, match=match):
-        MaskingParams.derive(**kwargs)
+    with pytest.raises(SecAggError, match=match):
+        SecAggParams.derive(**kwargs)
 
 
 def test_params_dict_round_trip():
-    for p in (MaskingParams.derive(0.25), MaskingParams.derive(3.0, 10**6, 20)):
-        assert MaskingParams.from_dict(p.to_dict()) == p
-        assert MaskingParams.from_dict({k: np.int64(v) if isinstance(v, int) else v
+    for p in (SecAggParams.derive(0.25), SecAggParams.derive(3.0, 10**6, 20)):
+        assert SecAggParams.from_dict(p.to_dict()) == p
+        assert SecAggParams.from_dict({k: np.int64(v) if isinstance(v, int) else v
                                         for k, v in p.to_dict().items()}) == p
 
 
@@ -105,30 +105,30 @@ GOOD = {"clip": 1.0, "value-bits": 16, "max-total-weight": 1000, "mod-bits": 32}
     ({"value-bits": 32, "max-total-weight": 2**32 + 2, "mod-bits": 64}, "does not fit in 64"),
 ])
 def test_from_dict_refuses_malformed_values(change, match):
-    with pytest.raises(MaskingError, match=match):
-        MaskingParams.from_dict({**GOOD, **change})
+    with pytest.raises(SecAggError, match=match):
+        SecAggParams.from_dict({**GOOD, **change})
 
 
 @pytest.mark.parametrize("missing", sorted(GOOD))
 def test_from_dict_refuses_missing_keys(missing):
     data = {k: v for k, v in GOOD.items() if k != missing}
-    with pytest.raises(MaskingError, match=f"malformed masking parameters.*'{missing}'"):
-        MaskingParams.from_dict(data)
+    with pytest.raises(SecAggError, match=f"malformed masking parameters.*'{missing}'"):
+        SecAggParams.from_dict(data)
 
 
 def test_from_dict_refuses_non_mapping():
-    with pytest.raises(MaskingError, match="malformed"):
-        MaskingParams.from_dict([1, 2, 3])  # type: ignore[arg-type]
+    with pytest.raises(SecAggError, match="malformed"):
+        SecAggParams.from_dict([1, 2, 3])  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ encoding
 def test_quantize_is_unbiased():
-    p = MaskingParams.derive(1.0, value_bits=4)  # coarse: step 2/15
+    p = SecAggParams.derive(1.0, value_bits=4)  # coarse: step 2/15
     rng = np.random.default_rng(7)
     for x in (0.3, -0.77, 0.999, -1.0, 1.0, 0.0):
         q = quantize(np.full(200_000, x), p, rng)
         lo = math.floor((x + 1.0) / p.step)
-        # only the two neighbouring levels, and on average the value itself
+        # only the two neighboring levels, and on average the value itself
         assert set(np.unique(q).tolist()) <= {lo, min(lo + 1, p.levels)}
         mean = q.astype(np.float64).mean() * p.step - p.clip
         assert abs(mean - x) < 2e-3, (x, mean)
@@ -138,24 +138,24 @@ def test_quantize_is_unbiased():
 
 
 def test_quantize_clips_and_stays_in_range():
-    p = MaskingParams.derive(0.5, value_bits=8)
+    p = SecAggParams.derive(0.5, value_bits=8)
     q = quantize(np.array([-7.0, -0.5, 0.5, 9.0, np.inf, -np.inf]), p, np.random.default_rng(0))
     assert q.dtype == np.uint32
     assert q.tolist() == [0, 0, 255, 255, 255, 0]
 
 
 def test_encode_weighted_weight_bounds():
-    p = MaskingParams.derive(1.0, max_total_weight=100)
+    p = SecAggParams.derive(1.0, max_total_weight=100)
     rng = np.random.default_rng(0)
     enc = encode_weighted(np.array([1.0, -1.0]), 100, p, rng)
     assert enc.tolist() == [100 * p.levels, 0]
     for w in (0, -1, 101):
-        with pytest.raises(MaskingError, match=rf"weight {w} outside \[1, 100\]"):
+        with pytest.raises(SecAggError, match=rf"weight {w} outside \[1, 100\]"):
             encode_weighted(np.zeros(3), w, p, rng)
 
 
 def test_encode_weighted_refuses_non_finite_values():
-    """BUG (strategies/masking.py quantize/encode_weighted): NaN is not refused.
+    """BUG (strategies/secagg_masks.py quantize/encode_weighted): NaN is not refused.
 
     ``np.clip`` keeps NaN and ``astype(uint32)`` turns it into 0 or 2^31 (undefined
     cast: it depends on numpy's code path, e.g. the array length). 0, and 2^31 times
@@ -165,14 +165,14 @@ def test_encode_weighted_refuses_non_finite_values():
     as the Paillier encoder does (strategies/encoding.py: "values hold NaN or
     infinity"). mask_model's clip warning misses NaN too (abs(NaN) > clip is False).
     """
-    p = MaskingParams.derive(1.0)
+    p = SecAggParams.derive(1.0)
     wrong = {}
     for weight in (1, 2):
         try:
             with np.errstate(invalid="ignore"):
                 enc = encode_weighted(np.array([0.0, np.nan]), weight, p,
                                       np.random.default_rng(0))
-        except MaskingError:
+        except SecAggError:
             continue
         wrong[weight] = int(enc[1])
     assert not wrong, (f"NaN was encoded instead of refused (weight -> encoded value: {wrong}; "
@@ -180,7 +180,7 @@ def test_encode_weighted_refuses_non_finite_values():
 
 
 def test_decode_sum_of_extremes_is_exact():
-    p = MaskingParams.derive(2.0, max_total_weight=1000)
+    p = SecAggParams.derive(2.0, max_total_weight=1000)
     out = decode_sum(np.array([0, 7 * p.levels, 7 * (p.levels // 2)], dtype=np.uint32), 7, p)
     assert out.dtype == np.float64
     assert out.tolist() == pytest.approx([-2.0, 2.0, -p.step / 2], abs=1e-12)
@@ -197,7 +197,7 @@ def test_decode_sum_of_extremes_is_exact():
 )
 def test_decode_error_within_bound(clip, value_bits, mod_bits, n, length, seed):
     max_total = 2 ** (mod_bits - value_bits)
-    p = MaskingParams.derive(clip, max_total_weight=max_total, value_bits=value_bits,
+    p = SecAggParams.derive(clip, max_total_weight=max_total, value_bits=value_bits,
                              mod_bits=mod_bits)
     rng = np.random.default_rng(seed)
     weights = [int(w) for w in rng.integers(1, max(2, max_total // n), n)]
@@ -213,7 +213,7 @@ def test_decode_error_within_bound(clip, value_bits, mod_bits, n, length, seed):
 
 
 def test_decode_sum_overflow():
-    p = MaskingParams.derive(1.0, max_total_weight=1000)
+    p = SecAggParams.derive(1.0, max_total_weight=1000)
     W = 5
     ok = np.full(4, W * p.levels, dtype=np.uint32)
     assert decode_sum(ok, W, p).tolist() == pytest.approx([1.0] * 4, abs=1e-12)
@@ -225,7 +225,7 @@ def test_decode_sum_overflow():
     for w in (0, 1001):
         with pytest.raises(MaskOverflow, match="total weight"):
             decode_sum(ok, w, p)
-    assert issubclass(MaskOverflow, MaskingError)
+    assert issubclass(MaskOverflow, SecAggError)
     assert decode_sum(np.zeros(0, dtype=np.uint32), 1, p).shape == (0,)
 
 
@@ -249,7 +249,7 @@ def test_prg_prefix_and_stream_consistency():
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33])
 def test_prg_refuses_bad_seed(size):
-    with pytest.raises(MaskingError, match="32 bytes"):
+    with pytest.raises(SecAggError, match="32 bytes"):
         prg(bytes(size), 4, np.uint32)
 
 
@@ -287,12 +287,12 @@ def test_pair_masks_of_one_edge_are_opposite():
 
 @pytest.mark.parametrize("peer", [b"\x00" * 31, b"\x00" * 33, b""])
 def test_agree_refuses_wrong_key_length(peer):
-    with pytest.raises(MaskingError, match="32 bytes"):
+    with pytest.raises(SecAggError, match="32 bytes"):
         agree(KeyPair.generate().private, peer, b"x")
 
 
 def test_agree_refuses_low_order_point():
-    with pytest.raises(MaskingError, match="unusable peer public key"):
+    with pytest.raises(SecAggError, match="unusable peer public key"):
         agree(KeyPair.generate().private, bytes(32), b"x")
 
 
@@ -302,16 +302,16 @@ def test_seal_unseal():
     assert len(sealed) == 12 + len(b"secret shares") + 16
     assert unseal(key, sealed, b"ad") == b"secret shares"
     assert seal(key, b"secret shares", b"ad") != sealed  # fresh nonce
-    with pytest.raises(MaskingError, match="failed authentication"):
+    with pytest.raises(SecAggError, match="failed authentication"):
         unseal(key, sealed, b"other associated data")
-    with pytest.raises(MaskingError, match="failed authentication"):
+    with pytest.raises(SecAggError, match="failed authentication"):
         unseal(other, sealed, b"ad")
     for i in (0, 12, len(sealed) - 1):
         tampered = bytearray(sealed)
         tampered[i] ^= 1
-        with pytest.raises(MaskingError, match="failed authentication"):
+        with pytest.raises(SecAggError, match="failed authentication"):
             unseal(key, bytes(tampered), b"ad")
-    with pytest.raises(MaskingError, match="failed authentication"):
+    with pytest.raises(SecAggError, match="failed authentication"):
         unseal(key, sealed[:10], b"ad")
 
 
@@ -341,12 +341,12 @@ def test_shamir_any_t_of_n_reconstruct(data, n, secret):
     assert reconstruct_secret({x: shares[x] for x in xs}, t) == secret
     if t >= 2:
         fewer = {x: shares[x] for x in subset[:t - 1]}
-        with pytest.raises(MaskingError, match=f"{t - 1} shares, {t} needed"):
+        with pytest.raises(SecAggError, match=f"{t - 1} shares, {t} needed"):
             reconstruct_secret(fewer, t)
         # interpolating t-1 shares as if the threshold were t-1 gives something else
         try:
             wrong = reconstruct_secret(fewer, t - 1)
-        except MaskingError as err:
+        except SecAggError as err:
             assert "expected size" in str(err)
         else:
             assert wrong != secret
@@ -364,7 +364,7 @@ def test_shamir_shares_are_randomised():
 
 def test_shamir_mixed_shares_of_two_sharings_fail():
     a, b = share_secret(SEED, [1, 2, 3], 2), share_secret(bytes(32), [1, 2, 3], 2)
-    with pytest.raises(MaskingError, match="expected size"):
+    with pytest.raises(SecAggError, match="expected size"):
         reconstruct_secret({1: a[1], 2: b[2]}, 2)
 
 
@@ -377,15 +377,15 @@ def test_shamir_mixed_shares_of_two_sharings_fail():
     ([-1, 2], 2, "distinct and in"),
 ])
 def test_share_secret_refuses_bad_points(xs, t, match):
-    with pytest.raises(MaskingError, match=match):
+    with pytest.raises(SecAggError, match=match):
         share_secret(SEED, xs, t)
 
 
 def test_reconstruct_refuses_malformed_shares():
     shares = share_secret(SEED, [1, 2], 2)
-    with pytest.raises(MaskingError, match="malformed share at point 2"):
+    with pytest.raises(SecAggError, match="malformed share at point 2"):
         reconstruct_secret({1: shares[1], 2: shares[2][:-1]}, 2)
-    with pytest.raises(MaskingError, match="malformed share at point 0"):
+    with pytest.raises(SecAggError, match="malformed share at point 0"):
         reconstruct_secret({0: shares[1], 2: shares[2]}, 2)
 
 
@@ -402,9 +402,9 @@ def test_shamir_secret_sizes():
 @settings(max_examples=150)
 @given(n=st.integers(2, 40), degree=st.integers(0, 45), seed=st.binary(min_size=32, max_size=32),
        base=st.integers(0, 2**60))
-def test_neighbour_graph_properties(n, degree, seed, base):
+def test_neighbor_graph_properties(n, degree, seed, base):
     nodes = [base + 7 * i + 1 for i in range(n)]
-    graph = neighbour_graph(nodes, degree, seed)
+    graph = neighbor_graph(nodes, degree, seed)
     assert set(graph) == set(nodes)
     graph = {u: sorted(vs) for u, vs in graph.items()}
     for u, vs in graph.items():
@@ -427,16 +427,16 @@ def test_neighbour_graph_properties(n, degree, seed, base):
                 seen.add(v)
                 todo.append(v)
     assert seen == set(nodes)
-    again = neighbour_graph(list(reversed(nodes)), degree, seed)  # order-free
+    again = neighbor_graph(list(reversed(nodes)), degree, seed)  # order-free
     assert {u: sorted(vs) for u, vs in again.items()} == graph
 
 
-def test_neighbour_graph_depends_on_seed():
+def test_neighbor_graph_depends_on_seed():
     nodes = list(range(1, 101))
-    graphs = {tuple(map(tuple, neighbour_graph(nodes, 6, bytes([i]) * 32).values()))
+    graphs = {tuple(map(tuple, neighbor_graph(nodes, 6, bytes([i]) * 32).values()))
               for i in range(5)}
     assert len(graphs) == 5
-    g = neighbour_graph(nodes, 6, SEED)
+    g = neighbor_graph(nodes, 6, SEED)
     assert sum(len(v) for v in g.values()) == 100 * 6
 
 
@@ -483,7 +483,7 @@ def test_threshold_for_values(g, fraction, t):
 def test_pairwise_masks_cancel_exactly(n, length, degree, mod_bits, seed, ids):
     dtype = np.uint32 if mod_bits == 32 else np.uint64
     nodes = ids[:n]
-    graph = neighbour_graph(nodes, degree, seed)
+    graph = neighbor_graph(nodes, degree, seed)
     keys = {u: KeyPair.generate() for u in nodes}
     total = np.zeros(length, dtype=dtype)
     per_node = {}

@@ -45,13 +45,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, Layout
 from .fedavg import aggregate_metrics, evaluate_metrics
-from .masking import MaskingError
+from .secagg_masks import SecAggError
 from .node_errors import reports_errors
 from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_node import answer_stage, mask_model, require_payload
 from .secagg_protocol import PAYLOAD_KEY, RoundAborted
-from .secagg_rounds import MaskingRounds
+from .secagg_rounds import SecAggRounds
 from .secagg_wire import STAGE_RECORD_KEY, layout_digest, masked_arrays
 
 # Flower routes a message to a registered function, and the mods wrap those: the
@@ -61,7 +61,7 @@ STAGE_MESSAGE_TYPE = MessageType.TRAIN
 
 
 # ------------------------------------------------------------------ strategy
-class SecAggFedAvg(MaskingRounds, FedAvg):
+class SecAggFedAvg(SecAggRounds, FedAvg):
     """Weighted FedAvg by secure aggregation: the server sees only masked updates.
 
     Parameters
@@ -72,12 +72,12 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
         Largest sum of client weights (examples) in one round; sets the headroom.
     value_bits : int (default: 16)
         Quantization bits per value (error bound ``2 clip / (2^bits - 1)``).
-    num_neighbours : int (default: 0)
-        Neighbours each node masks with and shares its secrets among; 0 takes
+    num_neighbors : int (default: 0)
+        Neighbors each node masks with and shares its secrets among; 0 takes
         SecAgg+'s ``2 ceil(log2 n) + 2`` (all nodes for 10 or fewer).
     threshold : float (default: 0.5)
         A node's secrets need shares from more than this fraction of its share
-        group (itself and its neighbours): the dropouts tolerated per group, and
+        group (itself and its neighbors): the dropouts tolerated per group, and
         the number of colluders with the server it withstands.
     stage_timeout : float (default: 300)
         Seconds to wait for the replies of each key stage.
@@ -94,10 +94,10 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
     """
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
-                 num_neighbours: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
+                 num_neighbors: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._init_masking(clip, max_total_weight, value_bits, num_neighbours, threshold,
+        self._init_masking(clip, max_total_weight, value_bits, num_neighbors, threshold,
                            stage_timeout, max_empty_rounds)
         self._grid: Grid | None = None
 
@@ -184,7 +184,7 @@ class SecAggFedAvg(MaskingRounds, FedAvg):
 # ------------------------------------------------------------------ client mod
 
 
-@reports_errors(MaskingError, PermissionError)
+@reports_errors(SecAggError, PermissionError)
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Answer the key stages; mask the train update on the way out.
 

@@ -35,23 +35,25 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .fixed_point import FixedPoint
+
 SEED_BYTES = 32
 PRIME = 2**521 - 1
 SHARE_BYTES = 66  # ceil(521 / 8)
 _DTYPES = {32: np.uint32, 64: np.uint64}
 
 
-class MaskingError(ValueError):
+class SecAggError(ValueError):
     """Key material, shares or a masked vector that fail a check (the message says which)."""
 
 
-class MaskOverflow(MaskingError):
+class MaskOverflow(SecAggError):
     """The unmasked sum is outside the range an honest weighted sum can take."""
 
 
 # ------------------------------------------------------------------ encoding
 @dataclass(frozen=True)
-class MaskingParams:
+class SecAggParams:
     """Fixed-point encoding of weighted model values in ``Z_{2^mod_bits}``.
 
     A value ``x`` in ``[-clip, clip]`` becomes ``q = (x + clip) / step`` rounded
@@ -69,27 +71,27 @@ class MaskingParams:
 
     @staticmethod
     def derive(clip: float, max_total_weight: int = 65536, value_bits: int = 16,
-               mod_bits: int | None = None) -> MaskingParams:
+               mod_bits: int | None = None) -> SecAggParams:
         """The smallest modulus (32 or 64 bits) with headroom for ``max_total_weight``,
         unless ``mod_bits`` is given."""
         if mod_bits is None:
             mod_bits = next((b for b in (32, 64) if max_total_weight * (2**value_bits - 1)
                              < 2**b), 64)
-        params = MaskingParams(float(clip), int(value_bits), int(max_total_weight), int(mod_bits))
+        params = SecAggParams(float(clip), int(value_bits), int(max_total_weight), int(mod_bits))
         params.check()
         return params
 
     def check(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
-            raise MaskingError(f"clip must be a positive number, got {self.clip}")
+            raise SecAggError(f"clip must be a positive number, got {self.clip}")
         if not 2 <= self.value_bits <= 32:
-            raise MaskingError(f"value_bits must be in [2, 32], got {self.value_bits}")
+            raise SecAggError(f"value_bits must be in [2, 32], got {self.value_bits}")
         if self.mod_bits not in _DTYPES:
-            raise MaskingError(f"mod_bits must be 32 or 64, got {self.mod_bits}")
+            raise SecAggError(f"mod_bits must be 32 or 64, got {self.mod_bits}")
         if self.max_total_weight < 1:
-            raise MaskingError(f"max_total_weight must be >= 1, got {self.max_total_weight}")
+            raise SecAggError(f"max_total_weight must be >= 1, got {self.max_total_weight}")
         if self.max_total_weight * (2**self.value_bits - 1) >= 2**self.mod_bits:
-            raise MaskingError(
+            raise SecAggError(
                 f"max_total_weight {self.max_total_weight} x {self.value_bits}-bit values does "
                 f"not fit in {self.mod_bits} bits: lower value_bits or max_total_weight")
 
@@ -98,12 +100,17 @@ class MaskingParams:
         return _DTYPES[self.mod_bits]
 
     @property
+    def fixed_point(self) -> FixedPoint:
+        """The quantizer of values (shared with Paillier's encoding)."""
+        return FixedPoint(self.clip, self.value_bits)
+
+    @property
     def levels(self) -> int:
-        return 2**self.value_bits - 1
+        return self.fixed_point.levels
 
     @property
     def step(self) -> float:
-        return 2 * self.clip / self.levels
+        return self.fixed_point.step
 
     @property
     def error_bound(self) -> float:
@@ -117,16 +124,16 @@ class MaskingParams:
                 "max-total-weight": self.max_total_weight, "mod-bits": self.mod_bits}
 
     @staticmethod
-    def from_dict(data: dict) -> MaskingParams:
-        """Inverse of :meth:`to_dict`; :class:`MaskingError` if malformed."""
+    def from_dict(data: dict) -> SecAggParams:
+        """Inverse of :meth:`to_dict`; :class:`SecAggError` if malformed."""
         try:
             clip = data["clip"]
             if isinstance(clip, bool) or not isinstance(clip, (int, float)):
                 raise TypeError(f"clip must be a number, got {clip!r}")
-            params = MaskingParams(float(clip), _as_int(data["value-bits"]),
+            params = SecAggParams(float(clip), _as_int(data["value-bits"]),
                                    _as_int(data["max-total-weight"]), _as_int(data["mod-bits"]))
         except (KeyError, TypeError, ValueError) as err:
-            raise MaskingError(f"malformed masking parameters {data!r}: {err}") from None
+            raise SecAggError(f"malformed masking parameters {data!r}: {err}") from None
         params.check()
         return params
 
@@ -137,47 +144,30 @@ def _as_int(value: object) -> int:
     return int(value)
 
 
-def quantize(values: np.ndarray, params: MaskingParams, rng: np.random.Generator) -> np.ndarray:
-    """Clip to ``[-clip, clip]`` and round stochastically to ``[0, levels]`` (unbiased).
-
-    The arithmetic is float64 whatever the input dtype, in place on one copy (this
-    runs on every node for every value of the model). ``floor(s + u)`` with ``u``
-    uniform in ``[0, 1)`` is ``floor(s) + 1`` with probability ``s - floor(s)``:
-    unbiased up to the rounding of ``s + u``, below ``2^(value_bits - 53)`` of a
-    step, and always one of the two levels around ``s`` (``s + u`` rounds to at
-    least ``s`` and at most ``s + 1``, both exact in float64), so the error bound
-    of one step holds exactly.
-    """
-    scaled = np.array(values, dtype=np.float64)
-    np.clip(scaled, -params.clip, params.clip, out=scaled)
-    scaled += params.clip
-    scaled /= params.step
-    scaled += rng.random(scaled.shape)
-    np.floor(scaled, out=scaled)
-    np.minimum(scaled, params.levels, out=scaled)
-    return scaled.astype(params.dtype)
+def quantize(values: np.ndarray, params: SecAggParams, rng: np.random.Generator) -> np.ndarray:
+    """Clip to ``[-clip, clip]`` and round stochastically to ``[0, levels]`` (unbiased;
+    :meth:`FixedPoint.quantize`), in the modulus's dtype."""
+    return params.fixed_point.quantize(values, rng, dtype=params.dtype)
 
 
-def encode_weighted(values: np.ndarray, weight: int, params: MaskingParams,
+def encode_weighted(values: np.ndarray, weight: int, params: SecAggParams,
                     rng: np.random.Generator) -> np.ndarray:
     """``weight * quantize(values)`` in the modulus; ``weight`` must be in
     ``[1, max_total_weight]``."""
     if not 1 <= weight <= params.max_total_weight:
-        raise MaskingError(f"weight {weight} outside [1, {params.max_total_weight}]: raise "
+        raise SecAggError(f"weight {weight} outside [1, {params.max_total_weight}]: raise "
                            "max_total_weight or give the client a smaller weight")
     values = np.asarray(values)
     if values.dtype.kind != "f":  # float32 models are checked as they are, without a copy
         values = values.astype(np.float64)
     if not np.isfinite(values).all():
-        raise MaskingError(f"{int(np.count_nonzero(~np.isfinite(values)))} model values are "
+        raise SecAggError(f"{int(np.count_nonzero(~np.isfinite(values)))} model values are "
                            "NaN or infinite: the local training diverged; lower the learning "
                            "rate")
-    encoded = quantize(values, params, rng)
-    encoded *= params.dtype(weight)
-    return encoded
+    return params.fixed_point.quantize(values, rng, weight, params.dtype)
 
 
-def decode_sum(total: np.ndarray, total_weight: int, params: MaskingParams) -> np.ndarray:
+def decode_sum(total: np.ndarray, total_weight: int, params: SecAggParams) -> np.ndarray:
     """The weighted average from the unmasked sum of weighted values.
 
     Raises
@@ -190,13 +180,13 @@ def decode_sum(total: np.ndarray, total_weight: int, params: MaskingParams) -> n
     if not 1 <= total_weight <= params.max_total_weight:
         raise MaskOverflow(f"total weight {total_weight} outside [1, {params.max_total_weight}]"
                            ": raise max_total_weight")
-    limit = total_weight * params.levels
+    limit = params.fixed_point.max_sum(total_weight)
     if total.size and int(total.max()) > limit:
         bad = int(np.count_nonzero(total > limit))
         raise MaskOverflow(f"{bad} summed values exceed {limit}, the most clients of total "
                            f"weight {total_weight} can send: a mask did not cancel or a client "
                            "sent values out of range")
-    return total.astype(np.float64) * (params.step / total_weight) - params.clip
+    return params.fixed_point.dequantize(total, total_weight)
 
 
 # ------------------------------------------------------------------ PRG
@@ -204,7 +194,7 @@ def prg(seed: bytes, length: int, dtype: type) -> np.ndarray:
     """``length`` pseudorandom elements of ``dtype`` (uniform in ``Z_{2^bits}``)
     from AES-256-CTR keyed by the 32-byte ``seed``."""
     if len(seed) != SEED_BYTES:
-        raise MaskingError(f"a PRG seed has {SEED_BYTES} bytes, got {len(seed)}")
+        raise SecAggError(f"a PRG seed has {SEED_BYTES} bytes, got {len(seed)}")
     nbytes = length * np.dtype(dtype).itemsize
     stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     return np.frombuffer(stream.update(bytes(nbytes)), dtype=dtype)
@@ -230,14 +220,14 @@ def public_of(private: bytes) -> bytes:
 
 
 def check_public_key(public: bytes) -> None:
-    """:class:`MaskingError` unless ``public`` is an X25519 public key a node can agree
+    """:class:`SecAggError` unless ``public`` is an X25519 public key a node can agree
     on a secret with: not one of the low-order points that make every secret zero."""
     if len(public) != 32:
-        raise MaskingError(f"an X25519 public key has 32 bytes, got {len(public)}")
+        raise SecAggError(f"an X25519 public key has 32 bytes, got {len(public)}")
     try:
         X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
-        raise MaskingError("a public key of low order: every secret agreed with it would be "
+        raise SecAggError("a public key of low order: every secret agreed with it would be "
                            "zero") from None
 
 
@@ -245,12 +235,12 @@ def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:
     """A 32-byte key both ends derive: HKDF-SHA256 of the X25519 shared secret,
     bound to ``info`` (the round and the purpose)."""
     if len(peer_public) != 32:
-        raise MaskingError(f"an X25519 public key has 32 bytes, got {len(peer_public)}")
+        raise SecAggError(f"an X25519 public key has 32 bytes, got {len(peer_public)}")
     try:
         shared = X25519PrivateKey.from_private_bytes(private).exchange(
             X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as err:  # the all-zero shared secret of a low-order point
-        raise MaskingError(f"unusable peer public key: {err}") from None
+        raise SecAggError(f"unusable peer public key: {err}") from None
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
@@ -261,12 +251,12 @@ def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
 
 
 def unseal(key: bytes, sealed: bytes, associated: bytes) -> bytes:
-    """Inverse of :func:`seal`; :class:`MaskingError` if it was altered or is
+    """Inverse of :func:`seal`; :class:`SecAggError` if it was altered or is
     addressed to another pair of nodes or round."""
     try:
         return AESGCM(key).decrypt(sealed[:12], sealed[12:], associated)
     except (InvalidTag, ValueError):
-        raise MaskingError("a sealed share failed authentication (altered, or sealed for "
+        raise SecAggError("a sealed share failed authentication (altered, or sealed for "
                            "another node or round)") from None
 
 
@@ -289,9 +279,9 @@ def share_secret(secret: bytes, xs: list[int], threshold: int) -> dict[int, byte
     """Shamir shares of ``secret`` at the points ``xs`` (distinct, in [1, p)); any
     ``threshold`` of them give it back, fewer reveal nothing."""
     if not 1 <= threshold <= len(xs):
-        raise MaskingError(f"threshold {threshold} must be in [1, {len(xs)}]")
+        raise SecAggError(f"threshold {threshold} must be in [1, {len(xs)}]")
     if len(set(xs)) != len(xs) or not all(0 < x < PRIME for x in xs):
-        raise MaskingError("share points must be distinct and in [1, p)")
+        raise SecAggError("share points must be distinct and in [1, p)")
     coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME)
                                                      for _ in range(threshold - 1)]
     shares = {}
@@ -311,11 +301,11 @@ def reconstruct_secret(shares: dict[int, bytes], threshold: int, length: int = S
     commitment or public key, since a wrong share gives a wrong secret.
     """
     if len(shares) < threshold:
-        raise MaskingError(f"{len(shares)} shares, {threshold} needed")
+        raise SecAggError(f"{len(shares)} shares, {threshold} needed")
     points = []
     for x, y in list(shares.items())[:threshold]:
         if len(y) != SHARE_BYTES or not 0 < x < PRIME:
-            raise MaskingError(f"malformed share at point {x}")
+            raise SecAggError(f"malformed share at point {x}")
         points.append((x, int.from_bytes(y, "big")))
     secret = 0
     for i, (xi, yi) in enumerate(points):
@@ -326,12 +316,12 @@ def reconstruct_secret(shares: dict[int, bytes], threshold: int, length: int = S
                 den = den * (xj - xi) % PRIME
         secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
     if secret >= 2 ** (8 * length):
-        raise MaskingError("the shares do not reconstruct a secret of the expected size")
+        raise SecAggError("the shares do not reconstruct a secret of the expected size")
     return secret.to_bytes(length, "big")
 
 
 # ------------------------------------------------------------------ graph
-def neighbour_graph(nodes: list[int], degree: int, seed: bytes) -> dict[int, list[int]]:
+def neighbor_graph(nodes: list[int], degree: int, seed: bytes) -> dict[int, list[int]]:
     """SecAgg+'s sparse communication graph: the nodes in a random order on a ring,
     each joined to ``max(1, degree // 2)`` nodes on either side (a Harary graph of
     even degree; complete when ``degree >= len(nodes) - 1``). ``seed`` fixes the order."""
@@ -350,7 +340,7 @@ def neighbour_graph(nodes: list[int], degree: int, seed: bytes) -> dict[int, lis
 
 
 def default_degree(num_nodes: int) -> int:
-    """SecAgg+'s logarithmic degree: 2 ceil(log2 n) + 2 neighbours, at most all others."""
+    """SecAgg+'s logarithmic degree: 2 ceil(log2 n) + 2 neighbors, at most all others."""
     if num_nodes <= 1:
         return 0
     return min(num_nodes - 1, 2 * math.ceil(math.log2(num_nodes)) + 2)
@@ -358,5 +348,5 @@ def default_degree(num_nodes: int) -> int:
 
 def threshold_for(group_size: int, fraction: float) -> int:
     """Shares needed to reconstruct: more than ``fraction`` of a share group
-    (a node and its neighbours), at least 1, at most the group."""
+    (a node and its neighbors), at least 1, at most the group."""
     return max(1, min(group_size, math.floor(fraction * group_size) + 1))
