@@ -40,6 +40,11 @@ class PartitionSpec:
             raise ValueError(f"num-partitions must be >= 1, got {self.num_partitions}")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.shards_per_client < 1 or self.shard_size < 1:
+            raise ValueError(f"shards-per-client and shard-size must be >= 1, got "
+                             f"{self.shards_per_client} and {self.shard_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def make_partitioner(spec: PartitionSpec) -> Partitioner:

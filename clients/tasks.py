@@ -68,6 +68,11 @@ class DataSpec:
             raise ValueError(f"data-source must be one of {SOURCES}, got '{self.source}'")
         if self.mnist_model not in MNIST_MODELS:
             raise ValueError(f"mnist-model must be one of {MNIST_MODELS}, got '{self.mnist_model}'")
+        if not 0 < self.local_test_fraction < 1:
+            raise ValueError(f"local-test-fraction must be in (0, 1), got "
+                             f"{self.local_test_fraction}")
+        if self.spam_buckets < 1:
+            raise ValueError(f"spam-buckets must be >= 1, got {self.spam_buckets}")
 
     @property
     def resolved_source(self) -> str:

@@ -279,13 +279,13 @@ class SettingsSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__init__(
             num_shares=1.0,  # placeholders, replaced in every setup stage
             reconstruction_threshold=1.0,
-            max_weight=float(settings.secagg_max_total_weight),
-            clipping_range=float(settings.secagg_clip),
-            quantization_range=2 ** settings.secagg_value_bits,
+            max_weight=float(settings.secagg.max_total_weight),
+            clipping_range=float(settings.secagg.clip),
+            quantization_range=2 ** settings.secagg.value_bits,
             timeout=settings.round_timeout,
         )
-        self.neighbors = settings.secagg_neighbors
-        self.threshold_fraction = settings.secagg_threshold
+        self.neighbors = settings.secagg.neighbors
+        self.threshold_fraction = settings.secagg.threshold
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's setup stage, with the shares and threshold for this round's sample."""

@@ -70,19 +70,19 @@ def _paillier(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
     from strategies.paillier_message import PaillierFedAvg
 
     return PaillierFedAvg(
-        load_public_key(Path(settings.paillier_public_key).expanduser()),
-        clip=settings.paillier_clip, value_bits=settings.paillier_value_bits,
-        max_total_weight=settings.paillier_max_total_weight,
-        weight_unit=settings.paillier_weight_unit, **sampling)
+        load_public_key(Path(settings.paillier.public_key).expanduser()),
+        clip=settings.paillier.clip, value_bits=settings.paillier.value_bits,
+        max_total_weight=settings.paillier.max_total_weight,
+        weight_unit=settings.paillier.weight_unit, **sampling)
 
 
 def _masking(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
     from strategies.secagg_message import SecAggFedAvg
 
     return SecAggFedAvg(
-        clip=settings.secagg_clip, value_bits=settings.secagg_value_bits,
-        max_total_weight=settings.secagg_max_total_weight,
-        num_neighbors=settings.secagg_neighbors, threshold=settings.secagg_threshold,
+        clip=settings.secagg.clip, value_bits=settings.secagg.value_bits,
+        max_total_weight=settings.secagg.max_total_weight,
+        num_neighbors=settings.secagg.neighbors, threshold_fraction=settings.secagg.threshold,
         stage_timeout=settings.round_timeout, **sampling)
 
 
@@ -91,10 +91,10 @@ def _check_plain(settings: RunSettings) -> None:
 
 
 def _check_paillier(settings: RunSettings) -> None:
-    if not settings.paillier_public_key:
+    if not settings.paillier.public_key:
         raise ValueError("aggregation='paillier' needs paillier-public-key: the path of the "
                          "public key file on the server (make one with 'fedapp keygen')")
-    if settings.dp_noise_multiplier > 0 and settings.dp_adaptive_clip:
+    if settings.dp.noise_multiplier > 0 and settings.dp.adaptive_clip:
         raise ValueError("adaptive clipping needs the count of unclipped updates, which the "
                          "server cannot read under Paillier: set dp-adaptive-clip false")
 
@@ -102,11 +102,11 @@ def _check_paillier(settings: RunSettings) -> None:
 def _check_masking(settings: RunSettings) -> None:
     from strategies.secagg_rounds import secagg_params
 
-    secagg_params(settings.secagg_clip, settings.secagg_max_total_weight,
-                   settings.secagg_value_bits, settings.secagg_neighbors,
-                   settings.secagg_threshold)
-    if settings.dp_noise_multiplier > 0 and settings.dp_adaptive_clip \
-            and settings.secagg_clip < 1:
+    secagg_params(settings.secagg.clip, settings.secagg.max_total_weight,
+                   settings.secagg.value_bits, settings.secagg.neighbors,
+                   settings.secagg.threshold)
+    if settings.dp.noise_multiplier > 0 and settings.dp.adaptive_clip \
+            and settings.secagg.clip < 1:
         raise ValueError("adaptive clipping with secagg sends a 0/1 value through the masked "
                          "sum: secagg-clip must be >= 1")
 

@@ -14,15 +14,15 @@ def build_strategy(settings: RunSettings) -> Strategy:
     """The run's strategy: the aggregation's, wrapped in central DP when
     ``dp-noise-multiplier`` > 0."""
     strategy = aggregation_strategy(settings)
-    if settings.dp_noise_multiplier <= 0:
+    if settings.dp.noise_multiplier <= 0:
         return strategy
     return CentralDP(
-        strategy, noise_multiplier=settings.dp_noise_multiplier, clip=settings.dp_clip,
-        population=settings.dp_population, delta=settings.dp_delta,
-        max_epsilon=settings.dp_max_epsilon, adaptive=settings.dp_adaptive_clip,
-        target_quantile=settings.dp_target_quantile,
-        clip_learning_rate=settings.dp_clip_learning_rate,
-        clipped_count_stddev=settings.dp_clipped_count_stddev)
+        strategy, noise_multiplier=settings.dp.noise_multiplier, clip=settings.dp.clip,
+        population=settings.dp.population, delta=settings.dp.delta,
+        max_epsilon=settings.dp.max_epsilon, adaptive=settings.dp.adaptive_clip,
+        target_quantile=settings.dp.target_quantile,
+        clip_learning_rate=settings.dp.clip_learning_rate,
+        clipped_count_stddev=settings.dp.clipped_count_stddev)
 
 
 def aggregation_strategy(settings: RunSettings) -> Strategy:

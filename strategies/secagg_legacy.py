@@ -76,7 +76,7 @@ class LegacySecAggFedAvg(SecAggRounds, FedAvg):
 
     Parameters
     ----------
-    clip, max_total_weight, value_bits, num_neighbors, threshold, stage_timeout,
+    clip, max_total_weight, value_bits, num_neighbors, threshold_fraction, stage_timeout,
     max_empty_rounds
         As for :class:`strategies.secagg_message.SecAggFedAvg` (the Message-API adapter).
     **kwargs
@@ -90,10 +90,10 @@ class LegacySecAggFedAvg(SecAggRounds, FedAvg):
     """
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
-                 num_neighbors: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
+                 num_neighbors: int = 0, threshold_fraction: float = 0.5, stage_timeout: float = 300.0,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._init_masking(clip, max_total_weight, value_bits, num_neighbors, threshold,
+        self._init_masking(clip, max_total_weight, value_bits, num_neighbors, threshold_fraction,
                            stage_timeout, max_empty_rounds)
         self._proxies: dict[int, ClientProxy] = {}
         log(INFO, "LegacySecAggFedAvg: %s", self._describe())

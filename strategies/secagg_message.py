@@ -75,7 +75,7 @@ class SecAggFedAvg(SecAggRounds, FedAvg):
     num_neighbors : int (default: 0)
         Neighbors each node masks with and shares its secrets among; 0 takes
         SecAgg+'s ``2 ceil(log2 n) + 2`` (all nodes for 10 or fewer).
-    threshold : float (default: 0.5)
+    threshold_fraction : float (default: 0.5)
         A node's secrets need shares from more than this fraction of its share
         group (itself and its neighbors): the dropouts tolerated per group, and
         the number of colluders with the server it withstands.
@@ -94,10 +94,10 @@ class SecAggFedAvg(SecAggRounds, FedAvg):
     """
 
     def __init__(self, *, clip: float, max_total_weight: int = 65536, value_bits: int = 16,
-                 num_neighbors: int = 0, threshold: float = 0.5, stage_timeout: float = 300.0,
+                 num_neighbors: int = 0, threshold_fraction: float = 0.5, stage_timeout: float = 300.0,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._init_masking(clip, max_total_weight, value_bits, num_neighbors, threshold,
+        self._init_masking(clip, max_total_weight, value_bits, num_neighbors, threshold_fraction,
                            stage_timeout, max_empty_rounds)
         self._grid: Grid | None = None
 

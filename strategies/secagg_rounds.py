@@ -18,13 +18,13 @@ from .screening import RoundWatch
 from .secagg_protocol import ServerRound
 
 def secagg_params(clip: float, max_total_weight: int, value_bits: int, num_neighbors: int,
-                   threshold: float) -> SecAggParams:
+                   threshold_fraction: float) -> SecAggParams:
     """Check a masking strategy's arguments; the encoding its clients must use."""
     if num_neighbors < 0:
         raise ValueError(f"num_neighbors must be >= 0 (0: SecAgg+'s logarithmic default), "
                          f"got {num_neighbors}")
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if not 0.0 <= threshold_fraction < 1.0:
+        raise ValueError(f"threshold_fraction must be in [0, 1), got {threshold_fraction}")
     try:
         return SecAggParams.derive(clip, max_total_weight, value_bits)
     except SecAggError as err:
@@ -39,13 +39,13 @@ class SecAggRounds:
     server_sees = "masked"  # for CentralDP: clients clip, noise goes on the unmasked sum
 
     def _init_masking(self, clip: float, max_total_weight: int, value_bits: int,
-                      num_neighbors: int, threshold: float, stage_timeout: float,
+                      num_neighbors: int, threshold_fraction: float, stage_timeout: float,
                       max_empty_rounds: int) -> None:
         self.watch = RoundWatch(max_empty_rounds)
         self.params = secagg_params(clip, max_total_weight, value_bits, num_neighbors,
-                                     threshold)
+                                     threshold_fraction)
         self.num_neighbors = num_neighbors
-        self.threshold = threshold
+        self.threshold_fraction = threshold_fraction
         self.stage_timeout = stage_timeout
         self._seen_keys: set[bytes] = set()
         self._round: ServerRound | None = None
@@ -58,7 +58,7 @@ class SecAggRounds:
         """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
         preadvertised, self._next = self._next, None
         return ServerRound(self.params, nodes, self._layout.size, self.num_neighbors,
-                           self.threshold, self._seen_keys, preadvertised)
+                           self.threshold_fraction, self._seen_keys, preadvertised)
 
     def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
                                                                  dict[int, str]]) -> None:
@@ -91,6 +91,6 @@ class SecAggRounds:
     def _describe(self) -> str:
         return (f"{self.params.value_bits}-bit values in [-{self.params.clip:g}, "
                 f"{self.params.clip:g}] mod 2^{self.params.mod_bits}, neighbors "
-                f"{self.num_neighbors or 'auto (log n)'}, threshold > {self.threshold:g} "
+                f"{self.num_neighbors or 'auto (log n)'}, threshold > {self.threshold_fraction:g} "
                 "of each share group")
 

@@ -19,11 +19,11 @@ def test_pyproject_run_config_is_the_defaults_and_has_no_federations():
 
 def test_auto_settings_take_the_task_defaults():
     s = RunSettings.from_run_config({"task": "housing"})
-    assert (s.optimizer, s.local_epochs, s.weight_decay) == ("adam", 10, 0.1)
+    assert (s.train.optimizer, s.train.local_epochs, s.train.weight_decay) == ("adam", 10, 0.1)
     s = RunSettings.from_run_config({"task": "mnist", "learning-rate": 0.2, "batch-size": 10})
-    assert (s.learning_rate, s.batch_size, s.optimizer) == (0.2, 10, "sgd")
+    assert (s.train.learning_rate, s.train.batch_size, s.train.optimizer) == (0.2, 10, "sgd")
     assert s.train_config()["learning-rate"] == 0.2
-    assert RunSettings.from_run_config({"task": "spam", "aggregation": "secagg"}).secagg_clip == 8.0
+    assert RunSettings.from_run_config({"task": "spam", "aggregation": "secagg"}).secagg.clip == 8.0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -36,7 +36,7 @@ def test_auto_settings_take_the_task_defaults():
     ({"num-server-rounds": 0}, "num-server-rounds"),
     ({"aggregation": "secure"}, "aggregation must be one of"),
     ({"aggregation": "paillier"}, "needs paillier-public-key"),
-    ({"aggregation": "secagg", "secagg-threshold": 1.0}, "threshold must be in"),
+    ({"aggregation": "secagg", "secagg-threshold": 1.0}, "threshold_fraction must be in"),
     ({"aggregation": "secagg", "secagg-neighbors": -2}, "num_neighbors must be >= 0"),
     ({"aggregation": "secagg", "secagg-clip": -1.0}, "clip must be a positive"),
     ({"aggregation": "secagg", "secagg-value-bits": 40}, "value_bits must be in"),

@@ -319,8 +319,8 @@ def test_simulation_reports_growing_cumulative_epsilon(tmp_path):
     sizes = [len(load_client_data(spec, pid)[0]) for pid in range(2)]
     for rnd in (1, 2):
         expected = sum(n * independent_epsilon(
-            [(settings.dp_sgd_noise_multiplier, settings.batch_size / n,
-              rnd * math.ceil(n / settings.batch_size))], settings.dp_delta)
+            [(settings.dp_sgd.noise_multiplier, settings.train.batch_size / n,
+              rnd * math.ceil(n / settings.train.batch_size))], settings.dp.delta)
             for n in sizes) / sum(sizes)
         assert rows[rnd]["train-dp-sgd-epsilon"] == pytest.approx(expected, rel=1e-6)
     assert 0 < rows[1]["train-dp-sgd-epsilon"] < rows[2]["train-dp-sgd-epsilon"]

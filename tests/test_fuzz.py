@@ -1660,14 +1660,15 @@ def test_run_settings(data):
         return
     s = result
     for key, value in overrides.items():  # taken as given, never converted from another type
-        got = getattr(s, key.replace("-", "_"))
+        got = s.value(key)
         if value != "auto":
             assert type(got) in (type(value), float), (key, value, got)
             assert got == (float(value) if type(got) is float else value), (key, value, got)
-    assert s.round_timeout > 0 and 0 < s.local_test_fraction < 1
-    assert min(s.spam_buckets, s.shards_per_client, s.shard_size) >= 1
-    assert min(s.momentum, s.weight_decay, s.dp_noise_multiplier, s.dp_population, s.seed) >= 0
-    for name, value in vars(s).items():
+    assert s.round_timeout > 0 and 0 < s.data.local_test_fraction < 1
+    assert min(s.data.spam_buckets, s.data.shards_per_client, s.data.shard_size) >= 1
+    assert min(s.train.momentum, s.train.weight_decay, s.dp.noise_multiplier, s.dp.population,
+               s.seed) >= 0
+    for name, value in s.as_dict().items():
         if isinstance(value, float):
             assert math.isfinite(value), name
 

@@ -263,7 +263,7 @@ def test_strategy_refuses_bad_arguments():
     with pytest.raises(ValueError, match="does not fit"):
         SecAggFedAvg(clip=1.0, max_total_weight=2**50, value_bits=16)
     with pytest.raises(ValueError, match="threshold"):
-        SecAggFedAvg(clip=1.0, threshold=1.0)
+        SecAggFedAvg(clip=1.0, threshold_fraction=1.0)
     with pytest.raises(ValueError, match="num_neighbors"):
         SecAggFedAvg(clip=1.0, num_neighbors=-1)
     with pytest.raises(ValueError, match="clip"):
