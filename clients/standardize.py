@@ -10,6 +10,7 @@ little-endian bytes, a type that both Flower APIs carry in configs.
 from __future__ import annotations
 
 import numpy as np
+from strategies.checks import is_int
 
 STAT_KEYS = ("stats-n", "stats-sum", "stats-sumsq")
 
@@ -50,7 +51,7 @@ def read_stats(report: object, width: int) -> tuple[int, np.ndarray, np.ndarray]
     if not isinstance(report, dict):
         raise ValueError(f"a statistics report must be a dict, got {type(report).__name__}")
     count = report.get("stats-n")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if not is_int(count) or count < 0:
         raise ValueError(f"stats-n must be a non-negative int, got {count!r}")
     return (count, decode_floats(report.get("stats-sum"), width, "stats-sum"),
             decode_floats(report.get("stats-sumsq"), width, "stats-sumsq"))

@@ -10,7 +10,6 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from . import loaders

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .examples import Examples
+from strategies.checks import is_number
 
 OPTIMIZERS = ("sgd", "adam")  # "adam" is AdamW: decoupled weight decay
 
@@ -27,7 +28,7 @@ def config_number(config: dict, key: str, kind: type, default: float | None = No
     if key not in config and default is None:
         raise ValueError(f"the server's config lacks '{key}': is the ServerApp ours?")
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+    if not is_number(value) \
             or not math.isfinite(value) or (kind is int and value != int(value)):
         raise ValueError(f"{key} must be a finite {'integer' if kind is int else 'number'}, "
                          f"got {value!r}")

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from clients.partition import PartitionSpec
 from clients.tasks import DataSpec, Task, get_task
+from strategies.checks import is_number
 
 #: Clip range of the secure aggregations' fixed-point encoding per task: above the
 #: largest weight each model reaches.
@@ -315,7 +316,7 @@ def _check_type(key: str, value: Any) -> None:
         return
     kind = _kind(key)
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        ok = is_number(value) \
             and math.isfinite(value)
     else:
         ok = type(value) is kind

@@ -44,6 +44,7 @@ from strategies.screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch, report_fail
 from .config import RunSettings
 from .nodes import make_client
 from .outputs import RunRecorder
+from strategies.checks import is_number
 
 
 def client_fn(context: Context):
@@ -130,7 +131,7 @@ class StandardizingFedAvg(FedAvg):
         for proxy, res in results:
             try:
                 check_weight(res.num_examples)
-                if isinstance(res.loss, bool) or not isinstance(res.loss, (int, float)) \
+                if not is_number(res.loss) \
                         or not math.isfinite(res.loss):
                     raise InvalidUpdate(f"the loss must be a finite number, got {res.loss!r}")
             except InvalidUpdate as err:

@@ -14,8 +14,9 @@ Legacy API (``server_fn`` / ``client_fn``): the ``Legacy*`` strategies and
 Layout, by the direction of imports:
 
 - protocol cores, which never import Flower: :mod:`~strategies.aggregation` (update
-  checks, weighted average, layouts), :mod:`~strategies.encoding` (fixed point and
-  packing), :mod:`~strategies.paillier`, :mod:`~strategies.paillier_protocol`,
+  checks, weighted average, layouts), :mod:`~strategies.checks` (type checks),
+  :mod:`~strategies.fixed_point` (the quantizer both secure aggregations use),
+  :mod:`~strategies.encoding` (Paillier's packing), :mod:`~strategies.paillier`, :mod:`~strategies.paillier_protocol`,
   :mod:`~strategies.secagg_masks`, :mod:`~strategies.secagg_protocol`,
   :mod:`~strategies.secagg_wire`, :mod:`~strategies.dp`, :mod:`~strategies.keyfiles`,
   :mod:`~strategies.legacy_wire`;

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from .checks import is_int
 
 
 class InvalidUpdate(ValueError):
@@ -19,7 +20,7 @@ class InvalidUpdate(ValueError):
 
 def check_weight(num_examples: object) -> int:
     """A client's weight: a positive integer number of examples."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
+    if not is_int(num_examples):
         raise InvalidUpdate(f"num-examples must be an int, got {type(num_examples).__name__}")
     if num_examples <= 0:
         raise InvalidUpdate(f"num-examples must be positive, got {num_examples}")
@@ -70,7 +71,7 @@ class Layout:
             raise ValueError("a layout needs one name, shape and dtype per array")
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
             if not isinstance(name, str) or not all(
-                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                    is_int(d) and d >= 0 for d in shape):
                 raise ValueError(f"bad layout entry {name!r} {shape!r}: a name and a shape of "
                                  "non-negative ints")
             if math.prod(shape) >= 2**63:

@@ -24,6 +24,7 @@ from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_up
 from .paillier import Encryptor
 from .paillier_protocol import EncryptedModel, add_noise
 from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
+from .checks import is_number
 
 CLIP_KEY = "dp-clip"
 
@@ -217,7 +218,7 @@ def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
     the unclipped bit when the round asks for it). Refuses when the server sent no
     clipping norm (it is not running central DP)."""
     clip = config.get(CLIP_KEY)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf:
+    if not is_number(clip) or not 0 < clip < math.inf:
         raise ValueError("this node clips its updates for central DP (dp_clip_mod) but the "
                          "server sent no dp-clip norm: the server must wrap its strategy in "
                          "CentralDP (Message API) or LegacyCentralDP (legacy API); got "

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .fixed_point import FixedPoint
+from .checks import is_int, is_number
 
 __all__ = [
     "EncodingOverflow",
@@ -108,11 +109,11 @@ class EncodingParams:
     def __post_init__(self) -> None:
         for name in ("value_bits", "headroom_bits", "slot_bits", "slots_per_plaintext"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value):
                 raise ValueError(f"{name} must be an int, got {type(value).__name__}")
             object.__setattr__(self, name, int(value))
         clip = self.clip
-        if isinstance(clip, bool) or not isinstance(clip, (int, float, np.floating, np.integer)):
+        if not is_number(clip):
             raise ValueError(f"clip must be a number, got {type(clip).__name__}")
         clip = float(clip)
         if not math.isfinite(clip) or clip <= 0:
@@ -170,7 +171,7 @@ class EncodingParams:
                 f"max_total_weight must be an int, got {type(max_total_weight).__name__}")
         if max_total_weight < 1:
             raise ValueError(f"max_total_weight must be >= 1, got {max_total_weight}")
-        if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or n_bits < 2:
+        if not is_int(n_bits) or n_bits < 2:
             raise ValueError(f"n_bits must be an int >= 2, got {n_bits!r}")
         headroom = (int(max_total_weight) - 1).bit_length()  # ceil(log2(W)), 0 for W = 1
         if slot_bits is None:
@@ -244,7 +245,7 @@ class EncodingParams:
         """``noise_offset`` as an int; ``ValueError`` unless it is one that
         :func:`encode_noise` can produce for a sum of ``total_weight``
         (:class:`EncodingOverflow` if it does not fit the slots)."""
-        if isinstance(noise_offset, bool) or not isinstance(noise_offset, (int, np.integer)) \
+        if not is_int(noise_offset) \
                 or noise_offset < 0:
             raise ValueError(f"noise offset must be a non-negative int, got {noise_offset!r}")
         if noise_offset and int(total_weight) * self.max_value + 2 * int(noise_offset) \
@@ -294,7 +295,7 @@ class EncodingParams:
 
 
 def _check_weight(weight: object, params: EncodingParams, name: str) -> int:
-    if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)):
+    if not is_int(weight):
         raise ValueError(f"{name} must be an int, got {type(weight).__name__}")
     if not 1 <= weight <= params.max_total_weight:
         raise ValueError(
@@ -415,7 +416,7 @@ def unpack(
         bits above the top slot, a slot exceeds ``total_weight * (2**value_bits - 1)``
         or a padding slot is not zero.
     """
-    if isinstance(total_weight, bool) or not isinstance(total_weight, (int, np.integer)):
+    if not is_int(total_weight):
         raise ValueError(f"total_weight must be an int, got {type(total_weight).__name__}")
     if total_weight < 1:
         raise ValueError(f"total_weight must be >= 1, got {total_weight}")
@@ -473,7 +474,7 @@ def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int,
                noise_offset: int = 0) -> np.ndarray:
     """The weighted average ``(S - noise_offset) / W * scale - clip`` as float64
     (its error bound is :meth:`EncodingParams.max_error`)."""
-    if isinstance(total_weight, bool) or not isinstance(total_weight, (int, np.integer)):
+    if not is_int(total_weight):
         raise ValueError(f"total_weight must be an int, got {type(total_weight).__name__}")
     if total_weight < 1:
         raise ValueError(f"total_weight must be >= 1, got {total_weight}")

@@ -62,7 +62,7 @@ import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
-from .encoding import EncodingParams
+from .checks import is_int
 
 __all__ = [
     "MIN_KEY_BITS",
@@ -165,7 +165,7 @@ class PublicKey:
         _check_modulus_size(n.bit_length(), allow_insecure)
         if not 1 < h < n or gmpy2.gcd(h, n) != 1:
             raise ValueError("h must be an element of Z_n^* other than 1")
-        if isinstance(subgroup_bits, bool) or not isinstance(subgroup_bits, int) \
+        if not is_int(subgroup_bits) \
                 or not 16 <= subgroup_bits <= n.bit_length() // 2:
             raise ValueError(f"subgroup_bits must be an int in [16, n_bits / 2], "
                              f"got {subgroup_bits!r}")
@@ -367,7 +367,7 @@ def generate_keypair(
     ``p - 1`` and ``q - 1`` are not smooth), and ``h`` of order ``alpha_p alpha_q``
     modulo ``n`` (CRT of elements of order ``alpha_p`` mod ``p`` and ``alpha_q`` mod ``q``).
     """
-    if isinstance(n_bits, bool) or not isinstance(n_bits, int) or n_bits % 2 or n_bits < 128:
+    if not is_int(n_bits) or n_bits % 2 or n_bits < 128:
         raise ValueError(f"n_bits must be an even int >= 128, got {n_bits!r}")
     _check_modulus_size(n_bits, allow_insecure)
     half, sub = n_bits // 2, min(subgroup_prime_bits(n_bits), n_bits // 8)
@@ -636,7 +636,7 @@ _WORKER: dict[str, Any] = {}
 def _resolve_workers(workers: int | None, items: int) -> int:
     if workers is None:
         workers = os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not is_int(workers) or workers < 1:
         raise ValueError(f"workers must be a positive int or None (all cores), got {workers!r}")
     # A worker process costs a start-up and a table precomputation: not worth it for little work.
     return max(1, min(workers, items // 64))

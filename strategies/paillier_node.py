@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 
+from .checks import is_int
 from .encoding import EncodingParams
 from .screening import RoundWatch
 from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
@@ -94,7 +95,7 @@ def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
     enc = {k[len(f"{PREFIX}encoding-"):]: v for k, v in config.items()
            if k.startswith(f"{PREFIX}encoding-")}
     unit = config.get(f"{PREFIX}weight-unit")
-    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+    if not is_int(unit) or unit < 1:
         raise ValueError(f"{PREFIX}weight-unit must be a positive int, got {unit!r}")
     return EncodingParams.from_dict(enc), str(config[f"{PREFIX}fingerprint"]), unit
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import is_int
 from .aggregation import InvalidUpdate, Layout  # noqa: F401  (Layout: part of this API)
 from .encoding import EncodingParams, decode, encode, encode_noise, pack
 from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
@@ -101,7 +102,7 @@ class EncryptedModel:
             params.check_modulus_bits(public_key.n_bits)  # else no one could decode the sum
             layout = Layout.from_json(header["layout"])
             total = header["total-weight"]
-            if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            if not is_int(total) or total < 1:
                 raise ValueError(f"total-weight must be a positive int, got {total!r}")
             offset = params.check_noise_offset(header.get("noise-offset", 0), total)
         except KeyError as err:

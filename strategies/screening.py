@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from logging import WARNING
+from .checks import is_int
 
 log = logging.getLogger("flwr").log  # Flower's logger by name, without importing Flower
 
@@ -27,7 +28,7 @@ class NoUsableUpdate(RuntimeError):
 
 def check_empty_rounds(value: int) -> int:
     """``max_empty_rounds`` of a strategy, checked."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"max_empty_rounds must be an int >= 1 (rounds in a row without a "
                          f"usable update before the run fails), got {value!r}")
     return value

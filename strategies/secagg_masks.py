@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .fixed_point import FixedPoint
+from .checks import is_int, is_number
 
 SEED_BYTES = 32
 PRIME = 2**521 - 1
@@ -128,7 +129,7 @@ class SecAggParams:
         """Inverse of :meth:`to_dict`; :class:`SecAggError` if malformed."""
         try:
             clip = data["clip"]
-            if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+            if not is_number(clip):
                 raise TypeError(f"clip must be a number, got {clip!r}")
             params = SecAggParams(float(clip), _as_int(data["value-bits"]),
                                    _as_int(data["max-total-weight"]), _as_int(data["mod-bits"]))
@@ -139,7 +140,7 @@ class SecAggParams:
 
 
 def _as_int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"expected an int, got {value!r}")
     return int(value)
 

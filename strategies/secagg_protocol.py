@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import is_int
 from .aggregation import InvalidUpdate
 from .secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
                       agree, check_public_key, commitment, decode_sum, default_degree,
@@ -124,7 +125,7 @@ def loads(text: object, stage: str) -> dict:
 
 
 def node_id(value: object, what: str = "node id") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+    if not is_int(value) or not 0 <= value < 2**64:
         raise SecAggError(f"{what} must be an unsigned 64-bit int, got {value!r}")
     return value
 
@@ -226,13 +227,13 @@ def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: b
                            f"this is node {node}")
     params = SecAggParams.from_dict(setup.get("params", {}))
     points = node_map(setup.get("points"), "points")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < PRIME
+    if not all(is_int(x) and 0 < x < PRIME
                for x in points.values()) or len(set(points.values())) != len(points):
         raise SecAggError("the advertise request's share points must be distinct ints in "
                            "[1, 2^521 - 1)")
     neighbors = sorted(points.keys() - {node})
     threshold = setup.get("threshold")
-    if node not in points or isinstance(threshold, bool) or not isinstance(threshold, int) \
+    if node not in points or not is_int(threshold) \
             or not 1 <= threshold <= len(points):
         raise SecAggError("the advertise request needs this node's share point and a "
                            "threshold within its share group")

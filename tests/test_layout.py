@@ -14,7 +14,7 @@ from fedapp.config import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "strategies"
-CORES = {"aggregation", "fixed_point", "encoding", "paillier", "paillier_protocol", "secagg_masks",
+CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "paillier_protocol", "secagg_masks",
          "secagg_protocol", "secagg_wire", "dp", "keyfiles", "legacy_wire", "opacus_import"}
 MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message"}
 LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy"}
