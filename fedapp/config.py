@@ -5,7 +5,7 @@ The settings come in groups, one dataclass each (:class:`PaillierSettings`,
 :class:`TrainSettings`, :class:`DataSettings`; the run's shape sits on
 :class:`RunSettings` itself). Each field declares its setting: default, whether a
 resumed run must keep it, and the range checks that belong to no other module.
-:data:`DEFAULTS` (which pyproject.toml and the README's table must equal: a test
+:data:`DEFAULTS` (which pyproject.toml and the table in docs/configuration.md must equal: a test
 keeps them so) and :data:`MUST_MATCH` (for the checkpoint) are generated from them.
 
 Values are checked once, where they are used: the data, training, DP and
