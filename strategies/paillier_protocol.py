@@ -33,7 +33,7 @@ from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
 
 CIPHERTEXTS_KEY = "paillier-ciphertexts"
 HEADER_KEY = "paillier-header"
-MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 20  # the header beside the ciphertexts: encoding, layout, weight
 FORMAT_VERSION = 1
 
 

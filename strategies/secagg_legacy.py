@@ -46,8 +46,9 @@ from .node_errors import reports_errors
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .secagg_node import answer_stage, mask_model, require_payload
 from .secagg_rounds import SecAggRounds
-from .secagg_wire import MAX_HEADER_BYTES, header_of, layout_digest
-from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, RoundAborted
+from .secagg_wire import header_of, layout_digest
+from .secagg_protocol import (HEADER_KEY, MASKED_KEY, MAX_HEADER_BYTES, PAYLOAD_KEY,
+                              RoundAborted)
 
 TENSOR_TYPE = "secagg-v1/numpy.ndarray"
 

@@ -77,6 +77,7 @@ log = logging.getLogger("flwr").log
 VERSION = 1
 MASKED_KEY = "secagg-masked"
 HEADER_KEY = "secagg-header"
+MAX_HEADER_BYTES = 4096  # the header beside a masked vector: ids, weight, layout digest
 PAYLOAD_KEY = "secagg-payload"
 MAX_PAYLOAD_BYTES = 16 << 20
 SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16  # GCM nonce, b and s shares, tag

@@ -10,13 +10,11 @@ import json
 import numpy as np
 
 from .aggregation import InvalidUpdate, Layout
-from .secagg_protocol import HEADER_KEY, MASKED_KEY
+from .secagg_protocol import HEADER_KEY, MASKED_KEY, MAX_HEADER_BYTES
 
 #: The ConfigRecord that carries a key stage's payload in a Message-API message (the
 #: secure mod answers it; a DP clip mod lets it pass).
 STAGE_RECORD_KEY = "secagg"
-
-MAX_HEADER_BYTES = 4096
 
 
 
