@@ -1,5 +1,7 @@
 """Shared fixtures. The real data sets come from $FEDAPP_TEST_DATA (CI points it at
-../shared/data); without them the data tests fail loudly rather than skip."""
+../shared/data); without them the data tests fail loudly rather than skip.
+
+Plain helper functions, fakes and the fuzzing toolkit live in ``tests/helpers/``."""
 
 from __future__ import annotations
 
@@ -10,11 +12,16 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from strategies.aggregation import Layout
+from strategies.encoding import EncodingParams
+from strategies.paillier import Encryptor, PrivateKey, PublicKey, generate_keypair
+from strategies.paillier_protocol import encrypt_update
+from tests.helpers import CLIP, ROOT, load_script
+from tests.helpers.fuzzing import SHAPES, WEIGHTS, plain_model
+
 # Shared 2-core machines: timing is noise, so no per-example deadlines.
 settings.register_profile("fedapp", deadline=None)
 settings.load_profile("fedapp")
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +68,56 @@ def flwr_caplog(caplog):
     caplog.set_level(logging.INFO)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def caplog_flwr(flwr_caplog):
+    """The fuzz tests' name for ``flwr_caplog``."""
+    return flwr_caplog
+
+
+# -------------------------------------- Paillier keys (one real 2048-bit key pair for the session)
+@pytest.fixture(scope="session")
+def keypair() -> tuple[PublicKey, PrivateKey]:
+    return generate_keypair(2048)
+
+
+@pytest.fixture(scope="session")
+def keys(keypair):
+    """The fuzz tests' name for ``keypair``."""
+    return keypair
+
+
+@pytest.fixture(scope="session")
+def encryptor(keypair) -> Encryptor:
+    """The clients' fast path: subgroup randomizer with CRT (the private key is known)."""
+    return Encryptor(*keypair)
+
+
+@pytest.fixture(scope="module")
+def paillier(keys, encryptor) -> dict:
+    """A round's encoding and layout, and two clients' encrypted updates."""
+    params = EncodingParams.for_key(keys[0].n_bits, 1000, clip=CLIP)
+    models = [plain_model(seed) for seed in (1, 2)]
+    layout = Layout.of(list(SHAPES), list(models[0].values()))
+    updates = [encrypt_update(list(m.values()), layout, w, params, encryptor)
+               for m, w in zip(models, WEIGHTS, strict=True)]
+    legacy = Layout.of(["0", "1"], list(models[0].values()))  # names as Flower's compat layer
+    legacy_updates = [encrypt_update(list(m.values()), legacy, w, params, encryptor)
+                      for m, w in zip(models, WEIGHTS, strict=True)]
+    return {"params": params, "layout": layout, "models": models, "updates": updates,
+            "legacy_updates": legacy_updates}
+
+
+@pytest.fixture(scope="session")
+def other_public_key():
+    """A second federation's key, for replies encrypted under the wrong key."""
+    return generate_keypair(2048)[0]
+
+
+# ------------------------------------------------------------------ TLS certificates
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tls") / 'my "certs"'  # a quote must not break TOML
+    load_script("make_certificates").make_certificates(out, ["127.0.0.1", "localhost"])
+    return out

@@ -7,12 +7,10 @@ from __future__ import annotations
 import ast
 import re
 import tomllib
-from pathlib import Path
-
 import strategies
 from fedapp.config import DEFAULTS
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "strategies"
 CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "paillier_protocol", "secagg_masks",
          "secagg_protocol", "secagg_wire", "dp", "keyfiles", "legacy_wire", "opacus_import"}

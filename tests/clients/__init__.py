@@ -1,0 +1,1 @@
+"""Tests of the clients package, one file per module."""

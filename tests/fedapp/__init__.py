@@ -1,0 +1,1 @@
+"""Tests of the fedapp package, one file per module."""

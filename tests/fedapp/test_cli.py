@@ -1,0 +1,215 @@
+"""The ``fedapp`` command line (fedapp.cli), without starting Flower: run config
+values, key generation outside the app, TLS on unless ``--insecure`` is explicit,
+SuperNode authentication (``--enable-supernode-auth`` on the SuperLink, each
+SuperNode signing with ``--auth-supernode-private-key``), the connections written
+for ``flwr``, and secret files checked before a node starts. The real processes
+run in tests/runs/test_flower_runs.py::test_loopback_deployment_with_tls_and_faults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedapp import bundle, cli, launch
+from fedapp.nodekeys import write_node_keypair
+from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair
+from tests.helpers import ROOT, TLS_FILES, fresh_checkout
+
+
+def test_run_config_values_are_read_as_toml():
+    assert cli.parse_overrides(["a=3", "b=0.5", "c=true", "d='x y'", "e=word"]) == {
+        "a": 3, "b": 0.5, "c": True, "d": "x y", "e": "word"}
+    with pytest.raises(SystemExit, match="key=value"):
+        cli.parse_overrides(["novalue"])
+
+
+def test_tls_is_required_unless_insecure_is_explicit(tmp_path, capsys):
+    assert cli.main(["server"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert cli.main(["client", "--superlink", "127.0.0.1:1", "--partition-id", "0",
+                     "--num-partitions", "2", "--certificates", str(tmp_path)]) == 2
+    assert "ca.crt" in capsys.readouterr().err
+    assert launch.tls_args(None, True, server=True) == ["--insecure"]
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (tmp_path / name).write_text("x")
+    assert launch.tls_args(tmp_path, False, server=False) == ["--root-certificates",
+                                                              str(tmp_path / "ca.crt")]
+
+
+def test_keygen_writes_outside_the_app_by_default_and_refuses_inside(tmp_path, monkeypatch,
+                                                                     capsys):
+    app = fresh_checkout(tmp_path)
+    monkeypatch.chdir(app)
+    monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path / "key-dir"))
+    for kind in ([], ["--secagg"], ["--supernode"]):
+        assert cli.main(["keygen", *kind, "--out", str(app / "keys")]) == 2
+        assert "inside the Flower app" in capsys.readouterr().err
+    assert not (app / "keys").exists()
+    assert cli.main(["keygen"]) == 0 and cli.main(["keygen", "--secagg"]) == 0
+    assert sorted(p.name for p in (tmp_path / "key-dir").iterdir()) == [
+        "paillier.key.json", "paillier.pub.json", "secagg-auth.key"]
+    assert bundle.private_material(app) == []
+    # told explicitly, it writes there (a user who ignores the files themselves)
+    assert cli.main(["keygen", "--secagg", "--out", str(app / "keys"),
+                     "--allow-inside-app"]) == 0
+
+
+def test_sim_and_run_take_the_current_directory_and_say_so(tmp_path, monkeypatch, capsys):
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["sim"].format_help()
+    assert "default: the current directory" in " ".join(help_text.split())
+    monkeypatch.chdir(tmp_path)  # no app here
+    assert cli.main(["sim", "--workdir", str(tmp_path / "w")]) == 2
+    out = capsys.readouterr()
+    assert f"submitting the Flower app in {tmp_path}" in out.out
+    assert "holds no Flower app" in out.err
+
+
+# -------------------------------------------------- TLS, SuperNode authentication and secret files
+@pytest.fixture(scope="module")
+def paillier_keys(tmp_path_factory) -> tuple[Path, Path]:
+    public, private, _ = write_keypair(tmp_path_factory.mktemp("paillier"))
+    return public, private
+
+
+@pytest.fixture
+def execs(monkeypatch) -> list[tuple[list[str], dict[str, str]]]:
+    """What ``fedapp server`` / ``fedapp client`` would exec, instead of exec'ing it."""
+    seen: list[tuple[list[str], dict[str, str]]] = []
+    monkeypatch.setattr(cli.os, "execve", lambda path, cmd, env: seen.append((cmd, env)))
+    return seen
+
+
+def client_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["client", "--superlink", "127.0.0.1:9092", "--partition-id", "0",
+            "--num-partitions", "2", "--flwr-home", str(tmp_path / "home"), *extra]
+
+
+def test_run_and_register_need_certificates_or_an_explicit_insecure(tmp_path):
+    public, _ = write_node_keypair(tmp_path / "node")
+    for argv in (["run", "--superlink", "127.0.0.1:9092"],
+                 ["register", str(public), "--superlink", "127.0.0.1:9092"]):
+        with pytest.raises(SystemExit, match="--certificates DIR holding ca.crt, or --insecure"):
+            cli.main([*argv, "--flwr-home", str(tmp_path / "home")])
+    assert not (tmp_path / "home" / "config.toml").exists()
+
+
+def test_run_writes_a_tls_connection_that_flower_reads(certs, tmp_path, monkeypatch):
+    from flwr.cli.config_utils import load_certificate_in_connection
+    from flwr.cli.flower_config import parse_superlink_connection
+
+    submitted = []
+    monkeypatch.setattr(launch, "submit", lambda app, conn, env, overrides: (
+        submitted.append((conn, env["FLWR_HOME"], app)) or "7"))
+    monkeypatch.chdir(ROOT)
+    home = tmp_path / "home"
+    assert cli.main(["run", "--superlink", "server.example:9092", "--certificates", str(certs),
+                     "--flwr-home", str(home), "--no-wait"]) == 0
+    name = "fedapp-server-example-9092"
+    assert submitted == [(name, str(home), ROOT)]  # the current directory's app
+    config = tomllib.loads((home / "config.toml").read_text())
+    connection = parse_superlink_connection(config["superlink"][name], name)
+    assert connection.address == "server.example:9092" and connection.insecure is False
+    assert load_certificate_in_connection(connection) == (certs / "ca.crt").read_bytes()
+    with pytest.raises(ValueError, match="either insecure or verified"):
+        launch.write_connection(home, "x", "h:1", insecure=True,
+                                root_certificates=certs / "ca.crt")
+
+
+def test_run_and_register_leave_the_users_connections_alone(certs, tmp_path, monkeypatch):
+    """A Flower config with the user's ``local`` simulation as default and a connection of
+    their own: fedapp adds its own connection per SuperLink, changes nothing else, and a
+    second CA for the same SuperLink only changes that connection."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = ('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+            'options.num-supernodes = 10\n\n[superlink.prod]\naddress = "prod:9093"\n'
+            'root-certificates = "/etc/prod-ca.crt"\n')
+    (home / "config.toml").write_text(mine)
+    monkeypatch.setattr(launch, "submit", lambda *a: "7")
+    monkeypatch.setattr(launch, "register_supernode", lambda *a: 3)
+    public, _ = write_node_keypair(tmp_path / "node")
+    assert cli.main(["register", str(public), "--superlink", "127.0.0.1:9092",
+                     "--certificates", str(certs), "--flwr-home", str(home)]) == 0
+    other = tmp_path / "other-certs"
+    other.mkdir()
+    (other / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+    assert cli.main(["run", "--superlink", "127.0.0.1:9092", "--certificates", str(other),
+                     "--flwr-home", str(home), "--no-wait", "--app", str(ROOT)]) == 0
+    config = tomllib.loads((home / "config.toml").read_text())
+    before = tomllib.loads(mine)["superlink"]
+    assert config["superlink"]["default"] == "local"
+    assert config["superlink"]["local"] == before["local"]
+    assert config["superlink"]["prod"] == before["prod"]
+    assert config["superlink"]["fedapp-127-0-0-1-9092"] == {
+        "address": "127.0.0.1:9092", "insecure": False,
+        "root-certificates": str((other / "ca.crt").resolve())}
+
+
+def test_server_turns_supernode_auth_on_with_tls(certs, tmp_path, execs):
+    home = ["--flwr-home", str(tmp_path / "home")]
+    assert cli.main(["server", "--certificates", str(certs), *home]) == 1  # 1: exec not real
+    assert cli.main(["server", "--certificates", str(certs), "--no-supernode-auth", *home]) == 1
+    assert cli.main(["server", "--insecure", *home]) == 1
+    (auth, _), (no_auth, _), (insecure, _) = execs
+    assert Path(auth[0]).name == "flower-superlink" and "--enable-supernode-auth" in auth
+    assert [auth[auth.index(f) + 1] for f in ("--ssl-ca-certfile", "--ssl-certfile",
+                                              "--ssl-keyfile")] == [str(certs / n) for n in TLS_FILES]
+    assert "--enable-supernode-auth" not in no_auth and "--ssl-keyfile" in no_auth
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    with pytest.raises(ValueError, match="needs TLS"):
+        launch.superlink_command("127.0.0.1", 1, ["--insecure"], supernode_auth=True)
+
+
+def test_client_passes_its_supernode_key_to_flower_only(certs, tmp_path, execs, capsys):
+    assert cli.main(["keygen", "--supernode", "--out", str(tmp_path / "node")]) == 0
+    key = tmp_path / "node" / "supernode.key"
+    junk = tmp_path / "junk.key"
+    junk.write_text("not a key\n")
+    junk.chmod(0o600)
+    tls = ["--certificates", str(certs)]
+    assert cli.main(client_args(tmp_path, *tls, "--supernode-key", str(key))) == 1
+    (cmd, _), = execs
+    assert Path(cmd[0]).name == "flower-supernode"
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(key.resolve())
+    assert cmd[cmd.index("--root-certificates") + 1] == str(certs / "ca.crt")
+    assert "supernode.key" not in cmd[cmd.index("--node-config") + 1]
+    refusals = {  # arguments: what the error says
+        (): "give --supernode-key FILE",
+        ("--insecure", "--supernode-key", str(key)): "needs TLS",
+        ("--no-supernode-auth", "--supernode-key", str(key)): "either --supernode-key or",
+        ("--supernode-key", str(junk)): "not an unencrypted OpenSSH",
+        ("--supernode-key", str(key.with_suffix(".pub"))): "readable by other users",
+        ("--supernode-key", str(tmp_path / "nope")): "not found",
+    }
+    for extra, message in refusals.items():
+        more_tls = [] if "--insecure" in extra else tls
+        assert cli.main(client_args(tmp_path, *more_tls, *extra)) == 2
+        assert message in capsys.readouterr().err
+    assert len(execs) == 1
+    assert cli.main(client_args(tmp_path, *tls, "--no-supernode-auth")) == 1  # opt-out
+    assert "--auth-supernode-private-key" not in execs[-1][0]
+
+
+def test_register_refuses_insecure_and_private_keys(tmp_path, capsys):
+    public, private = write_node_keypair(tmp_path / "node")
+    with pytest.raises(SystemExit, match="needs TLS"):
+        cli.main(["register", str(public), "--superlink", "h:1", "--insecure"])
+    assert cli.main(["register", str(private), "--superlink", "h:1",
+                     "--flwr-home", str(tmp_path / "home")]) == 2
+    assert "holds a private key" in capsys.readouterr().err
+
+
+def test_client_checks_its_secret_files_before_starting(tmp_path, paillier_keys, execs,
+                                                       capsys):
+    auth = write_auth_key(tmp_path / "auth")
+    for flag, path in (("--paillier-private-key", paillier_keys[1]),
+                       ("--secagg-auth-key", auth)):
+        path.chmod(0o644)
+        try:
+            assert cli.main(client_args(tmp_path, "--insecure", flag, str(path))) == 2
+            assert "chmod 600" in capsys.readouterr().err
+        finally:
+            path.chmod(0o600)
+    assert execs == []

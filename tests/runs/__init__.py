@@ -1,0 +1,2 @@
+"""Tests that start real Flower processes (simulations, deployments): all marked
+``slow``."""

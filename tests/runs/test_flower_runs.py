@@ -1,0 +1,134 @@
+"""Real Flower runs: simulation on both APIs, a failing run, and a TLS deployment
+of separate server and client processes on 127.0.0.1. Few and small on purpose."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.models import McMahanCNN, get_weights
+from fedapp import launch
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # real Flower runs
+
+
+def test_default_run_on_the_message_api(tmp_path):
+    """The default job (embedded MNIST, no data directory) runs to the end."""
+    status, run_dir, logs = launch.simulate(ROOT, tmp_path, 2, {"num-server-rounds": 2},
+                                            timeout=600, progress=False)
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    for name in ("config.json", "metrics.json", "metrics.csv", "metrics.png", "model.npz"):
+        assert (run_dir / name).is_file(), name
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    model_bytes = sum(a.nbytes for a in get_weights(McMahanCNN()))
+    # 2 clients train and 2 evaluate: 4 models down, 2 updates up per round
+    assert abs(rows[2]["bytes-down"] / (4 * model_bytes) - 1) < 0.01
+    assert abs(rows[2]["bytes-up"] / (2 * model_bytes) - 1) < 0.01
+    assert rows[2]["train-clients"] == 2 and rows[2]["train-failures"] == 0
+    assert rows[2]["central-accuracy"] > 0.6 and rows[2]["fed-accuracy"] > 0.6
+    with np.load(run_dir / "model.npz", allow_pickle=False) as model:
+        assert sum(model[k].size for k in model.files) == 1_663_370
+    assert json.loads((run_dir / "config.json").read_text())["task"] == "mnist"
+
+
+def test_same_numpy_clients_on_the_legacy_api(tmp_path, data_dir):
+    """A legacy-API project (client_fn / server_fn, flwr.server.strategy) with our clients."""
+    app = tmp_path / "legacy-project"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(f"""
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+[project]
+name = "legacy-project"
+version = "1.0.0"
+requires-python = ">=3.11"
+dependencies = []
+[tool.flwr.app]
+publisher = "tests"
+[tool.flwr.app.components]
+serverapp = "fedapp.legacy:serverapp"
+clientapp = "fedapp.legacy:clientapp"
+[tool.flwr.app.config]
+task = "housing"
+num-server-rounds = 3
+data-dir = "{data_dir}"
+run-dir = "runs"
+""")
+    status, run_dir, logs = launch.simulate(app, tmp_path / "work", 2, timeout=600,
+                                            progress=False)
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    assert "Federated standardization from 2 clients" in logs
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    mse = [r["central-mse"] for r in rows if "central-mse" in r]
+    assert len(mse) == 3 and mse[-1] < mse[0]
+    assert (run_dir / "model.npz").is_file() and (run_dir / "metrics.png").is_file()
+
+
+def test_a_failing_run_is_reported_as_failed(tmp_path):
+    """flwr run exits 0 even when the run fails; we read the status instead."""
+    status, _, logs = launch.simulate(ROOT, tmp_path, 2, {"task": "spam"}, timeout=300,
+                                      progress=False)
+    assert status != launch.FINISHED_OK
+    assert "No spam data found" in logs and "ham.txt" in logs
+
+
+#: Faults injected per mode: (clients, rounds, fault flags, train clients per round).
+FAULT_PLANS = {
+    "fedavg": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
+    "paillier": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
+    "secagg": (4, 3, ["--crash-client", "2", "--restart-server", "2"], [4, 3, 3]),
+}
+# A frozen client (--hang-client) on real nodes costs a round timeout per stage: it is
+# tested in simulation for every mode (tests/runs/test_faults.py) and measured in the README.
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
+def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir):
+    """fedapp server + fedapp client processes, TLS, every process stopped at the end;
+    SuperNode authentication: the registered nodes connect under their registered
+    ids and a node with an unregistered key is turned away; with Paillier the private
+    key, with masking the authentication key, lives only in the client nodes' config.
+    Faults for real: client 0 is killed as round 2 starts and the round finishes with
+    the survivors (with masking, its masks recovered from the shares); the server is
+    killed after round 2, restarted, and the run resumed: every round recorded once."""
+    clients, rounds, faults, trained = FAULT_PLANS[aggregation]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "deploy_loopback.py"), "--task", "housing",
+         "--rounds", str(rounds), "--clients", str(clients), "--data-dir", str(data_dir),
+         "--workdir", str(tmp_path), "--aggregation", aggregation, *faults,
+         "--run-config", "round-timeout=60"],
+        capture_output=True, text=True, timeout=1500)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert summary["status"] == launch.FINISHED_OK and summary["tls"] is True
+    assert summary["rounds"] == list(range(1, rounds + 1)), summary  # none redone or lost
+    assert summary["train-clients"] == trained, summary
+    assert len(summary["runs-submitted"]) == 2 and len(summary["faults"]) == len(faults) // 2 + 1
+    assert summary["processes-left-running"] == []
+    # server, unregistered node, the clients, the restarted server
+    assert len(summary["processes-started"]) == clients + 3
+    assert summary["supernode-auth"] is True and summary["unregistered-node-refused"] is True
+    assert summary["nodes-connected-as-registered"] is True
+    assert len(set(summary["registered-nodes"].values())) == clients
+    server_log = (tmp_path / "server.log").read_text()
+    assert "SuperNode authentication is disabled" not in server_log  # Flower's warning
+    assert "supernode.key" not in server_log
+    assert summary["aggregation"] == aggregation
+    model = "model.encrypted.npz" if aggregation == "paillier" else "model.npz"
+    assert (Path(summary["run-dir"]) / model).is_file()
+    if aggregation == "paillier":  # what the server was given names the public key only
+        seen = (Path(summary["run-dir"]) / "config.json").read_text()
+        assert "paillier.pub.json" in seen and "paillier.key.json" not in seen
+        assert "paillier.key.json" not in (tmp_path / "server.log").read_text()
+    if aggregation == "secagg":
+        for seen in (Path(summary["run-dir"]) / "config.json", tmp_path / "server.log"):
+            assert "secagg-auth.key" not in seen.read_text()
+        assert "without an authentication key" not in (tmp_path / "client0.log").read_text()

@@ -1,0 +1,1 @@
+"""Tests of the strategies package, one file per module."""

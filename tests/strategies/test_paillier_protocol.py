@@ -1,0 +1,116 @@
+"""Encrypted models and the round sum (strategies.paillier_protocol): headers and
+ciphertexts as a sender can make them.
+
+Fuzz tests (``tests.helpers.fuzzing``): random and near-valid malformed input is
+either accepted with a well-formed result or refused with the exception the callers
+catch and a message that says what was wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from strategies.aggregation import InvalidUpdate
+from strategies.paillier_node import decrypt_global_model
+from strategies.paillier_protocol import CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, RoundSum
+from tests.helpers.fuzzing import (WEIGHTS, attempt, bad_row, deep_json, fuzz, garbage,
+                                   header_of_model, json_values, mutated_array, mutated_bytes,
+                                   mutated_json, refused, with_header)
+
+
+# ------------------------------------------------------------------ fuzzing
+def check_encrypted_model(keys, arrays: object) -> EncryptedModel | BaseException:
+    """Parse as the server does; if accepted, decrypt as a client node does."""
+    pk, sk = keys
+    model = attempt(lambda: EncryptedModel.from_arrays(arrays, pk), InvalidUpdate)
+    if refused(model):
+        return model
+    assert model.ciphertexts.shape == (model.params.num_plaintexts(model.layout.size),
+                                       pk.ciphertext_bytes)
+    model.params.check_modulus_bits(pk.n_bits)
+    assert 1 <= model.total_weight <= model.params.max_total_weight
+    out = attempt(lambda: decrypt_global_model(sk, arrays, 1), ValueError)
+    if not refused(out):
+        layout, plain = out
+        assert [a.shape for a in plain] == list(layout.shapes)
+        assert all(np.isfinite(a).all() for a in plain)
+    return model
+
+
+@fuzz(80)
+@given(data=st.data())
+def test_encrypted_model_header(keys, paillier, data):
+    arrays = paillier["updates"][0].to_arrays()
+    header = data.draw(mutated_json(header_of_model(arrays)))
+    check_encrypted_model(keys, with_header(arrays, header))
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_encrypted_model_header_bytes(keys, paillier, data):
+    arrays = paillier["updates"][0].to_arrays()
+    raw = data.draw(mutated_bytes(arrays[HEADER_KEY].tobytes()) | garbage)
+    check_encrypted_model(keys, {**arrays, HEADER_KEY: np.frombuffer(raw, np.uint8).copy()})
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_encrypted_model_ciphertexts(keys, paillier, data):
+    arrays = paillier["updates"][0].to_arrays()
+    cts = arrays[CIPHERTEXTS_KEY]
+    changed = data.draw(mutated_array(cts) | bad_row(keys[0], cts))
+    check_encrypted_model(keys, {**arrays, CIPHERTEXTS_KEY: changed})
+
+
+@fuzz(40)
+@given(arrays=st.dictionaries(st.sampled_from([CIPHERTEXTS_KEY, HEADER_KEY, "x"]),
+                              garbage.map(lambda b: np.frombuffer(b, np.uint8)) | json_values))
+def test_encrypted_model_garbage(keys, arrays):
+    assert refused(check_encrypted_model(keys, arrays))
+
+
+@pytest.mark.parametrize("change", [
+    {"encoding": "slots"}, {"noise-offset": 10**400}, {"layout": [["w", "float32", [10**30]]]},
+    {"total-weight": 2**64}, {"version": 2}, {"fingerprint": None}])
+def test_encrypted_model_header_refusals(keys, paillier, change):
+    arrays = paillier["updates"][0].to_arrays()
+    header = header_of_model(arrays)
+    if change == {"encoding": "slots"}:  # more slots than fit below n: a client can't decode
+        change = {"encoding": {**header["encoding"], "slots-per-plaintext": 10**9}}
+    assert refused(check_encrypted_model(keys, with_header(arrays, {**header, **change})))
+
+
+def test_encrypted_model_deep_header(keys, paillier):
+    arrays = paillier["updates"][0].to_arrays()
+    raw = np.frombuffer(deep_json(300_000).encode(), np.uint8)
+    assert refused(check_encrypted_model(keys, {**arrays, HEADER_KEY: raw}))
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_round_sum_keeps_only_good_updates(keys, paillier, data):
+    pk = keys[0]
+    good = [u.to_arrays() for u in paillier["updates"]]
+    bad = data.draw(st.one_of(
+        st.just(good[0]).map(header_of_model).flatmap(mutated_json).map(
+            lambda h: with_header(good[0], h)),
+        st.just(good[0][CIPHERTEXTS_KEY]).flatmap(
+            lambda c: mutated_array(c) | bad_row(pk, c)).map(
+            lambda c: {**good[0], CIPHERTEXTS_KEY: c}),
+        st.dictionaries(st.sampled_from([CIPHERTEXTS_KEY, HEADER_KEY]),
+                        garbage.map(lambda b: np.frombuffer(b, np.uint8)))))
+    round_sum = RoundSum(pk, paillier["params"], paillier["layout"])
+    round_sum.add(good[0])
+    before = (list(round_sum.updates), round_sum.total_weight)
+    result = attempt(lambda: round_sum.add(bad), InvalidUpdate)
+    if refused(result):
+        assert (round_sum.updates, round_sum.total_weight) == before
+    round_sum.add(good[1])
+    if refused(result):
+        expected = RoundSum(pk, paillier["params"], paillier["layout"])
+        for g in good:
+            expected.add(g)
+        assert np.array_equal(round_sum.result().ciphertexts, expected.result().ciphertexts)
+        assert round_sum.total_weight == sum(WEIGHTS)

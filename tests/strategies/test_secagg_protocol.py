@@ -1,0 +1,1384 @@
+"""Masked secure aggregation rounds (strategies.secagg_protocol), driven in-process:
+the server's ServerRound and each node's client_step/client_mask, payloads as JSON."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chi2, chisquare
+
+import strategies.secagg_masks as masking
+import strategies.secagg_protocol as protocol
+from strategies.aggregation import InvalidUpdate, weighted_average
+from strategies.secagg_masks import (SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
+                                     encode_weighted, prg, public_of, reconstruct_secret)
+from strategies.secagg_protocol import (RoundAborted, ServerRound, b64, client_mask, client_step,
+                                        loads, node_map, pair_mask, self_mask_seed, unb64)
+from strategies.secagg_wire import header_of
+from tests.helpers import fuzzing
+from tests.helpers.fuzzing import (BAD, LOW_ORDER_POINTS, MASK_LENGTH, MASK_NODES, MASK_PARAMS, WS,
+                                   XS, attempt, deep_json, fuzz, json_values, must_refuse,
+                                   mutated_array, mutated_bytes, mutated_json, no_hang, refused)
+
+
+AUTH = bytes(range(32))  # the federation's masking authentication key
+
+
+# ------------------------------------------------------------------ helpers
+def node_ids(n: int, seed: int = 0) -> list[int]:
+    """Flower-like 63-bit node ids, distinct."""
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    while len(ids) < n:
+        u = int(rng.integers(1, 2**63))
+        if u not in ids:
+            ids.append(u)
+    return ids
+
+
+class Round:
+    """One round with honest in-process nodes; every stage can be tampered with
+    between the calls."""
+
+    def __init__(self, n=10, length=50, degree=0, params=None, auth=AUTH, seed=0,
+                 seen_keys=None, nodes=None, fraction=0.5, after=None):
+        """``after``: the previous Round; this one goes on with its nodes' states, its
+        seen keys and the keys its survivors pre-advertised."""
+        self.params = params or SecAggParams.derive(1.0)
+        self.nodes = sorted(nodes or (after.nodes if after else node_ids(n, seed)))
+        self.length = length
+        self.auth = auth  # bytes, None, or {node: key}
+        if after is not None and seen_keys is None:
+            seen_keys = after.sr.seen_keys
+        self.sr = ServerRound(self.params, self.nodes, length, degree=degree,
+                              threshold_fraction=fraction,
+                              seen_keys=set() if seen_keys is None else seen_keys,
+                              preadvertised=(after.sr.next_context, after.sr.next_adverts)
+                              if after else None)
+        self.state = {u: dict(after.state.get(u, {})) if after else {} for u in self.nodes}
+        self.rng = np.random.default_rng(seed + 1)
+        self.xs, self.ws, self.ys, self.headers, self.seeds = {}, {}, {}, {}, {}
+
+    def key(self, u):
+        return self.auth.get(u) if isinstance(self.auth, dict) else self.auth
+
+    def step(self, requests, skip=(), tolerate=False):
+        """The nodes' replies; with ``tolerate``, a node that refuses does not answer
+        (as a Flower node whose mod raises)."""
+        replies, self.refused = {}, {}
+        for u, req in requests.items():
+            if u in skip:
+                continue
+            try:
+                replies[u], self.state[u] = client_step(req, self.state[u], u, self.key(u))
+            except SecAggError as err:
+                if not tolerate:
+                    raise
+                self.refused[u] = str(err)
+        return replies
+
+    def advertise(self, skip=()):
+        replies = self.step(self.sr.advertise_requests(), skip)
+        self.sr.receive_adverts(replies)
+        return replies
+
+    def share(self, skip=()):
+        replies = self.step(self.sr.share_requests(), skip)
+        self.sr.receive_shares(replies)
+        return replies
+
+    def mask(self, drop=(), xs=None, ws=None):
+        """Every node in U2 masks; the vectors of ``drop`` never reach the server."""
+        for u, payload in self.sr.mask_payloads().items():
+            x = xs[u] if xs else self.rng.uniform(-self.params.clip, self.params.clip,
+                                                  self.length)
+            w = ws[u] if ws else int(self.rng.integers(1, 600))
+            self.seeds[u] = int(self.rng.integers(2**32))
+            y, h, self.state[u] = client_mask(payload, self.state[u], u, x, w,
+                                              np.random.default_rng(self.seeds[u]))
+            self.xs[u], self.ws[u], self.ys[u], self.headers[u] = x, w, y, h
+            if u not in drop:
+                self.sr.receive_masked(u, y, h, w)
+
+    def unmask(self, skip=(), tolerate=False):
+        self.unmask_replies = self.step(self.sr.unmask_requests(), skip, tolerate)
+        return self.sr.receive_unmask(self.unmask_replies)
+
+    def run(self, drop=(), xs=None, ws=None):
+        self.advertise()
+        self.share()
+        self.mask(drop, xs, ws)
+        return self.unmask()
+
+    def expected(self):
+        survivors = sorted(self.sr.masked)
+        return weighted_average([[self.xs[u]] for u in survivors],
+                                [self.ws[u] for u in survivors])[0]
+
+
+def edit(payload: str, **changes) -> str:
+    data = json.loads(payload)
+    data.update(changes)
+    return json.dumps(data)
+
+
+def other_key() -> str:
+    return b64(KeyPair.generate().public)
+
+
+def warnings_of(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+class _SeededSecrets:
+    def __init__(self, seed: int):
+        self._rand = random.Random(seed)
+
+    def token_bytes(self, n: int = 32) -> bytes:
+        return self._rand.randbytes(n)
+
+    def randbelow(self, n: int) -> int:
+        return self._rand.randrange(n)
+
+
+@pytest.fixture
+def seeded(monkeypatch):
+    """All the protocol's randomness (round context, seeds, keys, Shamir
+    coefficients, nonces) from a fixed seed: statistical tests are reproducible."""
+    fake = _SeededSecrets(20240601)
+    monkeypatch.setattr(protocol, "secrets", fake)
+    monkeypatch.setattr(masking, "secrets", fake)
+
+    def generate() -> KeyPair:
+        private = fake.token_bytes(32)
+        return KeyPair(private, public_of(private))
+
+    monkeypatch.setattr(KeyPair, "generate", staticmethod(generate))
+
+
+# ------------------------------------------------------------------ correctness
+def test_round_decodes_the_weighted_average():
+    r = Round(10, 300)
+    avg, weight = r.run()
+    assert weight == sum(r.ws.values())
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.stats == {"sampled": 10, "advertise": 10, "share": 10, "survivors": 10,
+                          "dropped": 0}
+    assert r.sr.threshold == 6
+    # the server's running total alone is uniformly masked, nothing like the sum
+    encoded = sum(encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
+                  for u in r.nodes)
+    assert np.count_nonzero(r.sr.total != encoded) >= 295
+
+
+@settings(max_examples=50)
+@given(n=st.integers(2, 12), length=st.integers(1, 120), degree=st.integers(0, 12),
+       mod_bits=st.sampled_from([32, 64]), value_bits=st.integers(2, 16),
+       clip=st.sampled_from([0.05, 1.0, 20.0]), seed=st.integers(0, 2**31))
+def test_round_matches_weighted_average_property(n, length, degree, mod_bits, value_bits, clip,
+                                                 seed):
+    max_total = 2 ** (mod_bits - value_bits)
+    params = SecAggParams.derive(clip, max_total_weight=max_total, value_bits=value_bits,
+                                  mod_bits=mod_bits)
+    r = Round(n, length, degree=degree, params=params, seed=seed)
+    rng = np.random.default_rng(seed)
+    xs = {u: rng.uniform(-clip, clip, length) for u in r.nodes}
+    xs[r.nodes[0]][0] = clip
+    xs[r.nodes[-1]][-1] = -clip
+    ws = {u: int(rng.integers(1, max(2, max_total // n))) for u in r.nodes}
+    avg, weight = r.run(xs=xs, ws=ws)
+    assert weight == sum(ws.values())
+    assert avg.shape == (length,)
+    assert np.abs(avg - r.expected()).max() <= params.error_bound
+    for u in r.nodes:
+        assert r.ys[u].dtype == params.dtype
+        assert r.state[u]["stage"] == "done"
+
+
+def test_sum_of_all_masked_vectors_is_the_sum_plus_self_masks():
+    """Integer identity: the pairwise masks cancel exactly; only the self masks remain."""
+    r = Round(7, 400, degree=2, params=SecAggParams.derive(1.0, mod_bits=64))
+    r.advertise()
+    r.share()
+    r.mask()
+    ctx = r.sr.context
+    expected = np.zeros(400, dtype=np.uint64)
+    for u in r.nodes:
+        expected += encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
+        b = base64.b64decode(r.state[u]["b"])
+        expected += prg(self_mask_seed(b, ctx), 400, np.uint64)
+    assert np.array_equal(r.sr.total, expected)
+
+
+def test_masked_vector_is_uniform_and_plain_encoding_is_not(seeded):
+    """What the server sees of one node (masked all-zero model) passes chi-square tests
+    of uniformity; the same model unmasked fails them."""
+    n_values = 200_000
+    r = Round(3, n_values)
+    zeros = {u: np.zeros(n_values) for u in r.nodes}
+    avg, _ = r.run(xs=zeros, ws={u: 5 for u in r.nodes})
+    assert np.abs(avg).max() <= r.params.error_bound
+
+    def pvalues(vector: np.ndarray) -> tuple[float, float, float]:
+        v = vector.astype(np.uint64)
+        top = np.bincount((v >> np.uint64(24)).astype(np.int64), minlength=256)
+        low = np.bincount((v & np.uint64(255)).astype(np.int64), minlength=256)
+        ones = np.array([np.count_nonzero((v >> np.uint64(i)) & np.uint64(1)) for i in range(32)])
+        z = (ones - n_values / 2) / np.sqrt(n_values / 4)
+        return chisquare(top).pvalue, chisquare(low).pvalue, chi2.sf(float(z @ z), 32)
+
+    u = r.nodes[0]
+    assert r.ys[u].dtype == np.uint32
+    assert min(pvalues(r.ys[u])) > 1e-4
+    # the running total of the others too
+    assert min(pvalues(r.ys[r.nodes[1]] + r.ys[r.nodes[2]])) > 1e-4
+    plain = encode_weighted(zeros[u], 5, r.params, np.random.default_rng(0))
+    assert max(pvalues(plain)) < 1e-100
+
+
+# ------------------------------------------------------------------ dropouts
+@pytest.mark.parametrize("dropped", [1, 2, 3, 4])
+def test_dropouts_complete_graph(dropped):
+    r = Round(10, 200)
+    drop = set(r.nodes[:dropped])
+    avg, weight = r.run(drop=drop)
+    assert set(r.sr.masked) == set(r.nodes) - drop
+    assert weight == sum(r.ws[u] for u in r.nodes if u not in drop)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.stats["dropped"] == dropped
+    # no survivor revealed a dropped node's self-mask share, nor a survivor's key share
+    for reply in r.unmask_replies.values():
+        rep = json.loads(reply)
+        assert not {int(v) for v in rep["b_shares"]} & drop
+        assert {int(v) for v in rep["s_shares"]} == drop
+
+
+def droppable(sr: ServerRound, k: int, rng: random.Random) -> set[int]:
+    """``k`` nodes whose loss leaves every share group at least the threshold."""
+    drop: set[int] = set()
+    candidates = list(sr.nodes)
+    rng.shuffle(candidates)
+    for c in candidates:
+        if len(drop) == k:
+            break
+        trial = drop | {c}
+        if all(len(({u} | set(sr.graph[u])) - trial) >= sr.threshold for u in sr.nodes):
+            drop = trial
+    assert len(drop) == k
+    return drop
+
+
+@pytest.mark.parametrize("dropped", [0, 1, 3, 6, 9])
+def test_dropouts_sparse_graph(dropped):
+    r = Round(30, 150, degree=6)
+    assert {len(v) for v in r.sr.graph.values()} == {6}
+    assert r.sr.threshold == 4  # more than half of a share group of 7
+    r.advertise()
+    r.share()
+    drop = droppable(r.sr, dropped, random.Random(dropped))
+    r.mask(drop)
+    avg, weight = r.unmask()
+    assert weight == sum(r.ws[u] for u in r.nodes if u not in drop)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    # sparse: every unmask request names only the node's share group
+    for u, req in r.sr.unmask_requests().items():
+        data = json.loads(req)
+        assert set(data["survivors"]) | set(data["dropped"]) <= {u, *r.sr.graph[u]}
+
+
+def test_too_many_dropouts_after_share_aborts():
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes[:5]))  # 5 left, threshold 6
+    with pytest.raises(RoundAborted, match="only 5 masked updates arrived, 6 needed"):
+        r.sr.unmask_requests()
+
+
+def test_too_many_dropouts_in_a_sparse_group_aborts():
+    r = Round(30, 20, degree=6)
+    r.advertise()
+    r.share()
+    victim = r.nodes[0]
+    r.mask(drop=set(r.sr.graph[victim][:4]))  # 3 of its group of 7 are left, 4 needed
+    # its group keeps itself and 2 neighbors, and it refuses to answer: 2 shares of its b
+    # (which node's secret is found short first depends on the random graph)
+    with pytest.raises(RoundAborted, match=r"too many dropouts: [0-3] shares of the "
+                                           r"(self-mask seed|mask key) of node \d+ arrived, "
+                                           "4 needed"):
+        r.unmask(tolerate=True)
+    assert "only 3 survivors in this node's share group, 4 needed" in r.refused[victim]
+
+
+def test_too_many_dropouts_at_advertise_and_share_abort():
+    r = Round(10, 20)
+    with pytest.raises(RoundAborted, match="5 of 10 nodes finished the advertise stage, 6 needed"):
+        r.advertise(skip=r.nodes[:5])
+    r = Round(10, 20)
+    r.advertise(skip=r.nodes[:2])
+    assert len(r.sr.adverts) == 8
+    with pytest.raises(RoundAborted, match="5 of 10 nodes finished the share stage"):
+        r.share(skip=r.nodes[2:5])
+
+
+def test_dropouts_during_advertise_share_and_unmask():
+    r = Round(12, 60)
+    assert {len(v) for v in r.sr.graph.values()} == {10}  # default degree for 12 nodes
+    assert r.sr.threshold == 6
+    r.advertise(skip=r.nodes[1:2])
+    r.share(skip=r.nodes[2:4])
+    r.mask()
+    avg, weight = r.unmask(skip=r.nodes[4:6])  # 9 survivors, 7 answer (>= 6 in every group)
+    assert set(r.sr.masked) == set(r.nodes) - set(r.nodes[1:4])
+    assert weight == sum(r.ws[u] for u in r.sr.masked)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.stats == {"sampled": 12, "advertise": 11, "share": 9, "survivors": 9,
+                          "dropped": 0}
+
+
+@pytest.mark.parametrize("n", [5, 10])
+def test_dropout_at_advertise_and_after_share(n):
+    """BUG (strategies/secagg_protocol.py ServerRound.receive_unmask): one node that
+    never answers the advertise stage and one that drops after the share stage
+    crash the server with KeyError. For the dropped node ``v`` it builds
+    ``{u: self.adverts[u]["s_pk"] for u in self.graph[v]}`` over *all* of v's graph
+    neighbors, including those that never advertised (not in ``self.adverts``).
+    The Flower adapter only catches RoundAborted, so an ordinary pair of dropouts
+    crashes aggregate_train instead of giving the survivors' average."""
+    r = Round(n, 20)
+    r.advertise(skip=r.nodes[:1])
+    r.share()
+    r.mask(drop=set(r.nodes[1:2]))
+    try:
+        avg, _ = r.unmask()
+    except KeyError as err:
+        pytest.fail(f"receive_unmask raised KeyError({err}) for a neighbor that never "
+                    "advertised (expected the survivors' average)")
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_missing_unmask_replies_abort():
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes[:2]))
+    assert np.abs(r.unmask(skip=r.nodes[2:4])[0] - r.expected()).max() <= r.params.error_bound
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes[:2]))
+    with pytest.raises(RoundAborted, match="too many dropouts: 5 shares .* 6 needed"):
+        r.unmask(skip=r.nodes[2:5])
+
+
+def test_fewer_than_two_nodes_abort():
+    with pytest.raises(RoundAborted, match="at least 2 nodes"):
+        ServerRound(SecAggParams.derive(1.0), [5, 5], 10)
+
+
+def test_late_vector_of_a_dropped_node_stays_masked():
+    r = Round(10, 2000)
+    r.advertise()
+    r.share()
+    late = r.nodes[3]
+    r.mask(drop={late})
+    avg, _ = r.unmask()
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    sr, ctx, dtype = r.sr, r.sr.context, r.params.dtype
+    # everything the server learnt of the late node: its s key, from the s shares
+    s_shares, b_shares = {}, {}
+    for u, reply in r.unmask_replies.items():
+        rep = json.loads(reply)
+        if str(late) in rep["s_shares"]:
+            s_shares[sr.points[u]] = base64.b64decode(rep["s_shares"][str(late)])
+        if str(late) in rep["b_shares"]:
+            b_shares[sr.points[u]] = base64.b64decode(rep["b_shares"][str(late)])
+    assert not b_shares, "a survivor revealed a self-mask share of a dropped node"
+    s_sk = reconstruct_secret(s_shares, sr.threshold)
+    assert public_of(s_sk) == base64.b64decode(sr.adverts[late]["s_pk"])
+    # remove every pairwise mask of the late vector
+    unmasked = r.ys[late].copy()
+    for v in sr.graph[late]:
+        if late in sr.sealed.get(v, {}):
+            unmasked -= pair_mask(r.length, dtype, ctx, late, v, s_sk,
+                                  base64.b64decode(sr.adverts[v]["s_pk"]))
+    truth = encode_weighted(r.xs[late], r.ws[late], r.params,
+                            np.random.default_rng(r.seeds[late]))
+    assert np.count_nonzero(unmasked != truth) >= 0.99 * r.length
+    # what is left is exactly the self mask PRG(b), b known to the node alone
+    b = base64.b64decode(r.state[late]["b"])
+    assert np.array_equal(unmasked - truth, prg(self_mask_seed(b, ctx), r.length, dtype))
+    # and decoding it gives nonsense, not the input
+    with pytest.raises(SecAggError, match="exceed"):
+        masking.decode_sum(unmasked, r.ws[late], r.params)
+
+
+@pytest.mark.parametrize("told_survivor", [0, 3, 5, 6, 9])
+def test_inconsistent_unmask_requests_never_reveal_both_secrets(told_survivor):
+    """A server that tells some nodes a node survived and others it dropped gets
+    fewer than the threshold of one of the two secrets (threshold > half a group)."""
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    target = r.nodes[0]
+    others = r.nodes[1:]
+    b_count = s_count = 0
+    ctx = b64(r.sr.context)
+    for i, u in enumerate([target, *others]):
+        says_survived = u == target or i <= told_survivor
+        rest = [v for v in r.nodes if v != target]
+        req = json.dumps({"version": 1, "stage": "unmask", "context": ctx,
+                          "survivors": rest + [target] if says_survived else rest,
+                          "dropped": [] if says_survived else [target]})
+        try:
+            reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+        except SecAggError:
+            continue
+        rep = json.loads(reply)
+        b_count += str(target) in rep["b_shares"]
+        s_count += str(target) in rep["s_shares"]
+    assert b_count + s_count == 10
+    assert not (b_count >= r.sr.threshold and s_count >= r.sr.threshold)
+
+
+def test_unmask_refuses_both_shares_and_a_second_request():
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    r.mask(drop={r.nodes[0]})
+    requests = r.sr.unmask_requests()
+    u, v = r.nodes[1], r.nodes[2]
+    data = json.loads(requests[u])
+    both = json.dumps({**data, "dropped": data["dropped"] + [v]})
+    with pytest.raises(SecAggError, match=rf"nodes \[{v}\] are listed both as survivors and as "
+                                           "dropped"):
+        client_step(both, r.state[u], u, AUTH)
+    reply, state = client_step(requests[u], r.state[u], u, AUTH)
+    assert state["stage"] == "done"
+    for again in (requests[u], both):
+        with pytest.raises(SecAggError, match="out of order"):
+            client_step(again, state, u, AUTH)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda d, u, g: {**d, "survivors": [u]}, "only 1 survivors in this node's share group"),
+    (lambda d, u, g: {**d, "survivors": [v for v in d["survivors"] if v != u]},
+     "not listed among the survivors"),
+    (lambda d, u, g: {**d, "dropped": d["dropped"] + [12345]}, r"nodes \[12345\] are not in"),
+    (lambda d, u, g: {**d, "survivors": d["survivors"] + [True]}, "unsigned 64-bit"),
+    (lambda d, u, g: {**d, "context": b64(bytes(32))}, "belongs to another round"),
+])
+def test_unmask_refuses_bad_requests(change, match):
+    r = Round(6, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    u = r.nodes[0]
+    data = json.loads(r.sr.unmask_requests()[u])
+    with pytest.raises(SecAggError, match=match):
+        client_step(json.dumps(change(data, u, r.sr.graph)), r.state[u], u, AUTH)
+
+
+# ------------------------------------------------------------------ bad masked vectors
+def test_receive_masked_refuses_bad_vectors_and_the_round_still_decodes():
+    r = Round(5, 40)
+    r.advertise()
+    r.share()
+    r.mask(drop=set(r.nodes))  # computed, nothing sent yet
+    sr = r.sr
+    other = Round(5, 40)
+    other.advertise()
+    other.share()
+    other.mask(drop=set(other.nodes))
+    u, v = r.nodes[0], r.nodes[1]
+    y, h, w = r.ys[u], r.headers[u], r.ws[u]
+    cases = [
+        ((u, y[:-1], h, w), r"of shape \(40,\), got uint32 of shape \(39,\)"),
+        ((u, np.append(y, y[:1]), h, w), r"shape \(40,\)"),
+        ((u, y.astype(np.uint64), h, w), "must be uint32 .* got uint64"),
+        ((u, y.astype(np.uint64), {**h, "mod-bits": 64}, w), "masked in a 64-bit modulus"),
+        ((u, y.astype(np.int32), h, w), "must be uint32"),
+        ((u, y.tolist(), h, w), "must be uint32 .* got list"),
+        ((u, y.reshape(8, 5), h, w), "shape"),
+        ((u, other.ys[other.nodes[0]], {**h, "context": other.headers[other.nodes[0]]["context"]},
+          w), "belongs to another round"),
+        ((u, y, None, w), "belongs to another round"),
+        ((u, r.ys[v], r.headers[v], r.ws[v]), f"from node {v}, sent by node {u}: a node may only "
+                                              "answer for itself"),
+        ((u, y, h, 0), r"weight 0 outside \[1, 65536\]"),
+        ((u, y, h, 65537), r"weight 65537 outside"),
+        ((424242, y, {**h, "node": 424242}, w), "took no part in the share stage"),
+    ]
+    for args, match in cases:
+        with pytest.raises(InvalidUpdate, match=match):
+            sr.receive_masked(*args)
+        assert not sr.masked and not sr.total.any()
+    for u2 in r.nodes:
+        sr.receive_masked(u2, r.ys[u2], r.headers[u2], r.ws[u2])
+    with pytest.raises(InvalidUpdate, match="a second masked update"):
+        sr.receive_masked(u, y, h, w)
+    avg, _ = r.unmask()
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_total_weight_above_max_aborts():
+    params = SecAggParams.derive(1.0, max_total_weight=100)
+    r = Round(3, 10, params=params)
+    with pytest.raises(RoundAborted, match=r"total weight 120 outside \[1, 100\]"):
+        r.run(ws={u: 40 for u in r.nodes})
+
+
+def test_client_refuses_weight_above_max():
+    r = Round(3, 10, params=SecAggParams.derive(1.0, max_total_weight=100))
+    r.advertise()
+    r.share()
+    u = r.nodes[0]
+    with pytest.raises(SecAggError, match=r"weight 101 outside \[1, 100\]"):
+        client_mask(r.sr.mask_payloads()[u], r.state[u], u, np.zeros(10), 101)
+
+
+def test_corrupted_sum_overflows():
+    r = Round(4, 30)
+    r.advertise()
+    r.share()
+    r.mask()
+    r.sr.total[7] += np.uint32(2**31)  # a mask that does not cancel, or a dishonest node
+    with pytest.raises(RoundAborted, match="1 summed values exceed .* a mask did not cancel"):
+        r.unmask()
+
+
+# ------------------------------------------------------------------ bad replies at the server
+def _bad_advert(kind, r, replies, u, v):
+    if kind == "not json":
+        return "{not json"
+    if kind == "not a string":
+        return None
+    if kind == "json list":
+        return "[1, 2]"
+    if kind == "version":
+        return edit(replies[u], version=2)
+    if kind == "stage":
+        return edit(replies[u], stage="share")
+    if kind == "for another":
+        return replies[v]
+    if kind == "claims another":
+        return edit(replies[u], node=v)
+    if kind == "same key twice":
+        data = json.loads(replies[u])
+        return edit(replies[u], s_pk=data["c_pk"])
+    if kind == "short key":
+        return edit(replies[u], c_pk=b64(bytes(31)))
+    if kind == "bad base64":
+        return edit(replies[u], s_pk="***")
+    if kind == "too large":
+        return edit(replies[u], pad="x" * (16 << 20))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("kind", "match"), [
+    ("not json", "the advertise payload is not JSON"),
+    ("not a string", "the advertise payload must be a JSON string"),
+    ("json list", "must be an object of version 1"),
+    ("version", "must be an object of version 1"),
+    ("stage", "expected a 'advertise' payload, got stage 'share'"),
+    ("for another", "the reply claims to be from node"),
+    ("claims another", "the reply claims to be from node"),
+    ("same key twice", "replayed public keys"),
+    ("short key", "c_pk must have 32 bytes, got 31"),
+    ("bad base64", "s_pk is not valid base64"),
+    ("too large", "larger than"),
+])
+def test_bad_adverts_are_left_out(flwr_caplog, kind, match):
+    r = Round(10, 10)
+    replies = r.step(r.sr.advertise_requests())
+    u, v = r.nodes[0], r.nodes[1]
+    replies[u] = _bad_advert(kind, r, replies, u, v)
+    flwr_caplog.clear()
+    r.sr.receive_adverts(replies)
+    assert u not in r.sr.adverts and len(r.sr.adverts) == 9
+    logged = warnings_of(flwr_caplog)
+    assert f"left out node {u} at the advertise stage" in logged
+    assert match in logged
+    # the others go on without it
+    r.share()
+    r.mask()
+    avg, _ = r.unmask()
+    assert u not in r.sr.masked
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_duplicate_and_unsampled_replies_are_left_out(flwr_caplog):
+    r = Round(5, 10)
+    replies = r.step(r.sr.advertise_requests())
+    u = r.nodes[0]
+    r.sr.receive_adverts(replies)
+    first = dict(r.sr.adverts[u])
+    again, r.state[u] = client_step(r.sr.advertise_requests()[u], {}, u, AUTH)
+    r.sr.receive_adverts({u: again, 99: edit(again, node=99)})
+    assert r.sr.adverts[u] == first and 99 not in r.sr.adverts
+    logged = warnings_of(flwr_caplog)
+    assert f"left out node {u} at the advertise stage: a second advertise reply" in logged
+    assert "left out node 99 at the advertise stage: this node was not sampled" in logged
+
+
+def test_replayed_keys_from_an_earlier_round_are_refused(flwr_caplog):
+    seen: set[bytes] = set()
+    nodes = node_ids(6)
+    first = Round(nodes=nodes, seen_keys=seen)
+    old = first.advertise()
+    assert len(seen) == 12
+    second = Round(nodes=nodes, seen_keys=seen)
+    replies = second.step(second.sr.advertise_requests())
+    u = nodes[2]
+    replies[u] = old[u]
+    second.sr.receive_adverts(replies)
+    assert u not in second.sr.adverts and len(second.sr.adverts) == 5
+    assert f"left out node {u} at the advertise stage: replayed public keys" in \
+        warnings_of(flwr_caplog)
+    assert len(seen) == 22
+
+
+def test_two_nodes_advertising_the_same_key(flwr_caplog):
+    r = Round(6, 10)
+    replies = r.step(r.sr.advertise_requests())
+    u, v = r.nodes[0], r.nodes[1]
+    copied = json.loads(replies[u])
+    replies[v] = edit(replies[v], s_pk=copied["s_pk"])
+    r.sr.receive_adverts(replies)
+    assert u in r.sr.adverts and v not in r.sr.adverts
+    assert f"left out node {v} at the advertise stage: replayed public keys" in \
+        warnings_of(flwr_caplog)
+
+
+def test_replayed_advert_fails_authentication_at_the_nodes():
+    """A server without the shared seen-keys set cannot replay keys either: the
+    MAC binds them to the round."""
+    nodes = node_ids(5)
+    old = Round(nodes=nodes).advertise()
+    r = Round(nodes=nodes)
+    replies = r.step(r.sr.advertise_requests())
+    u = nodes[0]
+    replies[u] = old[u]
+    r.sr.receive_adverts(replies)
+    assert u in r.sr.adverts  # the server cannot tell
+    v = nodes[1]
+    with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+
+
+@pytest.mark.parametrize("field", ["c_pk", "s_pk", "mac"])
+def test_substituted_keys_fail_authentication(field):
+    r = Round(5, 10)
+    r.advertise()
+    u, v = r.nodes[0], r.nodes[1]
+    r.sr.adverts[u][field] = other_key()  # the server swaps in its own key
+    with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+
+
+def test_without_auth_key_substitution_goes_unnoticed():
+    """What the authentication key buys: without it the nodes accept a swapped key."""
+    r = Round(5, 10, auth=None)
+    r.advertise()
+    u, v = r.nodes[0], r.nodes[1]
+    r.sr.adverts[u]["c_pk"] = other_key()
+    reply, state = client_step(r.sr.share_requests()[v], r.state[v], v, None)
+    assert state["stage"] == "shared" and json.loads(reply)["node"] == v
+
+
+def test_different_auth_keys_fail():
+    r = Round(4, 10)
+    r.auth = {u: AUTH for u in r.nodes}
+    r.auth[r.nodes[0]] = bytes(32)
+    r.advertise()
+    v = r.nodes[1]
+    with pytest.raises(SecAggError, match=f"the keys of node {r.nodes[0]} fail authentication"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+
+
+def test_same_key_for_two_neighbors_refused_by_node():
+    r = Round(5, 10, auth=None)
+    r.advertise()
+    u, w, v = r.nodes[0], r.nodes[1], r.nodes[2]
+    r.sr.adverts[w] = dict(r.sr.adverts[u])
+    with pytest.raises(SecAggError, match="two neighbors advertised the same public key"):
+        client_step(r.sr.share_requests()[v], r.state[v], v, None)
+
+
+# ------------------------------------------------------------------ share stage
+def test_bad_share_replies_are_left_out(flwr_caplog):
+    r = Round(12, 10)
+    r.advertise()
+    replies = r.step(r.sr.share_requests())
+    a, b, c, d, e, f = r.nodes[:6]
+    shares_a = json.loads(replies[a])["shares"]
+    replies[a] = edit(replies[a], shares={k: s for k, s in list(shares_a.items())[1:]})
+    replies[b] = edit(replies[b], commit=b64(bytes(31)))
+    replies[c] = replies[d]
+    replies[e] = edit(replies[e], shares={k: b64(bytes(5)) for k in json.loads(replies[e])
+                                          ["shares"]})
+    replies[f] = edit(replies[f], stage="advertise")
+    r.sr.receive_shares(replies)
+    assert set(r.sr.commits) == set(r.nodes[6:]) | {d}
+    logged = warnings_of(flwr_caplog)
+    for node, match in [(a, "shares for nodes"), (b, "commit must have 32 bytes"),
+                        (c, "the reply claims to be from node"), (e, "sealed shares must have"),
+                        (f, "expected a 'share' payload")]:
+        assert f"left out node {node} at the share stage: {match}" in logged
+    # nobody receives shares from a left-out node
+    for payload in r.sr.mask_payloads().values():
+        assert not {str(x) for x in (a, b, c, e, f)} & set(json.loads(payload)["shares"])
+
+
+def test_shares_before_adverts_are_refused(flwr_caplog):
+    r = Round(4, 10)
+    with pytest.raises(RoundAborted, match="0 of 4 nodes finished the share stage"):
+        r.sr.receive_shares({u: "{}" for u in r.nodes})
+    assert "no advertised keys from this node" in warnings_of(flwr_caplog)
+
+
+def test_tampered_sealed_shares_fail_at_unmask(flwr_caplog):
+    r = Round(10, 30)
+    r.advertise()
+    r.share()
+    u, v = r.nodes[0], r.nodes[1]
+    sealed = bytearray(base64.b64decode(r.sr.sealed[u][v]))
+    sealed[20] ^= 1
+    r.sr.sealed[u][v] = b64(bytes(sealed))
+    r.mask()
+    request = r.sr.unmask_requests()[u]
+    with pytest.raises(SecAggError, match="a sealed share failed authentication"):
+        client_step(request, r.state[u], u, AUTH)
+    # the round goes on without that node's shares
+    avg, _ = r.unmask(skip={u})
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_sealed_shares_swapped_between_senders_fail():
+    r = Round(5, 10)
+    r.advertise()
+    r.share()
+    u, v, w = r.nodes[:3]
+    r.sr.sealed[u][v], r.sr.sealed[u][w] = r.sr.sealed[u][w], r.sr.sealed[u][v]
+    r.mask()
+    with pytest.raises(SecAggError, match="failed authentication"):
+        client_step(r.sr.unmask_requests()[u], r.state[u], u, AUTH)
+
+
+# ------------------------------------------------------------------ client: requests
+def test_client_stages_out_of_order():
+    r = Round(4, 10)
+    u = r.nodes[0]
+    adv_req = r.sr.advertise_requests()[u]
+    r.advertise()
+    share_req = r.sr.share_requests()[u]
+    with pytest.raises(SecAggError, match="a 'share' request arrived .* stage None.*out of "
+                                           "order"):
+        client_step(share_req, {}, u, AUTH)
+    _, fresh = client_step(adv_req, {}, u, AUTH)
+    with pytest.raises(SecAggError, match="'mask' request .* 'advertised', not 'shared'"):
+        client_mask(json.dumps({"version": 1, "stage": "mask", "context": b64(r.sr.context),
+                                "shares": {}}), fresh, u, np.zeros(10), 1)
+    r.share()
+    mask_req = r.sr.mask_payloads()[u]
+    with pytest.raises(SecAggError, match="'share' request .* 'shared', not 'advertised'"):
+        client_step(share_req, r.state[u], u, AUTH)
+    with pytest.raises(SecAggError, match="'unmask' request .* 'shared', not 'masked'"):
+        client_step(json.dumps({"version": 1, "stage": "unmask", "context": b64(r.sr.context),
+                                "survivors": r.nodes, "dropped": []}), r.state[u], u, AUTH)
+    _, _, masked_state = client_mask(mask_req, r.state[u], u, np.zeros(10), 1)
+    with pytest.raises(SecAggError, match="'mask' request .* 'masked', not 'shared'"):
+        client_mask(mask_req, masked_state, u, np.zeros(10), 1)
+
+
+@pytest.mark.parametrize(("request_text", "match"), [
+    ("{not json", "unknown secure-aggregation stage None"),
+    (None, "unknown secure-aggregation stage None"),
+    ('{"version": 1, "stage": "train"}', "unknown secure-aggregation stage 'train'"),
+    ('{"version": 1, "stage": "mask"}', "unknown secure-aggregation stage 'mask'"),
+    ('{"version": 2, "stage": "advertise"}', "must be an object of version 1"),
+    ('{"stage": "advertise"}', "must be an object of version 1"),
+])
+def test_client_refuses_malformed_requests(request_text, match):
+    with pytest.raises(SecAggError, match=match):
+        client_step(request_text, {}, 7, AUTH)
+
+
+@pytest.mark.parametrize("request_text", ["[]", "null", "1", '"advertise"', '["stage"]'])
+def test_client_refuses_json_that_is_not_an_object(request_text):
+    """BUG (strategies/secagg_protocol.py client_step): the stage is read with
+    ``json.loads(request).get("stage")``, which only catches ValueError, so a request
+    that is valid JSON but not an object raises AttributeError instead of the
+    documented SecAggError (loads() would have said "must be an object of version 1")."""
+    try:
+        client_step(request_text, {}, 7, AUTH)
+    except SecAggError:
+        pass
+    except AttributeError as err:
+        pytest.fail(f"client_step({request_text!r}) raised AttributeError({err}), "
+                    "not SecAggError")
+    else:
+        pytest.fail("accepted")
+
+
+@pytest.mark.parametrize("stage", ["share", "unmask"])
+def test_client_refuses_ill_typed_fields_with_masking_error(stage):
+    """BUG (same class as above, client_step's _share/_unmask): ill-typed fields of
+    a well-formed request escape as AttributeError/TypeError, not SecAggError: an
+    advert that is not an object (``ad.get`` on a str), ``survivors``/``dropped`` that
+    are not lists (iterating an int or None)."""
+    r = Round(4, 10)
+    r.advertise()
+    u = r.nodes[0]
+    if stage == "share":
+        req = json.loads(r.sr.share_requests()[u])
+        v = next(iter(req["adverts"]))
+        bad = [{**req, "adverts": {**req["adverts"], v: "not an object"}}]
+    else:
+        r.share()
+        r.mask()
+        req = json.loads(r.sr.unmask_requests()[u])
+        bad = [{**req, "survivors": 5}, {**req, "dropped": None}]
+    escaped = []
+    for data in bad:
+        try:
+            client_step(json.dumps(data), r.state[u], u, AUTH)
+        except SecAggError:
+            continue
+        except (AttributeError, TypeError) as err:
+            escaped.append(f"{type(err).__name__}: {err}")
+    assert not escaped, f"ill-typed {stage} request fields raised {escaped}, not SecAggError"
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"node": 8}, "addressed to node 8, this is node 7"),
+    ({"node": "7"}, "unsigned 64-bit int"),
+    ({"params": {"clip": 1.0}}, "malformed masking parameters"),
+    ({"params": {"clip": 1.0, "value-bits": 16, "max-total-weight": True, "mod-bits": 32}},
+     "expected an int"),
+    ({"points": {"8": 2}}, "this node's share point"),
+    ({"points": {"x": 1}}, "not a node id"),
+    ({"points": []}, "keyed by node id"),
+    ({"threshold": 3}, "threshold within its share group"),
+    ({"threshold": 0}, "threshold within its share group"),
+    ({"threshold": "1"}, "threshold within its share group"),
+    ({"context": b64(bytes(16))}, "context must have 32 bytes"),
+])
+def test_client_refuses_bad_advertise_requests(change, match):
+    good = {"version": 1, "stage": "advertise", "node": 7, "context": b64(bytes(32)),
+            "params": SecAggParams.derive(1.0).to_dict(), "threshold": 2,
+            "points": {"7": 1, "8": 2}}
+    client_step(json.dumps(good), {}, 7, AUTH)  # the base request is fine
+    with pytest.raises(SecAggError, match=match):
+        client_step(json.dumps({**good, **change}), {}, 7, AUTH)
+
+
+def test_client_refuses_bad_share_requests():
+    r = Round(30, 10, degree=4)
+    r.advertise()
+    u = r.nodes[0]
+    req = json.loads(r.sr.share_requests()[u])
+    stranger = next(v for v in r.nodes if v not in r.sr.graph[u] and v != u)
+    cases = [
+        ({**req, "context": b64(bytes(32))}, "the share request belongs to another round"),
+        ({**req, "adverts": {**req["adverts"], str(stranger): r.sr.adverts[stranger]}},
+         rf"keys of nodes \[{stranger}\] that are not this node's neighbors"),
+        ({**req, "adverts": {**req["adverts"], str(u): r.sr.adverts[u]}},
+         "not this node's neighbors"),
+        ({**req, "adverts": dict(list(req["adverts"].items())[:1])},
+         "only 1 neighbors left, 2 needed"),
+    ]
+    assert r.sr.threshold == 3
+    for data, match in cases:
+        with pytest.raises(SecAggError, match=match):
+            client_step(json.dumps(data), r.state[u], u, AUTH)
+    assert r.state[u]["stage"] == "advertised"
+
+
+def test_client_refuses_bad_mask_requests():
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    u = r.nodes[0]
+    req = json.loads(r.sr.mask_payloads()[u])
+    few = dict(list(req["shares"].items())[:4])
+    with pytest.raises(SecAggError, match="the train request belongs to another round"):
+        client_mask(json.dumps({**req, "context": b64(bytes(32))}), r.state[u], u,
+                    np.zeros(10), 1)
+    with pytest.raises(SecAggError, match=r"shares from nodes \[424242\] that did not take "
+                                           "part"):
+        client_mask(json.dumps({**req, "shares": {**req["shares"], "424242": "AA=="}}),
+                    r.state[u], u, np.zeros(10), 1)
+    with pytest.raises(SecAggError, match="only 4 neighbors left, 5 needed"):
+        client_mask(json.dumps({**req, "shares": few}), r.state[u], u, np.zeros(10), 1)
+    v = next(iter(req["shares"]))
+    with pytest.raises(SecAggError, match=f"sealed shares from node {v} must have"):
+        client_mask(json.dumps({**req, "shares": {**req["shares"], v: b64(bytes(10))}}),
+                    r.state[u], u, np.zeros(10), 1)
+    with pytest.raises(SecAggError, match="expected a 'mask' payload"):
+        client_mask(json.dumps({**req, "stage": "share"}), r.state[u], u, np.zeros(10), 1)
+
+
+# ------------------------------------------------------------------ bad unmask replies
+def test_bad_unmask_replies_are_left_out(flwr_caplog):
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    dropped = r.nodes[0]
+    r.mask(drop={dropped})
+    replies = r.step(r.sr.unmask_requests())
+    a, b = r.nodes[1], r.nodes[2]
+    rep_a = json.loads(replies[a])
+    both = {**rep_a, "s_shares": {**rep_a["s_shares"], str(b): rep_a["b_shares"][str(b)]}}
+    replies[a] = json.dumps(both)
+    replies[dropped] = replies[b]
+    avg, _ = r.sr.receive_unmask(replies)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    logged = warnings_of(flwr_caplog)
+    assert f"left out node {a} at the unmask stage: both shares of one node" in logged
+    assert f"left out node {dropped} at the unmask stage: shares from a node that is not a " \
+           "survivor" in logged
+
+
+def test_a_wrong_share_aborts_the_round():
+    """A survivor that sends a well-formed but wrong share makes the round abort
+    (reconstruction cannot tell which share is wrong).
+
+    BUG (strategies/secagg_protocol.py ServerRound._rebuild / receive_unmask): the
+    documented RoundAborted is only raised when the rebuilt secret happens to fit in
+    32 bytes and then fails its commitment; a wrong share almost always interpolates
+    to a value >= 2^256, and reconstruct_secret's SecAggError ("the shares do not
+    reconstruct a secret of the expected size") escapes receive_unmask. The Flower
+    adapter (SecAggFedAvg.aggregate_train) only catches RoundAborted there, so one
+    malicious node crashes the server run instead of skipping the round.
+    """
+    r = Round(10, 20)
+    r.advertise()
+    r.share()
+    r.mask()
+    replies = r.step(r.sr.unmask_requests())
+    liar, victim = r.nodes[1], r.nodes[2]
+    rep = json.loads(replies[liar])
+    rep["b_shares"][str(victim)] = b64((12345).to_bytes(66, "big"))
+    replies = {liar: json.dumps(rep), **{u: t for u, t in replies.items() if u != liar}}
+    try:
+        r.sr.receive_unmask(replies)
+    except RoundAborted:
+        pass
+    except SecAggError as err:
+        pytest.fail(f"receive_unmask raised {type(err).__name__}({err}) instead of RoundAborted")
+    else:
+        pytest.fail("a wrong share went unnoticed")
+
+
+# ------------------------------------------------------------------ pre-advertised keys
+def test_later_rounds_skip_the_advertise_stage_and_decode():
+    first = Round(8, 30, seed=3)
+    first.run()
+    assert set(first.sr.next_adverts) == set(first.nodes)
+    second = Round(length=30, after=first)
+    assert second.sr.context == first.sr.next_context
+    assert second.sr.advertise_requests() == {}
+    second.advertise()  # nothing to ask: the pre-advertised keys count
+    for u in second.nodes:  # the share request carries the round's settings instead
+        assert json.loads(second.sr.share_requests()[u])["setup"]["node"] == u
+    second.share()
+    for u in second.nodes:
+        assert "pending" not in second.state[u]  # used once, then gone
+        assert second.state[u]["context"] == b64(second.sr.context)
+    second.mask()
+    average, _ = second.unmask()
+    assert np.abs(average - second.expected()).max() <= second.params.error_bound
+    third = Round(length=30, after=second)  # and so on
+    assert third.sr.advertise_requests() == {}
+    assert np.abs(third.run()[0] - third.expected()).max() <= third.params.error_bound
+
+
+def test_nodes_without_preadvertised_keys_advertise_and_dropouts_still_recover():
+    first = Round(8, 30, seed=4)
+    first.advertise()
+    first.share()
+    first.mask()
+    late = first.nodes[0]
+    first.unmask(skip={late})  # it missed the unmask stage: no keys for the next round
+    assert late not in first.sr.next_adverts
+    second = Round(length=30, after=first)
+    assert set(second.sr.advertise_requests()) == {late}
+    second.advertise()
+    assert "setup" not in json.loads(second.sr.share_requests()[late])
+    second.share()
+    second.mask(drop={second.nodes[3]})  # a pre-advertised node drops after sharing
+    average, _ = second.unmask()
+    assert np.abs(average - second.expected()).max() <= second.params.error_bound
+
+
+def test_preadvertised_keys_are_bound_to_their_round():
+    first = Round(5, 10, seed=5)
+    first.run()
+    u, v = first.nodes[0], first.nodes[1]
+    # a round on another context cannot use them: the node refuses...
+    other = Round(length=10, after=first)
+    other.sr.context = bytes(32)
+    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
+        client_step(other.sr.share_requests()[u], other.state[u], u, AUTH)
+    # ...and if the server re-binds them to a fresh context, the MAC gives it away
+    moved = Round(length=10, after=first, seen_keys=set())
+    moved.sr.preadvertised_nodes.discard(v)  # v advertises afresh for the new context
+    moved.sr.context = bytes(range(32))
+    moved.sr.adverts.pop(v)
+    moved.state[v] = {}
+    moved.advertise()
+    with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
+        client_step(moved.sr.share_requests()[v], moved.state[v], v, AUTH)
+
+
+def test_a_preadvertised_pair_is_used_once():
+    first = Round(5, 10, seed=6)
+    first.run()
+    second = Round(length=10, after=first)
+    u = second.nodes[0]
+    request = second.sr.share_requests()[u]
+    before = dict(second.state[u])
+    _, used = client_step(request, second.state[u], u, AUTH)
+    assert second.state[u] == before  # not changed in place
+    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
+        client_step(request, used, u, AUTH)  # a replayed share request
+    # a normal advertise request drops the pending pair: the share request for it fails
+    adv = Round(length=10, after=first).sr
+    fresh_req = json.dumps({"version": 1, "stage": "advertise", "context": b64(adv.context),
+                            **adv._setup(u)})
+    _, readvertised = client_step(fresh_req, second.state[u], u, AUTH)
+    assert "pending" not in readvertised
+    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
+        client_step(request, readvertised, u, AUTH)
+
+
+def test_replayed_preadvertised_keys_are_refused_by_the_server(flwr_caplog):
+    first = Round(5, 10, seed=7)
+    first.run()
+    u = first.nodes[0]
+    later = Round(length=10, nodes=first.nodes, seen_keys=first.sr.seen_keys)  # no pre-adverts
+    replies = later.step(later.sr.advertise_requests())
+    keys = first.sr.next_adverts[u]
+    replies[u] = edit(replies[u], c_pk=keys["c_pk"], s_pk=keys["s_pk"])
+    later.sr.receive_adverts(replies)
+    assert u not in later.sr.adverts and len(later.sr.adverts) == 4
+    assert f"left out node {u} at the advertise stage: replayed public keys" in \
+        warnings_of(flwr_caplog)
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda ad, other: "not an object",
+    lambda ad, other: {**ad, "s_pk": ad["c_pk"]},
+    lambda ad, other: {**ad, "c_pk": other["c_pk"]},
+    lambda ad, other: {**ad, "c_pk": "%%%"},
+])
+def test_bad_preadvertised_keys_cost_only_the_preadvertisement(flwr_caplog, tamper):
+    r = Round(6, 20, seed=8)
+    r.advertise()
+    r.share()
+    r.mask()
+    replies = r.step(r.sr.unmask_requests())
+    u, w = r.nodes[0], r.nodes[1]
+    rep = json.loads(replies[u])
+    rep["next_advert"] = tamper(rep["next_advert"], r.sr.adverts[w])  # w's keys: seen
+    replies = {u: json.dumps(rep), **{k: x for k, x in replies.items() if k != u}}
+    average, _ = r.sr.receive_unmask(replies)
+    assert np.abs(average - r.expected()).max() <= r.params.error_bound
+    assert u not in r.sr.next_adverts and len(r.sr.next_adverts) == 5
+    assert f"left out node {u} at the pre-advertise stage" in warnings_of(flwr_caplog)
+
+
+def test_unmask_refuses_a_next_context_equal_to_the_round():
+    r = Round(4, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    u = r.nodes[0]
+    data = json.loads(r.sr.unmask_requests()[u])
+    with pytest.raises(SecAggError, match="next round's context is this round's"):
+        client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, AUTH)
+    with pytest.raises(SecAggError, match="next context"):
+        client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, AUTH)
+
+
+def test_without_preadvertising_every_round_advertises():
+    r = Round(4, 10)
+    r.sr.preadvertise = False
+    r.run()
+    assert "next" not in json.loads(r.sr.unmask_requests()[r.nodes[0]])
+    assert r.sr.next_adverts == {}
+    assert all("next_advert" not in json.loads(x) for x in r.unmask_replies.values())
+
+
+# ------------------------------------------------------------------ fuzzing
+@fuzz(80)
+@given(data=st.data(), size=st.sampled_from([None, 32, SHARE_BYTES]))
+def test_base64_fields_and_node_maps(data, size):
+    text = data.draw(st.one_of(
+        st.just(b64(bytes(range(32)))).map(str.encode).flatmap(mutated_bytes).map(
+            lambda b: b.decode("latin-1")),
+        st.text(max_size=60), json_values))
+    result = attempt(lambda: unb64(text, size, "a field"), SecAggError)
+    assert refused(result) or size is None or len(result) == size
+    document = data.draw(json_values | mutated_json({"11": "x", "22": [1]}))
+    result = attempt(lambda: node_map(document, "a map"), SecAggError)
+    assert refused(result) or all(type(k) is int and 0 <= k < 2**64 for k in result)
+
+
+@fuzz(80)
+@given(data=st.data(), stage=st.sampled_from(["advertise", "share", "unmask"]))
+def test_stage_payload_text(data, stage):
+    valid = json.dumps({"version": 1, "stage": stage, "node": 11, "shares": {}})
+    text = data.draw(st.one_of(
+        st.just(valid.encode()).flatmap(mutated_bytes).map(lambda b: b.decode("latin-1")),
+        st.just(json.loads(valid)).flatmap(mutated_json).map(json.dumps),
+        st.text(max_size=100), json_values))
+    result = attempt(lambda: loads(text, stage), SecAggError)
+    assert refused(result) or (isinstance(result, dict) and result["stage"] == stage)
+
+
+def test_deep_json_payloads_are_refused():
+    must_refuse(lambda: loads(deep_json(), "share"), SecAggError)
+    must_refuse(lambda: client_step(deep_json(), {}, 11, AUTH), SecAggError)
+    must_refuse(lambda: header_of(np.frombuffer(deep_json(2000).encode(), np.uint8)),
+                InvalidUpdate)
+
+
+# ------------------------------------------------------------------ fuzzing: the client side
+@pytest.fixture(scope="module")
+def secagg_stages() -> dict[str, tuple[str, dict]]:
+    """One honest round: node BAD's request and state at each stage."""
+    sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
+    states: dict[int, dict] = {u: {} for u in MASK_NODES}
+    stages = {}
+
+    def ask(requests: dict[int, str], stage: str) -> dict[int, str]:
+        stages[stage] = (requests[BAD], states[BAD])
+        replies = {}
+        for u, request in requests.items():
+            replies[u], states[u] = client_step(request, states[u], u, AUTH)
+        return replies
+
+    sr.receive_adverts(ask(sr.advertise_requests(), "advertise"))
+    sr.receive_shares(ask(sr.share_requests(), "share"))
+    for u, payload in sr.mask_payloads().items():
+        if u == BAD:
+            stages["mask"] = (payload, states[u])
+        vector, header, states[u] = client_mask(payload, states[u], u, XS[u], WS[u])
+        sr.receive_masked(u, vector, header, WS[u])
+    ask(sr.unmask_requests(), "unmask")
+    return stages
+
+
+@fuzz(120)
+@given(data=st.data(), stage=st.sampled_from(["advertise", "share", "mask", "unmask"]))
+def test_client_stage_requests(secagg_stages, data, stage):
+    request, state = secagg_stages[stage]
+    text = data.draw(st.one_of(
+        st.just(json.loads(request)).flatmap(mutated_json).map(json.dumps),
+        st.just(request.encode()).flatmap(mutated_bytes).map(lambda b: b.decode("latin-1")),
+        st.text(max_size=100), json_values))
+    before = copy.deepcopy(state)
+    if stage == "mask":
+        result = attempt(lambda: client_mask(text, state, BAD, XS[BAD], WS[BAD]), SecAggError)
+        assert refused(result) or result[0].shape == (MASK_LENGTH,)
+    else:
+        result = attempt(lambda: client_step(text, state, BAD, AUTH), SecAggError)
+        assert refused(result) or json.loads(result[0])["node"] == BAD
+    assert state == before, "a request changed the node's state in place"
+
+
+@pytest.mark.parametrize("points", [{"11": None}, {"11": float("inf")}, {"11": "x" * 5000},
+                                    {"11": [1]}, {"11": 1, "22": 1}, {"11": 0}, {"11": True}])
+def test_advertise_requests_with_bad_share_points_are_refused(points):
+    sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
+    request = {**json.loads(sr.advertise_requests()[BAD]), "points": points}
+    must_refuse(lambda: client_step(json.dumps(request), {}, BAD, AUTH), SecAggError)
+
+
+# ------------------------------------------------------------------ fuzzing: the server side
+def run_masked_round(stage: str, tamper, auth: bytes | None = AUTH):
+    """One round with honest nodes, except that node BAD's message of ``stage``
+    (advertise, share, masked, unmask) goes through ``tamper``. Returns the server's
+    round and its outcome: ``(average, weight)`` or the RoundAborted."""
+    sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
+    states: dict[int, dict] = {u: {} for u in MASK_NODES}
+
+    def ask(requests: dict[int, str], name: str) -> dict[int, object]:
+        replies: dict[int, object] = {}
+        for u, request in requests.items():
+            try:
+                replies[u], states[u] = client_step(request, states[u], u, auth)
+            except SecAggError:  # an honest node refuses what fails its checks: a dropout
+                continue
+            if name == stage and u == BAD:
+                replies[u] = tamper(replies[u])
+        if name == stage and BAD in replies:  # first: what it leaves behind is used first
+            replies = {BAD: replies.pop(BAD), **replies}
+        return replies
+
+    with no_hang():
+        try:
+            sr.receive_adverts(ask(sr.advertise_requests(), "advertise"))
+            sr.receive_shares(ask(sr.share_requests(), "share"))
+            for u, payload in sr.mask_payloads().items():
+                try:
+                    vector, header, states[u] = client_mask(payload, states[u], u, XS[u],
+                                                            WS[u])
+                except SecAggError:
+                    continue
+                if stage == "masked" and u == BAD:
+                    vector, header = tamper((vector, header))
+                result = attempt(lambda: sr.receive_masked(u, vector, header, WS[u]),
+                                 InvalidUpdate)
+                assert not refused(result) or u == BAD
+            return sr, sr.receive_unmask(ask(sr.unmask_requests(), "unmask"))
+        except RoundAborted as err:
+            assert str(err)
+            return sr, err
+
+
+def assert_average_of_survivors(sr: ServerRound, outcome) -> None:
+    average, weight = outcome
+    survivors = sorted(sr.masked)
+    assert weight == sum(WS[u] for u in survivors)
+    expected = sum(WS[u] * XS[u] for u in survivors) / weight
+    assert np.abs(average - expected).max() <= MASK_PARAMS.error_bound + 1e-9
+
+
+@st.composite
+def tampered_reply(draw, text: str) -> object:
+    return draw(st.one_of(
+        st.just(json.loads(text)).flatmap(mutated_json).map(json.dumps),
+        st.just(text.encode()).flatmap(mutated_bytes).map(lambda b: b.decode("latin-1"))))
+
+
+@fuzz(40)
+@given(data=st.data(), stage=st.sampled_from(["advertise", "share", "unmask"]))
+def test_server_round_with_a_tampered_reply(data, stage):
+    """A near-valid reply may be refused, accepted, or make the round abort (a wrong
+    share is caught by the commitment); an accepted round is the average of the
+    survivors."""
+    sr, outcome = run_masked_round(stage, lambda text: data.draw(tampered_reply(text)))
+    if not isinstance(outcome, RoundAborted):
+        assert_average_of_survivors(sr, outcome)
+
+
+@fuzz(40)
+@given(data=st.data(), stage=st.sampled_from(["advertise", "share", "unmask"]))
+def test_server_round_with_a_garbage_reply(caplog_flwr, data, stage):
+    """Garbage is left out, naming the node, and the round goes on with the others."""
+    junk = data.draw(st.text(max_size=80) | json_values | st.sampled_from(
+        [deep_json(), b"{}", json.dumps({"version": 1, "stage": stage, "node": BAD})]))
+    caplog_flwr.clear()
+    sr, outcome = run_masked_round(stage, lambda text: junk)
+    assert not isinstance(outcome, RoundAborted), outcome
+    assert any(f"node {BAD} at the {stage} stage" in w for w in fuzzing.warnings_of(caplog_flwr))
+    assert_average_of_survivors(sr, outcome)
+    assert (BAD in sr.masked) == (stage == "unmask")
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_server_round_with_a_tampered_masked_vector(data):
+    """A bad vector or header is left out and the others' average comes out; a vector of
+    the right type and length is kept (a client may bias the sum within range: the
+    documented caveat), and the round then decodes or aborts on overflow."""
+    sent = {}
+
+    def tamper(masked):
+        vector, header = masked
+        kind = data.draw(st.sampled_from(["vector", "header", "both"]))
+        if kind in ("vector", "both"):
+            vector = data.draw(mutated_array(vector) | st.sampled_from(
+                [None, vector.tolist(), vector.astype(np.uint64), vector.astype(">u4")]))
+        if kind in ("header", "both"):
+            header = data.draw(mutated_json(header))
+        sent.update(vector=vector)
+        return vector, header
+
+    sr, outcome = run_masked_round("masked", tamper)
+    if BAD in sr.masked:
+        vector = sent["vector"]
+        assert isinstance(vector, np.ndarray) and vector.dtype == np.uint32 \
+            and vector.shape == (MASK_LENGTH,)
+    else:
+        assert not isinstance(outcome, RoundAborted), outcome
+        assert_average_of_survivors(sr, outcome)
+
+
+def test_low_order_public_keys_are_refused_at_advertise(caplog_flwr):
+    """Keys that make every shared secret zero: neighbors would fail to mask with the
+    node, and the server could not rebuild their masks."""
+    for point in LOW_ORDER_POINTS:
+        def tamper(text):
+            return json.dumps({**json.loads(text), "s_pk": b64(point)})
+        caplog_flwr.clear()
+        sr, outcome = run_masked_round("advertise", tamper, auth=None)
+        assert BAD not in sr.adverts
+        assert any(f"node {BAD} at the advertise stage" in w
+                   for w in fuzzing.warnings_of(caplog_flwr))
+        assert_average_of_survivors(sr, outcome)
+
+
+def test_a_low_order_key_cannot_crash_the_unmasking():
+    """With a sparse graph the neighbors of a node that advertised a low-order key drop
+    out; rebuilding their masks must not fail with anything but RoundAborted."""
+    nodes = list(range(101, 111))
+    sr = ServerRound(MASK_PARAMS, nodes, MASK_LENGTH, degree=2, threshold_fraction=0.0)
+    bad = nodes[0]
+    states: dict[int, dict] = {u: {} for u in nodes}
+
+    def ask(requests):
+        replies = {}
+        for u, request in requests.items():
+            try:
+                replies[u], states[u] = client_step(request, states[u], u, None)
+            except SecAggError:
+                continue
+        return replies
+
+    with no_hang():
+        try:
+            adverts = ask(sr.advertise_requests())
+            adverts[bad] = json.dumps({**json.loads(adverts[bad]),
+                                       "s_pk": b64(LOW_ORDER_POINTS[0])})
+            sr.receive_adverts(adverts)
+            sr.receive_shares(ask(sr.share_requests()))
+            for u, payload in sr.mask_payloads().items():
+                try:
+                    vector, header, states[u] = client_mask(
+                        payload, states[u], u, np.zeros(MASK_LENGTH), 10)
+                except SecAggError:
+                    continue
+                sr.receive_masked(u, vector, header, 10)
+            average, _ = sr.receive_unmask(ask(sr.unmask_requests()))
+        except RoundAborted as err:
+            pytest.fail(f"the round of the honest nodes aborted: {err}")
+    assert bad not in sr.masked and np.abs(average).max() <= MASK_PARAMS.error_bound
+
+
+def test_a_partly_bad_unmask_reply_is_left_out_entirely(caplog_flwr):
+    """Its valid-looking shares must not be used when the rest of it is refused."""
+    def tamper(text):
+        rep = json.loads(text)
+        other = next(k for k in rep["b_shares"] if k != str(BAD))
+        rep["b_shares"][other] = b64(bytes(SHARE_BYTES - 1) + b"\x01")  # a wrong share
+        rep["b_shares"]["999"] = "not base64!"
+        return json.dumps(rep)
+
+    caplog_flwr.clear()
+    sr, outcome = run_masked_round("unmask", tamper)
+    assert not isinstance(outcome, RoundAborted), outcome
+    assert any(f"node {BAD} at the unmask stage" in w for w in fuzzing.warnings_of(caplog_flwr))
+    assert_average_of_survivors(sr, outcome)
