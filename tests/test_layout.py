@@ -77,7 +77,7 @@ def test_public_api_resolves():
 def test_settings_agree_in_pyproject_code_and_readme():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     table = re.search(r"\| key \| default \| meaning \|\n\|---\|---\|---\|\n((?:\|.*\n)+)",
                       readme)
     assert table, "the README's run configuration table"
