@@ -19,17 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from fedapp.config import MUST_MATCH  # the settings a resumed run must keep
+
 FILE = "checkpoint.npz"
 _STATE = "__state__"  # the JSON entry; model array names never start with "__"
 _CONFIG = "__config__/"  # prefix of the config entries (bytes)
-
-#: Settings a resumed run must share with the run it resumes (the others, e.g. the
-#: number of rounds or the timeout, may change).
-MUST_MATCH = ("task", "aggregation", "paillier-public-key", "paillier-clip",
-              "paillier-value-bits", "paillier-max-total-weight", "paillier-weight-unit",
-              "secagg-clip", "secagg-value-bits", "secagg-max-total-weight",
-              "dp-noise-multiplier", "dp-clip", "dp-adaptive-clip", "dp-delta",
-              "dp-population", "mnist-model", "spam-buckets")
 
 
 class CheckpointError(ValueError):
@@ -85,7 +79,7 @@ class Checkpoint:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
-    """:class:`CheckpointError` unless the settings in :data:`MUST_MATCH` agree."""
+    """:class:`CheckpointError` unless the settings in :data:`fedapp.config.MUST_MATCH` agree."""
     differ = [f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now"
               for k in MUST_MATCH if saved.get(k) != current.get(k)]
     if differ:

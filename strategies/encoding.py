@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fixed_point import FixedPoint
+from .fixed_point import FixedPointParams
 from .checks import is_int, is_number
 
 __all__ = [
@@ -79,7 +79,7 @@ class EncodingOverflow(ValueError):
 
 
 @dataclass(frozen=True)
-class EncodingParams:
+class EncodingParams(FixedPointParams):
     """How values are quantized and packed into plaintext integers.
 
     Parameters
@@ -194,21 +194,6 @@ class EncodingParams:
         return 1 << self.headroom_bits
 
     @property
-    def fixed_point(self) -> FixedPoint:
-        """The quantizer of values (shared with masking)."""
-        return FixedPoint(self.clip, self.value_bits)
-
-    @property
-    def max_value(self) -> int:
-        """Largest quantized value, ``2**value_bits - 1``."""
-        return self.fixed_point.levels
-
-    @property
-    def scale(self) -> float:
-        """Width of one quantization step: ``2 * clip / (2**value_bits - 1)``."""
-        return self.fixed_point.step
-
-    @property
     def plaintext_bits(self) -> int:
         """Bits used by one packed plaintext: ``slot_bits * slots_per_plaintext``."""
         return self.slot_bits * self.slots_per_plaintext
@@ -239,7 +224,7 @@ class EncodingParams:
         outside ``[-clip, clip]`` add their clipping error on top (not covered).
         The rounding is unbiased: the expected decoded value is exact.
         """
-        return self.scale + 1e-9 * self.clip
+        return self.step + 1e-9 * self.clip
 
     def check_noise_offset(self, noise_offset: object, total_weight: int) -> int:
         """``noise_offset`` as an int; ``ValueError`` unless it is one that
@@ -248,7 +233,7 @@ class EncodingParams:
         if not is_int(noise_offset) \
                 or noise_offset < 0:
             raise ValueError(f"noise offset must be a non-negative int, got {noise_offset!r}")
-        if noise_offset and int(total_weight) * self.max_value + 2 * int(noise_offset) \
+        if noise_offset and int(total_weight) * self.levels + 2 * int(noise_offset) \
                 >= 1 << self.slot_bits:
             raise EncodingOverflow(
                 f"noise offset {noise_offset} does not fit the {self.slot_bits}-bit slots at "
@@ -465,7 +450,7 @@ def unpack(
         bad = int(np.argmax(sums > np.uint64(limit)))
         raise EncodingOverflow(
             f"value {bad} sums to {int(sums[bad])}, more than total weight {total_weight} x "
-            f"{params.max_value} = {limit}: a client used a larger weight than reported, or the "
+            f"{params.levels} = {limit}: a client used a larger weight than reported, or the "
             "inputs were tampered with")
     return sums
 
@@ -498,13 +483,13 @@ def encode_noise(noise: np.ndarray, bound: float, total_weight: int, params: Enc
         If the sum with the noise could carry out of its slots.
     """
     rng = rng or np.random.default_rng()
-    k = math.ceil(bound / params.scale)
+    k = math.ceil(bound / params.step)
     offset = int(total_weight) * k
-    if int(total_weight) * params.max_value + 2 * offset >= 1 << params.slot_bits:
+    if int(total_weight) * params.levels + 2 * offset >= 1 << params.slot_bits:
         raise EncodingOverflow(f"noise up to {bound:g} does not fit the {params.slot_bits}-bit "
                                "slots: raise the maximum total weight (more headroom)")
     scaled = total_weight * (k + np.clip(np.asarray(noise, np.float64), -bound, bound)
-                             / params.scale)
+                             / params.step)
     low = np.floor(scaled)
     values = low + (rng.random(scaled.shape) < (scaled - low))
     return np.clip(values, 0, 2 * offset).astype(np.uint64), offset

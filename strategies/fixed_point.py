@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FixedPoint"]
+__all__ = ["FixedPoint", "FixedPointParams"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,26 @@ class FixedPoint:
         average *= self.step
         average -= self.clip
         return average
+
+
+class FixedPointParams:
+    """Mixin for parameter classes with ``clip`` and ``value_bits`` fields: their
+    quantizer and its ``levels`` and ``step``."""
+
+    clip: float
+    value_bits: int
+
+    @property
+    def fixed_point(self) -> FixedPoint:
+        """The quantizer of values."""
+        return FixedPoint(self.clip, self.value_bits)
+
+    @property
+    def levels(self) -> int:
+        """The largest quantized value, ``2^value_bits - 1``."""
+        return self.fixed_point.levels
+
+    @property
+    def step(self) -> float:
+        """Width of one quantization step, ``2 clip / (2^value_bits - 1)``."""
+        return self.fixed_point.step

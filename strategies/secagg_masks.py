@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .fixed_point import FixedPoint
+from .fixed_point import FixedPointParams
 from .checks import is_int, is_number
 
 SEED_BYTES = 32
@@ -54,7 +54,7 @@ class MaskOverflow(SecAggError):
 
 # ------------------------------------------------------------------ encoding
 @dataclass(frozen=True)
-class SecAggParams:
+class SecAggParams(FixedPointParams):
     """Fixed-point encoding of weighted model values in ``Z_{2^mod_bits}``.
 
     A value ``x`` in ``[-clip, clip]`` becomes ``q = (x + clip) / step`` rounded
@@ -99,19 +99,6 @@ class SecAggParams:
     @property
     def dtype(self) -> type:
         return _DTYPES[self.mod_bits]
-
-    @property
-    def fixed_point(self) -> FixedPoint:
-        """The quantizer of values (shared with Paillier's encoding)."""
-        return FixedPoint(self.clip, self.value_bits)
-
-    @property
-    def levels(self) -> int:
-        return self.fixed_point.levels
-
-    @property
-    def step(self) -> float:
-        return self.fixed_point.step
 
     @property
     def error_bound(self) -> float:

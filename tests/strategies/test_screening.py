@@ -4,6 +4,8 @@ failures are logged once per round and cause (strategies.screening)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
@@ -37,11 +39,16 @@ def good(node: int) -> Message:
 
 
 @pytest.fixture(scope="module")
-def public_key(tmp_path_factory):
+def public_key_file(tmp_path_factory) -> Path:
+    public, _, _ = write_keypair(tmp_path_factory.mktemp("keys"))
+    return public
+
+
+@pytest.fixture(scope="module")
+def public_key(public_key_file):
     from strategies.keyfiles import load_public_key
 
-    public, _, _ = write_keypair(tmp_path_factory.mktemp("keys"))
-    return load_public_key(public)
+    return load_public_key(public_key_file)
 
 
 def test_round_watch_counts_rounds_in_a_row_and_names_the_causes(flwr_caplog):
@@ -131,8 +138,8 @@ def test_legacy_masking_counts_a_round_its_key_stages_lost(flwr_caplog):
         strategy.configure_fit(1, ndarrays_to_parameters([np.zeros(3, np.float32)]), manager)
 
 
-def test_the_run_setting_reaches_every_strategy(public_key, tmp_path):
-    public, _, _ = write_keypair(tmp_path)
+def test_the_run_setting_reaches_every_strategy(public_key_file):
+    public = public_key_file
     for aggregation in ("fedavg", "paillier", "secagg"):
         for dp in (0.0, 1.0):
             settings = RunSettings.from_run_config({
