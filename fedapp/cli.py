@@ -51,9 +51,13 @@ def app_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from strategies.node_settings import NODE_CONFIG_ENV
+
+    env = {NODE_CONFIG_ENV: " ".join(args.node_config)} if args.node_config else None
     status, run_dir, _ = launch.simulate(
         app_dir(args), Path(args.workdir), args.num_supernodes,
-        parse_overrides(args.run_config), timeout=args.timeout)  # streams the log as it goes
+        parse_overrides(args.run_config), timeout=args.timeout,
+        env=env)  # streams the log as it goes
     print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
     return 0 if status == launch.FINISHED_OK else 1
 
@@ -190,7 +194,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     key = load_private_key(Path(args.key))
     with np.load(args.model, allow_pickle=False) as data:
         encrypted = EncryptedModel.from_arrays({k: data[k] for k in data.files}, key.public_key)
-    arrays = decrypt_model(key, encrypted, workers=None)
+    arrays = decrypt_model(key, encrypted, min_contributors=args.min_contributors,
+                           accept_noise=args.accept_server_noise, workers=None)
     names = list(encrypted.layout.names)
     if args.task:  # name the arrays after the task model's parameters, for load_npz
         from clients.tasks import DataSpec, build_model
@@ -218,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sim", help="run a simulation and report whether it succeeded")
     s.add_argument("--num-supernodes", type=int, default=2)
     s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a node's own setting, for every simulated node (e.g. "
+                        "paillier-accept-server-noise=true; docs/threat-model.md)")
     s.add_argument("--workdir", default="fedapp-sim", help="SuperLink state, logs and runs")
     s.add_argument("--app", default=".", help="the Flower app directory (default: the "
                    "current directory)")
@@ -278,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="name arrays after this task's model (mnist, spam, housing)")
     s.add_argument("--mnist-model", default="cnn")
     s.add_argument("--spam-buckets", type=int, default=65536)
+    s.add_argument("--min-contributors", type=int, default=2,
+                   help="refuse a model aggregated from fewer updates (default 2)")
+    s.add_argument("--accept-server-noise", action="store_true",
+                   help="decrypt a model the server added central-DP noise to (its "
+                        "authenticity cannot be checked: docs/threat-model.md)")
     s.set_defaults(func=cmd_decrypt)
 
     s = sub.add_parser("run", help="submit the app to a SuperLink and wait for the result")

@@ -51,6 +51,7 @@ from strategies.paillier import (  # noqa: E402
     generate_keypair,
 )
 from strategies.paillier_protocol import EncryptedModel  # noqa: E402
+from strategies.paillier_tags import TagKey  # noqa: E402
 from strategies.aggregation import Layout  # noqa: E402
 
 MNIST_CNN_PARAMS = 1_663_370  # McMahan et al. 2017 CNN: conv5x5x32, conv5x5x64, fc512, fc10
@@ -113,13 +114,17 @@ def main() -> None:
     # -- ours: one client's encode + encrypt --------------------------------------------------
     update = rng.normal(0.0, 0.05, args.params).astype(np.float32)
     encryptor, t_setup = timed(Encryptor, pk, sk)
+    tag_key = TagKey.from_private_key(sk)
+    context = bytes(32)  # a round's context (paillier_protocol.EncryptedModel.context)
     plaintexts, t_encode = timed(encode, update, params, 7, rng)
-    array, t_encrypt = timed(encryptor.encrypt_to_array, plaintexts)
-    ours_rate = args.params / (t_setup + t_encode + t_encrypt)
-    ours_rate_warm = args.params / (t_encode + t_encrypt)
-    log(f"ours: {args.params} params -> {array.shape[0]} ciphertexts; set-up {t_setup:.2f} s, "
-        f"quantize+pack {t_encode:.3f} s, encrypt {t_encrypt:.2f} s -> {ours_rate:,.0f} params/s "
-        f"({ours_rate_warm:,.0f} without set-up); speedup over phe {ours_rate / phe_rate:,.0f}x")
+    tag, t_tag = timed(tag_key.tag, plaintexts, context, 1, 7)
+    array, t_encrypt = timed(encryptor.encrypt_to_array, [*plaintexts, tag])
+    ours_rate = args.params / (t_setup + t_encode + t_tag + t_encrypt)
+    ours_rate_warm = args.params / (t_encode + t_tag + t_encrypt)
+    log(f"ours: {args.params} params -> {array.shape[0]} ciphertexts (the last the tag); "
+        f"set-up {t_setup:.2f} s, quantize+pack {t_encode:.3f} s, tag {t_tag:.3f} s, encrypt "
+        f"{t_encrypt:.2f} s -> {ours_rate:,.0f} params/s ({ours_rate_warm:,.0f} without set-up); "
+        f"speedup over phe {ours_rate / phe_rate:,.0f}x")
 
     # -- server aggregation for K clients --------------------------------------------------------
     weights = [int(w) for w in rng.integers(1, args.max_total_weight // args.clients + 1,
@@ -128,10 +133,11 @@ def main() -> None:
     updates = [rng.normal(0.0, 0.05, args.agg_params).astype(np.float32)
                for _ in range(args.clients)]
     updates[0][:10] = [args.clip, -args.clip, 0, 1e-6, -1e-6, 0.3, -0.3, 0.49, -0.49, 0.01]
-    count = params.num_plaintexts(args.agg_params)
+    count = params.num_plaintexts(args.agg_params) + 1  # and the tag
     arrays = []
     for k, (x, w) in enumerate(zip(updates, weights)):
-        arrays.append(encryptor.encrypt_to_array(encode(x, params, w, rng)))
+        packed = encode(x, params, w, rng)
+        arrays.append(encryptor.encrypt_to_array([*packed, tag_key.tag(packed, context, k, w)]))
         log(f"client {k}: weight {w}, {count} ciphertexts")
     agg_times = []
     for _ in range(3):
@@ -145,12 +151,14 @@ def main() -> None:
 
     # -- client decryption + decoding ------------------------------------------------------------
     start = time.perf_counter()
-    sums = sk.decrypt_array(aggregate, count=count)
+    *sums, total_tag = sk.decrypt_array(aggregate, count=count)
+    authentic, t_verify = timed(tag_key.verify, sums, total_tag, context, dict(enumerate(weights)))
+    assert authentic, "the tag of an honest aggregate does not check"
     average = decode(sums, params, args.agg_params, total_weight)
     t_dec = time.perf_counter() - start
     dec_rate = args.agg_params / t_dec
-    log(f"client: decrypt+decode {args.agg_params} params in {t_dec:.2f} s -> {dec_rate:,.0f} "
-        f"params/s; MNIST CNN {MNIST_CNN_PARAMS / dec_rate:.0f} s")
+    log(f"client: decrypt+verify+decode {args.agg_params} params in {t_dec:.2f} s (tag check "
+        f"{t_verify:.3f} s) -> {dec_rate:,.0f} params/s; MNIST CNN {MNIST_CNN_PARAMS / dec_rate:.0f} s")
 
     expected = weighted_average([[x] for x in updates], weights)[0].astype(np.float64)
     max_err = float(np.abs(average - expected).max())
@@ -165,13 +173,14 @@ def main() -> None:
     cnn = Layout(("conv1.w", "conv1.b", "conv2.w", "conv2.b", "fc1.w", "fc1.b", "fc2.w", "fc2.b"),
                  ((32, 1, 5, 5), (32,), (64, 32, 5, 5), (64,), (512, 3136), (512,), (10, 512),
                   (10,)), ("float32",) * 8)
-    header = EncryptedModel(array, pk.fingerprint, params, cnn, 1).header()
+    header = EncryptedModel(array, pk.fingerprint, params, cnn, run=1, server_round=1,
+                            contributors={1: 1}).header()
     meta_bytes = len(json.dumps(header, sort_keys=True))
-    wire_bytes = full_count * bytes_per_ct
+    wire_bytes = (full_count + 1) * bytes_per_ct  # and the tag
     float32_bytes = 4 * MNIST_CNN_PARAMS
     examples_params = EncodingParams.for_key(pk.n_bits, 65_536, clip=args.clip)
-    examples_ratio = examples_params.num_plaintexts(MNIST_CNN_PARAMS) * bytes_per_ct / float32_bytes
-    log(f"wire: {full_count} x {bytes_per_ct} B = {wire_bytes / 1e6:.2f} MB (+{meta_bytes} B of "
+    examples_ratio = (examples_params.num_plaintexts(MNIST_CNN_PARAMS) + 1) * bytes_per_ct / float32_bytes
+    log(f"wire: {full_count + 1} x {bytes_per_ct} B = {wire_bytes / 1e6:.2f} MB (+{meta_bytes} B of "
         f"metadata) vs float32 {float32_bytes / 1e6:.2f} MB -> {wire_bytes / float32_bytes:.3f}x; "
         f"with weights up to 65,536 (example counts): {examples_ratio:.3f}x; phe per value: "
         f"{2 * phe_pk.n.bit_length() // 8 / 4:.0f}x")
@@ -187,6 +196,7 @@ def main() -> None:
         "ours_params_measured": args.params,
         "ours_encryptor_setup_s": round(t_setup, 3),
         "ours_encode_s": round(t_encode, 3),
+        "ours_tag_s": round(t_tag, 4),
         "ours_encrypt_s": round(t_encrypt, 3),
         "ours_encode_encrypt_params_per_s": round(ours_rate),
         "ours_encode_encrypt_params_per_s_without_setup": round(ours_rate_warm),
@@ -195,9 +205,10 @@ def main() -> None:
         "server_aggregate_ciphertexts_measured": count,
         "server_aggregate_s_mnist_cnn": round(t_agg_full, 2),
         "client_decrypt_decode_params_per_s": round(dec_rate),
+        "client_tag_check_s_measured": round(t_verify, 4),
         "client_decrypt_decode_s_mnist_cnn": round(MNIST_CNN_PARAMS / dec_rate, 1),
         "mnist_cnn_params": MNIST_CNN_PARAMS,
-        "mnist_cnn_ciphertexts": full_count,
+        "mnist_cnn_ciphertexts": full_count + 1,
         "wire_bytes_mnist_cnn": wire_bytes,
         "metadata_bytes": meta_bytes,
         "float32_bytes_mnist_cnn": float32_bytes,

@@ -39,6 +39,7 @@ import contextlib
 import functools
 import json
 import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -62,6 +63,7 @@ from strategies.secagg_masks import encode_weighted
 from strategies.paillier import Encryptor
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, Layout,
                                           encrypt_update)
+from strategies.paillier_tags import TagKey
 from strategies.records import record_arrays
 from strategies.secagg_protocol import MASKED_KEY
 
@@ -359,7 +361,9 @@ class Lab:
             auth = key_dir / AUTH_KEY_NAME
             node_config["secagg-auth-key"] = str(auth if auth.exists() else write_auth_key(key_dir))
         self.mode, self.num_buckets = mode, num_buckets
-        self.nodes = [TARGET + i for i in range(SECAGG_NODES if mode == "secagg" else 1)]
+        # a secure sum needs company: key holders decrypt no sum of one update
+        self.nodes = [TARGET + i for i in range({"fedavg": 1, "paillier": 2}.get(mode,
+                                                                                 SECAGG_NODES))]
         self.settings = RunSettings.from_run_config(run_config)
         self.node_config = node_config
         model = build_model(self.settings.data_spec(1))  # all zero: the app's initial model
@@ -369,8 +373,8 @@ class Lab:
     def view(self, email: tuple[str, float], others: list[tuple[str, float]]
              ) -> dict[str, np.ndarray]:
         """What the server receives from the target node holding ``email`` (text,
-        label); the other nodes of a masked round hold ``others`` (masking needs
-        ``SECAGG_NODES - 1`` of them, the other modes none)."""
+        label); the other nodes of a secure round hold ``others`` (masking needs
+        ``SECAGG_NODES - 1`` of them, Paillier one, plaintext FedAvg none)."""
         if len(others) < len(self.nodes) - 1:
             raise ValueError(f"{self.mode} needs {len(self.nodes) - 1} other emails, got "
                              f"{len(others)}")
@@ -385,9 +389,12 @@ class Lab:
             plain = {k: np.asarray(v) for k, v in record_arrays(self.arrays).items()}
             if self.mode == "paillier":
                 update = EncryptedModel.from_arrays(view, self.public_key)
+                (node, weight), = update.contributors.items()
+                made_up = TagKey(secrets.token_bytes(32), self.public_key.n)  # no tag key here
                 self._reference = encrypt_update(
-                    list(plain.values()), update.layout, update.total_weight, update.params,
-                    Encryptor(self.public_key)).to_arrays()
+                    list(plain.values()), update.layout, weight, update.params,
+                    Encryptor(self.public_key), made_up, run=update.run,
+                    server_round=update.server_round, node=node).to_arrays()
             elif self.mode == "secagg":
                 layout = Layout.of(list(plain), list(plain.values()))
                 params = aggregation_strategy(self.settings).params

@@ -50,9 +50,10 @@ from .node_errors import reports_errors
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .paillier import PublicKey
 from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
-                            node_private_key, node_workers, parse_round_config, round_config)
-from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES, EncryptedModel,
-                                RoundSum)
+                            node_private_key, node_workers, parse_round_config,
+                            round_config)
+from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
+                                DecryptionRefused, EncryptedModel, RoundSum)
 
 TENSOR_TYPE = "paillier-v1/numpy.ndarray"
 _ORDER = (CIPHERTEXTS_KEY, HEADER_KEY)
@@ -146,7 +147,8 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
         else:
             arrays = parameters_to_ndarrays(parameters)
             self._remember_layout(None, arrays, layout_of(arrays).names)
-        extra = round_config(self.params, self.public_key.fingerprint, self.weight_unit)
+        extra = round_config(self.params, self.public_key.fingerprint, self.weight_unit,
+                             server_round)
         pairs = super().configure_fit(server_round, parameters, client_manager)
         for _, ins in pairs:  # a new dict: never change the one on_fit_config_fn returned
             ins.config = {**ins.config, **extra}
@@ -166,12 +168,11 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
         if not results or (failures and not self.accept_failures):
             self.watch.end_round(server_round, False)
             return None, {}
-        round_sum = RoundSum(self.public_key, self.params, self._layout)
+        round_sum = RoundSum(self.public_key, self.params, self._layout, server_round)
         valid: list[FitRes] = []
         for proxy, res in results:
             try:
-                round_sum.claim(proxy.cid)
-                round_sum.add(self._reply_arrays(res))
+                round_sum.add(int(proxy.cid), self._reply_arrays(res))
             except InvalidUpdate as err:
                 log(WARNING, "Left out the reply of client %s in round %d: %s", proxy.cid,
                     server_round, err)
@@ -202,7 +203,7 @@ def _decrypt_parameters(msg: Message, ins: str, context: Context) -> None:
     if not is_encrypted(parameters):  # the initial model: public, random weights
         return
     _, plain = decrypt_global_model(node_private_key(context), parameters_arrays(parameters),
-                                    node_workers(context))
+                                    context.node_config, node_workers(context))
     msg.content.array_records[name] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(plain), keep_input=True)
 
@@ -220,14 +221,15 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
         arrays = parameters_to_ndarrays(res.parameters)
         update, clipped = encrypt_local_model(
             _fit_config(msg), layout_of(arrays).names, arrays, res.num_examples,
-            node_private_key(context), node_workers(context))
+            node_private_key(context), run=msg.metadata.run_id, node=context.node_id,
+            workers=node_workers(context))
         encrypted = to_parameters(update)
         reply.content.config_records["fitres.metrics"]["paillier-clipped"] = clipped
     reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
         encrypted, keep_input=True)
 
 
-@reports_errors(PermissionError)
+@reports_errors(PermissionError, DecryptionRefused)
 def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model of fit and evaluate messages on the way in; encrypt the
     fit reply's model on the way out.

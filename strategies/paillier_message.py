@@ -32,7 +32,7 @@ from .node_errors import reports_errors
 from .paillier import PrivateKey, PublicKey
 from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
                             node_private_key, node_workers, round_config)
-from .paillier_protocol import EncryptedModel, RoundSum
+from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
 from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
 
@@ -90,20 +90,19 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
         encrypted = EncryptedModel.is_encrypted(plain)
         self._remember_layout(plain if encrypted else None, list(plain.values()), list(plain))
         config = ConfigRecord({**config, **round_config(
-            self.params, self.public_key.fingerprint, self.weight_unit)})
+            self.params, self.public_key.fingerprint, self.weight_unit, server_round)})
         return super().configure_train(server_round, arrays, config, grid)
 
     def _accept(self, msg: Message, round_sum: RoundSum) -> None:
-        round_sum.claim(msg.metadata.src_node_id)  # one reply per node, even a bad one
         arrays, _ = train_reply(msg, self.weighted_by_key)
         if not EncryptedModel.is_encrypted(arrays):
             raise InvalidUpdate("the update is not encrypted: add paillier_mod to the ClientApp")
-        round_sum.add(arrays)
+        round_sum.add(msg.metadata.src_node_id, arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        round_sum = RoundSum(self.public_key, self.params, self._layout)
+        round_sum = RoundSum(self.public_key, self.params, self._layout, server_round)
         valid = screen(server_round, replies, self.watch,
                        lambda msg: self._accept(msg, round_sum))
         log(INFO, "aggregate_train: %d valid encrypted replies of %d, total weight %d",
@@ -124,17 +123,18 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
 # ------------------------------------------------------------------ client mod
 
 
-def _decrypt_records(msg: Message, key: PrivateKey, workers: int | None) -> None:
+def _decrypt_records(msg: Message, key: PrivateKey, context: Context) -> None:
     """Replace every encrypted ArrayRecord in ``msg`` by the plaintext model."""
     for name, record in list(msg.content.array_records.items()):
         arrays = record_arrays(record)
         if not EncryptedModel.is_encrypted(arrays):
             continue
-        layout, plain = decrypt_global_model(key, arrays, workers)
+        layout, plain = decrypt_global_model(key, arrays, context.node_config,
+                                             node_workers(context))
         msg.content[name] = array_record(dict(zip(layout.names, plain, strict=True)))
 
 
-def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, workers: int | None) -> None:
+def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Context) -> None:
     config = next(iter(msg.content.config_records.values()), {})
     if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
         raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
@@ -143,11 +143,11 @@ def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, workers: int |
     arrays = record_arrays(record)
     update, metrics["paillier-clipped"] = encrypt_local_model(
         dict(config), list(arrays), list(arrays.values()), int(metrics["num-examples"]),
-        key, workers)
+        key, run=msg.metadata.run_id, node=context.node_id, workers=node_workers(context))
     reply.content[name] = as_record(update)
 
 
-@reports_errors(PermissionError)
+@reports_errors(PermissionError, DecryptionRefused)
 def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model on the way in; encrypt the train update on the way out.
 
@@ -158,8 +158,8 @@ def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     key = node_private_key(context)
     category = msg.metadata.message_type.split(".")[0]
     if category in ("train", "evaluate"):
-        _decrypt_records(msg, key, node_workers(context))
+        _decrypt_records(msg, key, context)
     reply = call_next(msg, context)
     if category == "train" and reply.has_content():
-        _encrypt_reply(msg, reply, key, node_workers(context))
+        _encrypt_reply(msg, reply, key, context)
     return reply

@@ -10,6 +10,7 @@ envelopes; neither imports the other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from logging import WARNING
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from .screening import RoundWatch
 from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
 from .node_errors import NodeError
 from .paillier import Encryptor, PrivateKey, PublicKey
+from .node_settings import node_setting
 from .paillier_protocol import (EncryptedModel, Layout, client_weight, decrypt_model,
                                 encrypt_update)
+from .paillier_tags import TagKey
 
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
 WORKERS_NODE_CONFIG = "paillier-workers"
@@ -78,14 +81,16 @@ class PaillierRounds:
                 f"bits per ciphertext, weight unit {self.weight_unit}")
 
 
-def round_config(params: EncodingParams, fingerprint: str, weight_unit: int) -> dict:
+def round_config(params: EncodingParams, fingerprint: str, weight_unit: int,
+                 server_round: int) -> dict:
     """What a client needs to encrypt its update (sent in every train config)."""
     return {f"{PREFIX}fingerprint": fingerprint, f"{PREFIX}weight-unit": weight_unit,
+            f"{PREFIX}round": server_round,
             **{f"{PREFIX}encoding-{k}": v for k, v in params.to_dict().items()}}
 
 
 
-def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
+def parse_round_config(config: dict) -> tuple[EncodingParams, str, int, int]:
     """Inverse of :func:`round_config`; ``ValueError`` if absent or malformed
     (:class:`NodeError` if absent: the server runs no Paillier strategy)."""
     if f"{PREFIX}fingerprint" not in config:
@@ -97,13 +102,17 @@ def parse_round_config(config: dict) -> tuple[EncodingParams, str, int]:
     unit = config.get(f"{PREFIX}weight-unit")
     if not is_int(unit) or unit < 1:
         raise ValueError(f"{PREFIX}weight-unit must be a positive int, got {unit!r}")
-    return EncodingParams.from_dict(enc), str(config[f"{PREFIX}fingerprint"]), unit
+    server_round = config.get(f"{PREFIX}round")
+    if not is_int(server_round) or not 0 <= server_round < 2**64:
+        raise ValueError(f"{PREFIX}round must be an unsigned 64-bit int, got {server_round!r}")
+    return (EncodingParams.from_dict(enc), str(config[f"{PREFIX}fingerprint"]), unit,
+            server_round)
 
 
 
 # ------------------------------------------------------------------ client node
 _KEYS: dict[str, PrivateKey] = {}
-_ENCRYPTORS: dict[str, Encryptor] = {}
+_ENCRYPTORS: dict[str, tuple[Encryptor, TagKey]] = {}
 _DECRYPTED: dict[str, list[np.ndarray]] = {}
 
 
@@ -134,30 +143,49 @@ def node_workers(context: Context) -> int | None:
 
 
 def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
-                         workers: int | None) -> tuple[Layout, list[np.ndarray]]:
-    """The plaintext model inside an encrypted aggregate that arrived from the server.
+                         node_config: Mapping[str, object], workers: int | None
+                         ) -> tuple[Layout, list[np.ndarray]]:
+    """The plaintext model inside an encrypted aggregate that arrived from the server,
+    if it is an authentic aggregate of at least the node's ``paillier-min-contributors``
+    updates (:func:`strategies.paillier_protocol.decrypt_model`).
 
     The last result is cached: evaluate(r) and train(r+1) carry the same aggregate.
+
+    Raises
+    ------
+    DecryptionRefused
+        Whatever the cause once decryption started (one message: no plaintext bit).
+    NodeError
+        If the server added noise this node's settings do not accept.
     """
     model = EncryptedModel.from_arrays(arrays, key.public_key)
+    minimum = node_setting(node_config, "paillier-min-contributors")
+    if minimum < 1:
+        raise NodeError(f"node setting paillier-min-contributors must be >= 1, got {minimum}")
+    accept_noise = node_setting(node_config, "paillier-accept-server-noise")
+    if model.noise_offset and not accept_noise:
+        raise NodeError("the server added central-DP noise to the encrypted model, which no "
+                        "node can check: this node decrypts it only with its node setting "
+                        "paillier-accept-server-noise=true (docs/threat-model.md)")
     digest = model.digest()
     if digest not in _DECRYPTED:
         _DECRYPTED.clear()
-        _DECRYPTED[digest] = decrypt_model(key, model, workers=workers)
+        _DECRYPTED[digest] = decrypt_model(key, model, min_contributors=minimum,
+                                           accept_noise=accept_noise, workers=workers)
     return model.layout, _DECRYPTED[digest]
 
 
-
 def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray],
-                        num_examples: int, key: PrivateKey, workers: int | None
-                        ) -> tuple[EncryptedModel, float]:
+                        num_examples: int, key: PrivateKey, *, run: int, node: int,
+                        workers: int | None) -> tuple[EncryptedModel, float]:
     """This node's trained model, encrypted as the round's config asks, weighted by
-    its examples; returns the update and the fraction of values outside the clip range.
+    its examples and tagged for ``(run, round, node)``; returns the update and
+    the fraction of values outside the clip range.
 
     Raises ``ValueError`` if the config holds no Paillier parameters (the server is
     not a Paillier strategy: never send plaintext then) or names another key.
     """
-    params, fingerprint, unit = parse_round_config(config)
+    params, fingerprint, unit, server_round = parse_round_config(config)
     if fingerprint != key.fingerprint:
         raise NodeError(f"the server uses key {fingerprint[:16]}..., this node holds "
                          f"{key.fingerprint[:16]}...: give every node the same key pair")
@@ -169,9 +197,10 @@ def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray]
         log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
             100 * clipped, params.clip)
     if key.fingerprint not in _ENCRYPTORS:
-        _ENCRYPTORS[key.fingerprint] = Encryptor(key.public_key, key)
+        _ENCRYPTORS[key.fingerprint] = (Encryptor(key.public_key, key),
+                                        TagKey.from_private_key(key))
+    encryptor, tag_key = _ENCRYPTORS[key.fingerprint]
     weight = client_weight(num_examples, unit)
-    update = encrypt_update(arrays, layout, weight, params, _ENCRYPTORS[key.fingerprint],
-                            workers=workers)
+    update = encrypt_update(arrays, layout, weight, params, encryptor, tag_key, run=run,
+                            server_round=server_round, node=node, workers=workers)
     return update, clipped
-

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,35 +30,51 @@ from .aggregation import InvalidUpdate, Layout  # noqa: F401  (Layout: part of t
 from .encoding import EncodingParams, decode, encode, encode_noise, pack
 from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
                        check_ciphertext_array)
+from .paillier_tags import TagKey, round_context
 
 CIPHERTEXTS_KEY = "paillier-ciphertexts"
 HEADER_KEY = "paillier-header"
 MAX_HEADER_BYTES = 1 << 20  # the header beside the ciphertexts: encoding, layout, weight
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class EncryptedModel:
-    """A weighted sum of one or more clients' models, encrypted.
+    """A weighted sum of one or more clients' models, encrypted and tagged.
 
-    ``total_weight`` is the sum of the weights of the models inside; a single
-    client's update has its own weight.
+    ``ciphertexts`` holds the packed plaintexts and, last, the tag
+    (:mod:`strategies.paillier_tags`). ``contributors`` maps each node inside to its
+    weight; a single client's update names only its own node. ``run`` and
+    ``server_round`` are the round the contributions were made for.
     """
 
     ciphertexts: np.ndarray
     fingerprint: str
     params: EncodingParams
     layout: Layout
-    total_weight: int
+    run: int
+    server_round: int
+    contributors: Mapping[int, int]
     noise_offset: int = 0  # > 0 once the server added DP noise (encoding.encode_noise)
+
+    @property
+    def total_weight(self) -> int:
+        """The sum of the contributors' weights."""
+        return sum(self.contributors.values())
 
     def header(self) -> dict:
         header = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint,
                   "encoding": self.params.to_dict(), "layout": self.layout.to_json(),
-                  "total-weight": self.total_weight}
+                  "run": self.run, "round": self.server_round,
+                  "contributors": {str(k): w for k, w in sorted(self.contributors.items())}}
         if self.noise_offset:
             header["noise-offset"] = self.noise_offset
         return header
+
+    def context(self) -> bytes:
+        """What the tags bind: run, round, key, encoding and layout."""
+        return round_context(self.run, self.server_round, self.fingerprint,
+                             self.params.to_dict(), self.layout.to_json())
 
     def digest(self) -> str:
         """SHA-256 of header and ciphertexts: names this aggregate (e.g. for caching)."""
@@ -101,10 +117,13 @@ class EncryptedModel:
             params = EncodingParams.from_dict(header["encoding"])
             params.check_modulus_bits(public_key.n_bits)  # else no one could decode the sum
             layout = Layout.from_json(header["layout"])
-            total = header["total-weight"]
-            if not is_int(total) or total < 1:
-                raise ValueError(f"total-weight must be a positive int, got {total!r}")
-            offset = params.check_noise_offset(header.get("noise-offset", 0), total)
+            run, server_round = header["run"], header["round"]
+            for name, value in (("run", run), ("round", server_round)):
+                if not is_int(value) or not 0 <= value < 2**64:
+                    raise ValueError(f"{name} must be an unsigned 64-bit int, got {value!r}")
+            contributors = _contributors(header["contributors"], params)
+            offset = params.check_noise_offset(header.get("noise-offset", 0),
+                                               sum(contributors.values()))
         except KeyError as err:
             raise InvalidUpdate(f"malformed header: no {err} entry") from None
         except (ValueError, TypeError, AttributeError, RecursionError) as err:  # deep JSON
@@ -113,15 +132,30 @@ class EncryptedModel:
             raise InvalidUpdate(
                 f"encrypted under key {str(fingerprint)[:16]}..., expected "
                 f"{public_key.fingerprint[:16]}...: this node uses another key pair")
-        if total > params.max_total_weight:
-            raise InvalidUpdate(f"total weight {total} exceeds the encoding's maximum "
-                                f"{params.max_total_weight}")
         try:
             cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY],
-                                         params.num_plaintexts(layout.size))
+                                         params.num_plaintexts(layout.size) + 1)
         except ValueError as err:
             raise InvalidUpdate(str(err)) from None
-        return EncryptedModel(cts, fingerprint, params, layout, total, offset)
+        return EncryptedModel(cts, fingerprint, params, layout, run, server_round,
+                              contributors, offset)
+
+
+def _contributors(value: object, params: EncodingParams) -> dict[int, int]:
+    """The header's ``{node: weight}``, checked (``ValueError`` with the reason)."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError("contributors must be a non-empty object of node id: weight")
+    out = {}
+    for key, weight in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < 2**64):
+            raise ValueError(f"contributor {key!r} is not a node id")
+        if not is_int(weight) or weight < 1:
+            raise ValueError(f"the weight of node {key} must be a positive int, got {weight!r}")
+        out[int(key)] = weight
+    if sum(out.values()) > params.max_total_weight:
+        raise ValueError(f"total weight {sum(out.values())} exceeds the encoding's maximum "
+                         f"{params.max_total_weight}")
+    return out
 
 
 def client_weight(num_examples: int, weight_unit: int) -> int:
@@ -132,33 +166,42 @@ def client_weight(num_examples: int, weight_unit: int) -> int:
 
 
 def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
-                   params: EncodingParams, encryptor: Encryptor, *, workers: int | None = 1,
+                   params: EncodingParams, encryptor: Encryptor, tag_key: TagKey, *,
+                   run: int, server_round: int, node: int, workers: int | None = 1,
                    rng: np.random.Generator | None = None) -> EncryptedModel:
-    """One client's weighted, quantized, packed and encrypted model."""
+    """One client's weighted, quantized, packed, tagged and encrypted model, bound to
+    ``(run, server_round, node)``."""
     if not 1 <= weight <= params.max_total_weight:
         raise ValueError(f"weight {weight} is outside 1..{params.max_total_weight}: raise "
                          "the weight unit or the maximum total weight")
+    model = EncryptedModel(np.zeros((0, 0), np.uint8), encryptor.public_key.fingerprint,
+                           params, layout, run, server_round, {node: weight})
     plaintexts = encode(layout.flatten(arrays), params, weight, rng)
+    plaintexts.append(tag_key.tag(plaintexts, model.context(), node, weight))
     cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
-    return EncryptedModel(cts, encryptor.public_key.fingerprint, params, layout, weight)
+    return dataclasses.replace(model, ciphertexts=cts)
 
 
 def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
               workers: int | None = 1) -> EncryptedModel:
-    """Homomorphic sum of checked updates that share encoding and layout."""
+    """Homomorphic sum of checked updates of one round that share encoding and layout
+    and have no contributor in common."""
     if not updates:
         raise ValueError("nothing to aggregate")
     first = updates[0]
-    for u in updates[1:]:
-        if u.params != first.params or u.layout != first.layout:
-            raise InvalidUpdate("updates disagree on encoding or layout")
-    total = sum(u.total_weight for u in updates)
-    if total > first.params.max_total_weight:
-        raise InvalidUpdate(f"total weight {total} exceeds the encoding's maximum "
-                            f"{first.params.max_total_weight}")
+    contributors: dict[int, int] = {}
+    for u in updates:
+        if u.context() != first.context():
+            raise InvalidUpdate("updates disagree on round, encoding or layout")
+        if contributors.keys() & u.contributors.keys():
+            raise InvalidUpdate("a node contributes twice")
+        contributors.update(u.contributors)
+    if sum(contributors.values()) > first.params.max_total_weight:
+        raise InvalidUpdate(f"total weight {sum(contributors.values())} exceeds the "
+                            f"encoding's maximum {first.params.max_total_weight}")
     cts = aggregate_arrays(public_key, [u.ciphertexts for u in updates], workers=workers)
-    return EncryptedModel(cts, first.fingerprint, first.params, first.layout, total,
-                          sum(u.noise_offset for u in updates))
+    return dataclasses.replace(first, ciphertexts=cts, contributors=contributors,
+                               noise_offset=sum(u.noise_offset for u in updates))
 
 
 def add_noise(model: EncryptedModel, noise: np.ndarray, bound: float, encryptor: Encryptor, *,
@@ -174,7 +217,8 @@ def add_noise(model: EncryptedModel, noise: np.ndarray, bound: float, encryptor:
         If the noise does not fit the slots' headroom.
     """
     values, offset = encode_noise(noise, bound, model.total_weight, model.params, rng)
-    noise_cts = encryptor.encrypt_to_array(pack(values, model.params), workers=workers)
+    plaintexts = pack(values, model.params) + [0]  # the tag row is left as it is
+    noise_cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
     cts = aggregate_arrays(encryptor.public_key, [model.ciphertexts, noise_cts],
                            workers=workers)
     return dataclasses.replace(model, ciphertexts=cts,
@@ -184,31 +228,41 @@ def add_noise(model: EncryptedModel, noise: np.ndarray, bound: float, encryptor:
 class RoundSum:
     """The server's side of one round, whatever Flower API carries the updates.
 
-    Each client may contribute one update (:meth:`claim`); an update must be
-    encrypted under ``public_key`` with this round's ``params`` and the global
-    model's ``layout``, and the total weight may not pass
-    ``params.max_total_weight`` (:meth:`add`). Both raise :class:`InvalidUpdate`
-    with the reason, so the caller can leave that client out and go on.
+    Each node may contribute one update (:meth:`add`): encrypted under ``public_key``
+    with this round's ``params`` and the global model's ``layout``, made for this
+    round and by the node that sent it, and the total weight may not pass
+    ``params.max_total_weight``. :meth:`add` raises :class:`InvalidUpdate` with the
+    reason, so the caller can leave that node out and go on. Key holders refuse to
+    decrypt a sum of fewer than ``min_contributors`` updates, so :meth:`result`
+    makes none.
     """
 
-    def __init__(self, public_key: PublicKey, params: EncodingParams,
-                 layout: Layout | None) -> None:
+    def __init__(self, public_key: PublicKey, params: EncodingParams, layout: Layout | None,
+                 server_round: int, min_contributors: int = 2) -> None:
         self.public_key, self.params, self.layout = public_key, params, layout
+        self.server_round, self.min_contributors = server_round, min_contributors
         self.updates: list[EncryptedModel] = []
         self.total_weight = 0
-        self._clients: set[Hashable] = set()
+        self._nodes: set[int] = set()
 
-    def claim(self, client: Hashable) -> None:
-        """Note that ``client`` replied; a second reply in the round is refused."""
-        if client in self._clients:
-            raise InvalidUpdate("a second reply from this client in this round")
-        self._clients.add(client)
-
-    def add(self, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
-        """Parse and check one update (see :meth:`EncryptedModel.from_arrays`), then keep it."""
+    def add(self, node: int, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
+        """Parse and check one update of ``node`` (see :meth:`EncryptedModel.from_arrays`),
+        then keep it; a second reply of a node in the round is refused, even after a bad
+        first one."""
+        if node in self._nodes:
+            raise InvalidUpdate("a second reply from this node in this round")
+        self._nodes.add(node)
         update = EncryptedModel.from_arrays(arrays, self.public_key)
         if update.noise_offset:
             raise InvalidUpdate("a client update carries a noise offset")
+        if dict(update.contributors) != {node: update.total_weight}:
+            raise InvalidUpdate(f"the update names nodes {sorted(update.contributors)}, sent "
+                                f"by node {node}: a node may only answer for itself")
+        if update.server_round != self.server_round:
+            raise InvalidUpdate(f"the update was made for round {update.server_round}, this "
+                                f"is round {self.server_round}")
+        if self.updates and update.run != self.updates[0].run:
+            raise InvalidUpdate("the update was made for another run")
         if update.params != self.params:
             raise InvalidUpdate("encoded with other parameters than this round's")
         if update.layout != self.layout:
@@ -222,22 +276,56 @@ class RoundSum:
         return update
 
     def result(self, *, workers: int | None = 1) -> EncryptedModel | None:
-        """The encrypted sum of the kept updates, or ``None`` if there is none."""
-        return aggregate(self.public_key, self.updates, workers=workers) if self.updates else None
+        """The encrypted sum of the kept updates, or ``None`` if there are fewer than
+        ``min_contributors`` (logged by the caller: the model stays as it was)."""
+        if len(self.updates) < max(1, self.min_contributors):
+            return None
+        return aggregate(self.public_key, self.updates, workers=workers)
 
 
-def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *,
-                  workers: int | None = 1) -> list[np.ndarray]:
-    """The weighted average inside ``model``, as arrays in its layout.
+class DecryptionRefused(ValueError):
+    """A key holder will not decrypt this: always the same message, whatever the cause
+    (which could tell the server something about the plaintext)."""
+
+    def __init__(self) -> None:
+        super().__init__("decryption refused: the encrypted model is not an authentic "
+                         "aggregate of this federation's updates")
+
+
+def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contributors: int = 2,
+                  accept_noise: bool = False, workers: int | None = 1) -> list[np.ndarray]:
+    """The weighted average inside ``model``, as arrays in its layout, once its tag
+    shows it is an aggregate of exactly the contributors its header names.
+
+    Parameters
+    ----------
+    min_contributors
+        Refuse a model of fewer contributors (1: a single update may be decrypted).
+    accept_noise
+        Decrypt a model the server added central-DP noise to, whose tag cannot hold
+        (see :mod:`strategies.paillier_tags`); without it such a model is refused.
 
     Raises
     ------
-    encoding.EncodingOverflow
-        If the sum cannot have come from honest clients (never wraps silently).
+    DecryptionRefused
+        If the model has too few contributors, noise not accepted, a tag that does not
+        check, or a sum out of range. The cause is not told apart: from the ciphertexts
+        on, every failure is this one error, so a refusal carries no plaintext bit.
+    ValueError
+        If the model is under another key (public information).
     """
     if model.fingerprint != private_key.fingerprint:
         raise ValueError("this model was encrypted under another key pair")
-    plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
-    flat = decode(plaintexts, model.params, model.layout.size, model.total_weight,
-                  model.noise_offset)
+    if len(model.contributors) < min_contributors or (model.noise_offset and not accept_noise):
+        raise DecryptionRefused()
+    try:
+        plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
+        *plaintexts, tag = plaintexts
+        if not model.noise_offset and not TagKey.from_private_key(private_key).verify(
+                plaintexts, tag, model.context(), model.contributors):
+            raise DecryptionRefused()
+        flat = decode(plaintexts, model.params, model.layout.size, model.total_weight,
+                      model.noise_offset)
+    except ValueError:  # EncodingOverflow, a ciphertext outside the key's subgroup
+        raise DecryptionRefused() from None
     return model.layout.unflatten(flat)

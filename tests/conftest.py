@@ -16,7 +16,8 @@ from strategies.aggregation import Layout
 from strategies.encoding import EncodingParams
 from strategies.paillier import Encryptor, PrivateKey, PublicKey, generate_keypair
 from strategies.paillier_protocol import encrypt_update
-from tests.helpers import CLIP, ROOT, load_script
+from strategies.paillier_tags import TagKey
+from tests.helpers import CLIP, ROOT, RUN, load_script
 from tests.helpers.fuzzing import SHAPES, WEIGHTS, plain_model
 
 # Shared 2-core machines: timing is noise, so no per-example deadlines.
@@ -83,6 +84,22 @@ def keypair() -> tuple[PublicKey, PrivateKey]:
 
 
 @pytest.fixture(scope="session")
+def node_keys(keypair, tmp_path_factory) -> tuple[Path, Path]:
+    """A key directory as ``fedapp keygen`` and ``fedapp keygen --secagg`` fill it (the
+    session's key pair and a masking authentication key): the public and private key
+    files. Simulated nodes find it through ``$FEDAPP_KEY_DIR``."""
+    import json
+
+    from strategies.keyfiles import PRIVATE_NAME, PUBLIC_NAME, write_auth_key, write_secret
+
+    directory = tmp_path_factory.mktemp("keys")
+    write_secret(directory / PRIVATE_NAME, json.dumps(keypair[1].to_dict()))
+    (directory / PUBLIC_NAME).write_text(json.dumps(keypair[0].to_dict()))
+    write_auth_key(directory)
+    return directory / PUBLIC_NAME, directory / PRIVATE_NAME
+
+
+@pytest.fixture(scope="session")
 def keys(keypair):
     """The fuzz tests' name for ``keypair``."""
     return keypair
@@ -100,11 +117,15 @@ def paillier(keys, encryptor) -> dict:
     params = EncodingParams.for_key(keys[0].n_bits, 1000, clip=CLIP)
     models = [plain_model(seed) for seed in (1, 2)]
     layout = Layout.of(list(SHAPES), list(models[0].values()))
-    updates = [encrypt_update(list(m.values()), layout, w, params, encryptor)
-               for m, w in zip(models, WEIGHTS, strict=True)]
-    legacy = Layout.of(["0", "1"], list(models[0].values()))  # names as Flower's compat layer
-    legacy_updates = [encrypt_update(list(m.values()), legacy, w, params, encryptor)
-                      for m, w in zip(models, WEIGHTS, strict=True)]
+    tag_key = TagKey.from_private_key(keys[1])
+
+    def updates_for(layout):  # nodes 1, 2 of run RUN, round 1
+        return [encrypt_update(list(m.values()), layout, w, params, encryptor, tag_key,
+                               run=RUN, server_round=1, node=node)
+                for node, (m, w) in enumerate(zip(models, WEIGHTS, strict=True), 1)]
+
+    updates = updates_for(layout)
+    legacy_updates = updates_for(Layout.of(["0", "1"], list(models[0].values())))  # as compat
     return {"params": params, "layout": layout, "models": models, "updates": updates,
             "legacy_updates": legacy_updates}
 

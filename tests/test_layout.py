@@ -12,8 +12,8 @@ from fedapp.config import DEFAULTS
 from tests.helpers import ROOT
 
 PACKAGE = ROOT / "strategies"
-CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "paillier_protocol", "secagg_masks",
-         "secagg_protocol", "secagg_wire", "dp", "keyfiles", "legacy_wire", "opacus_import"}
+CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "paillier_protocol",
+         "paillier_tags", "secagg_masks", "secagg_protocol", "secagg_wire", "dp", "keyfiles", "legacy_wire", "opacus_import"}
 MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message"}
 LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy"}
 
@@ -39,7 +39,7 @@ def local(names: set[str]) -> set[str]:
 def test_every_module_is_placed():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     shared = {"paillier_node", "secagg_rounds", "secagg_node", "dp_rounds", "screening",
-              "node_errors", "records"}
+              "node_errors", "node_settings", "records"}
     assert modules == CORES | MESSAGE_API | LEGACY_API | shared
 
 

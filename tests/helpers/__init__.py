@@ -68,6 +68,8 @@ AUTH = bytes(range(32))  # the federation's masking authentication key
 
 CLIP = 2.0  # the secure strategies' clip
 
+RUN = 1  # the run id of new_context and of the tests' Paillier updates
+
 SHAPES = {"w": (40, 3), "b": (3,)}  # 123 values: 2 ciphertexts of 63 slots
 
 # A fit config of the NumPy clients.

@@ -7,9 +7,10 @@ import numpy as np
 
 from strategies.paillier import Encryptor, PrivateKey
 from strategies.paillier_node import encrypt_local_model, round_config
-from strategies.paillier_protocol import (CIPHERTEXTS_KEY, EncryptedModel, Layout, decrypt_model,
-                                          encrypt_update)
-from tests.helpers import SHAPES
+from strategies.paillier_protocol import (CIPHERTEXTS_KEY, EncryptedModel, Layout, aggregate,
+                                          decrypt_model, encrypt_update)
+from strategies.paillier_tags import TagKey
+from tests.helpers import RUN, SHAPES
 
 
 def model(value: float, seed: int | None = None) -> dict[str, np.ndarray]:
@@ -35,18 +36,32 @@ def assert_weighted_average_of_good(arrays, keypair, good, strategy) -> None:
 
 
 def encrypted_arrays(keypair, arrays: list[np.ndarray], names: list[str], n: int,
-                     strategy) -> dict[str, np.ndarray]:
-    """A client's update as the client mods make it."""
-    config = round_config(strategy.params, keypair[0].fingerprint, strategy.weight_unit)
-    update, _ = encrypt_local_model(config, names, arrays, n, keypair[1], 1)
+                     strategy, node: int, server_round: int = 1) -> dict[str, np.ndarray]:
+    """Node ``node``'s update as the client mods make it."""
+    config = round_config(strategy.params, keypair[0].fingerprint, strategy.weight_unit,
+                          server_round)
+    update, _ = encrypt_local_model(config, names, arrays, n, keypair[1], run=RUN, node=node,
+                                    workers=1)
     return update.to_arrays()
 
 
-def foreign_arrays(public_key, arrays: list[np.ndarray], names: list[str], n: int, params
-                   ) -> dict[str, np.ndarray]:
+def foreign_arrays(public_key, arrays: list[np.ndarray], names: list[str], n: int, params,
+                   node: int) -> dict[str, np.ndarray]:
     """An update encrypted under another federation's key, encoding otherwise right."""
-    return encrypt_update(arrays, Layout.of(names, arrays), n, params,
-                          Encryptor(public_key)).to_arrays()
+    return encrypt_update(arrays, Layout.of(names, arrays), n, params, Encryptor(public_key),
+                          TagKey(bytes(32), public_key.n), run=RUN, server_round=1,
+                          node=node).to_arrays()
+
+
+def global_model(keypair, arrays: list[np.ndarray], layout: Layout, params,
+                 server_round: int = 1) -> EncryptedModel:
+    """An honest aggregate whose average is ``arrays``: the updates of nodes 101 and 102
+    (weights 1 and 2) of ``server_round``, as a server sends it back to the nodes."""
+    encryptor, tag_key = Encryptor(keypair[0]), TagKey.from_private_key(keypair[1])
+    updates = [encrypt_update(arrays, layout, w, params, encryptor, tag_key, run=RUN,
+                              server_round=server_round, node=node)
+               for node, w in ((101, 1), (102, 2))]
+    return aggregate(keypair[0], updates)
 
 
 def truncated(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from fedapp import launch
-from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_auth_key, write_keypair
+from strategies.keyfiles import KEY_DIR_ENV, load_private_key
 from strategies.paillier_protocol import EncryptedModel, decrypt_model
 from strategies.secagg_rounds import secagg_params
 from tests.helpers import ROOT
@@ -39,14 +39,9 @@ ROUNDS = 2  # num-server-rounds in both examples' pyproject.toml
 LOSS_RTOL = 1e-2
 
 
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory) -> tuple[Path, Path]:
-    """The client nodes' key directory: a Paillier key pair and the masking
-    authentication key, as ``fedapp keygen`` makes them."""
-    directory = tmp_path_factory.mktemp("keys")
-    public, private, _ = write_keypair(directory, 2048)
-    write_auth_key(directory)
-    return public, private
+@pytest.fixture(scope="module")
+def keys(node_keys) -> tuple[Path, Path]:
+    return node_keys
 
 
 def run(example: str, workdir: Path, keys: tuple[Path, Path], secure: str = ""):

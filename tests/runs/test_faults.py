@@ -31,32 +31,29 @@ def faulty_app(tmp_path: Path) -> Path:
     return app
 
 
-def keys_for(aggregation: str, tmp_path: Path) -> tuple[dict, dict]:
-    """Run settings and node environment for ``aggregation`` (keys made for it)."""
-    from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair
+def keys_for(aggregation: str, node_keys: tuple[Path, Path]) -> tuple[dict, dict]:
+    """Run settings and node environment for ``aggregation``."""
+    from strategies.keyfiles import KEY_DIR_ENV
 
-    env = {KEY_DIR_ENV: str(tmp_path / "keys")}
+    env = {KEY_DIR_ENV: str(node_keys[1].parent)}
     if aggregation == "paillier":
-        pub, _, _ = write_keypair(tmp_path / "keys")
-        return {"paillier-public-key": str(pub)}, env
-    if aggregation == "secagg":
-        write_auth_key(tmp_path / "keys")
-        return {}, env
-    return {}, {}
+        return {"paillier-public-key": str(node_keys[0])}, env
+    return {}, env
 
 
 @pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
-def test_crash_and_hang_leave_the_round_to_the_survivors(aggregation, tmp_path, data_dir):
+def test_crash_and_hang_leave_the_round_to_the_survivors(aggregation, tmp_path, data_dir,
+                                                         node_keys):
     """4 nodes: partition 0 crashes in round 1, partition 1 hangs past the timeout in
     round 2; both rounds aggregate the other three, and round 3 all four."""
-    settings, env = keys_for(aggregation, tmp_path)
+    settings, env = keys_for(aggregation, node_keys)
     status, run_dir, logs = launch.simulate(
         faulty_app(tmp_path), tmp_path / "work", 4,
         {"task": "housing", "data-dir": str(data_dir), "num-server-rounds": 3,
-         "aggregation": aggregation, "round-timeout": 40.0, "min-train-nodes": 4,
+         "aggregation": aggregation, "round-timeout": 30.0, "min-train-nodes": 4,
          "min-evaluate-nodes": 4, "min-available-nodes": 4, **settings},
         timeout=900, progress=False,
-        env={**env, "FEDAPP_FAULTS": "crash:0:1,hang:1:2", "FEDAPP_HANG_SECONDS": "55"})
+        env={**env, "FEDAPP_FAULTS": "crash:0:1,hang:1:2", "FEDAPP_HANG_SECONDS": "35"})
     assert status == launch.FINISHED_OK, logs[-4000:]
     rows = {r["round"]: r for r in json.loads((run_dir / "metrics.json").read_text())}
     assert [rows[r]["train-clients"] for r in (1, 2, 3)] == [3, 3, 4], rows

@@ -19,19 +19,19 @@ from hypothesis import strategies as st
 
 from strategies.keyfiles import KEY_DIR_ENV, load_private_key, write_keypair
 from strategies.legacy_wire import layout_of
-from strategies.paillier import Encryptor
 from strategies.paillier_legacy import (TENSOR_TYPE, LegacyPaillierFedAvg, legacy_paillier_mod,
                                         parameters_arrays, to_parameters)
 from strategies.paillier_node import round_config
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel,
-                                          decrypt_model, encrypt_update)
+                                          decrypt_model)
 from tests.helpers import CLIP
 from tests.helpers import fuzzing
 from tests.helpers.fakes import FakeProxy
 from tests.helpers.fuzzing import (BAD_WEIGHTS, WEIGHTS, client_manager, fuzz, garbage,
                                    mutated_bytes, no_hang, warnings_of)
 from tests.helpers.paillier import (assert_weighted_average_of_good, encrypted_arrays, find_secrets,
-                                    foreign_arrays, model, truncated, with_big_row)
+                                    foreign_arrays, global_model, model, truncated,
+                                    with_big_row)
 
 
 def raw_parameters(arrays: dict[str, np.ndarray]) -> Parameters:
@@ -68,23 +68,24 @@ def test_legacy_strategy_aggregates_valid_replies_and_names_bad_ones(keypair, ot
                                                                      flwr_caplog):
     strategy, _ = legacy_strategy(keypair)
 
-    def enc(m, n):
+    def enc(m, n, node):
         arrays = list(m.values())
-        return encrypted_arrays(keypair, arrays, layout_of(arrays).names, n, strategy)
+        return encrypted_arrays(keypair, arrays, layout_of(arrays).names, n, strategy, node)
 
     params = raw_parameters
     good = [model(0.5, seed=1), model(-0.25, seed=2)]
-    valid = to_parameters(EncryptedModel.from_arrays(enc(good[0], 10), keypair[0]))
+    valid = to_parameters(EncryptedModel.from_arrays(enc(good[0], 10, 1), keypair[0]))
     cut_bytes = Parameters(tensors=[valid.tensors[0][:-7], valid.tensors[1]],
                            tensor_type=TENSOR_TYPE)
     plain = list(good[0].values())
     results = [(FakeProxy(1), fit_res(valid, 10, loss=1.0)),
-               (FakeProxy(2), fit_res(params(enc(good[1], 30)), 30, loss=2.0)),
-               (FakeProxy(1), fit_res(params(enc(model(1.5), 10)), 10)),  # second reply
+               (FakeProxy(2), fit_res(params(enc(good[1], 30, 2)), 30, loss=2.0)),
+               (FakeProxy(1), fit_res(params(enc(model(1.5), 10, 1)), 10)),  # second reply
                (FakeProxy(3), fit_res(params(foreign_arrays(
-                   other_public_key, plain, layout_of(plain).names, 10, strategy.params)), 10)),
-               (FakeProxy(4), fit_res(params(truncated(enc(good[0], 10))), 10)),
-               (FakeProxy(5), fit_res(params(with_big_row(enc(good[0], 10))), 10)),
+                   other_public_key, plain, layout_of(plain).names, 10, strategy.params, 3)),
+                   10)),
+               (FakeProxy(4), fit_res(params(truncated(enc(good[0], 10, 4))), 10)),
+               (FakeProxy(5), fit_res(params(with_big_row(enc(good[0], 10, 5))), 10)),
                (FakeProxy(6), fit_res(ndarrays_to_parameters(plain), 10)),  # plaintext
                (FakeProxy(7), fit_res(cut_bytes, 10))]  # tensor bytes cut short
     flwr_caplog.clear()
@@ -94,7 +95,7 @@ def test_legacy_strategy_aggregates_valid_replies_and_names_bad_ones(keypair, ot
     assert_weighted_average_of_good(parameters_arrays(parameters), keypair, good, strategy)
     assert metrics["train-loss"] == pytest.approx(1.75)
     warnings = [r.getMessage() for r in flwr_caplog.records if r.levelno == logging.WARNING]
-    for client, why in [(1, "second reply"), (3, "another key pair"), (4, "got (2, 511)"),
+    for client, why in [(1, "second reply"), (3, "another key pair"), (4, "got (3, 511)"),
                         (5, "n^2"), (6, "not encrypted"), (7, "data complete"),
                         (8, "node 8 is gone")]:
         assert any((f"client {client} " in w or f"node {client} " in w) and why in w
@@ -111,11 +112,16 @@ def test_legacy_strategy_refuses_overflow_and_central_evaluation(keypair, flwr_c
         LegacyPaillierFedAvg(keypair[1], clip=CLIP)
     strategy, _ = legacy_strategy(keypair, max_total_weight=64)
     plain = list(model(0.1).values())
-    parameters = to_parameters(EncryptedModel.from_arrays(encrypted_arrays(
-        keypair, plain, layout_of(plain).names, 40, strategy), keypair[0]))
-    out, _ = strategy.aggregate_fit(1, [(FakeProxy(1), fit_res(parameters, 40)),
-                                        (FakeProxy(2), fit_res(parameters, 40))], [])
-    assert EncryptedModel.from_arrays(parameters_arrays(out), keypair[0]).total_weight == 40
+
+    def update(node, n):
+        return to_parameters(EncryptedModel.from_arrays(encrypted_arrays(
+            keypair, plain, layout_of(plain).names, n, strategy, node), keypair[0]))
+
+    out, _ = strategy.aggregate_fit(1, [(FakeProxy(1), fit_res(update(1, 40), 40)),
+                                        (FakeProxy(2), fit_res(update(2, 40), 40)),
+                                        (FakeProxy(3), fit_res(update(3, 20), 20))], [])
+    summed = EncryptedModel.from_arrays(parameters_arrays(out), keypair[0])
+    assert dict(summed.contributors) == {1: 40, 3: 20}
     assert any("client 2" in r.getMessage() and "past 64" in r.getMessage()
                for r in flwr_caplog.records)
 
@@ -125,8 +131,8 @@ def test_legacy_wire_format_survives_flowers_conversions(keypair):
     from flwr.common.serde import array_record_from_proto, array_record_to_proto
 
     plain = list(model(0.3).values())
-    update = encrypt_update(plain, layout_of(plain), 5, LegacyPaillierFedAvg(
-        keypair[0], clip=CLIP).params, Encryptor(keypair[0]))
+    update = global_model(keypair, plain, layout_of(plain),
+                          LegacyPaillierFedAvg(keypair[0], clip=CLIP).params)
     record = compat.parameters_to_arrayrecord(to_parameters(update), keep_input=True)
     back = compat.arrayrecord_to_parameters(
         array_record_from_proto(array_record_to_proto(record)), keep_input=True)
@@ -162,35 +168,34 @@ def test_legacy_mod_decrypts_encrypts_and_fails_closed(tmp_path, keypair, task_i
         return handle_legacy_message_from_msgtype(lambda ctx: Client().to_client(), msg, context)
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    global_model = list(model(0.1, seed=3).values())
-    encrypted = encrypt_update(global_model, layout_of(global_model), 3, strategy.params,
-                               Encryptor(key.public_key))
+    start = list(model(0.1, seed=3).values())
+    encrypted = global_model((key.public_key, key), start, layout_of(start), strategy.params)
 
     def fit_message(parameters: Parameters, config: dict) -> Message:
         return Message(content=compat.fitins_to_recorddict(FitIns(parameters, config), True),
                        dst_node_id=1, message_type="train")
 
-    config = round_config(strategy.params, key.fingerprint, 1)
+    config = round_config(strategy.params, key.fingerprint, 1, 2)
     out = legacy_paillier_mod(fit_message(to_parameters(encrypted), config), context, call_next)
-    for got, exp in zip(seen["fit"], global_model, strict=True):
+    for got, exp in zip(seen["fit"], start, strict=True):
         np.testing.assert_allclose(got, exp, atol=strategy.params.max_error())
     res = compat.recorddict_to_fitres(out.content, keep_input=True)
     assert res.parameters.tensor_type == TENSOR_TYPE and res.num_examples == 20
     assert res.metrics["paillier-clipped"] == 0.0
     update = EncryptedModel.from_arrays(parameters_arrays(res.parameters), key.public_key)
-    assert update.total_weight == 20
-    for got, exp in zip(decrypt_model(key, update), seen["fit"], strict=True):
+    assert dict(update.contributors) == {1: 20} and update.server_round == 2
+    for got, exp in zip(decrypt_model(key, update, min_contributors=1), seen["fit"], strict=True):
         np.testing.assert_allclose(got, exp + 0.5, atol=strategy.params.max_error())
 
     # evaluate: decrypted too
     msg = Message(content=compat.evaluateins_to_recorddict(
         EvaluateIns(to_parameters(encrypted), {}), True), dst_node_id=1, message_type="evaluate")
     legacy_paillier_mod(msg, context, call_next)
-    assert [a.shape for a in seen["evaluate"]] == [a.shape for a in global_model]
+    assert [a.shape for a in seen["evaluate"]] == [a.shape for a in start]
 
     # a server without the Paillier strategy: the node refuses to train, nothing is sent
     seen.clear()
-    reply = legacy_paillier_mod(fit_message(ndarrays_to_parameters(global_model), {"lr": 0.1}),
+    reply = legacy_paillier_mod(fit_message(ndarrays_to_parameters(start), {"lr": 0.1}),
                                 context, call_next)
     assert reply.has_error() and "no Paillier parameters" in reply.error.reason
     assert "fit" not in seen

@@ -58,29 +58,33 @@ def test_message_api_strategy_aggregates_valid_replies_and_names_bad_ones(
     config = next(iter(messages[0].content.config_records.values()))
     assert config["paillier-fingerprint"] == keypair[0].fingerprint
 
-    def enc(m, n):
-        return encrypted_arrays(keypair, list(m.values()), names, n, strategy)
+    def enc(m, n, node, server_round=1):
+        return encrypted_arrays(keypair, list(m.values()), names, n, strategy, node,
+                                server_round)
 
     good = [model(0.5, seed=1), model(-0.25, seed=2)]
-    replies = [reply(1, rec(enc(good[0], 10)), 10, loss=1.0),
-               reply(2, rec(enc(good[1], 30)), 30, loss=2.0),
-               reply(1, rec(enc(model(1.5), 10)), 10),  # a second reply from node 1
+    replies = [reply(1, rec(enc(good[0], 10, 1)), 10, loss=1.0),
+               reply(2, rec(enc(good[1], 30, 2)), 30, loss=2.0),
+               reply(1, rec(enc(model(1.5), 10, 1)), 10),  # a second reply from node 1
                reply(3, rec(foreign_arrays(other_public_key, list(good[0].values()), names, 10,
-                                           strategy.params)), 10),
-               reply(4, rec(truncated(enc(good[0], 10))), 10),
-               reply(5, rec(with_big_row(enc(good[0], 10))), 10),
+                                           strategy.params, 3)), 10),
+               reply(4, rec(truncated(enc(good[0], 10, 4))), 10),
+               reply(5, rec(with_big_row(enc(good[0], 10, 5))), 10),
                reply(6, rec(good[0]), 10),  # plaintext
-               Message(error=Error(code=1, reason="crashed"), metadata=metadata(7))]
+               Message(error=Error(code=1, reason="crashed"), metadata=metadata(7)),
+               reply(8, rec(enc(good[0], 10, 1)), 10),  # node 1's update, sent by node 8
+               reply(9, rec(enc(good[0], 10, 9, server_round=2)), 10)]  # made for round 2
     flwr_caplog.clear()
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     assert_weighted_average_of_good(record_arrays(arrays), keypair, good, strategy)
     assert metrics["train-loss"] == pytest.approx(1.75)
     warnings = [r.getMessage() for r in flwr_caplog.records if r.levelno == logging.WARNING]
-    for node, why in [(1, "second reply"), (3, "another key pair"), (4, "got (2, 511)"),
-                      (5, "n^2"), (6, "not encrypted"), (7, "crashed")]:
+    for node, why in [(1, "second reply"), (3, "another key pair"), (4, "got (3, 511)"),
+                      (5, "n^2"), (6, "not encrypted"), (7, "crashed"),
+                      (8, "only answer for itself"), (9, "made for round 2")]:
         assert any(f"node {node} " in w.lower() and why in w for w in warnings), (node, warnings)
-    assert len(set(warnings)) == 6
+    assert len(set(warnings)) == 8
     assert find_secrets(strategy, keypair[1]) == []
 
 
@@ -91,10 +95,11 @@ def test_message_api_strategy_refuses_a_total_weight_overflow(keypair, task_iden
     list(strategy.configure_train(1, rec(model(0.0)), ConfigRecord(), FakeGrid()))
     names = list(SHAPES)
     replies = [reply(node, as_record(EncryptedModel.from_arrays(encrypted_arrays(
-        keypair, list(model(0.1).values()), names, 40, strategy), keypair[0])), 40)
-        for node in (1, 2)]
+        keypair, list(model(0.1).values()), names, n, strategy, node), keypair[0])), n)
+        for node, n in ((1, 40), (2, 40), (3, 20))]
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert EncryptedModel.from_arrays(record_arrays(arrays), keypair[0]).total_weight == 40
+    summed = EncryptedModel.from_arrays(record_arrays(arrays), keypair[0])
+    assert dict(summed.contributors) == {1: 40, 3: 20}
     assert any("node 2" in r.getMessage() and "past 64" in r.getMessage()
                for r in flwr_caplog.records)
 

@@ -27,11 +27,12 @@ def check_encrypted_model(keys, arrays: object) -> EncryptedModel | BaseExceptio
     model = attempt(lambda: EncryptedModel.from_arrays(arrays, pk), InvalidUpdate)
     if refused(model):
         return model
-    assert model.ciphertexts.shape == (model.params.num_plaintexts(model.layout.size),
+    assert model.ciphertexts.shape == (model.params.num_plaintexts(model.layout.size) + 1,
                                        pk.ciphertext_bytes)
     model.params.check_modulus_bits(pk.n_bits)
     assert 1 <= model.total_weight <= model.params.max_total_weight
-    out = attempt(lambda: decrypt_global_model(sk, arrays, 1), ValueError)
+    config = {"paillier-min-contributors": 1, "paillier-accept-server-noise": True}
+    out = attempt(lambda: decrypt_global_model(sk, arrays, config, 1), ValueError)
     if not refused(out):
         layout, plain = out
         assert [a.shape for a in plain] == list(layout.shapes)
@@ -73,7 +74,8 @@ def test_encrypted_model_garbage(keys, arrays):
 
 @pytest.mark.parametrize("change", [
     {"encoding": "slots"}, {"noise-offset": 10**400}, {"layout": [["w", "float32", [10**30]]]},
-    {"total-weight": 2**64}, {"version": 2}, {"fingerprint": None}])
+    {"contributors": {"1": 2**64}}, {"contributors": {}}, {"contributors": {"x": 1}},
+    {"round": -1}, {"run": 2**64}, {"version": 1}, {"fingerprint": None}])
 def test_encrypted_model_header_refusals(keys, paillier, change):
     arrays = paillier["updates"][0].to_arrays()
     header = header_of_model(arrays)
@@ -101,16 +103,16 @@ def test_round_sum_keeps_only_good_updates(keys, paillier, data):
             lambda c: {**good[0], CIPHERTEXTS_KEY: c}),
         st.dictionaries(st.sampled_from([CIPHERTEXTS_KEY, HEADER_KEY]),
                         garbage.map(lambda b: np.frombuffer(b, np.uint8)))))
-    round_sum = RoundSum(pk, paillier["params"], paillier["layout"])
-    round_sum.add(good[0])
+    round_sum = RoundSum(pk, paillier["params"], paillier["layout"], 1)
+    round_sum.add(1, good[0])
     before = (list(round_sum.updates), round_sum.total_weight)
-    result = attempt(lambda: round_sum.add(bad), InvalidUpdate)
+    result = attempt(lambda: round_sum.add(3, bad), InvalidUpdate)
     if refused(result):
         assert (round_sum.updates, round_sum.total_weight) == before
-    round_sum.add(good[1])
+    round_sum.add(2, good[1])
     if refused(result):
-        expected = RoundSum(pk, paillier["params"], paillier["layout"])
-        for g in good:
-            expected.add(g)
+        expected = RoundSum(pk, paillier["params"], paillier["layout"], 1)
+        for node, g in enumerate(good, 1):
+            expected.add(node, g)
         assert np.array_equal(round_sum.result().ciphertexts, expected.result().ciphertexts)
         assert round_sum.total_weight == sum(WEIGHTS)
