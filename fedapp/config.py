@@ -88,7 +88,6 @@ class SecAggSettings:
     max_total_weight: int = setting(65536, must_match=True)
     neighbors: int = setting(0)
     threshold: float = setting(0.5)
-    allow_unauthenticated: bool = setting(False)
 
 
 @dataclass(frozen=True)

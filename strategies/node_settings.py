@@ -30,6 +30,12 @@ SETTINGS = {
                                      "updates (1: also a single update)"),
     "paillier-accept-server-noise": (False, "decrypt aggregates the server added central-DP "
                                             "noise to, whose authenticity cannot be checked"),
+    "secagg-allow-unauthenticated": (False, "masking: take part without the authentication "
+                                            "key, trusting the server to relay keys honestly"),
+    "secagg-min-group": (2, "masking: the smallest share group (the node and its neighbors) "
+                            "the node takes part in"),
+    "secagg-min-threshold-fraction": (0.5, "masking: the threshold must be more than this "
+                                           "fraction of the node's share group (at least 0.5)"),
 }
 
 
@@ -47,11 +53,14 @@ def node_setting(node_config: Mapping[str, object], key: str) -> object:
     if value is None:
         try:
             value = parse_config_args([os.environ.get(NODE_CONFIG_ENV, "")]).get(key)
-        except ValueError as err:
-            raise NodeError(f"${NODE_CONFIG_ENV} does not parse ({err}): write it as "
-                            "key=value pairs, e.g. \"paillier-min-contributors=3\"") from None
+        except Exception:  # noqa: BLE001 - Flower raises click's exception here
+            raise NodeError(f"${NODE_CONFIG_ENV} does not parse: write it as key=value pairs, "
+                            "values in TOML (e.g. \"paillier-min-contributors=3 "
+                            "paillier-accept-server-noise=true\")") from None
     if value is None:
         return default
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value,
                                                                                type(default)):
         raise NodeError(f"node setting {key} must be {type(default).__name__} like its "

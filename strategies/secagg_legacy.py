@@ -44,7 +44,7 @@ from .legacy_wire import layout_of, load_npy
 from .secagg_masks import SecAggError
 from .node_errors import reports_errors
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
-from .secagg_node import answer_stage, mask_model, require_payload
+from .secagg_node import answer_stage, mask_model, model_digest, require_payload
 from .secagg_rounds import SecAggRounds
 from .secagg_wire import header_of, layout_digest
 from .secagg_protocol import (HEADER_KEY, MASKED_KEY, MAX_HEADER_BYTES, PAYLOAD_KEY,
@@ -197,7 +197,8 @@ def _answer_properties(msg: Message, context: Context) -> Message | None:
     return Message(compat.getpropertiesres_to_recorddict(res), reply_to=msg)
 
 
-def _mask_fitres(payload: str, msg: Message, reply: Message, context: Context) -> None:
+def _mask_fitres(payload: str, received: str, msg: Message, reply: Message, context: Context
+                 ) -> None:
     """Replace the plaintext model in a fit reply by the masked, weighted update."""
     res = compat.recorddict_to_fitres(reply.content, keep_input=True)
     if res.status.code != Code.OK:  # no update: send none, never plaintext
@@ -205,7 +206,7 @@ def _mask_fitres(payload: str, msg: Message, reply: Message, context: Context) -
     else:
         arrays = parameters_to_ndarrays(res.parameters)
         out, clipped = mask_model(payload, context, msg.metadata.dst_node_id,
-                                  layout_of(arrays).names, arrays, res.num_examples)
+                                  layout_of(arrays).names, arrays, res.num_examples, received)
         masked = to_parameters(out)
         reply.content.config_records["fitres.metrics"]["secagg-clipped"] = clipped
     reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
@@ -226,8 +227,14 @@ def legacy_secagg_mod(msg: Message, context: Context, call_next: ClientAppCallab
             return answer
     if kind != MessageType.TRAIN:
         return call_next(msg, context)
-    payload = require_payload(dict(msg.content.config_records.get("fitins.config", {})))
+    config = dict(msg.content.config_records.get("fitins.config", {}))
+    payload = require_payload(config)
+    record = msg.content.array_records.get("fitins.parameters")
+    tensors = [] if record is None else compat.arrayrecord_to_parameters(
+        record, keep_input=True).tensors
+    received = model_digest({str(i): np.frombuffer(t, np.uint8) for i, t in enumerate(tensors)},
+                            config)
     reply = call_next(msg, context)
     if reply.has_content():
-        _mask_fitres(payload, msg, reply, context)
+        _mask_fitres(payload, received, msg, reply, context)
     return reply

@@ -10,7 +10,7 @@ Each round, before the train messages, the strategy runs two short key stages
 with the sampled nodes (``train`` messages holding only a ``secagg`` record, which
 the mod answers itself without calling the app), puts
 the relayed shares in each train message's config, and after the masked replies
-one unmask stage (:mod:`strategies.secagg_protocol`). The unmask replies carry
+a consistency check and an unmask stage (:mod:`strategies.secagg_protocol`). The unmask replies carry
 the survivors' keys for the next round, so from the second round on only the
 nodes without such keys are sent an advertise request (none, usually: the stage
 is skipped). The server only ever sees
@@ -21,10 +21,10 @@ authentication key the client nodes hold (node config ``secagg-auth-key=PATH``,
 else ``secagg-auth.key`` in the node's key directory,
 :func:`strategies.keyfiles.node_key_file`; make one with ``fedapp keygen
 --secagg``); the server never holds it. A node without one refuses to take part
-(fail closed) unless the run or node config sets
-``secagg-allow-unauthenticated = true``: then the server is trusted to relay keys
+(fail closed) unless its own node setting ``secagg-allow-unauthenticated = true``
+(:mod:`strategies.node_settings`): then the server is trusted to relay keys
 honestly (semi-honest server), and the node says so once in its log. A node that
-holds a key always authenticates, whatever the run config says.
+holds a key always authenticates.
 
 Legacy-API projects use :mod:`strategies.secagg_legacy`; both build on
 :mod:`strategies.secagg_rounds` (server) and :mod:`strategies.secagg_node` (nodes).
@@ -49,7 +49,7 @@ from .secagg_masks import SecAggError
 from .node_errors import reports_errors
 from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
-from .secagg_node import answer_stage, mask_model, require_payload
+from .secagg_node import answer_stage, mask_model, model_digest, require_payload
 from .secagg_protocol import PAYLOAD_KEY, RoundAborted
 from .secagg_rounds import SecAggRounds
 from .secagg_wire import STAGE_RECORD_KEY, layout_digest, masked_arrays
@@ -203,6 +203,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return call_next(msg, context)
     config = next(iter(msg.content.config_records.values()), {})
     payload = require_payload(dict(config))
+    received = model_digest({k: v for r in msg.content.array_records.values()
+                             for k, v in record_arrays(r).items()}, dict(config))
     reply = call_next(msg, context)
     if reply.has_content():
         if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
@@ -212,6 +214,6 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         plain = record_arrays(record)
         arrays, metrics["secagg-clipped"] = mask_model(
             payload, context, node, list(plain), list(plain.values()),
-            int(metrics["num-examples"]))
+            int(metrics["num-examples"]), received)
         reply.content[name] = array_record(arrays)
     return reply

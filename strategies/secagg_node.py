@@ -8,7 +8,9 @@ envelopes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Mapping
 from logging import WARNING
 
 import numpy as np
@@ -19,7 +21,9 @@ from .aggregation import Layout
 from .keyfiles import AUTH_KEY_NAME, KeyNotFound, load_auth_key, node_key_file
 from .secagg_masks import SecAggError
 from .node_errors import NodeError
-from .secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, client_mask, client_step
+from .node_settings import node_setting
+from .secagg_protocol import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, NodePolicy, client_mask,
+                              client_step)
 from .secagg_wire import header_array, layout_digest
 
 STATE_KEY = "secagg"  # the ConfigRecord in context.state holding this node's round state
@@ -34,9 +38,9 @@ _WARNED: set[str] = set()
 
 
 def allows_unauthenticated(context: Context) -> bool:
-    """Whether the node or run config says ``secagg-allow-unauthenticated = true``."""
-    return any(config.get(ALLOW_UNAUTHENTICATED) in (True, "true")
-               for config in (context.node_config, context.run_config))
+    """Whether the node's own setting ``secagg-allow-unauthenticated`` is true (never
+    the run config: the server side hands that out)."""
+    return node_setting(context.node_config, ALLOW_UNAUTHENTICATED)
 
 
 
@@ -45,7 +49,7 @@ def node_auth_key(context: Context) -> bytes | None:
     ``secagg-auth.key`` in its key directory).
 
     Returns None, with a one-time warning, only if there is none and the node or run
-    config allows unauthenticated key exchange (``secagg-allow-unauthenticated``).
+    settings allow unauthenticated key exchange (``secagg-allow-unauthenticated``).
 
     Raises
     ------
@@ -61,7 +65,8 @@ def node_auth_key(context: Context) -> bytes | None:
             raise NodeError(
                 f"secure aggregation needs the federation's authentication key: {err}. To run "
                 "without one, trusting the server to relay keys honestly, set "
-                f"{ALLOW_UNAUTHENTICATED}=true in the run config") from None
+                f"{ALLOW_UNAUTHENTICATED}=true in the node's settings (--node-config, or "
+                "$FEDAPP_NODE_CONFIG in a simulation)") from None
         if "auth" not in _WARNED:
             _WARNED.add("auth")
             log(WARNING, "Secure aggregation without an authentication key (%s = true): the "
@@ -82,11 +87,23 @@ def save_state(context: Context, state: dict) -> None:
 
 
 
+def node_policy(context: Context) -> NodePolicy:
+    """What this node requires of a round (its node settings ``secagg-min-group`` and
+    ``secagg-min-threshold-fraction``)."""
+    config = context.node_config
+    try:
+        return NodePolicy(node_setting(config, "secagg-min-group"),
+                          node_setting(config, "secagg-min-threshold-fraction"))
+    except SecAggError as err:
+        raise NodeError(f"node settings: {err}") from None
+
+
 def answer_stage(payload: object, context: Context, node: int) -> str:
-    """Answer a key stage (advertise, share, unmask) on this node."""
+    """Answer a key stage (advertise, share, check, unmask) on this node."""
     if not isinstance(payload, str):
         raise SecAggError("the secure-aggregation request holds no payload")
-    reply, state = client_step(payload, load_state(context), node, node_auth_key(context))
+    reply, state = client_step(payload, load_state(context), node, node_auth_key(context),
+                               node_policy(context))
     save_state(context, state)
     return reply
 
@@ -113,10 +130,25 @@ def below_or_at(value: float, dtype: np.dtype) -> np.floating:
 
 
 
+def model_digest(arrays: Mapping[str, np.ndarray], config: Mapping[str, object]) -> str:
+    """SHA-256 of the global model and round settings a train message brought (the
+    masking payload left out: it is addressed to each node)."""
+    h = hashlib.sha256()
+    for name, array in arrays.items():
+        a = np.ascontiguousarray(array)
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.data)
+    h.update(json.dumps({k: v for k, v in config.items() if k != PAYLOAD_KEY},
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def mask_model(payload: str, context: Context, node: int, names: list[str],
-               arrays: list[np.ndarray], weight: int) -> tuple[dict[str, np.ndarray], float]:
+               arrays: list[np.ndarray], weight: int, received: str
+               ) -> tuple[dict[str, np.ndarray], float]:
     """This node's trained model, masked; returns the arrays to send and the fraction
-    of values outside the clip range."""
+    of values outside the clip range. ``received`` is the :func:`model_digest` of the
+    train message (signed in the consistency check)."""
     layout = Layout.of(names, arrays)
     # in the model's own float dtype (float32 for torch): quantize computes in float64
     flat = layout.flatten(arrays, np.result_type(*arrays))
@@ -127,7 +159,8 @@ def mask_model(payload: str, context: Context, node: int, names: list[str],
     if clipped > 0:
         log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
             100 * clipped, clip)
-    masked, header, state = client_mask(payload, state, node, flat, weight)
+    masked, header, state = client_mask(payload, state, node, flat, weight,
+                                        model_digest=received)
     save_state(context, state)
     header["layout"] = layout_digest(layout)
     return {MASKED_KEY: masked, HEADER_KEY: header_array(header)}, clipped

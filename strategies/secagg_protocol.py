@@ -1,7 +1,8 @@
-"""Masked secure aggregation, Flower-free: the four stages of one round.
+"""Masked secure aggregation, Flower-free: the five stages of one round.
 
 Bonawitz et al. (CCS 2017) with SecAgg+'s sparse neighbor graph (Bell et al.,
-CCS 2020), for weighted FedAvg. For the round the server samples nodes ``U0`` and:
+CCS 2020), for weighted FedAvg, with a consistency check against a server that
+lies. For the round the server samples nodes ``U0`` and:
 
 1. **advertise**: each node makes two fresh X25519 key pairs (``c`` to seal
    shares, ``s`` to agree masks) and sends the public halves (with an HMAC under
@@ -14,10 +15,40 @@ CCS 2020), for weighted FedAvg. For the round the server samples nodes ``U0`` an
    addressed to it; the node trains and sends
    ``y_u = w_u q_u + PRG(b_u) + sum_v ±PRG(s_uv)  (mod 2^bits)`` over its
    neighbors ``v`` in ``U2`` (``+`` if ``u < v``) → ``U3``.
-4. **unmask**: each survivor reveals the ``b`` shares of survivors and the ``s``
-   shares of the dropped (``U2 \\ U3``), never both for one node, and only once
-   per round. The server rebuilds each seed, checks it against the commitment or
-   the advertised public key, removes the masks and decodes the weighted average.
+4. **check** (Bonawitz et al.'s ConsistencyCheck round): the server sends every
+   survivor the round's view, who survived (``U3``) and who dropped (``U2 \\ U3``);
+   each signs the view together with the digest of the global model and round
+   settings it trained from (HMAC under the federation's authentication key, bound
+   to its node id), once per round.
+5. **unmask**: each survivor gets the same view and its share group's signatures.
+   It reveals only if every survivor of its share group signed exactly that view
+   and model, and at least ``t`` of its group survived; then it reveals the ``b``
+   shares of survivors and the ``s`` shares of the dropped, never both for one
+   node, and only once per round. The server rebuilds each seed, checks it against
+   the commitment or the advertised public key, removes the masks and decodes the
+   weighted average.
+
+Why the check stops a server that lies about dropouts (tests/attacks): to unmask
+one node ``u`` it needs ``u``'s ``b`` from holders that believe ``u`` survived and
+the ``s`` keys of ``u``'s mask partners from holders that believe those dropped.
+An honest node signs one view per round and reveals only under a view every
+survivor of its group signed. In a complete graph (the default up to about ten
+nodes per round: SecAgg+'s degree covers everyone) the survivors of any view the
+server acts on are ``t > n/2`` nodes, so two views acted on share a survivor who
+would have signed both: all honest holders act on one view, and under one view
+no node's ``b`` and ``s`` both come out. It also stops a server that sends nodes
+different global models (Pasquini et al., CCS 2022): nodes trained from another
+model sign another digest, so no one reveals. The signatures are MACs under the
+shared authentication key: a server alone cannot forge them; a client colluding
+with it can (per-node signing keys are the next step). In a sparse graph the
+server can give far-apart groups different views; the check narrows but does not
+close that (documented in docs/threat-model.md). A survivor that does not sign
+aborts the round (its input could not be unmasked): dropout recovery covers
+nodes lost before the mask stage ends.
+
+Each node also keeps its own minimums (:class:`NodePolicy`: share group size,
+threshold above half its group) whatever the server sends, and remembers the
+contexts it made keys for, refusing a replayed one.
 
 From the second round on, stage 1 mostly disappears: **pre-advertising**. The
 unmask request names the context of the server's next round, and each survivor
@@ -46,7 +77,7 @@ secret. Everything on the wire is JSON with base64 bytes and a uint32/uint64
 vector; nothing is pickled.
 
 The server side is :class:`ServerRound`; the client side is :func:`client_step`
-(stages 1, 2 and 4) and :func:`client_mask` (stage 3), which keep the node's
+(stages 1, 2, 4 and 5) and :func:`client_mask` (stage 3), which keep the node's
 secrets in a dict the Flower adapters store in the node's own context state.
 """
 
@@ -81,6 +112,7 @@ MAX_HEADER_BYTES = 4096  # the header beside a masked vector: ids, weight, layou
 PAYLOAD_KEY = "secagg-payload"
 MAX_PAYLOAD_BYTES = 16 << 20
 SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16  # GCM nonce, b and s shares, tag
+USED_CONTEXTS = 1024  # contexts a node remembers having made keys for (44 bytes each)
 
 
 class RoundAborted(RuntimeError):
@@ -174,8 +206,37 @@ def pair_mask(length: int, dtype: type, context: bytes, u: int, v: int, private:
 
 
 # ------------------------------------------------------------------ client side
-def client_step(request: str, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
-    """Answer a stage 1, 2 or 4 request; return the reply payload and the new state.
+@dataclass(frozen=True)
+class NodePolicy:
+    """What a node requires of a round, whatever the server says (the node's own
+    settings, :mod:`strategies.node_settings`).
+
+    Parameters
+    ----------
+    min_group : int
+        Smallest share group (the node and its neighbors) it takes part in.
+    min_threshold_fraction : float
+        The threshold must be more than this fraction of its share group: at 0.5
+        or more, two sets of ``t`` nodes of a group always share one, which the
+        consistency check needs.
+    """
+
+    min_group: int = 2
+    min_threshold_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not is_int(self.min_group) or self.min_group < 2:
+            raise SecAggError(f"the smallest share group must be an int >= 2 (a sum of one "
+                              f"is that node's input), got {self.min_group!r}")
+        if not 0.5 <= self.min_threshold_fraction < 1:
+            raise SecAggError("the smallest threshold fraction must be in [0.5, 1), got "
+                              f"{self.min_threshold_fraction!r}")
+
+
+def client_step(request: str, state: dict, node: int, auth_key: bytes | None,
+                policy: NodePolicy = NodePolicy()) -> tuple[str, dict]:
+    """Answer a stage 1, 2, consistency-check or 4 request; return the reply payload
+    and the new state.
 
     ``state`` is the node's private round state (empty before the first round);
     it holds private keys and must stay on the node.
@@ -193,20 +254,37 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None) ->
         data = None
     stage = data.get("stage") if isinstance(data, dict) else None
     if stage == "advertise":
-        return _advertise(loads(request, stage), node, auth_key)
+        return _advertise(loads(request, stage), state, node, auth_key, policy)
     if stage == "share":
-        return _share(loads(request, stage), state, node, auth_key)
+        return _share(loads(request, stage), state, node, auth_key, policy)
+    if stage == "check":
+        return _check(loads(request, stage), state, node, auth_key)
     if stage == "unmask":
         return _unmask(loads(request, stage), state, node, auth_key)
     raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
 
 
-def _advertise(req: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+def _advertise(req: dict, old: dict, node: int, auth_key: bytes | None, policy: NodePolicy
+               ) -> tuple[str, dict]:
+    used = _fresh(old, req.get("context"))
     c, s = KeyPair.generate(), KeyPair.generate()
-    state = _round_state(req, node, req.get("context"), c.private, s.private)
+    state = _round_state(req, node, req.get("context"), c.private, s.private, policy)
     context = unb64(state["context"])
     return dumps({"stage": "advertise", "node": node,
-                  **_advert_fields(context, node, c, s, auth_key)}), state
+                  **_advert_fields(context, node, c, s, auth_key)}), {**state, "used": used}
+
+
+def _fresh(state: dict, context: object) -> list[str]:
+    """The node's used contexts with ``context`` added; :class:`SecAggError` if it was
+    used before (a replayed round), unless it is the one the node pre-advertised keys
+    for (the server did not get them: new keys replace them). The last
+    :data:`USED_CONTEXTS` are kept."""
+    text = b64(unb64(context, 32, "context"))
+    used = list(state.get("used", []))
+    if text in used and text != (state.get("pending") or {}).get("context"):
+        raise SecAggError("this node has made keys for this round's context before: a "
+                          "replayed round")
+    return [*(u for u in used if u != text), text][-USED_CONTEXTS:]
 
 
 def _advert_fields(context: bytes, node: int, c: KeyPair, s: KeyPair,
@@ -216,8 +294,8 @@ def _advert_fields(context: bytes, node: int, c: KeyPair, s: KeyPair,
     return {"c_pk": b64(c.public), "s_pk": b64(s.public), "mac": b64(tag)}
 
 
-def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: bytes
-                 ) -> dict:
+def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: bytes,
+                 policy: NodePolicy) -> dict:
     """The node's state at stage 'advertised' from the round's settings (node, share
     points, threshold, encoding) as the server sent them and its base64 ``context``;
     :class:`SecAggError` if they fail a check."""
@@ -238,6 +316,14 @@ def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: b
             or not 1 <= threshold <= len(points):
         raise SecAggError("the advertise request needs this node's share point and a "
                            "threshold within its share group")
+    if len(points) < policy.min_group:
+        raise SecAggError(f"a share group of {len(points)} nodes, this node takes part in "
+                          f"groups of at least {policy.min_group} (node setting "
+                          "secagg-min-group)")
+    if threshold <= policy.min_threshold_fraction * len(points):
+        raise SecAggError(f"threshold {threshold} of a share group of {len(points)}: this node "
+                          f"needs more than {policy.min_threshold_fraction:g} of its group "
+                          "(node setting secagg-min-threshold-fraction)")
     context = unb64(context, 32, "context")
     return {"stage": "advertised", "context": b64(context), "node": node,
             "params": params.to_dict(), "points": {str(k): v for k, v in points.items()},
@@ -252,16 +338,18 @@ def _expect(state: dict, stage: str, now: str) -> bytes:
     return unb64(state["context"], 32, "context")
 
 
-def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+def _share(req: dict, state: dict, node: int, auth_key: bytes | None, policy: NodePolicy
+           ) -> tuple[str, dict]:
     pending = state.get("pending")
     if "setup" in req:  # keys pre-advertised in the last unmask reply: use them, once
         context = unb64(req.get("context"), 32, "context")
         if not isinstance(pending, dict) or pending.get("context") != b64(context):
             raise SecAggError("the share request names no keys this node pre-advertised for "
                                "its round (used already, replaced, or never made)")
-        state = _round_state(req["setup"], node, req.get("context"),
-                             unb64(pending.get("c_sk"), 32, "c_sk"),
-                             unb64(pending.get("s_sk"), 32, "s_sk"))
+        state = {**_round_state(req["setup"], node, req.get("context"),
+                                unb64(pending.get("c_sk"), 32, "c_sk"),
+                                unb64(pending.get("s_sk"), 32, "s_sk"), policy),
+                 "used": state.get("used", [])}
     else:
         context = _expect(state, "advertised", "share")
         if unb64(req.get("context"), 32, "context") != context:
@@ -307,9 +395,14 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[s
 
 
 def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: int,
-                rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict, dict]:
+                rng: np.random.Generator | None = None, model_digest: str = ""
+                ) -> tuple[np.ndarray, dict, dict]:
     """Stage 3: the masked, weighted, quantized model; returns the vector, its
     header (for the server's checks) and the new state.
+
+    ``model_digest`` names the global model and round settings this node trained from
+    (:func:`strategies.secagg_node.model_digest`); the consistency check makes every
+    survivor sign it, so nodes sent different models reveal nothing.
 
     Raises
     ------
@@ -342,38 +435,91 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
             masked -= mask
     for v, sealed in received.items():
         unb64(sealed, SEALED_BYTES, f"sealed shares from node {v}")
-    state = {**state, "stage": "masked", "received": {str(v): ct for v, ct in received.items()}}
+    state = {**state, "stage": "masked", "received": {str(v): ct for v, ct in received.items()},
+             "model": str(model_digest)}
     header = {"version": VERSION, "context": b64(context), "node": node,
               "mod-bits": params.mod_bits, "length": int(flat.size)}
     return masked, header, state
 
 
-def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
-    context = _expect(state, "masked", "unmask")
-    if unb64(req.get("context"), 32, "context") != context:
-        raise SecAggError("the unmask request belongs to another round")
+def view_digest(context: bytes, survivors: list[int], dropped: list[int], model: str) -> bytes:
+    """What a consistency signature covers: the round, who survived and who dropped
+    (all of them, sorted), and the model and settings the signer trained from."""
+    return hashlib.sha256(json.dumps([b64(context), survivors, dropped, model]).encode()
+                          ).digest()
+
+
+def check_bytes(view: bytes, node: int) -> bytes:
+    return b"fedapp-secagg check" + view + _u64(node)
+
+
+def signers(auth_key: bytes, view: bytes, sigs: Mapping[int, object], candidates: set[int]
+            ) -> set[int]:
+    """The ``candidates`` whose signature in ``sigs`` on ``view`` is valid."""
+    return {v for v, sig in sigs.items() if v in candidates
+            and mac_ok(auth_key, check_bytes(view, v), unb64(sig, 32, "signature"))}
+
+
+def _view(req: dict, state: dict, node: int) -> tuple[list[int], list[int]]:
+    """The survivors and dropped nodes of a check or unmask request, checked against
+    what this node knows: itself a survivor, no node both, and every node it masked
+    with listed (a node the server hides could be unmasked)."""
     survivors, dropped = (req.get(k) for k in ("survivors", "dropped"))
     if not isinstance(survivors, list) or not isinstance(dropped, list):
-        raise SecAggError("the unmask request needs lists of survivors and dropped nodes")
-    survivors = {node_id(v) for v in survivors}
-    dropped = {node_id(v) for v in dropped}
-    if survivors & dropped:
-        raise SecAggError(f"nodes {sorted(survivors & dropped)} are listed both as survivors "
-                           "and as dropped: refusing to reveal both shares of a node")
+        raise SecAggError("the request needs lists of survivors and dropped nodes")
+    survivors = sorted({node_id(v) for v in survivors})
+    dropped = sorted({node_id(v) for v in dropped})
+    if set(survivors) & set(dropped):
+        raise SecAggError(f"nodes {sorted(set(survivors) & set(dropped))} are listed both as "
+                          "survivors and as dropped: refusing to reveal both shares of a node")
     if node not in survivors:
         raise SecAggError("this node is not listed among the survivors")
+    missing = {int(k) for k in state["received"]} - set(survivors) - set(dropped)
+    if missing:
+        raise SecAggError(f"nodes {sorted(missing)} this node masked with are neither survivors "
+                          "nor dropped")
+    return survivors, dropped
+
+
+def _check(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+    """The consistency check: sign the round's view, once per round."""
+    context = _expect(state, "masked", "check")
+    if unb64(req.get("context"), 32, "context") != context:
+        raise SecAggError("the check request belongs to another round")
+    survivors, dropped = _view(req, state, node)
+    view = view_digest(context, survivors, dropped, state.get("model", ""))
+    sig = mac(auth_key, check_bytes(view, node)) if auth_key else b""
+    state = {**state, "stage": "checked", "view": b64(view)}
+    return dumps({"stage": "check", "node": node, "sig": b64(sig)}), state
+
+
+def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+    context = _expect(state, "checked", "unmask")
+    if unb64(req.get("context"), 32, "context") != context:
+        raise SecAggError("the unmask request belongs to another round")
+    survivors, dropped = _view(req, state, node)
+    view = view_digest(context, survivors, dropped, state.get("model", ""))
+    if b64(view) != state["view"]:
+        raise SecAggError("the unmask request names other survivors or dropped nodes than this "
+                          "node signed: refusing to unmask")
     received = {int(k): v for k, v in state["received"].items()}
     group = received.keys() | {node}
-    if len(survivors & group) < state["threshold"]:
-        raise SecAggError(f"only {len(survivors & group)} survivors in this node's share "
-                           f"group, {state['threshold']} needed: refusing to unmask")
-    if (survivors | dropped) - group:
-        raise SecAggError(f"nodes {sorted((survivors | dropped) - group)} are not in this "
-                           "node's share group")
+    threshold = state["threshold"]
+    if len(set(survivors) & group) < threshold:
+        raise SecAggError(f"only {len(set(survivors) & group)} survivors in this node's share "
+                          f"group, {threshold} needed: refusing to unmask")
+    if auth_key:  # without it, the run was allowed to trust the server (secagg_node)
+        alive = group & set(survivors)
+        signed = signers(auth_key, view, node_map(req.get("sigs"), "sigs"), alive)
+        if signed != alive:
+            raise SecAggError(f"{len(alive - signed)} of the {len(alive)} survivors of this "
+                              "node's share group did not sign the same survivors, dropped "
+                              "nodes and model: refusing to unmask (the server may be telling "
+                              "nodes different stories, or sending them different models)")
     keys = {int(k): v for k, v in state["keys"].items()}
     c_sk = unb64(state["c_sk"])
     b_out, s_out = {}, {}
-    for v in (survivors | dropped) - {node}:
+    for v in (set(survivors) | set(dropped)) & received.keys():
         key = agree(c_sk, unb64(keys[v][0]), share_info(context, node, v))
         opened = unseal(key, unb64(received[v]), _u64(v) + _u64(node) + context)
         if len(opened) != 2 * SHARE_BYTES:
@@ -387,8 +533,7 @@ def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[
     state = {k: v for k, v in state.items() if k != "pending"}
     if req.get("next") is not None:
         next_context = unb64(req["next"], 32, "next context")
-        if next_context == context:
-            raise SecAggError("the next round's context is this round's")
+        state["used"] = _fresh(state, req["next"])
         c, s = KeyPair.generate(), KeyPair.generate()
         reply["next_advert"] = _advert_fields(next_context, node, c, s, auth_key)
         state["pending"] = {"context": b64(next_context), "c_sk": b64(c.private),
@@ -460,6 +605,7 @@ class ServerRound:
         self.commits: dict[int, bytes] = {}
         self.sealed: dict[int, dict[int, str]] = {}  # receiver -> sender -> sealed shares
         self.masked: dict[int, int] = {}  # node -> weight
+        self.sigs: dict[int, str] = {}  # node -> its consistency signature (base64)
         self.total = np.zeros(self.length, dtype=self.params.dtype)
         self.stats = {"sampled": len(self.nodes)}
 
@@ -563,20 +709,54 @@ class ServerRound:
         self.total += vector
         self.masked[u] = weight
 
-    # stage 4
-    def unmask_requests(self) -> dict[int, str]:
-        survivors = set(self.masked)
+    # consistency check
+    def _view(self) -> tuple[list[int], list[int]]:
+        survivors = sorted(self.masked)
+        return survivors, sorted(set(self.commits) - set(self.masked))
+
+    def check_requests(self) -> dict[int, str]:
+        """Ask every survivor to sign who survived and who dropped (Bonawitz et al.'s
+        ConsistencyCheck round)."""
+        survivors, dropped = self._view()
         if len(survivors) < max(2, self.threshold):
             raise RoundAborted(f"only {len(survivors)} masked updates arrived, "
                                f"{max(2, self.threshold)} needed")
-        dropped = set(self.commits) - survivors
         self.stats.update(survivors=len(survivors), dropped=len(dropped))
+        return {u: dumps({"stage": "check", "context": b64(self.context),
+                          "survivors": survivors, "dropped": dropped}) for u in survivors}
+
+    def receive_checks(self, replies: Mapping[int, object]) -> None:
+        """Keep the survivors' signatures; :class:`RoundAborted` unless every survivor
+        signed (a node reveals a survivor's self-mask seed only against its signature,
+        so an unsigned survivor's input could never be unmasked)."""
+        for u, text in replies.items():
+            self._try(u, "check", lambda: self._check_reply(u, text))
+        self.stats["check"] = len(self.sigs)
+        unsigned = set(self.masked) - set(self.sigs)
+        if unsigned:
+            raise RoundAborted(f"{len(unsigned)} of {len(self.masked)} nodes that sent a masked "
+                               "update did not sign the round's view in the consistency "
+                               f"check (nodes {sorted(unsigned)[:10]}): their updates cannot be "
+                               "unmasked")
+
+    def _check_reply(self, u: int, text: object) -> None:
+        if u not in self.masked:
+            raise InvalidUpdate("a signature from a node that is not a survivor")
+        rep = self._reply(u, text, "check", self.sigs)
+        self.sigs[u] = b64(unb64(rep.get("sig"), None, "signature"))
+
+    # stage 4
+    def unmask_requests(self) -> dict[int, str]:
+        """For the survivors that signed: the same view, and the signatures of their
+        share group (they check them before revealing anything)."""
+        survivors, dropped = self._view()
         requests = {}
-        for u in survivors:
-            group = {u} | {v for v in self.sealed.get(u, {}) if v in self.commits}
+        for u in self.sigs:
+            group = {u} | set(self.graph[u])
             requests[u] = dumps({"stage": "unmask", "context": b64(self.context),
-                                 "survivors": sorted(group & survivors),
-                                 "dropped": sorted(group & dropped),
+                                 "survivors": survivors, "dropped": dropped,
+                                 "sigs": {str(v): self.sigs[v] for v in sorted(group)
+                                          if v in self.sigs},
                                  **({"next": b64(self.next_context)} if self.preadvertise
                                     else {})})
         return requests
@@ -626,8 +806,8 @@ class ServerRound:
 
     def _unmask_reply(self, u: int, text: object, answered: dict, b_shares: dict,
                       s_shares: dict) -> None:
-        if u not in self.masked:
-            raise InvalidUpdate("shares from a node that is not a survivor")
+        if u not in self.sigs:
+            raise InvalidUpdate("shares from a node that did not sign the round's view")
         rep = self._reply(u, text, "unmask", answered)
         b_part = node_map(rep.get("b_shares"), "b_shares")
         s_part = node_map(rep.get("s_shares"), "s_shares")

@@ -23,8 +23,10 @@ def secagg_params(clip: float, max_total_weight: int, value_bits: int, num_neigh
     if num_neighbors < 0:
         raise ValueError(f"num_neighbors must be >= 0 (0: SecAgg+'s logarithmic default), "
                          f"got {num_neighbors}")
-    if not 0.0 <= threshold_fraction < 1.0:
-        raise ValueError(f"threshold_fraction must be in [0, 1), got {threshold_fraction}")
+    if not 0.5 <= threshold_fraction < 1.0:
+        raise ValueError(f"threshold_fraction must be in [0.5, 1), got {threshold_fraction}: "
+                         "below a half, two sets of survivors could each reach the threshold "
+                         "and the consistency check would not hold")
     try:
         return SecAggParams.derive(clip, max_total_weight, value_bits)
     except SecAggError as err:
@@ -80,8 +82,10 @@ class SecAggRounds:
     def _unmask(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
                                                            dict[int, str]]
                 ) -> tuple[np.ndarray, int]:
-        """Stage 4 through ``exchange``; keeps the keys pre-advertised for the next round
-        (even if this one aborts: they are bound to the next round's context only)."""
+        """The consistency check and stage 4 through ``exchange``; keeps the keys
+        pre-advertised for the next round (even if this one aborts: they are bound to
+        the next round's context only)."""
+        rnd.receive_checks(exchange(rnd.check_requests(), "check"))
         replies = exchange(rnd.unmask_requests(), "unmask")
         try:
             return rnd.receive_unmask(replies)

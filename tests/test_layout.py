@@ -91,3 +91,16 @@ def test_settings_agree_in_pyproject_code_and_readme():
     assert set(documented) == set(DEFAULTS)
 
     assert {k: tomllib.loads(f"v = {v}")["v"] for k, v in documented.items()} == DEFAULTS
+
+
+def test_node_settings_agree_in_code_and_docs():
+    from strategies.node_settings import SETTINGS
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    table = re.search(r"\| node setting \| default \| meaning \|\n\|---\|---\|---\|\n((?:\|.*\n)+)",
+                      text)
+    assert table, "the node settings table"
+    documented = {re.findall(r"`([a-z0-9-]+)`", row.split("|")[1])[0]:
+                  tomllib.loads(f"v = {re.findall(r'`([^`]+)`', row.split('|')[2])[0]}")["v"]
+                  for row in table[1].splitlines()}
+    assert documented == {k: default for k, (default, _) in SETTINGS.items()}

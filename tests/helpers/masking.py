@@ -13,9 +13,11 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_proxy import ClientProxy
 
 from strategies.aggregation import weighted_average
+from strategies.secagg_masks import SecAggError, SecAggParams
+from strategies.secagg_protocol import ServerRound, client_mask, client_step
 from strategies.secagg_legacy import legacy_secagg_mod
 from strategies.secagg_protocol import PAYLOAD_KEY
-from tests.helpers import SHAPES, new_context
+from tests.helpers import AUTH, SHAPES, new_context
 
 
 NODES = [101, 202, 303, 404, 505, 606]  # threshold: more than half of 6, i.e. 4
@@ -79,3 +81,107 @@ class LegacyProxy(ClientProxy):
 
     def reconnect(self, ins, timeout, group_id):
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------ protocol rounds
+def node_ids(n: int, seed: int = 0) -> list[int]:
+    """Flower-like 63-bit node ids, distinct."""
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    while len(ids) < n:
+        u = int(rng.integers(1, 2**63))
+        if u not in ids:
+            ids.append(u)
+    return ids
+
+
+class Round:
+    """One round with honest in-process nodes; every stage can be tampered with
+    between the calls."""
+
+    def __init__(self, n=10, length=50, degree=0, params=None, auth=AUTH, seed=0,
+                 seen_keys=None, nodes=None, fraction=0.5, after=None):
+        """``after``: the previous Round; this one goes on with its nodes' states, its
+        seen keys and the keys its survivors pre-advertised."""
+        self.params = params or SecAggParams.derive(1.0)
+        self.nodes = sorted(nodes or (after.nodes if after else node_ids(n, seed)))
+        self.length = length
+        self.auth = auth  # bytes, None, or {node: key}
+        if after is not None and seen_keys is None:
+            seen_keys = after.sr.seen_keys
+        self.sr = ServerRound(self.params, self.nodes, length, degree=degree,
+                              threshold_fraction=fraction,
+                              seen_keys=set() if seen_keys is None else seen_keys,
+                              preadvertised=(after.sr.next_context, after.sr.next_adverts)
+                              if after else None)
+        self.state = {u: dict(after.state.get(u, {})) if after else {} for u in self.nodes}
+        self.rng = np.random.default_rng(seed + 1)
+        self.xs, self.ws, self.ys, self.headers, self.seeds = {}, {}, {}, {}, {}
+
+    def key(self, u):
+        return self.auth.get(u) if isinstance(self.auth, dict) else self.auth
+
+    def step(self, requests, skip=(), tolerate=False):
+        """The nodes' replies; with ``tolerate``, a node that refuses does not answer
+        (as a Flower node whose mod raises)."""
+        replies, self.refused = {}, {}
+        for u, req in requests.items():
+            if u in skip:
+                continue
+            try:
+                replies[u], self.state[u] = client_step(req, self.state[u], u, self.key(u))
+            except SecAggError as err:
+                if not tolerate:
+                    raise
+                self.refused[u] = str(err)
+        return replies
+
+    def advertise(self, skip=()):
+        replies = self.step(self.sr.advertise_requests(), skip)
+        self.sr.receive_adverts(replies)
+        return replies
+
+    def share(self, skip=()):
+        replies = self.step(self.sr.share_requests(), skip)
+        self.sr.receive_shares(replies)
+        return replies
+
+    def mask(self, drop=(), xs=None, ws=None):
+        """Every node in U2 masks; the vectors of ``drop`` never reach the server."""
+        for u, payload in self.sr.mask_payloads().items():
+            x = xs[u] if xs else self.rng.uniform(-self.params.clip, self.params.clip,
+                                                  self.length)
+            w = ws[u] if ws else int(self.rng.integers(1, 600))
+            self.seeds[u] = int(self.rng.integers(2**32))
+            y, h, self.state[u] = client_mask(payload, self.state[u], u, x, w,
+                                              np.random.default_rng(self.seeds[u]))
+            self.xs[u], self.ws[u], self.ys[u], self.headers[u] = x, w, y, h
+            if u not in drop:
+                self.sr.receive_masked(u, y, h, w)
+
+    def check(self, skip=(), tolerate=False):
+        self.check_replies = self.step(self.sr.check_requests(), skip, tolerate)
+        self.sr.receive_checks(self.check_replies)
+        return self.check_replies
+
+    def unmask_requests(self):
+        """The server's unmask requests, after the consistency check (run here unless
+        the test ran it)."""
+        if not self.sr.sigs:
+            self.check()
+        return self.sr.unmask_requests()
+
+    def unmask(self, skip=(), tolerate=False):
+        self.unmask_replies = self.step(self.unmask_requests(), skip, tolerate)
+        return self.sr.receive_unmask(self.unmask_replies)
+
+    def run(self, drop=(), xs=None, ws=None):
+        self.advertise()
+        self.share()
+        self.mask(drop, xs, ws)
+        return self.unmask()
+
+    def expected(self):
+        survivors = sorted(self.sr.masked)
+        return weighted_average([[self.xs[u]] for u in survivors],
+                                [self.ws[u] for u in survivors])[0]

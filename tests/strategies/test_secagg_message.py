@@ -163,7 +163,7 @@ def test_nodes_without_the_authentication_key_fail_closed(task_identity, flwr_ca
 
     allowed = [Node(u) for u in NODES]
     for node in allowed:
-        node.context.run_config["secagg-allow-unauthenticated"] = True
+        node.context.node_config["secagg-allow-unauthenticated"] = True
     arrays, _ = run_round(allowed)
     assert_average_of(arrays, NODES)
     assert "0 of 6 nodes' key advertisements carry an authentication tag" in flwr_caplog.text
@@ -287,7 +287,7 @@ def test_message_api_every_node_preadvertised_skips_the_stage(task_identity, flw
         messages = list(strategy.configure_train(rnd, global_arrays(), ConfigRecord(), grid))
         arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
         assert_average_of(arrays, NODES)
-    assert grid.stages == ["share"] * 6 + ["unmask"] * 6
+    assert grid.stages == ["share"] * 6 + ["check"] * 6 + ["unmask"] * 6
     assert "advertise stage skipped, all 6 nodes pre-advertised" in flwr_caplog.text
 
 

@@ -1,0 +1,194 @@
+"""A malicious server against masked secure aggregation (issue 14, items 1-3), driving
+the real node code (``client_step``, ``client_mask``) as the server would.
+
+1. **Lying about dropouts** (the attack Bonawitz et al.'s ConsistencyCheck stops):
+   10 nodes, complete graph, threshold 6, authentication key on, no colluding node.
+   The server forwards to the target ``u`` the shares of only ``t - 1`` neighbors
+   ``M``, so ``u`` masks with ``M`` alone; at unmasking it tells every node a story of
+   its own: ``u`` survived (its self-mask seed comes out) and the nodes of ``M``
+   dropped (their mask keys come out), each node of ``M`` seeing itself among the
+   survivors. With the consistency check switched off, ``u``'s weighted quantized
+   update comes out exactly; with it on, no story gathers the threshold of
+   signatures and no node reveals anything.
+2. **A threshold or group the node did not agree to**: threshold 1, a group of one.
+3. **A replayed context**: an old round's context, and with it old advertisements.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+import strategies.secagg_protocol as protocol
+from strategies.secagg_masks import (SecAggError, SecAggParams, encode_weighted, prg,
+                                     reconstruct_secret)
+from strategies.secagg_protocol import (NodePolicy, b64, client_step, pair_mask,
+                                        self_mask_seed)
+from tests.helpers import AUTH
+from tests.helpers.masking import Round
+
+
+def lie_about_dropouts(r: Round) -> tuple[int, set[int]]:
+    """The mask stage of the attack on ``r`` (advertised and shared): every node
+    masks, the target with only its ``t - 1`` chosen neighbors; returns both."""
+    target = r.nodes[0]
+    chosen = set(r.nodes[1:r.sr.threshold])  # t - 1 neighbors
+    payloads = r.sr.mask_payloads()
+    data = json.loads(payloads[target])
+    data["shares"] = {k: v for k, v in data["shares"].items() if int(k) in chosen}
+    payloads[target] = json.dumps(data)
+    for u, payload in payloads.items():
+        x = r.rng.uniform(-1, 1, r.length)
+        w = int(r.rng.integers(1, 600))
+        r.seeds[u] = int(r.rng.integers(2**32))
+        y, h, r.state[u] = protocol.client_mask(payload, r.state[u], u, x, w,
+                                                np.random.default_rng(r.seeds[u]))
+        r.xs[u], r.ws[u], r.ys[u] = x, w, y
+    return target, chosen
+
+
+def story(r: Round, node: int, chosen: set[int]) -> tuple[list[int], list[int]]:
+    """What the server tells ``node``: the target survived; four of the five chosen
+    dropped (a chosen node is told it survived, to be asked; the others miss a
+    different one each), so every node still sees the threshold of survivors, each
+    chosen node is "dropped" for 8 holders and the target "survived" for all 10."""
+    ring = sorted(chosen)
+    if node in chosen:
+        dropped = chosen - {node}
+    else:
+        others = [u for u in r.nodes if u not in chosen]
+        dropped = chosen - {ring[others.index(node) % len(ring)]}
+    return sorted(set(r.nodes) - dropped), sorted(dropped)
+
+
+def run_attack(r: Round, target: int, chosen: set[int]) -> tuple[np.ndarray | None, dict]:
+    """Steps 4-5: each node signs its story, gets every signature, and is asked to
+    unmask; the server then rebuilds what it can. Returns the target's unmasked
+    vector (None if the secrets did not come out) and the nodes' refusals."""
+    ctx = b64(r.sr.context)
+    sigs, refused = {}, {}
+    for u in r.nodes:
+        survivors, dropped = story(r, u, chosen)
+        req = json.dumps({"version": 1, "stage": "check", "context": ctx,
+                          "survivors": survivors, "dropped": dropped})
+        reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+        sigs[u] = json.loads(reply)["sig"]
+    b_shares: dict[int, bytes] = {}
+    s_shares: dict[int, dict[int, bytes]] = {v: {} for v in chosen}
+    for u in r.nodes:
+        survivors, dropped = story(r, u, chosen)
+        req = json.dumps({"version": 1, "stage": "unmask", "context": ctx,
+                          "survivors": survivors, "dropped": dropped,
+                          "sigs": {str(v): s for v, s in sigs.items()}})
+        try:
+            reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+        except SecAggError as err:
+            refused[u] = str(err)
+            continue
+        rep = json.loads(reply)
+        if str(target) in rep["b_shares"]:
+            b_shares[r.sr.points[u]] = base64.b64decode(rep["b_shares"][str(target)])
+        for v in chosen:
+            if str(v) in rep["s_shares"]:
+                s_shares[v][r.sr.points[u]] = base64.b64decode(rep["s_shares"][str(v)])
+    t = r.sr.threshold
+    if len(b_shares) < t or any(len(s_shares[v]) < t for v in chosen):
+        return None, refused
+    b = reconstruct_secret(b_shares, t)
+    vector = r.ys[target] - prg(self_mask_seed(b, r.sr.context), r.length, r.params.dtype)
+    for v in chosen:  # the pairwise masks the target added, from the chosen nodes' keys
+        s_v = reconstruct_secret(s_shares[v], t)
+        vector -= pair_mask(r.length, r.params.dtype, r.sr.context, target, v, s_v,
+                            base64.b64decode(r.sr.adverts[target]["s_pk"]))
+    return vector, refused
+
+
+def truth(r: Round, u: int) -> np.ndarray:
+    return encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
+
+
+@pytest.fixture
+def attacked() -> tuple[Round, int, set[int]]:
+    r = Round(10, 200)
+    r.advertise()
+    r.share()
+    target, chosen = lie_about_dropouts(r)
+    assert r.sr.threshold == 6 and len(chosen) == 5
+    return r, target, chosen
+
+
+def test_without_the_consistency_check_the_server_unmasks_one_node(attacked, monkeypatch):
+    r, target, chosen = attacked
+    monkeypatch.setattr(protocol, "signers", lambda key, view, sigs, candidates: candidates)
+    vector, refused = run_attack(r, target, chosen)
+    assert set(refused) == {target}  # (it sees too few survivors; it is not needed)
+    assert vector is not None and np.array_equal(vector, truth(r, target))
+
+
+def test_with_the_consistency_check_no_node_reveals_anything(attacked):
+    r, target, chosen = attacked
+    vector, refused = run_attack(r, target, chosen)
+    assert vector is None
+    assert set(refused) == set(r.nodes)  # no story is signed by all its survivors
+    assert all("did not sign the same survivors, dropped nodes and model" in e
+               for u, e in refused.items() if u != target)
+
+
+def test_an_honest_round_passes_the_check_and_decodes():
+    r = Round(10, 200)
+    avg, _ = r.run(drop=set(r.nodes[:2]))
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+
+
+def test_nodes_sent_different_models_reveal_nothing():
+    """Pasquini et al. (CCS 2022): a model crafted for one node isolates its update in
+    the sum. Each node signs the digest of the model it trained from: the nodes of a
+    different model cannot gather the threshold together."""
+    r = Round(10, 50)
+    r.advertise()
+    r.share()
+    for u, payload in r.sr.mask_payloads().items():
+        digest = "crafted" if u == r.nodes[0] else "global"
+        y, h, r.state[u] = protocol.client_mask(payload, r.state[u], u, np.zeros(50), 1,
+                                                model_digest=digest)
+        r.sr.receive_masked(u, y, h, 1)
+    r.check()
+    r.unmask_replies = r.step(r.sr.unmask_requests(), tolerate=True)
+    assert set(r.refused) == set(r.nodes)
+
+
+@pytest.mark.parametrize(("threshold", "group", "why"), [
+    (1, 10, "needs more than 0.5 of its group"), (5, 10, "needs more than 0.5 of its group"),
+    (1, 1, "takes part in groups of at least 2")])
+def test_a_node_refuses_a_threshold_or_group_below_its_own_minimum(threshold, group, why):
+    r = Round(10, 10)
+    u = r.nodes[0]
+    data = json.loads(r.sr.advertise_requests()[u])
+    data["threshold"] = threshold
+    others = [k for k in data["points"] if k != str(u)][:group - 1]
+    data["points"] = {k: data["points"][k] for k in [str(u), *others]}
+    with pytest.raises(SecAggError, match=why):
+        client_step(json.dumps(data), {}, u, AUTH)
+    # a node may ask for more: groups of 12
+    with pytest.raises(SecAggError, match="at least 12"):
+        client_step(r.sr.advertise_requests()[u], {}, u, AUTH, NodePolicy(min_group=12))
+
+
+def test_a_replayed_context_is_refused():
+    """The next round under an old context (and with it the old, authenticated
+    advertisements of nodes whose mask keys the server rebuilt) is refused."""
+    first = Round(6, 10)
+    first.run(drop={first.nodes[0]})
+    replay = json.loads(first.sr.advertise_requests()[first.nodes[1]])
+    u = first.nodes[1]
+    with pytest.raises(SecAggError, match="made keys for this round's context before"):
+        client_step(json.dumps(replay), first.state[u], u, AUTH)
+    # the server refuses a threshold fraction under a half for its own strategies
+    from strategies.secagg_rounds import secagg_params
+
+    with pytest.raises(ValueError, match=r"\[0.5, 1\)"):
+        secagg_params(1.0, 100, 16, 0, 0.0)
+    assert SecAggParams.derive(1.0)  # (the encoding itself is unchanged)
