@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -107,7 +108,8 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     params = SecAggParams.derive(1.0)
     nodes = [int(u) for u in rng.choice(2**62, size=n, replace=False) + 1]
     server: dict[str, float] = {}
-    client: dict[str, float] = {"advertise": 0.0, "share": 0.0, "mask": 0.0, "unmask": 0.0}
+    client: dict[str, float] = {"advertise": 0.0, "share": 0.0, "mask": 0.0, "check": 0.0,
+                                "unmask": 0.0}
     states: dict[int, dict] = {u: {} for u in nodes}
     auth = bytes(32)
 
@@ -143,6 +145,7 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
             exact += weight * x
             total_weight += weight
             timed("mask", rnd.receive_masked, u, masked, header, weight)
+    timed("check", rnd.receive_checks, clients("check", timed("check", rnd.check_requests)))
     average, _ = timed("unmask", rnd.receive_unmask, clients("unmask", timed(
         "unmask", rnd.unmask_requests)))
     return {
@@ -231,6 +234,12 @@ def simulate_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, 
                                                     {**common, **extra}, timeout=args.timeout)
         out[name] = {**run_report(status, run_dir),
                      "wall_seconds": round(time.monotonic() - start, 1)}
+        if name == "ours":  # the consistency check's stage, as the server logged it
+            checks = [float(m) for m in re.findall(
+                r"check stage, \d+ of \d+ nodes answered in ([0-9.]+) s", logs)]
+            out[name]["check_stage_seconds"] = checks
+            out[name]["check_stage_seconds_mean"] = round(statistics.mean(checks), 2) \
+                if checks else None
         if status != launch.FINISHED_OK:
             log(logs[-4000:])
         log(f"{name}: {json.dumps(out[name])}")
