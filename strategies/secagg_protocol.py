@@ -235,7 +235,7 @@ class NodePolicy:
 
 def client_step(request: str, state: dict, node: int, auth_key: bytes | None,
                 policy: NodePolicy = NodePolicy()) -> tuple[str, dict]:
-    """Answer a stage 1, 2, consistency-check or 4 request; return the reply payload
+    """Answer a stage 1, 2, 4 (check) or 5 (unmask) request; return the reply payload
     and the new state.
 
     ``state`` is the node's private round state (empty before the first round);
@@ -460,10 +460,15 @@ def signers(auth_key: bytes, view: bytes, sigs: Mapping[int, object], candidates
             and mac_ok(auth_key, check_bytes(view, v), unb64(sig, 32, "signature"))}
 
 
-def _view(req: dict, state: dict, node: int) -> tuple[list[int], list[int]]:
-    """The survivors and dropped nodes of a check or unmask request, checked against
-    what this node knows: itself a survivor, no node both, and every node it masked
-    with listed (a node the server hides could be unmasked)."""
+def _view(req: dict, state: dict, node: int, stage: str, now: str
+          ) -> tuple[bytes, list[int], list[int], bytes]:
+    """The context, survivors, dropped nodes and view digest of a check or unmask
+    request (the node at ``stage``), checked against what this node knows: its
+    round, itself a survivor, no node both, and every node it masked with listed (a
+    node the server hides could be unmasked)."""
+    context = _expect(state, stage, now)
+    if unb64(req.get("context"), 32, "context") != context:
+        raise SecAggError(f"the {now} request belongs to another round")
     survivors, dropped = (req.get(k) for k in ("survivors", "dropped"))
     if not isinstance(survivors, list) or not isinstance(dropped, list):
         raise SecAggError("the request needs lists of survivors and dropped nodes")
@@ -478,27 +483,20 @@ def _view(req: dict, state: dict, node: int) -> tuple[list[int], list[int]]:
     if missing:
         raise SecAggError(f"nodes {sorted(missing)} this node masked with are neither survivors "
                           "nor dropped")
-    return survivors, dropped
+    return context, survivors, dropped, view_digest(context, survivors, dropped,
+                                                    state.get("model", ""))
 
 
 def _check(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
     """The consistency check: sign the round's view, once per round."""
-    context = _expect(state, "masked", "check")
-    if unb64(req.get("context"), 32, "context") != context:
-        raise SecAggError("the check request belongs to another round")
-    survivors, dropped = _view(req, state, node)
-    view = view_digest(context, survivors, dropped, state.get("model", ""))
+    _, _, _, view = _view(req, state, node, "masked", "check")
     sig = mac(auth_key, check_bytes(view, node)) if auth_key else b""
     state = {**state, "stage": "checked", "view": b64(view)}
     return dumps({"stage": "check", "node": node, "sig": b64(sig)}), state
 
 
 def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
-    context = _expect(state, "checked", "unmask")
-    if unb64(req.get("context"), 32, "context") != context:
-        raise SecAggError("the unmask request belongs to another round")
-    survivors, dropped = _view(req, state, node)
-    view = view_digest(context, survivors, dropped, state.get("model", ""))
+    context, survivors, dropped, view = _view(req, state, node, "checked", "unmask")
     if b64(view) != state["view"]:
         raise SecAggError("the unmask request names other survivors or dropped nodes than this "
                           "node signed: refusing to unmask")
@@ -709,7 +707,7 @@ class ServerRound:
         self.total += vector
         self.masked[u] = weight
 
-    # consistency check
+    # stage 4: the consistency check
     def _view(self) -> tuple[list[int], list[int]]:
         survivors = sorted(self.masked)
         return survivors, sorted(set(self.commits) - set(self.masked))
@@ -745,7 +743,7 @@ class ServerRound:
         rep = self._reply(u, text, "check", self.sigs)
         self.sigs[u] = b64(unb64(rep.get("sig"), None, "signature"))
 
-    # stage 4
+    # stage 5
     def unmask_requests(self) -> dict[int, str]:
         """For the survivors that signed: the same view, and the signatures of their
         share group (they check them before revealing anything)."""

@@ -82,7 +82,7 @@ class SecAggRounds:
     def _unmask(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
                                                            dict[int, str]]
                 ) -> tuple[np.ndarray, int]:
-        """The consistency check and stage 4 through ``exchange``; keeps the keys
+        """The consistency check and the unmask stage through ``exchange``; keeps the keys
         pre-advertised for the next round (even if this one aborts: they are bound to
         the next round's context only)."""
         rnd.receive_checks(exchange(rnd.check_requests(), "check"))

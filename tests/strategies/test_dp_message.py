@@ -208,9 +208,8 @@ class PaillierNode:
 
 
 @pytest.fixture(scope="module")
-def paillier_keys():
-    from strategies.paillier import generate_keypair
-    return generate_keypair(2048)
+def paillier_keys(keypair):
+    return keypair
 
 
 def test_plaintext_round_noise_has_the_configured_std(task_identity):
