@@ -1,4 +1,4 @@
-"""Faults in real simulations, for each aggregation mode: a client that crashes or
+"""Faults in real simulations, for each secure aggregation mode: a client that crashes or
 hangs past the round timeout mid-round leaves the round complete with the
 survivors; a server restarted from its checkpoint resumes after the last finished
 round, redoing and losing none; a run in which no round succeeds is reported failed.
@@ -41,7 +41,7 @@ def keys_for(aggregation: str, node_keys: tuple[Path, Path]) -> tuple[dict, dict
     return {}, env
 
 
-@pytest.mark.parametrize("aggregation", ["fedavg", "paillier", "secagg"])
+@pytest.mark.parametrize("aggregation", ["paillier", "secagg"])  # (plaintext: the same path)
 def test_crash_and_hang_leave_the_round_to_the_survivors(aggregation, tmp_path, data_dir,
                                                          node_keys):
     """4 nodes: partition 0 crashes in round 1, partition 1 hangs past the timeout in

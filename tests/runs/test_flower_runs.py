@@ -87,7 +87,7 @@ FAULT_PLANS = {
     "secagg": (3, 3, ["--crash-client", "2", "--restart-server", "2"], [3, 2, 2]),
 }
 # A frozen client (--hang-client) on real nodes costs a round timeout per stage: it is
-# tested in simulation for every mode (tests/runs/test_faults.py) and measured in the README.
+# tested in simulation for each secure mode (tests/runs/test_faults.py) and measured in the README.
 
 
 @pytest.mark.parametrize("aggregation", sorted(FAULT_PLANS))
