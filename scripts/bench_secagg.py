@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from fedapp import launch  # noqa: E402
+from strategies.keyfiles import AUTH_KEY_NAME, KEY_DIR_ENV, write_auth_key  # noqa: E402
 from strategies.secagg_masks import SecAggParams  # noqa: E402
 from strategies.secagg_protocol import ServerRound, client_mask, client_step  # noqa: E402
 
@@ -222,6 +223,10 @@ def simulate_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, 
             "flower-secaggplus": (write_secaggplus_project(work / task / "secaggplus-project"),
                                   {"aggregation": "fedavg"})}
     out: dict[str, Any] = {"settings": common}
+    keys = work / "keys"  # the nodes' authentication key, made for this benchmark
+    if not (keys / AUTH_KEY_NAME).exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        write_auth_key(keys)
     for name in RUNS:
         if name == "ours" and args.skip_ours:
             out[name] = {"status": "skipped"}
@@ -231,7 +236,8 @@ def simulate_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, 
         start = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
             status, run_dir, logs = launch.simulate(app_dir, work / task / name, n,
-                                                    {**common, **extra}, timeout=args.timeout)
+                                                    {**common, **extra}, timeout=args.timeout,
+                                                    env={KEY_DIR_ENV: str(keys)})
         out[name] = {**run_report(status, run_dir),
                      "wall_seconds": round(time.monotonic() - start, 1)}
         if name == "ours":  # the consistency check's stage, as the server logged it
