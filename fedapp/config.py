@@ -171,6 +171,7 @@ class RunSettings:
     max_empty_rounds: int | None = setting("auto", valid=_AT_LEAST_1)
     aggregation: str = setting("fedavg", must_match=True)
     central_eval: bool = setting(True)
+    plaintext_metrics: bool = setting(False)
     seed: int = setting(42)
     run_dir: str = setting("fedapp-runs")
     resume_from: str = setting("")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from logging import INFO
+
+from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from strategies.dp_message import CentralDP
@@ -36,4 +39,11 @@ def aggregation_strategy(settings: RunSettings) -> Strategy:
     )
     if settings.max_empty_rounds is not None:  # else each strategy's own default
         sampling["max_empty_rounds"] = settings.max_empty_rounds
-    return mode_of(settings.aggregation).strategy(settings, sampling)
+    mode = mode_of(settings.aggregation)
+    if mode.server_sees != "plain" and not settings.plaintext_metrics \
+            and settings.fraction_evaluate > 0:
+        log(INFO, "Federated evaluation is off under %s: each node's evaluation would reach "
+            "the server in plaintext (set plaintext-metrics = true here and on the nodes to "
+            "ask for it); train metrics arrive as sums", mode.name)
+        sampling.update(fraction_evaluate=0.0, min_evaluate_nodes=0)
+    return mode.strategy(settings, sampling)

@@ -398,8 +398,11 @@ class Lab:
             elif self.mode == "secagg":
                 layout = Layout.of(list(plain), list(plain.values()))
                 params = aggregation_strategy(self.settings).params
-                self._reference = {MASKED_KEY: encode_weighted(  # one email: weight 1
-                    layout.flatten(list(plain.values())), 1, params, np.random.default_rng())}
+                encoded = encode_weighted(  # one email: weight 1
+                    layout.flatten(list(plain.values())), 1, params, np.random.default_rng())
+                tail = view[MASKED_KEY].size - encoded.size  # the masked weight and metrics
+                self._reference = {MASKED_KEY: np.concatenate(
+                    [encoded, np.zeros(tail, encoded.dtype)])}
             else:
                 self._reference = plain
         return self._reference

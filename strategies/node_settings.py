@@ -36,7 +36,12 @@ SETTINGS = {
                             "the node takes part in"),
     "secagg-min-threshold-fraction": (0.5, "masking: the threshold must be more than this "
                                            "fraction of the node's share group (at least 0.5)"),
+    "plaintext-metrics": (False, "secure modes: answer federated evaluation with this "
+                                 "node's own loss, examples and metrics in plaintext, and "
+                                 "under Paillier send its train metrics (off: masking sends "
+                                 "train metrics only as sums, Paillier none)"),
 }
+PLAINTEXT_METRICS = "plaintext-metrics"
 
 
 def node_setting(node_config: Mapping[str, object], key: str) -> object:
@@ -66,3 +71,22 @@ def node_setting(node_config: Mapping[str, object], key: str) -> object:
         raise NodeError(f"node setting {key} must be {type(default).__name__} like its "
                         f"default {default!r}, got {value!r}")
     return value
+
+
+def refuse_evaluation(node_config: Mapping[str, object], mode: str) -> None:
+    """Refuse a federated evaluation request under a secure mode ``mode`` unless the
+    node's ``plaintext-metrics`` allows it: the reply is this node's own loss,
+    example count and metrics, in plaintext, of a model the server chose (one that
+    always predicts class ``c`` reads the node's share of ``c``).
+
+    Raises
+    ------
+    NodeError
+        Unless the node allows it.
+    """
+    if not node_setting(node_config, PLAINTEXT_METRICS):
+        raise NodeError(f"this node answers no federated evaluation under {mode}: its own "
+                        "loss, example count and metrics would reach the server in plaintext. "
+                        "Turn federated evaluation off on the server (fraction-evaluate = 0), "
+                        f"or allow it on the node with {PLAINTEXT_METRICS}=true in its "
+                        "settings (--node-config, or $FEDAPP_NODE_CONFIG in a simulation)")

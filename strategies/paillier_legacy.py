@@ -34,7 +34,7 @@ from __future__ import annotations
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (Code, FitIns, FitRes, Parameters, Scalar, ndarray_to_bytes,
                          ndarrays_to_parameters, parameters_to_ndarrays)
@@ -47,6 +47,7 @@ from flwr.server.strategy import FedAvg
 from .aggregation import InvalidUpdate, check_weight
 from .legacy_wire import layout_of, load_npy
 from .node_errors import reports_errors
+from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .paillier import PublicKey
 from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
@@ -224,7 +225,10 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
             node_private_key(context), run=msg.metadata.run_id, node=context.node_id,
             workers=node_workers(context))
         encrypted = to_parameters(update)
-        reply.content.config_records["fitres.metrics"]["paillier-clipped"] = clipped
+        if node_setting(context.node_config, PLAINTEXT_METRICS):
+            reply.content.config_records["fitres.metrics"]["paillier-clipped"] = clipped
+        else:  # the weight is in the update's header; no other metric leaves the node
+            reply.content.config_records["fitres.metrics"] = ConfigRecord()
     reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
         encrypted, keep_input=True)
 
@@ -232,7 +236,8 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
 @reports_errors(PermissionError, DecryptionRefused)
 def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model of fit and evaluate messages on the way in; encrypt the
-    fit reply's model on the way out.
+    fit reply's model on the way out. Sends no metric but the weight and answers no
+    evaluation unless the node's ``plaintext-metrics`` allows it.
 
     Fails (the node replies with an error) rather than send a plaintext model when the
     server's fit config holds no Paillier parameters or names another key, or the node
@@ -244,6 +249,7 @@ def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCall
         parse_round_config(_fit_config(msg))  # before training, not after
         _decrypt_parameters(msg, "fitins", context)
     elif kind == MessageType.EVALUATE:
+        refuse_evaluation(context.node_config, "Paillier")
         _decrypt_parameters(msg, "evaluateins", context)
     reply = call_next(msg, context)
     if kind == MessageType.TRAIN and reply.has_content():

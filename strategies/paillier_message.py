@@ -26,15 +26,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .aggregation import InvalidUpdate
+from .aggregation import InvalidUpdate, check_weight
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import reports_errors
+from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier import PrivateKey, PublicKey
 from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
                             node_private_key, node_workers, round_config)
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
 from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
+
+WEIGHT_KEY = "num-examples"  # the train reply's weight, as FedAvg reads it
 
 
 def as_record(model: EncryptedModel) -> ArrayRecord:
@@ -139,17 +142,24 @@ def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Conte
     if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
         raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
     (name, record), = reply.content.array_records.items()
-    metrics = next(iter(reply.content.metric_records.values()))
+    (metrics_name, metrics), = reply.content.metric_records.items()
     arrays = record_arrays(record)
-    update, metrics["paillier-clipped"] = encrypt_local_model(
-        dict(config), list(arrays), list(arrays.values()), int(metrics["num-examples"]),
+    weight = check_weight(metrics.get(WEIGHT_KEY))
+    update, clipped = encrypt_local_model(
+        dict(config), list(arrays), list(arrays.values()), weight,
         key, run=msg.metadata.run_id, node=context.node_id, workers=node_workers(context))
     reply.content[name] = as_record(update)
+    if node_setting(context.node_config, PLAINTEXT_METRICS):
+        metrics["paillier-clipped"] = clipped
+    else:  # the weight is in the update's header too; no other metric leaves the node
+        reply.content[metrics_name] = MetricRecord({WEIGHT_KEY: weight})
 
 
 @reports_errors(PermissionError, DecryptionRefused)
 def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model on the way in; encrypt the train update on the way out.
+    Sends no train metric but the weight (which the update's header holds too) and
+    answers no evaluation unless the node's ``plaintext-metrics`` allows it.
 
     Fails closed: without a private key, or when the server sends no Paillier
     parameters, the node answers with an error naming the cause and the fix (and never
@@ -157,6 +167,8 @@ def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     (:mod:`strategies.node_errors`)."""
     key = node_private_key(context)
     category = msg.metadata.message_type.split(".")[0]
+    if category == "evaluate":
+        refuse_evaluation(context.node_config, "Paillier")
     if category in ("train", "evaluate"):
         _decrypt_records(msg, key, context)
     reply = call_next(msg, context)

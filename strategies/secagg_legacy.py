@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (Code, FitIns, FitRes, GetPropertiesIns, GetPropertiesRes, Parameters,
                          Scalar, Status, ndarray_to_bytes, ndarrays_to_parameters,
@@ -43,6 +43,7 @@ from .aggregation import InvalidUpdate, check_weight
 from .legacy_wire import layout_of, load_npy
 from .secagg_masks import SecAggError
 from .node_errors import reports_errors
+from .node_settings import refuse_evaluation
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .secagg_node import answer_stage, mask_model, model_digest, require_payload
 from .secagg_rounds import SecAggRounds
@@ -157,33 +158,26 @@ class LegacySecAggFedAvg(SecAggRounds, FedAvg):
         rnd, self._round = self._round, None
         if rnd is None:
             return None, {}
-        valid: list[FitRes] = []
         for proxy, res in results:
             try:
                 vector, header = parameters_masked(res.parameters)
                 if header.get("layout") != layout_digest(self._layout):
                     raise InvalidUpdate("the masked model's arrays differ from the global "
                                         "model's")
-                rnd.receive_masked(int(proxy.node_id), vector, header,
-                                   check_weight(res.num_examples))
+                rnd.receive_masked(int(proxy.node_id), vector, header)
             except (InvalidUpdate, SecAggError) as err:
                 log(WARNING, "Left out the reply of client %s in round %d: %s", proxy.cid,
                     server_round, err)
-                continue
-            valid.append(res)
         self.watch.flush()
         try:
-            average, self.last_total_weight = self._unmask(
+            average, self.last_total_weight, metrics = self._unmask(
                 rnd, lambda requests, stage: self._exchange(requests, stage, server_round))
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             self.watch.end_round(server_round, False)
             return None, {}
         self.watch.end_round(server_round, True)
-        metrics: dict[str, Scalar] = {}
-        if self.fit_metrics_aggregation_fn:
-            metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for r in valid])
-        return ndarrays_to_parameters(self._layout.unflatten(average)), metrics
+        return ndarrays_to_parameters(self._layout.unflatten(average)), dict(metrics)
 
 
 # ------------------------------------------------------------------ client mod
@@ -205,10 +199,12 @@ def _mask_fitres(payload: str, received: str, msg: Message, reply: Message, cont
         masked = Parameters(tensors=[], tensor_type="")
     else:
         arrays = parameters_to_ndarrays(res.parameters)
-        out, clipped = mask_model(payload, context, msg.metadata.dst_node_id,
-                                  layout_of(arrays).names, arrays, res.num_examples, received)
-        masked = to_parameters(out)
-        reply.content.config_records["fitres.metrics"]["secagg-clipped"] = clipped
+        masked = to_parameters(mask_model(
+            payload, context, msg.metadata.dst_node_id, layout_of(arrays).names, arrays,
+            check_weight(res.num_examples), received, res.metrics))
+    # the weight and metrics travel only inside the masked vector, as sums
+    reply.content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": 0})
+    reply.content.config_records["fitres.metrics"] = ConfigRecord()
     reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
         masked, keep_input=True)
 
@@ -225,6 +221,8 @@ def legacy_secagg_mod(msg: Message, context: Context, call_next: ClientAppCallab
         answer = _answer_properties(msg, context)
         if answer is not None:
             return answer
+    if kind == MessageType.EVALUATE:
+        refuse_evaluation(context.node_config, "masking")
     if kind != MessageType.TRAIN:
         return call_next(msg, context)
     config = dict(msg.content.config_records.get("fitins.config", {}))

@@ -43,11 +43,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .aggregation import InvalidUpdate, Layout
-from .fedavg import aggregate_metrics, evaluate_metrics
+from .aggregation import InvalidUpdate, Layout, check_weight
+from .fedavg import evaluate_metrics
 from .secagg_masks import SecAggError
 from .node_errors import reports_errors
-from .records import array_record, record_arrays, screen, train_reply
+from .node_settings import refuse_evaluation
+from .records import array_record, record_arrays, screen
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_node import answer_stage, mask_model, model_digest, require_payload
 from .secagg_protocol import PAYLOAD_KEY, RoundAborted
@@ -58,6 +59,7 @@ from .secagg_wire import STAGE_RECORD_KEY, layout_digest, masked_arrays
 # key stages travel as "train" messages (every training project registers one)
 # holding a "secagg" ConfigRecord, which the mod answers without calling the app.
 STAGE_MESSAGE_TYPE = MessageType.TRAIN
+WEIGHT_KEY = "num-examples"  # the train reply's weight, as FedAvg reads it
 
 
 # ------------------------------------------------------------------ strategy
@@ -147,12 +149,14 @@ class SecAggFedAvg(SecAggRounds, FedAvg):
                 for u, payload in rnd.mask_payloads().items()]
 
     def _accept(self, msg: Message) -> None:
-        arrays, weight = train_reply(msg, self.weighted_by_key)
-        vector, header = masked_arrays(arrays)
+        if len(msg.content.array_records) != 1:
+            raise InvalidUpdate(f"expected one ArrayRecord, got {len(msg.content.array_records)}")
+        vector, header = masked_arrays(record_arrays(next(iter(
+            msg.content.array_records.values()))))
         if header.get("layout") != layout_digest(self._layout):
             raise InvalidUpdate("the masked model's arrays (names, shapes, dtypes) differ from "
                                 "the global model's")
-        self._round.receive_masked(msg.metadata.src_node_id, vector, header, weight)
+        self._round.receive_masked(msg.metadata.src_node_id, vector, header)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -160,11 +164,11 @@ class SecAggFedAvg(SecAggRounds, FedAvg):
         if self._round is None:  # the key stages lost too many nodes
             self.watch.end_round(server_round, False)
             return None, None
-        valid = screen(server_round, replies, self.watch, self._accept)
+        screen(server_round, replies, self.watch, self._accept)
         rnd, self._round = self._round, None
         self.watch.flush()
         try:
-            average, self.last_total_weight = self._unmask(rnd, self._exchange)
+            average, self.last_total_weight, metrics = self._unmask(rnd, self._exchange)
         except RoundAborted as err:
             log(WARNING, "Round %d skipped, the model stays as it was: %s", server_round, err)
             self.watch.end_round(server_round, False)
@@ -172,9 +176,7 @@ class SecAggFedAvg(SecAggRounds, FedAvg):
         self.watch.end_round(server_round, True)
         arrays = array_record(dict(zip(self._layout.names, self._layout.unflatten(average),
                                        strict=True)))
-        metrics = aggregate_metrics(self.train_metrics_aggr_fn, [m.content for m in valid],
-                                    self.weighted_by_key)
-        return arrays, metrics
+        return arrays, MetricRecord(metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -186,7 +188,9 @@ class SecAggFedAvg(SecAggRounds, FedAvg):
 
 @reports_errors(SecAggError, PermissionError)
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Answer the key stages; mask the train update on the way out.
+    """Answer the key stages; mask the train update and its metrics on the way out
+    (the server learns the metrics only as sums); refuse federated evaluation unless
+    the node's ``plaintext-metrics`` allows it.
 
     Fails closed: without the authentication key (unless allowed), or when the server
     sends no masking payload, the node answers with an error naming the cause and the
@@ -199,7 +203,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                              node)
         return Message(RecordDict({STAGE_RECORD_KEY: ConfigRecord({PAYLOAD_KEY: reply})}),
                        reply_to=msg)
-    if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind == MessageType.EVALUATE:
+        refuse_evaluation(context.node_config, "masking")
+    if kind != MessageType.TRAIN:
         return call_next(msg, context)
     config = next(iter(msg.content.config_records.values()), {})
     payload = require_payload(dict(config))
@@ -210,10 +217,11 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
             raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
         (name, record), = reply.content.array_records.items()
-        metrics = next(iter(reply.content.metric_records.values()))
+        (metrics_name, metrics), = reply.content.metric_records.items()
         plain = record_arrays(record)
-        arrays, metrics["secagg-clipped"] = mask_model(
-            payload, context, node, list(plain), list(plain.values()),
-            int(metrics["num-examples"]), received)
-        reply.content[name] = array_record(arrays)
+        weight = check_weight(metrics.get(WEIGHT_KEY))
+        reply.content[name] = array_record(mask_model(
+            payload, context, node, list(plain), list(plain.values()), weight, received,
+            {k: v for k, v in metrics.items() if k != WEIGHT_KEY}))
+        reply.content[metrics_name] = MetricRecord()  # the server learns only their sums
     return reply

@@ -25,8 +25,10 @@ from .node_settings import node_setting
 from .secagg_protocol import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, NodePolicy, client_mask,
                               client_step)
 from .secagg_wire import header_array, layout_digest
+from .secure_sums import clamp
 
 STATE_KEY = "secagg"  # the ConfigRecord in context.state holding this node's round state
+CLIPPED_KEY = "secagg-clipped"  # the train metric: fraction of values outside the clip range
 AUTH_KEY_NODE_CONFIG = "secagg-auth-key"
 
 
@@ -143,12 +145,29 @@ def model_digest(arrays: Mapping[str, np.ndarray], config: Mapping[str, object])
     return h.hexdigest()
 
 
+def metric_sums(metrics: Mapping[str, object], weight: int) -> dict[str, float]:
+    """What the server may learn of a node's train metrics: ``weight * value`` for
+    each number (summed over the round, then divided by the total weight: Flower's
+    example-weighted average), clamped to what a slot holds (with a warning in the
+    node's own log). Lists and strings are left out."""
+    sums = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        sums[name], clamped = clamp(weight * float(value))
+        if clamped:
+            log(WARNING, "Metric %s is outside what a secure sum holds: clamped", name)
+    return sums
+
+
 def mask_model(payload: str, context: Context, node: int, names: list[str],
-               arrays: list[np.ndarray], weight: int, received: str
-               ) -> tuple[dict[str, np.ndarray], float]:
-    """This node's trained model, masked; returns the arrays to send and the fraction
-    of values outside the clip range. ``received`` is the :func:`model_digest` of the
-    train message (signed in the consistency check)."""
+               arrays: list[np.ndarray], weight: int, received: str,
+               metrics: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """This node's trained model and the weighted sums of its train ``metrics``
+    (without the weight: it is always summed), masked; the arrays to send.
+    ``received`` is the :func:`model_digest` of the train message (signed in the
+    consistency check). The fraction of values outside the clip range is summed as
+    ``secagg-clipped``."""
     layout = Layout.of(names, arrays)
     # in the model's own float dtype (float32 for torch): quantize computes in float64
     flat = layout.flatten(arrays, np.result_type(*arrays))
@@ -159,9 +178,10 @@ def mask_model(payload: str, context: Context, node: int, names: list[str],
     if clipped > 0:
         log(WARNING, "%.4f%% of model values exceed the clip range %g: raise it",
             100 * clipped, clip)
+    sums = metric_sums({**metrics, CLIPPED_KEY: clipped}, weight)
     masked, header, state = client_mask(payload, state, node, flat, weight,
-                                        model_digest=received)
+                                        model_digest=received, sums=sums)
     save_state(context, state)
     header["layout"] = layout_digest(layout)
-    return {MASKED_KEY: masked, HEADER_KEY: header_array(header)}, clipped
+    return {MASKED_KEY: masked, HEADER_KEY: header_array(header)}
 

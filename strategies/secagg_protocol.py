@@ -101,6 +101,7 @@ from .secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError,
                       agree, check_public_key, commitment, decode_sum, default_degree,
                       encode_weighted, mac, mac_ok, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
+from .secure_sums import WEIGHT, decode_sums, encode_sums, from_fixed, sum_slots, to_fixed
 
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
@@ -113,6 +114,8 @@ PAYLOAD_KEY = "secagg-payload"
 MAX_PAYLOAD_BYTES = 16 << 20
 SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16  # GCM nonce, b and s shares, tag
 USED_CONTEXTS = 1024  # contexts a node remembers having made keys for (44 bytes each)
+MAX_SUMS = 64  # metric sums beside a masked model
+MAX_SUM_NAME = 64
 
 
 class RoundAborted(RuntimeError):
@@ -395,14 +398,17 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None, policy: No
 
 
 def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: int,
-                rng: np.random.Generator | None = None, model_digest: str = ""
-                ) -> tuple[np.ndarray, dict, dict]:
-    """Stage 3: the masked, weighted, quantized model; returns the vector, its
-    header (for the server's checks) and the new state.
+                rng: np.random.Generator | None = None, model_digest: str = "",
+                sums: Mapping[str, float] | None = None) -> tuple[np.ndarray, dict, dict]:
+    """Stage 3: the masked, weighted, quantized model followed by the masked sums;
+    returns the vector, its header (for the server's checks) and the new state.
 
     ``model_digest`` names the global model and round settings this node trained from
     (:func:`strategies.secagg_node.model_digest`); the consistency check makes every
-    survivor sign it, so nodes sent different models reveal nothing.
+    survivor sign it, so nodes sent different models reveal nothing. ``sums`` are
+    the values (metrics) the server may learn only summed over the round, already
+    within :func:`strategies.secure_sums.clamp`; the weight is always one of them
+    (:data:`strategies.secure_sums.WEIGHT`), so the server learns no node's weight.
 
     Raises
     ------
@@ -423,11 +429,19 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
         raise SecAggError(f"only {len(received)} neighbors left, "
                            f"{state['threshold'] - 1} needed")
     params = SecAggParams.from_dict(state["params"])
-    masked = encode_weighted(flat, weight, params, rng or np.random.default_rng())
-    masked += prg(self_mask_seed(unb64(state["b"]), context), flat.size, params.dtype)
+    sums = dict(sums or {})
+    if WEIGHT in sums or len(sums) >= MAX_SUMS \
+            or not all(isinstance(k, str) and 0 < len(k) <= MAX_SUM_NAME for k in sums):
+        raise SecAggError(f"at most {MAX_SUMS - 1} sums, named by strings of at most "
+                          f"{MAX_SUM_NAME} characters other than {WEIGHT!r}")
+    encoded = encode_weighted(flat, weight, params, rng or np.random.default_rng())
+    names, limbs = encode_sums({**{k: to_fixed(v) for k, v in sums.items()}, WEIGHT: weight},
+                               params.dtype)
+    masked = np.concatenate([encoded, limbs])
+    masked += prg(self_mask_seed(unb64(state["b"]), context), masked.size, params.dtype)
     s_sk = unb64(state["s_sk"])
     for v in received:  # pair_mask's sign, applied by the add (no negated copy)
-        mask = prg(agree(s_sk, unb64(keys[v][1]), mask_info(context, node, v)), flat.size,
+        mask = prg(agree(s_sk, unb64(keys[v][1]), mask_info(context, node, v)), masked.size,
                    params.dtype)
         if node < v:
             masked += mask
@@ -438,7 +452,7 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     state = {**state, "stage": "masked", "received": {str(v): ct for v, ct in received.items()},
              "model": str(model_digest)}
     header = {"version": VERSION, "context": b64(context), "node": node,
-              "mod-bits": params.mod_bits, "length": int(flat.size)}
+              "mod-bits": params.mod_bits, "length": int(flat.size), "sums": names}
     return masked, header, state
 
 
@@ -602,9 +616,11 @@ class ServerRound:
         self.preadvertised_nodes = set(self.adverts)
         self.commits: dict[int, bytes] = {}
         self.sealed: dict[int, dict[int, str]] = {}  # receiver -> sender -> sealed shares
-        self.masked: dict[int, int] = {}  # node -> weight
+        self.masked: set[int] = set()
         self.sigs: dict[int, str] = {}  # node -> its consistency signature (base64)
-        self.total = np.zeros(self.length, dtype=self.params.dtype)
+        self.sum_names: list[str] | None = None  # set by the first masked update
+        self.total: np.ndarray | None = None
+        self.sums: dict[str, float] = {}  # the round's sums, once unmasked
         self.stats = {"sampled": len(self.nodes)}
 
     # stage 1
@@ -682,8 +698,9 @@ class ServerRound:
                                      if v in self.commits}})
                 for u in self.commits}
 
-    def receive_masked(self, u: int, vector: object, header: object, weight: int) -> None:
-        """Add one node's masked vector; :class:`InvalidUpdate` if it fails a check."""
+    def receive_masked(self, u: int, vector: object, header: object) -> None:
+        """Add one node's masked vector (model, then sums); :class:`InvalidUpdate` if it
+        fails a check. The first one accepted fixes the names of the round's sums."""
         if u not in self.commits:
             raise InvalidUpdate("this node took no part in the share stage of this round")
         if u in self.masked:
@@ -696,16 +713,25 @@ class ServerRound:
         if header.get("mod-bits") != self.params.mod_bits:
             raise InvalidUpdate(f"masked in a {header.get('mod-bits')}-bit modulus, expected "
                                 f"{self.params.mod_bits}")
+        names = header.get("sums")
+        if not isinstance(names, list) or len(names) > MAX_SUMS or not all(
+                isinstance(k, str) and 0 < len(k) <= MAX_SUM_NAME for k in names) \
+                or WEIGHT not in names or names != sorted(set(names)):
+            raise InvalidUpdate(f"the masked update's sums must be a sorted list of at most "
+                                f"{MAX_SUMS} distinct names with {WEIGHT!r}")
+        if self.sum_names is not None and names != self.sum_names:
+            raise InvalidUpdate(f"sums {names[:10]} differ from the round's {self.sum_names[:10]}")
+        width = self.length + sum_slots(names)
         if not isinstance(vector, np.ndarray) or vector.dtype != self.params.dtype \
-                or vector.shape != (self.length,):
+                or vector.shape != (width,):
             raise InvalidUpdate(f"a masked vector must be {np.dtype(self.params.dtype).name} of "
-                                f"shape ({self.length},), got "
+                                f"shape ({width},), got "
                                 f"{getattr(vector, 'dtype', type(vector).__name__)} of shape "
                                 f"{getattr(vector, 'shape', None)}")
-        if not 1 <= weight <= self.params.max_total_weight:
-            raise InvalidUpdate(f"weight {weight} outside [1, {self.params.max_total_weight}]")
+        if self.total is None:
+            self.sum_names, self.total = names, np.zeros(width, dtype=self.params.dtype)
         self.total += vector
-        self.masked[u] = weight
+        self.masked.add(u)
 
     # stage 4: the consistency check
     def _view(self) -> tuple[list[int], list[int]]:
@@ -760,7 +786,8 @@ class ServerRound:
         return requests
 
     def receive_unmask(self, replies: Mapping[int, object]) -> tuple[np.ndarray, int]:
-        """Rebuild the secrets, remove the masks; the weighted average and total weight.
+        """Rebuild the secrets, remove the masks; the weighted average and total weight
+        (the round's other sums in :attr:`sums`).
 
         Raises
         ------
@@ -783,7 +810,7 @@ class ServerRound:
             if commitment(b) != self.commits[u]:
                 raise RoundAborted(f"the rebuilt self-mask seed of node {u} does not match its "
                                    "commitment: a node sent a wrong share")
-            total -= prg(self_mask_seed(b, self.context), self.length, self.params.dtype)
+            total -= prg(self_mask_seed(b, self.context), total.size, self.params.dtype)
         for v in sorted(dropped):
             s_sk = self._rebuild(v, s_shares.get(v, {}), "mask key")
             if public_of(s_sk) != unb64(self.adverts[v]["s_pk"]):
@@ -791,11 +818,19 @@ class ServerRound:
                                    "its public key: a node sent a wrong share")
             for u in self.graph[v]:
                 if u in survivors and v in self.sealed.get(u, {}):
-                    total -= pair_mask(self.length, self.params.dtype, self.context, u, v,
+                    total -= pair_mask(total.size, self.params.dtype, self.context, u, v,
                                        s_sk, unb64(self.adverts[u]["s_pk"]))
-        weight = sum(self.masked.values())
         try:
-            average = decode_sum(total, weight, self.params)
+            sums = decode_sums(self.sum_names, total[self.length:], len(survivors))
+        except ValueError as err:
+            raise RoundAborted(str(err)) from None
+        weight = sums.pop(WEIGHT)
+        if not 1 <= weight <= self.params.max_total_weight:
+            raise RoundAborted(f"total weight {weight} outside [1, "
+                               f"{self.params.max_total_weight}]: a node sent a wrong weight")
+        self.sums = {k: from_fixed(v) for k, v in sums.items()}
+        try:
+            average = decode_sum(total[:self.length], weight, self.params)
         except SecAggError as err:
             raise RoundAborted(str(err)) from None
         log(INFO, "Secure aggregation: %d of %d sampled nodes in the sum, %d dropped and "

@@ -81,16 +81,19 @@ class SecAggRounds:
 
     def _unmask(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
                                                            dict[int, str]]
-                ) -> tuple[np.ndarray, int]:
-        """The consistency check and the unmask stage through ``exchange``; keeps the keys
+                ) -> tuple[np.ndarray, int, dict[str, float]]:
+        """The consistency check and the unmask stage through ``exchange``: the weighted
+        average, the total weight and the train metrics' example-weighted averages
+        (from their sums: the server never sees one node's). Keeps the keys
         pre-advertised for the next round (even if this one aborts: they are bound to
         the next round's context only)."""
         rnd.receive_checks(exchange(rnd.check_requests(), "check"))
         replies = exchange(rnd.unmask_requests(), "unmask")
         try:
-            return rnd.receive_unmask(replies)
+            average, weight = rnd.receive_unmask(replies)
         finally:
             self._next = (rnd.next_context, rnd.next_adverts) if rnd.next_adverts else None
+        return average, weight, {k: v / weight for k, v in rnd.sums.items()}
 
     def _describe(self) -> str:
         return (f"{self.params.value_bits}-bit values in [-{self.params.clip:g}, "

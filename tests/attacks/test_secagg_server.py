@@ -27,6 +27,7 @@ from strategies.secagg_masks import (SecAggError, SecAggParams, encode_weighted,
                                      reconstruct_secret)
 from strategies.secagg_protocol import (NodePolicy, b64, client_step, pair_mask,
                                         self_mask_seed)
+from strategies.secure_sums import WEIGHT, decode_sums
 from tests.helpers import AUTH
 from tests.helpers.masking import Round
 
@@ -98,10 +99,11 @@ def run_attack(r: Round, target: int, chosen: set[int]) -> tuple[np.ndarray | No
     if len(b_shares) < t or any(len(s_shares[v]) < t for v in chosen):
         return None, refused
     b = reconstruct_secret(b_shares, t)
-    vector = r.ys[target] - prg(self_mask_seed(b, r.sr.context), r.length, r.params.dtype)
+    width = r.ys[target].size  # the model, then the node's weight and metric sums
+    vector = r.ys[target] - prg(self_mask_seed(b, r.sr.context), width, r.params.dtype)
     for v in chosen:  # the pairwise masks the target added, from the chosen nodes' keys
         s_v = reconstruct_secret(s_shares[v], t)
-        vector -= pair_mask(r.length, r.params.dtype, r.sr.context, target, v, s_v,
+        vector -= pair_mask(width, r.params.dtype, r.sr.context, target, v, s_v,
                             base64.b64decode(r.sr.adverts[target]["s_pk"]))
     return vector, refused
 
@@ -125,7 +127,8 @@ def test_without_the_consistency_check_the_server_unmasks_one_node(attacked, mon
     monkeypatch.setattr(protocol, "signers", lambda key, view, sigs, candidates: candidates)
     vector, refused = run_attack(r, target, chosen)
     assert set(refused) == {target}  # (it sees too few survivors; it is not needed)
-    assert vector is not None and np.array_equal(vector, truth(r, target))
+    assert vector is not None and np.array_equal(vector[:r.length], truth(r, target))
+    assert decode_sums([WEIGHT], vector[r.length:], 1) == {WEIGHT: r.ws[target]}
 
 
 def test_with_the_consistency_check_no_node_reveals_anything(attacked):
@@ -154,7 +157,7 @@ def test_nodes_sent_different_models_reveal_nothing():
         digest = "crafted" if u == r.nodes[0] else "global"
         y, h, r.state[u] = protocol.client_mask(payload, r.state[u], u, np.zeros(50), 1,
                                                 model_digest=digest)
-        r.sr.receive_masked(u, y, h, 1)
+        r.sr.receive_masked(u, y, h)
     r.check()
     r.unmask_replies = r.step(r.sr.unmask_requests(), tolerate=True)
     assert set(r.refused) == set(r.nodes)

@@ -366,21 +366,24 @@ def bad_masked_reply(draw, good: Message) -> tuple[Message, bool]:
         vector = draw(mutated_array(arrays["secagg-masked"]))
         if not isinstance(vector, np.ndarray) or vector.dtype.kind in "SU":
             vector = np.zeros(2, np.float32)
-        must_fail = vector.dtype != np.uint32 or vector.shape != (MASK_LENGTH,)
+        width = arrays["secagg-masked"].size  # the model, then the weight and metric sums
+        must_fail = vector.dtype != np.uint32 or vector.shape != (width,)
         record["secagg-masked"] = Array(np.ascontiguousarray(vector))
     elif kind == "header":
         header = draw(mutated_json(json.loads(arrays["secagg-header"].tobytes())))
         record["secagg-header"] = Array(np.frombuffer(json.dumps(header).encode(), np.uint8))
         must_fail = False
-    elif kind == "weight":
+    elif kind == "weight":  # the server reads the weight only as a masked sum
         metrics["num-examples"] = draw(st.sampled_from(
             [w for w in BAD_WEIGHTS if isinstance(w, (int, float)) and not isinstance(w, bool)]
             + [2000]))
+        must_fail = False
     elif kind == "metrics":
         metrics.update(draw(st.sampled_from(BAD_METRICS)))
         must_fail = False
-    else:
-        return reply(node, None if draw(st.booleans()) else ArrayRecord(record), None), True
+    else:  # the server needs the masked arrays only (the metrics travel inside them)
+        arrays_gone = draw(st.booleans())
+        return reply(node, None if arrays_gone else ArrayRecord(record), None), arrays_gone
     return reply(node, ArrayRecord(record), metrics), must_fail
 
 

@@ -146,18 +146,20 @@ class Round:
         self.sr.receive_shares(replies)
         return replies
 
-    def mask(self, drop=(), xs=None, ws=None):
-        """Every node in U2 masks; the vectors of ``drop`` never reach the server."""
+    def mask(self, drop=(), xs=None, ws=None, sums=None):
+        """Every node in U2 masks (with ``sums[u]``, if given); the vectors of ``drop``
+        never reach the server."""
         for u, payload in self.sr.mask_payloads().items():
             x = xs[u] if xs else self.rng.uniform(-self.params.clip, self.params.clip,
                                                   self.length)
             w = ws[u] if ws else int(self.rng.integers(1, 600))
             self.seeds[u] = int(self.rng.integers(2**32))
             y, h, self.state[u] = client_mask(payload, self.state[u], u, x, w,
-                                              np.random.default_rng(self.seeds[u]))
+                                              np.random.default_rng(self.seeds[u]),
+                                              sums=sums[u] if sums else None)
             self.xs[u], self.ws[u], self.ys[u], self.headers[u] = x, w, y, h
             if u not in drop:
-                self.sr.receive_masked(u, y, h, w)
+                self.sr.receive_masked(u, y, h)
 
     def check(self, skip=(), tolerate=False):
         self.check_replies = self.step(self.sr.check_requests(), skip, tolerate)
@@ -175,10 +177,10 @@ class Round:
         self.unmask_replies = self.step(self.unmask_requests(), skip, tolerate)
         return self.sr.receive_unmask(self.unmask_replies)
 
-    def run(self, drop=(), xs=None, ws=None):
+    def run(self, drop=(), xs=None, ws=None, sums=None):
         self.advertise()
         self.share()
-        self.mask(drop, xs, ws)
+        self.mask(drop, xs, ws, sums)
         return self.unmask()
 
     def expected(self):

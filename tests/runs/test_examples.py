@@ -25,6 +25,7 @@ import pytest
 
 from fedapp import launch
 from strategies.keyfiles import KEY_DIR_ENV, load_private_key
+from strategies.node_settings import NODE_CONFIG_ENV
 from strategies.paillier_protocol import EncryptedModel, decrypt_model
 from strategies.secagg_rounds import secagg_params
 from tests.helpers import ROOT
@@ -48,7 +49,9 @@ def run(example: str, workdir: Path, keys: tuple[Path, Path], secure: str = ""):
     overrides = {"secure": secure, "paillier-public-key": str(keys[0])}
     status, run_dir, logs = launch.simulate(
         EXAMPLES / example, workdir / (secure or "plain"), 2, overrides,
-        timeout=300, progress=False, env={KEY_DIR_ENV: str(keys[1].parent)})
+        timeout=300, progress=False,
+        # the examples evaluate on the clients: their nodes allow plaintext metrics
+        env={KEY_DIR_ENV: str(keys[1].parent), NODE_CONFIG_ENV: "plaintext-metrics=true"})
     assert status == launch.FINISHED_OK, logs[-3000:]
     return run_dir, logs
 

@@ -35,10 +35,14 @@ def keys_for(aggregation: str, node_keys: tuple[Path, Path]) -> tuple[dict, dict
     """Run settings and node environment for ``aggregation``."""
     from strategies.keyfiles import KEY_DIR_ENV
 
-    env = {KEY_DIR_ENV: str(node_keys[1].parent)}
+    from strategies.node_settings import NODE_CONFIG_ENV
+
+    # the test reads each round's federated MSE: both sides allow plaintext metrics
+    env = {KEY_DIR_ENV: str(node_keys[1].parent), NODE_CONFIG_ENV: "plaintext-metrics=true"}
+    settings = {"plaintext-metrics": True}
     if aggregation == "paillier":
-        return {"paillier-public-key": str(node_keys[0])}, env
-    return {}, env
+        settings["paillier-public-key"] = str(node_keys[0])
+    return settings, env
 
 
 @pytest.mark.parametrize("aggregation", ["paillier", "secagg"])  # (plaintext: the same path)

@@ -181,17 +181,26 @@ def test_legacy_mod_decrypts_encrypts_and_fails_closed(tmp_path, keypair, task_i
         np.testing.assert_allclose(got, exp, atol=strategy.params.max_error())
     res = compat.recorddict_to_fitres(out.content, keep_input=True)
     assert res.parameters.tensor_type == TENSOR_TYPE and res.num_examples == 20
-    assert res.metrics["paillier-clipped"] == 0.0
+    assert res.metrics == {}  # the weight is all the server learns of the node's training
     update = EncryptedModel.from_arrays(parameters_arrays(res.parameters), key.public_key)
     assert dict(update.contributors) == {1: 20} and update.server_round == 2
     for got, exp in zip(decrypt_model(key, update, min_contributors=1), seen["fit"], strict=True):
         np.testing.assert_allclose(got, exp + 0.5, atol=strategy.params.max_error())
 
-    # evaluate: decrypted too
+    # evaluate: refused (the reply would be the node's own metrics, in plaintext) unless
+    # the node allows it, then decrypted too; train metrics are then sent as they are
     msg = Message(content=compat.evaluateins_to_recorddict(
         EvaluateIns(to_parameters(encrypted), {}), True), dst_node_id=1, message_type="evaluate")
+    reply = legacy_paillier_mod(msg, context, call_next)
+    assert reply.has_error() and "plaintext-metrics=true" in reply.error.reason
+    assert "evaluate" not in seen
+    context.node_config["plaintext-metrics"] = True
     legacy_paillier_mod(msg, context, call_next)
     assert [a.shape for a in seen["evaluate"]] == [a.shape for a in start]
+    out = legacy_paillier_mod(fit_message(to_parameters(encrypted), config), context, call_next)
+    res = compat.recorddict_to_fitres(out.content, keep_input=True)
+    assert res.metrics == {"train-loss": 0.5, "paillier-clipped": 0.0}
+    del context.node_config["plaintext-metrics"]
 
     # a server without the Paillier strategy: the node refuses to train, nothing is sent
     seen.clear()

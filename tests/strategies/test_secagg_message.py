@@ -24,6 +24,7 @@ from strategies.records import record_arrays
 from strategies.screening import NoUsableUpdate
 from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from strategies.secagg_protocol import HEADER_KEY, MASKED_KEY, PAYLOAD_KEY
+from strategies.secure_sums import WEIGHT, sum_slots
 from tests.helpers import CLIP, SHAPES, new_context
 from tests.helpers.fuzzing import (BAD, MASK_LENGTH, MASK_NODES, MASK_PARAMS, WS, XS,
                                    bad_masked_reply, fuzz, no_hang, warnings_of)
@@ -176,22 +177,31 @@ def _set_masked(reply: Message, vector: np.ndarray) -> None:
 
 
 def _header_node(reply: Message, node: int) -> None:
+    _set_header(reply, "node", node)
+
+
+def _header_sums(reply: Message, names: list[str]) -> None:
+    _set_header(reply, "sums", names)
+
+
+def _set_header(reply: Message, key: str, value: object) -> None:
     (name, record), = reply.content.array_records.items()
     header = json.loads(record[HEADER_KEY].numpy().tobytes())
-    header["node"] = node
+    header[key] = value
     raw = np.frombuffer(json.dumps(header).encode(), np.uint8).copy()
     reply.content[name] = ArrayRecord({MASKED_KEY: record[MASKED_KEY], HEADER_KEY: Array(raw)})
 
 
 BAD_REPLIES = {
     "short": (lambda r: _set_masked(r, record_arrays(next(iter(
-        r.content.array_records.values())))[MASKED_KEY][:-1]), "of shape (123,)"),
+        r.content.array_records.values())))[MASKED_KEY][:-1]),
+        f"of shape ({123 + sum_slots(['secagg-clipped', 'train-loss', WEIGHT])},)"),
     "uint64": (lambda r: _set_masked(r, record_arrays(next(iter(
         r.content.array_records.values())))[MASKED_KEY].astype(np.uint64)), "uint32"),
     "for another node": (lambda r: _header_node(r, 101), "may only answer for itself"),
     "plaintext": (lambda r: r.content.__setitem__("arrays", ArrayRecord(
         {k: Array(v) for k, v in local_model(1).items()})), "is secagg_mod on the ClientApp"),
-    "no weight": (lambda r: r.content["metrics"].pop("num-examples"), "num-examples must be"),
+    "no weight sum": (lambda r: _header_sums(r, ["train-loss"]), "sums must be a sorted list"),
 }
 
 
@@ -226,10 +236,18 @@ def test_the_mod_refuses_to_train_for_a_plaintext_server(task_identity):
     assert called == []  # never trained, so nothing could leak
 
 
-def test_the_mod_passes_evaluate_messages_through(task_identity):
+def test_the_mod_answers_evaluate_messages_only_if_the_node_allows_it(task_identity):
+    """A node's own evaluation would reach the server in plaintext: refused by
+    default, passed to the app with the node setting ``plaintext-metrics``."""
     msg = Message(RecordDict({"arrays": global_arrays()}), dst_node_id=101,
                   message_type="evaluate")
-    assert secagg_mod(msg, new_context(101), lambda m, c: "called") == "called"
+    called = []
+    reply = secagg_mod(msg, new_context(101), lambda m, c: called.append(m))
+    assert reply.has_error() and "plaintext-metrics=true" in reply.error.reason
+    assert called == []
+    context = new_context(101)
+    context.node_config["plaintext-metrics"] = True
+    assert secagg_mod(msg, context, lambda m, c: "called") == "called"
 
 
 def test_strategy_refuses_bad_arguments():

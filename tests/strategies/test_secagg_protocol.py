@@ -20,6 +20,7 @@ import strategies.secagg_protocol as protocol
 from strategies.aggregation import InvalidUpdate
 from strategies.secagg_masks import (SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
                                      encode_weighted, prg, public_of, reconstruct_secret)
+from strategies.secure_sums import WEIGHT, sum_slots
 from strategies.secagg_protocol import (RoundAborted, ServerRound, b64, client_mask, client_step,
                                         loads, node_map, pair_mask, self_mask_seed, unb64)
 from strategies.secagg_wire import header_of
@@ -83,7 +84,7 @@ def test_round_decodes_the_weighted_average():
     # the server's running total alone is uniformly masked, nothing like the sum
     encoded = sum(encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
                   for u in r.nodes)
-    assert np.count_nonzero(r.sr.total != encoded) >= 295
+    assert np.count_nonzero(r.sr.total[:300] != encoded) >= 295
 
 
 @settings(max_examples=50)
@@ -110,6 +111,23 @@ def test_round_matches_weighted_average_property(n, length, degree, mod_bits, va
         assert r.state[u]["stage"] == "done"
 
 
+def test_metric_sums_of_the_survivors_come_out_exactly():
+    """The weight and metrics travel masked beside the model: the server learns their
+    sums over the survivors (dropped nodes' are not in them), exact to 2^-16."""
+    r = Round(8, 30)
+    sums = {u: {"loss": float(r.rng.uniform(0, 50)), "correct": float(r.rng.integers(0, 99))}
+            for u in r.nodes}
+    dropped = set(r.nodes[:2])
+    avg, weight = r.run(drop=dropped, sums=sums)
+    survivors = [u for u in r.nodes if u not in dropped]
+    assert weight == sum(r.ws[u] for u in survivors)
+    assert np.abs(avg - r.expected()).max() <= r.params.error_bound
+    assert r.sr.sum_names == ["correct", "loss", WEIGHT]
+    for name in ("loss", "correct"):
+        assert r.sr.sums[name] == pytest.approx(sum(sums[u][name] for u in survivors),
+                                                abs=len(survivors) * 2**-17)
+
+
 def test_sum_of_all_masked_vectors_is_the_sum_plus_self_masks():
     """Integer identity: the pairwise masks cancel exactly; only the self masks remain."""
     r = Round(7, 400, degree=2, params=SecAggParams.derive(1.0, mod_bits=64))
@@ -122,7 +140,7 @@ def test_sum_of_all_masked_vectors_is_the_sum_plus_self_masks():
         expected += encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
         b = base64.b64decode(r.state[u]["b"])
         expected += prg(self_mask_seed(b, ctx), 400, np.uint64)
-    assert np.array_equal(r.sr.total, expected)
+    assert np.array_equal(r.sr.total[:400], expected)
 
 
 def test_masked_vector_is_uniform_and_plain_encoding_is_not(seeded):
@@ -314,17 +332,18 @@ def test_late_vector_of_a_dropped_node_stays_masked():
     unmasked = r.ys[late].copy()
     for v in sr.graph[late]:
         if late in sr.sealed.get(v, {}):
-            unmasked -= pair_mask(r.length, dtype, ctx, late, v, s_sk,
+            unmasked -= pair_mask(unmasked.size, dtype, ctx, late, v, s_sk,
                                   base64.b64decode(sr.adverts[v]["s_pk"]))
     truth = encode_weighted(r.xs[late], r.ws[late], r.params,
                             np.random.default_rng(r.seeds[late]))
-    assert np.count_nonzero(unmasked != truth) >= 0.99 * r.length
+    assert np.count_nonzero(unmasked[:r.length] != truth) >= 0.99 * r.length
     # what is left is exactly the self mask PRG(b), b known to the node alone
     b = base64.b64decode(r.state[late]["b"])
-    assert np.array_equal(unmasked - truth, prg(self_mask_seed(b, ctx), r.length, dtype))
+    assert np.array_equal(unmasked[:r.length] - truth,
+                          prg(self_mask_seed(b, ctx), r.length, dtype))
     # and decoding it gives nonsense, not the input
     with pytest.raises(SecAggError, match="exceed"):
-        masking.decode_sum(unmasked, r.ws[late], r.params)
+        masking.decode_sum(unmasked[:r.length], r.ws[late], r.params)
 
 
 @pytest.mark.parametrize("told_survivor", [0, 3, 5, 6, 9])
@@ -418,32 +437,38 @@ def test_receive_masked_refuses_bad_vectors_and_the_round_still_decodes():
     other.share()
     other.mask(drop=set(other.nodes))
     u, v = r.nodes[0], r.nodes[1]
-    y, h, w = r.ys[u], r.headers[u], r.ws[u]
+    y, h = r.ys[u], r.headers[u]
+    width = 40 + sum_slots([WEIGHT])  # the model, then the weight's limbs
     cases = [
-        ((u, y[:-1], h, w), r"of shape \(40,\), got uint32 of shape \(39,\)"),
-        ((u, np.append(y, y[:1]), h, w), r"shape \(40,\)"),
-        ((u, y.astype(np.uint64), h, w), "must be uint32 .* got uint64"),
-        ((u, y.astype(np.uint64), {**h, "mod-bits": 64}, w), "masked in a 64-bit modulus"),
-        ((u, y.astype(np.int32), h, w), "must be uint32"),
-        ((u, y.tolist(), h, w), "must be uint32 .* got list"),
-        ((u, y.reshape(8, 5), h, w), "shape"),
-        ((u, other.ys[other.nodes[0]], {**h, "context": other.headers[other.nodes[0]]["context"]},
-          w), "belongs to another round"),
-        ((u, y, None, w), "belongs to another round"),
-        ((u, r.ys[v], r.headers[v], r.ws[v]), f"from node {v}, sent by node {u}: a node may only "
-                                              "answer for itself"),
-        ((u, y, h, 0), r"weight 0 outside \[1, 65536\]"),
-        ((u, y, h, 65537), r"weight 65537 outside"),
-        ((424242, y, {**h, "node": 424242}, w), "took no part in the share stage"),
+        ((u, y[:-1], h), rf"of shape \({width},\), got uint32 of shape \({width - 1},\)"),
+        ((u, np.append(y, y[:1]), h), rf"shape \({width},\)"),
+        ((u, y.astype(np.uint64), h), "must be uint32 .* got uint64"),
+        ((u, y.astype(np.uint64), {**h, "mod-bits": 64}), "masked in a 64-bit modulus"),
+        ((u, y.astype(np.int32), h), "must be uint32"),
+        ((u, y.tolist(), h), "must be uint32 .* got list"),
+        ((u, y.reshape(-1, 1), h), "shape"),
+        ((u, other.ys[other.nodes[0]], {**h, "context": other.headers[other.nodes[0]]["context"]}),
+         "belongs to another round"),
+        ((u, y, None), "belongs to another round"),
+        ((u, r.ys[v], r.headers[v]), f"from node {v}, sent by node {u}: a node may only "
+                                     "answer for itself"),
+        ((u, y, {k: x for k, x in h.items() if k != "sums"}), "sums must be a sorted list"),
+        ((u, y, {**h, "sums": ["loss"]}), "sums must be a sorted list"),
+        ((u, y, {**h, "sums": ["weight", "loss"]}), "sums must be a sorted list"),
+        ((u, y, {**h, "sums": ["weight", "weight"]}), "sums must be a sorted list"),
+        ((u, y, {**h, "sums": [f"m{i:02}" for i in range(64)] + ["weight"]}),
+         "sums must be a sorted list"),
+        ((u, y, {**h, "sums": ["loss", "weight"]}), rf"shape \({width + sum_slots(['loss'])},\)"),
+        ((424242, y, {**h, "node": 424242}), "took no part in the share stage"),
     ]
     for args, match in cases:
         with pytest.raises(InvalidUpdate, match=match):
             sr.receive_masked(*args)
-        assert not sr.masked and not sr.total.any()
+        assert not sr.masked and sr.total is None
     for u2 in r.nodes:
-        sr.receive_masked(u2, r.ys[u2], r.headers[u2], r.ws[u2])
+        sr.receive_masked(u2, r.ys[u2], r.headers[u2])
     with pytest.raises(InvalidUpdate, match="a second masked update"):
-        sr.receive_masked(u, y, h, w)
+        sr.receive_masked(u, y, h)
     avg, _ = r.unmask()
     assert np.abs(avg - r.expected()).max() <= r.params.error_bound
 
@@ -451,7 +476,7 @@ def test_receive_masked_refuses_bad_vectors_and_the_round_still_decodes():
 def test_total_weight_above_max_aborts():
     params = SecAggParams.derive(1.0, max_total_weight=100)
     r = Round(3, 10, params=params)
-    with pytest.raises(RoundAborted, match=r"total weight 120 outside \[1, 100\]"):
+    with pytest.raises(RoundAborted, match=r"total weight 120 outside \[1, 100\]: a node sent"):
         r.run(ws={u: 40 for u in r.nodes})
 
 
@@ -1093,7 +1118,7 @@ def secagg_stages() -> dict[str, tuple[str, dict]]:
         if u == BAD:
             stages["mask"] = (payload, states[u])
         vector, header, states[u] = client_mask(payload, states[u], u, XS[u], WS[u])
-        sr.receive_masked(u, vector, header, WS[u])
+        sr.receive_masked(u, vector, header)
     sr.receive_checks(ask(sr.check_requests(), "check"))
     ask(sr.unmask_requests(), "unmask")
     return stages
@@ -1110,7 +1135,7 @@ def test_client_stage_requests(secagg_stages, data, stage):
     before = copy.deepcopy(state)
     if stage == "mask":
         result = attempt(lambda: client_mask(text, state, BAD, XS[BAD], WS[BAD]), SecAggError)
-        assert refused(result) or result[0].shape == (MASK_LENGTH,)
+        assert refused(result) or result[0].shape == (MASK_LENGTH + sum_slots([WEIGHT]),)
     else:
         result = attempt(lambda: client_step(text, state, BAD, AUTH), SecAggError)
         assert refused(result) or json.loads(result[0])["node"] == BAD
@@ -1158,7 +1183,7 @@ def run_masked_round(stage: str, tamper, auth: bytes | None = AUTH):
                     continue
                 if stage == "masked" and u == BAD:
                     vector, header = tamper((vector, header))
-                result = attempt(lambda: sr.receive_masked(u, vector, header, WS[u]),
+                result = attempt(lambda: sr.receive_masked(u, vector, header),
                                  InvalidUpdate)
                 assert not refused(result) or u == BAD
             sr.receive_checks(ask(sr.check_requests(), "check"))
@@ -1234,7 +1259,7 @@ def test_server_round_with_a_tampered_masked_vector(data):
     if BAD in sr.masked:
         vector = sent["vector"]
         assert isinstance(vector, np.ndarray) and vector.dtype == np.uint32 \
-            and vector.shape == (MASK_LENGTH,)
+            and vector.shape == (MASK_LENGTH + sum_slots([WEIGHT]),)
     else:
         assert not isinstance(outcome, RoundAborted), outcome
         assert_average_of_survivors(sr, outcome)
@@ -1284,7 +1309,7 @@ def test_a_low_order_key_cannot_crash_the_unmasking():
                         payload, states[u], u, np.zeros(MASK_LENGTH), 10)
                 except SecAggError:
                     continue
-                sr.receive_masked(u, vector, header, 10)
+                sr.receive_masked(u, vector, header)
             sr.receive_checks(ask(sr.check_requests()))
             average, _ = sr.receive_unmask(ask(sr.unmask_requests()))
         except RoundAborted as err:
