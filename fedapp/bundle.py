@@ -23,7 +23,6 @@ from pathlib import Path
 _SKIP_DIRS = {".git", ".venv", "venv", "env", "__pycache__", "node_modules", ".hypothesis",
               ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 _PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-_HEX_SECRET = re.compile(rb"\A\s*[0-9a-fA-F]{64}\s*\Z")  # fedapp keygen --secagg
 _MAX_SCAN_BYTES = 1 << 20
 
 
@@ -64,9 +63,9 @@ def refuse_inside_app(directory: Path, what: str) -> None:
 
 def holds_private_key(data: bytes) -> bool:
     """Whether ``data`` (a file's content) is private key material we know: a PEM or
-    OpenSSH private key (TLS, SuperNode keys), a Paillier private key, a
-    secure-aggregation authentication key."""
-    if _PEM_PRIVATE.search(data) or _HEX_SECRET.match(data):
+    OpenSSH private key (TLS, SuperNode keys, masking identity keys) or a Paillier
+    private key."""
+    if _PEM_PRIVATE.search(data):
         return True
     if data.lstrip().startswith(b"{") and b"paillier-private-key" in data:
         try:

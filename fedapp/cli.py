@@ -6,8 +6,10 @@
     fedapp register  register client nodes' public keys with a running SuperLink
     fedapp run       submit this app to a SuperLink and wait until the run ends
     fedapp keygen    make a Paillier key pair (public key for the server, private for clients),
-                     with --secagg the client nodes' secure-aggregation authentication key,
+                     with --secagg one client node's masking identity key pair (with
+                     --simulation N: N of them and their roster, for a simulation),
                      with --supernode one client node's SuperNode authentication key pair
+    fedapp roster    collect the client nodes' public identity keys into the masking roster
     fedapp decrypt   turn an encrypted final model into a plaintext checkpoint (key holders)
 """
 
@@ -50,14 +52,40 @@ def app_dir(args: argparse.Namespace) -> Path:
     return path
 
 
+def simulation_identities(nodes: int) -> None:
+    """With masking, ``fedapp sim`` makes the simulated nodes' identity keys and their
+    roster in the key directory if it holds no roster (every node of a simulation runs
+    on this machine, in the SuperLink's processes).
+
+    Raises
+    ------
+    ValueError
+        If the roster there lists fewer nodes than the simulation has.
+    """
+    from strategies.keyfiles import (ROSTER_NAME, default_key_dir, load_roster,
+                                     write_simulation_identities)
+
+    directory = default_key_dir()
+    if not (directory / ROSTER_NAME).exists():
+        write_simulation_identities(directory, nodes)
+        print(f"made {nodes} masking identity keys and their roster in {directory}",
+              file=sys.stderr)
+    elif len(load_roster(directory / ROSTER_NAME)) < nodes:
+        raise ValueError(f"the masking roster in {directory} lists fewer than {nodes} nodes: "
+                         f"make keys for this simulation elsewhere ('fedapp keygen --secagg "
+                         f"--simulation {nodes} --out DIR', then FEDAPP_KEY_DIR=DIR)")
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from strategies.node_settings import NODE_CONFIG_ENV
 
     env = {NODE_CONFIG_ENV: " ".join(args.node_config)} if args.node_config else None
+    overrides = parse_overrides(args.run_config)
+    if overrides.get("aggregation") == "secagg":
+        simulation_identities(args.num_supernodes)
     status, run_dir, _ = launch.simulate(
-        app_dir(args), Path(args.workdir), args.num_supernodes,
-        parse_overrides(args.run_config), timeout=args.timeout,
-        env=env)  # streams the log as it goes
+        app_dir(args), Path(args.workdir), args.num_supernodes, overrides,
+        timeout=args.timeout, env=env)  # streams the log as it goes
     print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
     return 0 if status == launch.FINISHED_OK else 1
 
@@ -101,7 +129,7 @@ def client_secrets(args: argparse.Namespace) -> str | None:
     if args.paillier_workers < 0:
         raise ValueError(f"--paillier-workers must be >= 0 (0: all cores), got "
                          f"{args.paillier_workers}")
-    for path in (args.paillier_private_key, args.secagg_auth_key):
+    for path in (args.paillier_private_key, args.secagg_identity_key):
         if path:
             check_private(Path(path).expanduser())
     return str(check_node_private_key(Path(args.supernode_key))) if args.supernode_key else None
@@ -113,7 +141,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     node_key = client_secrets(args)
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
                                    args.port, tls, args.data_dir, args.paillier_private_key,
-                                   args.secagg_auth_key, node_key, args.paillier_workers)
+                                   args.secagg_identity_key, args.secagg_roster, node_key,
+                                   args.paillier_workers)
     os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
     return 1
 
@@ -158,8 +187,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roster(args: argparse.Namespace) -> int:
+    from strategies.keyfiles import read_public_identity, write_roster
+
+    keys = [read_public_identity(Path(p)) for p in args.public_keys]
+    path = write_roster(Path(args.out), keys)
+    print(f"roster of {len(keys)} nodes (every client node gets a copy): {path}")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from strategies.keyfiles import default_key_dir, write_auth_key, write_keypair
+    from strategies.keyfiles import (default_key_dir, write_identity, write_keypair,
+                                     write_simulation_identities)
 
     from .bundle import refuse_inside_app
 
@@ -167,9 +206,17 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if not args.allow_inside_app:
         refuse_inside_app(out, "private keys")
     args.out = str(out)
+    if args.simulation is not None and not args.secagg:
+        raise ValueError("--simulation N goes with --secagg")
+    if args.secagg and args.simulation is not None:
+        roster = write_simulation_identities(Path(args.out), args.simulation)
+        print(f"{args.simulation} identity keys (secagg-identity-<partition-id>.key, 0600) "
+              f"and their roster: {roster}")
+        return 0
     if args.secagg:
-        path = write_auth_key(Path(args.out))
-        print(f"authentication key (every client node, never the server; 0600): {path}")
+        public, private = write_identity(Path(args.out))
+        print(f"identity public key  (for the roster: fedapp roster):  {public}")
+        print(f"identity private key (this client node only, 0600):    {private}")
         return 0
     if args.supernode:
         from .nodekeys import write_node_keypair
@@ -251,8 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--paillier-workers", type=int, default=0,
                    help="processes for Paillier encryption and decryption on this node "
                         "(default 0: all cores)")
-    s.add_argument("--secagg-auth-key", help="authentication key file for aggregation=secagg "
-                   "(fedapp keygen --secagg; the same on every client node)")
+    s.add_argument("--secagg-identity-key", help="this node's identity key file for "
+                   "aggregation=secagg (fedapp keygen --secagg)")
+    s.add_argument("--secagg-roster", help="the federation's roster for aggregation=secagg "
+                   "(fedapp roster; the same on every client node)")
     s.add_argument("--supernode-key", help="this node's SuperNode authentication private key "
                    "(fedapp keygen --supernode); needed with TLS")
     s.add_argument("--no-supernode-auth", action="store_true",
@@ -262,22 +311,35 @@ def build_parser() -> argparse.ArgumentParser:
     tls(s)
     s.set_defaults(func=cmd_client)
 
-    s = sub.add_parser("keygen", help="make a Paillier key pair, a secure-aggregation "
-                       "authentication key (--secagg) or a SuperNode key pair (--supernode)")
+    s = sub.add_parser("keygen", help="make a Paillier key pair, a masking identity key "
+                       "pair (--secagg) or a SuperNode key pair (--supernode)")
     s.add_argument("--out", help="directory for paillier.pub.json and paillier.key.json "
-                   "(with --secagg: secagg-auth.key; with --supernode: supernode.key and "
+                   "(with --secagg: secagg-identity.key and secagg-identity.pub, with "
+                   "--simulation N secagg-identity-0.key ... and secagg-roster.json; with "
+                   "--supernode: supernode.key and "
                    "supernode.pub); default $FEDAPP_KEY_DIR or ~/.fedapp/keys, where client "
                    "nodes look for their keys. Refused inside a Flower app: its files travel "
                    "to the server in the app bundle")
     s.add_argument("--allow-inside-app", action="store_true", help="write inside a Flower "
                    "app's directory all the same (the key files must be ignored there)")
     kind = s.add_mutually_exclusive_group()
-    kind.add_argument("--secagg", action="store_true", help="make the client nodes' shared "
-                      "authentication key for aggregation=secagg instead")
+    kind.add_argument("--secagg", action="store_true", help="make this client node's masking "
+                      "identity key pair (Ed25519) for aggregation=secagg instead")
     kind.add_argument("--supernode", action="store_true", help="make this client node's "
                       "SuperNode authentication key pair (EC P-384, OpenSSH) instead")
+    s.add_argument("--simulation", type=int, metavar="N", help="with --secagg: N identity "
+                   "keys (one per simulated partition) and their roster, for simulations, "
+                   "whose nodes share one key directory")
     s.add_argument("--bits", type=int, default=2048, help="modulus size (at least 2048)")
     s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("roster", help="write the masking roster from the client nodes' "
+                       "public identity keys")
+    s.add_argument("public_keys", nargs="+", help="secagg-identity.pub of each client node")
+    s.add_argument("--out", required=True, help="roster file to write (secagg-roster.json): "
+                   "give every client node a copy, in its key directory or with "
+                   "--secagg-roster")
+    s.set_defaults(func=cmd_roster)
 
     s = sub.add_parser("decrypt", help="decrypt a run's model.encrypted.npz")
     s.add_argument("--key", required=True, help="the private key file")

@@ -111,12 +111,14 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
                       tls: list[str], data_dir: str | None = None,
-                      private_key: str | None = None, auth_key: str | None = None,
-                      node_key: str | None = None, paillier_workers: int = 0) -> list[str]:
+                      private_key: str | None = None, identity_key: str | None = None,
+                      roster: str | None = None, node_key: str | None = None,
+                      paillier_workers: int = 0) -> list[str]:
     """``flower-supernode`` for one partition.
 
     The federation's client-side key files go in the node config
-    (``paillier-private-key``, ``secagg-auth-key``), where the ClientApp reads
+    (``paillier-private-key``, ``secagg-identity-key``, ``secagg-roster``), where the
+    ClientApp reads
     them, with ``paillier-workers`` (processes for Paillier encryption and
     decryption; 0: all cores); ``node_key``, this node's SuperNode authentication private key
     (``fedapp keygen --supernode``), goes to Flower's
@@ -132,7 +134,7 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
                          "drop the SuperNode private key")
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
     paths = {"data-dir": data_dir, "paillier-private-key": private_key,
-             "secagg-auth-key": auth_key}
+             "secagg-identity-key": identity_key, "secagg-roster": roster}
     for key, path in paths.items():
         if path:
             node_config += f" {key}='{Path(path).expanduser().resolve()}'"

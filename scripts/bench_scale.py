@@ -8,7 +8,7 @@ simulation of our app (the repository root) on the spam task: N simulated
 SuperNodes, each holding 1/N of the Enron e-mails, ``--per-round`` of them
 sampled to train and to evaluate each round (``fraction = per-round / N``), the
 default model (65,536 hashed-token buckets) and settings, no centralized
-evaluation. Paillier uses a fresh 2048-bit key pair; masking an authentication key.
+evaluation. Paillier uses a fresh 2048-bit key pair; masking an identity key per node and their roster.
 
 Reported per run: status, seconds per round (mean of the rounds after the first,
 which also pays for starting the node processes), every round's seconds, the
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedapp import launch  # noqa: E402
-from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair  # noqa: E402
+from strategies.keyfiles import KEY_DIR_ENV, write_keypair, write_simulation_identities  # noqa: E402
 
 MODES = ("fedavg", "paillier", "secagg")
 
@@ -159,7 +159,7 @@ def main() -> int:
     if "paillier" in args.modes:
         keys["public"], keys["private"], _ = write_keypair(work / "keys")
     if "secagg" in args.modes:
-        keys["auth"] = write_auth_key(work / "keys")
+        keys["roster"] = write_simulation_identities(work / "keys", max(args.clients))
     results = []
     for mode in args.modes:
         for clients in args.clients:

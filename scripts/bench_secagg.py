@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from fedapp import launch  # noqa: E402
-from strategies.keyfiles import AUTH_KEY_NAME, KEY_DIR_ENV, write_auth_key  # noqa: E402
+from strategies.secagg_identity import Identity, NodeIdentity, Roster  # noqa: E402
+from strategies.keyfiles import KEY_DIR_ENV, ROSTER_NAME, write_simulation_identities  # noqa: E402
 from strategies.secagg_masks import SecAggParams  # noqa: E402
 from strategies.secagg_protocol import ServerRound, client_mask, client_step  # noqa: E402
 
@@ -112,13 +113,15 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     client: dict[str, float] = {"advertise": 0.0, "share": 0.0, "mask": 0.0, "check": 0.0,
                                 "unmask": 0.0}
     states: dict[int, dict] = {u: {} for u in nodes}
-    auth = bytes(32)
+    keys = {u: Identity.generate() for u in nodes}  # each node its identity key
+    roster = Roster.of(k.public for k in keys.values())
+    identity = {u: NodeIdentity(keys[u], roster) for u in nodes}
 
     def clients(stage: str, requests: dict[int, str]) -> dict[int, str]:
         replies = {}
         for u, request in requests.items():
             start = time.perf_counter()
-            replies[u], states[u] = client_step(request, states[u], u, auth)
+            replies[u], states[u] = client_step(request, states[u], u, identity[u])
             client[stage] += time.perf_counter() - start
         return replies
 
@@ -223,10 +226,9 @@ def simulate_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, 
             "flower-secaggplus": (write_secaggplus_project(work / task / "secaggplus-project"),
                                   {"aggregation": "fedavg"})}
     out: dict[str, Any] = {"settings": common}
-    keys = work / "keys"  # the nodes' authentication key, made for this benchmark
-    if not (keys / AUTH_KEY_NAME).exists():
-        keys.mkdir(parents=True, exist_ok=True)
-        write_auth_key(keys)
+    keys = work / "keys"  # the nodes' identity keys and roster, made for this benchmark
+    if not (keys / ROSTER_NAME).exists():
+        write_simulation_identities(keys, n)
     for name in RUNS:
         if name == "ours" and args.skip_ours:
             out[name] = {"status": "skipped"}

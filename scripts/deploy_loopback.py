@@ -18,8 +18,9 @@ its registration got.
 
 With --aggregation paillier a key pair is made (fedapp keygen); the server gets the
 public key in the run config, each client node the private key in its node config.
-With --aggregation secagg an authentication key is made (fedapp keygen --secagg) for
-the client nodes' node config only.
+With --aggregation secagg each client node gets its own identity key (fedapp keygen
+--secagg) and all of them the roster of the public keys (fedapp roster), through their
+node config only.
 
 Faults, for real (by PID, while the run goes on): --crash-client R kills client 0
 (SIGKILL) as round R starts; --hang-client R freezes client 1 (SIGSTOP) as round R
@@ -97,8 +98,13 @@ def make_keys(args: argparse.Namespace, work: Path) -> None:
                             str(work / "keys" / name)], check=True)
     if args.aggregation == "paillier":
         subprocess.run([*FEDAPP, "keygen", "--out", str(work / "keys")], check=True)
-    elif args.aggregation == "secagg":
-        subprocess.run([*FEDAPP, "keygen", "--secagg", "--out", str(work / "keys")], check=True)
+    elif args.aggregation == "secagg":  # each node its identity key, then the roster
+        for i in range(args.clients):
+            subprocess.run([*FEDAPP, "keygen", "--secagg", "--out",
+                            str(work / "keys" / f"client{i}")], check=True)
+        subprocess.run([*FEDAPP, "roster", "--out", str(work / "keys" / "secagg-roster.json"),
+                        *(str(work / "keys" / f"client{i}" / "secagg-identity.pub")
+                          for i in range(args.clients))], check=True)
 
 
 def server_command(args: argparse.Namespace, work: Path, port: int) -> list[str]:
@@ -126,7 +132,8 @@ def client_command(args: argparse.Namespace, work: Path, port: int, i: int,
     if args.aggregation == "paillier":
         cmd += ["--paillier-private-key", str(keys / "paillier.key.json")]
     elif args.aggregation == "secagg":
-        cmd += ["--secagg-auth-key", str(keys / "secagg-auth.key")]
+        cmd += ["--secagg-identity-key", str(keys / f"client{i}" / "secagg-identity.key"),
+                "--secagg-roster", str(keys / "secagg-roster.json")]
     return cmd
 
 

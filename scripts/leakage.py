@@ -57,8 +57,8 @@ from clients.loaders import DataNotFoundError, TokenHasher, find_file, missing_d
 from clients.models import get_weights
 from clients.numpy_clients import SpamClient
 from clients.tasks import build_model
-from strategies.keyfiles import (AUTH_KEY_NAME, PRIVATE_NAME, PUBLIC_NAME, load_public_key,
-                                 write_auth_key, write_keypair)
+from strategies.keyfiles import (PRIVATE_NAME, PUBLIC_NAME, ROSTER_NAME, load_public_key,
+                                 write_keypair, write_simulation_identities)
 from strategies.secagg_masks import encode_weighted
 from strategies.paillier import Encryptor
 from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, Layout,
@@ -320,9 +320,11 @@ def run_round(settings: RunSettings, node_config: dict, emails: Mapping[int, tup
     app = serve_numpy_client(ClientApp(mods=[aggregation_mod]), lambda ctx: one_email_client(
         settings, *emails[ctx.node_id], ctx))
     run_config = settings.as_dict()
-    grid = LocalGrid(app, {u: Context(run_id=1, node_id=u, node_config=node_config,
+    # each node's partition id picks its identity key (masking) in a shared key directory
+    grid = LocalGrid(app, {u: Context(run_id=1, node_id=u,
+                                      node_config={**node_config, "partition-id": i},
                                       state=RecordDict(), run_config=run_config)
-                           for u in emails})
+                           for i, u in enumerate(emails)})
     strategy = aggregation_strategy(settings)
     sent = list(strategy.configure_train(1, arrays, ConfigRecord(settings.train_config()), grid))
     replies = grid.send_and_receive(sent)
@@ -341,7 +343,7 @@ class Lab:
     num_buckets : int
         The ``spam-buckets`` setting.
     key_dir : Path
-        Where the Paillier key pair and the masking authentication key are written
+        Where the Paillier key pair and the masking identity keys are written
         (the client nodes get the private keys through their node config).
     """
 
@@ -357,9 +359,10 @@ class Lab:
             run_config["paillier-public-key"] = str(public)
             node_config["paillier-private-key"] = str(private)
             self.public_key = load_public_key(public)
-        if mode == "secagg":
-            auth = key_dir / AUTH_KEY_NAME
-            node_config["secagg-auth-key"] = str(auth if auth.exists() else write_auth_key(key_dir))
+        if mode == "secagg":  # an identity key per node and their roster
+            if not (key_dir / ROSTER_NAME).exists():
+                write_simulation_identities(key_dir, SECAGG_NODES)
+            node_config["key-dir"] = str(key_dir)
         self.mode, self.num_buckets = mode, num_buckets
         # a secure sum needs company: key holders decrypt no sum of one update
         self.nodes = [TARGET + i for i in range({"fedavg": 1, "paillier": 2}.get(mode,

@@ -48,7 +48,8 @@ _WHERE = {
     "LegacyCentralDP": "dp_legacy", "legacy_dp_clip_mod": "dp_legacy",
     # keys
     "load_public_key": "keyfiles", "load_private_key": "keyfiles",
-    "write_keypair": "keyfiles", "write_auth_key": "keyfiles", "default_key_dir": "keyfiles",
+    "write_keypair": "keyfiles", "write_identity": "keyfiles", "write_roster": "keyfiles",
+    "default_key_dir": "keyfiles",
     # outcomes
     "NoUsableUpdate": "screening", "NodeError": "node_errors",
     "InvalidUpdate": "aggregation",

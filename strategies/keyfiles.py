@@ -1,6 +1,7 @@
-"""Key files: Paillier key pairs (JSON) and the secure-aggregation authentication
-key (hex). Secret files are written with mode 0600 and refused when other users
-can read them. The server only ever loads a Paillier public key file.
+"""Key files: Paillier key pairs (JSON), the masking nodes' identity keys (PEM) and
+the roster of their public keys (JSON). Secret files are written with mode 0600 and
+refused when other users can read them. The server only ever loads a Paillier public
+key file.
 
 Keys live in a key directory outside any Flower app: ``$FEDAPP_KEY_DIR``, else
 ``~/.fedapp/keys`` (:func:`default_key_dir`). ``flwr run`` packs an app's files
@@ -16,11 +17,16 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from .paillier import PrivateKey, PublicKey, generate_keypair
+from .secagg_identity import Identity, IdentityError, Roster
 
 PUBLIC_NAME, PRIVATE_NAME = "paillier.pub.json", "paillier.key.json"
-AUTH_KEY_NAME = "secagg-auth.key"
-AUTH_KEY_BYTES = 32
+IDENTITY_NAME, IDENTITY_PUBLIC_NAME = "secagg-identity.key", "secagg-identity.pub"
+ROSTER_NAME = "secagg-roster.json"
 KEY_DIR_ENV = "FEDAPP_KEY_DIR"
 KEY_DIR_NODE_CONFIG = "key-dir"
 
@@ -133,24 +139,96 @@ def load_private_key(path: Path) -> PrivateKey:
     return PrivateKey.from_dict(_read(path))
 
 
-def write_auth_key(directory: Path) -> Path:
-    """A fresh secure-aggregation authentication key (32 random bytes, hex, mode
-    0600) for every client node of a federation, never for the server."""
+def write_identity_key(path: Path, identity: Identity) -> None:
+    """An identity private key as unencrypted PKCS#8 PEM (mode 0600; refuses to
+    overwrite)."""
+    key = Ed25519PrivateKey.from_private_bytes(identity.private)
+    write_secret(path, key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode("ascii"))
+
+
+def write_identity(directory: Path) -> tuple[Path, Path]:
+    """A fresh masking identity key pair for one client node: ``secagg-identity.key``
+    (Ed25519 private key, PKCS#8 PEM, mode 0600: this node only) and
+    ``secagg-identity.pub`` (the public key in hex, for the federation's roster,
+    :func:`write_roster`). Returns ``(public, private)``; refuses to overwrite a
+    private key."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / AUTH_KEY_NAME
-    write_secret(path, os.urandom(AUTH_KEY_BYTES).hex() + "\n")
-    return path
+    identity = Identity.generate()
+    write_identity_key(directory / IDENTITY_NAME, identity)
+    (directory / IDENTITY_PUBLIC_NAME).write_text(identity.public.hex() + "\n")
+    return directory / IDENTITY_PUBLIC_NAME, directory / IDENTITY_NAME
 
 
-def load_auth_key(path: Path) -> bytes:
-    """An authentication key file, refused if others may read it or if malformed."""
+def write_simulation_identities(directory: Path, nodes: int) -> Path:
+    """For a simulation of ``nodes`` nodes, whose nodes share one key directory: an
+    identity key per partition (``secagg-identity-<partition-id>.key``, 0600) and the
+    roster of their public keys; returns the roster's path."""
+    if nodes < 2:
+        raise ValueError(f"a masking federation has at least 2 nodes, got {nodes}")
+    directory.mkdir(parents=True, exist_ok=True)
+    identities = [Identity.generate() for _ in range(nodes)]
+    for i, identity in enumerate(identities):
+        write_identity_key(directory / identity_name(i), identity)
+    return write_roster(directory / ROSTER_NAME, [i.public for i in identities])
+
+
+def identity_name(partition_id: int | None = None) -> str:
+    """The identity key file of a node (of a simulated partition, if given)."""
+    return IDENTITY_NAME if partition_id is None else f"secagg-identity-{partition_id}.key"
+
+
+def load_identity(path: Path) -> Identity:
+    """An identity key file, refused if others may read it or if malformed."""
     check_private(path)
     try:
-        key = bytes.fromhex(Path(path).read_text().strip())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read an authentication key from {path}: {err} "
-                         "(see 'fedapp keygen --secagg')") from None
-    if len(key) != AUTH_KEY_BYTES:
-        raise ValueError(f"{path} holds {len(key)} bytes, an authentication key has "
-                         f"{AUTH_KEY_BYTES}")
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an unencrypted Ed25519 private key in PEM (make one "
+                         "with 'fedapp keygen --secagg')")
+    return Identity(key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                      serialization.NoEncryption()))
+
+
+def read_public_identity(path: Path) -> bytes:
+    """A ``secagg-identity.pub`` file's public key (a private key file is refused)."""
+    text = Path(path).read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError(f"{path} does not hold a public identity key (64 hex digits, as "
+                         "'fedapp keygen --secagg' writes to secagg-identity.pub)")
     return key
+
+
+def write_roster(path: Path, keys: list[bytes]) -> Path:
+    """The roster of the federation's public identity keys (JSON); every client node
+    gets a copy (it is public: the server may hold it too)."""
+    roster = Roster.of(keys)  # checks them
+    Path(path).write_text(json.dumps({"version": 1, "keys": sorted(k.hex() for k in
+                                                                   roster.keys)}) + "\n")
+    return Path(path)
+
+
+def load_roster(path: Path) -> Roster:
+    """A roster file.
+
+    Raises
+    ------
+    ValueError
+        If it cannot be read or holds anything but distinct Ed25519 public keys.
+    """
+    data = _read(path)
+    keys = data.get("keys")
+    try:
+        if data.get("version") != 1 or not isinstance(keys, list) \
+                or not all(isinstance(k, str) for k in keys):
+            raise IdentityError("expected {\"version\": 1, \"keys\": [hex, ...]}")
+        return Roster.of([bytes.fromhex(k) for k in keys])
+    except (IdentityError, ValueError) as err:
+        raise ValueError(f"{path} is not a roster: {err} (see 'fedapp roster')") from None

@@ -22,7 +22,6 @@ Why each piece is what it is:
 from __future__ import annotations
 
 import hashlib
-import hmac
 import math
 import secrets
 from dataclasses import dataclass
@@ -246,14 +245,6 @@ def unseal(key: bytes, sealed: bytes, associated: bytes) -> bytes:
     except (InvalidTag, ValueError):
         raise SecAggError("a sealed share failed authentication (altered, or sealed for "
                            "another node or round)") from None
-
-
-def mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
-
-
-def mac_ok(key: bytes, data: bytes, tag: bytes) -> bool:
-    return hmac.compare_digest(mac(key, data), tag)
 
 
 def commitment(secret: bytes) -> bytes:

@@ -16,15 +16,17 @@ nodes without such keys are sent an advertise request (none, usually: the stage
 is skipped). The server only ever sees
 masked vectors and the sum. Node secrets stay in the node's ``context.state``.
 
-Key advertisements are authenticated with HMAC-SHA256 under a federation
-authentication key the client nodes hold (node config ``secagg-auth-key=PATH``,
-else ``secagg-auth.key`` in the node's key directory,
-:func:`strategies.keyfiles.node_key_file`; make one with ``fedapp keygen
---secagg``); the server never holds it. A node without one refuses to take part
-(fail closed) unless its own node setting ``secagg-allow-unauthenticated = true``
-(:mod:`strategies.node_settings`): then the server is trusted to relay keys
-honestly (semi-honest server), and the node says so once in its log. A node that
-holds a key always authenticates.
+Each node signs its key advertisements and its consistency-check answer with its own
+Ed25519 identity key, and accepts its neighbors' only under keys of the federation's
+roster (:mod:`strategies.secagg_identity`): node config ``secagg-identity-key=PATH`` and
+``secagg-roster=PATH``, else ``secagg-identity.key`` (in a simulation
+``secagg-identity-<partition-id>.key``) and ``secagg-roster.json`` in the node's key
+directory (:func:`strategies.keyfiles.node_key_file`; make them with ``fedapp keygen
+--secagg`` and ``fedapp roster``, or ``fedapp keygen --secagg --simulation N``). The
+server holds neither private key. A node without them refuses to take part (fail
+closed) unless its own node setting ``secagg-allow-unauthenticated = true``
+(:mod:`strategies.node_settings`): then the server is trusted to relay keys honestly
+(semi-honest server) and the node says so once in its log.
 
 Legacy-API projects use :mod:`strategies.secagg_legacy`; both build on
 :mod:`strategies.secagg_rounds` (server) and :mod:`strategies.secagg_node` (nodes).
@@ -192,7 +194,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     (the server learns the metrics only as sums); refuse federated evaluation unless
     the node's ``plaintext-metrics`` allows it.
 
-    Fails closed: without the authentication key (unless allowed), or when the server
+    Fails closed: without its identity key and roster (unless allowed), or when the server
     sends no masking payload, the node answers with an error naming the cause and the
     fix, and never sends plaintext; other failures reach the server as their type only
     (:mod:`strategies.node_errors`)."""

@@ -1,5 +1,5 @@
 """What a client node does in masked secure aggregation, for both Flower APIs: find
-its authentication key (fail closed without one), answer the key stages from its
+its identity key and the roster (fail closed without them), answer the key stages from its
 state in ``context.state``, and mask its weighted update.
 
 The Message-API mod (:mod:`strategies.secagg_message`) and the legacy one
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from logging import WARNING
 
 import numpy as np
@@ -18,7 +19,9 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 
 from .aggregation import Layout
-from .keyfiles import AUTH_KEY_NAME, KeyNotFound, load_auth_key, node_key_file
+from .keyfiles import (ROSTER_NAME, KeyNotFound, identity_name, load_identity, load_roster,
+                       node_key_file)
+from .secagg_identity import NodeIdentity
 from .secagg_masks import SecAggError
 from .node_errors import NodeError
 from .node_settings import node_setting
@@ -29,14 +32,10 @@ from .secure_sums import clamp
 
 STATE_KEY = "secagg"  # the ConfigRecord in context.state holding this node's round state
 CLIPPED_KEY = "secagg-clipped"  # the train metric: fraction of values outside the clip range
-AUTH_KEY_NODE_CONFIG = "secagg-auth-key"
-
-
+IDENTITY_NODE_CONFIG = "secagg-identity-key"
+ROSTER_NODE_CONFIG = "secagg-roster"
 ALLOW_UNAUTHENTICATED = "secagg-allow-unauthenticated"
-
-
 _WARNED: set[str] = set()
-
 
 
 def allows_unauthenticated(context: Context) -> bool:
@@ -45,37 +44,57 @@ def allows_unauthenticated(context: Context) -> bool:
     return node_setting(context.node_config, ALLOW_UNAUTHENTICATED)
 
 
+def _identity_file(config: dict) -> Path:
+    """The node's identity key file: node config ``secagg-identity-key``; else in its
+    key directory, ``secagg-identity-<partition-id>.key`` if the node has a partition id
+    and that file exists (a simulation's nodes share one directory), else
+    ``secagg-identity.key``."""
+    if "partition-id" in config and not config.get(IDENTITY_NODE_CONFIG):
+        try:
+            return node_key_file(config, IDENTITY_NODE_CONFIG,
+                                 identity_name(int(config["partition-id"])),
+                                 "fedapp keygen --secagg --simulation N")
+        except (KeyNotFound, ValueError):
+            pass
+    return node_key_file(config, IDENTITY_NODE_CONFIG, identity_name(), "fedapp keygen --secagg")
 
-def node_auth_key(context: Context) -> bytes | None:
-    """This node's authentication key (node config ``secagg-auth-key``, else
-    ``secagg-auth.key`` in its key directory).
 
-    Returns None, with a one-time warning, only if there is none and the node or run
-    settings allow unauthenticated key exchange (``secagg-allow-unauthenticated``).
+def node_identity(context: Context) -> NodeIdentity | None:
+    """This node's identity key and the federation's roster (node config
+    ``secagg-identity-key`` / ``secagg-roster``, else in the node's key directory).
+
+    Returns None, with a one-time warning, only if either is missing and the node's
+    own setting ``secagg-allow-unauthenticated`` allows running without them.
 
     Raises
     ------
     NodeError
-        If there is no key and nothing allows running without one (fail closed), or
-        the file the node config names does not exist.
+        If either is missing and nothing allows running without them (fail closed),
+        the node config names a file that does not exist, or the roster does not
+        list this node's key.
     """
+    config = dict(context.node_config)
     try:
-        path = node_key_file(dict(context.node_config), AUTH_KEY_NODE_CONFIG, AUTH_KEY_NAME,
-                             "fedapp keygen --secagg")
+        key_file = _identity_file(config)
+        roster_file = node_key_file(config, ROSTER_NODE_CONFIG, ROSTER_NAME,
+                                    "fedapp roster (or fedapp keygen --secagg --simulation N)")
     except KeyNotFound as err:
-        if AUTH_KEY_NODE_CONFIG in context.node_config or not allows_unauthenticated(context):
+        named = IDENTITY_NODE_CONFIG in config or ROSTER_NODE_CONFIG in config
+        if named or not allows_unauthenticated(context):
             raise NodeError(
-                f"secure aggregation needs the federation's authentication key: {err}. To run "
-                "without one, trusting the server to relay keys honestly, set "
-                f"{ALLOW_UNAUTHENTICATED}=true in the node's settings (--node-config, or "
-                "$FEDAPP_NODE_CONFIG in a simulation)") from None
+                f"secure aggregation needs this node's identity key and the federation's "
+                f"roster: {err}. To run without them, trusting the server to relay keys "
+                f"honestly, set {ALLOW_UNAUTHENTICATED}=true in the node's settings "
+                "(--node-config, or $FEDAPP_NODE_CONFIG in a simulation)") from None
         if "auth" not in _WARNED:
             _WARNED.add("auth")
-            log(WARNING, "Secure aggregation without an authentication key (%s = true): the "
-                "server is trusted to relay keys honestly", ALLOW_UNAUTHENTICATED)
+            log(WARNING, "Secure aggregation without identity keys (%s = true): the server "
+                "is trusted to relay keys honestly", ALLOW_UNAUTHENTICATED)
         return None
-    return load_auth_key(path)
-
+    try:
+        return NodeIdentity(load_identity(key_file), load_roster(roster_file))
+    except ValueError as err:  # the messages name files and formats, never key bytes
+        raise NodeError(f"secure aggregation: {err}") from None
 
 
 def load_state(context: Context) -> dict:
@@ -104,7 +123,7 @@ def answer_stage(payload: object, context: Context, node: int) -> str:
     """Answer a key stage (advertise, share, check, unmask) on this node."""
     if not isinstance(payload, str):
         raise SecAggError("the secure-aggregation request holds no payload")
-    reply, state = client_step(payload, load_state(context), node, node_auth_key(context),
+    reply, state = client_step(payload, load_state(context), node, node_identity(context),
                                node_policy(context))
     save_state(context, state)
     return reply

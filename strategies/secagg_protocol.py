@@ -5,8 +5,10 @@ CCS 2020), for weighted FedAvg, with a consistency check against a server that
 lies. For the round the server samples nodes ``U0`` and:
 
 1. **advertise**: each node makes two fresh X25519 key pairs (``c`` to seal
-   shares, ``s`` to agree masks) and sends the public halves (with an HMAC under
-   the federation's authentication key when the nodes hold one) → ``U1``.
+   shares, ``s`` to agree masks) and sends the public halves, signed with its
+   Ed25519 identity key (:mod:`strategies.secagg_identity`) → ``U1``.
+   Neighbors accept them only under a key of the federation's roster that no
+   other node of the round uses.
 2. **share**: each node gets its neighbors' keys, draws a self-mask seed ``b``,
    Shamir-shares ``b`` and its ``s`` private key among itself and its neighbors
    (threshold ``t``), seals each neighbor's shares with AES-GCM under a key
@@ -18,8 +20,8 @@ lies. For the round the server samples nodes ``U0`` and:
 4. **check** (Bonawitz et al.'s ConsistencyCheck round): the server sends every
    survivor the round's view, who survived (``U3``) and who dropped (``U2 \\ U3``);
    each signs the view together with the digest of the global model and round
-   settings it trained from (HMAC under the federation's authentication key, bound
-   to its node id), once per round.
+   settings it trained from (Ed25519 under its identity key, bound to its node id),
+   once per round.
 5. **unmask**: each survivor gets the same view and its share group's signatures.
    It reveals only if every survivor of its share group signed exactly that view
    and model, and at least ``t`` of its group survived; then it reveals the ``b``
@@ -38,11 +40,16 @@ server acts on are ``t > n/2`` nodes, so two views acted on share a survivor who
 would have signed both: all honest holders act on one view, and under one view
 no node's ``b`` and ``s`` both come out. It also stops a server that sends nodes
 different global models (Pasquini et al., CCS 2022): nodes trained from another
-model sign another digest, so no one reveals. The signatures are MACs under the
-shared authentication key: a server alone cannot forge them; a client colluding
-with it can (per-node signing keys are the next step). In a sparse graph the
-server can give far-apart groups different views; the check narrows but does not
-close that (documented in docs/threat-model.md). A survivor that does not sign
+model sign another digest, so no one reveals. Each signature is checked under the
+identity key that signed the node's advertisement, so neither the server nor a
+client can sign for another node. With ``k`` colluding clients, which sign
+whatever the server asks, two views of survivor sets ``S1``, ``S2`` (each at least
+``t`` of the ``n`` nodes) can both be acted on only if ``S1 & S2`` (at least
+``2t - n`` nodes) are all colluders: the check holds for ``k < 2t - n`` (one at
+the default ``t = 6`` of 10; a threshold fraction of 2/3 gives about ``n / 3``, as
+in Bonawitz et al.). In a sparse graph the server can give far-apart groups
+different views; the check narrows but does not close that (documented in
+docs/threat-model.md). A survivor that does not sign
 aborts the round (its input could not be unmasked): dropout recovery covers
 nodes lost before the mask stage ends.
 
@@ -53,14 +60,14 @@ contexts it made keys for, refusing a replayed one.
 From the second round on, stage 1 mostly disappears: **pre-advertising**. The
 unmask request names the context of the server's next round, and each survivor
 answers it with two fresh key pairs for that context (their public halves and
-MAC beside its shares). A node sampled again is then sent the round's settings
+signature beside its shares). A node sampled again is then sent the round's settings
 (share points, threshold, encoding) in its share request instead of an advertise
 request. Why this keeps every property of stage 1:
 
 - the keys are fresh, made only for that context, and leave the node only as
   public keys; a node uses a pre-advertised pair for at most one share stage
   (then it is gone from its state) and drops it when a newer one replaces it;
-- the MAC and every HKDF info bind them to the context, so they are worthless in
+- the signature and every HKDF info bind them to the context, so they are worthless in
   any other round (a replay fails authentication at the neighbors, and the
   server refuses public keys it has seen before, as for stage 1);
 - the node checks the settings in the share request exactly as it checks an
@@ -97,9 +104,10 @@ import numpy as np
 
 from .checks import is_int
 from .aggregation import InvalidUpdate
+from .secagg_identity import KEY_BYTES, SIGNATURE_BYTES, NodeIdentity, verify
 from .secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
                       agree, check_public_key, commitment, decode_sum, default_degree,
-                      encode_weighted, mac, mac_ok, neighbor_graph, prg, public_of,
+                      encode_weighted, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
 from .secure_sums import WEIGHT, decode_sums, encode_sums, from_fixed, sum_slots, to_fixed
 
@@ -236,7 +244,7 @@ class NodePolicy:
                               f"{self.min_threshold_fraction!r}")
 
 
-def client_step(request: str, state: dict, node: int, auth_key: bytes | None,
+def client_step(request: str, state: dict, node: int, identity: NodeIdentity | None,
                 policy: NodePolicy = NodePolicy()) -> tuple[str, dict]:
     """Answer a stage 1, 2, 4 (check) or 5 (unmask) request; return the reply payload
     and the new state.
@@ -257,24 +265,24 @@ def client_step(request: str, state: dict, node: int, auth_key: bytes | None,
         data = None
     stage = data.get("stage") if isinstance(data, dict) else None
     if stage == "advertise":
-        return _advertise(loads(request, stage), state, node, auth_key, policy)
+        return _advertise(loads(request, stage), state, node, identity, policy)
     if stage == "share":
-        return _share(loads(request, stage), state, node, auth_key, policy)
+        return _share(loads(request, stage), state, node, identity, policy)
     if stage == "check":
-        return _check(loads(request, stage), state, node, auth_key)
+        return _check(loads(request, stage), state, node, identity)
     if stage == "unmask":
-        return _unmask(loads(request, stage), state, node, auth_key)
+        return _unmask(loads(request, stage), state, node, identity)
     raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
 
 
-def _advertise(req: dict, old: dict, node: int, auth_key: bytes | None, policy: NodePolicy
+def _advertise(req: dict, old: dict, node: int, identity: NodeIdentity | None, policy: NodePolicy
                ) -> tuple[str, dict]:
     used = _fresh(old, req.get("context"))
     c, s = KeyPair.generate(), KeyPair.generate()
     state = _round_state(req, node, req.get("context"), c.private, s.private, policy)
     context = unb64(state["context"])
     return dumps({"stage": "advertise", "node": node,
-                  **_advert_fields(context, node, c, s, auth_key)}), {**state, "used": used}
+                  **_advert_fields(context, node, c, s, identity)}), {**state, "used": used}
 
 
 def _fresh(state: dict, context: object) -> list[str]:
@@ -291,10 +299,13 @@ def _fresh(state: dict, context: object) -> list[str]:
 
 
 def _advert_fields(context: bytes, node: int, c: KeyPair, s: KeyPair,
-                   auth_key: bytes | None) -> dict[str, str]:
-    """The public keys of a node for the round of ``context``, with their MAC."""
-    tag = mac(auth_key, advert_bytes(context, node, c.public, s.public)) if auth_key else b""
-    return {"c_pk": b64(c.public), "s_pk": b64(s.public), "mac": b64(tag)}
+                   identity: NodeIdentity | None) -> dict[str, str]:
+    """The public keys of a node for the round of ``context``, signed with its identity
+    key (unsigned without one)."""
+    if identity is None:
+        return {"c_pk": b64(c.public), "s_pk": b64(s.public), "id_pk": "", "sig": ""}
+    return {"c_pk": b64(c.public), "s_pk": b64(s.public), "id_pk": b64(identity.key.public),
+            "sig": b64(identity.key.sign(advert_bytes(context, node, c.public, s.public)))}
 
 
 def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: bytes,
@@ -341,7 +352,7 @@ def _expect(state: dict, stage: str, now: str) -> bytes:
     return unb64(state["context"], 32, "context")
 
 
-def _share(req: dict, state: dict, node: int, auth_key: bytes | None, policy: NodePolicy
+def _share(req: dict, state: dict, node: int, identity: NodeIdentity | None, policy: NodePolicy
            ) -> tuple[str, dict]:
     pending = state.get("pending")
     if "setup" in req:  # keys pre-advertised in the last unmask reply: use them, once
@@ -366,14 +377,22 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None, policy: No
         if not isinstance(ad, dict):
             raise SecAggError(f"the advertisement of node {v} is not an object")
         c_pk, s_pk = unb64(ad.get("c_pk"), 32, "c_pk"), unb64(ad.get("s_pk"), 32, "s_pk")
-        if auth_key and not mac_ok(auth_key, advert_bytes(context, v, c_pk, s_pk),
-                                   unb64(ad.get("mac"), 32, "mac")):
-            raise SecAggError(f"the keys of node {v} fail authentication: substituted, "
-                               "replayed from another round, or nodes hold different "
-                               "authentication keys")
-        keys[v] = (c_pk, s_pk)
-    if len({k for pair in keys.values() for k in pair}) != 2 * len(keys):
+        id_pk = b""
+        if identity is not None:
+            id_pk = unb64(ad.get("id_pk"), KEY_BYTES, f"identity key of node {v}")
+            if id_pk not in identity.roster or id_pk == identity.key.public:
+                raise SecAggError(f"node {v} advertised keys under an identity key that is not "
+                                  "another node's of this federation's roster")
+            if not verify(id_pk, advert_bytes(context, v, c_pk, s_pk),
+                          unb64(ad.get("sig"), None, f"signature of node {v}")):
+                raise SecAggError(f"the keys of node {v} fail authentication: substituted, "
+                                  "or replayed from another round")
+        keys[v] = (c_pk, s_pk, id_pk)
+    if len({k for pair in keys.values() for k in pair[:2]}) != 2 * len(keys):
         raise SecAggError("two neighbors advertised the same public key (replayed keys)")
+    if identity is not None and len({ids[2] for ids in keys.values()}) != len(keys):
+        raise SecAggError("two neighbors advertised under one identity key: a node may take "
+                          "part once per round")
     threshold = state["threshold"]
     if len(keys) + 1 < threshold:
         raise SecAggError(f"only {len(keys)} neighbors left, {threshold - 1} needed")
@@ -392,7 +411,7 @@ def _share(req: dict, state: dict, node: int, auth_key: bytes | None, policy: No
                                   _u64(node) + _u64(v) + context))
     own = b_shares[points[node]] + s_shares[points[node]]
     state = {**state, "stage": "shared", "b": b64(b), "own": b64(own),
-             "keys": {str(v): [b64(c), b64(s)] for v, (c, s) in keys.items()}}
+             "keys": {str(v): [b64(c), b64(s), b64(i)] for v, (c, s, i) in keys.items()}}
     return dumps({"stage": "share", "node": node, "commit": b64(commitment(b)),
                   "shares": sealed}), state
 
@@ -467,11 +486,11 @@ def check_bytes(view: bytes, node: int) -> bytes:
     return b"fedapp-secagg check" + view + _u64(node)
 
 
-def signers(auth_key: bytes, view: bytes, sigs: Mapping[int, object], candidates: set[int]
-            ) -> set[int]:
-    """The ``candidates`` whose signature in ``sigs`` on ``view`` is valid."""
-    return {v for v, sig in sigs.items() if v in candidates
-            and mac_ok(auth_key, check_bytes(view, v), unb64(sig, 32, "signature"))}
+def signers(view: bytes, sigs: Mapping[int, object], keys: Mapping[int, bytes]) -> set[int]:
+    """The nodes of ``keys`` (node -> identity key) whose signature in ``sigs`` on
+    ``view`` is valid."""
+    return {v for v, sig in sigs.items() if v in keys
+            and verify(keys[v], check_bytes(view, v), unb64(sig, None, "signature"))}
 
 
 def _view(req: dict, state: dict, node: int, stage: str, now: str
@@ -501,15 +520,15 @@ def _view(req: dict, state: dict, node: int, stage: str, now: str
                                                     state.get("model", ""))
 
 
-def _check(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+def _check(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> tuple[str, dict]:
     """The consistency check: sign the round's view, once per round."""
     _, _, _, view = _view(req, state, node, "masked", "check")
-    sig = mac(auth_key, check_bytes(view, node)) if auth_key else b""
+    sig = identity.key.sign(check_bytes(view, node)) if identity else b""
     state = {**state, "stage": "checked", "view": b64(view)}
     return dumps({"stage": "check", "node": node, "sig": b64(sig)}), state
 
 
-def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[str, dict]:
+def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> tuple[str, dict]:
     context, survivors, dropped, view = _view(req, state, node, "checked", "unmask")
     if b64(view) != state["view"]:
         raise SecAggError("the unmask request names other survivors or dropped nodes than this "
@@ -520,9 +539,12 @@ def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[
     if len(set(survivors) & group) < threshold:
         raise SecAggError(f"only {len(set(survivors) & group)} survivors in this node's share "
                           f"group, {threshold} needed: refusing to unmask")
-    if auth_key:  # without it, the run was allowed to trust the server (secagg_node)
+    if identity:  # without it, the run was allowed to trust the server (secagg_node)
         alive = group & set(survivors)
-        signed = signers(auth_key, view, node_map(req.get("sigs"), "sigs"), alive)
+        ids = {int(k): unb64(v[2]) for k, v in state["keys"].items()}
+        ids[node] = identity.key.public
+        signed = signers(view, node_map(req.get("sigs"), "sigs"),
+                         {v: ids[v] for v in alive})
         if signed != alive:
             raise SecAggError(f"{len(alive - signed)} of the {len(alive)} survivors of this "
                               "node's share group did not sign the same survivors, dropped "
@@ -547,7 +569,7 @@ def _unmask(req: dict, state: dict, node: int, auth_key: bytes | None) -> tuple[
         next_context = unb64(req["next"], 32, "next context")
         state["used"] = _fresh(state, req["next"])
         c, s = KeyPair.generate(), KeyPair.generate()
-        reply["next_advert"] = _advert_fields(next_context, node, c, s, auth_key)
+        reply["next_advert"] = _advert_fields(next_context, node, c, s, identity)
         state["pending"] = {"context": b64(next_context), "c_sk": b64(c.private),
                             "s_sk": b64(s.private)}
     return dumps(reply), {**state, "stage": "done"}
@@ -650,11 +672,14 @@ class ServerRound:
         c_pk, s_pk = unb64(rep.get("c_pk"), 32, "c_pk"), unb64(rep.get("s_pk"), 32, "s_pk")
         check_public_key(c_pk)
         check_public_key(s_pk)
-        mac_tag = unb64(rep.get("mac"), None, "mac")
+        id_pk, sig = unb64(rep.get("id_pk"), None, "id_pk"), unb64(rep.get("sig"), None, "sig")
+        if (len(id_pk), len(sig)) not in ((0, 0), (KEY_BYTES, SIGNATURE_BYTES)):
+            raise InvalidUpdate("an identity key and signature must be both empty or "
+                                f"{KEY_BYTES} and {SIGNATURE_BYTES} bytes")
         if c_pk == s_pk or {c_pk, s_pk} & self.seen_keys:
             raise InvalidUpdate("replayed public keys (seen before)")
         self.seen_keys.update((c_pk, s_pk))
-        return {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "mac": b64(mac_tag)}
+        return {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "id_pk": b64(id_pk), "sig": b64(sig)}
 
     # stage 2
     def share_requests(self) -> dict[int, str]:

@@ -69,10 +69,9 @@ class SecAggRounds:
         requests = rnd.advertise_requests()
         if requests:
             rnd.receive_adverts(exchange(requests, "advertise"))
-            tagged = sum(1 for a in rnd.adverts.values() if a.get("mac"))
-            log(INFO if tagged == len(rnd.adverts) else WARNING, "Secure aggregation: %d of %d "
-                "nodes' key advertisements carry an authentication tag", tagged,
-                len(rnd.adverts))
+            signed = sum(1 for a in rnd.adverts.values() if a.get("sig"))
+            log(INFO if signed == len(rnd.adverts) else WARNING, "Secure aggregation: %d of %d "
+                "nodes' key advertisements are signed", signed, len(rnd.adverts))
         else:
             log(INFO, "Secure aggregation: advertise stage skipped, all %d nodes "
                 "pre-advertised their keys", len(rnd.nodes))

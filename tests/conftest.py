@@ -42,16 +42,20 @@ def data_dir() -> Path:
     return path
 
 
+SIMULATED_NODES = 16  # identity keys for the partitions of the tests' simulations
+
+
 @pytest.fixture(scope="session", autouse=True)
 def node_key_dir(tmp_path_factory) -> Path:
     """The client nodes' key directory for every test (never the user's ~/.fedapp/keys):
-    ``$FEDAPP_KEY_DIR``, holding the masking authentication key, so in-process nodes
-    and simulated ones (they inherit the environment) authenticate their keys. A test
-    of a node without keys points ``$FEDAPP_KEY_DIR`` at an empty directory."""
-    from strategies.keyfiles import KEY_DIR_ENV, write_auth_key
+    ``$FEDAPP_KEY_DIR``, holding masking identity keys for partitions 0-15 and their
+    roster, so simulated nodes (they inherit the environment) sign their keys
+    (in-process nodes get their own through ``tests.helpers.new_context``). A test of a
+    node without keys points ``$FEDAPP_KEY_DIR`` at an empty directory."""
+    from strategies.keyfiles import KEY_DIR_ENV, write_simulation_identities
 
     directory = tmp_path_factory.mktemp("node-keys")
-    write_auth_key(directory)
+    write_simulation_identities(directory, SIMULATED_NODES)
     old = os.environ.get(KEY_DIR_ENV)
     os.environ[KEY_DIR_ENV] = str(directory)
     yield directory
@@ -94,17 +98,18 @@ def keypair() -> tuple[PublicKey, PrivateKey]:
 
 @pytest.fixture(scope="session")
 def node_keys(keypair, tmp_path_factory) -> tuple[Path, Path]:
-    """A key directory as ``fedapp keygen`` and ``fedapp keygen --secagg`` fill it (the
-    session's key pair and a masking authentication key): the public and private key
-    files. Simulated nodes find it through ``$FEDAPP_KEY_DIR``."""
+    """A key directory as ``fedapp keygen`` and ``fedapp keygen --secagg --simulation
+    16`` fill it (the session's key pair, masking identity keys and their roster): the
+    public and private key files. Simulated nodes find it through ``$FEDAPP_KEY_DIR``."""
     import json
 
-    from strategies.keyfiles import PRIVATE_NAME, PUBLIC_NAME, write_auth_key, write_secret
+    from strategies.keyfiles import (PRIVATE_NAME, PUBLIC_NAME, write_secret,
+                                     write_simulation_identities)
 
     directory = tmp_path_factory.mktemp("keys")
     write_secret(directory / PRIVATE_NAME, json.dumps(keypair[1].to_dict()))
     (directory / PUBLIC_NAME).write_text(json.dumps(keypair[0].to_dict()))
-    write_auth_key(directory)
+    write_simulation_identities(directory, SIMULATED_NODES)
     return directory / PUBLIC_NAME, directory / PRIVATE_NAME
 
 

@@ -2,14 +2,16 @@
 the real node code (``client_step``, ``client_mask``) as the server would.
 
 1. **Lying about dropouts** (the attack Bonawitz et al.'s ConsistencyCheck stops):
-   10 nodes, complete graph, threshold 6, authentication key on, no colluding node.
+   10 nodes, complete graph, threshold 6, identity keys on, no colluding node.
    The server forwards to the target ``u`` the shares of only ``t - 1`` neighbors
    ``M``, so ``u`` masks with ``M`` alone; at unmasking it tells every node a story of
    its own: ``u`` survived (its self-mask seed comes out) and the nodes of ``M``
    dropped (their mask keys come out), each node of ``M`` seeing itself among the
    survivors. With the consistency check switched off, ``u``'s weighted quantized
    update comes out exactly; with it on, no story gathers the threshold of
-   signatures and no node reveals anything.
+   signatures and no node reveals anything. A client colluding with the server
+   cannot sign for the others: each node signs with its own identity key (with one
+   key for all, as a shared HMAC key was, the forgery unmasks the target).
 2. **A threshold or group the node did not agree to**: threshold 1, a group of one.
 3. **A replayed context**: an old round's context, and with it old advertisements.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -27,8 +30,9 @@ from strategies.secagg_masks import (SecAggError, SecAggParams, encode_weighted,
                                      reconstruct_secret)
 from strategies.secagg_protocol import (NodePolicy, b64, client_step, pair_mask,
                                         self_mask_seed)
+from strategies.secagg_identity import Identity
 from strategies.secure_sums import WEIGHT, decode_sums
-from tests.helpers import AUTH
+from tests.helpers import IDENTITY
 from tests.helpers.masking import Round
 
 
@@ -65,27 +69,35 @@ def story(r: Round, node: int, chosen: set[int]) -> tuple[list[int], list[int]]:
     return sorted(set(r.nodes) - dropped), sorted(dropped)
 
 
-def run_attack(r: Round, target: int, chosen: set[int]) -> tuple[np.ndarray | None, dict]:
+def run_attack(r: Round, target: int, chosen: set[int], forger: Callable[[int], Identity] |
+               None = None) -> tuple[np.ndarray | None, dict]:
     """Steps 4-5: each node signs its story, gets every signature, and is asked to
-    unmask; the server then rebuilds what it can. Returns the target's unmasked
-    vector (None if the secrets did not come out) and the nodes' refusals."""
+    unmask; the server then rebuilds what it can. With ``forger``, a client colluding
+    with the server signs each node's story in the name of every survivor, with the
+    key ``forger(v)`` for node ``v``. Returns the target's unmasked vector (None if the
+    secrets did not come out) and the nodes' refusals."""
     ctx = b64(r.sr.context)
     sigs, refused = {}, {}
     for u in r.nodes:
         survivors, dropped = story(r, u, chosen)
         req = json.dumps({"version": 1, "stage": "check", "context": ctx,
                           "survivors": survivors, "dropped": dropped})
-        reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+        reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
         sigs[u] = json.loads(reply)["sig"]
     b_shares: dict[int, bytes] = {}
     s_shares: dict[int, dict[int, bytes]] = {v: {} for v in chosen}
     for u in r.nodes:
         survivors, dropped = story(r, u, chosen)
+        shown = dict(sigs)
+        if forger is not None:  # signatures on u's story, for every survivor but u
+            view = protocol.view_digest(r.sr.context, survivors, dropped, "")
+            shown.update({v: b64(forger(v).sign(protocol.check_bytes(view, v)))
+                          for v in survivors if v != u})
         req = json.dumps({"version": 1, "stage": "unmask", "context": ctx,
                           "survivors": survivors, "dropped": dropped,
-                          "sigs": {str(v): s for v, s in sigs.items()}})
+                          "sigs": {str(v): s for v, s in shown.items()}})
         try:
-            reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+            reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
         except SecAggError as err:
             refused[u] = str(err)
             continue
@@ -124,7 +136,7 @@ def attacked() -> tuple[Round, int, set[int]]:
 
 def test_without_the_consistency_check_the_server_unmasks_one_node(attacked, monkeypatch):
     r, target, chosen = attacked
-    monkeypatch.setattr(protocol, "signers", lambda key, view, sigs, candidates: candidates)
+    monkeypatch.setattr(protocol, "signers", lambda view, sigs, keys: set(keys))
     vector, refused = run_attack(r, target, chosen)
     assert set(refused) == {target}  # (it sees too few survivors; it is not needed)
     assert vector is not None and np.array_equal(vector[:r.length], truth(r, target))
@@ -138,6 +150,31 @@ def test_with_the_consistency_check_no_node_reveals_anything(attacked):
     assert set(refused) == set(r.nodes)  # no story is signed by all its survivors
     assert all("did not sign the same survivors, dropped nodes and model" in e
                for u, e in refused.items() if u != target)
+
+
+def test_a_colluding_client_cannot_sign_for_the_others(attacked):
+    """A client colluding with the server signs every node's story in the name of
+    every survivor with its own identity key: each signature is checked under the key
+    that signed that node's advertisement, so nothing comes out. Were the signing key
+    shared by the federation (as an HMAC key is), the forgeries would pass and the
+    target's update would come out exactly."""
+    r, target, chosen = attacked
+    colluder = next(u for u in r.nodes if u != target and u not in chosen)
+    vector, refused = run_attack(r, target, chosen, forger=lambda v: IDENTITY(colluder).key)
+    assert vector is None
+    assert set(refused) >= set(r.nodes) - {colluder}
+    assert all("did not sign the same survivors" in e for u, e in refused.items()
+               if u != target)
+
+
+def test_with_one_signing_key_for_all_the_forgery_unmasks_the_target():
+    r = Round(10, 200)
+    r.advertise()
+    r.share()
+    target, chosen = lie_about_dropouts(r)
+    vector, refused = run_attack(r, target, chosen, forger=lambda v: IDENTITY(v).key)
+    assert set(refused) == {target}
+    assert vector is not None and np.array_equal(vector[:r.length], truth(r, target))
 
 
 def test_an_honest_round_passes_the_check_and_decodes():
@@ -174,10 +211,10 @@ def test_a_node_refuses_a_threshold_or_group_below_its_own_minimum(threshold, gr
     others = [k for k in data["points"] if k != str(u)][:group - 1]
     data["points"] = {k: data["points"][k] for k in [str(u), *others]}
     with pytest.raises(SecAggError, match=why):
-        client_step(json.dumps(data), {}, u, AUTH)
+        client_step(json.dumps(data), {}, u, IDENTITY(u))
     # a node may ask for more: groups of 12
     with pytest.raises(SecAggError, match="at least 12"):
-        client_step(r.sr.advertise_requests()[u], {}, u, AUTH, NodePolicy(min_group=12))
+        client_step(r.sr.advertise_requests()[u], {}, u, IDENTITY(u), NodePolicy(min_group=12))
 
 
 def test_a_replayed_context_is_refused():
@@ -188,7 +225,7 @@ def test_a_replayed_context_is_refused():
     replay = json.loads(first.sr.advertise_requests()[first.nodes[1]])
     u = first.nodes[1]
     with pytest.raises(SecAggError, match="made keys for this round's context before"):
-        client_step(json.dumps(replay), first.state[u], u, AUTH)
+        client_step(json.dumps(replay), first.state[u], u, IDENTITY(u))
     # the server refuses a threshold fraction under a half for its own strategies
     from strategies.secagg_rounds import secagg_params
 

@@ -15,7 +15,7 @@ from flwr.cli.build import build_fab_from_disk
 
 from fedapp import bundle, launch
 from fedapp.nodekeys import write_node_keypair
-from strategies.keyfiles import write_auth_key, write_keypair
+from strategies.keyfiles import write_identity, write_keypair
 from tests.helpers import ROOT, fresh_checkout
 
 
@@ -30,7 +30,7 @@ def test_keys_made_inside_the_app_stay_out_of_its_bundle_and_block_submission(tm
     app = fresh_checkout(tmp_path)
     keys = app / "keys"
     write_keypair(keys)
-    write_auth_key(keys)
+    write_identity(keys)
     write_node_keypair(keys / "node0")
     spec = importlib.util.spec_from_file_location(
         "make_certificates", ROOT / "scripts" / "make_certificates.py")
@@ -44,7 +44,7 @@ def test_keys_made_inside_the_app_stay_out_of_its_bundle_and_block_submission(tm
                 if bundle.holds_private_key(data)], "private key material in the FAB"
 
     found = bundle.private_material(app)
-    assert set(found) == {keys / "paillier.key.json", keys / "secagg-auth.key",
+    assert set(found) == {keys / "paillier.key.json", keys / "secagg-identity.key",
                           keys / "node0" / "supernode.key", app / "certs" / "server.key"}
     with pytest.raises(ValueError, match="holds private key material") as refused:
         launch.submit(app, "local", {}, {})
@@ -65,7 +65,7 @@ def test_without_the_gitignore_flower_would_ship_the_private_key(tmp_path):
     (b"-----BEGIN OPENSSH " b"PRIVATE KEY-----\nabc\n", True),  # split: this file is none
     (b"-----BEGIN EC " b"PRIVATE KEY-----\nabc\n", True),
     (b"-----BEGIN CERTIFICATE-----\nabc\n", False),
-    (b"ab" * 32 + b"\n", True),
+    (b"ab" * 32 + b"\n", False),  # a public identity key (fedapp keygen --secagg)
     (b'x = "paillier-private-key"  # source code that names the type\n', False),
 ])
 def test_private_key_material_is_recognised(content, secret):

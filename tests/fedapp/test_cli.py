@@ -14,7 +14,7 @@ import pytest
 
 from fedapp import bundle, cli, launch
 from fedapp.nodekeys import write_node_keypair
-from strategies.keyfiles import KEY_DIR_ENV, write_auth_key, write_keypair
+from strategies.keyfiles import KEY_DIR_ENV, write_identity, write_keypair
 from tests.helpers import ROOT, TLS_FILES, fresh_checkout
 
 
@@ -49,7 +49,7 @@ def test_keygen_writes_outside_the_app_by_default_and_refuses_inside(tmp_path, m
     assert not (app / "keys").exists()
     assert cli.main(["keygen"]) == 0 and cli.main(["keygen", "--secagg"]) == 0
     assert sorted(p.name for p in (tmp_path / "key-dir").iterdir()) == [
-        "paillier.key.json", "paillier.pub.json", "secagg-auth.key"]
+        "paillier.key.json", "paillier.pub.json", "secagg-identity.key", "secagg-identity.pub"]
     assert bundle.private_material(app) == []
     # told explicitly, it writes there (a user who ignores the files themselves)
     assert cli.main(["keygen", "--secagg", "--out", str(app / "keys"),
@@ -203,9 +203,9 @@ def test_register_refuses_insecure_and_private_keys(tmp_path, capsys):
 
 def test_client_checks_its_secret_files_before_starting(tmp_path, paillier_keys, execs,
                                                        capsys):
-    auth = write_auth_key(tmp_path / "auth")
+    _, identity = write_identity(tmp_path / "identity")
     for flag, path in (("--paillier-private-key", paillier_keys[1]),
-                       ("--secagg-auth-key", auth)):
+                       ("--secagg-identity-key", identity)):
         path.chmod(0o644)
         try:
             assert cli.main(client_args(tmp_path, "--insecure", flag, str(path))) == 2
@@ -213,3 +213,42 @@ def test_client_checks_its_secret_files_before_starting(tmp_path, paillier_keys,
         finally:
             path.chmod(0o600)
     assert execs == []
+
+
+def test_keygen_and_roster_make_a_masking_federation(tmp_path, capsys):
+    """Real nodes: each makes its identity key pair, the public keys become the roster;
+    a simulation: N keys and their roster at once. Every key is in its roster."""
+    from strategies.keyfiles import identity_name, load_identity, load_roster
+
+    for i in range(3):
+        assert cli.main(["keygen", "--secagg", "--out", str(tmp_path / f"node{i}")]) == 0
+    roster = tmp_path / "secagg-roster.json"
+    assert cli.main(["roster", "--out", str(roster),
+                     *(str(tmp_path / f"node{i}" / "secagg-identity.pub") for i in range(3))]) == 0
+    keys = load_roster(roster)
+    assert {load_identity(tmp_path / f"node{i}" / "secagg-identity.key").public
+            for i in range(3)} == keys.keys
+    assert cli.main(["roster", "--out", str(tmp_path / "bad.json"),
+                     str(tmp_path / "node0" / "secagg-identity.key")]) == 2
+    assert "does not hold a public identity key" in capsys.readouterr().err
+    assert cli.main(["roster", "--out", str(tmp_path / "twice.json"),
+                     *[str(tmp_path / "node0" / "secagg-identity.pub")] * 2]) == 2
+    assert "twice" in capsys.readouterr().err
+
+    sim = tmp_path / "sim"
+    assert cli.main(["keygen", "--secagg", "--simulation", "4", "--out", str(sim)]) == 0
+    assert {load_identity(sim / identity_name(i)).public for i in range(4)} == \
+        load_roster(sim / "secagg-roster.json").keys
+    assert cli.main(["keygen", "--simulation", "4", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_sim_makes_the_identities_of_a_masking_simulation(tmp_path, monkeypatch, capsys):
+    from strategies.keyfiles import load_roster
+
+    monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path / "keys"))
+    cli.simulation_identities(3)
+    assert len(load_roster(tmp_path / "keys" / "secagg-roster.json")) == 3
+    assert "made 3 masking identity keys" in capsys.readouterr().err
+    cli.simulation_identities(3)  # there: kept
+    with pytest.raises(ValueError, match="fewer than 4 nodes"):
+        cli.simulation_identities(4)

@@ -63,7 +63,7 @@ def test_run_config_cannot_carry_client_secrets():
     an unknown setting stops the run (node config keys stay with the nodes)."""
     assert not [k for k, v in DEFAULTS.items() if not isinstance(v, bool)  # a switch holds none
                 and any(w in k for w in ("private", "secret", "auth"))]
-    for key in ("paillier-private-key", "secagg-auth-key", "supernode-key"):
+    for key in ("paillier-private-key", "secagg-identity-key", "supernode-key"):
         with pytest.raises(ValueError, match="unknown run settings"):
             RunSettings.from_run_config({**DEFAULTS, key: "/keys/secret"})
 

@@ -9,7 +9,7 @@ import pytest
 
 from fedapp.config import RunSettings
 from fedapp.strategy import build_strategy
-from strategies.keyfiles import load_auth_key, load_private_key, write_auth_key, write_keypair
+from strategies.keyfiles import load_identity, load_private_key, write_identity, write_keypair
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,9 @@ def test_server_strategies_hold_no_client_secret(paillier_keys, tmp_path, monkey
     server's strategy for every mode holds no private material nor key path."""
     from strategies.keyfiles import KEY_DIR_ENV
 
-    auth_path = write_auth_key(tmp_path)
+    _, auth_path = write_identity(tmp_path)
     monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path))
-    private, auth = load_private_key(paillier_keys[1]), load_auth_key(auth_path)
+    private, auth = load_private_key(paillier_keys[1]), load_identity(auth_path).private
     needles = [int(private.p), int(private.q), int(private.alpha_p), int(private.alpha_q), auth,
                auth.hex(), str(paillier_keys[1]), str(auth_path)]
     class Leaky:  # the search would catch a strategy keeping any of them

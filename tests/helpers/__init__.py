@@ -5,13 +5,17 @@ DP-SGD), ``masking`` and ``paillier`` (the secure strategies' in-process rounds)
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from flwr.app import Context, Metadata, RecordDict
+
+from strategies.secagg_identity import Identity, NodeIdentity, Roster
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the project (tests/helpers/..)
@@ -60,11 +64,53 @@ def metadata(node: int, kind: str = "train") -> Metadata:
 
 
 def new_context(node: int) -> Context:
-    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+    """A node's context, with its own masking identity key and the roster."""
+    return Context(run_id=1, node_id=node, node_config=IDENTITY.node_config(node),
+                   state=RecordDict(), run_config={})
 
 
 # ------------------------------------------------------------------ shared constants
-AUTH = bytes(range(32))  # the federation's masking authentication key
+class TestIdentities:
+    """Masking identity keys for test nodes: each node's own Ed25519 key (derived from
+    its id, so tests are reproducible) and a roster of every node given one so far.
+    ``IDENTITY(u)`` is node ``u``'s :class:`NodeIdentity`; register a round's nodes
+    first (:meth:`register`) so that the roster lists its neighbors."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, Identity] = {}
+        self._roster: Roster | None = None
+        self._dir: Path | None = None
+
+    def register(self, nodes) -> None:
+        for u in nodes:
+            if u not in self.keys:
+                self.keys[u] = Identity(hashlib.sha256(b"test identity %d" % u).digest())
+                self._roster = None
+
+    def __call__(self, node: int) -> NodeIdentity:
+        self.register([node])
+        if self._roster is None:
+            self._roster = Roster.of(k.public for k in self.keys.values())
+        return NodeIdentity(self.keys[node], self._roster)
+
+
+    def node_config(self, node: int) -> dict[str, str]:
+        """Node config naming ``node``'s identity key file and the roster file, in a
+        directory of this session (the roster is rewritten as nodes are added: nodes
+        read it at every stage)."""
+        from strategies.keyfiles import write_identity_key, write_roster
+
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="test-identities-"))
+        self.register([node])
+        key = self._dir / f"{node}.key"
+        if not key.exists():
+            write_identity_key(key, self.keys[node])
+            write_roster(self._dir / "roster.json", [k.public for k in self.keys.values()])
+        return {"secagg-identity-key": str(key), "secagg-roster": str(self._dir / "roster.json")}
+
+
+IDENTITY = TestIdentities()
 
 CLIP = 2.0  # the secure strategies' clip
 

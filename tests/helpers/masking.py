@@ -17,7 +17,7 @@ from strategies.secagg_masks import SecAggError, SecAggParams
 from strategies.secagg_protocol import ServerRound, client_mask, client_step
 from strategies.secagg_legacy import legacy_secagg_mod
 from strategies.secagg_protocol import PAYLOAD_KEY
-from tests.helpers import AUTH, SHAPES, new_context
+from tests.helpers import IDENTITY, SHAPES, new_context
 
 
 NODES = [101, 202, 303, 404, 505, 606]  # threshold: more than half of 6, i.e. 4
@@ -99,14 +99,15 @@ class Round:
     """One round with honest in-process nodes; every stage can be tampered with
     between the calls."""
 
-    def __init__(self, n=10, length=50, degree=0, params=None, auth=AUTH, seed=0,
+    def __init__(self, n=10, length=50, degree=0, params=None, identity=True, seed=0,
                  seen_keys=None, nodes=None, fraction=0.5, after=None):
         """``after``: the previous Round; this one goes on with its nodes' states, its
         seen keys and the keys its survivors pre-advertised."""
         self.params = params or SecAggParams.derive(1.0)
         self.nodes = sorted(nodes or (after.nodes if after else node_ids(n, seed)))
         self.length = length
-        self.auth = auth  # bytes, None, or {node: key}
+        self.identity = identity  # False: the nodes run without identity keys
+        IDENTITY.register(self.nodes)
         if after is not None and seen_keys is None:
             seen_keys = after.sr.seen_keys
         self.sr = ServerRound(self.params, self.nodes, length, degree=degree,
@@ -119,7 +120,7 @@ class Round:
         self.xs, self.ws, self.ys, self.headers, self.seeds = {}, {}, {}, {}, {}
 
     def key(self, u):
-        return self.auth.get(u) if isinstance(self.auth, dict) else self.auth
+        return IDENTITY(u) if self.identity else None
 
     def step(self, requests, skip=(), tolerate=False):
         """The nodes' replies; with ``tolerate``, a node that refuses does not answer

@@ -95,7 +95,7 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
     """fedapp server + fedapp client processes, TLS, every process stopped at the end;
     SuperNode authentication: the registered nodes connect under their registered
     ids and a node with an unregistered key is turned away; with Paillier the private
-    key, with masking the authentication key, lives only in the client nodes' config.
+    key, with masking each node's identity key, lives only in the client nodes' config.
     Faults for real: client 0 is killed as round 2 starts and the round finishes with
     the survivors (with masking, its masks recovered from the shares); the server is
     killed after round 2, restarted, and the run resumed: every round recorded once."""
@@ -130,5 +130,5 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
         assert "paillier.key.json" not in (tmp_path / "server.log").read_text()
     if aggregation == "secagg":
         for seen in (Path(summary["run-dir"]) / "config.json", tmp_path / "server.log"):
-            assert "secagg-auth.key" not in seen.read_text()
-        assert "without an authentication key" not in (tmp_path / "client0.log").read_text()
+            assert "secagg-identity.key" not in seen.read_text()
+        assert "without identity keys" not in (tmp_path / "client0.log").read_text()

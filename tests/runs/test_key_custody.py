@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedapp import launch
-from strategies.keyfiles import KEY_DIR_ENV
+from strategies.keyfiles import KEY_DIR_ENV, load_identity
 from tests.helpers import fresh_checkout
 
 pytestmark = pytest.mark.slow  # real Flower runs
@@ -70,8 +70,9 @@ def test_readme_paillier_steps_keep_the_key_on_the_clients(tmp_path, data_dir):
 
 def test_readme_masking_steps_authenticate_and_fail_closed_without_the_key(tmp_path, data_dir):
     """One SuperLink, started before the key exists (as ``flwr run .`` leaves one running):
-    a run without the key fails closed, naming the cause; after ``fedapp keygen --secagg``
-    the next run on the same SuperLink finds the key and authenticates."""
+    a run without the keys fails closed, naming the cause; after ``fedapp keygen --secagg
+    --simulation 2`` the next run on the same SuperLink finds each node's identity key
+    and the roster, and signs."""
     app, home = fresh_checkout(tmp_path), tmp_path / "home"
     env = readme_env(home)
     flwr_home = tmp_path / "superlink-home"
@@ -93,15 +94,16 @@ def test_readme_masking_steps_authenticate_and_fail_closed_without_the_key(tmp_p
         launch.wait_for_port("127.0.0.1", port, proc=link)
         status, logs = run()  # no key anywhere yet
         assert status == "finished:failed", logs[-3000:]
-        assert "failed the advertise stage: secure aggregation needs the federation's " \
-            "authentication key" in logs
+        assert "failed the advertise stage: secure aggregation needs this node's identity " \
+            "key and the federation's roster" in logs
         assert "1 round(s) in a row without a usable update" in logs
-        made = fedapp(["keygen", "--secagg"], app, env)  # the README's way, after the start
+        made = fedapp(["keygen", "--secagg", "--simulation", "2"], app, env)  # the README's way
         assert made.returncode == 0, made.stderr
         status, logs = run()
     finally:
         launch.stop(link)
     assert status == launch.FINISHED_OK, logs[-3000:]
-    assert "2 of 2 nodes' key advertisements carry an authentication tag" in logs
-    key = (home / ".fedapp" / "keys" / "secagg-auth.key").read_bytes().strip()
-    assert secrets_under(flwr_home, [key, bytes.fromhex(key.decode())]) == []
+    assert "2 of 2 nodes' key advertisements are signed" in logs
+    for i in range(2):
+        key = load_identity(home / ".fedapp" / "keys" / f"secagg-identity-{i}.key").private
+        assert secrets_under(flwr_home, [key, key.hex().encode()]) == []

@@ -96,7 +96,7 @@ def test_masking_reaches_the_plaintext_result(task, keys, plaintext, data_dir, t
     rounds = CASES[task][1]["num-server-rounds"]
     assert logs.count(f"Secure aggregation: {CASES[task][0]} of {CASES[task][0]} sampled "
                       "nodes in the sum") == rounds
-    assert "without an authentication key" not in logs and "Left out" not in logs
+    assert "without identity keys" not in logs and "Left out" not in logs
 
 
 @pytest.mark.parametrize("task", TASKS)

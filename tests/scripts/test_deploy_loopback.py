@@ -32,8 +32,9 @@ def test_deployment_gives_client_secrets_to_client_nodes_only(aggregation, tmp_p
     deploy = load_script("deploy_loopback")
     args = deploy.parse_args(["--clients", "3", "--aggregation", aggregation])
     keys = tmp_path / "keys"
-    secrets = {keys / "paillier.key.json", keys / "secagg-auth.key",
-               *(keys / f"client{i}" / "supernode.key" for i in range(3))}
+    secrets = {keys / "paillier.key.json",
+               *(keys / f"client{i}" / name for i in range(3)
+                 for name in ("supernode.key", "secagg-identity.key"))}
     server_side = json.dumps([deploy.server_command(args, tmp_path, 1234),
                               deploy.run_overrides(args, tmp_path)])
     assert not [s for s in secrets if str(s) in server_side]
@@ -42,7 +43,12 @@ def test_deployment_gives_client_secrets_to_client_nodes_only(aggregation, tmp_p
     for i, cmd in enumerate(clients):
         assert str(keys / f"client{i}" / "supernode.key") in cmd
         assert (str(keys / "paillier.key.json") in cmd) == (aggregation == "paillier")
-        assert (str(keys / "secagg-auth.key") in cmd) == (aggregation == "secagg")
+        # each node its own identity key, none another's; every one the roster
+        assert (str(keys / f"client{i}" / "secagg-identity.key") in cmd) == \
+            (aggregation == "secagg")
+        assert (str(keys / "secagg-roster.json") in cmd) == (aggregation == "secagg")
+        assert not [j for j in range(3) if j != i
+                    and str(keys / f"client{j}" / "secagg-identity.key") in cmd]
     if aggregation == "paillier":
         assert deploy.run_overrides(args, tmp_path)["paillier-public-key"] == str(
             keys / "paillier.pub.json")

@@ -1,4 +1,4 @@
-"""Key files (strategies.keyfiles): the masking authentication key, and Paillier key
+"""Key files (strategies.keyfiles): masking identity keys and rosters, and Paillier key
 files with any content; secret files are refused when others may read them."""
 
 from __future__ import annotations
@@ -13,59 +13,73 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import keyfiles
-from strategies.keyfiles import AUTH_KEY_BYTES, AUTH_KEY_NAME, load_auth_key, write_auth_key
-from tests.helpers import AUTH
+from strategies.keyfiles import (IDENTITY_NAME, IDENTITY_PUBLIC_NAME, ROSTER_NAME, identity_name,
+                                 load_identity, load_roster, read_public_identity, write_identity,
+                                 write_roster, write_simulation_identities)
+from strategies.secagg_identity import Identity, NodeIdentity, verify
 from tests.helpers.fuzzing import (attempt, deep_json, fuzz, garbage, must_refuse, mutated_bytes,
                                    mutated_json, refused)
 
 
-def test_auth_key_file_round_trip(tmp_path):
-    path = write_auth_key(tmp_path / "keys")
-    assert path == tmp_path / "keys" / AUTH_KEY_NAME
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    key = load_auth_key(path)
-    assert isinstance(key, bytes) and len(key) == AUTH_KEY_BYTES
-    assert path.read_text() == key.hex() + "\n"
-    other = write_auth_key(tmp_path / "other")
-    assert load_auth_key(other) != key
-
-
-def test_auth_key_refuses_overwrite(tmp_path):
-    path = write_auth_key(tmp_path)
-    before = path.read_text()
+def test_identity_key_pair_round_trip(tmp_path):
+    public, private = write_identity(tmp_path / "keys")
+    assert (public.name, private.name) == (IDENTITY_PUBLIC_NAME, IDENTITY_NAME)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert private.read_text().startswith("-----BEGIN " "PRIVATE KEY-----")  # PKCS#8 PEM
+    # (split: this file holds no key)
+    identity = load_identity(private)
+    assert read_public_identity(public) == identity.public
+    assert verify(identity.public, b"m", identity.sign(b"m"))
+    assert not verify(identity.public, b"n", identity.sign(b"m"))
+    other = load_identity(write_identity(tmp_path / "other")[1])
+    assert other.public != identity.public
+    assert identity.private.hex() not in repr(identity)
     with pytest.raises(FileExistsError, match="exists"):
-        write_auth_key(tmp_path)
-    assert path.read_text() == before
+        write_identity(tmp_path / "keys")
+    with pytest.raises(ValueError, match="does not hold a public identity key"):
+        read_public_identity(private)  # the private key file is no public key
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o601])
-def test_auth_key_refuses_readable_by_others(tmp_path, mode):
-    path = write_auth_key(tmp_path)
+def test_identity_key_refuses_readable_by_others(tmp_path, mode):
+    _, path = write_identity(tmp_path)
     path.chmod(mode)
     with pytest.raises(PermissionError, match="readable by other users.*chmod 600"):
-        load_auth_key(path)
+        load_identity(path)
     path.chmod(0o400)
-    assert len(load_auth_key(path)) == AUTH_KEY_BYTES
+    assert load_identity(path)
 
 
-@pytest.mark.parametrize(("content", "match"), [
-    ("zz" * 32, "cannot read an authentication key"),
-    ("", "holds 0 bytes"),
-    ("ab" * 16, "holds 16 bytes"),
-    ("ab" * 33, "holds 33 bytes"),
-    ("abc", "cannot read an authentication key"),
-])
-def test_auth_key_refuses_malformed(tmp_path, content, match):
-    path = tmp_path / AUTH_KEY_NAME
+@pytest.mark.parametrize("content", ["", "ab" * 32, "-----BEGIN " "PRIVATE KEY-----\nxx\n"])
+def test_identity_key_refuses_malformed(tmp_path, content):
+    path = tmp_path / IDENTITY_NAME
     path.write_text(content)
     path.chmod(0o600)
-    with pytest.raises(ValueError, match=match):
-        load_auth_key(path)
+    with pytest.raises(ValueError, match="is not an unencrypted Ed25519 private key"):
+        load_identity(path)
 
 
-def test_auth_key_missing_file(tmp_path):
-    with pytest.raises(OSError):
-        load_auth_key(tmp_path / "nope")
+def test_roster_round_trip_and_refusals(tmp_path):
+    keys = [Identity.generate().public for _ in range(3)]
+    roster = load_roster(write_roster(tmp_path / ROSTER_NAME, keys))
+    assert roster.keys == frozenset(keys) and len(roster) == 3
+    for bad, match in (([keys[0], keys[0]], "twice"), ([], "one or more"),
+                       ([keys[0][:31]], "one or more")):
+        with pytest.raises(ValueError, match=match):
+            write_roster(tmp_path / "bad.json", bad)
+    for text in ('{"version": 2, "keys": []}', '{"keys": "ab"}', "[]", '{"version": 1, "keys": ["zz"]}'):
+        (tmp_path / "odd.json").write_text(text)
+        with pytest.raises(ValueError, match="roster|key object"):
+            load_roster(tmp_path / "odd.json")
+
+
+def test_simulation_identities_have_a_key_per_partition_and_one_roster(tmp_path):
+    roster = load_roster(write_simulation_identities(tmp_path, 4))
+    identities = [load_identity(tmp_path / identity_name(i)) for i in range(4)]
+    assert roster.keys == {i.public for i in identities}
+    assert all(NodeIdentity(i, roster) for i in identities)  # each is in the roster
+    with pytest.raises(ValueError, match="at least 2"):
+        write_simulation_identities(tmp_path / "one", 1)
 
 
 # ------------------------------------------------------------------ fuzzing
@@ -85,7 +99,7 @@ def write_file(path: Path, content: bytes) -> Path:
 def test_key_files(keys, key_dir, data):
     public = json.dumps(keys[0].to_dict()).encode()
     private = json.dumps(keys[1].to_dict()).encode()
-    auth = (AUTH.hex() + "\n").encode()
+    roster = json.dumps({"version": 1, "keys": [Identity(bytes(32)).public.hex()]}).encode()
     change = st.one_of(
         st.sampled_from([public, private]).flatmap(mutated_bytes),
         st.sampled_from([keys[0].to_dict(), keys[1].to_dict()]).flatmap(mutated_json).map(
@@ -97,9 +111,9 @@ def test_key_files(keys, key_dir, data):
     assert refused(result) or result == keys[0]
     result = attempt(lambda: keyfiles.load_private_key(path), ValueError)
     assert refused(result) or result.fingerprint == keys[1].fingerprint
-    path = write_file(key_dir / "auth.key", data.draw(mutated_bytes(auth) | garbage))
-    result = attempt(lambda: keyfiles.load_auth_key(path), ValueError)
-    assert refused(result) or len(result) == keyfiles.AUTH_KEY_BYTES
+    path = write_file(key_dir / "roster.json", data.draw(mutated_bytes(roster) | garbage))
+    result = attempt(lambda: keyfiles.load_roster(path), ValueError)
+    assert refused(result) or len(result) >= 1
 
 
 @pytest.mark.parametrize("content", [deep_json(), '"paillier-public-key"', "[1, 2]", "null",
@@ -120,4 +134,4 @@ def test_readable_secret_files_are_refused(keys, key_dir):
     with pytest.raises(PermissionError, match="chmod 600"):
         keyfiles.load_private_key(path)
     with pytest.raises(PermissionError, match="chmod 600"):
-        keyfiles.load_auth_key(path)
+        keyfiles.load_identity(path)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from strategies.aggregation import weighted_average
 from strategies.secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, MaskOverflow,
                                      SecAggError, SecAggParams, agree, commitment, decode_sum,
-                                     default_degree, encode_weighted, mac, mac_ok, neighbor_graph,
+                                     default_degree, encode_weighted, neighbor_graph,
                                      prg, public_of, quantize, reconstruct_secret, seal,
                                      share_secret, threshold_for, unseal)
 from strategies.secagg_protocol import mask_info, pair_mask
@@ -295,12 +295,7 @@ def test_seal_unseal():
         unseal(key, sealed[:10], b"ad")
 
 
-def test_mac_and_commitment():
-    tag = mac(b"k" * 32, b"data")
-    assert len(tag) == 32
-    assert mac_ok(b"k" * 32, b"data", tag)
-    assert not mac_ok(b"k" * 32, b"datb", tag)
-    assert not mac_ok(b"j" * 32, b"data", tag)
+def test_commitment():
     assert commitment(SEED) == commitment(SEED) != commitment(bytes(32))
     assert len(commitment(SEED)) == 32
 

@@ -149,25 +149,47 @@ def test_message_api_too_few_keys_send_no_train_message(task_identity, flwr_capl
         run_round([Node(u, fail="advertise" if u in NODES[:3] else "") for u in NODES])
 
 
-def test_nodes_without_the_authentication_key_fail_closed(task_identity, flwr_caplog,
-                                                         tmp_path, monkeypatch):
+def keyless(node: int) -> Node:
+    """A node whose key directory holds no identity key nor roster."""
+    out = Node(node)
+    out.context.node_config.clear()
+    return out
+
+
+def test_nodes_without_identity_keys_fail_closed(task_identity, flwr_caplog, tmp_path,
+                                                 monkeypatch):
     """No key on the nodes: every node refuses (one line each, no traceback), the server
     logs the cause once for all of them and the run stops at the first round; with
     ``secagg-allow-unauthenticated`` the round runs, unauthenticated, and the server
     says so."""
     monkeypatch.setenv(KEY_DIR_ENV, str(tmp_path))  # empty: no key on any node
-    with pytest.raises(NoUsableUpdate, match="needs the federation's authentication key"):
-        run_round([Node(u) for u in NODES])
+    with pytest.raises(NoUsableUpdate, match="needs this node's identity key"):
+        run_round([keyless(u) for u in NODES])
     line = (f"nodes {', '.join(map(str, NODES))} failed the advertise stage: secure "
-            "aggregation needs the federation's authentication key")
+            "aggregation needs this node's identity key and the federation's roster")
     assert line in flwr_caplog.text and "Traceback" not in flwr_caplog.text
 
-    allowed = [Node(u) for u in NODES]
+    allowed = [keyless(u) for u in NODES]
     for node in allowed:
         node.context.node_config["secagg-allow-unauthenticated"] = True
     arrays, _ = run_round(allowed)
     assert_average_of(arrays, NODES)
-    assert "0 of 6 nodes' key advertisements carry an authentication tag" in flwr_caplog.text
+    assert "0 of 6 nodes' key advertisements are signed" in flwr_caplog.text
+
+
+def test_a_node_outside_the_roster_is_refused_by_its_neighbors(task_identity, flwr_caplog,
+                                                               tmp_path):
+    """A node with an identity key of its own that the others' roster does not list:
+    its neighbors refuse its keys, and it refuses to take part with a roster that
+    lacks it; the others finish the round without it."""
+    from strategies.keyfiles import write_identity
+
+    nodes = [Node(u) for u in NODES]
+    _, stranger_key = write_identity(tmp_path)
+    nodes[0].context.node_config["secagg-identity-key"] = str(stranger_key)
+    arrays, _ = run_round(nodes)
+    assert_average_of(arrays, NODES[1:])
+    assert "this node's identity key is not in the roster" in flwr_caplog.text
 
 
 def _set_masked(reply: Message, vector: np.ndarray) -> None:
@@ -343,8 +365,7 @@ class SecAggGrid:
     """Nodes that run secagg_mod in-process and answer every message."""
 
     def __init__(self) -> None:
-        self.contexts = {u: Context(run_id=1, node_id=u, node_config={}, state=RecordDict(),
-                                    run_config={}) for u in MASK_NODES}
+        self.contexts = {u: new_context(u) for u in MASK_NODES}
 
     def get_node_ids(self):
         return list(MASK_NODES)

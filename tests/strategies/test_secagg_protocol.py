@@ -24,7 +24,8 @@ from strategies.secure_sums import WEIGHT, sum_slots
 from strategies.secagg_protocol import (RoundAborted, ServerRound, b64, client_mask, client_step,
                                         loads, node_map, pair_mask, self_mask_seed, unb64)
 from strategies.secagg_wire import header_of
-from tests.helpers import AUTH, fuzzing
+from strategies.secagg_identity import Identity, IdentityError, NodeIdentity
+from tests.helpers import IDENTITY, fuzzing
 from tests.helpers.masking import Round, node_ids
 from tests.helpers.fuzzing import (BAD, LOW_ORDER_POINTS, MASK_LENGTH, MASK_NODES, MASK_PARAMS, WS,
                                    XS, attempt, deep_json, fuzz, json_values, must_refuse,
@@ -365,7 +366,7 @@ def test_inconsistent_views_never_reveal_both_secrets(told_survivor):
     for u, (survivors, dropped) in views.items():
         req = json.dumps({"version": 1, "stage": "check", "context": ctx,
                           "survivors": survivors, "dropped": dropped})
-        reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+        reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
         sigs[u] = json.loads(reply)["sig"]
     b_count = s_count = 0
     for u, (survivors, dropped) in views.items():
@@ -373,7 +374,7 @@ def test_inconsistent_views_never_reveal_both_secrets(told_survivor):
                           "survivors": survivors, "dropped": dropped,
                           "sigs": {str(v): sig for v, sig in sigs.items()}})
         try:
-            reply, r.state[u] = client_step(req, r.state[u], u, AUTH)
+            reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
         except SecAggError as err:
             assert "did not sign the same survivors" in str(err)
             continue
@@ -396,12 +397,12 @@ def test_unmask_refuses_both_shares_and_a_second_request():
     both = json.dumps({**data, "dropped": data["dropped"] + [v]})
     with pytest.raises(SecAggError, match=rf"nodes \[{v}\] are listed both as survivors and as "
                                            "dropped"):
-        client_step(both, r.state[u], u, AUTH)
-    reply, state = client_step(requests[u], r.state[u], u, AUTH)
+        client_step(both, r.state[u], u, IDENTITY(u))
+    reply, state = client_step(requests[u], r.state[u], u, IDENTITY(u))
     assert state["stage"] == "done"
     for again in (requests[u], both):
         with pytest.raises(SecAggError, match="out of order"):
-            client_step(again, state, u, AUTH)
+            client_step(again, state, u, IDENTITY(u))
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -422,7 +423,7 @@ def test_unmask_refuses_bad_requests(change, match):
     u = r.nodes[0]
     data = json.loads(r.unmask_requests()[u])
     with pytest.raises(SecAggError, match=match):
-        client_step(json.dumps(change(data, u, r.sr.graph)), r.state[u], u, AUTH)
+        client_step(json.dumps(change(data, u, r.sr.graph)), r.state[u], u, IDENTITY(u))
 
 
 # ------------------------------------------------------------------ bad masked vectors
@@ -565,7 +566,7 @@ def test_duplicate_and_unsampled_replies_are_left_out(flwr_caplog):
     u = r.nodes[0]
     r.sr.receive_adverts(replies)
     first = dict(r.sr.adverts[u])
-    again, r.state[u] = client_step(r.sr.advertise_requests()[u], {}, u, AUTH)
+    again, r.state[u] = client_step(r.sr.advertise_requests()[u], {}, u, IDENTITY(u))
     r.sr.receive_adverts({u: again, 99: edit(again, node=99)})
     assert r.sr.adverts[u] == first and 99 not in r.sr.adverts
     logged = warnings_of(flwr_caplog)
@@ -604,7 +605,7 @@ def test_two_nodes_advertising_the_same_key(flwr_caplog):
 
 def test_replayed_advert_fails_authentication_at_the_nodes():
     """A server without the shared seen-keys set cannot replay keys either: the
-    MAC binds them to the round."""
+    signature binds them to the round."""
     nodes = node_ids(5)
     old = Round(nodes=nodes).advertise()
     r = Round(nodes=nodes)
@@ -615,22 +616,22 @@ def test_replayed_advert_fails_authentication_at_the_nodes():
     assert u in r.sr.adverts  # the server cannot tell
     v = nodes[1]
     with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
-        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+        client_step(r.sr.share_requests()[v], r.state[v], v, IDENTITY(v))
 
 
-@pytest.mark.parametrize("field", ["c_pk", "s_pk", "mac"])
+@pytest.mark.parametrize("field", ["c_pk", "s_pk", "sig"])
 def test_substituted_keys_fail_authentication(field):
     r = Round(5, 10)
     r.advertise()
     u, v = r.nodes[0], r.nodes[1]
     r.sr.adverts[u][field] = other_key()  # the server swaps in its own key
     with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
-        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+        client_step(r.sr.share_requests()[v], r.state[v], v, IDENTITY(v))
 
 
-def test_without_auth_key_substitution_goes_unnoticed():
-    """What the authentication key buys: without it the nodes accept a swapped key."""
-    r = Round(5, 10, auth=None)
+def test_without_identity_keys_substitution_goes_unnoticed():
+    """What the identity keys buy: without them the nodes accept a swapped key."""
+    r = Round(5, 10, identity=False)
     r.advertise()
     u, v = r.nodes[0], r.nodes[1]
     r.sr.adverts[u]["c_pk"] = other_key()
@@ -638,18 +639,36 @@ def test_without_auth_key_substitution_goes_unnoticed():
     assert state["stage"] == "shared" and json.loads(reply)["node"] == v
 
 
-def test_different_auth_keys_fail():
+def test_keys_signed_outside_the_roster_or_by_another_node_fail():
+    """A node accepts a neighbor's keys only under a roster key of its own: not an
+    unknown key (the server's), not another node's, not its own."""
     r = Round(4, 10)
-    r.auth = {u: AUTH for u in r.nodes}
-    r.auth[r.nodes[0]] = bytes(32)
     r.advertise()
-    v = r.nodes[1]
-    with pytest.raises(SecAggError, match=f"the keys of node {r.nodes[0]} fail authentication"):
-        client_step(r.sr.share_requests()[v], r.state[v], v, AUTH)
+    u, v, w = r.nodes[:3]
+    intruder = Identity(bytes(32))
+    ad = r.sr.adverts[u]
+    signed = intruder.sign(protocol.advert_bytes(r.sr.context, u, base64.b64decode(ad["c_pk"]),
+                                                 base64.b64decode(ad["s_pk"])))
+    for id_pk, sig in ((intruder.public, signed),
+                       (IDENTITY(w).key.public, ad["sig"]),
+                       (IDENTITY(v).key.public, ad["sig"])):
+        r.sr.adverts[u] = {**ad, "id_pk": b64(id_pk), "sig": sig if isinstance(sig, str)
+                           else b64(sig)}
+        with pytest.raises(SecAggError, match=f"node {u} advertised keys under an identity key "
+                           f"that is not another node's|keys of node {u} fail authentication"):
+            client_step(r.sr.share_requests()[v], r.state[v], v, IDENTITY(v))
+    r.sr.adverts[u] = ad
+    client_step(r.sr.share_requests()[v], r.state[v], v, IDENTITY(v))  # the honest one
+
+
+def test_a_node_missing_from_the_roster_cannot_take_part():
+    key = Identity(bytes(range(32)))
+    with pytest.raises(IdentityError, match="not in the roster"):
+        NodeIdentity(key, IDENTITY(1).roster)
 
 
 def test_same_key_for_two_neighbors_refused_by_node():
-    r = Round(5, 10, auth=None)
+    r = Round(5, 10, identity=False)
     r.advertise()
     u, w, v = r.nodes[0], r.nodes[1], r.nodes[2]
     r.sr.adverts[w] = dict(r.sr.adverts[u])
@@ -700,7 +719,7 @@ def test_tampered_sealed_shares_fail_at_unmask(flwr_caplog):
     r.mask()
     request = r.unmask_requests()[u]
     with pytest.raises(SecAggError, match="a sealed share failed authentication"):
-        client_step(request, r.state[u], u, AUTH)
+        client_step(request, r.state[u], u, IDENTITY(u))
     # the round goes on without that node's shares
     avg, _ = r.unmask(skip={u})
     assert np.abs(avg - r.expected()).max() <= r.params.error_bound
@@ -714,7 +733,7 @@ def test_sealed_shares_swapped_between_senders_fail():
     r.sr.sealed[u][v], r.sr.sealed[u][w] = r.sr.sealed[u][w], r.sr.sealed[u][v]
     r.mask()
     with pytest.raises(SecAggError, match="failed authentication"):
-        client_step(r.unmask_requests()[u], r.state[u], u, AUTH)
+        client_step(r.unmask_requests()[u], r.state[u], u, IDENTITY(u))
 
 
 # ------------------------------------------------------------------ client: requests
@@ -726,18 +745,18 @@ def test_client_stages_out_of_order():
     share_req = r.sr.share_requests()[u]
     with pytest.raises(SecAggError, match="a 'share' request arrived .* stage None.*out of "
                                            "order"):
-        client_step(share_req, {}, u, AUTH)
-    _, fresh = client_step(adv_req, {}, u, AUTH)
+        client_step(share_req, {}, u, IDENTITY(u))
+    _, fresh = client_step(adv_req, {}, u, IDENTITY(u))
     with pytest.raises(SecAggError, match="'mask' request .* 'advertised', not 'shared'"):
         client_mask(json.dumps({"version": 1, "stage": "mask", "context": b64(r.sr.context),
                                 "shares": {}}), fresh, u, np.zeros(10), 1)
     r.share()
     mask_req = r.sr.mask_payloads()[u]
     with pytest.raises(SecAggError, match="'share' request .* 'shared', not 'advertised'"):
-        client_step(share_req, r.state[u], u, AUTH)
+        client_step(share_req, r.state[u], u, IDENTITY(u))
     with pytest.raises(SecAggError, match="'unmask' request .* 'shared', not 'checked'"):
         client_step(json.dumps({"version": 1, "stage": "unmask", "context": b64(r.sr.context),
-                                "survivors": r.nodes, "dropped": []}), r.state[u], u, AUTH)
+                                "survivors": r.nodes, "dropped": []}), r.state[u], u, IDENTITY(u))
     _, _, masked_state = client_mask(mask_req, r.state[u], u, np.zeros(10), 1)
     with pytest.raises(SecAggError, match="'mask' request .* 'masked', not 'shared'"):
         client_mask(mask_req, masked_state, u, np.zeros(10), 1)
@@ -753,7 +772,7 @@ def test_client_stages_out_of_order():
 ])
 def test_client_refuses_malformed_requests(request_text, match):
     with pytest.raises(SecAggError, match=match):
-        client_step(request_text, {}, 7, AUTH)
+        client_step(request_text, {}, 7, IDENTITY(7))
 
 
 @pytest.mark.parametrize("request_text", ["[]", "null", "1", '"advertise"', '["stage"]'])
@@ -763,7 +782,7 @@ def test_client_refuses_json_that_is_not_an_object(request_text):
     that is valid JSON but not an object raises AttributeError instead of the
     documented SecAggError (loads() would have said "must be an object of version 1")."""
     try:
-        client_step(request_text, {}, 7, AUTH)
+        client_step(request_text, {}, 7, IDENTITY(7))
     except SecAggError:
         pass
     except AttributeError as err:
@@ -794,7 +813,7 @@ def test_client_refuses_ill_typed_fields_with_masking_error(stage):
     escaped = []
     for data in bad:
         try:
-            client_step(json.dumps(data), r.state[u], u, AUTH)
+            client_step(json.dumps(data), r.state[u], u, IDENTITY(u))
         except SecAggError:
             continue
         except (AttributeError, TypeError) as err:
@@ -820,9 +839,9 @@ def test_client_refuses_bad_advertise_requests(change, match):
     good = {"version": 1, "stage": "advertise", "node": 7, "context": b64(bytes(32)),
             "params": SecAggParams.derive(1.0).to_dict(), "threshold": 2,
             "points": {"7": 1, "8": 2}}
-    client_step(json.dumps(good), {}, 7, AUTH)  # the base request is fine
+    client_step(json.dumps(good), {}, 7, IDENTITY(7))  # the base request is fine
     with pytest.raises(SecAggError, match=match):
-        client_step(json.dumps({**good, **change}), {}, 7, AUTH)
+        client_step(json.dumps({**good, **change}), {}, 7, IDENTITY(7))
 
 
 def test_client_refuses_bad_share_requests():
@@ -843,7 +862,7 @@ def test_client_refuses_bad_share_requests():
     assert r.sr.threshold == 3
     for data, match in cases:
         with pytest.raises(SecAggError, match=match):
-            client_step(json.dumps(data), r.state[u], u, AUTH)
+            client_step(json.dumps(data), r.state[u], u, IDENTITY(u))
     assert r.state[u]["stage"] == "advertised"
 
 
@@ -972,7 +991,7 @@ def test_preadvertised_keys_are_bound_to_their_round():
     other = Round(length=10, after=first)
     other.sr.context = bytes(32)
     with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
-        client_step(other.sr.share_requests()[u], other.state[u], u, AUTH)
+        client_step(other.sr.share_requests()[u], other.state[u], u, IDENTITY(u))
     # ...and if the server re-binds them to a fresh context, the MAC gives it away
     moved = Round(length=10, after=first, seen_keys=set())
     moved.sr.preadvertised_nodes.discard(v)  # v advertises afresh for the new context
@@ -981,7 +1000,7 @@ def test_preadvertised_keys_are_bound_to_their_round():
     moved.state[v] = {}
     moved.advertise()
     with pytest.raises(SecAggError, match=f"the keys of node {u} fail authentication"):
-        client_step(moved.sr.share_requests()[v], moved.state[v], v, AUTH)
+        client_step(moved.sr.share_requests()[v], moved.state[v], v, IDENTITY(v))
 
 
 def test_a_preadvertised_pair_is_used_once():
@@ -991,18 +1010,18 @@ def test_a_preadvertised_pair_is_used_once():
     u = second.nodes[0]
     request = second.sr.share_requests()[u]
     before = dict(second.state[u])
-    _, used = client_step(request, second.state[u], u, AUTH)
+    _, used = client_step(request, second.state[u], u, IDENTITY(u))
     assert second.state[u] == before  # not changed in place
     with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
-        client_step(request, used, u, AUTH)  # a replayed share request
+        client_step(request, used, u, IDENTITY(u))  # a replayed share request
     # a normal advertise request drops the pending pair: the share request for it fails
     adv = Round(length=10, after=first).sr
     fresh_req = json.dumps({"version": 1, "stage": "advertise", "context": b64(adv.context),
                             **adv._setup(u)})
-    _, readvertised = client_step(fresh_req, second.state[u], u, AUTH)
+    _, readvertised = client_step(fresh_req, second.state[u], u, IDENTITY(u))
     assert "pending" not in readvertised
     with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
-        client_step(request, readvertised, u, AUTH)
+        client_step(request, readvertised, u, IDENTITY(u))
 
 
 def test_replayed_preadvertised_keys_are_refused_by_the_server(flwr_caplog):
@@ -1049,9 +1068,9 @@ def test_unmask_refuses_a_next_context_equal_to_the_round():
     u = r.nodes[0]
     data = json.loads(r.unmask_requests()[u])
     with pytest.raises(SecAggError, match="made keys for this round's context before"):
-        client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, AUTH)
+        client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, IDENTITY(u))
     with pytest.raises(SecAggError, match="next context"):
-        client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, AUTH)
+        client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, IDENTITY(u))
 
 
 def test_without_preadvertising_every_round_advertises():
@@ -1092,7 +1111,7 @@ def test_stage_payload_text(data, stage):
 
 def test_deep_json_payloads_are_refused():
     must_refuse(lambda: loads(deep_json(), "share"), SecAggError)
-    must_refuse(lambda: client_step(deep_json(), {}, 11, AUTH), SecAggError)
+    must_refuse(lambda: client_step(deep_json(), {}, 11, IDENTITY(11)), SecAggError)
     must_refuse(lambda: header_of(np.frombuffer(deep_json(2000).encode(), np.uint8)),
                 InvalidUpdate)
 
@@ -1109,7 +1128,7 @@ def secagg_stages() -> dict[str, tuple[str, dict]]:
         stages[stage] = (requests[BAD], states[BAD])
         replies = {}
         for u, request in requests.items():
-            replies[u], states[u] = client_step(request, states[u], u, AUTH)
+            replies[u], states[u] = client_step(request, states[u], u, IDENTITY(u))
         return replies
 
     sr.receive_adverts(ask(sr.advertise_requests(), "advertise"))
@@ -1137,7 +1156,7 @@ def test_client_stage_requests(secagg_stages, data, stage):
         result = attempt(lambda: client_mask(text, state, BAD, XS[BAD], WS[BAD]), SecAggError)
         assert refused(result) or result[0].shape == (MASK_LENGTH + sum_slots([WEIGHT]),)
     else:
-        result = attempt(lambda: client_step(text, state, BAD, AUTH), SecAggError)
+        result = attempt(lambda: client_step(text, state, BAD, IDENTITY(BAD)), SecAggError)
         assert refused(result) or json.loads(result[0])["node"] == BAD
     assert state == before, "a request changed the node's state in place"
 
@@ -1147,22 +1166,24 @@ def test_client_stage_requests(secagg_stages, data, stage):
 def test_advertise_requests_with_bad_share_points_are_refused(points):
     sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
     request = {**json.loads(sr.advertise_requests()[BAD]), "points": points}
-    must_refuse(lambda: client_step(json.dumps(request), {}, BAD, AUTH), SecAggError)
+    must_refuse(lambda: client_step(json.dumps(request), {}, BAD, IDENTITY(BAD)), SecAggError)
 
 
 # ------------------------------------------------------------------ fuzzing: the server side
-def run_masked_round(stage: str, tamper, auth: bytes | None = AUTH):
+def run_masked_round(stage: str, tamper, identity: bool = True):
     """One round with honest nodes, except that node BAD's message of ``stage``
     (advertise, share, masked, unmask) goes through ``tamper``. Returns the server's
     round and its outcome: ``(average, weight)`` or the RoundAborted."""
     sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
     states: dict[int, dict] = {u: {} for u in MASK_NODES}
+    IDENTITY.register(MASK_NODES)
 
     def ask(requests: dict[int, str], name: str) -> dict[int, object]:
         replies: dict[int, object] = {}
         for u, request in requests.items():
             try:
-                replies[u], states[u] = client_step(request, states[u], u, auth)
+                replies[u], states[u] = client_step(request, states[u], u,
+                                                    IDENTITY(u) if identity else None)
             except SecAggError:  # an honest node refuses what fails its checks: a dropout
                 continue
             if name == stage and u == BAD:
@@ -1272,7 +1293,7 @@ def test_low_order_public_keys_are_refused_at_advertise(caplog_flwr):
         def tamper(text):
             return json.dumps({**json.loads(text), "s_pk": b64(point)})
         caplog_flwr.clear()
-        sr, outcome = run_masked_round("advertise", tamper, auth=None)
+        sr, outcome = run_masked_round("advertise", tamper, identity=False)
         assert BAD not in sr.adverts
         assert any(f"node {BAD} at the advertise stage" in w
                    for w in fuzzing.warnings_of(caplog_flwr))
