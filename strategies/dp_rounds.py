@@ -29,6 +29,7 @@ from .checks import is_number
 CLIP_KEY = "dp-clip"
 
 BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
+VALUE_CLIP_KEY, STEP_KEY = "dp-value-clip", "dp-quantization-step"  # the secure quantizer
 
 
 SERVER_SEES = ("plain", "masked", "encrypted")
@@ -61,6 +62,9 @@ class DPRounds:
                              f"masked sum, but its clip range is {strategy.params.clip:g}: "
                              "use a masking clip of at least 1")
         self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
+        # the secure modes quantize what clients send: clients leave room for it
+        self._quantizer = strategy.params.fixed_point if self.masked or self.encrypted \
+            else None
         # the wrapped strategy's (so its max_empty_rounds holds); Flower's FedAvg has none
         self.watch = getattr(strategy, "watch", None) or RoundWatch(PLAINTEXT_EMPTY_ROUNDS)
         self.population = population
@@ -134,6 +138,8 @@ class DPRounds:
     def _round_config(self) -> dict:
         """What the clients' clip mod needs this round."""
         config = {CLIP_KEY: self.clipper.clip}
+        if self._quantizer is not None:
+            config.update({VALUE_CLIP_KEY: self._quantizer.clip, STEP_KEY: self._quantizer.step})
         if self.masked and self.config.adaptive:
             config[BIT_KEY] = True
         return config
@@ -225,10 +231,49 @@ def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
                          f"{clip!r}, not a positive finite number")
     if list(trained) != list(incoming):
         raise ValueError("the trained model's arrays differ from the global model's")
-    clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], float(clip))
+    bound = float(clip)
+    if STEP_KEY in config or VALUE_CLIP_KEY in config:
+        bound = quantized_clip(bound, list(incoming.values()), config.get(VALUE_CLIP_KEY),
+                               config.get(STEP_KEY))
+    clipped, norm = clip_update([trained[k] - incoming[k] for k in incoming], bound)
     update = {k: (incoming[k].astype(np.float64) + c).astype(incoming[k].dtype)
               for k, c in zip(incoming, clipped, strict=True)}
     if config.get(BIT_KEY):
-        update[BIT_KEY] = np.array([1.0 if norm <= clip else 0.0], np.float32)
+        update[BIT_KEY] = np.array([1.0 if norm <= bound else 0.0], np.float32)
     return update
+
+
+def quantized_clip(clip: float, incoming: Sequence[np.ndarray], value_clip: object,
+                   step: object) -> float:
+    """The norm to clip an update to when a secure mode quantizes the model it is sent
+    in, so that one client still moves the sum by at most ``clip`` (the sensitivity the
+    accountant assumes): ``clip - ||g - clip_v(g)|| - step sqrt(d)``.
+
+    The client sends ``Q(clip_v(g + u))`` for the global model ``g`` (``d`` values) and
+    its clipped update ``u``; the server subtracts ``g``. Value clipping to
+    ``[-value_clip, value_clip]`` is 1-Lipschitz, so ``||clip_v(g + u) - g|| <= ||u|| +
+    ||clip_v(g) - g||`` (the second term is 0 unless noise took ``g`` out of range), and
+    stochastic rounding moves each value by less than one ``step``. Without this the
+    sensitivity is up to ``clip + step sqrt(d)`` (Kairouz et al., ICML 2021, section 4).
+
+    Raises
+    ------
+    ValueError
+        If the values are not numbers, or nothing is left of ``clip``.
+    """
+    if not is_number(value_clip) or not is_number(step) or not 0 < step < math.inf \
+            or not 0 < value_clip < math.inf:
+        raise ValueError(f"the server sent a quantizer of clip {value_clip!r} and step "
+                         f"{step!r}: positive finite numbers expected")
+    d = sum(a.size for a in incoming)
+    outside = math.sqrt(sum(float(np.sum((a.astype(np.float64)
+                                          - np.clip(a, -value_clip, value_clip)) ** 2))
+                            for a in incoming))
+    bound = clip - outside - step * math.sqrt(d)
+    if bound <= 0:
+        raise ValueError(f"dp-clip {clip:g} leaves no room for the quantization of "
+                         f"{d} values ({step * math.sqrt(d):.4g} = step x sqrt(d)) and the "
+                         f"global model's values outside the clip range ({outside:.4g}): "
+                         "raise dp-clip or the secure mode's value bits")
+    return bound
 

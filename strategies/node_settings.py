@@ -30,8 +30,9 @@ SETTINGS = {
                                      "updates (1: also a single update)"),
     "paillier-accept-server-noise": (False, "decrypt aggregates the server added central-DP "
                                             "noise to, whose authenticity cannot be checked"),
-    "secagg-allow-unauthenticated": (False, "masking: take part without the authentication "
-                                            "key, trusting the server to relay keys honestly"),
+    "secagg-allow-unauthenticated": (False, "masking: take part without an identity key and "
+                                            "roster, trusting the server to relay keys "
+                                            "honestly"),
     "secagg-min-group": (2, "masking: the smallest share group (the node and its neighbors) "
                             "the node takes part in"),
     "secagg-min-threshold-fraction": (0.5, "masking: the threshold must be more than this "

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from strategies.dp import DPConfig, clip_update, l2_norm
 from strategies.dp_message import CentralDP, dp_clip_mod
-from strategies.dp_rounds import BIT_KEY, CLIP_KEY
+from strategies.dp_rounds import BIT_KEY, CLIP_KEY, quantized_clip
 from strategies.fedavg import WeightedFedAvg
 from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from strategies.secagg_protocol import PAYLOAD_KEY
@@ -560,8 +560,12 @@ def test_paillier_round_adds_encrypted_noise_of_std_z_c_over_n(z, paillier_keys,
     encrypted = EncryptedModel.from_arrays(numpy_of(new), public)
     assert encrypted.total_weight == 4 and encrypted.noise_offset > 0
     got = decrypt_model(private, encrypted, accept_noise=True)[0].astype(np.float64).ravel()
+    # each node leaves room for the quantization (dp_rounds.quantized_clip)
+    params = dp.strategy.params
+    effective = quantized_clip(clip, [glob["w"]], params.clip, params.step)
+    assert effective == pytest.approx(clip - params.step * math.sqrt(2000))
     expected = glob["w"].astype(np.float64).ravel() + sum(
-        flat(deltas[u]) * (clip / np.linalg.norm(flat(deltas[u]))) for u in deltas) / 4
+        flat(deltas[u]) * (effective / np.linalg.norm(flat(deltas[u]))) for u in deltas) / 4
     residual = got - expected
     quantization = dp.strategy.params.max_error() + 1e-6  # + float32
     if z < 1e-3:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from strategies.dp_rounds import clip_local_update
+from strategies.fixed_point import FixedPoint
 from tests.helpers.fuzzing import attempt, fuzz, json_values, refused
 
 
@@ -27,3 +30,57 @@ def test_dp_clip_sent_by_the_server(clip, bit):
     if not refused(result):
         assert math.isfinite(clip) and clip > 0
         assert np.linalg.norm(result["w"]) <= clip * (1 + 1e-6)
+
+
+# ------------------------------------------------------------------ quantization
+def contribution(update: dict, incoming: dict, value_clip: float, bits: int,
+                 seed: int) -> float:
+    """How far one client moves the secure sum: ``||Q(update) - g||``, the update
+    quantized as the secure modes do (value clip, stochastic rounding, weight 1)."""
+    quantizer = FixedPoint(value_clip, bits)
+    flat = np.concatenate([np.ravel(update[k]) for k in incoming])
+    q = quantizer.quantize(flat, np.random.default_rng(seed))
+    sent = quantizer.dequantize(q, 1)
+    g = np.concatenate([np.ravel(incoming[k]).astype(np.float64) for k in incoming])
+    return float(np.linalg.norm(sent - g))
+
+
+@settings(max_examples=150, deadline=None)
+@given(d=st.integers(1, 60), bits=st.integers(3, 16), value_clip=st.sampled_from([0.5, 1.0, 4.0]),
+       clip=st.floats(0.05, 20.0), spread=st.floats(0.0, 1.5), scale=st.floats(0.0, 50.0),
+       seed=st.integers(0, 2**31))
+def test_a_quantized_contribution_stays_within_the_clip(d, bits, value_clip, clip, spread,
+                                                        scale, seed):
+    """With the server's quantizer in the config, what one client adds to the secure
+    sum moves it by at most dp-clip, rounding and value clipping included (a global
+    model partly outside the value range too), or the client refuses."""
+    rng = np.random.default_rng(seed)
+    incoming = {"w": (rng.uniform(-spread, spread, d) * value_clip).astype(np.float32)}
+    trained = {"w": incoming["w"] + (rng.standard_normal(d) * scale).astype(np.float32)}
+    step = FixedPoint(value_clip, bits).step
+    config = {"dp-clip": clip, "dp-value-clip": value_clip, "dp-quantization-step": step}
+    result = attempt(lambda: clip_local_update(config, incoming, trained), ValueError)
+    if refused(result):
+        assert "leaves no room for the quantization" in str(result)
+        assert clip <= step * math.sqrt(d) + 1e-9 + np.linalg.norm(
+            incoming["w"] - np.clip(incoming["w"], -value_clip, value_clip))
+        return
+    # float32 model values: the update is exact to float32's rounding of g + u
+    assert contribution(result, incoming, value_clip, bits, seed) <= clip * (1 + 1e-5) + 1e-6
+
+
+def test_without_the_quantizer_the_contribution_exceeds_the_clip():
+    """The defence off (a config without the quantizer: the clip of plaintext mode):
+    rounding adds up to step x sqrt(d), here past the clip."""
+    d, bits, value_clip, clip = 400, 4, 1.0, 0.5
+    incoming = {"w": np.full(d, 1 / 30, np.float32)}  # g + u falls between two levels
+    trained = {"w": incoming["w"] + np.float32(1.0)}
+    plain = clip_local_update({"dp-clip": clip}, incoming, trained)
+    assert contribution(plain, incoming, value_clip, bits, 0) > clip
+    step = FixedPoint(value_clip, bits).step
+    with pytest.raises(ValueError, match="leaves no room"):  # 0.5 < step x sqrt(400)
+        clip_local_update({"dp-clip": clip, "dp-value-clip": value_clip,
+                           "dp-quantization-step": step}, incoming, trained)
+    roomy = {"dp-clip": 4.0, "dp-value-clip": value_clip, "dp-quantization-step": step}
+    assert contribution(clip_local_update(roomy, incoming, trained), incoming, value_clip,
+                        bits, 0) <= 4.0

@@ -1352,3 +1352,17 @@ def test_a_partly_bad_unmask_reply_is_left_out_entirely(caplog_flwr):
     assert not isinstance(outcome, RoundAborted), outcome
     assert any(f"node {BAD} at the unmask stage" in w for w in fuzzing.warnings_of(caplog_flwr))
     assert_average_of_survivors(sr, outcome)
+
+
+def test_a_survivor_that_does_not_sign_the_check_aborts_the_round():
+    """A node whose masked input arrived but that does not answer the consistency check
+    (a client stalling the round): its input could never be unmasked, so the round
+    stops, naming it, before any node reveals a share."""
+    r = Round(6, 20)
+    r.advertise()
+    r.share()
+    r.mask()
+    silent = r.nodes[2]
+    with pytest.raises(RoundAborted, match=rf"did not sign the round's view .*{silent}"):
+        r.check(skip={silent})
+    assert all(r.state[u]["stage"] == "checked" for u in r.nodes if u != silent)
