@@ -241,8 +241,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     key = load_private_key(Path(args.key))
     with np.load(args.model, allow_pickle=False) as data:
         encrypted = EncryptedModel.from_arrays({k: data[k] for k in data.files}, key.public_key)
-    arrays = decrypt_model(key, encrypted, min_contributors=args.min_contributors,
-                           accept_noise=args.accept_server_noise, workers=None)
+    arrays, sums = decrypt_model(key, encrypted, min_contributors=args.min_contributors,
+                                 accept_noise=args.accept_server_noise, workers=None)
     names = list(encrypted.layout.names)
     if args.task:  # name the arrays after the task model's parameters, for load_npz
         from clients.tasks import DataSpec, build_model
@@ -253,6 +253,9 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             raise ValueError(f"the model has {len(arrays)} arrays, task {args.task} {len(names)}")
     np.savez(args.out, **dict(zip(names, arrays, strict=True)))
     print(f"wrote {args.out} ({sum(a.size for a in arrays):,} values)")
+    if sums:  # the round's train metrics, example-weighted means over its contributors
+        print(json.dumps({"round": encrypted.server_round, "train-metrics": {
+            k: v / encrypted.total_weight for k, v in sums.items()}}))
     return 0
 
 

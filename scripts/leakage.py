@@ -394,10 +394,11 @@ class Lab:
                 update = EncryptedModel.from_arrays(view, self.public_key)
                 (node, weight), = update.contributors.items()
                 made_up = TagKey(secrets.token_bytes(32), self.public_key.n)  # no tag key here
-                self._reference = encrypt_update(
+                self._reference = encrypt_update(  # with the view's metric rows (as zeros)
                     list(plain.values()), update.layout, weight, update.params,
                     Encryptor(self.public_key), made_up, run=update.run,
-                    server_round=update.server_round, node=node).to_arrays()
+                    server_round=update.server_round, node=node,
+                    sums=dict.fromkeys(update.sums, 0.0)).to_arrays()
             elif self.mode == "secagg":
                 layout = Layout.of(list(plain), list(plain.values()))
                 params = aggregation_strategy(self.settings).params

@@ -39,8 +39,8 @@ SETTINGS = {
                                            "fraction of the node's share group (at least 0.5)"),
     "plaintext-metrics": (False, "secure modes: answer federated evaluation with this "
                                  "node's own loss, examples and metrics in plaintext, and "
-                                 "under Paillier send its train metrics (off: masking sends "
-                                 "train metrics only as sums, Paillier none)"),
+                                 "under Paillier send its train metrics in plaintext too "
+                                 "(off: train metrics travel only as sums)"),
 }
 PLAINTEXT_METRICS = "plaintext-metrics"
 

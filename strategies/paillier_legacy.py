@@ -50,9 +50,9 @@ from .node_errors import reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .paillier import PublicKey
-from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
-                            node_private_key, node_workers, parse_round_config,
-                            round_config)
+from .paillier_node import (CLIPPED_KEY, PaillierRounds, decrypt_global_model,
+                            encrypt_local_model, node_private_key, node_workers,
+                            parse_round_config, round_config)
 from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
                                 DecryptionRefused, EncryptedModel, RoundSum)
 
@@ -194,27 +194,32 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
 
 
 # ------------------------------------------------------------------ client mod
-def _decrypt_parameters(msg: Message, ins: str, context: Context) -> None:
-    """Replace the encrypted global model in a fit or evaluate message by the plaintext."""
+def _decrypt_parameters(msg: Message, ins: str, context: Context) -> dict[str, float]:
+    """Replace the encrypted global model in a fit or evaluate message by the plaintext;
+    what the node releases of its metric sums (``decrypt_global_model``)."""
     name = f"{ins}.parameters"
     record = msg.content.array_records.get(name)
     if record is None:
-        return
+        return {}
     parameters = compat.arrayrecord_to_parameters(record, keep_input=True)
     if not is_encrypted(parameters):  # the initial model: public, random weights
-        return
-    _, plain = decrypt_global_model(node_private_key(context), parameters_arrays(parameters),
-                                    context.node_config, node_workers(context))
+        return {}
+    _, plain, released = decrypt_global_model(
+        node_private_key(context), parameters_arrays(parameters), context.node_config,
+        node_workers(context))
     msg.content.array_records[name] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(plain), keep_input=True)
+    return released
 
 
 def _fit_config(msg: Message) -> dict:
     return dict(msg.content.config_records.get("fitins.config", {}))
 
 
-def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
-    """Replace the plaintext model in a fit reply by the encrypted, weighted update."""
+def _encrypt_fitres(msg: Message, reply: Message, context: Context,
+                    released: dict[str, float]) -> None:
+    """Replace the plaintext model in a fit reply by the encrypted, weighted update,
+    which carries the fit metrics as sums; in plaintext only what the node released."""
     res = compat.recorddict_to_fitres(reply.content, keep_input=True)
     if res.status.code != Code.OK:  # no update: send none, never plaintext
         encrypted = Parameters(tensors=[], tensor_type="")
@@ -223,12 +228,13 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
         update, clipped = encrypt_local_model(
             _fit_config(msg), layout_of(arrays).names, arrays, res.num_examples,
             node_private_key(context), run=msg.metadata.run_id, node=context.node_id,
-            workers=node_workers(context))
+            workers=node_workers(context), metrics=res.metrics)
         encrypted = to_parameters(update)
         if node_setting(context.node_config, PLAINTEXT_METRICS):
-            reply.content.config_records["fitres.metrics"]["paillier-clipped"] = clipped
-        else:  # the weight is in the update's header; no other metric leaves the node
-            reply.content.config_records["fitres.metrics"] = ConfigRecord()
+            reply.content.config_records["fitres.metrics"] = ConfigRecord(
+                {**res.metrics, CLIPPED_KEY: clipped, **released})
+        else:  # the weight is in the update's header; the metrics travel encrypted
+            reply.content.config_records["fitres.metrics"] = ConfigRecord(released)
     reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
         encrypted, keep_input=True)
 
@@ -236,8 +242,10 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context) -> None:
 @reports_errors(PermissionError, DecryptionRefused)
 def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model of fit and evaluate messages on the way in; encrypt the
-    fit reply's model on the way out. Sends no metric but the weight and answers no
-    evaluation unless the node's ``plaintext-metrics`` allows it.
+    fit reply's model on the way out. The fit metrics travel inside the encrypted
+    update as weighted sums; in plaintext the node sends only the metric means of the
+    aggregate it decrypted (``released-*``, the last round's), and it answers no
+    evaluation, unless the node's ``plaintext-metrics`` allows them.
 
     Fails (the node replies with an error) rather than send a plaintext model when the
     server's fit config holds no Paillier parameters or names another key, or the node
@@ -245,13 +253,14 @@ def legacy_paillier_mod(msg: Message, context: Context, call_next: ClientAppCall
     """
     node_private_key(context)  # no key on this node: fail before anything else
     kind = msg.metadata.message_type
+    released: dict[str, float] = {}
     if kind == MessageType.TRAIN:
         parse_round_config(_fit_config(msg))  # before training, not after
-        _decrypt_parameters(msg, "fitins", context)
+        released = _decrypt_parameters(msg, "fitins", context)
     elif kind == MessageType.EVALUATE:
         refuse_evaluation(context.node_config, "Paillier")
         _decrypt_parameters(msg, "evaluateins", context)
     reply = call_next(msg, context)
     if kind == MessageType.TRAIN and reply.has_content():
-        _encrypt_fitres(msg, reply, context)
+        _encrypt_fitres(msg, reply, context, released)
     return reply

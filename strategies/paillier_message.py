@@ -31,8 +31,8 @@ from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier import PrivateKey, PublicKey
-from .paillier_node import (PaillierRounds, decrypt_global_model, encrypt_local_model,
-                            node_private_key, node_workers, round_config)
+from .paillier_node import (CLIPPED_KEY, PaillierRounds, decrypt_global_model,
+                            encrypt_local_model, node_private_key, node_workers, round_config)
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
 from .records import array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
@@ -126,18 +126,22 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
 # ------------------------------------------------------------------ client mod
 
 
-def _decrypt_records(msg: Message, key: PrivateKey, context: Context) -> None:
-    """Replace every encrypted ArrayRecord in ``msg`` by the plaintext model."""
+def _decrypt_records(msg: Message, key: PrivateKey, context: Context) -> dict[str, float]:
+    """Replace every encrypted ArrayRecord in ``msg`` by the plaintext model; what the
+    node releases of the aggregate's metric sums (``decrypt_global_model``)."""
+    released: dict[str, float] = {}
     for name, record in list(msg.content.array_records.items()):
         arrays = record_arrays(record)
         if not EncryptedModel.is_encrypted(arrays):
             continue
-        layout, plain = decrypt_global_model(key, arrays, context.node_config,
-                                             node_workers(context))
+        layout, plain, released = decrypt_global_model(key, arrays, context.node_config,
+                                                       node_workers(context))
         msg.content[name] = array_record(dict(zip(layout.names, plain, strict=True)))
+    return released
 
 
-def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Context) -> None:
+def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Context,
+                   released: dict[str, float]) -> None:
     config = next(iter(msg.content.config_records.values()), {})
     if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
         raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
@@ -145,21 +149,25 @@ def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Conte
     (metrics_name, metrics), = reply.content.metric_records.items()
     arrays = record_arrays(record)
     weight = check_weight(metrics.get(WEIGHT_KEY))
+    own = {k: v for k, v in metrics.items() if k != WEIGHT_KEY}
     update, clipped = encrypt_local_model(
-        dict(config), list(arrays), list(arrays.values()), weight,
-        key, run=msg.metadata.run_id, node=context.node_id, workers=node_workers(context))
+        dict(config), list(arrays), list(arrays.values()), weight, key,
+        run=msg.metadata.run_id, node=context.node_id, workers=node_workers(context),
+        metrics=own)
     reply.content[name] = as_record(update)
     if node_setting(context.node_config, PLAINTEXT_METRICS):
-        metrics["paillier-clipped"] = clipped
-    else:  # the weight is in the update's header too; no other metric leaves the node
-        reply.content[metrics_name] = MetricRecord({WEIGHT_KEY: weight})
+        metrics.update({CLIPPED_KEY: clipped, **released})
+    else:  # its metrics travel encrypted; the weight is in the update's header too
+        reply.content[metrics_name] = MetricRecord({WEIGHT_KEY: weight, **released})
 
 
 @reports_errors(PermissionError, DecryptionRefused)
 def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Decrypt the global model on the way in; encrypt the train update on the way out.
-    Sends no train metric but the weight (which the update's header holds too) and
-    answers no evaluation unless the node's ``plaintext-metrics`` allows it.
+    Its train metrics travel inside the encrypted update, as weighted sums; in
+    plaintext it sends only its weight (which the update's header holds too) and the
+    metric means of the aggregate it decrypted (``released-*``, the last round's), and
+    it answers no evaluation, unless the node's ``plaintext-metrics`` allows them.
 
     Fails closed: without a private key, or when the server sends no Paillier
     parameters, the node answers with an error naming the cause and the fix (and never
@@ -169,9 +177,8 @@ def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     category = msg.metadata.message_type.split(".")[0]
     if category == "evaluate":
         refuse_evaluation(context.node_config, "Paillier")
-    if category in ("train", "evaluate"):
-        _decrypt_records(msg, key, context)
+    released = _decrypt_records(msg, key, context) if category in ("train", "evaluate") else {}
     reply = call_next(msg, context)
     if category == "train" and reply.has_content():
-        _encrypt_reply(msg, reply, key, context)
+        _encrypt_reply(msg, reply, key, context, released)
     return reply

@@ -28,10 +28,13 @@ from .node_settings import node_setting
 from .paillier_protocol import (EncryptedModel, Layout, client_weight, decrypt_model,
                                 encrypt_update)
 from .paillier_tags import TagKey
+from .secure_sums import metric_sums
 
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
 WORKERS_NODE_CONFIG = "paillier-workers"
 PREFIX = "paillier-"
+CLIPPED_KEY = "paillier-clipped"  # the train metric: fraction of values outside the clip range
+RELEASED = "released-"  # a key holder's release of the last aggregate's metric means
 
 
 
@@ -144,10 +147,12 @@ def node_workers(context: Context) -> int | None:
 
 def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
                          node_config: Mapping[str, object], workers: int | None
-                         ) -> tuple[Layout, list[np.ndarray]]:
+                         ) -> tuple[Layout, list[np.ndarray], dict[str, float]]:
     """The plaintext model inside an encrypted aggregate that arrived from the server,
     if it is an authentic aggregate of at least the node's ``paillier-min-contributors``
-    updates (:func:`strategies.paillier_protocol.decrypt_model`).
+    updates (:func:`strategies.paillier_protocol.decrypt_model`), and what the node
+    releases of its sums: the train metrics' weighted means over the aggregate's
+    contributors (``released-<metric>``, with ``released-round``), for its next reply.
 
     The last result is cached: evaluate(r) and train(r+1) carry the same aggregate.
 
@@ -172,15 +177,21 @@ def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
         _DECRYPTED.clear()
         _DECRYPTED[digest] = decrypt_model(key, model, min_contributors=minimum,
                                            accept_noise=accept_noise, workers=workers)
-    return model.layout, _DECRYPTED[digest]
+    plain, sums = _DECRYPTED[digest]
+    released = {f"{RELEASED}{k}": v / model.total_weight for k, v in sums.items()}
+    if released:
+        released[f"{RELEASED}round"] = model.server_round
+    return model.layout, plain, released
 
 
 def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray],
                         num_examples: int, key: PrivateKey, *, run: int, node: int,
-                        workers: int | None) -> tuple[EncryptedModel, float]:
+                        workers: int | None, metrics: Mapping[str, object] | None = None
+                        ) -> tuple[EncryptedModel, float]:
     """This node's trained model, encrypted as the round's config asks, weighted by
-    its examples and tagged for ``(run, round, node)``; returns the update and
-    the fraction of values outside the clip range.
+    its examples and tagged for ``(run, round, node)``, with its train ``metrics``
+    (weight excluded) and the fraction of values outside the clip range
+    (``paillier-clipped``) as weighted sums; returns the update and that fraction.
 
     Raises ``ValueError`` if the config holds no Paillier parameters (the server is
     not a Paillier strategy: never send plaintext then) or names another key.
@@ -201,6 +212,7 @@ def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray]
                                         TagKey.from_private_key(key))
     encryptor, tag_key = _ENCRYPTORS[key.fingerprint]
     weight = client_weight(num_examples, unit)
+    sums = metric_sums({**(metrics or {}), CLIPPED_KEY: clipped}, weight)
     update = encrypt_update(arrays, layout, weight, params, encryptor, tag_key, run=run,
-                            server_round=server_round, node=node, workers=workers)
+                            server_round=server_round, node=node, workers=workers, sums=sums)
     return update, clipped

@@ -31,6 +31,7 @@ from .encoding import EncodingParams, decode, encode, encode_noise, pack
 from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
                        check_ciphertext_array)
 from .paillier_tags import TagKey, round_context
+from .secure_sums import OFFSET, check_names, from_fixed, to_fixed
 
 CIPHERTEXTS_KEY = "paillier-ciphertexts"
 HEADER_KEY = "paillier-header"
@@ -56,6 +57,7 @@ class EncryptedModel:
     server_round: int
     contributors: Mapping[int, int]
     noise_offset: int = 0  # > 0 once the server added DP noise (encoding.encode_noise)
+    sums: tuple[str, ...] = ()  # names of the metric sums, one plaintext row each
 
     @property
     def total_weight(self) -> int:
@@ -66,15 +68,21 @@ class EncryptedModel:
         header = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint,
                   "encoding": self.params.to_dict(), "layout": self.layout.to_json(),
                   "run": self.run, "round": self.server_round,
-                  "contributors": {str(k): w for k, w in sorted(self.contributors.items())}}
+                  "contributors": {str(k): w for k, w in sorted(self.contributors.items())},
+                  "sums": list(self.sums)}
         if self.noise_offset:
             header["noise-offset"] = self.noise_offset
         return header
 
     def context(self) -> bytes:
-        """What the tags bind: run, round, key, encoding and layout."""
+        """What the tags bind: run, round, key, encoding, layout and the sums' names."""
         return round_context(self.run, self.server_round, self.fingerprint,
-                             self.params.to_dict(), self.layout.to_json())
+                             self.params.to_dict(), [self.layout.to_json(), list(self.sums)])
+
+    @property
+    def rows(self) -> int:
+        """Plaintext rows: the packed model, one per sum, and the tag."""
+        return self.params.num_plaintexts(self.layout.size) + len(self.sums) + 1
 
     def digest(self) -> str:
         """SHA-256 of header and ciphertexts: names this aggregate (e.g. for caching)."""
@@ -124,6 +132,7 @@ class EncryptedModel:
             contributors = _contributors(header["contributors"], params)
             offset = params.check_noise_offset(header.get("noise-offset", 0),
                                                sum(contributors.values()))
+            sums = tuple(check_names(header.get("sums", [])))
         except KeyError as err:
             raise InvalidUpdate(f"malformed header: no {err} entry") from None
         except (ValueError, TypeError, AttributeError, RecursionError) as err:  # deep JSON
@@ -132,13 +141,13 @@ class EncryptedModel:
             raise InvalidUpdate(
                 f"encrypted under key {str(fingerprint)[:16]}..., expected "
                 f"{public_key.fingerprint[:16]}...: this node uses another key pair")
+        model = EncryptedModel(np.zeros((0, 0), np.uint8), fingerprint, params, layout, run,
+                               server_round, contributors, offset, sums)
         try:
-            cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY],
-                                         params.num_plaintexts(layout.size) + 1)
+            cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY], model.rows)
         except ValueError as err:
             raise InvalidUpdate(str(err)) from None
-        return EncryptedModel(cts, fingerprint, params, layout, run, server_round,
-                              contributors, offset)
+        return dataclasses.replace(model, ciphertexts=cts)
 
 
 def _contributors(value: object, params: EncodingParams) -> dict[int, int]:
@@ -168,15 +177,22 @@ def client_weight(num_examples: int, weight_unit: int) -> int:
 def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
                    params: EncodingParams, encryptor: Encryptor, tag_key: TagKey, *,
                    run: int, server_round: int, node: int, workers: int | None = 1,
-                   rng: np.random.Generator | None = None) -> EncryptedModel:
+                   rng: np.random.Generator | None = None,
+                   sums: Mapping[str, float] | None = None) -> EncryptedModel:
     """One client's weighted, quantized, packed, tagged and encrypted model, bound to
-    ``(run, server_round, node)``."""
+    ``(run, server_round, node)``, with ``sums`` (metrics within
+    :func:`strategies.secure_sums.clamp`, already weighted) one per plaintext row as
+    ``to_fixed(v) + 2^63``: a sum of up to ``2^16`` contributors is below ``2^80``, far
+    inside a plaintext, and the key holders release only the round's sums."""
     if not 1 <= weight <= params.max_total_weight:
         raise ValueError(f"weight {weight} is outside 1..{params.max_total_weight}: raise "
                          "the weight unit or the maximum total weight")
+    names = sorted(sums or {})
+    check_names(names)
     model = EncryptedModel(np.zeros((0, 0), np.uint8), encryptor.public_key.fingerprint,
-                           params, layout, run, server_round, {node: weight})
+                           params, layout, run, server_round, {node: weight}, sums=tuple(names))
     plaintexts = encode(layout.flatten(arrays), params, weight, rng)
+    plaintexts += [to_fixed(sums[k]) + OFFSET for k in names]
     plaintexts.append(tag_key.tag(plaintexts, model.context(), node, weight))
     cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
     return dataclasses.replace(model, ciphertexts=cts)
@@ -217,7 +233,8 @@ def add_noise(model: EncryptedModel, noise: np.ndarray, bound: float, encryptor:
         If the noise does not fit the slots' headroom.
     """
     values, offset = encode_noise(noise, bound, model.total_weight, model.params, rng)
-    plaintexts = pack(values, model.params) + [0]  # the tag row is left as it is
+    # the sums and the tag are left as they are
+    plaintexts = pack(values, model.params) + [0] * (len(model.sums) + 1)
     noise_cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
     cts = aggregate_arrays(encryptor.public_key, [model.ciphertexts, noise_cts],
                            workers=workers)
@@ -267,6 +284,9 @@ class RoundSum:
             raise InvalidUpdate("encoded with other parameters than this round's")
         if update.layout != self.layout:
             raise InvalidUpdate("the model's arrays differ from the global model's")
+        if self.updates and update.sums != self.updates[0].sums:
+            raise InvalidUpdate(f"metric sums {list(update.sums)[:10]} differ from the "
+                                f"round's {list(self.updates[0].sums)[:10]}")
         if self.total_weight + update.total_weight > self.params.max_total_weight:
             raise InvalidUpdate(f"its weight {update.total_weight} would take the total "
                                 f"past {self.params.max_total_weight}: raise "
@@ -293,9 +313,11 @@ class DecryptionRefused(ValueError):
 
 
 def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contributors: int = 2,
-                  accept_noise: bool = False, workers: int | None = 1) -> list[np.ndarray]:
-    """The weighted average inside ``model``, as arrays in its layout, once its tag
-    shows it is an aggregate of exactly the contributors its header names.
+                  accept_noise: bool = False, workers: int | None = 1
+                  ) -> tuple[list[np.ndarray], dict[str, float]]:
+    """The weighted average inside ``model``, as arrays in its layout, and its sums
+    (metrics, already weighted by their senders), once its tag shows it is an
+    aggregate of exactly the contributors its header names.
 
     Parameters
     ----------
@@ -318,14 +340,19 @@ def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contrib
         raise ValueError("this model was encrypted under another key pair")
     if len(model.contributors) < min_contributors or (model.noise_offset and not accept_noise):
         raise DecryptionRefused()
+    n = len(model.contributors)
     try:
         plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
         *plaintexts, tag = plaintexts
         if not model.noise_offset and not TagKey.from_private_key(private_key).verify(
                 plaintexts, tag, model.context(), model.contributors):
             raise DecryptionRefused()
-        flat = decode(plaintexts, model.params, model.layout.size, model.total_weight,
-                      model.noise_offset)
+        rows = plaintexts[len(plaintexts) - len(model.sums):]
+        if any(not 0 <= int(p) < n << 64 for p in rows):
+            raise DecryptionRefused()
+        flat = decode(plaintexts[:len(plaintexts) - len(model.sums)], model.params,
+                      model.layout.size, model.total_weight, model.noise_offset)
     except ValueError:  # EncodingOverflow, a ciphertext outside the key's subgroup
         raise DecryptionRefused() from None
-    return model.layout.unflatten(flat)
+    sums = {k: from_fixed(int(p) - n * OFFSET) for k, p in zip(model.sums, rows, strict=True)}
+    return model.layout.unflatten(flat), sums

@@ -28,7 +28,7 @@ from .node_settings import node_setting
 from .secagg_protocol import (HEADER_KEY, MASKED_KEY, PAYLOAD_KEY, NodePolicy, client_mask,
                               client_step)
 from .secagg_wire import header_array, layout_digest
-from .secure_sums import clamp
+from .secure_sums import metric_sums
 
 STATE_KEY = "secagg"  # the ConfigRecord in context.state holding this node's round state
 CLIPPED_KEY = "secagg-clipped"  # the train metric: fraction of values outside the clip range
@@ -162,21 +162,6 @@ def model_digest(arrays: Mapping[str, np.ndarray], config: Mapping[str, object])
     h.update(json.dumps({k: v for k, v in config.items() if k != PAYLOAD_KEY},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def metric_sums(metrics: Mapping[str, object], weight: int) -> dict[str, float]:
-    """What the server may learn of a node's train metrics: ``weight * value`` for
-    each number (summed over the round, then divided by the total weight: Flower's
-    example-weighted average), clamped to what a slot holds (with a warning in the
-    node's own log). Lists and strings are left out."""
-    sums = {}
-    for name, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        sums[name], clamped = clamp(weight * float(value))
-        if clamped:
-            log(WARNING, "Metric %s is outside what a secure sum holds: clamped", name)
-    return sums
 
 
 def mask_model(payload: str, context: Context, node: int, names: list[str],

@@ -109,7 +109,8 @@ from .secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError,
                       agree, check_public_key, commitment, decode_sum, default_degree,
                       encode_weighted, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
-from .secure_sums import WEIGHT, decode_sums, encode_sums, from_fixed, sum_slots, to_fixed
+from .secure_sums import (MAX_SUM_NAME, MAX_SUMS, WEIGHT, check_names, decode_sums, encode_sums,
+                          from_fixed, sum_slots, to_fixed)
 
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
@@ -122,8 +123,6 @@ PAYLOAD_KEY = "secagg-payload"
 MAX_PAYLOAD_BYTES = 16 << 20
 SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16  # GCM nonce, b and s shares, tag
 USED_CONTEXTS = 1024  # contexts a node remembers having made keys for (44 bytes each)
-MAX_SUMS = 64  # metric sums beside a masked model
-MAX_SUM_NAME = 64
 
 
 class RoundAborted(RuntimeError):
@@ -738,12 +737,12 @@ class ServerRound:
         if header.get("mod-bits") != self.params.mod_bits:
             raise InvalidUpdate(f"masked in a {header.get('mod-bits')}-bit modulus, expected "
                                 f"{self.params.mod_bits}")
-        names = header.get("sums")
-        if not isinstance(names, list) or len(names) > MAX_SUMS or not all(
-                isinstance(k, str) and 0 < len(k) <= MAX_SUM_NAME for k in names) \
-                or WEIGHT not in names or names != sorted(set(names)):
-            raise InvalidUpdate(f"the masked update's sums must be a sorted list of at most "
-                                f"{MAX_SUMS} distinct names with {WEIGHT!r}")
+        try:
+            names = check_names(header.get("sums"))
+        except ValueError as err:
+            raise InvalidUpdate(f"the masked update's {err}") from None
+        if WEIGHT not in names:
+            raise InvalidUpdate(f"the masked update's sums must include {WEIGHT!r}")
         if self.sum_names is not None and names != self.sum_names:
             raise InvalidUpdate(f"sums {names[:10]} differ from the round's {self.sum_names[:10]}")
         width = self.length + sum_slots(names)

@@ -17,8 +17,10 @@ clamped to it (:func:`clamp`; the client says so in its own log).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from logging import WARNING
 
 import numpy as np
 
@@ -28,7 +30,45 @@ FRACTION_BITS = 16
 OFFSET = 1 << (LIMB_BITS * LIMBS - 1)  # 2^63: a sum is a signed 64-bit int
 LIMIT = OFFSET >> FRACTION_BITS  # a metric's |value| below 2^47
 MAX_CLIENTS = 1 << 16  # limb sums stay below 2^32
-WEIGHT = "weight"  # the sum every client sends: its integer weight
+WEIGHT = "weight"  # masking: the sum every client sends, its integer weight
+MAX_SUMS = 64  # sums beside a model
+MAX_SUM_NAME = 64  # characters in a sum's name
+# Flower's logger by name: its lines show where Flower's do, without importing Flower
+log = logging.getLogger("flwr").log
+
+
+def check_names(names: object) -> list[str]:
+    """``names`` if it is a sorted list of at most :data:`MAX_SUMS` distinct strings of
+    1 to :data:`MAX_SUM_NAME` characters.
+
+    Raises
+    ------
+    ValueError
+        Otherwise, saying so.
+    """
+    if not isinstance(names, list) or len(names) > MAX_SUMS or not all(
+            isinstance(k, str) and 0 < len(k) <= MAX_SUM_NAME for k in names) \
+            or names != sorted(set(names)):
+        raise ValueError(f"sums must be a sorted list of at most {MAX_SUMS} distinct names "
+                         f"of 1 to {MAX_SUM_NAME} characters")
+    return names
+
+
+def metric_sums(metrics: Mapping[str, object], weight: int) -> dict[str, float]:
+    """What the server may learn of a node's train metrics: ``weight * value`` for
+    each number (summed over the round, then divided by the total weight: Flower's
+    example-weighted average), clamped to what a slot holds (with a warning in the
+    node's own log). Lists, strings and booleans are left out, and so is anything
+    beyond :data:`MAX_SUMS` - 1 sums or with a longer name."""
+    sums = {}
+    for name, value in sorted(metrics.items()):
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not 0 < len(name) <= MAX_SUM_NAME or len(sums) == MAX_SUMS - 1:
+            continue
+        sums[name], clamped = clamp(weight * float(value))
+        if clamped:
+            log(WARNING, "Metric %s is outside what a secure sum holds: clamped", name)
+    return sums
 
 
 def sum_slots(names: Sequence[str]) -> int:

@@ -11,8 +11,10 @@ classifier app whose prediction is the argmax of the model's ``bias`` array.
 - **Masking**: a train reply carries its weight and metrics only inside the masked
   vector; the server learns their sums over the round, here the pooled share of
   ``c``, and no node's share.
-- **Paillier**: a train reply carries the weight (the update's header holds it too)
-  and no other metric.
+- **Paillier**: a train reply carries its metrics inside the encrypted update, as
+  weighted sums; in plaintext only the weight (the update's header holds it too) and,
+  from round 2, the means the key holders release of the last aggregate's sums: the
+  pooled share again.
 - **Evaluation** (both modes): a node refuses federated evaluation, whose reply is its
   own metrics in plaintext. With the node setting ``plaintext-metrics`` (the defence
   off) the same request reads every node's share of ``c`` exactly.
@@ -29,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from strategies.keyfiles import write_secret
 from strategies.paillier_message import paillier_mod
 from strategies.paillier_node import round_config
-from strategies.paillier_protocol import EncryptedModel
+from strategies.paillier_protocol import EncryptedModel, Layout, RoundSum
 from strategies.encoding import EncodingParams
 from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from tests.helpers import CLIP, new_context
@@ -150,11 +152,17 @@ def key_holder_config(keypair, tmp_path_factory) -> dict:
     return {"paillier-private-key": str(key_file)}
 
 
-def paillier_train(grid: Grid, public_key) -> list[Message]:
-    """Round 1: the initial model is public, so the server may choose it."""
-    params = EncodingParams.for_key(public_key.n_bits, 64, clip=CLIP)
-    config = ConfigRecord(round_config(params, public_key.fingerprint, 1, 1))
-    arrays = ArrayRecord({k: Array(v) for k, v in crafted_model().items()})
+def paillier_params(public_key) -> EncodingParams:
+    return EncodingParams.for_key(public_key.n_bits, 256, clip=CLIP)  # 6 nodes of 20
+
+
+def paillier_train(grid: Grid, public_key, arrays: ArrayRecord | None = None,
+                   server_round: int = 1) -> list[Message]:
+    """A train round; in round 1 the initial model is public, so the server may choose
+    it (the crafted model)."""
+    params = paillier_params(public_key)
+    config = ConfigRecord(round_config(params, public_key.fingerprint, 1, server_round))
+    arrays = arrays or ArrayRecord({k: Array(v) for k, v in crafted_model().items()})
     return grid.send_and_receive([Message(RecordDict({"arrays": arrays, "config": config}),
                                           dst_node_id=u, message_type="train")
                                   for u in LABELS])
@@ -171,6 +179,22 @@ def test_paillier_train_replies_carry_only_the_weight(keypair, key_holder_config
             {k: v.numpy() for k, v in reply.content.array_records["arrays"].items()},
             keypair[0])
         assert dict(update.contributors) == {node: len(LABELS[node])}
+
+    # round 2: the key holders decrypt the round-1 aggregate and release its metric
+    # means (the encrypted sums of every node's accuracy): the pooled share only
+    round_sum = RoundSum(keypair[0], paillier_params(keypair[0]),
+                         Layout.of(["bias"], [crafted_model()["bias"]]), 1)
+    for reply in replies:
+        round_sum.add(reply.metadata.src_node_id, {
+            k: v.numpy() for k, v in reply.content.array_records["arrays"].items()})
+    aggregate = ArrayRecord({k: Array(v) for k, v in round_sum.result().to_arrays().items()})
+    pooled = np.mean(np.concatenate(list(LABELS.values())) == TARGET_CLASS)
+    for reply in paillier_train(Grid(paillier_mod, key_holder_config), keypair[0], aggregate, 2):
+        metrics = dict(reply.content.metric_records["metrics"])
+        assert metrics.pop("num-examples") == len(LABELS[reply.metadata.src_node_id])
+        assert metrics.pop("released-round") == 1
+        assert metrics.pop("released-accuracy") == pytest.approx(pooled, abs=2**-15)
+        assert set(metrics) == {"released-paillier-clipped"}
 
     off = Grid(paillier_mod, {**key_holder_config, "plaintext-metrics": True})
     assert read_shares(paillier_train(off, keypair[0])) == {u: share_of_target(u)

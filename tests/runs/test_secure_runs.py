@@ -168,3 +168,6 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
         assert logs.count("Secure aggregation: 4 of 4 sampled nodes in the sum") == 2
     else:
         assert logs.count("noise added to the encrypted average of 4 updates") == 2
+        # round 1's train metrics, as sums in the updates, released by the key holders
+        assert rows[1]["train-released-round"] == 1 and "train-released-train-loss" in rows[1]
+        assert "train-loss" not in rows[0] and "train-loss" not in rows[1]

@@ -559,7 +559,7 @@ def test_paillier_round_adds_encrypted_noise_of_std_z_c_over_n(z, paillier_keys,
     new, metrics, _ = run_round(dp, FakeGrid(nodes), glob)
     encrypted = EncryptedModel.from_arrays(numpy_of(new), public)
     assert encrypted.total_weight == 4 and encrypted.noise_offset > 0
-    got = decrypt_model(private, encrypted, accept_noise=True)[0].astype(np.float64).ravel()
+    got = decrypt_model(private, encrypted, accept_noise=True)[0][0].astype(np.float64).ravel()
     # each node leaves room for the quantization (dp_rounds.quantized_clip)
     params = dp.strategy.params
     effective = quantized_clip(clip, [glob["w"]], params.clip, params.step)

@@ -80,7 +80,7 @@ def test_message_api_strategy_aggregates_valid_replies_and_names_bad_ones(
     assert_weighted_average_of_good(record_arrays(arrays), keypair, good, strategy)
     assert metrics["train-loss"] == pytest.approx(1.75)
     warnings = [r.getMessage() for r in flwr_caplog.records if r.levelno == logging.WARNING]
-    for node, why in [(1, "second reply"), (3, "another key pair"), (4, "got (3, 511)"),
+    for node, why in [(1, "second reply"), (3, "another key pair"), (4, "got (4, 511)"),
                       (5, "n^2"), (6, "not encrypted"), (7, "crashed"),
                       (8, "only answer for itself"), (9, "made for round 2")]:
         assert any(f"node {node} " in w.lower() and why in w for w in warnings), (node, warnings)

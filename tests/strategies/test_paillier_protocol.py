@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from strategies.aggregation import InvalidUpdate
 from strategies.paillier_node import decrypt_global_model
-from strategies.paillier_protocol import CIPHERTEXTS_KEY, HEADER_KEY, EncryptedModel, RoundSum
+from strategies.paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, DecryptionRefused,
+                                          EncryptedModel, Layout, RoundSum)
 from tests.helpers.fuzzing import (WEIGHTS, attempt, bad_row, deep_json, fuzz, garbage,
                                    header_of_model, json_values, mutated_array, mutated_bytes,
                                    mutated_json, refused, with_header)
@@ -27,16 +28,17 @@ def check_encrypted_model(keys, arrays: object) -> EncryptedModel | BaseExceptio
     model = attempt(lambda: EncryptedModel.from_arrays(arrays, pk), InvalidUpdate)
     if refused(model):
         return model
-    assert model.ciphertexts.shape == (model.params.num_plaintexts(model.layout.size) + 1,
-                                       pk.ciphertext_bytes)
+    assert model.ciphertexts.shape == (model.params.num_plaintexts(model.layout.size)
+                                       + len(model.sums) + 1, pk.ciphertext_bytes)
     model.params.check_modulus_bits(pk.n_bits)
     assert 1 <= model.total_weight <= model.params.max_total_weight
     config = {"paillier-min-contributors": 1, "paillier-accept-server-noise": True}
     out = attempt(lambda: decrypt_global_model(sk, arrays, config, 1), ValueError)
     if not refused(out):
-        layout, plain = out
+        layout, plain, released = out
         assert [a.shape for a in plain] == list(layout.shapes)
         assert all(np.isfinite(a).all() for a in plain)
+        assert all(np.isfinite(v) for v in released.values())
     return model
 
 
@@ -116,3 +118,36 @@ def test_round_sum_keeps_only_good_updates(keys, paillier, data):
             expected.add(node, g)
         assert np.array_equal(round_sum.result().ciphertexts, expected.result().ciphertexts)
         assert round_sum.total_weight == sum(WEIGHTS)
+
+
+def test_metric_sums_travel_encrypted_and_come_out_summed(keys):
+    """Each update carries its weighted metrics as encrypted rows under the tag; the
+    key holders decrypt only the aggregate's sums, exact to 2^-16 per update; updates
+    with other metric names do not join the round."""
+    from strategies.encoding import EncodingParams
+    from strategies.paillier import Encryptor
+    from strategies.paillier_protocol import decrypt_model, encrypt_update
+    from strategies.paillier_tags import TagKey
+
+    pk, sk = keys
+    params = EncodingParams.for_key(pk.n_bits, 64, clip=1.0)
+    layout = Layout.of(["w"], [np.zeros(5, np.float32)])
+    encryptor, tag_key = Encryptor(pk, sk), TagKey.from_private_key(sk)
+    sums = {1: {"loss": 3 * 0.25, "correct": 3 * 7.0}, 2: {"loss": 5 * 2.5, "correct": 5 * 1.0}}
+    weights = {1: 3, 2: 5}
+    round_sum = RoundSum(pk, params, layout, 4)
+    for u in (1, 2):
+        update = encrypt_update([np.full(5, 0.1 * u, np.float32)], layout, weights[u], params,
+                                encryptor, tag_key, run=1, server_round=4, node=u, sums=sums[u])
+        assert update.sums == ("correct", "loss") and update.rows == 1 + 2 + 1
+        round_sum.add(u, update.to_arrays())
+    other = encrypt_update([np.zeros(5, np.float32)], layout, 1, params, encryptor, tag_key,
+                           run=1, server_round=4, node=3, sums={"loss": 1.0})
+    with pytest.raises(InvalidUpdate, match="metric sums"):
+        round_sum.add(3, other.to_arrays())
+    arrays, out = decrypt_model(sk, round_sum.result())
+    assert out == pytest.approx({"loss": 0.75 + 12.5, "correct": 21.0 + 5.0}, abs=2 * 2**-16)
+    assert np.allclose(arrays[0], (3 * 0.1 + 5 * 0.2) / 8, atol=params.max_error())
+    # one update alone is refused, sums and all (no single node's metrics come out)
+    with pytest.raises(DecryptionRefused):
+        decrypt_model(sk, other)

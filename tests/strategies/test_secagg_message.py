@@ -223,7 +223,7 @@ BAD_REPLIES = {
     "for another node": (lambda r: _header_node(r, 101), "may only answer for itself"),
     "plaintext": (lambda r: r.content.__setitem__("arrays", ArrayRecord(
         {k: Array(v) for k, v in local_model(1).items()})), "is secagg_mod on the ClientApp"),
-    "no weight sum": (lambda r: _header_sums(r, ["train-loss"]), "sums must be a sorted list"),
+    "no weight sum": (lambda r: _header_sums(r, ["train-loss"]), "sums must include 'weight'"),
 }
 
 

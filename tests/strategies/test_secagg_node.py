@@ -19,12 +19,3 @@ def test_a_stage_message_without_payload_is_refused():
     for payload in (None, 5, b"{}", ["x"]):
         must_refuse(lambda: answer_stage(payload, context, BAD), SecAggError)
 
-
-def test_metric_sums_weigh_numbers_clamp_and_skip_the_rest(flwr_caplog):
-    from strategies.secagg_node import metric_sums
-    from strategies.secure_sums import LIMIT
-
-    sums = metric_sums({"loss": 0.5, "correct": 3, "ok": True, "curve": [1.0, 2.0],
-                        "name": "x", "huge": float(LIMIT), "nan": float("nan")}, 4)
-    assert sums == {"loss": 2.0, "correct": 12.0, "huge": LIMIT - 1.0, "nan": 0.0}
-    assert "Metric huge is outside" in flwr_caplog.text and "Metric nan" in flwr_caplog.text

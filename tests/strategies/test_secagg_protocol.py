@@ -454,7 +454,7 @@ def test_receive_masked_refuses_bad_vectors_and_the_round_still_decodes():
         ((u, r.ys[v], r.headers[v]), f"from node {v}, sent by node {u}: a node may only "
                                      "answer for itself"),
         ((u, y, {k: x for k, x in h.items() if k != "sums"}), "sums must be a sorted list"),
-        ((u, y, {**h, "sums": ["loss"]}), "sums must be a sorted list"),
+        ((u, y, {**h, "sums": ["loss"]}), "sums must include 'weight'"),
         ((u, y, {**h, "sums": ["weight", "loss"]}), "sums must be a sorted list"),
         ((u, y, {**h, "sums": ["weight", "weight"]}), "sums must be a sorted list"),
         ((u, y, {**h, "sums": [f"m{i:02}" for i in range(64)] + ["weight"]}),

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.secure_sums import (LIMIT, MAX_CLIENTS, OFFSET, clamp, decode_sums, encode_sums,
-                                    from_fixed, sum_slots, to_fixed)
+from strategies.secure_sums import (LIMIT, MAX_CLIENTS, MAX_SUMS, OFFSET, check_names, clamp,
+                                    decode_sums, encode_sums, from_fixed, metric_sums, sum_slots,
+                                    to_fixed)
 
 INTS = st.integers(-OFFSET, OFFSET - 1)
 
@@ -61,3 +62,19 @@ def test_clamp_keeps_every_value_encodable(value):
     encode_sums({"m": to_fixed(clamped)}, np.uint64)  # never raises
     if not was:
         assert abs(from_fixed(to_fixed(clamped)) - value) <= 2**-17
+
+
+def test_metric_sums_weigh_numbers_clamp_and_skip_the_rest(flwr_caplog):
+    sums = metric_sums({"loss": 0.5, "correct": 3, "ok": True, "curve": [1.0, 2.0],
+                        "name": "x", "huge": float(LIMIT), "nan": float("nan")}, 4)
+    assert sums == {"loss": 2.0, "correct": 12.0, "huge": LIMIT - 1.0, "nan": 0.0}
+    assert "Metric huge is outside" in flwr_caplog.text and "Metric nan" in flwr_caplog.text
+    many = metric_sums({f"m{i:03}": 1.0 for i in range(100)}, 1)
+    assert len(many) == MAX_SUMS - 1  # room for the weight
+
+
+@pytest.mark.parametrize("names", [["b", "a"], ["a", "a"], [""], ["x" * 65], "ab", [1],
+                                   [f"m{i:02}" for i in range(65)]])
+def test_bad_sum_names_are_refused(names):
+    with pytest.raises(ValueError, match="sorted list of at most 64"):
+        check_names(names)
