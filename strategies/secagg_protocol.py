@@ -57,6 +57,18 @@ Each node also keeps its own minimums (:class:`NodePolicy`: share group size,
 threshold above half its group) whatever the server sends, and remembers the
 contexts it made keys for, refusing a replayed one.
 
+What the server still chooses: the sample, the round's context and the neighbor
+graph (a function of the sample and the context). A context cannot be reused (the
+nodes refuse one they made keys for, and every key a round uses is a fresh X25519
+pair of the nodes, so masks, seals and signatures of two rounds never coincide);
+deriving it from the nodes' keys instead would add nothing a replay check does not
+give, and would not stop a colluding client from grinding the graph by choosing its
+keys last. In a complete graph the choice of graph is moot. In a sparse graph a
+server that picks the graph, or the views, per group is not stopped (see above):
+SecAgg+'s malicious variant (Bell et al.) needs randomness no party controls for the
+graph and more than the share-group checks here, so this module claims malicious
+security for complete graphs only (docs/threat-model.md).
+
 From the second round on, stage 1 mostly disappears: **pre-advertising**. The
 unmask request names the context of the server's next round, and each survivor
 answers it with two fresh key pairs for that context (their public halves and
