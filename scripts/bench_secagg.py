@@ -143,12 +143,15 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
         x = rng.uniform(-1, 1, length)
         weight = int(rng.integers(1, min(700, params.max_total_weight // n) + 1))
         start = time.perf_counter()
-        masked, header, states[u] = client_mask(payload, states[u], u, x, weight)
+        # the app's train metrics ride along as sums (train loss, clipped fraction)
+        masked, header, states[u] = client_mask(
+            payload, states[u], u, x, weight,
+            sums={"train-loss": weight * 0.5, "secagg-clipped": 0.0})
         client["mask"] += time.perf_counter() - start
         if u not in dropped:
             exact += weight * x
             total_weight += weight
-            timed("mask", rnd.receive_masked, u, masked, header, weight)
+            timed("mask", rnd.receive_masked, u, masked, header)
     timed("check", rnd.receive_checks, clients("check", timed("check", rnd.check_requests)))
     average, _ = timed("unmask", rnd.receive_unmask, clients("unmask", timed(
         "unmask", rnd.unmask_requests)))
