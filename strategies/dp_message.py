@@ -41,7 +41,7 @@ from .aggregation import InvalidUpdate
 from .dp_rounds import BIT_KEY, DPRounds, clip_local_update
 from .fedavg import aggregate_metrics
 from .paillier_protocol import EncryptedModel
-from .records import array_record, record_arrays, screen, train_reply
+from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
 from .secagg_wire import STAGE_RECORD_KEY
 
 
@@ -179,5 +179,5 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     reply.content[out_name] = array_record(
         clip_local_update(config, incoming, record_arrays(out_record)))
     metrics = next(iter(reply.content.metric_records.values()))
-    metrics["num-examples"] = 1  # DP weighs every client the same
+    metrics[WEIGHT_KEY] = 1  # DP weighs every client the same
     return reply

@@ -34,10 +34,8 @@ from .paillier import PrivateKey, PublicKey
 from .paillier_node import (CLIPPED_KEY, PaillierRounds, decrypt_global_model,
                             encrypt_local_model, node_private_key, node_workers, round_config)
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
-from .records import array_record, record_arrays, screen, train_reply
+from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
-
-WEIGHT_KEY = "num-examples"  # the train reply's weight, as FedAvg reads it
 
 
 def as_record(model: EncryptedModel) -> ArrayRecord:

@@ -15,6 +15,8 @@ from .aggregation import InvalidUpdate, check_weight
 from .legacy_wire import load_npy
 from .screening import RoundWatch
 
+WEIGHT_KEY = "num-examples"  # a train reply's weight, as the clients' mods write it
+
 
 def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The arrays of ``record`` by name, in order.

@@ -50,7 +50,7 @@ from .fedavg import evaluate_metrics
 from .secagg_masks import SecAggError
 from .node_errors import reports_errors
 from .node_settings import refuse_evaluation
-from .records import array_record, record_arrays, screen
+from .records import WEIGHT_KEY, array_record, record_arrays, screen
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_node import answer_stage, mask_model, model_digest, require_payload
 from .secagg_protocol import PAYLOAD_KEY, RoundAborted
@@ -61,7 +61,6 @@ from .secagg_wire import STAGE_RECORD_KEY, layout_digest, masked_arrays
 # key stages travel as "train" messages (every training project registers one)
 # holding a "secagg" ConfigRecord, which the mod answers without calling the app.
 STAGE_MESSAGE_TYPE = MessageType.TRAIN
-WEIGHT_KEY = "num-examples"  # the train reply's weight, as FedAvg reads it
 
 
 # ------------------------------------------------------------------ strategy
