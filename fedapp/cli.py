@@ -52,6 +52,30 @@ def app_dir(args: argparse.Namespace) -> Path:
     return path
 
 
+def check_run_config(app: Path, overrides: dict) -> None:
+    """For this project's app, check the run settings before submitting: Flower would
+    say only "Invalid run configuration" for an unknown key, and a bad value would stop
+    the run seconds later with a traceback. Other apps are left to Flower.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting (and the closest known one) or the bad value.
+    """
+    import tomllib
+
+    try:
+        project = tomllib.loads((app / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return  # Flower will say what is wrong with the app
+    flwr = project.get("tool", {}).get("flwr", {}).get("app", {})
+    if flwr.get("components", {}).get("serverapp") == "fedapp.server_app:app":
+        from .config import RunSettings
+
+        # the app's own config (it may differ from our defaults), then the overrides
+        RunSettings.from_run_config({**flwr.get("config", {}), **overrides})
+
+
 def simulation_identities(nodes: int) -> None:
     """With masking, ``fedapp sim`` makes the simulated nodes' identity keys and their
     roster in the key directory if it holds no roster (every node of a simulation runs
@@ -81,10 +105,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     env = {NODE_CONFIG_ENV: " ".join(args.node_config)} if args.node_config else None
     overrides = parse_overrides(args.run_config)
+    app = app_dir(args)
+    check_run_config(app, overrides)
     if overrides.get("aggregation") == "secagg":
         simulation_identities(args.num_supernodes)
     status, run_dir, _ = launch.simulate(
-        app_dir(args), Path(args.workdir), args.num_supernodes, overrides,
+        app, Path(args.workdir), args.num_supernodes, overrides,
         timeout=args.timeout, env=env)  # streams the log as it goes
     print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
     return 0 if status == launch.FINISHED_OK else 1
@@ -163,8 +189,11 @@ def connect(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.run_config)
+    app = app_dir(args)
+    check_run_config(app, overrides)
     connection, env = connect(args)
-    run_id = launch.submit(app_dir(args), connection, env, parse_overrides(args.run_config))
+    run_id = launch.submit(app, connection, env, overrides)
     print(f"submitted run {run_id} (connection '{connection}': flwr log {run_id} "
           f"{connection} --stream)")
     if args.no_wait:

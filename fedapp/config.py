@@ -16,6 +16,8 @@ say ``"auto"`` take the task's own default.
 
 from __future__ import annotations
 
+from difflib import get_close_matches
+
 import dataclasses
 import math
 import typing
@@ -191,10 +193,13 @@ class RunSettings:
         ValueError
             On an unknown key or a value of the wrong type or range.
         """
-        unknown = set(run_config) - set(DEFAULTS)
+        unknown = sorted(map(str, set(run_config) - set(DEFAULTS)))
         if unknown:
-            raise ValueError(f"unknown run settings {sorted(map(str, unknown))}; known: "
-                             f"{sorted(DEFAULTS)}")
+            hints = [f"'{k}' (did you mean '{close[0]}'?)" if close else f"'{k}'"
+                     for k in unknown for close in [get_close_matches(k, DEFAULTS, n=1)]]
+            raise ValueError(f"unknown run setting{'s' * (len(unknown) > 1)} "
+                             f"{', '.join(hints)}: see docs/configuration.md for the "
+                             f"{len(DEFAULTS)} settings")
         for key, value in run_config.items():
             _check_type(key, value)
         values = {**DEFAULTS, **run_config}

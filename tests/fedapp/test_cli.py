@@ -252,3 +252,29 @@ def test_sim_makes_the_identities_of_a_masking_simulation(tmp_path, monkeypatch,
     cli.simulation_identities(3)  # there: kept
     with pytest.raises(ValueError, match="fewer than 4 nodes"):
         cli.simulation_identities(4)
+
+
+def test_sim_and_run_check_this_apps_run_config_before_submitting(tmp_path, monkeypatch,
+                                                                  capsys):
+    """An unknown setting is named with the closest known one, a bad value in one line,
+    before anything starts; another app's settings are left to Flower."""
+    app = fresh_checkout(tmp_path)
+    submitted = []
+    monkeypatch.setattr(launch, "simulate", lambda *a, **k: submitted.append(a) or
+                        ("finished:completed", None, ""))
+    assert cli.main(["sim", "--app", str(app), "--run-config", "num-rounds=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown run setting 'num-rounds' (did you mean 'num-server-rounds'?)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert cli.main(["sim", "--app", str(app), "--run-config", "fraction-train=2.0"]) == 2
+    assert "fraction-train" in capsys.readouterr().err
+    assert cli.main(["run", "--app", str(app), "--superlink", "127.0.0.1:1", "--insecure",
+                     "--run-config", "aggregation='secagg2'"]) == 2
+    assert "aggregation" in capsys.readouterr().err
+    assert submitted == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pyproject.toml").write_text('[tool.flwr.app.components]\nserverapp = "x:app"\n')
+    cli.check_run_config(other, {"anything": 1})  # not ours: Flower checks it
+    assert cli.main(["sim", "--app", str(app), "--run-config", "num-server-rounds=1"]) == 0
+    assert len(submitted) == 1

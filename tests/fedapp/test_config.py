@@ -34,7 +34,7 @@ def test_auto_settings_take_the_task_defaults():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"tsak": "mnist"}, "unknown run settings"),
+    ({"tsak": "mnist"}, "unknown run setting .tsak. \\(did you mean .task.\\?\\)"),
     ({"task": "cifar"}, "task must be one of"),
     ({"learning-rate": "fast"}, "learning-rate must be 'auto'"),
     ({"partitioning": "random"}, "partitioning must be one of"),
@@ -64,7 +64,7 @@ def test_run_config_cannot_carry_client_secrets():
     assert not [k for k, v in DEFAULTS.items() if not isinstance(v, bool)  # a switch holds none
                 and any(w in k for w in ("private", "secret", "auth"))]
     for key in ("paillier-private-key", "secagg-identity-key", "supernode-key"):
-        with pytest.raises(ValueError, match="unknown run settings"):
+        with pytest.raises(ValueError, match="unknown run setting"):
             RunSettings.from_run_config({**DEFAULTS, key: "/keys/secret"})
 
 
