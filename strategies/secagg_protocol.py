@@ -460,10 +460,13 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
                            f"{state['threshold'] - 1} needed")
     params = SecAggParams.from_dict(state["params"])
     sums = dict(sums or {})
-    if WEIGHT in sums or len(sums) >= MAX_SUMS \
-            or not all(isinstance(k, str) and 0 < len(k) <= MAX_SUM_NAME for k in sums):
-        raise SecAggError(f"at most {MAX_SUMS - 1} sums, named by strings of at most "
-                          f"{MAX_SUM_NAME} characters other than {WEIGHT!r}")
+    try:
+        if WEIGHT in sums:
+            raise ValueError(f"{WEIGHT!r} is always summed")
+        check_names(sorted([*sums, WEIGHT]))
+    except (ValueError, TypeError):  # TypeError: names that do not sort
+        raise SecAggError(f"at most {MAX_SUMS - 1} sums, named by strings of 1 to "
+                          f"{MAX_SUM_NAME} characters other than {WEIGHT!r}") from None
     encoded = encode_weighted(flat, weight, params, rng or np.random.default_rng())
     names, limbs = encode_sums({**{k: to_fixed(v) for k, v in sums.items()}, WEIGHT: weight},
                                params.dtype)

@@ -34,7 +34,8 @@ from strategies.paillier_node import round_config
 from strategies.paillier_protocol import EncryptedModel, Layout, RoundSum
 from strategies.encoding import EncodingParams
 from strategies.secagg_message import SecAggFedAvg, secagg_mod
-from tests.helpers import CLIP, new_context
+from tests.helpers import CLIP
+from tests.helpers.fakes import ModGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # Messages made outside a Flower run
 
@@ -75,26 +76,9 @@ def classifier(msg: Message, context: Context) -> Message:
         {"num-examples": n, "accuracy": acc})}), reply_to=msg)
 
 
-class Grid:
+def nodes(mod, node_config: dict | None = None) -> ModGrid:
     """Nodes running ``mod`` around the classifier, in-process."""
-
-    def __init__(self, mod, node_config: dict | None = None) -> None:
-        self.mod = mod
-        self.contexts = {u: new_context(u) for u in LABELS}
-        for context in self.contexts.values():
-            context.node_config.update(node_config or {})
-
-    def get_node_ids(self):
-        return list(LABELS)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            reply = self.mod(msg, self.contexts[node], classifier)
-            reply.metadata.__dict__["_src_node_id"] = node  # as Flower routes the reply
-            out.append(reply)
-        return out
+    return ModGrid(mod, classifier, LABELS, node_config)
 
 
 def evaluate_requests(arrays: ArrayRecord) -> list[Message]:
@@ -109,7 +93,7 @@ def read_shares(replies: list[Message]) -> dict[int, float]:
 
 
 # ------------------------------------------------------------------ masking
-def masking_round(grid: Grid) -> tuple[list[Message], MetricRecord]:
+def masking_round(grid: ModGrid) -> tuple[list[Message], MetricRecord]:
     strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=len(LABELS),
                             min_train_nodes=len(LABELS))
     arrays = ArrayRecord({k: Array(v) for k, v in crafted_model().items()})
@@ -121,7 +105,7 @@ def masking_round(grid: Grid) -> tuple[list[Message], MetricRecord]:
 
 
 def test_masking_train_replies_give_the_server_only_the_sums():
-    replies, metrics = masking_round(Grid(secagg_mod))
+    replies, metrics = masking_round(nodes(secagg_mod))
     assert len(replies) == len(LABELS) and not any(r.has_error() for r in replies)
     for reply in replies:  # nothing but the masked vector and its header
         assert all(len(record) == 0 for record in reply.content.metric_records.values())
@@ -135,11 +119,11 @@ def test_masking_train_replies_give_the_server_only_the_sums():
 
 def test_masking_nodes_refuse_evaluation_and_with_the_defence_off_it_reads_every_share():
     arrays = ArrayRecord({k: Array(v) for k, v in crafted_model().items()})
-    replies = Grid(secagg_mod).send_and_receive(evaluate_requests(arrays))
+    replies = nodes(secagg_mod).send_and_receive(evaluate_requests(arrays))
     assert all(r.has_error() and "plaintext-metrics" in r.error.reason for r in replies)
     assert read_shares(replies) == {}
 
-    off = Grid(secagg_mod, {"plaintext-metrics": True})
+    off = nodes(secagg_mod, {"plaintext-metrics": True})
     assert read_shares(off.send_and_receive(evaluate_requests(arrays))) == {
         u: share_of_target(u) for u in LABELS}
 
@@ -156,7 +140,7 @@ def paillier_params(public_key) -> EncodingParams:
     return EncodingParams.for_key(public_key.n_bits, 256, clip=CLIP)  # 6 nodes of 20
 
 
-def paillier_train(grid: Grid, public_key, arrays: ArrayRecord | None = None,
+def paillier_train(grid: ModGrid, public_key, arrays: ArrayRecord | None = None,
                    server_round: int = 1) -> list[Message]:
     """A train round; in round 1 the initial model is public, so the server may choose
     it (the crafted model)."""
@@ -169,7 +153,7 @@ def paillier_train(grid: Grid, public_key, arrays: ArrayRecord | None = None,
 
 
 def test_paillier_train_replies_carry_only_the_weight(keypair, key_holder_config):
-    replies = paillier_train(Grid(paillier_mod, key_holder_config), keypair[0])
+    replies = paillier_train(nodes(paillier_mod, key_holder_config), keypair[0])
     for reply in replies:
         assert not reply.has_error()
         node = reply.metadata.src_node_id
@@ -189,14 +173,14 @@ def test_paillier_train_replies_carry_only_the_weight(keypair, key_holder_config
             k: v.numpy() for k, v in reply.content.array_records["arrays"].items()})
     aggregate = ArrayRecord({k: Array(v) for k, v in round_sum.result().to_arrays().items()})
     pooled = np.mean(np.concatenate(list(LABELS.values())) == TARGET_CLASS)
-    for reply in paillier_train(Grid(paillier_mod, key_holder_config), keypair[0], aggregate, 2):
+    for reply in paillier_train(nodes(paillier_mod, key_holder_config), keypair[0], aggregate, 2):
         metrics = dict(reply.content.metric_records["metrics"])
         assert metrics.pop("num-examples") == len(LABELS[reply.metadata.src_node_id])
         assert metrics.pop("released-round") == 1
         assert metrics.pop("released-accuracy") == pytest.approx(pooled, abs=2**-15)
         assert set(metrics) == {"released-paillier-clipped"}
 
-    off = Grid(paillier_mod, {**key_holder_config, "plaintext-metrics": True})
+    off = nodes(paillier_mod, {**key_holder_config, "plaintext-metrics": True})
     assert read_shares(paillier_train(off, keypair[0])) == {u: share_of_target(u)
                                                             for u in LABELS}
 
@@ -204,8 +188,8 @@ def test_paillier_train_replies_carry_only_the_weight(keypair, key_holder_config
 def test_paillier_nodes_refuse_evaluation_and_with_the_defence_off_it_reads_every_share(
         key_holder_config):
     arrays = ArrayRecord({k: Array(v) for k, v in crafted_model().items()})
-    replies = Grid(paillier_mod, key_holder_config).send_and_receive(evaluate_requests(arrays))
+    replies = nodes(paillier_mod, key_holder_config).send_and_receive(evaluate_requests(arrays))
     assert all(r.has_error() and "plaintext-metrics" in r.error.reason for r in replies)
-    off = Grid(paillier_mod, {**key_holder_config, "plaintext-metrics": True})
+    off = nodes(paillier_mod, {**key_holder_config, "plaintext-metrics": True})
     assert read_shares(off.send_and_receive(evaluate_requests(arrays))) == {
         u: share_of_target(u) for u in LABELS}

@@ -28,6 +28,7 @@ from strategies.secure_sums import WEIGHT, sum_slots
 from tests.helpers import CLIP, SHAPES, new_context
 from tests.helpers.fuzzing import (BAD, MASK_LENGTH, MASK_NODES, MASK_PARAMS, WS, XS,
                                    bad_masked_reply, fuzz, no_hang, warnings_of)
+from tests.helpers.fakes import ModGrid
 from tests.helpers.masking import NODES, expected, local_model, weight
 
 
@@ -361,23 +362,9 @@ def secagg_train(msg: Message, context: Context) -> Message:
         {"num-examples": WS[node], "train-loss": 1.0})}), reply_to=msg)
 
 
-class SecAggGrid:
+def secagg_grid() -> ModGrid:
     """Nodes that run secagg_mod in-process and answer every message."""
-
-    def __init__(self) -> None:
-        self.contexts = {u: new_context(u) for u in MASK_NODES}
-
-    def get_node_ids(self):
-        return list(MASK_NODES)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            reply = secagg_mod(msg, self.contexts[node], secagg_train)
-            reply.metadata.__dict__["_src_node_id"] = node  # as Flower routes the reply
-            out.append(reply)
-        return out
+    return ModGrid(secagg_mod, secagg_train, MASK_NODES)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -387,7 +374,7 @@ def test_secagg_strategy_leaves_out_bad_replies(caplog_flwr, data):
     strategy = SecAggFedAvg(clip=MASK_PARAMS.clip, max_total_weight=1000,
                             min_available_nodes=5, min_train_nodes=5,
                             max_empty_rounds=2)  # an aborted round is the subject here
-    grid = SecAggGrid()
+    grid = secagg_grid()
     start = ArrayRecord({"w": Array(np.zeros(MASK_LENGTH, np.float32))})
     messages = list(strategy.configure_train(1, start, ConfigRecord({"lr": 0.1}), grid))
     replies = grid.send_and_receive(messages)
