@@ -117,7 +117,7 @@ import numpy as np
 from .checks import is_int
 from .aggregation import InvalidUpdate
 from .secagg_identity import KEY_BYTES, SIGNATURE_BYTES, NodeIdentity, verify
-from .secagg_masks import (PRIME, SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
+from .secagg_masks import (SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
                       agree, check_public_key, commitment, decode_sum, default_degree,
                       encode_weighted, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
@@ -127,7 +127,7 @@ from .secure_sums import (MAX_SUM_NAME, MAX_SUMS, WEIGHT, check_names, decode_su
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
 
-VERSION = 1
+VERSION = 2  # 2: coin stage, session-bound keys, global consistency check
 MASKED_KEY = "secagg-masked"
 HEADER_KEY = "secagg-header"
 MAX_HEADER_BYTES = 4096  # the header beside a masked vector: ids, weight, layout digest
@@ -199,31 +199,85 @@ def _u64(value: int) -> bytes:
     return value.to_bytes(8, "big")
 
 
-def mask_info(context: bytes, u: int, v: int) -> bytes:
+def mask_info(session: bytes, u: int, v: int) -> bytes:
     """HKDF info of the pairwise mask of ``u`` and ``v`` (the same from both ends)."""
-    return b"fedapp-secagg mask" + context + _u64(min(u, v)) + _u64(max(u, v))
+    return b"fedapp-secagg mask" + session + _u64(min(u, v)) + _u64(max(u, v))
 
 
-def share_info(context: bytes, u: int, v: int) -> bytes:
-    return b"fedapp-secagg seal" + context + _u64(min(u, v)) + _u64(max(u, v))
+def share_info(session: bytes, u: int, v: int) -> bytes:
+    return b"fedapp-secagg seal" + session + _u64(min(u, v)) + _u64(max(u, v))
 
 
-def advert_bytes(context: bytes, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    return b"fedapp-secagg advert" + context + _u64(node) + c_pk + s_pk
+def advert_bytes(context: bytes, node: int, c_pk: bytes, s_pk: bytes, coin: bytes) -> bytes:
+    """What a node signs of its advertisement: its keys and coin commitment for the round."""
+    return b"fedapp-secagg advert" + context + _u64(node) + c_pk + s_pk + coin
 
 
-def self_mask_seed(b: bytes, context: bytes) -> bytes:
-    return hashlib.sha256(b"fedapp-secagg self" + context + b).digest()
+def coin_commitment(context: bytes, node: int, coin: bytes) -> bytes:
+    return hashlib.sha256(b"fedapp-secagg coin" + context + _u64(node) + coin).digest()
 
 
-def pair_mask(length: int, dtype: type, context: bytes, u: int, v: int, private: bytes,
+def session_of(context: bytes, adverts: Mapping[int, Mapping[str, str]],
+               coins: Mapping[int, bytes]) -> bytes:
+    """The round's session: its context, every advertised node's keys and coin
+    commitment (``U1``), and in a sparse round every node's revealed coin. Every key,
+    mask, seal and signature of the round is bound to it, so nodes that were shown
+    different members or coins cannot work together."""
+    members = [[v, *(adverts[v][k] for k in ("c_pk", "s_pk", "id_pk", "coin"))]
+               for v in sorted(adverts)]
+    return hashlib.sha256(json.dumps([b64(context), members, {str(v): b64(coins[v])
+                                                            for v in sorted(coins)}]
+                                     ).encode()).digest()
+
+
+def effective_degree(num_nodes: int, degree: int) -> int:
+    """The neighbors per node of a round of ``num_nodes`` (0: SecAgg+'s default)."""
+    return min(num_nodes - 1, degree or default_degree(num_nodes))
+
+
+@dataclass(frozen=True)
+class RoundGraph:
+    """Who shares with whom in a round, computed alike by the server and every node
+    from the members ``U1``, the degree, the threshold fraction and the session.
+
+    Attributes: ``graph`` (node -> its neighbors), ``points`` (node -> its Shamir
+    share point: its 1-based rank in ``U1``), ``threshold`` (shares that rebuild a
+    secret: more than ``fraction`` of the smallest share group) and ``quorum``
+    (survivors a round needs: more than ``fraction`` of ``U1``, so that two sets of
+    survivors always share a node; in a complete graph it is the threshold).
+    """
+
+    graph: dict[int, list[int]]
+    points: dict[int, int]
+    threshold: int
+    quorum: int
+
+    @staticmethod
+    def draw(members: list[int], degree: int, fraction: float, session: bytes) -> RoundGraph:
+        members = sorted(members)
+        graph = neighbor_graph(members, effective_degree(len(members), degree), session)
+        return RoundGraph(graph, {u: i + 1 for i, u in enumerate(members)},
+                          threshold_for(1 + min(len(v) for v in graph.values()), fraction),
+                          threshold_for(len(members), fraction))
+
+
+def is_sparse(num_nodes: int, degree: int) -> bool:
+    """Whether a round's graph leaves some pairs out (and so is drawn from the coins)."""
+    return effective_degree(num_nodes, degree) < num_nodes - 1
+
+
+def self_mask_seed(b: bytes, session: bytes) -> bytes:
+    return hashlib.sha256(b"fedapp-secagg self" + session + b).digest()
+
+
+def pair_mask(length: int, dtype: type, session: bytes, u: int, v: int, private: bytes,
               peer_public: bytes) -> np.ndarray:
     """The mask ``u`` adds for neighbor ``v``: ``+PRG`` if ``u < v``, else ``-PRG``.
 
     ``private`` is the ``s`` private key of either end and ``peer_public`` the other
     end's ``s`` public key (the node uses its own; the server a dropped node's).
     """
-    mask = prg(agree(private, peer_public, mask_info(context, u, v)), length, dtype)
+    mask = prg(agree(private, peer_public, mask_info(session, u, v)), length, dtype)
     return mask if u < v else np.negative(mask)
 
 
@@ -238,9 +292,9 @@ class NodePolicy:
     min_group : int
         Smallest share group (the node and its neighbors) it takes part in.
     min_threshold_fraction : float
-        The threshold must be more than this fraction of its share group: at 0.5
-        or more, two sets of ``t`` nodes of a group always share one, which the
-        consistency check needs.
+        The round's threshold fraction must be at least this: at 0.5 or more, two
+        sets of ``t`` nodes of a group always share one, which the consistency check
+        needs.
     """
 
     min_group: int = 2
@@ -257,8 +311,8 @@ class NodePolicy:
 
 def client_step(request: str, state: dict, node: int, identity: NodeIdentity | None,
                 policy: NodePolicy = NodePolicy()) -> tuple[str, dict]:
-    """Answer a stage 1, 2, 4 (check) or 5 (unmask) request; return the reply payload
-    and the new state.
+    """Answer an advertise, coin, share, check or unmask request; return the reply
+    payload and the new state.
 
     ``state`` is the node's private round state (empty before the first round);
     it holds private keys and must stay on the node.
@@ -276,7 +330,9 @@ def client_step(request: str, state: dict, node: int, identity: NodeIdentity | N
         data = None
     stage = data.get("stage") if isinstance(data, dict) else None
     if stage == "advertise":
-        return _advertise(loads(request, stage), state, node, identity, policy)
+        return _advertise(loads(request, stage), state, node, identity)
+    if stage == "coin":
+        return _coin(loads(request, stage), state, node, identity)
     if stage == "share":
         return _share(loads(request, stage), state, node, identity, policy)
     if stage == "check":
@@ -286,19 +342,37 @@ def client_step(request: str, state: dict, node: int, identity: NodeIdentity | N
     raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
 
 
-def _advertise(req: dict, old: dict, node: int, identity: NodeIdentity | None, policy: NodePolicy
+def _advertise(req: dict, state: dict, node: int, identity: NodeIdentity | None
                ) -> tuple[str, dict]:
-    used = _fresh(old, req.get("context"))
-    c, s = KeyPair.generate(), KeyPair.generate()
-    state = _round_state(req, node, req.get("context"), c.private, s.private, policy)
-    context = unb64(state["context"])
-    return dumps({"stage": "advertise", "node": node,
-                  **_advert_fields(context, node, c, s, identity)}), {**state, "used": used}
+    if node_id(req.get("node")) != node:
+        raise SecAggError(f"the advertise request is addressed to node {req.get('node')}, "
+                          f"this is node {node}")
+    advert, state = _new_keys(state, req.get("context"), node, identity)
+    return dumps({"stage": "advertise", "node": node, **advert}), {**state,
+                                                                    "stage": "advertised"}
+
+
+def _new_keys(state: dict, context: object, node: int, identity: NodeIdentity | None
+              ) -> tuple[dict[str, str], dict]:
+    """Fresh keys and coin for the round of ``context`` (kept as the state's
+    ``pending`` keys, replacing any earlier ones); their signed advertisement."""
+    used = _fresh(state, context)
+    context = unb64(context, 32, "context")
+    c, s, coin = KeyPair.generate(), KeyPair.generate(), secrets.token_bytes(32)
+    fields = {"c_pk": b64(c.public), "s_pk": b64(s.public),
+              "coin": b64(coin_commitment(context, node, coin)), "id_pk": "", "sig": ""}
+    if identity is not None:
+        fields["id_pk"] = b64(identity.key.public)
+        fields["sig"] = b64(identity.key.sign(advert_bytes(
+            context, node, c.public, s.public, unb64(fields["coin"]))))
+    pending = {"context": b64(context), "c_sk": b64(c.private), "s_sk": b64(s.private),
+               "coin": b64(coin)}
+    return fields, {**state, "used": used, "pending": pending}
 
 
 def _fresh(state: dict, context: object) -> list[str]:
     """The node's used contexts with ``context`` added; :class:`SecAggError` if it was
-    used before (a replayed round), unless it is the one the node pre-advertised keys
+    used before (a replayed round), unless it is the one the node has pending keys
     for (the server did not get them: new keys replace them). The last
     :data:`USED_CONTEXTS` are kept."""
     text = b64(unb64(context, 32, "context"))
@@ -309,122 +383,144 @@ def _fresh(state: dict, context: object) -> list[str]:
     return [*(u for u in used if u != text), text][-USED_CONTEXTS:]
 
 
-def _advert_fields(context: bytes, node: int, c: KeyPair, s: KeyPair,
-                   identity: NodeIdentity | None) -> dict[str, str]:
-    """The public keys of a node for the round of ``context``, signed with its identity
-    key (unsigned without one)."""
-    if identity is None:
-        return {"c_pk": b64(c.public), "s_pk": b64(s.public), "id_pk": "", "sig": ""}
-    return {"c_pk": b64(c.public), "s_pk": b64(s.public), "id_pk": b64(identity.key.public),
-            "sig": b64(identity.key.sign(advert_bytes(context, node, c.public, s.public)))}
-
-
-def _round_state(setup: object, node: int, context: object, c_sk: bytes, s_sk: bytes,
-                 policy: NodePolicy) -> dict:
-    """The node's state at stage 'advertised' from the round's settings (node, share
-    points, threshold, encoding) as the server sent them and its base64 ``context``;
-    :class:`SecAggError` if they fail a check."""
-    if not isinstance(setup, dict):
-        raise SecAggError("the round's settings must be an object")
-    if node_id(setup.get("node")) != node:
-        raise SecAggError(f"the advertise request is addressed to node {setup.get('node')}, "
-                           f"this is node {node}")
-    params = SecAggParams.from_dict(setup.get("params", {}))
-    points = node_map(setup.get("points"), "points")
-    if not all(is_int(x) and 0 < x < PRIME
-               for x in points.values()) or len(set(points.values())) != len(points):
-        raise SecAggError("the advertise request's share points must be distinct ints in "
-                           "[1, 2^521 - 1)")
-    neighbors = sorted(points.keys() - {node})
-    threshold = setup.get("threshold")
-    if node not in points or not is_int(threshold) \
-            or not 1 <= threshold <= len(points):
-        raise SecAggError("the advertise request needs this node's share point and a "
-                           "threshold within its share group")
-    if len(points) < policy.min_group:
-        raise SecAggError(f"a share group of {len(points)} nodes, this node takes part in "
-                          f"groups of at least {policy.min_group} (node setting "
-                          "secagg-min-group)")
-    if threshold <= policy.min_threshold_fraction * len(points):
-        raise SecAggError(f"threshold {threshold} of a share group of {len(points)}: this node "
-                          f"needs more than {policy.min_threshold_fraction:g} of its group "
-                          "(node setting secagg-min-threshold-fraction)")
-    context = unb64(context, 32, "context")
-    return {"stage": "advertised", "context": b64(context), "node": node,
-            "params": params.to_dict(), "points": {str(k): v for k, v in points.items()},
-            "neighbors": neighbors, "threshold": threshold,
-            "c_sk": b64(c_sk), "s_sk": b64(s_sk)}
-
-
-def _expect(state: dict, stage: str, now: str) -> bytes:
-    if state.get("stage") != stage:
-        raise SecAggError(f"a '{now}' request arrived when this node was at stage "
-                           f"{state.get('stage')!r}, not {stage!r}: out of order")
-    return unb64(state["context"], 32, "context")
-
-
-def _share(req: dict, state: dict, node: int, identity: NodeIdentity | None, policy: NodePolicy
-           ) -> tuple[str, dict]:
+def _pending(req: dict, state: dict, stage: str) -> tuple[bytes, dict]:
+    """The context of a coin or share request and the keys this node made for it."""
+    context = unb64(req.get("context"), 32, "context")
     pending = state.get("pending")
-    if "setup" in req:  # keys pre-advertised in the last unmask reply: use them, once
-        context = unb64(req.get("context"), 32, "context")
-        if not isinstance(pending, dict) or pending.get("context") != b64(context):
-            raise SecAggError("the share request names no keys this node pre-advertised for "
-                               "its round (used already, replaced, or never made)")
-        state = {**_round_state(req["setup"], node, req.get("context"),
-                                unb64(pending.get("c_sk"), 32, "c_sk"),
-                                unb64(pending.get("s_sk"), 32, "s_sk"), policy),
-                 "used": state.get("used", [])}
-    else:
-        context = _expect(state, "advertised", "share")
-        if unb64(req.get("context"), 32, "context") != context:
-            raise SecAggError("the share request belongs to another round")
-    adverts = node_map(req.get("adverts"), "adverts")
-    unknown = adverts.keys() - set(state["neighbors"])
-    if unknown:
-        raise SecAggError(f"keys of nodes {sorted(unknown)} that are not this node's neighbors")
-    keys = {}
+    if not isinstance(pending, dict) or pending.get("context") != b64(context):
+        raise SecAggError(f"the {stage} request names a round this node has no keys for "
+                          "(used already, replaced, or never made)")
+    return context, pending
+
+
+def _members(adverts: object, context: bytes, node: int, pending: dict,
+             identity: NodeIdentity | None) -> dict[str, dict[str, str]]:
+    """Every advertised node of the round (``U1``), checked: this node's own keys as
+    it made them, each other node's signed by a distinct key of the roster."""
+    adverts = node_map(adverts, "adverts")
+    members: dict[str, dict[str, str]] = {}
     for v, ad in adverts.items():
         if not isinstance(ad, dict):
             raise SecAggError(f"the advertisement of node {v} is not an object")
         c_pk, s_pk = unb64(ad.get("c_pk"), 32, "c_pk"), unb64(ad.get("s_pk"), 32, "s_pk")
+        coin = unb64(ad.get("coin"), 32, "coin commitment")
         id_pk = b""
         if identity is not None:
             id_pk = unb64(ad.get("id_pk"), KEY_BYTES, f"identity key of node {v}")
-            if id_pk not in identity.roster or id_pk == identity.key.public:
+            if id_pk not in identity.roster or (id_pk == identity.key.public) != (v == node):
                 raise SecAggError(f"node {v} advertised keys under an identity key that is not "
-                                  "another node's of this federation's roster")
-            if not verify(id_pk, advert_bytes(context, v, c_pk, s_pk),
+                                  "its own in this federation's roster")
+            if not verify(id_pk, advert_bytes(context, v, c_pk, s_pk, coin),
                           unb64(ad.get("sig"), None, f"signature of node {v}")):
                 raise SecAggError(f"the keys of node {v} fail authentication: substituted, "
                                   "or replayed from another round")
-        keys[v] = (c_pk, s_pk, id_pk)
-    if len({k for pair in keys.values() for k in pair[:2]}) != 2 * len(keys):
-        raise SecAggError("two neighbors advertised the same public key (replayed keys)")
-    if identity is not None and len({ids[2] for ids in keys.values()}) != len(keys):
-        raise SecAggError("two neighbors advertised under one identity key: a node may take "
-                          "part once per round")
-    threshold = state["threshold"]
-    if len(keys) + 1 < threshold:
-        raise SecAggError(f"only {len(keys)} neighbors left, {threshold - 1} needed")
-    points = {int(k): v for k, v in state["points"].items()}
-    group = [node, *sorted(keys)]
+        members[str(v)] = {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "id_pk": b64(id_pk),
+                           "coin": b64(coin)}
+    own = members.get(str(node))
+    if own is None or own["c_pk"] != b64(public_of(unb64(pending["c_sk"]))) \
+            or own["s_pk"] != b64(public_of(unb64(pending["s_sk"]))) \
+            or own["coin"] != b64(coin_commitment(context, node, unb64(pending["coin"]))):
+        raise SecAggError("the round's members do not list this node's keys as it made them")
+    if len({m[k] for m in members.values() for k in ("c_pk", "s_pk")}) != 2 * len(members):
+        raise SecAggError("two nodes advertised the same public key (replayed keys)")
+    if identity is not None and len({m["id_pk"] for m in members.values()}) != len(members):
+        raise SecAggError("two nodes advertised under one identity key: a node may take part "
+                          "once per round")
+    return members
+
+
+def _coin(req: dict, state: dict, node: int, identity: NodeIdentity | None
+          ) -> tuple[str, dict]:
+    """A sparse round's coin toss: check the round's members, then reveal the coin
+    committed to in this node's advertisement, once."""
+    context, pending = _pending(req, state, "coin")
+    if "members" in pending:
+        raise SecAggError("a second coin request for this round: a node reveals its coin "
+                          "once, to one list of members")
+    members = _members(req.get("adverts"), context, node, pending, identity)
+    return (dumps({"stage": "coin", "node": node, "coin": pending["coin"]}),
+            {**state, "pending": {**pending, "members": members}})
+
+
+def _setup(setup: object, policy: NodePolicy) -> tuple[SecAggParams, int, float]:
+    """The round's encoding, degree and threshold fraction as the server sent them,
+    checked against this node's policy."""
+    if not isinstance(setup, dict):
+        raise SecAggError("the round's settings must be an object")
+    params = SecAggParams.from_dict(setup.get("params", {}))
+    degree, fraction = setup.get("degree"), setup.get("fraction")
+    if not is_int(degree) or not 0 <= degree < 2**32:
+        raise SecAggError(f"the round's degree must be an int >= 0, got {degree!r}")
+    if not isinstance(fraction, float) or not fraction < 1:
+        raise SecAggError(f"the round's threshold fraction must be a float below 1, got "
+                          f"{fraction!r}")
+    if fraction < policy.min_threshold_fraction:
+        raise SecAggError(f"threshold fraction {fraction:g}: this node needs at least "
+                          f"{policy.min_threshold_fraction:g} (node setting "
+                          "secagg-min-threshold-fraction)")
+    return params, degree, fraction
+
+
+def _share(req: dict, state: dict, node: int, identity: NodeIdentity | None, policy: NodePolicy
+           ) -> tuple[str, dict]:
+    context, pending = _pending(req, state, "share")
+    params, degree, fraction = _setup(req.get("setup"), policy)
+    members = pending.get("members")
+    if members is None:
+        members = _members(req.get("adverts"), context, node, pending, identity)
+    ids = sorted(map(int, members))
+    coins: dict[int, bytes] = {}
+    if is_sparse(len(ids), degree):
+        if "members" not in pending:
+            raise SecAggError("a sparse round's graph is drawn from every member's coin: this "
+                              "node was not asked for its coin")
+        revealed = node_map(req.get("coins"), "coins")
+        if set(revealed) != set(ids):
+            raise SecAggError("the share request must reveal the coin of every member")
+        for v in ids:
+            coins[v] = unb64(revealed[v], 32, f"coin of node {v}")
+            if coin_commitment(context, v, coins[v]) != unb64(members[str(v)]["coin"]):
+                raise SecAggError(f"the coin of node {v} does not match its commitment")
+    session = session_of(context, {int(v): m for v, m in members.items()}, coins)
+    drawn = RoundGraph.draw(ids, degree, fraction, session)
+    neighbors, threshold = drawn.graph[node], drawn.threshold
+    if 1 + len(neighbors) < policy.min_group:
+        raise SecAggError(f"a share group of {1 + len(neighbors)} nodes, this node takes part "
+                          f"in groups of at least {policy.min_group} (node setting "
+                          "secagg-min-group)")
+    group = [node, *neighbors]
     b = secrets.token_bytes(SEED_BYTES)
-    s_sk = unb64(state["s_sk"])
-    xs = [points[v] for v in group]
+    s_sk, c_sk = unb64(pending["s_sk"]), unb64(pending["c_sk"])
+    xs = [drawn.points[v] for v in group]
     b_shares = share_secret(b, xs, threshold)
     s_shares = share_secret(s_sk, xs, threshold)
-    c_sk = unb64(state["c_sk"])
     sealed = {}
-    for v in keys:
-        key = agree(c_sk, keys[v][0], share_info(context, node, v))
-        sealed[str(v)] = b64(seal(key, b_shares[points[v]] + s_shares[points[v]],
-                                  _u64(node) + _u64(v) + context))
-    own = b_shares[points[node]] + s_shares[points[node]]
-    state = {**state, "stage": "shared", "b": b64(b), "own": b64(own),
-             "keys": {str(v): [b64(c), b64(s), b64(i)] for v, (c, s, i) in keys.items()}}
+    for v in neighbors:
+        key = agree(c_sk, unb64(members[str(v)]["c_pk"]), share_info(session, node, v))
+        x = drawn.points[v]
+        sealed[str(v)] = b64(seal(key, b_shares[x] + s_shares[x],
+                                  _u64(node) + _u64(v) + session))
+    x = drawn.points[node]
+    state = {"stage": "shared", "used": state.get("used", []), "context": b64(context),
+             "session": b64(session), "node": node, "params": params.to_dict(),
+             "threshold": threshold, "quorum": drawn.quorum, "neighbors": neighbors,
+             "members": {v: [m["c_pk"], m["s_pk"], m["id_pk"]] for v, m in members.items()},
+             "c_sk": pending["c_sk"], "s_sk": pending["s_sk"], "b": b64(b),
+             "own": b64(b_shares[x] + s_shares[x])}
     return dumps({"stage": "share", "node": node, "commit": b64(commitment(b)),
                   "shares": sealed}), state
+
+
+def _expect(state: dict, stage: str, now: str, req: dict) -> tuple[bytes, bytes]:
+    """The context and session of the round this node is at ``stage`` of; refuses a
+    request of another round or out of order."""
+    if state.get("stage") != stage:
+        raise SecAggError(f"a '{now}' request arrived when this node was at stage "
+                          f"{state.get('stage')!r}, not {stage!r}: out of order")
+    context = unb64(state["context"], 32, "context")
+    if unb64(req.get("context"), 32, "context") != context:
+        raise SecAggError(f"the {now} request belongs to another round")
+    return context, unb64(state["session"], 32, "session")
 
 
 def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: int,
@@ -447,14 +543,11 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
         cannot hold.
     """
     req = loads(request, "mask")
-    context = _expect(state, "shared", "mask")
-    if unb64(req.get("context"), 32, "context") != context:
-        raise SecAggError("the train request belongs to another round")
+    context, session = _expect(state, "shared", "mask", req)
     received = node_map(req.get("shares"), "shares")
-    keys = {int(k): v for k, v in state["keys"].items()}
-    if not received.keys() <= keys.keys():
-        raise SecAggError(f"shares from nodes {sorted(received.keys() - keys.keys())} "
-                           "that did not take part in the share stage with this node")
+    if not received.keys() <= set(state["neighbors"]):
+        raise SecAggError(f"shares from nodes {sorted(received.keys() - set(state['neighbors']))} "
+                          "that are not this node's neighbors")
     if len(received) + 1 < state["threshold"]:
         raise SecAggError(f"only {len(received)} neighbors left, "
                            f"{state['threshold'] - 1} needed")
@@ -471,11 +564,11 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     names, limbs = encode_sums({**{k: to_fixed(v) for k, v in sums.items()}, WEIGHT: weight},
                                params.dtype)
     masked = np.concatenate([encoded, limbs])
-    masked += prg(self_mask_seed(unb64(state["b"]), context), masked.size, params.dtype)
+    masked += prg(self_mask_seed(unb64(state["b"]), session), masked.size, params.dtype)
     s_sk = unb64(state["s_sk"])
     for v in received:  # pair_mask's sign, applied by the add (no negated copy)
-        mask = prg(agree(s_sk, unb64(keys[v][1]), mask_info(context, node, v)), masked.size,
-                   params.dtype)
+        mask = prg(agree(s_sk, unb64(state["members"][str(v)][1]), mask_info(session, node, v)),
+                   masked.size, params.dtype)
         if node < v:
             masked += mask
         else:
@@ -489,10 +582,11 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     return masked, header, state
 
 
-def view_digest(context: bytes, survivors: list[int], dropped: list[int], model: str) -> bytes:
-    """What a consistency signature covers: the round, who survived and who dropped
-    (all of them, sorted), and the model and settings the signer trained from."""
-    return hashlib.sha256(json.dumps([b64(context), survivors, dropped, model]).encode()
+def view_digest(session: bytes, survivors: list[int], dropped: list[int], model: str) -> bytes:
+    """What a consistency signature covers: the round's session, who survived and
+    who dropped (all of them, sorted), and the model and settings the signer trained
+    from."""
+    return hashlib.sha256(json.dumps([b64(session), survivors, dropped, model]).encode()
                           ).digest()
 
 
@@ -509,13 +603,11 @@ def signers(view: bytes, sigs: Mapping[int, object], keys: Mapping[int, bytes]) 
 
 def _view(req: dict, state: dict, node: int, stage: str, now: str
           ) -> tuple[bytes, list[int], list[int], bytes]:
-    """The context, survivors, dropped nodes and view digest of a check or unmask
+    """The session, survivors, dropped nodes and view digest of a check or unmask
     request (the node at ``stage``), checked against what this node knows: its
-    round, itself a survivor, no node both, and every node it masked with listed (a
-    node the server hides could be unmasked)."""
-    context = _expect(state, stage, now)
-    if unb64(req.get("context"), 32, "context") != context:
-        raise SecAggError(f"the {now} request belongs to another round")
+    round, itself a survivor, no node both, only members of the round, and every
+    node it masked with listed (a node the server hides could be unmasked)."""
+    _, session = _expect(state, stage, now, req)
     survivors, dropped = (req.get(k) for k in ("survivors", "dropped"))
     if not isinstance(survivors, list) or not isinstance(dropped, list):
         raise SecAggError("the request needs lists of survivors and dropped nodes")
@@ -526,12 +618,33 @@ def _view(req: dict, state: dict, node: int, stage: str, now: str
                           "survivors and as dropped: refusing to reveal both shares of a node")
     if node not in survivors:
         raise SecAggError("this node is not listed among the survivors")
-    missing = {int(k) for k in state["received"]} - set(survivors) - set(dropped)
+    strangers = set(survivors + dropped) - set(map(int, state["members"]))
+    if strangers:
+        raise SecAggError(f"nodes {sorted(strangers)[:10]} are not members of this round")
+    missing, unmasked = listed_partners(state, survivors, dropped)
     if missing:
         raise SecAggError(f"nodes {sorted(missing)} this node masked with are neither survivors "
                           "nor dropped")
-    return context, survivors, dropped, view_digest(context, survivors, dropped,
+    if unmasked:
+        raise SecAggError(f"neighbors {sorted(unmasked)[:10]} are listed as taking part, but "
+                          "this node got no shares from them and did not mask with them (its "
+                          "input would not be hidden by their masks)")
+    return session, survivors, dropped, view_digest(session, survivors, dropped,
                                                     state.get("model", ""))
+
+
+def listed_partners(state: dict, survivors: list[int], dropped: list[int]
+                    ) -> tuple[set[int], set[int]]:
+    """What a view gets wrong about this node's mask partners: the partners it does
+    not list, and the neighbors it lists that are not partners. Both must be empty:
+    the neighbors a view lists are exactly those this node masked with (in an honest
+    round, those that finished the share stage). Otherwise a server that relays a
+    node only some neighbors' shares, then declares just those dropped, unmasks it
+    with their keys while its other neighbors' masks, which it never added, cancel
+    nothing (Bonawitz et al. check ``U3`` within ``U2`` for this)."""
+    partners = {int(k) for k in state["received"]}
+    listed = set(survivors) | set(dropped)
+    return partners - listed, (listed & set(state["neighbors"])) - partners
 
 
 def _check(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> tuple[str, dict]:
@@ -543,10 +656,13 @@ def _check(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> 
 
 
 def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> tuple[str, dict]:
-    context, survivors, dropped, view = _view(req, state, node, "checked", "unmask")
+    session, survivors, dropped, view = _view(req, state, node, "checked", "unmask")
     if b64(view) != state["view"]:
         raise SecAggError("the unmask request names other survivors or dropped nodes than this "
                           "node signed: refusing to unmask")
+    if len(survivors) < state["quorum"]:
+        raise SecAggError(f"only {len(survivors)} of the round's {len(state['members'])} "
+                          f"members survived, {state['quorum']} needed: refusing to unmask")
     received = {int(k): v for k, v in state["received"].items()}
     group = received.keys() | {node}
     threshold = state["threshold"]
@@ -554,22 +670,18 @@ def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None) ->
         raise SecAggError(f"only {len(set(survivors) & group)} survivors in this node's share "
                           f"group, {threshold} needed: refusing to unmask")
     if identity:  # without it, the run was allowed to trust the server (secagg_node)
-        alive = group & set(survivors)
-        ids = {int(k): unb64(v[2]) for k, v in state["keys"].items()}
-        ids[node] = identity.key.public
-        signed = signers(view, node_map(req.get("sigs"), "sigs"),
-                         {v: ids[v] for v in alive})
-        if signed != alive:
-            raise SecAggError(f"{len(alive - signed)} of the {len(alive)} survivors of this "
-                              "node's share group did not sign the same survivors, dropped "
-                              "nodes and model: refusing to unmask (the server may be telling "
-                              "nodes different stories, or sending them different models)")
-    keys = {int(k): v for k, v in state["keys"].items()}
+        ids = {v: unb64(state["members"][str(v)][2]) for v in survivors}
+        signed = signers(view, node_map(req.get("sigs"), "sigs"), ids)
+        if signed != set(survivors):
+            raise SecAggError(f"{len(survivors) - len(signed)} of the {len(survivors)} "
+                              "survivors did not sign the same survivors, dropped nodes and "
+                              "model: refusing to unmask (the server may be telling nodes "
+                              "different stories, or sending them different models)")
     c_sk = unb64(state["c_sk"])
     b_out, s_out = {}, {}
     for v in (set(survivors) | set(dropped)) & received.keys():
-        key = agree(c_sk, unb64(keys[v][0]), share_info(context, node, v))
-        opened = unseal(key, unb64(received[v]), _u64(v) + _u64(node) + context)
+        key = agree(c_sk, unb64(state["members"][str(v)][0]), share_info(session, node, v))
+        opened = unseal(key, unb64(received[v]), _u64(v) + _u64(node) + session)
         if len(opened) != 2 * SHARE_BYTES:
             raise SecAggError(f"the shares from node {v} have the wrong length")
         if v in survivors:
@@ -578,15 +690,10 @@ def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None) ->
             s_out[str(v)] = b64(opened[SHARE_BYTES:])
     b_out[str(node)] = b64(unb64(state["own"])[:SHARE_BYTES])
     reply = {"stage": "unmask", "node": node, "b_shares": b_out, "s_shares": s_out}
-    state = {k: v for k, v in state.items() if k != "pending"}
+    state = {**state, "stage": "done"}
     if req.get("next") is not None:
-        next_context = unb64(req["next"], 32, "next context")
-        state["used"] = _fresh(state, req["next"])
-        c, s = KeyPair.generate(), KeyPair.generate()
-        reply["next_advert"] = _advert_fields(next_context, node, c, s, identity)
-        state["pending"] = {"context": b64(next_context), "c_sk": b64(c.private),
-                            "s_sk": b64(s.private)}
-    return dumps(reply), {**state, "stage": "done"}
+        reply["next_advert"], state = _new_keys(state, req["next"], node, identity)
+    return dumps(reply), state
 
 
 # ------------------------------------------------------------------ server side
@@ -616,7 +723,9 @@ class ServerRound:
     preadvertised : tuple[bytes, Mapping[int, dict]] | None
         The context of this round and the keys nodes pre-advertised for it in the
         last round's unmask replies (:attr:`next_context`, :attr:`next_adverts`);
-        None: a fresh context, every node advertises.
+        used only if the sample's graph is complete (a sparse round's members must
+        all be present for its coin stage). None: a fresh context, every node
+        advertises.
     preadvertise : bool
         Ask the survivors for keys for the next round in the unmask requests.
     """
@@ -635,21 +744,20 @@ class ServerRound:
         if len(self.nodes) < 2:
             raise RoundAborted(f"secure aggregation needs at least 2 nodes, {len(self.nodes)} "
                                "sampled: a sum of one is that node's update")
+        if is_sparse(len(self.nodes), self.degree):
+            self.preadvertised = None
         context, adverts = self.preadvertised or (secrets.token_bytes(32), {})
         if len(context) != 32:
             raise ValueError("a round's context has 32 bytes")
         self.context = context
         self.next_context = secrets.token_bytes(32)
         self.next_adverts: dict[int, dict] = {}
-        degree = self.degree or default_degree(len(self.nodes))
-        self.graph = neighbor_graph(self.nodes, degree, self.context)
-        self.points = {u: i + 1 for i, u in enumerate(self.nodes)}
-        self.threshold = threshold_for(1 + min(len(v) for v in self.graph.values()),
-                                       self.threshold_fraction)
         # keys checked (and added to seen_keys) when they arrived; only the sampled
         self.adverts: dict[int, dict] = {u: dict(adverts[u]) for u in self.nodes
                                          if u in adverts}
         self.preadvertised_nodes = set(self.adverts)
+        self.coins: dict[int, bytes] = {}
+        self.drawn: RoundGraph | None = None  # once the members (and coins) are known
         self.commits: dict[int, bytes] = {}
         self.sealed: dict[int, dict[int, str]] = {}  # receiver -> sender -> sealed shares
         self.masked: set[int] = set()
@@ -659,23 +767,53 @@ class ServerRound:
         self.sums: dict[str, float] = {}  # the round's sums, once unmasked
         self.stats = {"sampled": len(self.nodes)}
 
-    # stage 1
-    def _setup(self, u: int) -> dict:
-        """What node ``u`` needs to know of the round besides its context."""
-        return {"node": u, "params": self.params.to_dict(), "threshold": self.threshold,
-                "points": {str(v): self.points[v] for v in [u, *self.graph[u]]}}
+    @property
+    def graph(self) -> dict[int, list[int]]:
+        return self._drawn().graph
 
+    @property
+    def points(self) -> dict[int, int]:
+        return self._drawn().points
+
+    @property
+    def threshold(self) -> int:
+        return self._drawn().threshold
+
+    @property
+    def members(self) -> list[int]:
+        """``U1``: the nodes whose keys the round uses."""
+        return sorted(self.adverts)
+
+    @property
+    def sparse(self) -> bool:
+        return is_sparse(len(self.adverts), self.degree)
+
+    def _drawn(self) -> RoundGraph:
+        if self.drawn is None:
+            raise RuntimeError("the round's graph is drawn once its members (and, in a sparse "
+                               "round, their coins) are known")
+        return self.drawn
+
+    def _draw(self) -> None:
+        self.session = session_of(self.context, self.adverts, self.coins)
+        self.drawn = RoundGraph.draw(self.members, self.degree, self.threshold_fraction,
+                                     self.session)
+
+    # stage 1
     def advertise_requests(self) -> dict[int, str]:
         """The advertise requests, for the nodes without pre-advertised keys (none
         at all when every sampled node pre-advertised: skip the stage)."""
-        return {u: dumps({"stage": "advertise", "context": b64(self.context),
-                          **self._setup(u)})
+        return {u: dumps({"stage": "advertise", "context": b64(self.context), "node": u})
                 for u in self.nodes if u not in self.preadvertised_nodes}
 
     def receive_adverts(self, replies: Mapping[int, object]) -> None:
+        """Keep the checked keys; they fix the round's members. In a complete graph the
+        graph is drawn now; a sparse one waits for the coin stage."""
         for u, text in replies.items():
             self._try(u, "advertise", lambda: self._advert(u, text))
-        self._enough(self.adverts, "advertise")
+        self._enough(self.adverts, "advertise", 2)
+        if not self.sparse:
+            self._draw()
 
     def _advert(self, u: int, text: object) -> None:
         rep = self._reply(u, text, "advertise", self.adverts)
@@ -686,6 +824,7 @@ class ServerRound:
         c_pk, s_pk = unb64(rep.get("c_pk"), 32, "c_pk"), unb64(rep.get("s_pk"), 32, "s_pk")
         check_public_key(c_pk)
         check_public_key(s_pk)
+        coin = unb64(rep.get("coin"), 32, "coin commitment")
         id_pk, sig = unb64(rep.get("id_pk"), None, "id_pk"), unb64(rep.get("sig"), None, "sig")
         if (len(id_pk), len(sig)) not in ((0, 0), (KEY_BYTES, SIGNATURE_BYTES)):
             raise InvalidUpdate("an identity key and signature must be both empty or "
@@ -693,25 +832,70 @@ class ServerRound:
         if c_pk == s_pk or {c_pk, s_pk} & self.seen_keys:
             raise InvalidUpdate("replayed public keys (seen before)")
         self.seen_keys.update((c_pk, s_pk))
-        return {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "id_pk": b64(id_pk), "sig": b64(sig)}
+        return {"c_pk": b64(c_pk), "s_pk": b64(s_pk), "coin": b64(coin), "id_pk": b64(id_pk),
+                "sig": b64(sig)}
+
+    # stage 1b: a sparse round's coin toss
+    def coin_requests(self) -> dict[int, str]:
+        """In a sparse round, every member gets the list of members (their signed keys
+        and coin commitments) and reveals its coin; none in a complete round."""
+        if not self.sparse:
+            return {}
+        adverts = {str(v): self.adverts[v] for v in self.members}
+        return {u: dumps({"stage": "coin", "context": b64(self.context), "node": u,
+                          "adverts": adverts}) for u in self.members}
+
+    def receive_coins(self, replies: Mapping[int, object]) -> None:
+        """Keep the coins that match their commitments, then draw the graph.
+
+        Raises
+        ------
+        RoundAborted
+            If a member's coin is missing: the graph is drawn from all of them (leaving
+            one out would let whoever chooses whom to leave out choose the graph).
+        """
+        for u, text in replies.items():
+            self._try(u, "coin", lambda: self._coin(u, text))
+        missing = set(self.adverts) - set(self.coins)
+        self.stats["coin"] = len(self.coins)
+        if missing:
+            raise RoundAborted(f"{len(missing)} of the round's {len(self.adverts)} members did "
+                               f"not reveal their coin (nodes {sorted(missing)[:10]}): a sparse "
+                               "round's graph is drawn from every member's coin")
+        self._draw()
+
+    def _coin(self, u: int, text: object) -> None:
+        if u not in self.adverts:
+            raise InvalidUpdate("a coin from a node that is not a member of the round")
+        rep = self._reply(u, text, "coin", self.coins)
+        coin = unb64(rep.get("coin"), 32, "coin")
+        if coin_commitment(self.context, u, coin) != unb64(self.adverts[u]["coin"]):
+            raise InvalidUpdate("the coin does not match the node's commitment")
+        self.coins[u] = coin
 
     # stage 2
     def share_requests(self) -> dict[int, str]:
-        return {u: dumps({"stage": "share", "context": b64(self.context),
-                          "adverts": {str(v): self.adverts[v] for v in self.graph[u]
-                                      if v in self.adverts},
-                          **({"setup": self._setup(u)} if u in self.preadvertised_nodes
-                             else {})})
-                for u in self.adverts}
+        """The round's settings, and the members' keys (complete graph) or coins
+        (sparse: the members came in the coin stage)."""
+        setup = {"params": self.params.to_dict(), "degree": self.degree,
+                 "fraction": float(self.threshold_fraction)}
+        if self.sparse:
+            members = {"coins": {str(v): b64(c) for v, c in sorted(self.coins.items())}}
+        else:
+            members = {"adverts": {str(v): self.adverts[v] for v in self.members}}
+        self._drawn()
+        return {u: dumps({"stage": "share", "context": b64(self.context), "node": u,
+                          "setup": setup, **members}) for u in self.members}
 
     def receive_shares(self, replies: Mapping[int, object]) -> None:
+        drawn = self._drawn()
         done: dict[int, dict] = {}
         for u, text in replies.items():
             self._try(u, "share", lambda: self._shares(u, text, done))
         for u, shares in done.items():
             for v, sealed in shares.items():
                 self.sealed.setdefault(v, {})[u] = sealed
-        self._enough(self.commits, "share")
+        self._enough(self.commits, "share", drawn.quorum)
 
     def _shares(self, u: int, text: object, done: dict) -> None:
         if u not in self.adverts:
@@ -720,9 +904,9 @@ class ServerRound:
             raise InvalidUpdate("a second share reply")
         rep = self._reply(u, text, "share", done)
         shares = node_map(rep.get("shares"), "shares")
-        expected = {v for v in self.graph[u] if v in self.adverts}
-        if shares.keys() != expected:
-            raise InvalidUpdate(f"shares for nodes {sorted(shares)}, expected {sorted(expected)}")
+        if shares.keys() != set(self.graph[u]):
+            raise InvalidUpdate(f"shares for nodes {sorted(shares)}, expected "
+                                f"{sorted(self.graph[u])}")
         for sealed in shares.values():
             unb64(sealed, SEALED_BYTES, "sealed shares")
         commit = unb64(rep.get("commit"), 32, "commit")
@@ -781,9 +965,9 @@ class ServerRound:
         """Ask every survivor to sign who survived and who dropped (Bonawitz et al.'s
         ConsistencyCheck round)."""
         survivors, dropped = self._view()
-        if len(survivors) < max(2, self.threshold):
-            raise RoundAborted(f"only {len(survivors)} masked updates arrived, "
-                               f"{max(2, self.threshold)} needed")
+        needed = max(2, self.drawn.quorum)
+        if len(survivors) < needed:
+            raise RoundAborted(f"only {len(survivors)} masked updates arrived, {needed} needed")
         self.stats.update(survivors=len(survivors), dropped=len(dropped))
         return {u: dumps({"stage": "check", "context": b64(self.context),
                           "survivors": survivors, "dropped": dropped}) for u in survivors}
@@ -810,19 +994,13 @@ class ServerRound:
 
     # stage 5
     def unmask_requests(self) -> dict[int, str]:
-        """For the survivors that signed: the same view, and the signatures of their
-        share group (they check them before revealing anything)."""
+        """For the survivors that signed: the same view, and every survivor's signature
+        (each node checks them all before revealing anything)."""
         survivors, dropped = self._view()
-        requests = {}
-        for u in self.sigs:
-            group = {u} | set(self.graph[u])
-            requests[u] = dumps({"stage": "unmask", "context": b64(self.context),
-                                 "survivors": survivors, "dropped": dropped,
-                                 "sigs": {str(v): self.sigs[v] for v in sorted(group)
-                                          if v in self.sigs},
-                                 **({"next": b64(self.next_context)} if self.preadvertise
-                                    else {})})
-        return requests
+        request = {"stage": "unmask", "context": b64(self.context), "survivors": survivors,
+                   "dropped": dropped, "sigs": {str(v): self.sigs[v] for v in sorted(self.sigs)},
+                   **({"next": b64(self.next_context)} if self.preadvertise else {})}
+        return {u: dumps(request) for u in self.sigs}
 
     def receive_unmask(self, replies: Mapping[int, object]) -> tuple[np.ndarray, int]:
         """Rebuild the secrets, remove the masks; the weighted average and total weight
@@ -849,7 +1027,7 @@ class ServerRound:
             if commitment(b) != self.commits[u]:
                 raise RoundAborted(f"the rebuilt self-mask seed of node {u} does not match its "
                                    "commitment: a node sent a wrong share")
-            total -= prg(self_mask_seed(b, self.context), total.size, self.params.dtype)
+            total -= prg(self_mask_seed(b, self.session), total.size, self.params.dtype)
         for v in sorted(dropped):
             s_sk = self._rebuild(v, s_shares.get(v, {}), "mask key")
             if public_of(s_sk) != unb64(self.adverts[v]["s_pk"]):
@@ -857,7 +1035,7 @@ class ServerRound:
                                    "its public key: a node sent a wrong share")
             for u in self.graph[v]:
                 if u in survivors and v in self.sealed.get(u, {}):
-                    total -= pair_mask(total.size, self.params.dtype, self.context, u, v,
+                    total -= pair_mask(total.size, self.params.dtype, self.session, u, v,
                                        s_sk, unb64(self.adverts[u]["s_pk"]))
         try:
             sums = decode_sums(self.sum_names, total[self.length:], len(survivors))
@@ -917,7 +1095,7 @@ class ServerRound:
 
     # checks
     def _reply(self, u: int, text: object, stage: str, seen: Mapping[int, object]) -> dict:
-        if u not in self.points:
+        if u not in self.nodes:
             raise InvalidUpdate("this node was not sampled for the round")
         if u in seen:
             raise InvalidUpdate(f"a second {stage} reply")
@@ -933,8 +1111,9 @@ class ServerRound:
         except (InvalidUpdate, SecAggError) as err:
             log(WARNING, "Secure aggregation: left out node %s at the %s stage: %s", u, stage, err)
 
-    def _enough(self, done: Mapping[int, object], stage: str) -> None:
+    def _enough(self, done: Mapping[int, object], stage: str, needed: int) -> None:
         self.stats[stage] = len(done)
-        if len(done) < max(2, self.threshold):
+        needed = max(2, needed)
+        if len(done) < needed:
             raise RoundAborted(f"too many dropouts: {len(done)} of {len(self.nodes)} nodes "
-                               f"finished the {stage} stage, {max(2, self.threshold)} needed")
+                               f"finished the {stage} stage, {needed} needed")

@@ -64,8 +64,9 @@ class SecAggRounds:
 
     def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
                                                                  dict[int, str]]) -> None:
-        """Stages 1 and 2 through ``exchange(requests, stage) -> replies``; stage 1 only
-        for the nodes without pre-advertised keys (skipped when there are none)."""
+        """Stages 1 and 2 through ``exchange(requests, stage) -> replies``: stage 1 only
+        for the nodes without pre-advertised keys (skipped when there are none), and in
+        a sparse round the coin stage that draws the graph."""
         requests = rnd.advertise_requests()
         if requests:
             rnd.receive_adverts(exchange(requests, "advertise"))
@@ -76,6 +77,9 @@ class SecAggRounds:
             log(INFO, "Secure aggregation: advertise stage skipped, all %d nodes "
                 "pre-advertised their keys", len(rnd.nodes))
             rnd.receive_adverts({})
+        coins = rnd.coin_requests()
+        if coins:
+            rnd.receive_coins(exchange(coins, "coin"))
         rnd.receive_shares(exchange(rnd.share_requests(), "share"))
 
     def _unmask(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],

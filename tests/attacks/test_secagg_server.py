@@ -40,7 +40,7 @@ def lie_about_dropouts(r: Round) -> tuple[int, set[int]]:
     """The mask stage of the attack on ``r`` (advertised and shared): every node
     masks, the target with only its ``t - 1`` chosen neighbors; returns both."""
     target = r.nodes[0]
-    chosen = set(r.nodes[1:r.sr.threshold])  # t - 1 neighbors
+    chosen = set(r.sr.graph[target][:r.sr.threshold - 1])  # t - 1 neighbors
     payloads = r.sr.mask_payloads()
     data = json.loads(payloads[target])
     data["shares"] = {k: v for k, v in data["shares"].items() if int(k) in chosen}
@@ -69,8 +69,14 @@ def story(r: Round, node: int, chosen: set[int]) -> tuple[list[int], list[int]]:
     return sorted(set(r.nodes) - dropped), sorted(dropped)
 
 
+def one_story(r: Round, node: int, chosen: set[int]) -> tuple[list[int], list[int]]:
+    """The same story for every node: the chosen dropped, everyone else survived (the
+    chosen are then not asked: they are not survivors)."""
+    return sorted(set(r.nodes) - chosen), sorted(chosen)
+
+
 def run_attack(r: Round, target: int, chosen: set[int], forger: Callable[[int], Identity] |
-               None = None) -> tuple[np.ndarray | None, dict]:
+               None = None, tell=story) -> tuple[np.ndarray | None, dict]:
     """Steps 4-5: each node signs its story, gets every signature, and is asked to
     unmask; the server then rebuilds what it can. With ``forger``, a client colluding
     with the server signs each node's story in the name of every survivor, with the
@@ -79,23 +85,29 @@ def run_attack(r: Round, target: int, chosen: set[int], forger: Callable[[int], 
     ctx = b64(r.sr.context)
     sigs, refused = {}, {}
     for u in r.nodes:
-        survivors, dropped = story(r, u, chosen)
-        req = json.dumps({"version": 1, "stage": "check", "context": ctx,
+        survivors, dropped = tell(r, u, chosen)
+        req = json.dumps({"version": protocol.VERSION, "stage": "check", "context": ctx,
                           "survivors": survivors, "dropped": dropped})
-        reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
+        try:
+            reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
+        except SecAggError as err:  # the target: its story lists nodes it did not mask with
+            refused[u] = str(err)
+            continue
         sigs[u] = json.loads(reply)["sig"]
     b_shares: dict[int, bytes] = {}
     s_shares: dict[int, dict[int, bytes]] = {v: {} for v in chosen}
     for u in r.nodes:
-        survivors, dropped = story(r, u, chosen)
+        survivors, dropped = tell(r, u, chosen)
         shown = dict(sigs)
         if forger is not None:  # signatures on u's story, for every survivor but u
-            view = protocol.view_digest(r.sr.context, survivors, dropped, "")
+            view = protocol.view_digest(r.sr.session, survivors, dropped, "")
             shown.update({v: b64(forger(v).sign(protocol.check_bytes(view, v)))
                           for v in survivors if v != u})
-        req = json.dumps({"version": 1, "stage": "unmask", "context": ctx,
+        req = json.dumps({"version": protocol.VERSION, "stage": "unmask", "context": ctx,
                           "survivors": survivors, "dropped": dropped,
                           "sigs": {str(v): s for v, s in shown.items()}})
+        if u in refused:
+            continue
         try:
             reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
         except SecAggError as err:
@@ -112,10 +124,10 @@ def run_attack(r: Round, target: int, chosen: set[int], forger: Callable[[int], 
         return None, refused
     b = reconstruct_secret(b_shares, t)
     width = r.ys[target].size  # the model, then the node's weight and metric sums
-    vector = r.ys[target] - prg(self_mask_seed(b, r.sr.context), width, r.params.dtype)
+    vector = r.ys[target] - prg(self_mask_seed(b, r.sr.session), width, r.params.dtype)
     for v in chosen:  # the pairwise masks the target added, from the chosen nodes' keys
         s_v = reconstruct_secret(s_shares[v], t)
-        vector -= pair_mask(width, r.params.dtype, r.sr.context, target, v, s_v,
+        vector -= pair_mask(width, r.params.dtype, r.sr.session, target, v, s_v,
                             base64.b64decode(r.sr.adverts[target]["s_pk"]))
     return vector, refused
 
@@ -200,21 +212,64 @@ def test_nodes_sent_different_models_reveal_nothing():
     assert set(r.refused) == set(r.nodes)
 
 
-@pytest.mark.parametrize(("threshold", "group", "why"), [
-    (1, 10, "needs more than 0.5 of its group"), (5, 10, "needs more than 0.5 of its group"),
-    (1, 1, "takes part in groups of at least 2")])
-def test_a_node_refuses_a_threshold_or_group_below_its_own_minimum(threshold, group, why):
-    r = Round(10, 10)
+@pytest.mark.parametrize(("n", "degree"), [(9, 0), (20, 8)])
+def test_one_story_for_all_cannot_isolate_a_node(n, degree):
+    """The server relays the target only its ``t - 1`` chosen neighbors' shares, then
+    tells every node the same story: the chosen dropped. Every survivor can sign it,
+    and it leaves the other nodes' share groups the threshold (9 nodes, complete: 5
+    survivors, t = 5; 20 nodes of degree 8: t = 5 of 9). The target's self-mask seed
+    and the chosen nodes' mask keys are the only masks on its input. Two checks of the
+    target stop it, each alone: it refuses a story that lists neighbors it did not
+    mask with (Bonawitz et al.: ``U3`` within ``U2``), so it does not sign and no one
+    reveals; and its own share group keeps only itself, below the threshold, so it
+    would not reveal its own share of the seed, which the other ``t - 1`` holders
+    need."""
+    r = Round(n, 200, degree=degree)
+    r.advertise()
+    r.share()
+    assert r.sr.sparse == (degree > 0) and r.sr.threshold == 5
+    target, chosen = lie_about_dropouts(r)
+    vector, refused = run_attack(r, target, chosen, tell=one_story)
+    assert vector is None
+    assert "got no shares from them and did not mask with them" in refused[target]
+    survivors = set(r.nodes) - chosen
+    assert all("did not sign the same survivors" in refused[u] for u in survivors - {target})
+
+
+def test_a_sparse_round_checks_every_survivors_signature():
+    """In a sparse graph a node checks the signatures of every survivor, not only its
+    share group's: two groups that signed different views cannot both be acted on."""
+    r = Round(20, 20, degree=4)
+    r.advertise()
+    r.share()
+    r.mask()
+    r.check()
     u = r.nodes[0]
-    data = json.loads(r.sr.advertise_requests()[u])
-    data["threshold"] = threshold
-    others = [k for k in data["points"] if k != str(u)][:group - 1]
-    data["points"] = {k: data["points"][k] for k in [str(u), *others]}
+    far = next(v for v in r.nodes if v != u and v not in r.sr.graph[u])
+    data = json.loads(r.sr.unmask_requests()[u])
+    data["sigs"] = {k: sig for k, sig in data["sigs"].items() if k != str(far)}
+    with pytest.raises(SecAggError, match="1 of the 20 survivors did not sign"):
+        client_step(json.dumps(data), r.state[u], u, IDENTITY(u))
+
+
+@pytest.mark.parametrize(("setup", "policy", "why"), [
+    ({"fraction": 0.0}, NodePolicy(), "needs at least 0.5"),
+    ({"fraction": 0.45}, NodePolicy(), "needs at least 0.5"),
+    ({"fraction": 0.6}, NodePolicy(min_threshold_fraction=0.66), "needs at least 0.66"),
+    ({"degree": 2}, NodePolicy(min_group=4), "groups of at least 4"),
+    ({}, NodePolicy(min_group=12), "groups of at least 12")])
+def test_a_node_refuses_a_threshold_or_group_below_its_own_minimum(setup, policy, why):
+    """The node computes its group and threshold itself, from the members, the degree
+    and the fraction; it refuses a fraction or group below its own minimums."""
+    r = Round(16, 10)
+    r.advertise()
+    r.coin()
+    u = r.nodes[0]
+    data = json.loads(r.sr.share_requests()[u])
+    data["setup"] = {**data["setup"], **setup}
     with pytest.raises(SecAggError, match=why):
-        client_step(json.dumps(data), {}, u, IDENTITY(u))
-    # a node may ask for more: groups of 12
-    with pytest.raises(SecAggError, match="at least 12"):
-        client_step(r.sr.advertise_requests()[u], {}, u, IDENTITY(u), NodePolicy(min_group=12))
+        client_step(json.dumps(data), r.state[u], u, IDENTITY(u), policy)
+    client_step(r.sr.share_requests()[u], r.state[u], u, IDENTITY(u))  # the round's own
 
 
 def test_a_replayed_context_is_refused():

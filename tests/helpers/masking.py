@@ -142,7 +142,17 @@ class Round:
         self.sr.receive_adverts(replies)
         return replies
 
+    def coin(self, skip=()):
+        """The coin stage (sparse rounds only; nothing to do in a complete one)."""
+        requests = self.sr.coin_requests()
+        if requests:
+            self.sr.receive_coins(self.step(requests, skip))
+
     def share(self, skip=()):
+        """The share stage (after the coin stage, run here if the round needs one and
+        the test did not run it)."""
+        if self.sr.drawn is None:
+            self.coin()
         replies = self.step(self.sr.share_requests(), skip)
         self.sr.receive_shares(replies)
         return replies

@@ -142,12 +142,12 @@ def test_message_api_dropouts_in_the_unmask_stage_skip_the_round(task_identity, 
 
 
 def test_message_api_too_few_keys_send_no_train_message(task_identity, flwr_caplog):
-    nodes = [Node(u, fail="advertise" if u in NODES[:3] else "") for u in NODES]
+    nodes = [Node(u, fail="advertise" if u in NODES[:5] else "") for u in NODES]
     arrays, messages = run_round(nodes, max_empty_rounds=2)
     assert messages == [] and arrays is None
-    assert "finished the advertise stage" in flwr_caplog.text
+    assert "1 of 6 nodes finished the advertise stage, 2 needed" in flwr_caplog.text
     with pytest.raises(NoUsableUpdate, match="node 101 failed the advertise stage"):
-        run_round([Node(u, fail="advertise" if u in NODES[:3] else "") for u in NODES])
+        run_round([Node(u, fail="advertise" if u in NODES[:5] else "") for u in NODES])
 
 
 def keyless(node: int) -> Node:
@@ -346,7 +346,7 @@ def test_message_api_a_node_that_lost_its_state_drops_out_then_advertises(task_i
     assert 101 not in {m.metadata.dst_node_id for m in messages}
     arrays, _ = strategy.aggregate_train(2, grid.send_and_receive(messages))
     assert_average_of(arrays, NODES[1:] + [707])
-    assert "names no keys this node pre-advertised" in flwr_caplog.text
+    assert "names a round this node has no keys for" in flwr_caplog.text
     grid.stages.clear()
     messages = list(strategy.configure_train(3, global_arrays(), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(3, grid.send_and_receive(messages))
@@ -393,3 +393,19 @@ def test_secagg_strategy_leaves_out_bad_replies(caplog_flwr, data):
         expected = sum(WS[u] * XS[u] for u in others) / sum(WS[u] for u in others)
         got = record_arrays(arrays)["w"]
         assert np.abs(got - expected).max() <= MASK_PARAMS.error_bound + 1e-6
+
+
+def test_message_api_sparse_rounds_draw_the_graph_from_the_coins(task_identity):
+    """A sparse round (14 nodes, 4 neighbors each) runs the coin stage, and advertises
+    afresh each round: every member's coin is needed, so keys pre-advertised a round
+    earlier, by nodes that may since have gone, are not used."""
+    ids = [1000 + 17 * i for i in range(14)]
+    strategy = SecAggFedAvg(clip=CLIP, num_neighbors=4, min_available_nodes=14,
+                            min_train_nodes=14)
+    grid = CountingGrid([Node(u) for u in ids])
+    for rnd in (1, 2):
+        grid.stages.clear()
+        messages = list(strategy.configure_train(rnd, global_arrays(), ConfigRecord(), grid))
+        arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
+        assert_average_of(arrays, ids)
+        assert grid.stages.count("advertise") == grid.stages.count("coin") == 14

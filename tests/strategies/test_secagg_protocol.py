@@ -135,7 +135,7 @@ def test_sum_of_all_masked_vectors_is_the_sum_plus_self_masks():
     r.advertise()
     r.share()
     r.mask()
-    ctx = r.sr.context
+    ctx = r.sr.session
     expected = np.zeros(400, dtype=np.uint64)
     for u in r.nodes:
         expected += encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
@@ -205,18 +205,19 @@ def droppable(sr: ServerRound, k: int, rng: random.Random) -> set[int]:
 @pytest.mark.parametrize("dropped", [0, 1, 3, 6, 9])
 def test_dropouts_sparse_graph(dropped):
     r = Round(30, 150, degree=6)
-    assert {len(v) for v in r.sr.graph.values()} == {6}
-    assert r.sr.threshold == 4  # more than half of a share group of 7
     r.advertise()
     r.share()
+    assert {len(v) for v in r.sr.graph.values()} == {6}
+    assert r.sr.threshold == 4  # more than half of a share group of 7
+    assert r.sr.stats["coin"] == 30  # a sparse graph, drawn from every node's coin
     drop = droppable(r.sr, dropped, random.Random(dropped))
     r.mask(drop)
     avg, weight = r.unmask()
     assert weight == sum(r.ws[u] for u in r.nodes if u not in drop)
     assert np.abs(avg - r.expected()).max() <= r.params.error_bound
-    # sparse: every unmask request carries the signatures of the node's share group only
+    # every unmask request carries every survivor's signature (checked by every node)
     for u, req in r.unmask_requests().items():
-        assert set(map(int, json.loads(req)["sigs"])) <= {u, *r.sr.graph[u]}
+        assert set(map(int, json.loads(req)["sigs"])) == set(r.sr.masked)
 
 
 def test_too_many_dropouts_after_share_aborts():
@@ -245,20 +246,20 @@ def test_too_many_dropouts_in_a_sparse_group_aborts():
 
 def test_too_many_dropouts_at_advertise_and_share_abort():
     r = Round(10, 20)
-    with pytest.raises(RoundAborted, match="5 of 10 nodes finished the advertise stage, 6 needed"):
-        r.advertise(skip=r.nodes[:5])
+    with pytest.raises(RoundAborted, match="1 of 10 nodes finished the advertise stage, 2 needed"):
+        r.advertise(skip=r.nodes[:9])
     r = Round(10, 20)
     r.advertise(skip=r.nodes[:2])
-    assert len(r.sr.adverts) == 8
-    with pytest.raises(RoundAborted, match="5 of 10 nodes finished the share stage"):
-        r.share(skip=r.nodes[2:5])
+    assert len(r.sr.adverts) == 8 and r.sr.threshold == 5  # more than half of the 8 members
+    with pytest.raises(RoundAborted, match="4 of 10 nodes finished the share stage, 5 needed"):
+        r.share(skip=r.nodes[2:6])
 
 
 def test_dropouts_during_advertise_share_and_unmask():
     r = Round(12, 60)
-    assert {len(v) for v in r.sr.graph.values()} == {10}  # default degree for 12 nodes
-    assert r.sr.threshold == 6
     r.advertise(skip=r.nodes[1:2])
+    assert {len(v) for v in r.sr.graph.values()} == {10}  # complete: default degree for 11
+    assert r.sr.threshold == 6 and "coin" not in r.sr.stats
     r.share(skip=r.nodes[2:4])
     r.mask()
     avg, weight = r.unmask(skip=r.nodes[4:6])  # 9 survivors, 7 answer (>= 6 in every group)
@@ -317,7 +318,7 @@ def test_late_vector_of_a_dropped_node_stays_masked():
     r.mask(drop={late})
     avg, _ = r.unmask()
     assert np.abs(avg - r.expected()).max() <= r.params.error_bound
-    sr, ctx, dtype = r.sr, r.sr.context, r.params.dtype
+    sr, ctx, dtype = r.sr, r.sr.session, r.params.dtype
     # everything the server learnt of the late node: its s key, from the s shares
     s_shares, b_shares = {}, {}
     for u, reply in r.unmask_replies.items():
@@ -364,13 +365,13 @@ def test_inconsistent_views_never_reveal_both_secrets(told_survivor):
              else (rest, [target]) for i, u in enumerate(r.nodes)}
     sigs = {}
     for u, (survivors, dropped) in views.items():
-        req = json.dumps({"version": 1, "stage": "check", "context": ctx,
+        req = json.dumps({"version": protocol.VERSION, "stage": "check", "context": ctx,
                           "survivors": survivors, "dropped": dropped})
         reply, r.state[u] = client_step(req, r.state[u], u, IDENTITY(u))
         sigs[u] = json.loads(reply)["sig"]
     b_count = s_count = 0
     for u, (survivors, dropped) in views.items():
-        req = json.dumps({"version": 1, "stage": "unmask", "context": ctx,
+        req = json.dumps({"version": protocol.VERSION, "stage": "unmask", "context": ctx,
                           "survivors": survivors, "dropped": dropped,
                           "sigs": {str(v): sig for v, sig in sigs.items()}})
         try:
@@ -409,8 +410,10 @@ def test_unmask_refuses_both_shares_and_a_second_request():
     (lambda d, u, g: {**d, "survivors": [u]}, "neither survivors nor dropped"),
     (lambda d, u, g: {**d, "survivors": [v for v in d["survivors"] if v != u]},
      "not listed among the survivors"),
-    (lambda d, u, g: {**d, "dropped": d["dropped"] + [12345]}, "other survivors or dropped"),
-    (lambda d, u, g: {**d, "sigs": {}}, "6 of the 6 survivors .* did not sign"),
+    (lambda d, u, g: {**d, "dropped": d["dropped"] + [12345]}, "not members of this round"),
+    (lambda d, u, g: {**d, "dropped": [d["survivors"][-1]],
+                      "survivors": d["survivors"][:-1]}, "other survivors or dropped"),
+    (lambda d, u, g: {**d, "sigs": {}}, "6 of the 6 survivors did not sign"),
     (lambda d, u, g: {**d, "survivors": d["survivors"] + [True]}, "unsigned 64-bit"),
     (lambda d, u, g: {**d, "context": b64(bytes(32))}, "belongs to another round"),
 ])
@@ -509,7 +512,7 @@ def _bad_advert(kind, r, replies, u, v):
     if kind == "json list":
         return "[1, 2]"
     if kind == "version":
-        return edit(replies[u], version=2)
+        return edit(replies[u], version=1)
     if kind == "stage":
         return edit(replies[u], stage="share")
     if kind == "for another":
@@ -531,8 +534,8 @@ def _bad_advert(kind, r, replies, u, v):
 @pytest.mark.parametrize(("kind", "match"), [
     ("not json", "the advertise payload is not JSON"),
     ("not a string", "the advertise payload must be a JSON string"),
-    ("json list", "must be an object of version 1"),
-    ("version", "must be an object of version 1"),
+    ("json list", "must be an object of version 2"),
+    ("version", "must be an object of version 2"),
     ("stage", "expected a 'advertise' payload, got stage 'share'"),
     ("for another", "the reply claims to be from node"),
     ("claims another", "the reply claims to be from node"),
@@ -648,14 +651,15 @@ def test_keys_signed_outside_the_roster_or_by_another_node_fail():
     intruder = Identity(bytes(32))
     ad = r.sr.adverts[u]
     signed = intruder.sign(protocol.advert_bytes(r.sr.context, u, base64.b64decode(ad["c_pk"]),
-                                                 base64.b64decode(ad["s_pk"])))
+                                                 base64.b64decode(ad["s_pk"]),
+                                                 base64.b64decode(ad["coin"])))
     for id_pk, sig in ((intruder.public, signed),
                        (IDENTITY(w).key.public, ad["sig"]),
                        (IDENTITY(v).key.public, ad["sig"])):
         r.sr.adverts[u] = {**ad, "id_pk": b64(id_pk), "sig": sig if isinstance(sig, str)
                            else b64(sig)}
         with pytest.raises(SecAggError, match=f"node {u} advertised keys under an identity key "
-                           f"that is not another node's|keys of node {u} fail authentication"):
+                           f"that is not its own|keys of node {u} fail authentication"):
             client_step(r.sr.share_requests()[v], r.state[v], v, IDENTITY(v))
     r.sr.adverts[u] = ad
     client_step(r.sr.share_requests()[v], r.state[v], v, IDENTITY(v))  # the honest one
@@ -672,7 +676,7 @@ def test_same_key_for_two_neighbors_refused_by_node():
     r.advertise()
     u, w, v = r.nodes[0], r.nodes[1], r.nodes[2]
     r.sr.adverts[w] = dict(r.sr.adverts[u])
-    with pytest.raises(SecAggError, match="two neighbors advertised the same public key"):
+    with pytest.raises(SecAggError, match="two nodes advertised the same public key"):
         client_step(r.sr.share_requests()[v], r.state[v], v, None)
 
 
@@ -680,6 +684,7 @@ def test_same_key_for_two_neighbors_refused_by_node():
 def test_bad_share_replies_are_left_out(flwr_caplog):
     r = Round(12, 10)
     r.advertise()
+    r.coin()
     replies = r.step(r.sr.share_requests())
     a, b, c, d, e, f = r.nodes[:6]
     shares_a = json.loads(replies[a])["shares"]
@@ -701,11 +706,12 @@ def test_bad_share_replies_are_left_out(flwr_caplog):
         assert not {str(x) for x in (a, b, c, e, f)} & set(json.loads(payload)["shares"])
 
 
-def test_shares_before_adverts_are_refused(flwr_caplog):
+def test_shares_before_adverts_are_refused():
     r = Round(4, 10)
-    with pytest.raises(RoundAborted, match="0 of 4 nodes finished the share stage"):
+    with pytest.raises(RuntimeError, match="graph is drawn once its members"):
+        r.sr.share_requests()
+    with pytest.raises(RuntimeError, match="graph is drawn once its members"):
         r.sr.receive_shares({u: "{}" for u in r.nodes})
-    assert "no advertised keys from this node" in warnings_of(flwr_caplog)
 
 
 def test_tampered_sealed_shares_fail_at_unmask(flwr_caplog):
@@ -743,19 +749,20 @@ def test_client_stages_out_of_order():
     adv_req = r.sr.advertise_requests()[u]
     r.advertise()
     share_req = r.sr.share_requests()[u]
-    with pytest.raises(SecAggError, match="a 'share' request arrived .* stage None.*out of "
-                                           "order"):
+    with pytest.raises(SecAggError, match="the share request names a round this node has no "
+                                           "keys for"):
         client_step(share_req, {}, u, IDENTITY(u))
     _, fresh = client_step(adv_req, {}, u, IDENTITY(u))
     with pytest.raises(SecAggError, match="'mask' request .* 'advertised', not 'shared'"):
-        client_mask(json.dumps({"version": 1, "stage": "mask", "context": b64(r.sr.context),
+        client_mask(json.dumps({"version": protocol.VERSION, "stage": "mask", "context": b64(r.sr.context),
                                 "shares": {}}), fresh, u, np.zeros(10), 1)
     r.share()
     mask_req = r.sr.mask_payloads()[u]
-    with pytest.raises(SecAggError, match="'share' request .* 'shared', not 'advertised'"):
+    with pytest.raises(SecAggError, match="the share request names a round this node has no "
+                                           "keys for"):  # its keys are used once
         client_step(share_req, r.state[u], u, IDENTITY(u))
     with pytest.raises(SecAggError, match="'unmask' request .* 'shared', not 'checked'"):
-        client_step(json.dumps({"version": 1, "stage": "unmask", "context": b64(r.sr.context),
+        client_step(json.dumps({"version": protocol.VERSION, "stage": "unmask", "context": b64(r.sr.context),
                                 "survivors": r.nodes, "dropped": []}), r.state[u], u, IDENTITY(u))
     _, _, masked_state = client_mask(mask_req, r.state[u], u, np.zeros(10), 1)
     with pytest.raises(SecAggError, match="'mask' request .* 'masked', not 'shared'"):
@@ -765,10 +772,10 @@ def test_client_stages_out_of_order():
 @pytest.mark.parametrize(("request_text", "match"), [
     ("{not json", "unknown secure-aggregation stage None"),
     (None, "unknown secure-aggregation stage None"),
-    ('{"version": 1, "stage": "train"}', "unknown secure-aggregation stage 'train'"),
-    ('{"version": 1, "stage": "mask"}', "unknown secure-aggregation stage 'mask'"),
-    ('{"version": 2, "stage": "advertise"}', "must be an object of version 1"),
-    ('{"stage": "advertise"}', "must be an object of version 1"),
+    ('{"version": 2, "stage": "train"}', "unknown secure-aggregation stage 'train'"),
+    ('{"version": 2, "stage": "mask"}', "unknown secure-aggregation stage 'mask'"),
+    ('{"version": 1, "stage": "advertise"}', "must be an object of version 2"),
+    ('{"stage": "advertise"}', "must be an object of version 2"),
 ])
 def test_client_refuses_malformed_requests(request_text, match):
     with pytest.raises(SecAggError, match=match):
@@ -780,7 +787,7 @@ def test_client_refuses_json_that_is_not_an_object(request_text):
     """BUG (strategies/secagg_protocol.py client_step): the stage is read with
     ``json.loads(request).get("stage")``, which only catches ValueError, so a request
     that is valid JSON but not an object raises AttributeError instead of the
-    documented SecAggError (loads() would have said "must be an object of version 1")."""
+    documented SecAggError (loads() would have said "must be an object of version 2")."""
     try:
         client_step(request_text, {}, 7, IDENTITY(7))
     except SecAggError:
@@ -824,46 +831,108 @@ def test_client_refuses_ill_typed_fields_with_masking_error(stage):
 @pytest.mark.parametrize(("change", "match"), [
     ({"node": 8}, "addressed to node 8, this is node 7"),
     ({"node": "7"}, "unsigned 64-bit int"),
-    ({"params": {"clip": 1.0}}, "malformed masking parameters"),
-    ({"params": {"clip": 1.0, "value-bits": 16, "max-total-weight": True, "mod-bits": 32}},
-     "expected an int"),
-    ({"points": {"8": 2}}, "this node's share point"),
-    ({"points": {"x": 1}}, "not a node id"),
-    ({"points": []}, "keyed by node id"),
-    ({"threshold": 3}, "threshold within its share group"),
-    ({"threshold": 0}, "threshold within its share group"),
-    ({"threshold": "1"}, "threshold within its share group"),
     ({"context": b64(bytes(16))}, "context must have 32 bytes"),
+    ({"context": 5}, "context must be a base64 string"),
 ])
 def test_client_refuses_bad_advertise_requests(change, match):
-    good = {"version": 1, "stage": "advertise", "node": 7, "context": b64(bytes(32)),
-            "params": SecAggParams.derive(1.0).to_dict(), "threshold": 2,
-            "points": {"7": 1, "8": 2}}
+    good = {"version": protocol.VERSION, "stage": "advertise", "node": 7,
+            "context": b64(bytes(32))}
     client_step(json.dumps(good), {}, 7, IDENTITY(7))  # the base request is fine
     with pytest.raises(SecAggError, match=match):
         client_step(json.dumps({**good, **change}), {}, 7, IDENTITY(7))
 
 
-def test_client_refuses_bad_share_requests():
-    r = Round(30, 10, degree=4)
+@pytest.mark.parametrize(("setup", "match"), [
+    ({"params": {"clip": 1.0}}, "malformed masking parameters"),
+    ({"params": {"clip": 1.0, "value-bits": 16, "max-total-weight": True, "mod-bits": 32}},
+     "expected an int"),
+    ({"degree": "4"}, "degree must be an int"),
+    ({"degree": -1}, "degree must be an int"),
+    ({"fraction": 0.3}, "threshold fraction 0.3: this node needs at least 0.5"),
+    ({"fraction": 0.0}, "threshold fraction 0: this node needs at least 0.5"),
+    ({"fraction": 1.0}, "float below 1"),
+    ({"fraction": "0.5"}, "float below 1"),
+])
+def test_client_refuses_bad_round_settings(setup, match):
+    r = Round(6, 10)
     r.advertise()
     u = r.nodes[0]
     req = json.loads(r.sr.share_requests()[u])
-    stranger = next(v for v in r.nodes if v not in r.sr.graph[u] and v != u)
+    with pytest.raises(SecAggError, match=match):
+        client_step(json.dumps({**req, "setup": {**req["setup"], **setup}}), r.state[u], u,
+                    IDENTITY(u))
+    client_step(json.dumps(req), r.state[u], u, IDENTITY(u))  # the server's own is fine
+
+
+def test_client_refuses_bad_share_requests():
+    r = Round(6, 10)
+    r.advertise()
+    u, v = r.nodes[:2]
+    req = json.loads(r.sr.share_requests()[u])
+    others = {k: a for k, a in req["adverts"].items() if k != str(u)}
     cases = [
-        ({**req, "context": b64(bytes(32))}, "the share request belongs to another round"),
-        ({**req, "adverts": {**req["adverts"], str(stranger): r.sr.adverts[stranger]}},
-         rf"keys of nodes \[{stranger}\] that are not this node's neighbors"),
-        ({**req, "adverts": {**req["adverts"], str(u): r.sr.adverts[u]}},
-         "not this node's neighbors"),
-        ({**req, "adverts": dict(list(req["adverts"].items())[:1])},
-         "only 1 neighbors left, 2 needed"),
+        ({**req, "context": b64(bytes(32))}, "names a round this node has no keys for"),
+        ({**req, "adverts": others}, "do not list this node's keys as it made them"),
+        ({**req, "adverts": {**req["adverts"], str(u): r.sr.adverts[v]}},
+         "identity key that is not its own"),
+        ({**req, "adverts": {**req["adverts"], "77": r.sr.adverts[v]}},
+         "identity key that is not its own|fail authentication"),
     ]
-    assert r.sr.threshold == 3
     for data, match in cases:
         with pytest.raises(SecAggError, match=match):
             client_step(json.dumps(data), r.state[u], u, IDENTITY(u))
     assert r.state[u]["stage"] == "advertised"
+    # the node's own minimum group size, whatever the server sends
+    with pytest.raises(SecAggError, match="groups of at least 12"):
+        client_step(json.dumps(req), r.state[u], u, IDENTITY(u), protocol.NodePolicy(12))
+
+
+def test_a_sparse_round_needs_every_coin():
+    """A sparse graph is drawn from every member's coin: a node refuses a share
+    request that skips the coin stage, leaves a coin out, or changes one."""
+    r = Round(16, 10)
+    r.advertise()
+    assert r.sr.sparse
+    u = r.nodes[0]
+    with pytest.raises(RuntimeError, match="graph is drawn once"):
+        r.sr.share_requests()
+    r.coin()
+    req = json.loads(r.sr.share_requests()[u])
+    v = next(k for k in req["coins"] if k != str(u))
+    cases = [
+        ({**req, "coins": {k: c for k, c in req["coins"].items() if k != v}},
+         "must reveal the coin of every member"),
+        ({**req, "coins": {**req["coins"], v: b64(bytes(32))}},
+         f"the coin of node {v} does not match its commitment"),
+    ]
+    for data, match in cases:
+        with pytest.raises(SecAggError, match=match):
+            client_step(json.dumps(data), r.state[u], u, IDENTITY(u))
+    # a node that was never asked for its coin refuses a sparse share request
+    fresh = Round(nodes=r.nodes, length=10)
+    fresh.advertise()
+    forged = {**json.loads(r.sr.share_requests()[u]), "context": b64(fresh.sr.context),
+              "adverts": {str(k): a for k, a in fresh.sr.adverts.items()}}
+    with pytest.raises(SecAggError, match="this node was not asked for its coin"):
+        client_step(json.dumps(forged), fresh.state[u], u, IDENTITY(u))
+    # a node reveals its coin once, to one list of members
+    with pytest.raises(SecAggError, match="a second coin request"):
+        client_step(r.sr.coin_requests()[u], r.state[u], u, IDENTITY(u))
+
+
+def test_a_missing_coin_aborts_a_sparse_round(flwr_caplog):
+    """Leaving a member's coin out would let whoever picks whom to leave out pick the
+    graph: the round aborts instead."""
+    r = Round(16, 10)
+    r.advertise()
+    replies = r.step(r.sr.coin_requests())
+    u, v = r.nodes[:2]
+    replies[u] = edit(replies[u], coin=b64(bytes(32)))
+    del replies[v]
+    with pytest.raises(RoundAborted, match="2 of the round's 16 members did not reveal"):
+        r.sr.receive_coins(replies)
+    assert f"left out node {u} at the coin stage: the coin does not match" in \
+        warnings_of(flwr_caplog)
 
 
 def test_client_refuses_bad_mask_requests():
@@ -873,11 +942,11 @@ def test_client_refuses_bad_mask_requests():
     u = r.nodes[0]
     req = json.loads(r.sr.mask_payloads()[u])
     few = dict(list(req["shares"].items())[:4])
-    with pytest.raises(SecAggError, match="the train request belongs to another round"):
+    with pytest.raises(SecAggError, match="the mask request belongs to another round"):
         client_mask(json.dumps({**req, "context": b64(bytes(32))}), r.state[u], u,
                     np.zeros(10), 1)
-    with pytest.raises(SecAggError, match=r"shares from nodes \[424242\] that did not take "
-                                           "part"):
+    with pytest.raises(SecAggError, match=r"shares from nodes \[424242\] that are not this "
+                                           "node's neighbors"):
         client_mask(json.dumps({**req, "shares": {**req["shares"], "424242": "AA=="}}),
                     r.state[u], u, np.zeros(10), 1)
     with pytest.raises(SecAggError, match="only 4 neighbors left, 5 needed"):
@@ -951,8 +1020,6 @@ def test_later_rounds_skip_the_advertise_stage_and_decode():
     assert second.sr.context == first.sr.next_context
     assert second.sr.advertise_requests() == {}
     second.advertise()  # nothing to ask: the pre-advertised keys count
-    for u in second.nodes:  # the share request carries the round's settings instead
-        assert json.loads(second.sr.share_requests()[u])["setup"]["node"] == u
     second.share()
     for u in second.nodes:
         assert "pending" not in second.state[u]  # used once, then gone
@@ -976,7 +1043,6 @@ def test_nodes_without_preadvertised_keys_advertise_and_dropouts_still_recover()
     second = Round(length=30, after=first)
     assert set(second.sr.advertise_requests()) == {late}
     second.advertise()
-    assert "setup" not in json.loads(second.sr.share_requests()[late])
     second.share()
     second.mask(drop={second.nodes[3]})  # a pre-advertised node drops after sharing
     average, _ = second.unmask()
@@ -990,7 +1056,8 @@ def test_preadvertised_keys_are_bound_to_their_round():
     # a round on another context cannot use them: the node refuses...
     other = Round(length=10, after=first)
     other.sr.context = bytes(32)
-    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
+    other.advertise()
+    with pytest.raises(SecAggError, match="names a round this node has no keys for"):
         client_step(other.sr.share_requests()[u], other.state[u], u, IDENTITY(u))
     # ...and if the server re-binds them to a fresh context, the MAC gives it away
     moved = Round(length=10, after=first, seen_keys=set())
@@ -1007,20 +1074,21 @@ def test_a_preadvertised_pair_is_used_once():
     first = Round(5, 10, seed=6)
     first.run()
     second = Round(length=10, after=first)
+    second.advertise()
     u = second.nodes[0]
     request = second.sr.share_requests()[u]
     before = dict(second.state[u])
     _, used = client_step(request, second.state[u], u, IDENTITY(u))
     assert second.state[u] == before  # not changed in place
-    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
+    with pytest.raises(SecAggError, match="names a round this node has no keys for"):
         client_step(request, used, u, IDENTITY(u))  # a replayed share request
-    # a normal advertise request drops the pending pair: the share request for it fails
-    adv = Round(length=10, after=first).sr
-    fresh_req = json.dumps({"version": 1, "stage": "advertise", "context": b64(adv.context),
-                            **adv._setup(u)})
+    # an advertise request for the same round replaces the pending pair: the share
+    # request naming the old one fails
+    fresh_req = json.dumps({"version": protocol.VERSION, "stage": "advertise",
+                            "context": b64(second.sr.context), "node": u})
     _, readvertised = client_step(fresh_req, second.state[u], u, IDENTITY(u))
-    assert "pending" not in readvertised
-    with pytest.raises(SecAggError, match="names no keys this node pre-advertised"):
+    assert readvertised["pending"]["c_sk"] != second.state[u]["pending"]["c_sk"]
+    with pytest.raises(SecAggError, match="do not list this node's keys as it made them"):
         client_step(request, readvertised, u, IDENTITY(u))
 
 
@@ -1069,7 +1137,7 @@ def test_unmask_refuses_a_next_context_equal_to_the_round():
     data = json.loads(r.unmask_requests()[u])
     with pytest.raises(SecAggError, match="made keys for this round's context before"):
         client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, IDENTITY(u))
-    with pytest.raises(SecAggError, match="next context"):
+    with pytest.raises(SecAggError, match="context is not valid base64"):
         client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, IDENTITY(u))
 
 
@@ -1100,7 +1168,7 @@ def test_base64_fields_and_node_maps(data, size):
 @fuzz(80)
 @given(data=st.data(), stage=st.sampled_from(["advertise", "share", "unmask"]))
 def test_stage_payload_text(data, stage):
-    valid = json.dumps({"version": 1, "stage": stage, "node": 11, "shares": {}})
+    valid = json.dumps({"version": protocol.VERSION, "stage": stage, "node": 11, "shares": {}})
     text = data.draw(st.one_of(
         st.just(valid.encode()).flatmap(mutated_bytes).map(lambda b: b.decode("latin-1")),
         st.just(json.loads(valid)).flatmap(mutated_json).map(json.dumps),
@@ -1161,12 +1229,15 @@ def test_client_stage_requests(secagg_stages, data, stage):
     assert state == before, "a request changed the node's state in place"
 
 
-@pytest.mark.parametrize("points", [{"11": None}, {"11": float("inf")}, {"11": "x" * 5000},
-                                    {"11": [1]}, {"11": 1, "22": 1}, {"11": 0}, {"11": True}])
-def test_advertise_requests_with_bad_share_points_are_refused(points):
-    sr = ServerRound(MASK_PARAMS, MASK_NODES, MASK_LENGTH)
-    request = {**json.loads(sr.advertise_requests()[BAD]), "points": points}
-    must_refuse(lambda: client_step(json.dumps(request), {}, BAD, IDENTITY(BAD)), SecAggError)
+@pytest.mark.parametrize("adverts", [None, [], "x" * 5000, {"x": {}}, {"11": None},
+                                     {"11": {"c_pk": 5}}, {}, {"11": [1]}])
+def test_coin_requests_with_bad_members_are_refused(adverts):
+    r = Round(16, 10)
+    r.advertise()
+    u = r.nodes[0]
+    request = {**json.loads(r.sr.coin_requests()[u]), "adverts": adverts}
+    must_refuse(lambda: client_step(json.dumps(request), r.state[u], u, IDENTITY(u)),
+                SecAggError)
 
 
 # ------------------------------------------------------------------ fuzzing: the server side
@@ -1245,7 +1316,7 @@ def test_server_round_with_a_tampered_reply(data, stage):
 def test_server_round_with_a_garbage_reply(caplog_flwr, data, stage):
     """Garbage is left out, naming the node, and the round goes on with the others."""
     junk = data.draw(st.text(max_size=80) | json_values | st.sampled_from(
-        [deep_json(), b"{}", json.dumps({"version": 1, "stage": stage, "node": BAD})]))
+        [deep_json(), b"{}", json.dumps({"version": protocol.VERSION, "stage": stage, "node": BAD})]))
     caplog_flwr.clear()
     sr, outcome = run_masked_round(stage, lambda text: junk)
     if stage == "check":  # a survivor that signs nothing: its input could not be unmasked
@@ -1301,8 +1372,8 @@ def test_low_order_public_keys_are_refused_at_advertise(caplog_flwr):
 
 
 def test_a_low_order_key_cannot_crash_the_unmasking():
-    """With a sparse graph the neighbors of a node that advertised a low-order key drop
-    out; rebuilding their masks must not fail with anything but RoundAborted."""
+    """A node that advertised a low-order key is left out of a sparse round's members;
+    the others' round must not fail."""
     nodes = list(range(101, 111))
     sr = ServerRound(MASK_PARAMS, nodes, MASK_LENGTH, degree=2)
     bad = nodes[0]
@@ -1323,6 +1394,7 @@ def test_a_low_order_key_cannot_crash_the_unmasking():
             adverts[bad] = json.dumps({**json.loads(adverts[bad]),
                                        "s_pk": b64(LOW_ORDER_POINTS[0])})
             sr.receive_adverts(adverts)
+            sr.receive_coins(ask(sr.coin_requests()))  # 9 members of degree 2: sparse
             sr.receive_shares(ask(sr.share_requests()))
             for u, payload in sr.mask_payloads().items():
                 try:
