@@ -106,6 +106,8 @@ class DPSettings:
     delta: float = setting(1e-5, must_match=True)
     max_epsilon: float = setting(0.0)
     population: int = setting(0, must_match=True, valid=_NOT_NEGATIVE)
+    sampling: str = setting("auto", must_match=True, valid=(
+        lambda v: v in ("auto", "poisson", "fixed"), "must be 'auto', 'poisson' or 'fixed'"))
 
 
 @dataclass(frozen=True)

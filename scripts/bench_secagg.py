@@ -110,8 +110,8 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     params = SecAggParams.derive(1.0)
     nodes = [int(u) for u in rng.choice(2**62, size=n, replace=False) + 1]
     server: dict[str, float] = {}
-    client: dict[str, float] = {"advertise": 0.0, "share": 0.0, "mask": 0.0, "check": 0.0,
-                                "unmask": 0.0}
+    client: dict[str, float] = {"advertise": 0.0, "coin": 0.0, "share": 0.0, "mask": 0.0,
+                                "check": 0.0, "unmask": 0.0}
     states: dict[int, dict] = {u: {} for u in nodes}
     keys = {u: Identity.generate() for u in nodes}  # each node its identity key
     roster = Roster.of(k.public for k in keys.values())
@@ -134,6 +134,9 @@ def compute_round(n: int, length: int, degree: int, drop_fraction: float,
     rnd = timed("setup", ServerRound, params, nodes, length, degree)
     timed("advertise", rnd.receive_adverts, clients("advertise", timed(
         "advertise", rnd.advertise_requests)))
+    coins = timed("coin", rnd.coin_requests)  # sparse graphs only
+    if coins:
+        timed("coin", rnd.receive_coins, clients("coin", coins))
     timed("share", rnd.receive_shares, clients("share", timed("share", rnd.share_requests)))
     payloads = timed("mask", rnd.mask_payloads)
     dropped = set(nodes[:int(drop_fraction * n)])

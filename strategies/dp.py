@@ -10,13 +10,30 @@ clients sampled for the round):
 
     global' = global + (sum_k clip(delta_k) + N(0, (z C)^2 I)) / m
 
-One client changes the sum by at most ``C`` whatever its number of examples,
-so ``z`` is the noise multiplier of the subsampled Gaussian mechanism that the
-RDP accountant composes (Mironov, CSF 2017; Mironov, Talwar and Zhang 2019),
-with sample rate ``q = m / population``. (Weighting by examples would make one
-client's influence ``n_k C / sum n``, unbounded by ``C / m``: that is why DP here
-always weights uniformly.) A client that drops out adds nothing; the round's
-noise and denominator stay as they are.
+One client changes the sum by at most ``C`` whatever its number of examples.
+(Weighting by examples would make one client's influence ``n_k C / sum n``,
+unbounded by ``C / m``: that is why DP here always weights uniformly.) A client
+that drops out adds nothing; the round's noise and denominator stay as they are.
+
+The accountant matches how the round's clients are sampled (``sampling``):
+
+- ``"poisson"``: each client takes part in a round with probability
+  ``q = m / population``, independently (:func:`poisson_sample`, from the OS's
+  CSPRNG); the round size varies, the denominator stays ``m``. Adding or removing
+  one client changes the sum by at most ``C``, so ``z`` is the noise multiplier of
+  the Poisson-subsampled Gaussian mechanism, composed in RDP (Mironov, CSF 2017;
+  Mironov, Talwar and Zhang 2019; Opacus's ``RDPAccountant``). A round in which no
+  update arrives still releases the noise (the mechanism's output on an empty sum).
+- ``"fixed"``: exactly ``m`` of the ``population`` clients, uniformly without
+  replacement (Flower's own sampling). This is analysed for neighbouring
+  populations of the same size, one client's data *replaced* (Wang, Balle and
+  Kasiviswanathan, AISTATS 2019, Theorem 27; Google's ``dp-accounting``), under
+  which the sum moves by up to ``2 C``: the noise multiplier against that
+  sensitivity is ``z / 2``. With ``m = population`` this is the plain Gaussian
+  mechanism at ``z / 2``.
+
+The Poisson figure is not an approximation of the fixed-size one (Birrell et al.
+2024 show where they differ): each is reported only for its own sampling.
 
 Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
 Clipping", NeurIPS 2021): each round every client also reports whether its update
@@ -30,14 +47,13 @@ the two releases together are a Gaussian mechanism of multiplier ``z``.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
-
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from opacus.accountants import RDPAccountant
+
+SAMPLINGS = ("poisson", "fixed")
 
 
 class BudgetExhausted(RuntimeError):
@@ -92,6 +108,9 @@ class DPConfig:
         ``gamma`` and ``eta`` of adaptive clipping.
     clipped_count_stddev : float or None (default: None = ``m / 20``, the paper's)
         ``sigma_b``, noise std on the count of unclipped updates.
+    sampling : str (default: "poisson")
+        How each round's clients are drawn, and so which accountant applies:
+        ``"poisson"`` or ``"fixed"`` (see the module).
     """
 
     noise_multiplier: float
@@ -104,8 +123,11 @@ class DPConfig:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
+    sampling: str = "poisson"
 
     def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if not self.noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
         if not self.clip > 0:
@@ -144,38 +166,57 @@ class DPConfig:
         return rest ** -0.5
 
 
-def new_accountant() -> RDPAccountant:
-    """A fresh Opacus ``RDPAccountant``. Opacus (and torch) load on first use: a
-    client process that only clips or answers a key stage never imports them."""
-    from . import opacus_import  # noqa: F401  (before any opacus module: keeps logging as it was)
-    from opacus.accountants import RDPAccountant
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, rounds)
 
-    return RDPAccountant()
+
+def epsilon_of(history: History, config: DPConfig) -> float:
+    """Epsilon at ``config.delta`` after the rounds of ``history``, by the accountant
+    of ``config.sampling``. Opacus and dp-accounting load on first use: a client
+    process that only clips or answers a key stage never imports them."""
+    if not history:
+        return 0.0
+    if config.sampling == "poisson":
+        from . import opacus_import  # noqa: F401  (before any opacus module: keeps logging)
+        from opacus.accountants import RDPAccountant
+
+        accountant = RDPAccountant()
+        accountant.history = list(history)
+        return float(accountant.get_epsilon(delta=config.delta))
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for z, q, rounds in history:
+        sample = round(q * config.population)
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+            config.population, sample, dp_accounting.GaussianDpEvent(z / 2)), rounds)
+    return float(accountant.get_epsilon(config.delta))
 
 
 @dataclass
 class PrivacyLedger:
-    """The RDP accountant of a run (Opacus's ``RDPAccountant``) with a budget.
+    """The privacy loss of a run so far, and its budget.
 
-    Each round is one step of the Poisson-subsampled Gaussian mechanism with the
-    configured noise multiplier and sample rate.
+    Each round is one step of the subsampled Gaussian mechanism with the
+    configured noise multiplier and sample rate, composed by the accountant of the
+    sampling (:func:`epsilon_of`).
     """
 
     config: DPConfig
-    accountant: Any = field(default_factory=new_accountant)  # an RDPAccountant
+    history: History = field(default_factory=list)
+
+    def _after_one_more(self) -> History:
+        step = (self.config.noise_multiplier, self.config.sample_rate)
+        if self.history and self.history[-1][:2] == step:
+            return [*self.history[:-1], (*step, self.history[-1][2] + 1)]
+        return [*self.history, (*step, 1)]
 
     def epsilon(self) -> float:
-        if not self.accountant.history:
-            return 0.0
-        return float(self.accountant.get_epsilon(delta=self.config.delta))
+        return epsilon_of(self.history, self.config)
 
     def epsilon_after_next(self) -> float:
         """Epsilon if one more round were run."""
-        trial = new_accountant()
-        trial.history = [*self.accountant.history]
-        trial.step(noise_multiplier=self.config.noise_multiplier,
-                   sample_rate=self.config.sample_rate)
-        return float(trial.get_epsilon(delta=self.config.delta))
+        return epsilon_of(self._after_one_more(), self.config)
 
     def check_budget(self) -> None:
         """:class:`BudgetExhausted` if the next round would exceed ``max_epsilon``."""
@@ -189,9 +230,15 @@ class PrivacyLedger:
 
     def step(self) -> float:
         """Account one round; the cumulative epsilon."""
-        self.accountant.step(noise_multiplier=self.config.noise_multiplier,
-                             sample_rate=self.config.sample_rate)
+        self.history = self._after_one_more()
         return self.epsilon()
+
+
+def poisson_sample(nodes: list[int], rate: float) -> list[int]:
+    """Each of ``nodes`` with probability ``rate``, independently, decided by the OS's
+    CSPRNG (:class:`secrets.SystemRandom`): no one can predict or replay a sample."""
+    draw = secrets.SystemRandom()
+    return [u for u in nodes if draw.random() < rate]
 
 
 @dataclass

@@ -37,13 +37,19 @@ from .screening import report_failures
 class LegacyCentralDP(DPRounds, Strategy):
     """DP-FedAvg around a legacy FedAvg, ``LegacySecAggFedAvg`` or
     ``LegacyPaillierFedAvg`` (the arguments are those of
-    :class:`strategies.dp_message.CentralDP`)."""
+    :class:`strategies.dp_message.CentralDP`), with fixed-size sampling only: Flower's
+    legacy server skips a round in which no client is selected, so a Poisson round
+    that draws nobody could not release its noise, and its absence would tell."""
 
     def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip: float,
                  population: int = 0, delta: float = 1e-5, max_epsilon: float = 0.0,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2,
-                 clipped_count_stddev: float | None = None) -> None:
+                 clipped_count_stddev: float | None = None, sampling: str = "fixed") -> None:
+        if sampling != "fixed":
+            raise ValueError(f"LegacyCentralDP samples a fixed number of clients (sampling "
+                             f"'fixed'), got {sampling!r}: for Poisson sampling use the "
+                             "Message API's CentralDP")
         if not isinstance(strategy, FedAvg):
             raise TypeError("LegacyCentralDP wraps a flwr.server.strategy.FedAvg (or "
                             "LegacySecAggFedAvg, LegacyPaillierFedAvg)")
@@ -52,7 +58,7 @@ class LegacyCentralDP(DPRounds, Strategy):
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
-                      clipped_count_stddev=clipped_count_stddev)
+                      clipped_count_stddev=clipped_count_stddev, sampling=sampling)
 
     def __repr__(self) -> str:
         return f"LegacyCentralDP({self.strategy!r}; {self._describe_dp()})"
@@ -80,7 +86,7 @@ class LegacyCentralDP(DPRounds, Strategy):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if self.masked or self.encrypted:
             parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
-            if parameters is None:
+            if parameters is None and self.encrypted:
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, {}
@@ -89,11 +95,12 @@ class LegacyCentralDP(DPRounds, Strategy):
                                                    self.strategy.public_key)
                 noisy, dp_metrics = self._release_encrypted(server_round, model)
                 return to_parameters(noisy), {**metrics, **dp_metrics}
-            average = parameters_to_ndarrays(parameters)
-            total, unclipped = self._unmasked_sum(
-                dict(zip(list(self._with_bit(self._global)), average, strict=True)),
-                self.strategy.last_total_weight)
-            n = self.strategy.last_total_weight
+            n, total, unclipped = 0, None, 0
+            if parameters is not None:
+                n = self.strategy.last_total_weight
+                total, unclipped = self._unmasked_sum(dict(zip(
+                    list(self._with_bit(self._global)), parameters_to_ndarrays(parameters),
+                    strict=True)), n)
         else:
             report_failures(self.watch, failures)
             decoded = []
@@ -109,11 +116,11 @@ class LegacyCentralDP(DPRounds, Strategy):
             if valid and self.strategy.fit_metrics_aggregation_fn:
                 metrics = self.strategy.fit_metrics_aggregation_fn(
                     [(1, decoded[i][1].metrics) for i in valid])
-        if n == 0:
-            log(WARNING, "Round %d: no update to add noise to; nothing released", server_round)
+        released = self._release(server_round, total, n, unclipped)
+        if released is None:
             return None, {}
-        new, dp_metrics = self._release(server_round, total, n, unclipped)
-        return ndarrays_to_parameters(list(new.values())), {**metrics, **dp_metrics}
+        new, dp_metrics = released
+        return ndarrays_to_parameters(list(new.values())), {**(metrics or {}), **dp_metrics}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager

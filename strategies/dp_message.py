@@ -27,7 +27,9 @@ built on the same :class:`DPRounds`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import INFO, WARNING
 
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType,
@@ -64,6 +66,14 @@ class CentralDP(DPRounds, Strategy):
     delta, max_epsilon, adaptive, target_quantile, clip_learning_rate,
     clipped_count_stddev
         As in :class:`strategies.dp.DPConfig`.
+    sampling : str (default: "auto")
+        ``"poisson"``: each connected node takes part in a round with probability
+        ``q = m / population`` (``m`` from the wrapped strategy's ``fraction_train``
+        and ``min_train_nodes``, as it would sample), and the Poisson accountant
+        applies; ``"fixed"``: the wrapped strategy samples ``m`` nodes and the
+        fixed-size (replace-one) accountant applies (:mod:`strategies.dp`).
+        ``"auto"``: Poisson, except under Paillier (fixed: there the average is
+        divided by the number of updates, so Poisson is refused).
 
     Rounds without a usable update count towards the wrapped strategy's
     ``max_empty_rounds`` (3 around Flower's own FedAvg); the rounds after the privacy
@@ -74,7 +84,7 @@ class CentralDP(DPRounds, Strategy):
                  population: int = 0, delta: float = 1e-5, max_epsilon: float = 0.0,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2,
-                 clipped_count_stddev: float | None = None) -> None:
+                 clipped_count_stddev: float | None = None, sampling: str = "auto") -> None:
         if not isinstance(strategy, FedAvg):
             raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg, "
                             "SecAggFedAvg or PaillierFedAvg)")
@@ -83,7 +93,7 @@ class CentralDP(DPRounds, Strategy):
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
-                      clipped_count_stddev=clipped_count_stddev)
+                      clipped_count_stddev=clipped_count_stddev, sampling=sampling)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -101,16 +111,26 @@ class CentralDP(DPRounds, Strategy):
         self._global = record_arrays(arrays)
         config = ConfigRecord({**config, **self._round_config()})
         arrays = array_record(self._with_bit(self._global))
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        if self.config.sampling != "poisson":
+            return self.strategy.configure_train(server_round, arrays, config, grid)
+        chosen = self._poisson_round(wait_for_nodes(grid, self.strategy.min_available_nodes))
+        if self.noise_only:
+            return []
+        with _trains_every_node(self.strategy):
+            return list(self.strategy.configure_train(server_round, arrays, config,
+                                                      _NodesOnly(grid, chosen)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         if self.budget_exhausted:  # Flower's Strategy.start goes on calling: nothing to do
             return None, None
+        if self.noise_only:
+            new, dp_metrics = self._release(server_round, None, 0, 0)
+            return array_record(new), MetricRecord(dp_metrics)
         if self.masked or self.encrypted:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-            if arrays is None:
+            if arrays is None and self.encrypted:
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, None
@@ -120,8 +140,8 @@ class CentralDP(DPRounds, Strategy):
                 noisy, dp_metrics = self._release_encrypted(server_round, model)
                 return array_record(noisy.to_arrays()), MetricRecord({**(metrics or {}),
                                                                      **dp_metrics})
-            n = self.strategy.last_total_weight
-            total, unclipped = self._unmasked_sum(record_arrays(arrays), n)
+            n = self.strategy.last_total_weight if arrays is not None else 0
+            total, unclipped = self._unmasked_sum(record_arrays(arrays), n) if n else (None, 0)
         else:
             updates, contents = [], []
 
@@ -138,10 +158,10 @@ class CentralDP(DPRounds, Strategy):
             metrics = aggregate_metrics(
                 self.strategy.train_metrics_aggr_fn, [contents[i] for i in valid],
                 self.strategy.weighted_by_key) if valid else None
-        if n == 0:
-            log(WARNING, "Round %d: no update to add noise to; nothing released", server_round)
+        released = self._release(server_round, total, n, unclipped)
+        if released is None:
             return None, None
-        new, dp_metrics = self._release(server_round, total, n, unclipped)
+        new, dp_metrics = released
         return array_record(new), MetricRecord({**(metrics or {}), **dp_metrics})
 
     # ------------------------------------------------------------ evaluate
@@ -152,6 +172,41 @@ class CentralDP(DPRounds, Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    """The connected nodes, once at least ``count`` are."""
+    while len(nodes := list(grid.get_node_ids())) < count:
+        log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
+            len(nodes), count)
+        time.sleep(1)
+    return nodes
+
+
+class _NodesOnly:
+    """A Grid that shows only the round's Poisson-sampled nodes (all else is the
+    real Grid's)."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+@contextmanager
+def _trains_every_node(strategy: FedAvg) -> Iterator[None]:
+    """The wrapped strategy samples every node it is shown (the Poisson sample),
+    without waiting for more; its own settings come back afterwards."""
+    saved = strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes
+    strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes = 1.0, 0, 0
+    try:
+        yield
+    finally:
+        strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes = saved
 
 
 # ------------------------------------------------------------------ client mod

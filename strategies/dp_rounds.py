@@ -20,7 +20,7 @@ from flwr.common.logger import log
 
 from .aggregation import check_update
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
-                 noised_average)
+                 noised_average, poisson_sample)
 from .paillier import Encryptor
 from .paillier_protocol import EncryptedModel, add_noise
 from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
@@ -51,9 +51,15 @@ class DPRounds:
     def _init_dp(self, strategy: object, *, noise_multiplier: float,
                  clip: float, population: int, delta: float, max_epsilon: float,
                  adaptive: bool, target_quantile: float, clip_learning_rate: float,
-                 clipped_count_stddev: float | None) -> None:
+                 clipped_count_stddev: float | None, sampling: str) -> None:
         mode = server_sees(strategy)
         self.masked, self.encrypted = mode == "masked", mode == "encrypted"
+        if sampling == "auto":
+            sampling = "fixed" if self.encrypted else "poisson"
+        if self.encrypted and sampling == "poisson":
+            raise ValueError("Poisson sampling needs the fixed denominator m, but under "
+                             "Paillier the encrypted sum is divided by the number of updates, "
+                             "which depends on the sample: use sampling 'fixed'")
         if self.encrypted and adaptive:
             raise ValueError("adaptive clipping needs the count of unclipped updates, which "
                              "the server cannot read under Paillier: use a fixed clip")
@@ -72,7 +78,7 @@ class DPRounds:
                               max_epsilon=max_epsilon, adaptive=adaptive,
                               target_quantile=target_quantile,
                               clip_learning_rate=clip_learning_rate,
-                              clipped_count_stddev=clipped_count_stddev)
+                              clipped_count_stddev=clipped_count_stddev, sampling=sampling)
         # check the arguments now (the default count noise depends on m: at round 1)
         DPConfig(num_sampled=1, population=1, **{
             **self._settings, "adaptive": adaptive and clipped_count_stddev is not None})
@@ -82,6 +88,7 @@ class DPRounds:
         self.budget_exhausted = False
         self._global: dict[str, np.ndarray] = {}
         self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
+        self.noise_only = False  # this round's Poisson sample was too small to aggregate
 
     def _describe_dp(self) -> str:
         s = self._settings
@@ -89,7 +96,7 @@ class DPRounds:
         where = "clients" if self.masked or self.encrypted else "server"
         return (f"noise multiplier {s['noise_multiplier']:g}, clip {s['clip']:g}"
                 f"{' (adaptive)' if s['adaptive'] else ''}, delta {s['delta']:g}{budget}, "
-                f"clipping on the {where}")
+                f"clipping on the {where}, {s['sampling']} sampling")
 
     def _start_dp(self, connected: int, sampled: int) -> None:
         """Fix the sampling figures at the first round: the denominator is the number
@@ -99,9 +106,24 @@ class DPRounds:
                                **self._settings)
         self.ledger = PrivacyLedger(self.config)
         self.clipper = AdaptiveClip(self.config)
-        log(INFO, "Central DP: %d of %d clients per round (sample rate %.4f), update noise "
-            "multiplier %.4f", sampled, self.config.population, self.config.sample_rate,
+        log(INFO, "Central DP: %s %d of %d clients per round (sample rate %.4f), update "
+            "noise multiplier %.4f", "on average" if self.config.sampling == "poisson"
+            else "exactly", sampled, self.config.population, self.config.sample_rate,
             self.config.update_noise_multiplier)
+
+    def _poisson_round(self, nodes: list) -> list:
+        """Poisson sampling: each of ``nodes`` with probability ``q``. Too few to
+        aggregate (none; under masking, one) make a noise-only round
+        (:attr:`noise_only`): nothing is sent, the noise alone is released."""
+        chosen = poisson_sample(sorted(nodes), self.config.sample_rate)
+        log(INFO, "Central DP: Poisson sampling took %d of %d nodes (rate %.4f)", len(chosen),
+            len(nodes), self.config.sample_rate)
+        self.noise_only = len(chosen) < (2 if self.masked else 1)
+        if self.noise_only:
+            log(INFO, "Central DP: %d node(s) drawn, too few to aggregate%s: this round "
+                "releases the noise alone", len(chosen), " securely" if chosen else "")
+            return []
+        return chosen
 
     def state_dict(self) -> dict:
         """What a restarted server needs to go on (JSON-able): the sampling figures
@@ -109,7 +131,7 @@ class DPRounds:
         if self.config is None:
             return {}
         return {"num-sampled": self.config.num_sampled, "population": self.config.population,
-                "history": [list(h) for h in self.ledger.accountant.history],
+                "history": [list(h) for h in self.ledger.history],
                 "clip": self.clipper.clip}
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,12 +140,11 @@ class DPRounds:
             return
         self.config = DPConfig(num_sampled=int(state["num-sampled"]),
                                population=int(state["population"]), **self._settings)
-        self.ledger = PrivacyLedger(self.config)
-        self.ledger.accountant.history = [(float(z), float(q), int(s))
-                                          for z, q, s in state["history"]]
+        self.ledger = PrivacyLedger(self.config, [(float(z), float(q), int(s))
+                                                  for z, q, s in state["history"]])
         self.clipper = AdaptiveClip(self.config, clip=float(state["clip"]))
         log(INFO, "Central DP resumed: epsilon %.3f after %d rounds, clip %.4g",
-            self.ledger.epsilon(), sum(s for _, _, s in self.ledger.accountant.history),
+            self.ledger.epsilon(), sum(s for _, _, s in self.ledger.history),
             self.clipper.clip)
 
     def _budget_left(self, server_round: int) -> bool:
@@ -183,9 +204,21 @@ class DPRounds:
                  for k, g in self._global.items()]
         return total, unclipped
 
-    def _release(self, server_round: int, total: list[np.ndarray], n: int, unclipped: int
-                 ) -> tuple[dict[str, np.ndarray], dict]:
-        """The noised new global model and the round's DP metrics."""
+    def _release(self, server_round: int, total: list[np.ndarray] | None, n: int,
+                 unclipped: int) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The noised new global model and the round's DP metrics; None when no update
+        arrived under fixed-size sampling (nothing is released, nothing spent). Under
+        Poisson sampling such a round releases the noise alone, the mechanism's output
+        on an empty sum: whether a round is empty depends on who is in the population,
+        so skipping it would release something the accountant does not count."""
+        if n == 0:
+            if self.config is None or self.config.sampling != "poisson":
+                log(WARNING, "Round %d: no update to add noise to; nothing released",
+                    server_round)
+                return None
+            log(WARNING, "Round %d: no update arrived; the noise alone is released (Poisson "
+                "sampling)", server_round)
+            total = [np.zeros(g.shape) for g in self._global.values()]
         clip = self.clipper.clip
         new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
         epsilon = self.ledger.step()
@@ -194,7 +227,7 @@ class DPRounds:
             "epsilon %.4f at delta %g", server_round, n, self.config.num_sampled, clip,
             epsilon, self.config.delta)
         metrics = {"dp-epsilon": epsilon, "dp-clip": clip, "dp-next-clip": next_clip}
-        if not self.masked:  # plaintext: the server sees every update anyway
+        if not self.masked and n:  # plaintext: the server sees every update anyway
             metrics["dp-unclipped-fraction"] = unclipped / n
         elif self.config.adaptive:  # masked: only the noised count is released
             metrics["dp-unclipped-fraction"] = self.clipper.noisy_fraction

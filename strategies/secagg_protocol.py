@@ -1,93 +1,111 @@
-"""Masked secure aggregation, Flower-free: the five stages of one round.
+"""Masked secure aggregation, Flower-free: the stages of one round.
 
 Bonawitz et al. (CCS 2017) with SecAgg+'s sparse neighbor graph (Bell et al.,
 CCS 2020), for weighted FedAvg, with a consistency check against a server that
 lies. For the round the server samples nodes ``U0`` and:
 
 1. **advertise**: each node makes two fresh X25519 key pairs (``c`` to seal
-   shares, ``s`` to agree masks) and sends the public halves, signed with its
-   Ed25519 identity key (:mod:`strategies.secagg_identity`) → ``U1``.
-   Neighbors accept them only under a key of the federation's roster that no
-   other node of the round uses.
-2. **share**: each node gets its neighbors' keys, draws a self-mask seed ``b``,
-   Shamir-shares ``b`` and its ``s`` private key among itself and its neighbors
-   (threshold ``t``), seals each neighbor's shares with AES-GCM under a key
-   agreed with that neighbor, and sends them with a commitment to ``b`` → ``U2``.
+   shares, ``s`` to agree masks) and a random coin, and sends the public halves and
+   a commitment to the coin, signed with its Ed25519 identity key
+   (:mod:`strategies.secagg_identity`). The nodes whose keys the server accepts are
+   the round's members ``U1``.
+1b. **coin** (sparse graphs only): every member gets the list of members (their
+   signed keys and coin commitments), checks it (each signed under a distinct key
+   of the federation's roster, its own keys as it made them) and reveals its coin,
+   once per round.
+2. **share**: each node gets the round's settings (encoding, degree, threshold
+   fraction) and the members' keys, or in a sparse round every member's coin,
+   which it checks against the commitments. From these alone it computes the
+   round's **session** (a hash of the context, every member's keys and commitment,
+   and the coins) and, as the server does, the graph (SecAgg+'s ring over ``U1`` in
+   an order drawn from the session), its share point, its threshold ``t`` (more
+   than the fraction of the smallest share group) and the round's quorum (more than
+   the fraction of ``U1``). It draws a self-mask seed ``b``, Shamir-shares ``b`` and
+   its ``s`` private key among itself and its neighbors, seals each neighbor's
+   shares with AES-GCM under a key agreed with that neighbor, and sends them with a
+   commitment to ``b`` → ``U2``.
 3. **mask** (the train message): the server relays each node the sealed shares
    addressed to it; the node trains and sends
-   ``y_u = w_u q_u + PRG(b_u) + sum_v ±PRG(s_uv)  (mod 2^bits)`` over its
-   neighbors ``v`` in ``U2`` (``+`` if ``u < v``) → ``U3``.
+   ``y_u = w_u q_u + PRG(b_u) + sum_v ±PRG(s_uv)  (mod 2^bits)`` over the neighbors
+   ``v`` whose shares it got (``+`` if ``u < v``) → ``U3``.
 4. **check** (Bonawitz et al.'s ConsistencyCheck round): the server sends every
-   survivor the round's view, who survived (``U3``) and who dropped (``U2 \\ U3``);
-   each signs the view together with the digest of the global model and round
-   settings it trained from (Ed25519 under its identity key, bound to its node id),
+   survivor the round's view, who survived (``U3``) and who dropped (``U2 \\ U3``).
+   A node refuses a view that leaves out a neighbor it masked with or lists one it
+   did not (Bonawitz et al.'s ``U3`` within ``U2``), or names non-members; else it
+   signs the view with the digest of the global model and round settings it trained
+   from (Ed25519 under its identity key, bound to the session and its node id),
    once per round.
-5. **unmask**: each survivor gets the same view and its share group's signatures.
-   It reveals only if every survivor of its share group signed exactly that view
-   and model, and at least ``t`` of its group survived; then it reveals the ``b``
-   shares of survivors and the ``s`` shares of the dropped, never both for one
-   node, and only once per round. The server rebuilds each seed, checks it against
-   the commitment or the advertised public key, removes the masks and decodes the
-   weighted average.
+5. **unmask**: each survivor gets the same view and every survivor's signature.
+   It reveals only if every survivor signed exactly that view and model, the
+   survivors reach the quorum, and at least ``t`` of its own group survived; then
+   the ``b`` shares of survivors and the ``s`` shares of the dropped, never both for
+   one node, and only once per round. The server rebuilds each seed, checks it
+   against the commitment or the advertised public key, removes the masks and
+   decodes the weighted average.
 
 Why the check stops a server that lies about dropouts (tests/attacks): to unmask
 one node ``u`` it needs ``u``'s ``b`` from holders that believe ``u`` survived and
 the ``s`` keys of ``u``'s mask partners from holders that believe those dropped.
 An honest node signs one view per round and reveals only under a view every
-survivor of its group signed. In a complete graph (the default up to about ten
-nodes per round: SecAgg+'s degree covers everyone) the survivors of any view the
-server acts on are ``t > n/2`` nodes, so two views acted on share a survivor who
-would have signed both: all honest holders act on one view, and under one view
-no node's ``b`` and ``s`` both come out. It also stops a server that sends nodes
-different global models (Pasquini et al., CCS 2022): nodes trained from another
-model sign another digest, so no one reveals. Each signature is checked under the
-identity key that signed the node's advertisement, so neither the server nor a
-client can sign for another node. With ``k`` colluding clients, which sign
-whatever the server asks, two views of survivor sets ``S1``, ``S2`` (each at least
-``t`` of the ``n`` nodes) can both be acted on only if ``S1 & S2`` (at least
-``2t - n`` nodes) are all colluders: the check holds for ``k < 2t - n`` (one at
-the default ``t = 6`` of 10; a threshold fraction of 2/3 gives about ``n / 3``, as
-in Bonawitz et al.). In a sparse graph the server can give far-apart groups
-different views; the check narrows but does not close that (documented in
-docs/threat-model.md). A survivor that does not sign
-aborts the round (its input could not be unmasked): dropout recovery covers
-nodes lost before the mask stage ends.
+survivor signed, whose survivors are more than the fraction (at least a half) of
+the members: two views acted on share a survivor, who would have signed both. So
+all honest holders act on one view, and under one view no node's ``b`` and ``s``
+both come out; a view in which ``u`` masked with dropped nodes only is one ``u``
+refuses (it lists neighbors ``u`` did not mask with, or leaves ``u``'s group below
+``t``). This holds for sparse graphs too, since each node checks every survivor's
+signature, not only its group's (the unmask request carries one signature per
+survivor: 64 bytes each). It also stops a server that sends nodes different global
+models (Pasquini et al., CCS 2022): nodes trained from another model sign another
+digest, so no one reveals. Each signature is checked under the identity key that
+signed the node's advertisement, so neither the server nor a client can sign for
+another node; nodes shown different members or coins have different sessions, so
+they cannot open each other's shares nor count each other's signatures. With ``k``
+colluding clients, which sign whatever the server asks, two views of survivor sets
+``S1``, ``S2`` (each at least the quorum ``q`` of the ``n`` members) can both be
+acted on only if ``S1 & S2`` (at least ``2q - n`` nodes) are all colluders: the
+check holds for ``k < 2q - n`` (one at the default fraction 0.5 with ten nodes; a
+fraction of 2/3 gives about ``n / 3``, as in Bonawitz et al.). A survivor that does
+not sign aborts the round (its input could not be unmasked): dropout recovery
+covers nodes lost before the mask stage ends, as long as the quorum survives.
 
 Each node also keeps its own minimums (:class:`NodePolicy`: share group size,
-threshold above half its group) whatever the server sends, and remembers the
-contexts it made keys for, refusing a replayed one.
+threshold fraction of at least a half) whatever the server sends, and remembers
+the contexts it made keys for, refusing a replayed one.
 
-What the server still chooses: the sample, the round's context and the neighbor
-graph (a function of the sample and the context). A context cannot be reused (the
-nodes refuse one they made keys for, and every key a round uses is a fresh X25519
-pair of the nodes, so masks, seals and signatures of two rounds never coincide);
-deriving it from the nodes' keys instead would add nothing a replay check does not
-give, and would not stop a colluding client from grinding the graph by choosing its
-keys last. In a complete graph the choice of graph is moot. In a sparse graph a
-server that picks the graph, or the views, per group is not stopped (see above):
-SecAgg+'s malicious variant (Bell et al.) needs randomness no party controls for the
-graph and more than the share-group checks here, so this module claims malicious
-security for complete graphs only (docs/threat-model.md).
+Who chooses what. The server chooses the sample and the round's context (fresh:
+nodes refuse a context they made keys for, and every key of a round is a fresh
+X25519 pair, so masks, seals and signatures of two rounds never coincide). It
+does not choose the graph: in a sparse graph the order on the ring comes from the
+session, which holds every member's coin, committed to before any coin is
+revealed and revealed only once the members are fixed. No party can choose it
+alone: the server and colluding clients know their own coins, not an honest
+node's, when the members are fixed. Leaving out a member whose coin it dislikes
+would let the server choose, so a missing coin aborts the round; what remains is
+aborting and trying again (a visible round each, with new keys everywhere), and
+the sample. In a complete graph (the default up to eleven nodes per round, or
+``secagg-neighbors >= n - 1``) the order does not matter and the coin stage is
+skipped; the session still binds every member's keys.
 
-From the second round on, stage 1 mostly disappears: **pre-advertising**. The
-unmask request names the context of the server's next round, and each survivor
-answers it with two fresh key pairs for that context (their public halves and
-signature beside its shares). A node sampled again is then sent the round's settings
-(share points, threshold, encoding) in its share request instead of an advertise
-request. Why this keeps every property of stage 1:
+From the second round on, in complete graphs, stage 1 mostly disappears:
+**pre-advertising**. The unmask request names the context of the server's next
+round, and each survivor answers it with fresh keys and coin commitment for that
+context, signed, beside its shares: exactly an advertise reply, made early. Why
+this keeps every property of stage 1:
 
 - the keys are fresh, made only for that context, and leave the node only as
-  public keys; a node uses a pre-advertised pair for at most one share stage
-  (then it is gone from its state) and drops it when a newer one replaces it;
-- the signature and every HKDF info bind them to the context, so they are worthless in
-  any other round (a replay fails authentication at the neighbors, and the
-  server refuses public keys it has seen before, as for stage 1);
-- the node checks the settings in the share request exactly as it checks an
-  advertise request, and the server picks the context, sample and graph in
-  either case: it learns nothing earlier than it would from stage 1.
+  public keys; a node uses them for at most one share stage (then they are gone
+  from its state), and new ones (a newer pre-advertisement, or an advertise
+  request for the same context) replace them;
+- the signature, the session and every HKDF info bind them to the context, so they
+  are worthless in any other round (a replay fails authentication at the other
+  nodes, and the server refuses public keys it has seen before, as for stage 1);
+- the share request carries the round's settings either way, and the node checks
+  them there: the server learns nothing earlier than it would from stage 1.
 
-Nodes sampled without a pre-advertised pair (new ones, or ones that missed the
-last unmask stage) still get a normal advertise request.
+Nodes sampled without pre-advertised keys (new ones, or ones that missed the last
+unmask stage) still get an advertise request. A sparse round does not use them: its
+coin stage needs every member, and a node that pre-advertised a round ago may be
+gone; it advertises afresh, right before the coin stage.
 
 Pairwise masks cancel in the sum; a dropped node's masks are rebuilt from its
 ``s`` key, so the survivors' sum comes out; a node whose masked input arrives
@@ -96,7 +114,7 @@ secret. Everything on the wire is JSON with base64 bytes and a uint32/uint64
 vector; nothing is pickled.
 
 The server side is :class:`ServerRound`; the client side is :func:`client_step`
-(stages 1, 2, 4 and 5) and :func:`client_mask` (stage 3), which keep the node's
+(stages 1, 1b, 2, 4 and 5) and :func:`client_mask` (stage 3), which keep the node's
 secrets in a dict the Flower adapters store in the node's own context state.
 """
 

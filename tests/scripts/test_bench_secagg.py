@@ -4,13 +4,19 @@ core end to end (a small model here): the benchmark cannot drift from the protoc
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tests.helpers import load_script
 
 
-def test_compute_round_decodes_within_the_error_bound():
+@pytest.mark.parametrize(("n", "degree", "dropped"), [(6, 0, 1), (16, 6, 3)])
+def test_compute_round_decodes_within_the_error_bound(n, degree, dropped):
+    """Complete (6 clients) and sparse (16 clients, 6 neighbors: with the coin stage)."""
     bench = load_script("bench_secagg")
-    out = bench.compute_round(6, 200, 0, 0.2, np.random.default_rng(0))
-    assert out["clients"] == 6 and out["dropped"] == 1
+    out = bench.compute_round(n, 200, degree, 0.2, np.random.default_rng(0))
+    assert out["clients"] == n and out["dropped"] == dropped
+    assert out["neighbors"] == (degree or n - 1)
     assert out["max_abs_error"] <= out["error_bound"]
-    assert set(out["client_seconds"]) == {"advertise", "share", "mask", "check", "unmask"}
+    assert set(out["client_seconds"]) == {"advertise", "coin", "share", "mask", "check",
+                                          "unmask"}
+    assert (out["client_seconds"]["coin"] > 0) == (degree > 0)

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from strategies.dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
-                           gaussian_noise, l2_norm, noised_average)
+                           gaussian_noise, l2_norm, noised_average, poisson_sample)
 from tests.helpers.dp import ALPHAS, BIG, assert_noise_std, model, opacus_epsilon
 
 
@@ -146,6 +146,67 @@ def test_subsampled_epsilon_matches_an_independent_integer_order_computation(q, 
     assert by_hand * 0.9 <= ledger.epsilon() <= by_hand * (1 + 1e-12)
 
 
+# ------------------------------------------------------------------ fixed-size sampling
+def wor_epsilon(population: int, sampled: int, z: float, k: int, delta: float) -> float:
+    """The documented accounting of fixed-size sampling, built here from its parts:
+    Wang et al.'s sampling without replacement, replace-one, Gaussian at z / 2."""
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            population, sampled, dp_accounting.GaussianDpEvent(z / 2)), k))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("population,sampled,z,k", [(1000, 100, 1.0, 3), (100, 4, 1.5, 5),
+                                                    (50, 50, 2.0, 2)])
+def test_fixed_sampling_epsilon_is_the_replace_one_wor_accounting(population, sampled, z, k):
+    ledger = PrivacyLedger(DPConfig(noise_multiplier=z, clip=1.0, num_sampled=sampled,
+                                    population=population, sampling="fixed"))
+    for _ in range(k):
+        eps = ledger.step()
+    assert ledger.history == [(z, sampled / population, k)]
+    assert eps == pytest.approx(wor_epsilon(population, sampled, z, k, 1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("z,k,delta", [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (4.0, 30, 1e-6)])
+def test_fixed_sampling_of_everyone_is_the_gaussian_at_half_the_multiplier(z, k, delta):
+    """m = population: no sampling; replacing one client moves the sum by 2C, so the
+    RDP is k alpha / (2 (z/2)^2) = 2 k alpha / z^2, converted by hand."""
+    ledger = PrivacyLedger(DPConfig(noise_multiplier=z, clip=1.0, num_sampled=9,
+                                    population=9, delta=delta, sampling="fixed"))
+    for _ in range(k):
+        ledger.step()
+    orders = [a for a in range(2, 257)]
+    by_hand = balle_conversion(orders, [2 * k * a / z ** 2 for a in orders], delta)
+    assert by_hand * 0.9 <= ledger.epsilon() <= by_hand * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("q,z,k", [(0.1, 1.0, 5), (0.04, 1.2, 20), (1.0, 3.0, 3)])
+def test_fixed_sampling_costs_more_than_poisson_at_the_same_rate(q, z, k):
+    """The replace-one sensitivity is twice the add/remove one: at equal rate and
+    noise, fixed-size sampling reports the larger epsilon."""
+    ledgers = [PrivacyLedger(DPConfig(noise_multiplier=z, clip=1.0, num_sampled=round(q * 500),
+                                      population=500, sampling=how))
+               for how in ("poisson", "fixed")]
+    for _ in range(k):
+        poisson, fixed = (ledger.step() for ledger in ledgers)
+    assert fixed > poisson > 0
+
+
+def test_poisson_sample_draws_each_node_independently_from_the_os():
+    nodes = list(range(20_000))
+    assert poisson_sample(nodes, 0.0) == [] and poisson_sample(nodes, 1.0) == nodes
+    counts = [len(poisson_sample(nodes, 0.3)) for _ in range(3)]
+    sd = math.sqrt(20_000 * 0.3 * 0.7)  # Binomial: 6000 +- 64.8
+    assert all(abs(c - 6000) < 6 * sd for c in counts)
+    assert len(set(counts)) > 1 or counts[0] != 6000  # not a fixed count
+    first, second = poisson_sample(nodes, 0.5), poisson_sample(nodes, 0.5)
+    assert first != second and set(first) <= set(nodes)
+
+
 @given(sampled=st.integers(1, 10_000), sigma=st.floats(0.5, 5.0))
 @settings(max_examples=10)  # Opacus's fractional orders cost ~0.2 s per epsilon
 def test_epsilon_grows_with_every_round(sampled, sigma):
@@ -163,11 +224,11 @@ def test_epsilon_after_next_leaves_the_ledger_alone():
     ledger = PrivacyLedger(DPConfig(noise_multiplier=1.0, clip=1.0, num_sampled=4,
                                     population=100))
     ledger.step()
-    history = list(ledger.accountant.history)
+    history = list(ledger.history)
     eps = ledger.epsilon()
     nxt = ledger.epsilon_after_next()
     assert nxt > eps
-    assert ledger.accountant.history == history and ledger.epsilon() == eps
+    assert ledger.history == history and ledger.epsilon() == eps
     assert ledger.step() == nxt
 
 

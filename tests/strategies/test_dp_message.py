@@ -361,7 +361,9 @@ def test_budget_stops_training_before_it_is_exceeded(k, task_identity, flwr_capl
     for r, metrics in result.train_metrics_clientapp.items():
         assert metrics["dp-epsilon"] == pytest.approx(eps[r], rel=1e-12)
         assert metrics["dp-epsilon"] <= budget
-    assert all(len(n.received) == k for n in nodes)  # nothing sent after the budget
+    # Poisson sampling at q = 0.04 from 4 nodes: rounds 1..k release (noise alone if no
+    # node was drawn), and nothing is sent after the budget
+    assert all(len(n.received) <= k for n in nodes)
     assert (dp.ledger.epsilon() if dp.ledger else 0.0) <= budget
     warnings = [r for r in flwr_caplog.records if r.levelno == logging.WARNING
                 and f"Round {k + 1} not run" in r.getMessage()]
@@ -404,13 +406,68 @@ def test_plaintext_reply_with_bad_metrics_does_not_abort_the_round(tamper, task_
             or np.allclose(shift, flat(d), rtol=0, atol=1e-6))
 
 
-def test_all_plaintext_replies_failing_release_nothing(task_identity, flwr_caplog):
-    dp = plain_dp(noise_multiplier=1.0, clip=0.5)
+def test_all_plaintext_replies_failing_release_nothing_under_fixed_sampling(task_identity,
+                                                                           flwr_caplog):
+    dp = plain_dp(noise_multiplier=1.0, clip=0.5, sampling="fixed")
     new, metrics, _ = run_round(dp, FakeGrid([PlainNode(u, fail=True) for u in NODES]),
                                 model(SMALL, 19))
     assert new is None and metrics is None
     assert dp.ledger.epsilon() == 0.0
     assert "no update to add noise to" in flwr_caplog.text
+
+
+@pytest.mark.parametrize("population", [4, 400])
+def test_poisson_rounds_without_updates_release_the_noise_alone(population, task_identity,
+                                                               flwr_caplog):
+    """Under Poisson sampling whether a round is empty depends on who is in the
+    population, so an empty round still releases: the global model plus the noise
+    of std z C / m, accounted. Population 4: every node drawn, every reply fails;
+    population 400 (q = 0.01 from the 4 connected): almost surely none drawn, and
+    nothing is sent."""
+    glob = model(BIG, 30)
+    dp = plain_dp(noise_multiplier=1.0, clip=0.5, population=population)
+    grid = FakeGrid([PlainNode(u, fail=True) for u in NODES])
+    new, metrics, messages = run_round(dp, grid, glob)
+    assert new is not None and metrics["dp-epsilon"] > 0
+    assert dp.ledger.history == [(1.0, len(NODES) / population, 1)]
+    assert_noise_std(flat(numpy_of(new)) - flat(glob), 1.0 * 0.5 / len(NODES))
+    if population == 400 and not messages:
+        assert dp.noise_only and "releases the noise alone" in flwr_caplog.text
+
+
+def test_poisson_sampling_draws_each_node_with_the_rate(task_identity):
+    """q = 0.5 over 200 connected nodes: the round's messages go to the drawn nodes
+    only, about half of them, a different half each round."""
+    ids = list(range(1000, 1200))
+    dp = CentralDP(WeightedFedAvg(min_available_nodes=200, fraction_train=0.5,
+                                  min_train_nodes=0, fraction_evaluate=0.0),
+                   noise_multiplier=1.0, clip=0.5)
+    grid = FakeGrid([PlainNode(u, scaled_to(SMALL, u, 0.1)) for u in ids])
+    drawn = []
+    for rnd in (1, 2):
+        _, _, messages = run_round(dp, grid, model(SMALL, 31), rnd)
+        drawn.append({m.metadata.dst_node_id for m in messages})
+    assert dp.config.sample_rate == 0.5
+    for sample in drawn:  # Binomial(200, 0.5): 100 +- 7.1; 6 standard deviations
+        assert sample <= set(ids) and abs(len(sample) - 100) < 43
+    assert drawn[0] != drawn[1]
+    assert dp.strategy.fraction_train == 0.5 and dp.strategy.min_available_nodes == 200
+
+
+def test_paillier_refuses_poisson_sampling_and_legacy_takes_fixed_only():
+    from strategies.dp_legacy import LegacyCentralDP
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+
+    class Encrypted(WeightedFedAvg):
+        server_sees = "encrypted"
+        public_key = None
+
+    with pytest.raises(ValueError, match="Poisson sampling needs the fixed denominator"):
+        CentralDP(Encrypted(), noise_multiplier=1.0, clip=1.0, sampling="poisson")
+    with pytest.raises(ValueError, match="use the Message API's CentralDP"):
+        LegacyCentralDP(LegacyFedAvg(), noise_multiplier=1.0, clip=1.0, sampling="poisson")
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        CentralDP(WeightedFedAvg(), noise_multiplier=1.0, clip=1.0, sampling="uniform")
 
 
 def test_masked_dropouts_are_recovered_and_divided_by_m(task_identity, flwr_caplog):
@@ -441,7 +498,7 @@ def test_masked_dropouts_are_recovered_and_divided_by_m(task_identity, flwr_capl
     assert metrics["dp-unclipped-fraction"] == pytest.approx(4 / 7, abs=1e-5)  # noised
     assert metrics["dp-next-clip"] == pytest.approx(0.5 * math.exp(-0.2 * (4 / 7 - 0.5)),
                                                     rel=1e-4)
-    assert metrics["dp-epsilon"] > 0 and dp.ledger.accountant.history == [(1e-6, 1.0, 1)]
+    assert metrics["dp-epsilon"] > 0 and dp.ledger.history == [(1e-6, 1.0, 1)]
 
 
 def test_masked_bits_count_the_clipped_clients(task_identity, flwr_caplog):
