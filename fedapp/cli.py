@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from . import launch
@@ -288,32 +289,76 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples as written; every option's default after its help
+    (except flags, which default to off, and options without a default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] \
+                or not action.option_strings or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("fedprivacy")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        ours = "unknown"
+    return f"fedapp {ours} (flwr {version('flwr')})"
+
+
+RUN_CONFIG_HELP = ("a run setting, repeatable (see docs/configuration.md; unknown keys are "
+                   "named with the closest valid one before anything starts)")
+TIMEOUT_HELP = "seconds to wait for the run to end before stopping it and failing"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedapp", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fedapp", description=__doc__, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, summary: str, description: str, example: str
+                ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=textwrap.fill(description, 88),
+                              epilog="example:\n" + example, formatter_class=_Help)
 
     def tls(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--certificates", help="directory with ca.crt (and server.pem, "
                         "server.key for the server); see scripts/make_certificates.py")
         sp.add_argument("--insecure", action="store_true", help="no TLS (test setups only)")
-        sp.add_argument("--flwr-home", help="Flower's state directory (default $FLWR_HOME or ~/.flwr)")
+        sp.add_argument("--flwr-home", help="Flower's state directory (default $FLWR_HOME or "
+                        "~/.flwr)")
 
-    s = sub.add_parser("sim", help="run a simulation and report whether it succeeded")
-    s.add_argument("--num-supernodes", type=int, default=2)
-    s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
+    s = command("sim", "run a simulation and report whether it succeeded",
+                "Run this app in Flower's simulation engine on a private SuperLink, stream "
+                "its log, and print where its run directory is and how it ended (exit code "
+                "0 only if it completed). Makes the masking identity keys of the simulated "
+                "nodes the first time aggregation=secagg needs them.",
+                "  fedapp sim --num-supernodes 10 --run-config aggregation=secagg \\\n"
+                "             --run-config num-server-rounds=5")
+    s.add_argument("--num-supernodes", type=int, default=2, help="simulated client nodes")
+    s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                   help=RUN_CONFIG_HELP)
     s.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                    help="a node's own setting, for every simulated node (e.g. "
                         "paillier-accept-server-noise=true; docs/threat-model.md)")
     s.add_argument("--workdir", default="fedapp-sim", help="SuperLink state, logs and runs")
-    s.add_argument("--app", default=".", help="the Flower app directory (default: the "
-                   "current directory)")
-    s.add_argument("--timeout", type=float, default=6 * 3600)
+    s.add_argument("--app", default=".", help="the Flower app directory")
+    s.add_argument("--timeout", type=float, default=6 * 3600, help=TIMEOUT_HELP)
     s.set_defaults(func=cmd_sim)
 
-    s = sub.add_parser("server", help="start the SuperLink (server node)")
+    s = command("server", "start the SuperLink (server node)",
+                "Start a SuperLink: the server node clients connect to and runs are "
+                "submitted to (fedapp run). With --certificates it serves TLS and admits "
+                "only SuperNodes registered with fedapp register.",
+                "  fedapp server --certificates certs --database server.db")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    s.add_argument("--port", type=int, default=9092)
+    s.add_argument("--port", type=int, default=9092, help="the SuperLink's Fleet API port "
+                   "(clients connect here; the next two ports serve runs and the ServerApp)")
     s.add_argument("--database", help="SQLite file for the SuperLink state, registered "
                    "SuperNodes included (default: in memory)")
     s.add_argument("--no-supernode-auth", action="store_true", help="let any SuperNode "
@@ -321,15 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
     tls(s)
     s.set_defaults(func=cmd_server)
 
-    s = sub.add_parser("client", help="start a SuperNode (client node) for one partition")
+    s = command("client", "start a SuperNode (client node) for one partition",
+                "Start a SuperNode that trains on one partition of the run's data set. Its "
+                "keys (Paillier private key, masking identity key and roster, SuperNode "
+                "key) stay on this machine; the options below name them when they are not "
+                "in $FEDAPP_KEY_DIR or ~/.fedapp/keys.",
+                "  fedapp client --superlink 10.0.0.5:9092 --certificates certs \\\n"
+                "      --partition-id 0 --num-partitions 3 --supernode-key keys/supernode.key")
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
-    s.add_argument("--partition-id", type=int, required=True)
-    s.add_argument("--num-partitions", type=int, required=True)
+    s.add_argument("--partition-id", type=int, required=True,
+                   help="this node's partition, 0 to --num-partitions - 1")
+    s.add_argument("--num-partitions", type=int, required=True,
+                   help="how many partitions the data set is split into (one per client)")
     s.add_argument("--data-dir", help="this node's data directory (overrides the run's)")
     s.add_argument("--paillier-private-key", help="private key file for aggregation=paillier")
     s.add_argument("--paillier-workers", type=int, default=0,
                    help="processes for Paillier encryption and decryption on this node "
-                        "(default 0: all cores)")
+                        "(0: all cores)")
     s.add_argument("--secagg-identity-key", help="this node's identity key file for "
                    "aggregation=secagg (fedapp keygen --secagg)")
     s.add_argument("--secagg-roster", help="the federation's roster for aggregation=secagg "
@@ -343,8 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     tls(s)
     s.set_defaults(func=cmd_client)
 
-    s = sub.add_parser("keygen", help="make a Paillier key pair, a masking identity key "
-                       "pair (--secagg) or a SuperNode key pair (--supernode)")
+    s = command("keygen", "make a Paillier key pair, a masking identity key pair (--secagg) "
+                "or a SuperNode key pair (--supernode)",
+                "Make keys. By default a Paillier key pair: the public key goes to the "
+                "server, the private key to every client node and never to the server. "
+                "--secagg makes one client node's masking identity key (its public half goes "
+                "into the roster); --supernode one client node's SuperNode authentication key.",
+                "  fedapp keygen --out keys                    # Paillier\n"
+                "  fedapp keygen --secagg --out node0          # one node's identity key\n"
+                "  fedapp keygen --secagg --simulation 10      # a simulation's 10 and roster")
     s.add_argument("--out", help="directory for paillier.pub.json and paillier.key.json "
                    "(with --secagg: secagg-identity.key and secagg-identity.pub, with "
                    "--simulation N secagg-identity-0.key ... and secagg-roster.json; with "
@@ -362,43 +422,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--simulation", type=int, metavar="N", help="with --secagg: N identity "
                    "keys (one per simulated partition) and their roster, for simulations, "
                    "whose nodes share one key directory")
-    s.add_argument("--bits", type=int, default=2048, help="modulus size (at least 2048)")
+    s.add_argument("--bits", type=int, default=2048, help="Paillier modulus size (at least "
+                   "2048)")
     s.set_defaults(func=cmd_keygen)
 
-    s = sub.add_parser("roster", help="write the masking roster from the client nodes' "
-                       "public identity keys")
+    s = command("roster", "write the masking roster from the client nodes' public identity "
+                "keys",
+                "Collect the public identity keys of every client node (fedapp keygen "
+                "--secagg on each) into the roster every client node checks its neighbours' "
+                "signatures against.",
+                "  fedapp roster node*/secagg-identity.pub --out secagg-roster.json")
     s.add_argument("public_keys", nargs="+", help="secagg-identity.pub of each client node")
     s.add_argument("--out", required=True, help="roster file to write (secagg-roster.json): "
                    "give every client node a copy, in its key directory or with "
                    "--secagg-roster")
     s.set_defaults(func=cmd_roster)
 
-    s = sub.add_parser("decrypt", help="decrypt a run's model.encrypted.npz")
+    s = command("decrypt", "decrypt a run's model.encrypted.npz",
+                "On a machine that holds the Paillier private key: check and decrypt the "
+                "final model of a Paillier run into a plaintext checkpoint, and print the "
+                "train metrics the key holders release with it.",
+                "  fedapp decrypt --key ~/.fedapp/keys/paillier.key.json \\\n"
+                "      --model runs/RUN/model.encrypted.npz --out model.npz --task mnist")
     s.add_argument("--key", required=True, help="the private key file")
     s.add_argument("--model", required=True, help="model.encrypted.npz from a run directory")
     s.add_argument("--out", required=True, help="plaintext .npz to write")
     s.add_argument("--task", help="name arrays after this task's model (mnist, spam, housing)")
-    s.add_argument("--mnist-model", default="cnn")
-    s.add_argument("--spam-buckets", type=int, default=65536)
+    s.add_argument("--mnist-model", default="cnn", help="with --task mnist: the model's "
+                   "architecture (cnn or small-cnn, as the run's mnist-model)")
+    s.add_argument("--spam-buckets", type=int, default=65536, help="with --task spam: the "
+                   "run's spam-buckets")
     s.add_argument("--min-contributors", type=int, default=2,
-                   help="refuse a model aggregated from fewer updates (default 2)")
+                   help="refuse a model aggregated from fewer updates")
     s.add_argument("--accept-server-noise", action="store_true",
                    help="decrypt a model the server added central-DP noise to (its "
                         "authenticity cannot be checked: docs/threat-model.md)")
     s.set_defaults(func=cmd_decrypt)
 
-    s = sub.add_parser("run", help="submit the app to a SuperLink and wait for the result")
+    s = command("run", "submit the app to a SuperLink and wait for the result",
+                "Submit this app to a running SuperLink (fedapp server), stream its log "
+                "and wait until the run ends; exit code 0 only if it completed.",
+                "  fedapp run --superlink 10.0.0.5:9092 --certificates certs \\\n"
+                "      --run-config aggregation=paillier --run-config num-server-rounds=10")
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
-    s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--app", default=".", help="the Flower app directory (default: the "
-                   "current directory)")
-    s.add_argument("--timeout", type=float, default=6 * 3600)
+    s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
+                   help=RUN_CONFIG_HELP)
+    s.add_argument("--app", default=".", help="the Flower app directory")
+    s.add_argument("--timeout", type=float, default=6 * 3600, help=TIMEOUT_HELP)
     s.add_argument("--no-wait", action="store_true", help="return once submitted")
     tls(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("register", help="register client nodes' public keys with a running "
-                       "SuperLink (SuperNode authentication)")
+    s = command("register", "register client nodes' public keys with a running SuperLink "
+                "(SuperNode authentication)",
+                "Tell a running SuperLink which SuperNodes may connect: their public keys "
+                "from fedapp keygen --supernode.",
+                "  fedapp register nodes/*/supernode.pub --superlink 127.0.0.1:9092 "
+                "--certificates certs")
     s.add_argument("public_keys", nargs="+", metavar="PUBLIC_KEY",
                    help="supernode.pub files from 'fedapp keygen --supernode'")
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")

@@ -278,3 +278,30 @@ def test_sim_and_run_check_this_apps_run_config_before_submitting(tmp_path, monk
     cli.check_run_config(other, {"anything": 1})  # not ours: Flower checks it
     assert cli.main(["sim", "--app", str(app), "--run-config", "num-server-rounds=1"]) == 0
     assert len(submitted) == 1
+
+
+def test_every_command_explains_itself(capsys):
+    """Every subcommand has a description and an example, every option a help text,
+    and ``fedapp --version`` names ours and Flower's."""
+    import argparse
+
+    from fedapp.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"sim", "server", "client", "keygen", "roster", "decrypt",
+                                     "run", "register"}
+    for name, sub in commands.choices.items():
+        assert sub.description and sub.epilog.startswith("example:\n  fedapp " + name), name
+        for action in sub._actions:
+            assert action.help, f"fedapp {name} {action.option_strings or action.dest}"
+        text = sub.format_help()
+        for action in sub._actions:  # a default worth stating is stated
+            if action.option_strings and action.default not in (None, False, [],
+                                                                 argparse.SUPPRESS):
+                assert f"(default: {action.default})" in " ".join(text.split()), \
+                    (name, action.dest)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--version"])
+    out = capsys.readouterr().out
+    assert out.startswith("fedapp ") and "(flwr 1." in out
