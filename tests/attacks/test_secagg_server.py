@@ -56,10 +56,11 @@ def lie_about_dropouts(r: Round) -> tuple[int, set[int]]:
 
 
 def story(r: Round, node: int, chosen: set[int]) -> tuple[list[int], list[int]]:
-    """What the server tells ``node``: the target survived; four of the five chosen
-    dropped (a chosen node is told it survived, to be asked; the others miss a
-    different one each), so every node still sees the threshold of survivors, each
-    chosen node is "dropped" for 8 holders and the target "survived" for all 10."""
+    """What the server tells ``node``: the target survived; all but one of the ``t - 1``
+    chosen dropped (a chosen node is told it survived, to be asked; the others miss a
+    different one each), so every node still sees the threshold of survivors in its
+    group, each chosen node is "dropped" for most of its holders and the target
+    "survived" for all."""
     ring = sorted(chosen)
     if node in chosen:
         dropped = chosen - {node}
@@ -136,13 +137,16 @@ def truth(r: Round, u: int) -> np.ndarray:
     return encode_weighted(r.xs[u], r.ws[u], r.params, np.random.default_rng(r.seeds[u]))
 
 
-@pytest.fixture
-def attacked() -> tuple[Round, int, set[int]]:
-    r = Round(10, 200)
+@pytest.fixture(params=[(10, 0, 6), (20, 8, 5)], ids=["complete-10", "sparse-20-degree-8"])
+def attacked(request) -> tuple[Round, int, set[int]]:
+    """The issue's two settings: 10 nodes, complete graph, t = 6; 20 nodes, SecAgg+'s
+    sparse graph of degree 8 (drawn from the nodes' coins), t = 5."""
+    n, degree, t = request.param
+    r = Round(n, 200, degree=degree)
     r.advertise()
     r.share()
     target, chosen = lie_about_dropouts(r)
-    assert r.sr.threshold == 6 and len(chosen) == 5
+    assert r.sr.threshold == t and len(chosen) == t - 1 and r.sr.sparse == (degree > 0)
     return r, target, chosen
 
 
