@@ -14,6 +14,14 @@ Measures
   * the largest error of the decrypted weighted average against plaintext weighted
     FedAvg on the same float32 updates, and the bound ``EncodingParams.max_error()``.
 
+  * **CKKS side by side** (TenSEAL, NVFlare's default context: polynomial modulus 8192,
+    coefficient moduli [60, 40, 40], scale 2^40): encrypt, add and decrypt values/s, wire
+    bytes vs float32 and the largest error, on the same ``--params`` values
+    (:func:`ckks_benchmark`; TenSEAL is in the test extras only);
+  * **a bandwidth model** (:func:`bandwidth_model`): for 1, 10 and 100 Mbit/s client links,
+    a client's round time in each scheme modelled as its crypto CPU (encrypting its update,
+    decrypting the model) plus the bytes it sends and receives over the link.
+
 Everything above runs in this process (``workers=1``). Then, unless ``--sim-rounds 0``:
   * real Flower simulations of MNIST (full data, McMahan CNN, ``--sim-clients`` clients,
     all training each round, E=1, B=32, no centralized evaluation), plaintext weighted
@@ -224,11 +232,96 @@ def main() -> None:
             "error_within_bound": max_err <= params.max_error(),
         },
     })
+    # -- CKKS side by side, and the bandwidth model --------------------------------------------
+    ckks = ckks_benchmark(update.astype(np.float64), args.clients, args.agg_params, rng)
+    log(f"CKKS (TenSEAL, poly 8192): encrypt {ckks['encrypt_values_per_s']:,} values/s, decrypt "
+        f"{ckks['decrypt_values_per_s']:,} values/s, add {ckks['add_values_per_s']:,} values/s, "
+        f"wire {ckks['wire_ratio_vs_float32']}x float32, max error {ckks['max_abs_error']:.2g}; "
+        f"ours encrypt {ours_rate_warm:,.0f}, decrypt {dec_rate:,.0f} values/s, wire "
+        f"{wire_bytes / float32_bytes:.2f}x")
+    ckks_wire_mnist = ckks["wire_bytes"] * MNIST_CNN_PARAMS / args.params
+    model = bandwidth_model(MNIST_CNN_PARAMS, {
+        "plaintext": {"encrypt_s": 0.0, "decrypt_s": 0.0, "bytes_up": float32_bytes,
+                      "bytes_down": float32_bytes},
+        "paillier": {"encrypt_s": MNIST_CNN_PARAMS / ours_rate_warm,
+                     "decrypt_s": MNIST_CNN_PARAMS / dec_rate, "bytes_up": wire_bytes,
+                     "bytes_down": wire_bytes},
+        "ckks": {"encrypt_s": MNIST_CNN_PARAMS / ckks["encrypt_values_per_s"],
+                 "decrypt_s": MNIST_CNN_PARAMS / ckks["decrypt_values_per_s"],
+                 "bytes_up": round(ckks_wire_mnist), "bytes_down": round(ckks_wire_mnist)},
+    })
+    for name, row in model["client_round_seconds"].items():
+        log(f"bandwidth model, {name}: crypto {row['crypto_cpu_s']} s; at 1/10/100 Mbit/s "
+            f"{row['1_mbit_s']} / {row['10_mbit_s']} / {row['100_mbit_s']} s per round")
+    summary.update({"ckks": ckks, "bandwidth_model": model})
     if args.sim_rounds > 0:
         summary["simulation"] = simulate_mnist(args)
         summary["targets_met"]["paillier_le_2x_plaintext_seconds_per_round"] = (
             summary["simulation"]["ratio_seconds_per_round"] <= 2.0)
     print(json.dumps(summary))
+
+
+CKKS_SLOTS = 4096  # a CKKS vector under polynomial modulus 8192 holds 4096 values
+LINKS_MBIT = (1, 10, 100)
+
+
+def ckks_benchmark(values: np.ndarray, clients: int, agg_values: int,
+                   rng: np.random.Generator) -> dict:
+    """CKKS (TenSEAL) on ``values``: encrypt and decrypt rates, the serialized bytes
+    against float32 and the largest error; homomorphic addition of ``clients`` encrypted
+    updates of ``agg_values`` values (values/s of the server's sum) and the error of
+    the decrypted sum. NVFlare's default context (poly 8192, [60, 40, 40], 2^40)."""
+    import tenseal as ts
+
+    context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192,
+                         coeff_mod_bit_sizes=[60, 40, 40])
+    context.global_scale = 2 ** 40
+    chunks = [values[i:i + CKKS_SLOTS] for i in range(0, values.size, CKKS_SLOTS)]
+    start = time.perf_counter()
+    encrypted = [ts.ckks_vector(context, c) for c in chunks]
+    t_encrypt = time.perf_counter() - start
+    wire = sum(len(v.serialize()) for v in encrypted)
+    start = time.perf_counter()
+    decrypted = np.concatenate([np.asarray(v.decrypt()) for v in encrypted])
+    t_decrypt = time.perf_counter() - start
+    updates = [rng.normal(0.0, 0.05, agg_values) for _ in range(clients)]
+    sums = [[ts.ckks_vector(context, u[i:i + CKKS_SLOTS])
+             for i in range(0, agg_values, CKKS_SLOTS)] for u in updates]
+    start = time.perf_counter()
+    total = sums[0]
+    for other in sums[1:]:
+        total = [a + b for a, b in zip(total, other)]
+    t_add = time.perf_counter() - start
+    summed = np.concatenate([np.asarray(v.decrypt()) for v in total])
+    return {
+        "context": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40],
+                    "global_scale_log2": 40, "slots": CKKS_SLOTS},
+        "values": int(values.size), "ciphertexts": len(encrypted),
+        "encrypt_values_per_s": round(values.size / t_encrypt),
+        "decrypt_values_per_s": round(values.size / t_decrypt),
+        "add_values_per_s": round((clients - 1) * agg_values / t_add) if clients > 1 else None,
+        "wire_bytes": wire, "wire_ratio_vs_float32": round(wire / (4 * values.size), 2),
+        "max_abs_error": float(np.abs(decrypted - values).max()),
+        "max_abs_error_sum": float(np.abs(summed - np.sum(updates, axis=0)).max()),
+    }
+
+
+def bandwidth_model(params: int, schemes: dict[str, dict]) -> dict:
+    """A client's modelled round time per scheme and link: its crypto CPU (encrypting
+    its update, decrypting the model it receives) plus (bytes up + bytes down) over the
+    link. ``schemes`` maps a name to ``encrypt_s``, ``decrypt_s``, ``bytes_up`` and
+    ``bytes_down`` for a model of ``params`` values. Training time is left out: it is
+    the same in every scheme."""
+    rows = {}
+    for name, f in schemes.items():
+        cpu = f["encrypt_s"] + f["decrypt_s"]
+        rows[name] = {"crypto_cpu_s": round(cpu, 2), "bytes_up": f["bytes_up"],
+                      "bytes_down": f["bytes_down"],
+                      **{f"{mbit}_mbit_s": round(cpu + 8 * (f["bytes_up"] + f["bytes_down"])
+                                                 / (mbit * 1e6), 2) for mbit in LINKS_MBIT}}
+    return {"params": params, "links_mbit": list(LINKS_MBIT), "client_round_seconds": rows,
+            "left_out": "training time (the same in every scheme); threshold Paillier is not "
+                        "built yet"}
 
 
 def simulate_mnist(args: argparse.Namespace) -> dict:

@@ -1,0 +1,35 @@
+"""The CKKS comparison and the bandwidth model of scripts/bench_paillier.py run the real
+TenSEAL on a small vector: the benchmark cannot drift from what it claims to measure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers import load_script
+
+
+def test_ckks_benchmark_encrypts_adds_and_decrypts_within_its_precision():
+    bench = load_script("bench_paillier")
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.0, 0.05, 10_000)
+    out = bench.ckks_benchmark(values, 3, 5_000, rng)
+    assert out["values"] == 10_000 and out["ciphertexts"] == 3  # 4096 slots each
+    assert out["max_abs_error"] < 1e-6 and out["max_abs_error_sum"] < 1e-6
+    assert out["encrypt_values_per_s"] > 0 and out["add_values_per_s"] > 0
+    # three ciphertexts of poly 8192 with [60, 40, 40] are about 230 KB each
+    assert 10 < out["wire_ratio_vs_float32"] < 25
+
+
+def test_bandwidth_model_adds_crypto_time_to_the_bytes_over_each_link():
+    bench = load_script("bench_paillier")
+    model = bench.bandwidth_model(100, {
+        "plain": {"encrypt_s": 0.0, "decrypt_s": 0.0, "bytes_up": 1_250_000,
+                  "bytes_down": 1_250_000},
+        "heavy": {"encrypt_s": 2.0, "decrypt_s": 3.0, "bytes_up": 125_000,
+                  "bytes_down": 125_000}})
+    plain, heavy = (model["client_round_seconds"][k] for k in ("plain", "heavy"))
+    # 2.5 MB = 20 Mbit: 20 s at 1 Mbit/s, 2 s at 10, 0.2 s at 100
+    assert (plain["1_mbit_s"], plain["10_mbit_s"], plain["100_mbit_s"]) == (20.0, 2.0, 0.2)
+    assert heavy["crypto_cpu_s"] == 5.0
+    assert heavy["1_mbit_s"] == pytest.approx(7.0) and heavy["100_mbit_s"] == pytest.approx(5.02)
