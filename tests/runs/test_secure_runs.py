@@ -150,6 +150,8 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
                 "paillier-public-key": str(keys[0])}
     if aggregation == "secagg":  # adaptive: count noise that leaves room for the update noise
         settings.update({"dp-adaptive-clip": True, "dp-clipped-count-stddev": 1.0})
+    else:  # fixed-size sampling, replace-one: z = 2 costs what z = 1 does under Poisson
+        settings["dp-noise-multiplier"] = 2.0
     env = node_env(keys)
     if aggregation == "paillier":  # the nodes' own consent to noise they cannot check
         env[NODE_CONFIG_ENV] = "paillier-accept-server-noise=true"
@@ -158,7 +160,8 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
     assert status == launch.FINISHED_OK, logs[-3000:]
     rows = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r["round"] > 0]
     epsilon = [r["train-dp-epsilon"] for r in rows]
-    # q = 1, z = 1: 4.73, 7.08, 9.01 after rounds 1-3: the budget of 8 allows two rounds
+    # q = 1, z = 1 (Poisson) or 2 (fixed): 4.73, 7.08, 9.01 after rounds 1-3: the budget
+    # of 8 allows two rounds
     assert len(rows) == 2 and epsilon == sorted(epsilon) and epsilon[-1] <= 8.0
     assert epsilon[0] == pytest.approx(4.7285, abs=1e-3)
     assert "Training stopped before round 3: the privacy budget is spent" in logs
