@@ -146,6 +146,22 @@ def test_subsampled_epsilon_matches_an_independent_integer_order_computation(q, 
     assert by_hand * 0.9 <= ledger.epsilon() <= by_hand * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("q,z,k", [(0.1, 1.0, 30), (0.01, 1.1, 100), (1.0, 2.0, 5)])
+def test_poisson_epsilon_agrees_with_dp_accounting(q, z, k):
+    """Opacus's Poisson RDP against Google's dp-accounting, an independent implementation
+    (its own orders and conversion): within 2%."""
+    import dp_accounting
+
+    ledger = PrivacyLedger(DPConfig(noise_multiplier=z, clip=1.0, num_sampled=round(q * 1000),
+                                    population=1000))
+    for _ in range(k):
+        ledger.step()
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)),
+                       k)
+    assert ledger.epsilon() == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
+
+
 # ------------------------------------------------------------------ fixed-size sampling
 def wor_epsilon(population: int, sampled: int, z: float, k: int, delta: float) -> float:
     """The documented accounting of fixed-size sampling, built here from its parts:
@@ -184,7 +200,7 @@ def test_fixed_sampling_of_everyone_is_the_gaussian_at_half_the_multiplier(z, k,
     assert by_hand * 0.9 <= ledger.epsilon() <= by_hand * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("q,z,k", [(0.1, 1.0, 5), (0.04, 1.2, 20), (1.0, 3.0, 3)])
+@pytest.mark.parametrize("q,z,k", [(0.1, 1.0, 5), (0.04, 1.2, 8), (1.0, 3.0, 3)])
 def test_fixed_sampling_costs_more_than_poisson_at_the_same_rate(q, z, k):
     """The replace-one sensitivity is twice the add/remove one: at equal rate and
     noise, fixed-size sampling reports the larger epsilon."""
