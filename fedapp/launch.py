@@ -295,6 +295,20 @@ def run_status(run_id: str, connection: str, env: dict[str, str]) -> str:
         return "unknown"
 
 
+# Lines Flower and Ray print on every run that tell a user nothing about theirs (the run's
+# full log, ``flwr log RUN``, keeps them): Ray's advice about GPU variables (and the source
+# line after it), Flower's note on its old default federation size and how to change it.
+_NOISE = ("FutureWarning: Tip: In future versions of Ray",
+          "default simulated SuperNodes changed",
+          "To change federation size, use the following command",
+          "flwr federation simulation-config")
+
+
+def worth_showing(line: str) -> bool:
+    """Whether a line of a run's log is shown live (see :data:`_NOISE`)."""
+    return not any(noise in line for noise in _NOISE) and line.strip() != "warnings.warn("
+
+
 def wait_for_run(run_id: str, connection: str, env: dict[str, str], timeout: float,
                  progress: bool = True) -> str:
     """Follow the run's log until the run finishes; return its final status.
@@ -316,7 +330,7 @@ def wait_for_run(run_id: str, connection: str, env: dict[str, str], timeout: flo
 
         def relay(out=stream.stdout) -> None:
             for line in out:
-                if progress:
+                if progress and worth_showing(line):
                     print(f"{time.strftime('%H:%M:%S')} {line}", end="", flush=True)
 
         reader = threading.Thread(target=relay, daemon=True)

@@ -305,3 +305,19 @@ def test_every_command_explains_itself(capsys):
         parser.parse_args(["--version"])
     out = capsys.readouterr().out
     assert out.startswith("fedapp ") and "(flwr 1." in out
+
+
+def test_the_live_log_leaves_out_flowers_and_rays_boilerplate():
+    shown = [line for line in [
+        "[92mINFO [0m:      [ROUND 1/2]\n",
+        "/x/ray/_private/worker.py:2051: FutureWarning: Tip: In future versions of Ray, ...\n",
+        "  warnings.warn(\n",
+        "[93mWARNING [0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.\n",
+        "[92mINFO [0m:      To change federation size, use the following command:\n",
+        "[92mINFO [0m:      \tflwr federation simulation-config @none/default <superlink>\n",
+        "[92mINFO [0m:      Round 1 done: {'fed-loss': 0.44}\n",
+        "[93mWARNING [0m:   node 3 failed the train stage: out of memory\n",
+    ] if launch.worth_showing(line)]
+    assert [line.split(":", 1)[1].strip() for line in shown] == [
+        "[ROUND 1/2]", "Round 1 done: {'fed-loss': 0.44}",
+        "node 3 failed the train stage: out of memory"]
