@@ -181,24 +181,60 @@ def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Pop
                             start_new_session=True)
 
 
+def _processes() -> dict[int, tuple[int, int]]:
+    """Every process's ``(parent, process group)`` by PID (Linux ``/proc``)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def process_groups(pid: int) -> set[int]:
+    """The process groups of ``pid`` and of all its descendants. Flower's SuperExec
+    starts a session of its own, and the simulation and Ray's processes live in it, so
+    stopping the SuperLink's group alone leaves them running."""
+    table = _processes()
+    groups, todo = {table.get(pid, (0, pid))[1]}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, pgid) in table.items():
+            if ppid == parent:
+                groups.add(pgid)
+                todo.append(child)
+    return groups
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after ``grace`` s.
-    Its process group goes too (Flower's SuperExec and app subprocesses)."""
+    """Stop a process we started, by its PID, with every process it started: SIGTERM to
+    its process group and its descendants' (found before any of them dies, since
+    orphans lose their parent), then SIGKILL to what is left after ``grace`` s."""
+    groups = (process_groups(proc.pid) | {proc.pid}) - {os.getpgrp()}  # never our own
+    _signal_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while time.monotonic() < deadline and any(
+            pgid in groups for _, pgid in _processes().values()):
+        time.sleep(0.2)
+    _signal_groups(groups, signal.SIGKILL)
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    else:
-        try:  # the leader is gone; children in its group may remain
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        proc.wait()
 
 
 def wait_for_port(host: str, port: int, timeout: float = 30.0,
