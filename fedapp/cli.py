@@ -297,7 +297,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.default in (None, False, argparse.SUPPRESS) or action.default == [] \
-                or not action.option_strings or "%(default)" in text:
+                or not action.option_strings or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a node's own setting, for every simulated node (e.g. "
                         "paillier-accept-server-noise=true; docs/threat-model.md)")
     s.add_argument("--workdir", default="fedapp-sim", help="SuperLink state, logs and runs")
-    s.add_argument("--app", default=".", help="the Flower app directory")
+    s.add_argument("--app", default=".", help="the Flower app directory (default: the "
+                   "current directory)")
     s.add_argument("--timeout", type=float, default=6 * 3600, help=TIMEOUT_HELP)
     s.set_defaults(func=cmd_sim)
 
@@ -468,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
     s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                    help=RUN_CONFIG_HELP)
-    s.add_argument("--app", default=".", help="the Flower app directory")
+    s.add_argument("--app", default=".", help="the Flower app directory (default: the "
+                   "current directory)")
     s.add_argument("--timeout", type=float, default=6 * 3600, help=TIMEOUT_HELP)
     s.add_argument("--no-wait", action="store_true", help="return once submitted")
     tls(s)

@@ -58,12 +58,14 @@ def lie_about_dropouts(r: Round) -> tuple[int, set[int]]:
 def story(r: Round, node: int, chosen: set[int]) -> tuple[list[int], list[int]]:
     """What the server tells ``node``: the target survived; all but one of the ``t - 1``
     chosen dropped (a chosen node is told it survived, to be asked; the others miss a
-    different one each), so every node still sees the threshold of survivors in its
-    group, each chosen node is "dropped" for most of its holders and the target
-    "survived" for all."""
+    different one each, in a sparse graph none), so every node still sees the threshold
+    of survivors in its group, each chosen node is "dropped" for most of its holders and
+    the target "survived" for all."""
     ring = sorted(chosen)
     if node in chosen:
         dropped = chosen - {node}
+    elif r.sr.sparse:  # groups are small: every other node hears that all the chosen dropped
+        dropped = set(chosen)
     else:
         others = [u for u in r.nodes if u not in chosen]
         dropped = chosen - {ring[others.index(node) % len(ring)]}
