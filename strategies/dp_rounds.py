@@ -33,6 +33,7 @@ VALUE_CLIP_KEY, STEP_KEY = "dp-value-clip", "dp-quantization-step"  # the secure
 
 
 SERVER_SEES = ("plain", "masked", "encrypted")
+TAIL_CLIP = 8.0  # Paillier: the noise is clipped at this many standard deviations
 
 
 def server_sees(strategy: object) -> str:
@@ -89,6 +90,7 @@ class DPRounds:
         self._global: dict[str, np.ndarray] = {}
         self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
         self.noise_only = False  # this round's Poisson sample was too small to aggregate
+        self.tail_mass = 0.0  # Paillier: the probability the clipped noise changed a release
 
     def _describe_dp(self) -> str:
         s = self._settings
@@ -132,7 +134,7 @@ class DPRounds:
             return {}
         return {"num-sampled": self.config.num_sampled, "population": self.config.population,
                 "history": [list(h) for h in self.ledger.history],
-                "clip": self.clipper.clip}
+                "clip": self.clipper.clip, "tail-mass": self.tail_mass}
 
     def load_state_dict(self, state: dict) -> None:
         """Go on from :meth:`state_dict` of an earlier run (same settings)."""
@@ -143,6 +145,7 @@ class DPRounds:
         self.ledger = PrivacyLedger(self.config, [(float(z), float(q), int(s))
                                                   for z, q, s in state["history"]])
         self.clipper = AdaptiveClip(self.config, clip=float(state["clip"]))
+        self.tail_mass = float(state.get("tail-mass", 0.0))
         log(INFO, "Central DP resumed: epsilon %.3f after %d rounds, clip %.4g",
             self.ledger.epsilon(), sum(s for _, _, s in self.ledger.history),
             self.clipper.clip)
@@ -241,13 +244,18 @@ class DPRounds:
         the same Gaussian mechanism on the sum, then a division by the public ``n``."""
         std = self.config.update_noise_multiplier * self.clipper.clip / model.total_weight
         noise = self._rng.normal(0.0, std, model.layout.size)
-        # clipping the noise at 8 std changes it with probability < 1e-15 per value
-        noisy = add_noise(model, noise, 8 * std, self._encryptor, rng=self._rng)
+        noisy = add_noise(model, noise, TAIL_CLIP * std, self._encryptor, rng=self._rng)
         epsilon = self.ledger.step()
+        # the clipped noise differs from the Gaussian only where a value fell beyond the
+        # clip: the release is the Gaussian mechanism's except with at most that
+        # probability, which adds to delta (summed over rounds)
+        self.tail_mass += model.layout.size * math.erfc(TAIL_CLIP / math.sqrt(2))
+        delta = self.config.delta + self.tail_mass
         log(INFO, "Central DP round %d (Paillier): noise added to the encrypted average of %d "
-            "updates, clip %.4g, epsilon %.4f at delta %g", server_round, model.total_weight,
-            self.clipper.clip, epsilon, self.config.delta)
-        return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip}
+            "updates, clip %.4g, epsilon %.4f at delta %.6g (%g, plus %.2g for the noise "
+            "clipped at %g standard deviations)", server_round, model.total_weight,
+            self.clipper.clip, epsilon, delta, self.config.delta, self.tail_mass, TAIL_CLIP)
+        return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
 
 
 

@@ -631,7 +631,11 @@ def test_paillier_round_adds_encrypted_noise_of_std_z_c_over_n(z, paillier_keys,
         std = z * clip / 4
         assert abs(residual.std() / std - 1) < 0.08  # 2,000 samples: ~1.6% standard error
         assert abs(residual.mean()) < 5 * std / np.sqrt(residual.size)
-    assert metrics["dp-epsilon"] > 0
+    assert metrics["dp-epsilon"] > 0 and dp.config.sampling == "fixed"
+    # the noise is clipped at 8 standard deviations: what that may change goes into delta
+    tail = 2000 * math.erfc(8 / math.sqrt(2))
+    assert metrics["dp-delta"] == pytest.approx(1e-5 + tail, rel=1e-12)
+    assert dp.state_dict()["tail-mass"] == pytest.approx(tail, rel=1e-12)
 
 
 # ------------------------------------------------------------------ fuzzing
