@@ -164,6 +164,10 @@ def client_secrets(args: argparse.Namespace) -> str | None:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    if args.num_partitions < 1 or not 0 <= args.partition_id < args.num_partitions:
+        raise ValueError(f"--partition-id {args.partition_id} is not a partition of "
+                         f"--num-partitions {args.num_partitions}: give each client node one "
+                         f"of 0 to {max(args.num_partitions - 1, 0)}")
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
     node_key = client_secrets(args)

@@ -321,3 +321,13 @@ def test_the_live_log_leaves_out_flowers_and_rays_boilerplate():
     assert [line.split(":", 1)[1].strip() for line in shown] == [
         "[ROUND 1/2]", "Round 1 done: {'fed-loss': 0.44}",
         "node 3 failed the train stage: out of memory"]
+
+
+@pytest.mark.parametrize(("partition", "partitions"), [(3, 3), (-1, 3), (0, 0)])
+def test_client_refuses_a_partition_outside_the_split(partition, partitions, capsys):
+    code = cli.main(["client", "--superlink", "127.0.0.1:9092", "--insecure",
+                     "--partition-id", str(partition), "--num-partitions", str(partitions)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--partition-id {partition} is not a partition of --num-partitions {partitions}" \
+        in err
