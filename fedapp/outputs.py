@@ -24,6 +24,7 @@ class RunRecorder:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
+        self.config: dict[str, Any] | None = None
 
     @staticmethod
     def create(base: Path, task: str, run_id: int | str) -> RunRecorder:
@@ -41,6 +42,7 @@ class RunRecorder:
         return rec
 
     def write_config(self, config: dict[str, Any]) -> None:
+        self.config = dict(config)
         (self.directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
     def add_round(self, row: dict[str, Any]) -> None:
@@ -57,32 +59,65 @@ class RunRecorder:
         np.savez(path, **arrays)
         return path
 
-    def plot(self) -> Path:
-        """One panel per metric family (losses, accuracy/MSE, seconds, bytes)."""
+    def title(self) -> str:
+        """What the run was: task, aggregation, central DP, and its directory (run id)."""
+        config = self.config
+        if config is None and (self.directory / "config.json").is_file():
+            config = json.loads((self.directory / "config.json").read_text())
+        config = config or {}
+        z = config.get("dp-noise-multiplier") or 0
+        return " | ".join([str(config.get("task", "?")), str(config.get("aggregation", "?")),
+                           f"central DP z = {z:g}" if z else "no central DP",
+                           f"run {self.directory.name}"])
+
+    def figure(self):
+        """One panel per metric family (losses, accuracy/MSE, epsilon, clients, seconds,
+        megabytes), rounds as integers, a log scale for a loss that explodes."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        keys = sorted({k for r in self.rows for k in r} - {"round", "train-clients", "train-failures"})
+        keys = sorted({k for r in self.rows for k in r} - {"round"})
         families = {
             "loss": [k for k in keys if k.endswith("loss")],
             "accuracy": [k for k in keys if k.endswith("accuracy")],
             "MSE": [k for k in keys if k.endswith("mse")],
+            "privacy spent (epsilon)": [k for k in keys if k.endswith("dp-epsilon")],
+            "clients per round": ["train-clients", "train-failures"],
             "seconds per round": ["seconds"],
-            "bytes per round": ["bytes-down", "bytes-up"],
+            "MB per round": ["bytes-down", "bytes-up"],
         }
-        families = {t: ks for t, ks in families.items() if ks}
-        fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4))
-        for ax, (title, ks) in zip(np.atleast_1d(axes), families.items()):
-            for k in ks:
-                pts = [(r["round"], r[k]) for r in self.rows if r.get(k) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=k)
-            ax.set_title(title)
+        scale = {"MB per round": 1e-6}
+        series = {t: {k: [(r["round"], r[k] * scale.get(t, 1)) for r in self.rows
+                          if isinstance(r.get(k), (int, float))] for k in ks}
+                  for t, ks in families.items()}
+        series = {t: {k: pts for k, pts in s.items() if pts} for t, s in series.items()}
+        series = {t: s for t, s in series.items() if s}
+        fig, axes = plt.subplots(1, max(len(series), 1),
+                                 figsize=(4.2 * max(len(series), 1), 3.6), squeeze=False)
+        for ax, (name, lines) in zip(axes[0], series.items()):
+            for k, pts in lines.items():
+                ax.plot(*zip(*pts), marker="o", label=k)
+            values = [v for pts in lines.values() for _, v in pts]
+            if name == "loss" and min(values) > 0 and max(values) > 1e3 * min(values):
+                ax.set_yscale("log")  # a loss that explodes would flatten the others
+            ax.set_title(name)
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if name == "clients per round":
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=7)
+        fig.suptitle(self.title(), fontsize=9)
         fig.tight_layout()
+        return fig
+
+    def plot(self) -> Path:
+        """The figure, saved as ``metrics.png``."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
         path = self.directory / "metrics.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

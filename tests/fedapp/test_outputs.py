@@ -33,3 +33,30 @@ def test_reopened_recorder_drops_rounds_past_the_checkpoint(tmp_path):
     again.add_round({"round": 3, "seconds": 2.0})
     assert [r["round"] for r in json.loads((tmp_path / "metrics.json").read_text())] == \
         [0, 1, 2, 3]
+
+
+def test_the_plot_says_what_the_run_was_and_reads_at_a_glance(tmp_path):
+    rec = RunRecorder.create(tmp_path, "spam", 42)
+    rec.write_config({"task": "spam", "aggregation": "secagg", "dp-noise-multiplier": 1.5})
+    rec.add_round({"round": 0, "central-accuracy": 0.5})
+    for rnd, loss in [(1, 0.7), (2, 0.5), (3, 9000.0)]:  # the loss explodes in round 3
+        rec.add_round({"round": rnd, "seconds": 2.0, "bytes-up": 3_000_000,
+                       "bytes-down": 6_000_000, "train-clients": 4, "train-failures": rnd - 1,
+                       "fed-loss": loss, "central-accuracy": 0.8,
+                       "train-dp-epsilon": 0.5 * rnd})
+    fig = rec.figure()
+    assert fig._suptitle.get_text() == f"spam | secagg | central DP z = 1.5 | run " \
+                                       f"{rec.directory.name}"
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == ["loss", "accuracy", "privacy spent (epsilon)", "clients per round",
+                          "seconds per round", "MB per round"]
+    assert axes["loss"].get_yscale() == "log"
+    assert axes["accuracy"].get_yscale() == "linear"
+    mb = {line.get_label(): list(line.get_ydata()) for line in axes["MB per round"].lines}
+    assert mb == {"bytes-down": [6.0, 6.0, 6.0], "bytes-up": [3.0, 3.0, 3.0]}
+    assert [line.get_label() for line in axes["clients per round"].lines] == \
+        ["train-clients", "train-failures"]
+    for ax in fig.axes:  # whole rounds only
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    # a run without a written config (an old directory) still gets a title
+    assert RunRecorder(tmp_path / "old").title().startswith("? | ? | no central DP")
