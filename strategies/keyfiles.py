@@ -84,14 +84,39 @@ def write_secret(path: Path, text: str) -> None:
         f.write(text)
 
 
+def public_key_kind(path: Path) -> tuple[str, str] | None:
+    """What public key ``path`` holds, if it holds one of ours, and the name of the
+    private key that goes with it; else None."""
+    try:
+        head = Path(path).read_bytes()[:4096].decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if '"paillier-public-key"' in head:
+        return "a Paillier public key", PRIVATE_NAME
+    if head.startswith("-----BEGIN PUBLIC KEY-----") or (
+            len(head) == 64 and all(c in "0123456789abcdef" for c in head.lower())):
+        return "a masking identity public key", "secagg-identity.key"
+    if head.startswith(("ecdsa-sha2-", "ssh-")):
+        return "an OpenSSH (SuperNode) public key", "supernode.key"
+    return None
+
+
 def check_private(path: Path) -> None:
-    """Refuse a secret file that group or others may read, write or execute.
+    """Refuse a secret file that group or others may read, write or execute, and a
+    public key given where the private one is wanted (said first: no chmod fixes that).
 
     Raises
     ------
+    ValueError
+        If the file holds a public key.
     PermissionError
         With the ``chmod`` command that fixes it.
     """
+    public = public_key_kind(path)
+    if public is not None:
+        raise ValueError(f"{path} holds {public[0]}, where a private key is needed: give its "
+                         f"private half ({public[1]} from the same fedapp keygen), which "
+                         "stays on this node")
     mode = Path(path).stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise PermissionError(f"{path} is readable by other users (mode {oct(mode & 0o777)}): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -50,12 +51,15 @@ def test_identity_key_refuses_readable_by_others(tmp_path, mode):
     assert load_identity(path)
 
 
-@pytest.mark.parametrize("content", ["", "ab" * 32, "-----BEGIN " "PRIVATE KEY-----\nxx\n"])
-def test_identity_key_refuses_malformed(tmp_path, content):
+@pytest.mark.parametrize(("content", "match"), [
+    ("", "is not an unencrypted Ed25519 private key"),
+    ("ab" * 32, "holds a masking identity public key"),  # a .pub's content
+    ("-----BEGIN " "PRIVATE KEY-----\nxx\n", "is not an unencrypted Ed25519 private key")])
+def test_identity_key_refuses_malformed(tmp_path, content, match):
     path = tmp_path / IDENTITY_NAME
     path.write_text(content)
     path.chmod(0o600)
-    with pytest.raises(ValueError, match="is not an unencrypted Ed25519 private key"):
+    with pytest.raises(ValueError, match=match):
         load_identity(path)
 
 
@@ -135,3 +139,30 @@ def test_readable_secret_files_are_refused(keys, key_dir):
         keyfiles.load_private_key(path)
     with pytest.raises(PermissionError, match="chmod 600"):
         keyfiles.load_identity(path)
+
+
+def test_a_public_key_where_a_private_one_is_needed_is_named_before_any_chmod(tmp_path):
+    """The three public key files a user may pick by mistake (``.pub`` sits next to
+    ``.key``): each is refused as what it is, with the private file to give instead,
+    even when its mode would also be refused."""
+    from fedapp.nodekeys import write_node_keypair
+    from strategies.keyfiles import check_private, write_identity, write_keypair
+
+    paillier_pub, _, _ = write_keypair(tmp_path / "p", 2048)
+    identity_pub = write_identity(tmp_path / "i")[0]
+    node_pub = write_node_keypair(tmp_path / "n")[0]
+    for path, kind, private in [(paillier_pub, "a Paillier public key", "paillier.key.json"),
+                                (identity_pub, "a masking identity public key",
+                                 "secagg-identity.key"),
+                                (node_pub, "an OpenSSH (SuperNode) public key",
+                                 "supernode.key")]:
+        path.chmod(0o644)
+        with pytest.raises(ValueError, match=re.escape(
+                f"holds {kind}, where a private key is needed: give its private half "
+                f"({private}")):
+            check_private(path)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"type": "paillier-private-key"}')
+    secret.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        check_private(secret)
