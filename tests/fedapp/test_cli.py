@@ -180,7 +180,8 @@ def test_client_passes_its_supernode_key_to_flower_only(certs, tmp_path, execs, 
         ("--insecure", "--supernode-key", str(key)): "needs TLS",
         ("--no-supernode-auth", "--supernode-key", str(key)): "either --supernode-key or",
         ("--supernode-key", str(junk)): "not an unencrypted OpenSSH",
-        ("--supernode-key", str(key.with_suffix(".pub"))): "readable by other users",
+        ("--supernode-key", str(key.with_suffix(".pub"))): "holds an OpenSSH (SuperNode) "
+                                                           "public key",
         ("--supernode-key", str(tmp_path / "nope")): "not found",
     }
     for extra, message in refusals.items():
