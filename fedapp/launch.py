@@ -29,8 +29,11 @@ FINISHED_OK = "finished:completed"
 
 def flower_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
     """This process's environment with Flower's telemetry, update check and runtime
-    dependency installation off (the app's dependencies are installed already)."""
+    dependency installation off (the app's dependencies are installed already), and
+    tqdm's progress bars off unless the user set ``TQDM_DISABLE`` (flwr-datasets draws
+    one each time a node partitions its data: noise in the run's log)."""
     env = dict(os.environ)
+    env.setdefault("TQDM_DISABLE", "1")
     env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", **extra)
     if flwr_home is not None:

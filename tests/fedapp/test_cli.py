@@ -332,3 +332,10 @@ def test_client_refuses_a_partition_outside_the_split(partition, partitions, cap
     err = capsys.readouterr().err
     assert f"--partition-id {partition} is not a partition of --num-partitions {partitions}" \
         in err
+
+
+def test_flower_env_turns_progress_bars_off_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert launch.flower_env()["TQDM_DISABLE"] == "1"
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert launch.flower_env()["TQDM_DISABLE"] == "0"
