@@ -11,6 +11,8 @@
                      with --supernode one client node's SuperNode authentication key pair
     fedapp roster    collect the client nodes' public identity keys into the masking roster
     fedapp decrypt   turn an encrypted final model into a plaintext checkpoint (key holders)
+    fedapp provision make a federation's keys and certificates, one folder per machine
+                     (then fedapp server/client/run --kit FOLDER)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -118,14 +121,46 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0 if status == launch.FINISHED_OK else 1
 
 
+def _from_kit(args: argparse.Namespace, **values: object) -> None:
+    """Fill ``args`` from a kit, refusing options the kit already decides."""
+    given = [f"--{k.replace('_', '-')}" for k in values if getattr(args, k, None)]
+    if given:
+        raise ValueError(f"--kit decides {', '.join(given)}: drop them")
+    for key, value in values.items():
+        setattr(args, key, value)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
+    kit = None
+    if args.kit:
+        from .kits import load_kit
+
+        kit = load_kit(Path(args.kit), "server")
+        _from_kit(args, certificates=str(kit.certificates), insecure=False,
+                  no_supernode_auth=False)
+        args.port = kit.port
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=True)
     cmd = launch.superlink_command(args.host, args.port, tls,
                                    database=Path(args.database) if args.database else None,
                                    supernode_auth=not (args.insecure or args.no_supernode_auth))
-    os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
-    return 1  # not reached
+    env = launch.flower_env(_flwr_home(args))
+    if kit is None:
+        os.execve(cmd[0], cmd, env)
+    link = subprocess.Popen(cmd, env=env)
+    try:  # register the kit's sites once the SuperLink listens, then serve
+        local = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        launch.wait_for_port(local, args.port, timeout=60, proc=link)
+        args.superlink = f"{local}:{args.port}"
+        connection, env = connect(args)
+        for key in kit.supernode_keys():
+            print(f"fedapp server: {key.stem} {launch.ensure_registered(key, connection, env)}",
+                  flush=True)
+        return link.wait()
+    finally:
+        if link.poll() is None:
+            link.terminate()
+            link.wait()
 
 
 def client_secrets(args: argparse.Namespace) -> str | None:
@@ -164,6 +199,22 @@ def client_secrets(args: argparse.Namespace) -> str | None:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    if args.kit:
+        from strategies.keyfiles import IDENTITY_NAME, PRIVATE_NAME, ROSTER_NAME
+
+        from .kits import SUPERNODE_PRIVATE, load_kit
+
+        kit = load_kit(Path(args.kit), "site")
+        files = {"supernode_key": SUPERNODE_PRIVATE, "paillier_private_key": PRIVATE_NAME,
+                 "secagg_identity_key": IDENTITY_NAME, "secagg_roster": ROSTER_NAME}
+        _from_kit(args, superlink=kit.superlink, partition_id=kit.partition_id,
+                  num_partitions=kit.num_partitions, certificates=str(kit.certificates),
+                  insecure=False, no_supernode_auth=False,
+                  **{k: str(f) if (f := kit.file(n)) else None for k, n in files.items()})
+    missing = [o for o, v in (("--superlink", args.superlink), ("--partition-id",
+               args.partition_id), ("--num-partitions", args.num_partitions)) if v is None]
+    if missing:
+        raise ValueError(f"give --kit FOLDER (fedapp provision), or {', '.join(missing)}")
     if args.num_partitions < 1 or not 0 <= args.partition_id < args.num_partitions:
         raise ValueError(f"--partition-id {args.partition_id} is not a partition of "
                          f"--num-partitions {args.num_partitions}: give each client node one "
@@ -175,8 +226,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                                    args.port, tls, args.data_dir, args.paillier_private_key,
                                    args.secagg_identity_key, args.secagg_roster, node_key,
                                    args.paillier_workers)
-    os.execve(cmd[0], cmd, launch.flower_env(_flwr_home(args)))
-    return 1
+    return launch.run_node(cmd, args.port, launch.flower_env(_flwr_home(args)))
 
 
 def connect(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
@@ -196,6 +246,19 @@ def connect(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.run_config)
+    if args.kit:
+        from strategies.keyfiles import PUBLIC_NAME
+
+        from .kits import load_kit
+
+        kit = load_kit(Path(args.kit), "server")
+        _from_kit(args, superlink=kit.superlink,
+                  certificates=str(kit.certificates), insecure=False)
+        if overrides.get("aggregation") == "paillier" and kit.file(PUBLIC_NAME):
+            overrides.setdefault("paillier-public-key", str(kit.file(PUBLIC_NAME)))
+    if not args.superlink:
+        raise ValueError("give --kit FOLDER (the server's, from fedapp provision), or "
+                         "--superlink HOST:PORT")
     app = app_dir(args)
     check_run_config(app, overrides)
     connection, env = connect(args)
@@ -294,6 +357,20 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from .bundle import refuse_inside_app
+    from .kits import provision
+
+    out = Path(args.out).expanduser()
+    refuse_inside_app(out, "private keys")
+    folders = provision(out, args.sites, args.server_address, tuple(args.modes), args.days)
+    print(f"server kit (to the server machine):  {folders[0]}")
+    for folder in folders[1:]:
+        print(f"site kit (to its client node only):  {folder}")
+    print(f"once each folder is on its machine, delete {out}: it holds every site's keys")
+    return 0
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Descriptions and examples as written; every option's default after its help
     (except flags, which default to off, and options without a default)."""
@@ -369,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "SuperNodes included (default: in memory)")
     s.add_argument("--no-supernode-auth", action="store_true", help="let any SuperNode "
                    "connect (default with TLS: only SuperNodes registered with fedapp register)")
+    s.add_argument("--kit", help="the server folder from fedapp provision: its certificates "
+                   "and port, and its sites' SuperNode keys, registered once the server "
+                   "listens")
     tls(s)
     s.set_defaults(func=cmd_server)
 
@@ -379,11 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "in $FEDAPP_KEY_DIR or ~/.fedapp/keys.",
                 "  fedapp client --superlink 10.0.0.5:9092 --certificates certs \\\n"
                 "      --partition-id 0 --num-partitions 3 --supernode-key keys/supernode.key")
-    s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
-    s.add_argument("--partition-id", type=int, required=True,
-                   help="this node's partition, 0 to --num-partitions - 1")
-    s.add_argument("--num-partitions", type=int, required=True,
-                   help="how many partitions the data set is split into (one per client)")
+    s.add_argument("--kit", help="this site's folder from fedapp provision: it gives the "
+                   "server address, partition, certificates and keys (no need for the "
+                   "options that name them)")
+    s.add_argument("--superlink", help="HOST:PORT of the server (without --kit)")
+    s.add_argument("--partition-id", type=int,
+                   help="this node's partition, 0 to --num-partitions - 1 (without --kit)")
+    s.add_argument("--num-partitions", type=int, help="how many partitions the data set is "
+                   "split into, one per client (without --kit)")
     s.add_argument("--data-dir", help="this node's data directory (overrides the run's)")
     s.add_argument("--paillier-private-key", help="private key file for aggregation=paillier")
     s.add_argument("--paillier-workers", type=int, default=0,
@@ -470,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "and wait until the run ends; exit code 0 only if it completed.",
                 "  fedapp run --superlink 10.0.0.5:9092 --certificates certs \\\n"
                 "      --run-config aggregation=paillier --run-config num-server-rounds=10")
-    s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
+    s.add_argument("--superlink", help="HOST:PORT of the server (without --kit)")
+    s.add_argument("--kit", help="the server folder from fedapp provision: address, "
+                   "certificates, and the Paillier public key for aggregation=paillier")
     s.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE",
                    help=RUN_CONFIG_HELP)
     s.add_argument("--app", default=".", help="the Flower app directory (default: the "
@@ -491,6 +576,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--superlink", required=True, help="HOST:PORT of the server")
     tls(s)
     s.set_defaults(func=cmd_register)
+
+    s = command("provision", "make a federation's kits: one folder per site and one for "
+                "the server",
+                "Make every key and certificate a deployment needs and sort them into one "
+                "folder per machine: server/ (its TLS files, the sites' public keys, the "
+                "Paillier public key) and site-0/ ... (the CA certificate, the site's own "
+                "keys, the Paillier private key, the masking roster). Copy each folder to its "
+                "machine, then delete OUT: this machine made every site's private keys. The "
+                "CA's private key is not kept.",
+                "  fedapp provision --sites 3 --server-address server.example.org:9092 \\\n"
+                "      --out federation\n"
+                "  fedapp server --kit federation/server --host 0.0.0.0    # on the server\n"
+                "  fedapp client --kit federation/site-0 --data-dir /data  # on each site\n"
+                "  fedapp run --kit federation/server --run-config aggregation=secagg")
+    s.add_argument("--sites", type=int, required=True, help="client nodes (one data "
+                   "partition each)")
+    s.add_argument("--server-address", required=True, help="HOST:PORT the sites reach the "
+                   "server at (HOST goes into the server certificate)")
+    s.add_argument("--out", required=True, help="new directory for the kits (refused inside "
+                   "a Flower app)")
+    s.add_argument("--modes", nargs="+", choices=("fedavg", "paillier", "secagg"),
+                   default=["fedavg", "paillier", "secagg"], help="aggregation modes to make "
+                   "keys for")
+    s.add_argument("--days", type=int, default=365, help="validity of the server certificate")
+    s.set_defaults(func=cmd_provision)
     return p
 
 

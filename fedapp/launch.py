@@ -18,11 +18,12 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from strategies.keyfiles import check_private
 
 from .bundle import check_app
+from .hints import HintReader
 
 FINISHED_OK = "finished:completed"
 
@@ -117,7 +118,9 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
                       private_key: str | None = None, identity_key: str | None = None,
                       roster: str | None = None, node_key: str | None = None,
                       paillier_workers: int = 0) -> list[str]:
-    """``flower-supernode`` for one partition.
+    """``flower-supernode`` for one partition, in process isolation (the ClientApp
+    runs in :mod:`fedapp.node_worker`, see :func:`run_node`), started through
+    :mod:`fedapp.polling` for shorter waits.
 
     The federation's client-side key files go in the node config
     (``paillier-private-key``, ``secagg-identity-key``, ``secagg-roster``), where the
@@ -143,11 +146,53 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
             node_config += f" {key}='{Path(path).expanduser().resolve()}'"
     if private_key:
         node_config += f" paillier-workers={int(paillier_workers)}"
-    cmd = [flower_command("flower-supernode"), *tls, "--superlink", superlink,
-           "--node-config", node_config, "--port", str(port)]
+    cmd = [sys.executable, "-m", "fedapp.polling", *tls, "--superlink", superlink,
+           "--node-config", node_config, "--port", str(port), "--isolation", "process"]
     if node_key:
         cmd += ["--auth-supernode-private-key", str(Path(node_key).expanduser().resolve())]
     return cmd
+
+
+def _relay_with_hints(stream: IO[str]) -> None:
+    reader = HintReader()
+    for line in stream:
+        sys.stdout.write(line)
+        if (hint := reader.hint(line)) is not None:
+            sys.stdout.write(f"fedapp client: likely cause: {hint}\n")
+        sys.stdout.flush()
+
+
+def run_node(supernode: list[str], port: int, env: dict[str, str]) -> int:
+    """Run a client node in the foreground: the SuperNode (``supernode``, from
+    :func:`supernode_command`, in process isolation) and beside it the long-lived
+    ClientApp worker (:mod:`fedapp.node_worker`) on its Runtime API port, both in this
+    process's group. Returns when either exits (its exit code), stopping the other;
+    SIGTERM (as SystemExit) or Ctrl-C stops both. The SuperNode's output is passed on
+    with a hint (:mod:`fedapp.hints`) where it shows why the node cannot connect."""
+    node = subprocess.Popen(supernode, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    threading.Thread(target=_relay_with_hints, args=(node.stdout,), daemon=True).start()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fedapp.node_worker", "--runtime-api-address",
+         f"127.0.0.1:{port}", "--parent-pid", str(os.getpid())], env=env)
+    try:
+        while True:
+            for name, proc in (("SuperNode", node), ("ClientApp worker", worker)):
+                if proc.poll() is not None:
+                    print(f"fedapp client: the {name} (pid {proc.pid}) exited with "
+                          f"{proc.returncode}; stopping the node", file=sys.stderr)
+                    return proc.returncode
+            time.sleep(0.5)
+    finally:
+        for proc in (worker, node):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (worker, node):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def register_supernode(public_key: Path, connection: str, env: dict[str, str]) -> int:
@@ -174,6 +219,23 @@ def register_supernode(public_key: Path, connection: str, env: dict[str, str]) -
         raise RuntimeError(f"flwr supernode register {public_key} failed: "
                            f"{out.stdout.strip()} {out.stderr.strip()}")
     return int(reply["node-id"])
+
+
+def ensure_registered(public_key: Path, connection: str, env: dict[str, str]) -> str:
+    """Register ``public_key`` unless the SuperLink has it already (a server restarted on
+    its ``--database``); says which.
+
+    Raises
+    ------
+    RuntimeError
+        If the registration failed for another reason.
+    """
+    try:
+        return f"registered as node {register_supernode(public_key, connection, env)}"
+    except RuntimeError as err:
+        if "Public key already in use" in str(err):
+            return "registered before"
+        raise
 
 
 def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

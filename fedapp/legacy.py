@@ -44,6 +44,7 @@ from strategies.screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch, report_fail
 from .config import RunSettings
 from .nodes import make_client
 from .outputs import RunRecorder
+from .polling import PollingGrid
 from strategies.checks import is_number
 
 
@@ -367,7 +368,7 @@ def secaggplus_main(grid: Grid, context: Context) -> None:
     context : Context
         The ServerApp's context; its run config holds the run settings.
     """
-    counting = _CountingGrid(grid)
+    counting = _CountingGrid(PollingGrid(grid))
     settings = RunSettings.from_run_config(dict(context.run_config))
     fit_workflow = SettingsSecAggPlusWorkflow(settings)
     described = {"fit-workflow": "flower-secaggplus", "secaggplus": {

@@ -35,8 +35,8 @@ def make_client(context: Context) -> TaskClient:
     It gets the node's ``context.state``, which outlives the client (rebuilt for
     every message): DP-SGD keeps its privacy accountant there between rounds.
     """
-    # torch loads here, not at import: on real nodes every message gets a new ClientApp
-    # process, and one that only answers a secure-aggregation key stage never needs it.
+    # torch loads here, not at import: a process that only answers secure-aggregation key
+    # stages never needs it (Flower's own flwr-clientapp starts one per message).
     from clients.numpy_clients import CLIENTS
     from clients.tasks import load_client_data
 

@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint, CheckpointError, check_compatible
 from .config import RunSettings
 from .modes import mode_of
 from .outputs import RunRecorder
+from .polling import PollingGrid
 from .rounds import run_rounds
 from .strategy import build_strategy
 
@@ -32,9 +33,13 @@ app = ServerApp()
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     """Node ids once at least ``minimum`` are connected (or raise after ``timeout`` s)."""
     deadline = time.monotonic() + timeout
+    said = None
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of {minimum} nodes connected in {timeout:.0f} s")
+        if said != len(nodes):  # each time the count changes
+            log(INFO, "Waiting for %d nodes, %d connected", minimum, len(nodes))
+            said = len(nodes)
         time.sleep(1)
     return nodes
 
@@ -99,6 +104,7 @@ def open_run(settings: RunSettings, run_id: int) -> tuple[RunRecorder, Checkpoin
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = PollingGrid(grid)
     settings = RunSettings.from_run_config(dict(context.run_config))
     recorder, checkpoint = open_run(settings, context.run_id)
     recorder.write_config(settings.as_dict())

@@ -192,6 +192,15 @@ def finished_round(run_dir: Path | None) -> int:
     return _LAST_CHECKPOINT[run_dir][1]
 
 
+def node_env(args: argparse.Namespace) -> dict[str, str]:
+    """A client node's environment: the nodes share this machine's cores, so each
+    gets its share of torch threads (as Flower's simulation gives each ClientApp one
+    CPU), unless ``OMP_NUM_THREADS`` is set."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1)
+                                                           // args.clients))
+    return launch.flower_env(OMP_NUM_THREADS=threads)
+
+
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Send ``sig`` to the process group we started ``proc`` in."""
     os.killpg(proc.pid, sig)
@@ -275,8 +284,14 @@ class FaultRun:
             signal_group(self.clients[1], signal.SIGCONT)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM as SystemExit, so that ``main`` stops every process it started."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="deploy-")).resolve()
     node_auth = not args.insecure
     make_keys(args, work)
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         clients = []
         for i in range(args.clients):
             clients.append(launch.start(client_command(args, work, port, i),
-                                        launch.flower_env(), work / f"client{i}.log"))
+                                        node_env(args), work / f"client{i}.log"))
             procs.append(clients[-1])
             print(f"client {i} (SuperNode) pid {procs[-1].pid}", flush=True)
         if intruder is not None:  # turned away before the run starts, or the check fails

@@ -78,6 +78,8 @@ def execs(monkeypatch) -> list[tuple[list[str], dict[str, str]]]:
     """What ``fedapp server`` / ``fedapp client`` would exec, instead of exec'ing it."""
     seen: list[tuple[list[str], dict[str, str]]] = []
     monkeypatch.setattr(cli.os, "execve", lambda path, cmd, env: seen.append((cmd, env)))
+    monkeypatch.setattr(cli.launch, "run_node",
+                        lambda cmd, port, env: seen.append((cmd, env)) or 1)
     return seen
 
 
@@ -171,7 +173,7 @@ def test_client_passes_its_supernode_key_to_flower_only(certs, tmp_path, execs, 
     tls = ["--certificates", str(certs)]
     assert cli.main(client_args(tmp_path, *tls, "--supernode-key", str(key))) == 1
     (cmd, _), = execs
-    assert Path(cmd[0]).name == "flower-supernode"
+    assert cmd[1:3] == ["-m", "fedapp.polling"] and "--isolation" in cmd
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(key.resolve())
     assert cmd[cmd.index("--root-certificates") + 1] == str(certs / "ca.crt")
     assert "supernode.key" not in cmd[cmd.index("--node-config") + 1]

@@ -13,7 +13,7 @@ import pytest
 
 from clients.models import McMahanCNN, get_weights
 from fedapp import launch
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_script
 
 pytestmark = pytest.mark.slow  # real Flower runs
 
@@ -113,6 +113,11 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
     assert summary["train-clients"] == trained, summary
     assert len(summary["runs-submitted"]) == 2 and len(summary["faults"]) == len(faults) // 2 + 1
     assert summary["processes-left-running"] == []
+    assert load_script("bench_deploy").leftovers(tmp_path) == []  # workers included
+    for i in (1, 2):  # one long-lived ClientApp worker ran every message of the node
+        log = (tmp_path / f"client{i}.log").read_text(errors="replace")
+        assert log.count("ClientApp worker for the SuperNode") == 1, log[-3000:]
+        assert "Start `flwr-clientapp` process" not in log
     # server, unregistered node, the clients, the restarted server
     assert len(summary["processes-started"]) == clients + 3
     assert summary["supernode-auth"] is True and summary["unregistered-node-refused"] is True

@@ -1,0 +1,137 @@
+"""Shorter waits on real nodes than the ones Flower 1.42 hard-codes.
+
+A deployed message stage waits on three polls: the ServerApp's ``Grid`` pulls the
+replies every 3 s (``HttpGrid.send_and_receive``), an idle SuperNode asks the
+SuperLink for a message every 3 s, and a SuperNode that has handed a message to its
+ClientApp looks for the reply every 0.5 s (``flwr.supernode.start_client_internal``).
+And a process that pulls a message's objects before their sender has stored them all
+(the SuperNode lists a message to its ClientApp before it has downloaded its
+objects, and sends a reply before its objects) retries after 1 s, doubling.
+A round of masking has five stages, so these waits, not the model, set a deployed
+round's time (housing: 0.4 s a round in simulation).
+
+- :class:`PollingGrid` wraps the ServerApp's grid and waits for replies with Flower's
+  public ``push_messages``/``pull_messages``, polling every 0.1 s.
+- Flower offers no setting for the SuperNode's waits, so ``fedapp client`` starts the
+  SuperNode through this module (``python -m fedapp.polling SUPERNODE-ARGS``), which
+  caps the sleeps of ``start_client_internal`` at ``FEDAPP_NODE_POLL_SECONDS``
+  (default 0.25) before running Flower's own ``flower-supernode`` entry point. Only
+  that module's ``time.sleep`` changes; each idle node then asks the SuperLink for
+  messages four times a second instead of once in 3 s.
+- :func:`fast_object_pulls` makes the first retry of an object pull wait 0.05 s
+  (Flower's default argument; the backoff still doubles to Flower's cap), in the
+  ServerApp (through :class:`PollingGrid`), the SuperNode and the ClientApp worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import types
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+GRID_POLL_SECONDS = 0.1
+NODE_POLL_SECONDS = 0.25
+NODE_POLL_ENV = "FEDAPP_NODE_POLL_SECONDS"
+PULL_FIRST_RETRY_SECONDS = 0.01
+
+
+def fast_object_pulls() -> None:
+    """Make this process's object pulls retry first after 0.05 s instead of 1 s."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for pull in (inflatable_utils.pull_objects,
+                 inflatable_utils.pull_and_inflate_object_from_tree):
+        pull.__kwdefaults__["initial_backoff"] = PULL_FIRST_RETRY_SECONDS
+
+
+class PollingGrid(Grid):
+    """A ``Grid`` whose ``send_and_receive`` polls for replies every ``poll_seconds``;
+    everything else is the wrapped grid's.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid Flower gave the ServerApp.
+    poll_seconds : float
+        Seconds between pulls while replies are outstanding.
+    """
+
+    def __init__(self, grid: Grid, poll_seconds: float = GRID_POLL_SECONDS) -> None:
+        self.grid = grid
+        self.poll_seconds = poll_seconds
+        fast_object_pulls()
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
+        self.grid.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201 - Flower's Run
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # noqa: ANN002, ANN003
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # noqa: ANN201 - Flower's NodeInfo records
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages``; return the replies that arrive within ``timeout`` s."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_seconds)
+        return replies
+
+
+def _capped_time(cap: float) -> types.ModuleType:
+    """A stand-in for the ``time`` module whose ``sleep`` sleeps at most ``cap`` s."""
+    proxy = types.ModuleType("time")
+    proxy.__dict__.update(vars(time))
+    proxy.sleep = lambda seconds: time.sleep(min(seconds, cap))
+    return proxy
+
+
+def node_poll_seconds() -> float:
+    """``FEDAPP_NODE_POLL_SECONDS``, checked (default 0.25; Flower's own wait is 3)."""
+    raw = os.environ.get(NODE_POLL_ENV, str(NODE_POLL_SECONDS))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.01 <= value <= 3.0:
+        raise ValueError(f"{NODE_POLL_ENV}={raw!r}: give seconds between 0.01 and 3")
+    return value
+
+
+def run_supernode() -> None:
+    """Flower's ``flower-supernode`` with its waits capped (arguments from sys.argv)."""
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    start_client_internal.time = _capped_time(node_poll_seconds())
+    fast_object_pulls()
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    run_supernode()

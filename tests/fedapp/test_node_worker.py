@@ -1,0 +1,105 @@
+"""The long-lived ClientApp worker (fedapp.node_worker) with the SuperNode's Runtime API
+stood in for: it loads each app bundle's ClientApp once, answers every task, reports a
+ClientApp that raises as flwr-clientapp does (an error reply and a failed task) and goes
+on with the next task. Real nodes run it in tests/runs/test_real_nodes.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode, SubStatus
+
+from fedapp import node_worker
+
+
+def task_message() -> Message:
+    return Message(RecordDict(), metadata=Metadata(
+        run_id=1, message_id="abc", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+        group_id="1", created_at=0.0, ttl=60.0, message_type="train"))
+
+
+class Node:
+    """The SuperNode's side of the Runtime API, as the worker's calls see it."""
+
+    def __init__(self, fab_hashes: list[str]) -> None:
+        self.fab_hashes = fab_hashes
+        self.pushed: list[Message] = []
+        self.outputs: list[tuple[str, str]] = []
+
+    def pull_task_input(self, client):
+        context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(),
+                          run_config={})
+        run = SimpleNamespace(fab_id="fedprivacy", fab_version="0.1.0")
+        return task_message(), context, run, SimpleNamespace(hash_str=self.fab_hashes.pop(0),
+                                                             content=b"")
+
+
+@pytest.fixture
+def node(monkeypatch) -> Node:
+    node = Node(["h1", "h1", "h2"])
+    monkeypatch.setattr(node_worker, "_runtime_client",
+                        lambda *a, **k: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(node_worker, "HeartbeatSender", lambda fn: SimpleNamespace(
+        start=lambda: None, stop=lambda: None))
+    monkeypatch.setattr(node_worker, "pull_task_input", node.pull_task_input)
+    monkeypatch.setattr(node_worker, "push_message",
+                        lambda client, message, context: node.pushed.append(message))
+    monkeypatch.setattr(node_worker, "push_task_output", lambda client, context, sub_status,
+                        details: node.outputs.append((sub_status, details)))
+    monkeypatch.setattr(node_worker, "install_from_fab", lambda content, skip_prompt: None)
+    return node
+
+
+def test_each_bundle_is_loaded_once_and_every_task_answered(node):
+    loads, calls = [], []
+
+    def app(message, context):
+        calls.append(message.metadata.message_type)
+        return Message(RecordDict(), reply_to=message)
+
+    worker = node_worker.ClientAppWorker("127.0.0.1:1")
+    worker._load = lambda fab_id, version, fab_hash: loads.append(fab_hash) or app
+    assert [worker.run_task("t") for _ in range(3)] == [True, True, True]
+    assert loads == ["h1", "h2"] and calls == ["train"] * 3
+    assert [m.metadata.reply_to_message_id for m in node.pushed] == ["abc"] * 3
+    assert node.outputs == [(SubStatus.COMPLETED, "")] * 3
+
+
+def test_a_raising_clientapp_fails_its_task_only(node):
+    answers = iter([ZeroDivisionError("boom"), None, None])
+
+    def app(message, context):
+        if (err := next(answers)) is not None:
+            raise err
+        return Message(RecordDict(), reply_to=message)
+
+    worker = node_worker.ClientAppWorker("127.0.0.1:1")
+    worker._load = lambda *a: app
+    assert [worker.run_task("t") for _ in range(3)] == [False, True, True]
+    error = node.pushed[0]
+    assert error.has_error() and error.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "boom" in error.error.reason
+    assert node.outputs[0][0] == SubStatus.FAILED and node.outputs[1][0] == SubStatus.COMPLETED
+
+
+def test_a_node_whose_supernode_exits_stops_its_worker_and_says_why(capfd):
+    """``fedapp client``'s two processes: when the SuperNode exits, the worker is stopped,
+    the exit code passed on, and the SuperNode's output relayed with the likely cause."""
+    import os
+    import sys
+
+    from fedapp import launch
+
+    failing = [sys.executable, "-c", "import time; time.sleep(1); print('ssl.SSLCertVerifica"
+               "tionError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+               "unable to get local issuer certificate'); raise SystemExit(3)"]
+    before = set(launch._processes())
+    assert launch.run_node(failing, launch.free_port(), launch.flower_env()) == 3
+    out = capfd.readouterr()
+    assert "CERTIFICATE_VERIFY_FAILED" in out.out
+    assert "likely cause: the server's certificate is not signed by this node's CA" in out.out
+    assert "the SuperNode (pid" in out.err and "exited with 3" in out.err
+    mine = {pid for pid, (parent, _) in launch._processes().items() if parent == os.getpid()}
+    assert not (mine - before), "the worker was left running"

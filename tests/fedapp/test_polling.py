@@ -1,0 +1,87 @@
+"""Shorter waits on real nodes (fedapp.polling): the ServerApp's grid polls for replies
+with Flower's public push/pull calls and honours the timeout; the SuperNode's sleeps
+are capped; object pulls retry sooner; the cap is checked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import Message, Metadata, RecordDict
+from flwr.supercore.inflatable import inflatable_utils
+
+from fedapp import polling
+
+
+def reply_to(message_id: str) -> Message:
+    return Message(RecordDict(), metadata=Metadata(
+        run_id=1, message_id="", src_node_id=2, dst_node_id=0,
+        reply_to_message_id=message_id, group_id="", created_at=0.0, ttl=60.0,
+        message_type="train"))
+
+
+class SlowGrid:
+    """Replies to message ``i`` after ``i`` pulls; never to ids in ``silent``."""
+
+    def __init__(self, silent: set[str] = frozenset()) -> None:
+        self.pulls = 0
+        self.silent = silent
+        self.node_ids = [7, 8]
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [reply_to(m) for m in message_ids
+                if m not in self.silent and int(m[1:]) < self.pulls]
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def test_grid_collects_every_reply_as_it_arrives():
+    inner = SlowGrid()
+    grid = polling.PollingGrid(inner, poll_seconds=0.001)
+    replies = list(grid.send_and_receive([object(), object(), object()], timeout=10))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert inner.pulls == 3
+    assert list(grid.get_node_ids()) == [7, 8]  # the rest is the wrapped grid's
+
+
+def test_grid_returns_what_came_when_the_timeout_passes():
+    grid = polling.PollingGrid(SlowGrid(silent={"m1"}), poll_seconds=0.01)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive([object(), object()], timeout=0.2))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 0.2 <= time.monotonic() - started < 2
+
+
+def test_capped_time_sleeps_at_most_the_cap_and_keeps_the_rest_of_time():
+    capped = polling._capped_time(0.01)
+    started = time.monotonic()
+    capped.sleep(3)
+    assert time.monotonic() - started < 1
+    assert capped.time is time.time and capped.monotonic is time.monotonic
+
+
+def test_node_poll_setting_is_checked(monkeypatch):
+    monkeypatch.delenv(polling.NODE_POLL_ENV, raising=False)
+    assert polling.node_poll_seconds() == polling.NODE_POLL_SECONDS
+    monkeypatch.setenv(polling.NODE_POLL_ENV, "0.5")
+    assert polling.node_poll_seconds() == 0.5
+    for bad in ("0", "5", "fast", "nan"):
+        monkeypatch.setenv(polling.NODE_POLL_ENV, bad)
+        with pytest.raises(ValueError, match="between 0.01 and 3"):
+            polling.node_poll_seconds()
+
+
+def test_object_pulls_retry_sooner(monkeypatch):
+    for pull in (inflatable_utils.pull_objects,
+                 inflatable_utils.pull_and_inflate_object_from_tree):
+        monkeypatch.setitem(pull.__kwdefaults__, "initial_backoff",
+                            pull.__kwdefaults__["initial_backoff"])
+    polling.fast_object_pulls()
+    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.01
+    assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__[
+        "initial_backoff"] == 0.01
