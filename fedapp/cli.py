@@ -147,6 +147,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     env = launch.flower_env(_flwr_home(args))
     if kit is None:
         os.execve(cmd[0], cmd, env)
+        return 1  # not reached
     link = subprocess.Popen(cmd, env=env)
     try:  # register the kit's sites once the SuperLink listens, then serve
         local = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host

@@ -24,7 +24,8 @@ Layout, by the direction of imports:
   are reported): :mod:`~strategies.paillier_node`, :mod:`~strategies.secagg_rounds`,
   :mod:`~strategies.secagg_node`, :mod:`~strategies.dp_rounds`,
   :mod:`~strategies.screening`, :mod:`~strategies.node_errors`,
-  :mod:`~strategies.records`;
+  :mod:`~strategies.records`, :mod:`~strategies.encrypted_result` (the encrypted final
+  model an app gets, and how to save it);
 - one thin adapter per API, which never import each other: ``*_message`` and
   :mod:`~strategies.fedavg` (Message API), ``*_legacy`` (legacy API).
 
@@ -50,6 +51,9 @@ _WHERE = {
     "load_public_key": "keyfiles", "load_private_key": "keyfiles",
     "write_keypair": "keyfiles", "write_identity": "keyfiles", "write_roster": "keyfiles",
     "default_key_dir": "keyfiles",
+    # the encrypted final model
+    "EncryptedArrayRecord": "encrypted_result", "EncryptedModelError": "encrypted_result",
+    "save_encrypted_model": "encrypted_result",
     # outcomes
     "NoUsableUpdate": "screening", "NodeError": "node_errors",
     "InvalidUpdate": "aggregation",

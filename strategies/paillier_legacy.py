@@ -32,6 +32,7 @@ XGBoost strategies also send their own tensor types); a plaintext model keeps
 from __future__ import annotations
 
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType
@@ -45,6 +46,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
+from .encrypted_result import save_encrypted_model
 from .legacy_wire import layout_of, load_npy
 from .node_errors import reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
@@ -108,6 +110,10 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
     max_empty_rounds : int (default: 1)
         Rounds in a row without a usable update after which the run fails
         (:class:`strategies.screening.NoUsableUpdate`).
+    save_to : str or Path, optional
+        Where to write each round's encrypted global model (the last round's stays),
+        for ``fedapp decrypt`` on a key holder: a ``server_fn`` app has no hook after
+        the run (:mod:`strategies.encrypted_result`).
     **kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (fractions, minimums,
         ``on_fit_config_fn``, ``initial_parameters``, metrics aggregation).
@@ -122,12 +128,15 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16,
-                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
+                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS,
+                 save_to: str | Path | None = None, **kwargs) -> None:
         if kwargs.get("evaluate_fn") is not None:
             raise ValueError("LegacyPaillierFedAvg cannot take an evaluate_fn: the server holds "
                              "only the encrypted model. Evaluate on the clients "
-                             "(fraction_evaluate > 0) or decrypt a saved model on a key holder")
+                             "(fraction_evaluate > 0), or save the model (save_to=PATH) and "
+                             "decrypt it on a key holder (fedapp decrypt)")
         super().__init__(**kwargs)
+        self.save_to = None if save_to is None else Path(save_to)
         self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
                             max_empty_rounds)
         log(INFO, "LegacyPaillierFedAvg: %s", self._describe())
@@ -185,6 +194,8 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
         self.watch.end_round(server_round, summed is not None)
         if summed is None:
             return None, {}
+        if self.save_to is not None:
+            save_encrypted_model(summed.to_arrays(), self.save_to)
         metrics: dict[str, Scalar] = {}
         if self.fit_metrics_aggregation_fn:
             metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for r in valid])

@@ -17,16 +17,17 @@ Legacy-API projects use :mod:`strategies.paillier_legacy`; both build on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from .aggregation import InvalidUpdate, check_weight
+from .encrypted_result import encrypted_record
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
@@ -84,6 +85,31 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t└──> Paillier: %s", self._describe())
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None
+              ) -> Result:
+        """Flower's round loop; the result's ``arrays`` are the encrypted final model, an
+        :class:`~strategies.encrypted_result.EncryptedArrayRecord` (save it with
+        ``save_encrypted_model``; ``to_numpy_ndarrays`` raises).
+
+        Raises
+        ------
+        ValueError
+            If ``evaluate_fn`` is given: the server holds only ciphertexts, so evaluate
+            on the clients (``fraction_evaluate``) or on a key holder.
+        """
+        if evaluate_fn is not None:
+            raise ValueError("PaillierFedAvg cannot take an evaluate_fn: the server holds only "
+                             "the encrypted model. Evaluate on the clients (fraction_evaluate "
+                             "> 0), or decrypt the saved model on a key holder (fedapp "
+                             "decrypt) and evaluate it there")
+        result = super().start(grid, initial_arrays, num_rounds, timeout, train_config,
+                               evaluate_config)
+        result.arrays = encrypted_record(result.arrays)
+        return result
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

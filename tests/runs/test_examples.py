@@ -69,8 +69,8 @@ def distributed_losses(logs: str) -> list[float]:
     return losses
 
 
-def load_model(run_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(run_dir / "final_model.npz", allow_pickle=False) as f:
+def load_model(run_dir: Path, name: str = "final_model.npz") -> dict[str, np.ndarray]:
+    with np.load(run_dir / name, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
 
@@ -103,7 +103,7 @@ def test_message_api_example_with_and_without_paillier(tmp_path, keys, message_a
     assert logs.count("aggregate_train: 2 valid encrypted replies of 2") == ROUNDS
 
     plain = list(load_model(plain_dir).values())
-    saved = load_model(secure_dir)
+    saved = load_model(secure_dir, "final_model.encrypted.npz")  # save_encrypted_model
     # the server only ever had the encrypted model: decrypt it with the private key
     assert EncryptedModel.is_encrypted(saved) and len(saved) == 2
     key = load_private_key(keys[1])
@@ -149,6 +149,13 @@ def test_legacy_api_example_with_and_without_secure_aggregation(tmp_path, keys, 
     assert secure_logs.count(expected) == ROUNDS
     assert "Left out" not in secure_logs
     assert json.loads((secure_dir / "run-config.json").read_text())["secure"] == secure
+    if secure == "paillier":  # save_to: the last round's encrypted model, for a key holder
+        key = load_private_key(keys[1])
+        model = EncryptedModel.from_arrays(
+            load_model(secure_dir, "final_model.encrypted.npz"), key.public_key)
+        assert model.server_round == ROUNDS
+        # the example's weights: 8 features and a bias
+        assert [a.shape for a in decrypt_model(key, model)[0]] == [(8,), (1,)]
 
     plain_loss = distributed_losses(legacy_api_plain)
     secure_loss = distributed_losses(secure_logs)

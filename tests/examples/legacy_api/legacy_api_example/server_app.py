@@ -18,14 +18,17 @@ from legacy_api_example.task import initial_weights
 def server_fn(context: Context):
     config = context.run_config
     parameters = ndarrays_to_parameters(initial_weights(config["seed"]))
+    out = Path(config["run-dir"]).expanduser().resolve() / f"run-{context.run_id}"
 
-    # Define the strategy; secure="paillier": Paillier-encrypted FedAvg,
+    # Define the strategy; secure="paillier": Paillier-encrypted FedAvg (it saves the
+    # encrypted model each round: decrypt it on a key holder, `fedapp decrypt`),
     # secure="secagg": masked secure aggregation
     if config["secure"] == "paillier":
         strategy = LegacyPaillierFedAvg(load_public_key(Path(config["paillier-public-key"])),
                                         clip=config["clip"],
                                         fraction_fit=config["fraction-fit"],
-                                        initial_parameters=parameters)
+                                        initial_parameters=parameters,
+                                        save_to=out / "final_model.encrypted.npz")
     elif config["secure"] == "secagg":
         strategy = LegacySecAggFedAvg(clip=config["clip"], fraction_fit=config["fraction-fit"],
                                       initial_parameters=parameters)
@@ -33,7 +36,6 @@ def server_fn(context: Context):
         strategy = FedAvg(fraction_fit=config["fraction-fit"], initial_parameters=parameters)
 
     # Note the run's settings beside its outputs
-    out = Path(config["run-dir"]).expanduser().resolve() / f"run-{context.run_id}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "run-config.json").write_text(json.dumps(dict(config), indent=2))
 

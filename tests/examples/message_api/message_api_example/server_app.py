@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.encrypted_result import save_encrypted_model
 from strategies.keyfiles import load_public_key
 from strategies.paillier_message import PaillierFedAvg
 from strategies.secagg_message import SecAggFedAvg
@@ -42,11 +43,16 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=config["num-server-rounds"],
     )
 
-    # Save the final model (encrypted with secure="paillier": decrypt it on a key holder,
-    # e.g. `fedapp decrypt`) and the federated evaluation metrics
+    # Save the final model (with secure="paillier" it is encrypted: decrypt it on a key
+    # holder, `fedapp decrypt`) and the federated evaluation metrics
     out = Path(config["run-dir"]).expanduser().resolve() / f"run-{context.run_id}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"\nSaving final model to {out}")
-    np.savez(out / "final_model.npz", **{k: a.numpy() for k, a in result.arrays.items()})
+    if config["secure"] == "paillier":
+        save_encrypted_model(result.arrays, out / "final_model.encrypted.npz")
+    else:
+        names = list(result.arrays)
+        np.savez(out / "final_model.npz",
+                 **dict(zip(names, result.arrays.to_numpy_ndarrays(), strict=True)))
     metrics = {rnd: dict(m) for rnd, m in result.evaluate_metrics_clientapp.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
