@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import re
 
+UNREACHABLE = ("nothing answers at --superlink: check the host and port, that fedapp server "
+               "runs there, and that no firewall blocks the port (the node keeps retrying)")
+
 # (pattern in the SuperNode's output, hint); the first that matches a line wins
 _HINTS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"CERTIFICATE_VERIFY_FAILED.*(?:[Hh]ostname mismatch|not valid for)"),
@@ -27,10 +30,12 @@ _HINTS: list[tuple[re.Pattern[str], str]] = [
      "it in the server kit's supernodes/ folder and restart fedapp server --kit"),
     (re.compile(r"Connection refused|All connection attempts failed|"
                 r"Name or service not known|nodename nor servname|Temporary failure in "
-                r"name resolution"),
-     "nothing answers at --superlink: check the host and port, that fedapp server runs "
-     "there, and that no firewall blocks the port"),
+                r"name resolution"), UNREACHABLE),
 ]
+# Flower's SuperNode says only this while it retries; a certificate or key problem shows
+# after one or two of them, so the hint waits for a few
+RETRY = re.compile(r"Connection attempt failed, retrying")
+RETRIES_BEFORE_HINT = 5
 
 
 class HintReader:
@@ -38,13 +43,21 @@ class HintReader:
 
     def __init__(self) -> None:
         self.given: set[str] = set()
+        self.retries = 0
+
+    def _once(self, text: str) -> str | None:
+        if text in self.given:
+            return None
+        self.given.add(text)
+        return text
 
     def hint(self, line: str) -> str | None:
         """The hint ``line`` calls for, if it has not been given yet."""
         for pattern, text in _HINTS:
             if pattern.search(line):
-                if text in self.given:
-                    return None
-                self.given.add(text)
-                return text
+                return self._once(text)
+        if RETRY.search(line):
+            self.retries += 1
+            if self.retries >= RETRIES_BEFORE_HINT and not self.given:
+                return self._once(UNREACHABLE)
         return None
