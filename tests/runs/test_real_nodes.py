@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -33,6 +34,11 @@ def test_a_provisioned_federation_runs_from_its_kits(tmp_path, data_dir):
                            str(tmp_path / "server-home")], env, tmp_path / "server.log")]
     try:
         launch.wait_for_port("127.0.0.1", port, proc=procs[0])
+        deadline = time.monotonic() + 120  # a node whose key is not registered yet exits
+        while (tmp_path / "server.log").read_text().count("registered as node") < 3:
+            assert time.monotonic() < deadline and procs[0].poll() is None, \
+                (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
         for i in range(3):
             procs.append(launch.start(
                 [*FEDAPP, "client", "--kit", str(kits / f"site-{i}"), "--data-dir",
