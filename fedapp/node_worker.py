@@ -9,7 +9,7 @@ process: it claims the node's ClientApp tasks one after the other (the calls
 SuperExec makes: ``AcquireTask``, then the task's own token for ``PullTaskInput``,
 ``PullMessages``, ``PushMessages`` and ``PushTaskOutput``, done by Flower's own
 functions from ``flwr.supernode.runtime.run_clientapp``) and runs the ClientApp in
-this process. The ClientApp is loaded once per app bundle, so the modules it imports
+this process, one task at a time (each task's transfers in a thread of its own). The ClientApp is loaded once per app bundle, so the modules it imports
 and the data it caches (``clients.tasks._pool``) stay loaded between messages.
 
 What changes for the app: nothing in the messages, the context or the node's state
@@ -24,7 +24,10 @@ before); only module-level state now outlives a message, as it does in simulatio
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
+import threading
 import time
 
 from flwr.app import Message
@@ -44,6 +47,7 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import (
     pull_task_input,
     push_message,
@@ -82,6 +86,7 @@ class ClientAppWorker:
         self._load = get_load_client_app_fn(default_app_ref="", app_path=None,
                                             multi_app=True)
         self._control = _runtime_client(runtime_api_address, "SuperExec")
+        self._one_app_at_a_time = threading.Lock()
 
     def next_token(self) -> str | None:
         """Claim the node's next ClientApp task; its token, or None if there is none."""
@@ -111,7 +116,10 @@ class ClientAppWorker:
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
             message, context, run, fab = pull_task_input(client)
-            reply = self.app_for(run, fab)(message=message, context=context)
+            identity = (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id)
+            with self._one_app_at_a_time:
+                TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = identity
+                reply = self.app_for(run, fab)(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # noqa: BLE001 - reported to the server as flwr-clientapp does
             code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -136,13 +144,19 @@ class ClientAppWorker:
         return status == SubStatus.COMPLETED
 
     def serve(self, poll_seconds: float = POLL_SECONDS) -> None:
-        """Run the node's tasks as they come, until the process is stopped."""
+        """Run the node's tasks as they come, until the process is stopped.
+
+        Each task gets a thread; their ClientApp calls take turns. A task whose input
+        never arrives (the SuperNode lists a message of a run that stopped before it
+        had downloaded its objects) waits in its own thread, as it would in its own
+        ``flwr-clientapp`` process, instead of holding up the tasks after it.
+        """
         while True:
             token = self.next_token()
             if token is None:
                 time.sleep(poll_seconds)
             else:
-                self.run_task(token)
+                threading.Thread(target=self.run_task, args=(token,), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parent-pid", type=int, help="exit when this process exits")
     p.add_argument("--poll-seconds", type=float, default=POLL_SECONDS)
     args = p.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where it is
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)
     fast_object_pulls()

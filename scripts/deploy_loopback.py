@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,32 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
     os.killpg(proc.pid, sig)
 
 
+class StatusWatch:
+    """A run's status (``flwr ls``), read every few seconds in a thread of its own."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.run_id = ""
+        self.last = "unknown"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def follow(self, run_id: str) -> None:
+        self.run_id, self.last = run_id, "unknown"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(STATUS_SECONDS):
+            run_id = self.run_id
+            status = launch.run_status(run_id, "deployment", self.env)
+            if run_id == self.run_id:
+                self.last = status
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class FaultRun:
     """Waits for a run while injecting the requested faults; restarting the server
     resubmits the run with ``resume-from``."""
@@ -243,38 +270,43 @@ class FaultRun:
         """Follow the run; inject each fault once the run has finished the round before
         it (crash, hang) or the round itself (restart). Returns the final status.
 
-        While faults are pending the run's checkpoint is watched (a file: cheap) and the
-        run's status read every few seconds; then :func:`fedapp.launch.wait_for_run`
-        follows the run to its end (one ``flwr log --stream`` process, not a ``flwr ls``
-        process every fraction of a second, which would take a core from the nodes)."""
+        While faults are pending the run's checkpoint is watched every 0.02 s (a file:
+        cheap; a housing round takes about a second on real nodes, so a fault meant for
+        round R must land before round R's messages reach the nodes) and the run's
+        status is read in the background (``flwr ls`` takes a second or two); then
+        :func:`fedapp.launch.wait_for_run` follows the run to its end (one ``flwr log
+        --stream`` process, not a ``flwr ls`` process every fraction of a second, which
+        would take a core from the nodes)."""
         a = self.args
         rounds = {"crash": a.crash_client, "hang": a.hang_client, "restart": a.restart_server}
         pending = {f: r - (f != "restart") for f, r in rounds.items() if r}  # 0: not asked
         deadline = time.monotonic() + a.timeout
-        next_status = 0.0
-        while pending and time.monotonic() < deadline:
-            if time.monotonic() >= next_status:
-                status = launch.run_status(run_id, "deployment", self.env)
-                if status.startswith("finished"):
-                    return status
-                next_status = time.monotonic() + STATUS_SECONDS
-            self.run_dir = self.run_dir or launch.find_run_dir(self.work / "runs", run_id)
-            done = finished_round(self.run_dir)
-            for fault in [f for f, after in pending.items() if self.run_dir and done >= after]:
-                del pending[fault]
-                if fault == "crash":
-                    signal_group(self.clients[0], signal.SIGKILL)
-                    self.event(f"client 0 (pid {self.clients[0].pid}) killed as round "
-                               f"{a.crash_client} starts")
-                elif fault == "hang":
-                    signal_group(self.clients[1], signal.SIGSTOP)
-                    self.event(f"client 1 (pid {self.clients[1].pid}) frozen as round "
-                               f"{a.hang_client} starts")
-                else:
-                    self.restart_server()
-                    run_id = self.submit({**run_overrides(a, self.work),
-                                          "resume-from": str(self.run_dir)})
-            time.sleep(0.2)
+        status = StatusWatch(self.env)
+        status.follow(run_id)
+        try:
+            while pending and time.monotonic() < deadline:
+                if status.last.startswith("finished"):
+                    return status.last
+                self.run_dir = self.run_dir or launch.find_run_dir(self.work / "runs", run_id)
+                done = finished_round(self.run_dir)
+                for fault in [f for f, after in pending.items() if self.run_dir and done >= after]:
+                    del pending[fault]
+                    if fault == "crash":
+                        signal_group(self.clients[0], signal.SIGKILL)
+                        self.event(f"client 0 (pid {self.clients[0].pid}) killed as round "
+                                   f"{a.crash_client} starts")
+                    elif fault == "hang":
+                        signal_group(self.clients[1], signal.SIGSTOP)
+                        self.event(f"client 1 (pid {self.clients[1].pid}) frozen as round "
+                                   f"{a.hang_client} starts")
+                    else:
+                        self.restart_server()
+                        run_id = self.submit({**run_overrides(a, self.work),
+                                              "resume-from": str(self.run_dir)})
+                        status.follow(run_id)
+                time.sleep(0.02)
+        finally:
+            status.stop()
         return launch.wait_for_run(run_id, "deployment", self.env,
                                    max(0.0, deadline - time.monotonic()), progress=False)
 

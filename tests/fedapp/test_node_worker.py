@@ -37,10 +37,10 @@ class Node:
 
 
 @pytest.fixture
-def node(monkeypatch) -> Node:
+def node(monkeypatch, task_identity) -> Node:
     node = Node(["h1", "h1", "h2"])
-    monkeypatch.setattr(node_worker, "_runtime_client",
-                        lambda *a, **k: SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(node_worker, "_runtime_client", lambda address, component, token=None:
+                        SimpleNamespace(token=token, close=lambda: None))
     monkeypatch.setattr(node_worker, "HeartbeatSender", lambda fn: SimpleNamespace(
         start=lambda: None, stop=lambda: None))
     monkeypatch.setattr(node_worker, "pull_task_input", node.pull_task_input)
@@ -82,6 +82,43 @@ def test_a_raising_clientapp_fails_its_task_only(node):
     assert error.has_error() and error.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert "boom" in error.error.reason
     assert node.outputs[0][0] == SubStatus.FAILED and node.outputs[1][0] == SubStatus.COMPLETED
+
+
+def test_a_task_whose_input_never_comes_does_not_hold_up_the_next(node, monkeypatch):
+    """A message of a run that stopped before the SuperNode had its objects: its task
+    waits for them in its own thread while the tasks after it run."""
+    import threading
+
+    release, done = threading.Event(), threading.Event()
+    pull = node.pull_task_input
+
+    def pull_task_input(client):
+        if client.token == "stuck":
+            release.wait(30)
+            raise RuntimeError("objects never came")
+        return pull(client)
+
+    class Stop(Exception):
+        pass
+
+    tokens = iter(["stuck", "t1", "t2"])
+
+    def next_token():
+        token = next(tokens, None)
+        if token is None:
+            if len(node.outputs) < 2:
+                return None  # nothing claimed: poll again
+            raise Stop
+        return token
+
+    monkeypatch.setattr(node_worker, "pull_task_input", pull_task_input)
+    worker = node_worker.ClientAppWorker("127.0.0.1:1")
+    worker._load = lambda *a: (lambda message, context: Message(RecordDict(), reply_to=message))
+    worker.next_token = next_token
+    with pytest.raises(Stop):
+        worker.serve(poll_seconds=0.01)
+    assert node.outputs == [(SubStatus.COMPLETED, "")] * 2  # while the first still waits
+    release.set()
 
 
 def test_a_node_whose_supernode_exits_stops_its_worker_and_says_why(capfd):
