@@ -27,6 +27,7 @@ import textwrap
 from pathlib import Path
 
 from . import launch
+from .modes import MODES
 
 
 
@@ -597,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "server at (HOST goes into the server certificate)")
     s.add_argument("--out", required=True, help="new directory for the kits (refused inside "
                    "a Flower app)")
-    s.add_argument("--modes", nargs="+", choices=("fedavg", "paillier", "secagg"),
-                   default=["fedavg", "paillier", "secagg"], help="aggregation modes to make "
+    s.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                   help="aggregation modes to make "
                    "keys for")
     s.add_argument("--days", type=int, default=365, help="validity of the server certificate")
     s.set_defaults(func=cmd_provision)

@@ -38,10 +38,11 @@ from strategies.keyfiles import (IDENTITY_NAME, PRIVATE_NAME, PUBLIC_NAME, ROSTE
 from strategies.paillier import generate_keypair
 
 from .certificates import DEFAULT_HOSTS, make_certificates
+from .modes import MODES as _REGISTRY
 from .nodekeys import write_node_keypair
 
 KIT_FILE = "kit.json"
-MODES = ("fedavg", "paillier", "secagg")
+MODES = tuple(_REGISTRY)  # the aggregation modes: fedavg, paillier, secagg
 SUPERNODE_PRIVATE = "supernode.key"
 
 

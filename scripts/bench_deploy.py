@@ -37,9 +37,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 from fedapp import launch  # noqa: E402
+from fedapp.modes import MODES  # noqa: E402
 from strategies.keyfiles import KEY_DIR_ENV, write_keypair, write_simulation_identities  # noqa: E402
-
-MODES = ("fedavg", "paillier", "secagg")
 
 
 def log(message: str) -> None:
@@ -126,7 +125,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=("housing", "mnist", "spam"),
                    default=["housing", "mnist"])
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))

@@ -89,7 +89,7 @@ def test_a_task_whose_input_never_comes_does_not_hold_up_the_next(node, monkeypa
     waits for them in its own thread while the tasks after it run."""
     import threading
 
-    release, done = threading.Event(), threading.Event()
+    release = threading.Event()
     pull = node.pull_task_input
 
     def pull_task_input(client):
