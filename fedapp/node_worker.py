@@ -56,7 +56,7 @@ from flwr.supernode.runtime.run_clientapp import (
 
 from fedapp.polling import fast_object_pulls
 
-POLL_SECONDS = 0.05  # between AcquireTask calls when the node has nothing to run
+POLL_SECONDS = 0.1  # between AcquireTask calls when the node has nothing to run
 
 
 def _runtime_client(address: str, component: str, token: str | None = None
