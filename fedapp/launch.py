@@ -260,6 +260,24 @@ def _processes() -> dict[int, tuple[int, int]]:
     return table
 
 
+def leftovers(directory: Path) -> list[int]:
+    """PIDs of live processes (not zombies, not this one) whose environment or command
+    line names ``directory``: what a deployment or run there left running."""
+    mark = str(directory).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile
+            continue
+        if mark in text and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def process_groups(pid: int) -> set[int]:
     """The process groups of ``pid`` and of all its descendants. Flower's SuperExec
     starts a session of its own, and the simulation and Ray's processes live in it, so

@@ -61,23 +61,6 @@ def summary(status: str, seconds: list[float]) -> dict[str, Any]:
     return out
 
 
-def leftovers(work: Path) -> list[int]:
-    """PIDs of live processes whose environment or command line names ``work``."""
-    mark = str(work).encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            text = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if mark in text and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def simulated(task: str, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         "task": task, "aggregation": mode, "num-server-rounds": args.rounds,
@@ -116,7 +99,7 @@ def deployed(task: str, mode: str, args: argparse.Namespace, work: Path) -> dict
     run_dir = Path(report["run-dir"]) if report.get("run-dir") else None
     result = summary(report["status"], round_seconds(run_dir))
     time.sleep(1.0)  # let the stopped processes' exits be reaped
-    result["processes-left"] = report["processes-left-running"] + leftovers(where)
+    result["processes-left"] = report["processes-left-running"] + launch.leftovers(where)
     return result
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from clients.models import McMahanCNN, get_weights
 from fedapp import launch
-from tests.helpers import ROOT, load_script
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # real Flower runs
 
@@ -113,7 +113,7 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
     assert summary["train-clients"] == trained, summary
     assert len(summary["runs-submitted"]) == 2 and len(summary["faults"]) == len(faults) // 2 + 1
     assert summary["processes-left-running"] == []
-    assert load_script("bench_deploy").leftovers(tmp_path) == []  # workers included
+    assert launch.leftovers(tmp_path) == []  # workers included
     for i in (1, 2):  # one long-lived ClientApp worker ran every message of the node
         log = (tmp_path / f"client{i}.log").read_text(errors="replace")
         assert log.count("ClientApp worker for the SuperNode") == 1, log[-3000:]

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fedapp import launch
-from tests.helpers import ROOT, load_script
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # real Flower processes
 
@@ -67,4 +67,4 @@ def test_a_provisioned_federation_runs_from_its_kits(tmp_path, data_dir):
         secret = (kits / f"site-{i}" / "secagg-identity.key").read_bytes()
         for seen in [*(tmp_path / "server-home").rglob("*"), *(kits / "server").rglob("*")]:
             assert not seen.is_file() or secret not in seen.read_bytes(), seen
-    assert load_script("bench_deploy").leftovers(tmp_path) == []
+    assert launch.leftovers(tmp_path) == []
