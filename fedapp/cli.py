@@ -117,7 +117,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
         simulation_identities(args.num_supernodes)
     status, run_dir, _ = launch.simulate(
         app, Path(args.workdir), args.num_supernodes, overrides,
-        timeout=args.timeout, env=env)  # streams the log as it goes
+        timeout=args.timeout, env=env, runs_in_workdir=False)  # streams the log as it goes
+    if run_dir:
+        print(f"run directory: {run_dir} (report: {run_dir / 'report.html'})")
     print(json.dumps({"status": status, "run-dir": str(run_dir) if run_dir else None}))
     return 0 if status == launch.FINISHED_OK else 1
 
@@ -270,7 +272,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_wait:
         return 0
     status = launch.wait_for_run(run_id, connection, env, args.timeout)  # streams the log
-    print(json.dumps({"run-id": run_id, "status": status}))
+    run_dir = launch.run_dir_in(launch.logs(run_id, connection, env))
+    if run_dir:
+        print(f"run directory on the server's machine: {run_dir} (report: "
+              f"{run_dir / 'report.html'})")
+    print(json.dumps({"run-id": run_id, "status": status,
+                      "run-dir": str(run_dir) if run_dir else None}))
     return 0 if status == launch.FINISHED_OK else 1
 
 
@@ -430,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
                    help="a node's own setting, for every simulated node (e.g. "
                         "paillier-accept-server-noise=true; docs/threat-model.md)")
-    s.add_argument("--workdir", default="fedapp-sim", help="SuperLink state, logs and runs")
+    s.add_argument("--workdir", default="fedapp-sim",
+                   help="the private SuperLink's state and logs (default: %(default)s); run "
+                        "directories go where the run-dir setting says, as with every command")
     s.add_argument("--app", default=".", help="the Flower app directory (default: the "
                    "current directory)")
     s.add_argument("--timeout", type=float, default=6 * 3600, help=TIMEOUT_HELP)

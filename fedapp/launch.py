@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -481,12 +482,35 @@ def find_run_dir(base: Path, run_id: str) -> Path | None:
     return found[-1] if found else None
 
 
+def run_dir_in(log_text: str) -> Path | None:
+    """The run directory the ServerApp named in its log (its last ``Run directory:``
+    line), wherever the ``run-dir`` setting put it; None for other apps."""
+    found = re.findall(r"Run directory: (\S+)", re.sub(r"\x1b\[[0-9;]*m", "", log_text))
+    return Path(found[-1]) if found else None
+
+
+def settle_run_dir(run_dir: Path | None, status: str) -> None:
+    """A run Flower ended other than ``finished:completed`` whose directory still says
+    ``running`` (stopped, timed out, or a ServerApp that could not say so itself) is
+    marked failed there, with Flower's status."""
+    from .outputs import STATUS_NAME, RunRecorder
+
+    if status == FINISHED_OK or run_dir is None or not (run_dir / STATUS_NAME).is_file():
+        return
+    recorder = RunRecorder.reopen(run_dir)
+    if recorder.status().get("status") == "running":
+        recorder.set_status("failed", f"Flower says: {status}")
+
+
 def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
              overrides: dict[str, Any] | None = None, timeout: float = 3600.0,
-             progress: bool = True, env: dict[str, str] | None = None
-             ) -> tuple[str, Path | None, str]:
+             progress: bool = True, env: dict[str, str] | None = None,
+             runs_in_workdir: bool = True) -> tuple[str, Path | None, str]:
     """One simulation on a private SuperLink that is stopped afterwards. ``env``
     adds environment variables for the simulated nodes (e.g. a private key path).
+    Run directories go to ``workdir/runs`` (tests and benchmarks keep theirs apart),
+    or with ``runs_in_workdir=False`` where the ``run-dir`` setting says, as for every
+    other command (``fedapp sim``).
 
     Returns ``(status, run directory, logs)``; ``status`` is ``finished:completed``
     only if the run really succeeded.
@@ -497,7 +521,8 @@ def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
     env = flower_env(home, **(env or {}))
     port = free_port()
     write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)
-    overrides = {"run-dir": str(workdir / "runs"), **(overrides or {})}
+    if runs_in_workdir:
+        overrides = {"run-dir": str(workdir / "runs"), **(overrides or {})}
     link = start(superlink_command("127.0.0.1", port, ["--insecure"], simulation=True),
                  env, workdir / "superlink.log")
     try:
@@ -508,4 +533,8 @@ def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
         text = logs(run_id, "sim", env)
     finally:
         stop(link)
-    return status, find_run_dir(Path(overrides["run-dir"]), run_id), text
+    run_dir = run_dir_in(text)
+    if run_dir is None and runs_in_workdir:  # another app that names its directories by run
+        run_dir = find_run_dir(workdir / "runs", run_id)
+    settle_run_dir(run_dir, status)
+    return status, run_dir, text

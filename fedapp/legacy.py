@@ -201,7 +201,7 @@ def build_legacy_server(
         if rnd == settings.num_server_rounds:
             set_weights(model, ndarrays)
             recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
-            recorder.plot()
+            recorder.set_status("completed")  # publishes the plot and report
         clock["last"] = time.monotonic()
         return result
 
@@ -213,7 +213,7 @@ def build_legacy_server(
             row = recorder.rows.pop()
             recorder.add_round({**row, **{f"fed-{k}": v for k, v in metrics.items()}})
             if row["round"] == settings.num_server_rounds:
-                recorder.plot()
+                recorder.publish()
         return metrics
 
     strategy = StandardizingFedAvg(

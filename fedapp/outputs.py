@@ -1,8 +1,10 @@
-"""A run's directory: resolved config, per-round metrics (JSON, CSV, PNG), final model."""
+"""A run's directory: resolved config, per-round metrics (JSON, CSV, PNG), its status,
+an HTML report, the final model."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+STATUS_NAME = "status.json"
 FIRST_COLUMNS = ["round", "seconds", "bytes-down", "bytes-up", "train-clients", "train-failures"]
 
 
@@ -25,6 +28,8 @@ class RunRecorder:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.config: dict[str, Any] | None = None
+        if not (directory / STATUS_NAME).is_file():
+            self.set_status("running", publish=False)
 
     @staticmethod
     def create(base: Path, task: str, run_id: int | str) -> RunRecorder:
@@ -32,14 +37,29 @@ class RunRecorder:
         return RunRecorder(base / f"{stamp}-{task}-{run_id}")
 
     @staticmethod
-    def reopen(directory: Path, last_round: int) -> RunRecorder:
+    def reopen(directory: Path, last_round: int | None = None) -> RunRecorder:
         """Go on writing into ``directory`` (a resumed run): keep its metrics up to
-        ``last_round``, drop any row of a round the checkpoint does not hold."""
+        ``last_round`` (all if None), drop any row of a round the checkpoint does not
+        hold."""
         rec = RunRecorder(directory)
         metrics = directory / "metrics.json"
         if metrics.is_file():
-            rec.rows = [r for r in json.loads(metrics.read_text()) if r["round"] <= last_round]
+            rec.rows = [r for r in json.loads(metrics.read_text())
+                        if last_round is None or r["round"] <= last_round]
         return rec
+
+    def status(self) -> dict[str, Any]:
+        """``status.json``: ``status`` (running, completed, failed), ``detail``, ``time``."""
+        return json.loads((self.directory / STATUS_NAME).read_text())
+
+    def set_status(self, status: str, detail: str = "", publish: bool = True) -> None:
+        """Say how the run stands in ``status.json`` (and, with ``publish``, in the
+        plot and report). A resumed run says ``running`` again."""
+        record = {"status": status, "detail": detail,
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        (self.directory / STATUS_NAME).write_text(json.dumps(record, indent=2))
+        if publish:
+            self.publish()
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config = dict(config)
@@ -59,12 +79,14 @@ class RunRecorder:
         np.savez(path, **arrays)
         return path
 
+    def _config(self) -> dict[str, Any]:
+        if self.config is None and (self.directory / "config.json").is_file():
+            self.config = json.loads((self.directory / "config.json").read_text())
+        return self.config or {}
+
     def title(self) -> str:
         """What the run was: task, aggregation, central DP, and its directory (run id)."""
-        config = self.config
-        if config is None and (self.directory / "config.json").is_file():
-            config = json.loads((self.directory / "config.json").read_text())
-        config = config or {}
+        config = self._config()
         z = config.get("dp-noise-multiplier") or 0
         return " | ".join([str(config.get("task", "?")), str(config.get("aggregation", "?")),
                            f"central DP z = {z:g}" if z else "no central DP",
@@ -72,7 +94,8 @@ class RunRecorder:
 
     def figure(self):
         """One panel per metric family (losses, accuracy/MSE, epsilon, clients, seconds,
-        megabytes), rounds as integers, a log scale for a loss that explodes."""
+        megabytes), three a row, rounds as integers, a log scale for a loss that
+        explodes."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -84,7 +107,7 @@ class RunRecorder:
             "loss": [k for k in keys if k.endswith("loss")],
             "accuracy": [k for k in keys if k.endswith("accuracy")],
             "MSE": [k for k in keys if k.endswith("mse")],
-            "privacy spent (epsilon)": [k for k in keys if k.endswith("dp-epsilon")],
+            "privacy spent (epsilon)": [k for k in keys if k.endswith("epsilon")],
             "clients per round": ["train-clients", "train-failures"],
             "seconds per round": ["seconds"],
             "MB per round": ["bytes-down", "bytes-up"],
@@ -95,9 +118,14 @@ class RunRecorder:
                   for t, ks in families.items()}
         series = {t: {k: pts for k, pts in s.items() if pts} for t, s in series.items()}
         series = {t: s for t, s in series.items() if s}
-        fig, axes = plt.subplots(1, max(len(series), 1),
-                                 figsize=(4.2 * max(len(series), 1), 3.6), squeeze=False)
-        for ax, (name, lines) in zip(axes[0], series.items()):
+        panels = max(len(series), 1)
+        cols = min(panels, 3)  # three a row: readable on a page and in the report
+        rows = -(-panels // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.4),
+                                 squeeze=False)
+        for ax in axes.flat[panels:]:
+            fig.delaxes(ax)
+        for ax, (name, lines) in zip(axes.flat, series.items()):
             for k, pts in lines.items():
                 ax.plot(*zip(*pts), marker="o", label=k)
             values = [v for pts in lines.values() for _, v in pts]
@@ -113,12 +141,27 @@ class RunRecorder:
         fig.tight_layout()
         return fig
 
-    def plot(self) -> Path:
-        """The figure, saved as ``metrics.png``."""
-        import matplotlib.pyplot as plt
+    def publish(self) -> Path:
+        """Write the figure (``metrics.png``) and the HTML report (``report.html``,
+        self-contained: the figure is embedded); returns the report's path."""
+        from .modes import MODES
+        from .report import render
 
-        fig = self.figure()
-        path = self.directory / "metrics.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        png = None
+        if self.rows:
+            import matplotlib.pyplot as plt
+
+            fig = self.figure()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            plt.close(fig)
+            png = buffer.getvalue()
+            (self.directory / "metrics.png").write_bytes(png)
+        config = self._config()
+        mode = MODES.get(str(config.get("aggregation")))
+        files = sorted(p.name for p in self.directory.iterdir()
+                       if p.is_file() and p.name != "report.html")
+        path = self.directory / "report.html"
+        path.write_text(render(self.title(), config, self.rows, self.status(), png, files,
+                               mode.server_sees if mode else None))
         return path

@@ -99,7 +99,9 @@ def open_run(settings: RunSettings, run_id: int) -> tuple[RunRecorder, Checkpoin
         raise CheckpointError(f"no config.json in {directory}: not a run directory")
     check_compatible(json.loads(saved.read_text()), settings.as_dict(), directory)
     log(INFO, "Resuming %s after round %d", directory, checkpoint.round)
-    return RunRecorder.reopen(directory, checkpoint.round), checkpoint
+    recorder = RunRecorder.reopen(directory, checkpoint.round)
+    recorder.set_status("running", "resumed", publish=False)
+    return recorder, checkpoint
 
 
 @app.main()
@@ -109,7 +111,21 @@ def main(grid: Grid, context: Context) -> None:
     recorder, checkpoint = open_run(settings, context.run_id)
     recorder.write_config(settings.as_dict())
     log(INFO, "Run directory: %s", recorder.directory)
+    try:
+        train(grid, settings, recorder, checkpoint)
+    except BaseException as exc:  # the directory says the run failed, and why
+        recorder.set_status("failed", f"{type(exc).__name__}: {exc}")
+        log(INFO, "The run failed; its status.json and report.html say why")
+        log(INFO, "Run directory: %s", recorder.directory)
+        raise
+    recorder.set_status("completed")
+    log(INFO, "Saved the final model, metrics, plot and report.html")
+    log(INFO, "Run directory: %s", recorder.directory)
 
+
+def train(grid: Grid, settings: RunSettings, recorder: RunRecorder,
+          checkpoint: Checkpoint | None) -> None:
+    """The rounds, with outputs into ``recorder``, from round 1, or after ``checkpoint``."""
     torch.manual_seed(settings.seed)
     model = build_model(settings.data_spec(1))
     if checkpoint is not None:  # scale features as the rounds before did
@@ -156,5 +172,3 @@ def main(grid: Grid, context: Context) -> None:
     else:
         set_weights(model, final.to_numpy_ndarrays())
         recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
-    recorder.plot()
-    log(INFO, "Saved the final model, metrics and plot in %s", recorder.directory)

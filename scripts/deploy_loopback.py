@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     alive = [proc.pid for proc in procs if proc.poll() is None]
     run_dir = faults.run_dir if faults and faults.run_dir else (
         launch.find_run_dir(work / "runs", run_id) if run_id else None)
+    launch.settle_run_dir(run_dir, status)
     rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
     connected = {f"client{i}": connected_node_id(work / f"client{i}.log")
                  for i in range(args.clients)}

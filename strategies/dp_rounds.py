@@ -112,6 +112,11 @@ class DPRounds:
             "noise multiplier %.4f", "on average" if self.config.sampling == "poisson"
             else "exactly", sampled, self.config.population, self.config.sample_rate,
             self.config.update_noise_multiplier)
+        if self.config.update_noise_multiplier > sampled:
+            log(WARNING, "Central DP: the noise std on the average, z C / m = %.3g C, is larger "
+                "than a clipped update's norm C: the noise swamps the updates. Sample more "
+                "clients per round (m = %d) or lower dp-noise-multiplier",
+                self.config.update_noise_multiplier / sampled, sampled)
 
     def _poisson_round(self, nodes: list) -> list:
         """Poisson sampling: each of ``nodes`` with probability ``q``. Too few to

@@ -1,5 +1,5 @@
-"""What a run writes (fedapp.outputs): metrics as JSON, CSV and a plot, and the
-config; a recorder reopened at a checkpoint."""
+"""What a run writes (fedapp.outputs): metrics as JSON, CSV and a plot, the config,
+its status and report; a recorder reopened at a checkpoint."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ def test_recorder_writes_json_csv_png_and_config(tmp_path):
     rec.add_round({"round": 0, "central-accuracy": 0.1})
     rec.add_round({"round": 1, "seconds": 2.0, "bytes-down": 10, "bytes-up": 5,
                    "fed-loss": 0.5, "fed-accuracy": 0.8, "central-accuracy": 0.7})
-    png = rec.plot()
+    assert rec.status()["status"] == "running"  # from the start: a killed run says so
+    report = rec.publish()
+    png = rec.directory / "metrics.png"
+    assert report.name == "report.html" and "<img" in report.read_text()
     assert rec.directory.name.endswith("-mnist-7")
     assert json.loads((rec.directory / "metrics.json").read_text())[1]["fed-loss"] == 0.5
     rows = list(csv.DictReader(open(rec.directory / "metrics.csv")))
@@ -60,3 +63,16 @@ def test_the_plot_says_what_the_run_was_and_reads_at_a_glance(tmp_path):
         assert all(float(t).is_integer() for t in ax.get_xticks())
     # a run without a written config (an old directory) still gets a title
     assert RunRecorder(tmp_path / "old").title().startswith("? | ? | no central DP")
+
+
+def test_status_says_how_the_run_ended_and_the_report_follows(tmp_path):
+    rec = RunRecorder(tmp_path)
+    rec.write_config({"task": "housing", "aggregation": "fedavg"})
+    rec.set_status("failed", "RuntimeError: no update arrived")
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and status["detail"] == "RuntimeError: no update arrived"
+    page = (tmp_path / "report.html").read_text()
+    assert "RuntimeError: no update arrived" in page and "No round finished yet" in page
+    assert not (tmp_path / "metrics.png").exists()  # nothing to plot
+    # reopening (a resumed run) keeps the status until the run says otherwise
+    assert RunRecorder.reopen(tmp_path).status()["status"] == "failed"

@@ -23,8 +23,12 @@ def test_default_run_on_the_message_api(tmp_path):
     status, run_dir, logs = launch.simulate(ROOT, tmp_path, 2, {"num-server-rounds": 2},
                                             timeout=600, progress=False)
     assert status == launch.FINISHED_OK, logs[-3000:]
-    for name in ("config.json", "metrics.json", "metrics.csv", "metrics.png", "model.npz"):
+    for name in ("config.json", "metrics.json", "metrics.csv", "metrics.png", "model.npz",
+                 "status.json", "report.html"):
         assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    # named at the end too, where a user looks
+    assert logs.rindex(f"Run directory: {run_dir}") > logs.index("Saved the final model")
     rows = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2]
     model_bytes = sum(a.nbytes for a in get_weights(McMahanCNN()))
@@ -74,10 +78,14 @@ run-dir = "runs"
 
 def test_a_failing_run_is_reported_as_failed(tmp_path):
     """flwr run exits 0 even when the run fails; we read the status instead."""
-    status, _, logs = launch.simulate(ROOT, tmp_path, 2, {"task": "spam"}, timeout=300,
-                                      progress=False)
+    status, run_dir, logs = launch.simulate(ROOT, tmp_path, 2, {"task": "spam"}, timeout=300,
+                                            progress=False)
     assert status != launch.FINISHED_OK
     assert "No spam data found" in logs and "ham.txt" in logs
+    # ... and so does its directory, with the error
+    said = json.loads((run_dir / "status.json").read_text())
+    assert said["status"] == "failed" and "No spam data found" in said["detail"], said
+    assert "No spam data found" in (run_dir / "report.html").read_text()
 
 
 #: Faults injected per mode: (clients, rounds, fault flags, train clients per round). The

@@ -65,6 +65,11 @@ def test_readme_paillier_steps_keep_the_key_on_the_clients(tmp_path, data_dir):
     assert secrets_under(work, [private, hex_p, hex_q]) == []  # the SuperLink's FLWR_HOME too
     assert not list(work.rglob("paillier.key.json"))
     assert secrets_under(home / ".flwr", [private, hex_p, hex_q]) == []
+    # the run directory is where flwr run would put it (run-dir, under the home), and said
+    run_dir = Path(json.loads(run.stdout.strip().splitlines()[-1])["run-dir"])
+    assert run_dir.parent == home / "fedapp-runs" and (run_dir / "report.html").is_file()
+    assert f"run directory: {run_dir}" in run.stdout
+    assert secrets_under(run_dir, [private, hex_p, hex_q]) == []
     # (a node without the key: tests/runs/test_examples.py, a run that fails at round 1)
 
 
