@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from strategies.dp_message import CentralDP
 from strategies.dp_rounds import clip_local_update
+from strategies.fedavg import WeightedFedAvg
 from strategies.fixed_point import FixedPoint
 from tests.helpers.fuzzing import attempt, fuzz, json_values, refused
 
@@ -84,3 +86,13 @@ def test_without_the_quantizer_the_contribution_exceeds_the_clip():
     roomy = {"dp-clip": 4.0, "dp-value-clip": value_clip, "dp-quantization-step": step}
     assert contribution(clip_local_update(roomy, incoming, trained), incoming, value_clip,
                         bits, 0) <= 4.0
+
+
+@pytest.mark.parametrize("z,sampled,warned", [(3.0, 2, True), (1.0, 2, False), (1.0, 100, False)])
+def test_noise_that_swamps_the_updates_is_warned_about(flwr_caplog, z, sampled, warned):
+    """z C / m larger than C: the noise on the average outweighs any clipped update."""
+    CentralDP(WeightedFedAvg(), noise_multiplier=z, clip=1.0)._start_dp(200, sampled)
+    said = [r.getMessage() for r in flwr_caplog.records if "swamps" in r.getMessage()]
+    assert bool(said) == warned
+    if warned:
+        assert f"= {z / sampled:.3g} C" in said[0]
