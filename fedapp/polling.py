@@ -11,7 +11,9 @@ A round of masking has five stages, so these waits, not the model, set a deploye
 round's time (housing: 0.4 s a round in simulation).
 
 - :class:`PollingGrid` wraps the ServerApp's grid and waits for replies with Flower's
-  public ``push_messages``/``pull_messages``, polling every 0.1 s.
+  public ``push_messages``/``pull_messages``, polling every 0.1 s. The error the
+  SuperLink sends for a node that stopped reporting comes back from that node's id
+  (Flower sends it from the SuperLink's), so the strategies' warnings name the node.
 - Flower offers no setting for the SuperNode's waits, so ``fedapp client`` starts the
   SuperNode through this module (``python -m fedapp.polling SUPERNODE-ARGS``), which
   caps the sleeps of ``start_client_internal`` at ``FEDAPP_NODE_POLL_SECONDS``
@@ -31,6 +33,7 @@ import types
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 GRID_POLL_SECONDS = 0.1
@@ -90,17 +93,31 @@ class PollingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; return the replies that arrive within ``timeout`` s."""
-        pending = set(self.push_messages(messages))
+        messages = list(messages)
+        sent = {i: m for i, m in zip(self.push_messages(messages), messages) if i}
+        pending = set(sent)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             got = list(self.pull_messages(pending))
-            replies.extend(got)
+            replies.extend(_from_its_node(m, sent) for m in got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_seconds)
         return replies
+
+
+def _from_its_node(reply: Message, sent: dict[str, Message]) -> Message:
+    """The SuperLink answers for a node that stopped reporting with an error from node
+    ``SUPERLINK_NODE_ID`` (1), so a warning would name "node 1". Such a reply is made
+    again as the error reply of the message it answers, from the node that message
+    went to, so the strategies name the node that was lost."""
+    original = sent.get(reply.metadata.reply_to_message_id)
+    if original is None or not reply.has_error() \
+            or reply.metadata.src_node_id != SUPERLINK_NODE_ID:
+        return reply
+    return Message(reply.error, reply_to=original)
 
 
 def _capped_time(cap: float) -> types.ModuleType:

@@ -367,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         run_id = faults.submit(run_overrides(args, work))
         status = faults.wait(run_id)
         run_id = faults.run_ids[-1]
+        for submitted in faults.run_ids:  # the ServerApp's log of each run, kept
+            text = launch.logs(submitted, "deployment", env)
+            (work / f"run-{submitted}.log").write_text(text)
         if status != launch.FINISHED_OK:
-            print(launch.logs(run_id, "deployment", env)[-8000:])
+            print(text[-8000:])
     finally:
         if faults is not None:
             faults.thaw()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.inflatable import inflatable_utils
 
 from fedapp import polling
@@ -85,3 +86,36 @@ def test_object_pulls_retry_sooner(monkeypatch):
     assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.01
     assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__[
         "initial_backoff"] == 0.01
+
+
+class LostNodeGrid:
+    """Node 7 answers; for node 9 the SuperLink answers, as Flower does for a node that
+    missed its heartbeats: an error reply from node 1."""
+
+    def push_messages(self, messages):
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's grids do
+        return [msg.metadata.message_id for msg in messages]
+
+    def pull_messages(self, message_ids):
+        ok = Message(RecordDict(), reply_to=self.sent[0])
+        lost = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Node Unavailable"), metadata=Metadata(
+            run_id=1, message_id="", src_node_id=SUPERLINK_NODE_ID,
+            dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id="m1", group_id="",
+            created_at=time.time(), ttl=60.0, message_type="train"))
+        return [ok, lost]
+
+
+def test_a_lost_node_is_named_by_its_own_id():
+    inner = LostNodeGrid()
+    inner.sent = [Message(RecordDict(), metadata=Metadata(
+        run_id=1, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=node,
+        reply_to_message_id="", group_id="", created_at=time.time(), ttl=60.0,
+        message_type="train")) for node in (7, 9)]
+    replies = polling.PollingGrid(inner, poll_seconds=0.001).send_and_receive(inner.sent,
+                                                                             timeout=5)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert sorted(by_node) == [7, 9]
+    assert by_node[9].has_error() and by_node[9].error.code == ErrorCode.NODE_UNAVAILABLE
+    assert by_node[9].error.reason == "Node Unavailable"
+    assert by_node[9].metadata.reply_to_message_id == "m1" and not by_node[7].has_error()
