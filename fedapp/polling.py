@@ -20,9 +20,10 @@ round's time (housing: 0.4 s a round in simulation).
   (default 0.25) before running Flower's own ``flower-supernode`` entry point. Only
   that module's ``time.sleep`` changes; each idle node then asks the SuperLink for
   messages four times a second instead of once in 3 s.
-- :func:`fast_object_pulls` makes the first retry of an object pull wait 0.05 s
-  (Flower's default argument; the backoff still doubles to Flower's cap), in the
-  ServerApp (through :class:`PollingGrid`), the SuperNode and the ClientApp worker.
+- :func:`fast_object_pulls` makes the first retry of an object pull wait 0.01 s
+  instead of 1 s, doubling to 0.05 s instead of 10 s (Flower's default arguments), in
+  the ServerApp (through :class:`PollingGrid`), the SuperNode and the ClientApp worker:
+  objects that arrive 0.3 s late cost 0.3 s, not 0.6 s.
 """
 
 from __future__ import annotations
@@ -40,15 +41,18 @@ GRID_POLL_SECONDS = 0.1
 NODE_POLL_SECONDS = 0.25
 NODE_POLL_ENV = "FEDAPP_NODE_POLL_SECONDS"
 PULL_FIRST_RETRY_SECONDS = 0.01
+PULL_BACKOFF_CAP_SECONDS = 0.05
 
 
 def fast_object_pulls() -> None:
-    """Make this process's object pulls retry first after 0.05 s instead of 1 s."""
+    """Make this process's object pulls retry after 0.01 s, doubling to at most 0.05 s
+    (Flower: 1 s, doubling to 10 s)."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for pull in (inflatable_utils.pull_objects,
                  inflatable_utils.pull_and_inflate_object_from_tree):
         pull.__kwdefaults__["initial_backoff"] = PULL_FIRST_RETRY_SECONDS
+        pull.__kwdefaults__["backoff_cap"] = PULL_BACKOFF_CAP_SECONDS
 
 
 class PollingGrid(Grid):

@@ -78,14 +78,14 @@ def test_node_poll_setting_is_checked(monkeypatch):
 
 
 def test_object_pulls_retry_sooner(monkeypatch):
-    for pull in (inflatable_utils.pull_objects,
-                 inflatable_utils.pull_and_inflate_object_from_tree):
-        monkeypatch.setitem(pull.__kwdefaults__, "initial_backoff",
-                            pull.__kwdefaults__["initial_backoff"])
+    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    for pull in pulls:
+        for key in ("initial_backoff", "backoff_cap"):
+            monkeypatch.setitem(pull.__kwdefaults__, key, pull.__kwdefaults__[key])
     polling.fast_object_pulls()
-    assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.01
-    assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__[
-        "initial_backoff"] == 0.01
+    for pull in pulls:
+        assert pull.__kwdefaults__["initial_backoff"] == 0.01
+        assert pull.__kwdefaults__["backoff_cap"] == 0.05
 
 
 class LostNodeGrid:
