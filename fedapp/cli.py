@@ -109,7 +109,9 @@ def simulation_identities(nodes: int) -> None:
 def cmd_sim(args: argparse.Namespace) -> int:
     from strategies.node_settings import NODE_CONFIG_ENV
 
-    env = {NODE_CONFIG_ENV: " ".join(args.node_config)} if args.node_config else None
+    env = {NODE_CONFIG_ENV: " ".join(args.node_config)} if args.node_config else {}
+    if args.ray_address:  # Flower's Ray backend joins the cluster that ray.init() finds there
+        env["RAY_ADDRESS"] = args.ray_address
     overrides = parse_overrides(args.run_config)
     app = app_dir(args)
     check_run_config(app, overrides)
@@ -442,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "directories go where the run-dir setting says, as with every command")
     s.add_argument("--app", default=".", help="the Flower app directory (default: the "
                    "current directory)")
+    s.add_argument("--ray-address", help="HOST:PORT of the head of a running Ray cluster "
+                   "(ray start --head) to place the simulated nodes on, instead of a Ray "
+                   "started on this machine; see docs/scaling.md")
     s.add_argument("--timeout", type=float, default=6 * 3600, help=TIMEOUT_HELP)
     s.set_defaults(func=cmd_sim)
 
