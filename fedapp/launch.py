@@ -502,12 +502,23 @@ def settle_run_dir(run_dir: Path | None, status: str) -> None:
         recorder.set_status("failed", f"Flower says: {status}")
 
 
+def simulation_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """:func:`flower_env` for a simulation's SuperLink, with ``RAY_ADDRESS=local`` unless
+    this process's environment or ``extra`` names a cluster. Ray's ``init()`` otherwise
+    joins the cluster named in ``/tmp/ray/ray_current_cluster``, which a ``ray start``
+    killed without ``ray stop`` leaves behind: the simulation would wait forever."""
+    local = {} if os.environ.get("RAY_ADDRESS") else {"RAY_ADDRESS": "local"}
+    return flower_env(flwr_home, **{**local, **(extra or {})})
+
+
 def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
              overrides: dict[str, Any] | None = None, timeout: float = 3600.0,
              progress: bool = True, env: dict[str, str] | None = None,
              runs_in_workdir: bool = True) -> tuple[str, Path | None, str]:
     """One simulation on a private SuperLink that is stopped afterwards. ``env``
     adds environment variables for the simulated nodes (e.g. a private key path).
+    The simulation starts its own Ray unless ``RAY_ADDRESS`` (in this process's
+    environment or in ``env``) names a cluster to join.
     Run directories go to ``workdir/runs`` (tests and benchmarks keep theirs apart),
     or with ``runs_in_workdir=False`` where the ``run-dir`` setting says, as for every
     other command (``fedapp sim``).
@@ -518,7 +529,7 @@ def simulate(app_dir: Path, workdir: Path, num_supernodes: int,
     check_app(app_dir)  # before starting anything
     workdir = workdir.resolve()
     home = workdir / "flwr-home"
-    env = flower_env(home, **(env or {}))
+    env = simulation_env(home, env)
     port = free_port()
     write_connection(home, "sim", f"127.0.0.1:{port}", insecure=True)
     if runs_in_workdir:

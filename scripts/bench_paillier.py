@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import sys
 import time
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--phe-values", type=int, default=200,
                         help="floats encrypted one by one with phe")
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--threshold", type=int, default=3,
+                        help="decryptors needed in the threshold measurement (of --clients)")
     parser.add_argument("--agg-params", type=int, default=50_000,
                         help="values per client for the aggregation and decryption runs")
     parser.add_argument("--max-total-weight", type=int, default=128,
@@ -232,6 +235,8 @@ def main() -> None:
             "error_within_bound": max_err <= params.max_error(),
         },
     })
+    summary["threshold"] = threshold_benchmark(pk, sk, aggregate, full_count + 1,
+                                               args.threshold, args.clients)
     # -- CKKS side by side, and the bandwidth model --------------------------------------------
     ckks = ckks_benchmark(update.astype(np.float64), args.clients, args.agg_params, rng)
     log(f"CKKS (TenSEAL, poly 8192): encrypt {ckks['encrypt_values_per_s']:,} values/s, decrypt "
@@ -259,6 +264,61 @@ def main() -> None:
         summary["targets_met"]["paillier_le_2x_plaintext_seconds_per_round"] = (
             summary["simulation"]["ratio_seconds_per_round"] <= 2.0)
     print(json.dumps(summary))
+
+
+def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
+                        threshold: int, clients: int, sample: int = 24) -> dict:
+    """Threshold decryption (strategies.threshold_paillier, a ``threshold``-of-``clients``
+    2048-bit key) beside single-holder decryption, per ciphertext on ``sample``
+    ciphertexts, scaled to the MNIST CNN's aggregate: each decryptor's partial
+    decryption with its proof, the verification of the partials and their combination,
+    and the clients' decryption CPU per round (single holder: every client decrypts;
+    threshold: ``threshold`` decryptors and one combiner)."""
+    from strategies.threshold_paillier import (ThresholdEncryptor, combine,
+                                               deal_threshold_key, partial_decrypt)
+
+    (public, shares), t_deal = timed(deal_threshold_key, threshold, clients, KEY_BITS)
+    encryptor = ThresholdEncryptor(public)
+    plaintexts = [secrets.randbelow(int(public.n)) for _ in range(sample)]
+    cts, t_enc = timed(lambda: [encryptor.encrypt(m) for m in plaintexts])
+    context = b"bench"
+    partials, t_partial = timed(lambda: [partial_decrypt(s, cts, context)
+                                         for s in shares[:threshold]])
+    t_partial /= threshold
+    (result, left_out), t_combine = timed(combine, public, cts, partials, context)
+    assert result == plaintexts and not left_out, "threshold decryption is wrong"
+    _, t_single = timed(sk.decrypt_array, aggregate[:sample], count=sample)
+    scale = mnist_ciphertexts / sample
+    partial_mnist, combine_mnist = t_partial * scale, t_combine * scale
+    single_mnist = t_single * scale
+    every_client = clients * single_mnist
+    threshold_cpu = threshold * partial_mnist + combine_mnist
+    out = {
+        "threshold": threshold, "shares": clients, "sample_ciphertexts": sample,
+        "dealer_s": round(t_deal, 2),
+        "encrypt_s_per_ciphertext": round(t_enc / sample, 5),
+        "partial_with_proof_s_per_ciphertext": round(t_partial / sample, 5),
+        "verify_and_combine_s_per_ciphertext": round(t_combine / sample, 5),
+        "single_holder_decrypt_s_per_ciphertext": round(t_single / sample, 5),
+        "partial_vs_single_holder_decrypt": round(t_partial / t_single, 1),
+        "mnist_cnn_ciphertexts": mnist_ciphertexts,
+        "mnist_cnn_partial_s_per_decryptor": round(partial_mnist, 1),
+        "mnist_cnn_verify_and_combine_s": round(combine_mnist, 1),
+        "mnist_cnn_client_decryption_cpu_per_round_s": {
+            "single_holder_every_client_decrypts": round(every_client, 1),
+            "threshold_decryptors_and_one_combiner": round(threshold_cpu, 1),
+            "single_holder_one_decryptor": round(single_mnist, 1),
+        },
+        "threshold_cpu_vs_today": round(threshold_cpu / every_client, 2),
+        "goal_threshold_cpu_le_one_third_of_today": threshold_cpu <= every_client / 3,
+    }
+    per_ct = out["partial_with_proof_s_per_ciphertext"]
+    log(f"threshold {threshold} of {clients}: partial+proof {per_ct} s per ciphertext "
+        f"({out['partial_vs_single_holder_decrypt']}x a single-holder decryption); MNIST CNN: "
+        f"{partial_mnist:.0f} s per decryptor, verify+combine {combine_mnist:.0f} s; client "
+        f"decryption CPU per round {threshold_cpu:.0f} s vs {every_client:.0f} s today "
+        f"({out['threshold_cpu_vs_today']}x)")
+    return out
 
 
 CKKS_SLOTS = 4096  # a CKKS vector under polynomial modulus 8192 holds 4096 values

@@ -54,3 +54,12 @@ def test_a_run_flower_ended_badly_is_marked_failed_in_its_directory(tmp_path):
     assert "Flower says: finished:stopped" in (running.directory / "report.html").read_text()
     assert done.status()["status"] == "completed"  # the ServerApp said so itself
     launch.settle_run_dir(None, "finished:failed")  # no directory: nothing to do
+
+
+def test_a_simulation_starts_its_own_ray_unless_told_to_join_a_cluster(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert launch.simulation_env(tmp_path)["RAY_ADDRESS"] == "local"  # not a stale cluster
+    joined = launch.simulation_env(tmp_path, {"RAY_ADDRESS": "127.0.0.1:6379"})
+    assert joined["RAY_ADDRESS"] == "127.0.0.1:6379"  # fedapp sim --ray-address
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # the user's shell names one
+    assert launch.simulation_env(tmp_path)["RAY_ADDRESS"] == "10.0.0.1:6379"

@@ -64,6 +64,8 @@ def test_a_secure_simulation_runs_on_the_worker_of_a_ray_cluster(tmp_path, data_
     server_env.pop(KEY_DIR_ENV, None)
     worker_env = {**server_env, KEY_DIR_ENV: str(keys), "FEDAPP_TEST_RAY_NODE": "worker"}
     port = launch.free_port()
+    marker = Path("/tmp/ray/ray_current_cluster")  # what Ray's init() would join
+    marker_before = marker.read_bytes() if marker.exists() else None
     # Ray's socket paths must stay short: its own temporary directory under /tmp
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     nodes, seen, stop = [], {}, threading.Event()
@@ -100,3 +102,5 @@ def test_a_secure_simulation_runs_on_the_worker_of_a_ray_cluster(tmp_path, data_
     assert "aggregate_train: 2 valid encrypted replies of 2" in out.stdout, logs
     assert seen and set(seen.values()) == {"worker"}, seen  # every actor on the worker node
     assert left == [] and launch.leftovers(keys) == []  # every Ray process stopped
+    # and nothing points later simulations at the cluster that is gone
+    assert (marker.read_bytes() if marker.exists() else None) == marker_before

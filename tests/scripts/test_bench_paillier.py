@@ -33,3 +33,19 @@ def test_bandwidth_model_adds_crypto_time_to_the_bytes_over_each_link():
     assert (plain["1_mbit_s"], plain["10_mbit_s"], plain["100_mbit_s"]) == (20.0, 2.0, 0.2)
     assert heavy["crypto_cpu_s"] == 5.0
     assert heavy["1_mbit_s"] == pytest.approx(7.0) and heavy["100_mbit_s"] == pytest.approx(5.02)
+
+
+def test_threshold_benchmark_decrypts_for_real_and_scales_to_the_mnist_aggregate(keypair):
+    bench = load_script("bench_paillier")
+    from strategies.paillier import Encryptor
+
+    public, private = keypair
+    aggregate = Encryptor(public, private).encrypt_to_array(list(range(4)))
+    out = bench.threshold_benchmark(public, private, aggregate, 400, threshold=2, clients=3,
+                                    sample=4)
+    assert (out["threshold"], out["shares"], out["sample_ciphertexts"]) == (2, 3, 4)
+    cpu = out["mnist_cnn_client_decryption_cpu_per_round_s"]
+    # today every one of the 3 clients decrypts the 400 ciphertexts
+    assert cpu["single_holder_every_client_decrypts"] == pytest.approx(
+        3 * cpu["single_holder_one_decryptor"], abs=0.2)  # rounded to 0.1 s
+    assert out["partial_vs_single_holder_decrypt"] > 1  # no CRT, 4,000-bit exponents
