@@ -59,7 +59,7 @@ import gmpy2
 from gmpy2 import mpz
 
 from .checks import is_int
-from .paillier import MIN_KEY_BITS, _fixed_base_pow, _fixed_base_table
+from .paillier import MIN_KEY_BITS, _fixed_base_pow, _fixed_base_table, _hex, _parse_hex
 
 __all__ = [
     "ThresholdPublicKey",
@@ -84,20 +84,6 @@ _MAX_SHARES = 64  # Delta = N! grows fast; 64! has 296 bits
 
 class InvalidPartial(ValueError):
     """A partial decryption whose proof does not verify, or that is malformed."""
-
-
-def _hex(value: int) -> str:
-    return format(int(value), "x")
-
-
-def _mpz_from_hex(data: Mapping[str, object], key: str, what: str) -> mpz:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{what}: '{key}' must be a non-empty hex string")
-    try:
-        return mpz(int(value, 16))
-    except ValueError:
-        raise ValueError(f"{what}: '{key}' is not a hex string") from None
 
 
 def _check_header(data: Mapping[str, object], kind: str, keys: set[str]) -> None:
@@ -218,9 +204,9 @@ class ThresholdPublicKey:
         if not isinstance(raw, list):
             raise ValueError(f"{_PUBLIC_TYPE}: 'verification' must be a list of hex strings")
         key = cls(
-            _mpz_from_hex(data, "n", _PUBLIC_TYPE), _mpz_from_hex(data, "h", _PUBLIC_TYPE),
-            data["threshold"], data["shares"], _mpz_from_hex(data, "v", _PUBLIC_TYPE),
-            tuple(_mpz_from_hex({"x": x}, "x", _PUBLIC_TYPE) for x in raw), allow_insecure)
+            _parse_hex(data, "n", _PUBLIC_TYPE), _parse_hex(data, "h", _PUBLIC_TYPE),
+            data["threshold"], data["shares"], _parse_hex(data, "v", _PUBLIC_TYPE),
+            tuple(_parse_hex({"x": x}, "x", _PUBLIC_TYPE) for x in raw), allow_insecure)
         if data["fingerprint"] != key.fingerprint:
             raise ValueError(f"{_PUBLIC_TYPE}: fingerprint does not match the key (corrupted "
                              "key file?)")
@@ -281,7 +267,7 @@ class KeyShare:
         _check_header(data, _SHARE_TYPE, {"type", "version", "index", "share", "public-key"})
         public = ThresholdPublicKey.from_dict(data["public-key"],  # type: ignore[arg-type]
                                               allow_insecure=allow_insecure)
-        return cls(public, data["index"], _mpz_from_hex(data, "share", _SHARE_TYPE))
+        return cls(public, data["index"], _parse_hex(data, "share", _SHARE_TYPE))
 
     def __repr__(self) -> str:  # never print the share
         return f"KeyShare(index={self.index}, key={self.public.fingerprint[:16]}...)"
