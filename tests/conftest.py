@@ -25,15 +25,6 @@ settings.register_profile("fedapp", deadline=None)
 settings.load_profile("fedapp")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Real Flower runs (marked slow) form one xdist group: with ``-n 2 --dist
-    loadgroup`` they run one after another on one worker (their timeouts assume the
-    machine is theirs, give or take the fast tests) while the other takes the rest."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("flower-runs"))
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ.get("FEDAPP_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
