@@ -317,6 +317,23 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     args.out = str(out)
     if args.simulation is not None and not args.secagg:
         raise ValueError("--simulation N goes with --secagg")
+    if (args.threshold is None) != (args.shares is None):
+        raise ValueError("--threshold T and --shares N go together (T of N holders decrypt)")
+    if args.threshold is not None and (args.secagg or args.supernode):
+        raise ValueError("--threshold makes a Paillier key: drop --secagg / --supernode")
+    if args.threshold is not None:
+        from strategies.keyfiles import write_threshold_key
+
+        public, shares, fingerprint = write_threshold_key(Path(args.out), args.threshold,
+                                                          args.shares, args.bits)
+        print(f"public key (server and every node):           {public}")
+        for i, path in enumerate(shares, 1):
+            print(f"key share {i} (holder {i} only, 0600):{' ' * (13 - len(str(i)))}{path}")
+        print(f"fingerprint: {fingerprint}")
+        print(f"any {args.threshold} of the {args.shares} holders decrypt together. This "
+              "process was the dealer: the key existed whole only in its memory, now gone. "
+              "Move each share to its holder and delete it from this machine.")
+        return 0
     if args.secagg and args.simulation is not None:
         roster = write_simulation_identities(Path(args.out), args.simulation)
         print(f"{args.simulation} identity keys (secagg-identity-<partition-id>.key, 0600) "
@@ -509,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "into the roster); --supernode one client node's SuperNode authentication key.",
                 "  fedapp keygen --out keys                    # Paillier\n"
                 "  fedapp keygen --secagg --out node0          # one node's identity key\n"
-                "  fedapp keygen --secagg --simulation 10      # a simulation's 10 and roster")
+                "  fedapp keygen --secagg --simulation 10      # a simulation's 10 and roster\n"
+                "  fedapp keygen --threshold 3 --shares 5      # 3 of 5 holders decrypt")
     s.add_argument("--out", help="directory for paillier.pub.json and paillier.key.json "
                    "(with --secagg: secagg-identity.key and secagg-identity.pub, with "
                    "--simulation N secagg-identity-0.key ... and secagg-roster.json; with "
@@ -524,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "identity key pair (Ed25519) for aggregation=secagg instead")
     kind.add_argument("--supernode", action="store_true", help="make this client node's "
                       "SuperNode authentication key pair (EC P-384, OpenSSH) instead")
+    s.add_argument("--threshold", type=int, metavar="T", help="with --shares N: a threshold "
+                   "Paillier key instead, any T of N holders decrypt together "
+                   "(paillier-threshold.pub.json and paillier-threshold-share-1.json ... N, "
+                   "0600; docs/paillier.md)")
+    s.add_argument("--shares", type=int, metavar="N", help="with --threshold: the number of "
+                   "key shares (holders), at most 64")
     s.add_argument("--simulation", type=int, metavar="N", help="with --secagg: N identity "
                    "keys (one per simulated partition) and their roster, for simulations, "
                    "whose nodes share one key directory")

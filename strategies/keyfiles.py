@@ -1,5 +1,5 @@
-"""Key files: Paillier key pairs (JSON), the masking nodes' identity keys (PEM) and
-the roster of their public keys (JSON). Secret files are written with mode 0600 and
+"""Key files: Paillier key pairs and threshold key shares (JSON), the masking nodes'
+identity keys (PEM) and the roster of their public keys (JSON). Secret files are written with mode 0600 and
 refused when other users can read them. The server only ever loads a Paillier public
 key file.
 
@@ -23,8 +23,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .paillier import PrivateKey, PublicKey, generate_keypair
 from .secagg_identity import Identity, IdentityError, Roster
+from .threshold_paillier import KeyShare, ThresholdPublicKey, deal_threshold_key
 
 PUBLIC_NAME, PRIVATE_NAME = "paillier.pub.json", "paillier.key.json"
+THRESHOLD_PUBLIC_NAME = "paillier-threshold.pub.json"
 IDENTITY_NAME, IDENTITY_PUBLIC_NAME = "secagg-identity.key", "secagg-identity.pub"
 ROSTER_NAME = "secagg-roster.json"
 KEY_DIR_ENV = "FEDAPP_KEY_DIR"
@@ -93,6 +95,8 @@ def public_key_kind(path: Path) -> tuple[str, str] | None:
         return None
     if '"paillier-public-key"' in head:
         return "a Paillier public key", PRIVATE_NAME
+    if '"fedapp-threshold-paillier-public-key"' in head[:200]:
+        return "a threshold Paillier public key", "paillier-threshold-share-<i>.json"
     if head.startswith("-----BEGIN PUBLIC KEY-----") or (
             len(head) == 64 and all(c in "0123456789abcdef" for c in head.lower())):
         return "a masking identity public key", "secagg-identity.key"
@@ -162,6 +166,60 @@ def load_private_key(path: Path) -> PrivateKey:
     """A private key file, refused if group or others may read it (chmod 600 it)."""
     check_private(path)
     return PrivateKey.from_dict(_read(path))
+
+
+def threshold_share_name(index: int) -> str:
+    """File name of key share ``index`` (1 to N)."""
+    return f"paillier-threshold-share-{index}.json"
+
+
+def write_threshold_key(directory: Path, threshold: int, shares: int, n_bits: int = 2048
+                        ) -> tuple[Path, list[Path], str]:
+    """Deal a ``threshold``-of-``shares`` Paillier key (:mod:`.threshold_paillier`) into
+    ``directory``: the public key (for the server and every node) and one share file per
+    holder (mode 0600). This process is the dealer: the secret exists only in memory
+    here. Returns ``(public path, share paths, fingerprint)``; refuses to overwrite."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / threshold_share_name(i) for i in range(1, shares + 1)]
+    for path in (directory / THRESHOLD_PUBLIC_NAME, *paths):
+        if path.exists():
+            raise FileExistsError(f"{path} exists: remove it first or choose another "
+                                  "directory")
+    public, key_shares = deal_threshold_key(threshold, shares, n_bits)
+    for path, share in zip(paths, key_shares, strict=True):
+        write_secret(path, json.dumps(share.to_dict()))
+    (directory / THRESHOLD_PUBLIC_NAME).write_text(json.dumps(public.to_dict()))
+    return directory / THRESHOLD_PUBLIC_NAME, paths, public.fingerprint
+
+
+def load_threshold_public_key(path: Path) -> ThresholdPublicKey:
+    """A threshold public key file; a key share is refused (the server holds none)."""
+    data = _read(path)
+    if "share" in data:
+        raise ValueError(f"{path} holds a key share: give the server the public key "
+                         f"({THRESHOLD_PUBLIC_NAME})")
+    return ThresholdPublicKey.from_dict(data)
+
+
+def load_key_share(path: Path, public: ThresholdPublicKey | None = None) -> KeyShare:
+    """A holder's key share file, refused if group or others may read it, if it holds a
+    public key, or (given ``public``) if it is a share of another key.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and what is wrong (never the share).
+    PermissionError
+        With the ``chmod`` command that fixes it.
+    """
+    check_private(path)
+    share = KeyShare.from_dict(_read(path))
+    if public is not None and share.public.fingerprint != public.fingerprint:
+        raise ValueError(f"{path} is a share of another key (fingerprint "
+                         f"{share.public.fingerprint[:16]}..., this run's is "
+                         f"{public.fingerprint[:16]}...): give this holder its share of the "
+                         "run's key")
+    return share
 
 
 def write_identity_key(path: Path, identity: Identity) -> None:

@@ -147,3 +147,15 @@ def certs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tls") / 'my "certs"'  # a quote must not break TOML
     load_script("make_certificates").make_certificates(out, ["127.0.0.1", "localhost"])
     return out
+
+
+@pytest.fixture(scope="session")
+def threshold_key_dir(tmp_path_factory) -> Path:
+    """A real 2048-bit 2-of-3 threshold key dealt by ``fedapp keygen --threshold 2
+    --shares 3`` (once: safe primes take seconds)."""
+    from fedapp import cli
+
+    directory = tmp_path_factory.mktemp("threshold-key")
+    assert cli.main(["keygen", "--threshold", "2", "--shares", "3", "--out",
+                     str(directory)]) == 0
+    return directory

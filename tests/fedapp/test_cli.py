@@ -341,3 +341,18 @@ def test_flower_env_turns_progress_bars_off_unless_the_user_chose(monkeypatch):
     assert launch.flower_env()["TQDM_DISABLE"] == "1"
     monkeypatch.setenv("TQDM_DISABLE", "0")
     assert launch.flower_env()["TQDM_DISABLE"] == "0"
+
+
+def test_keygen_threshold_deals_a_public_key_and_one_share_per_holder(threshold_key_dir,
+                                                                      tmp_path, capsys):
+    """(The session's key, dealt by fedapp keygen --threshold 2 --shares 3.)"""
+    assert sorted(p.name for p in threshold_key_dir.iterdir()) == [
+        "paillier-threshold-share-1.json", "paillier-threshold-share-2.json",
+        "paillier-threshold-share-3.json", "paillier-threshold.pub.json"]
+    for bad in (["--threshold", "2"], ["--threshold", "2", "--shares", "3", "--secagg"],
+                ["--threshold", "1", "--shares", "3"], ["--threshold", "4", "--shares", "3"]):
+        assert cli.main(["keygen", *bad, "--out", str(tmp_path / "x")]) == 2
+    said = capsys.readouterr().err
+    assert "--threshold T and --shares N go together" in said
+    assert "threshold 1 would let one holder decrypt alone" in said
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

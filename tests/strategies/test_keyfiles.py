@@ -166,3 +166,40 @@ def test_a_public_key_where_a_private_one_is_needed_is_named_before_any_chmod(tm
     secret.chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         check_private(secret)
+
+
+def test_threshold_key_files_hold_one_share_each_0600_and_refuse_mixups(threshold_key_dir,
+                                                                          tmp_path):
+    from strategies.keyfiles import (THRESHOLD_PUBLIC_NAME, load_key_share,
+                                     load_threshold_public_key, threshold_share_name,
+                                     write_threshold_key)
+    from strategies.threshold_paillier import deal_threshold_key
+
+    public_path = threshold_key_dir / THRESHOLD_PUBLIC_NAME
+    public = load_threshold_public_key(public_path)
+    assert (public.threshold, public.shares) == (2, 3)
+    shares = [load_key_share(threshold_key_dir / threshold_share_name(i), public)
+              for i in (1, 2, 3)]
+    assert [s.index for s in shares] == [1, 2, 3]
+    for i in (1, 2, 3):
+        mode = (threshold_key_dir / threshold_share_name(i)).stat().st_mode & 0o777
+        assert mode == 0o600
+    # the server is never handed a share; a node never takes the public key for its share
+    with pytest.raises(ValueError, match="holds a key share: give the server the public key"):
+        load_threshold_public_key(threshold_key_dir / threshold_share_name(1))
+    with pytest.raises(ValueError, match="holds a threshold Paillier public key, where a "
+                                         "private key is needed"):
+        load_key_share(public_path)
+    # a share readable by others is refused with the fix
+    loose = tmp_path / "loose.json"
+    loose.write_text((threshold_key_dir / threshold_share_name(2)).read_text())
+    loose.chmod(0o644)
+    with pytest.raises(PermissionError, match=f"chmod 600 {loose}"):
+        load_key_share(loose)
+    # a share of another key is refused, naming both fingerprints, never the share
+    other, _ = deal_threshold_key(2, 3, 512, allow_insecure=True)
+    with pytest.raises(ValueError, match="is a share of another key") as refused:
+        load_key_share(threshold_key_dir / threshold_share_name(3), other)
+    assert format(int(shares[2].secret), "x") not in str(refused.value)
+    with pytest.raises(FileExistsError, match="exists"):  # never overwrites a share
+        write_threshold_key(threshold_key_dir, 2, 3)
