@@ -28,7 +28,6 @@ import faulthandler
 import logging
 import signal
 import threading
-import time
 
 from flwr.app import Message
 from flwr.app.error import Error
@@ -54,9 +53,10 @@ from flwr.supernode.runtime.run_clientapp import (
     push_task_output,
 )
 
-from fedapp.polling import fast_object_pulls
+from fedapp.polling import Cadence, fast_object_pulls
 
-POLL_SECONDS = 0.1  # between AcquireTask calls when the node has nothing to run
+POLL_SECONDS = 0.1  # between AcquireTask calls during a run
+IDLE_POLL_SECONDS = 0.5  # ... and after a minute without a task
 
 
 def _runtime_client(address: str, component: str, token: str | None = None
@@ -151,11 +151,13 @@ class ClientAppWorker:
         had downloaded its objects) waits in its own thread, as it would in its own
         ``flwr-clientapp`` process, instead of holding up the tasks after it.
         """
+        cadence = Cadence(poll_seconds, IDLE_POLL_SECONDS)
         while True:
             token = self.next_token()
             if token is None:
-                time.sleep(poll_seconds)
+                cadence.sleep()
             else:
+                cadence.busy()
                 threading.Thread(target=self.run_task, args=(token,), daemon=True).start()
 
 

@@ -17,9 +17,9 @@ round's time (housing: 0.4 s a round in simulation).
 - Flower offers no setting for the SuperNode's waits, so ``fedapp client`` starts the
   SuperNode through this module (``python -m fedapp.polling SUPERNODE-ARGS``), which
   caps the sleeps of ``start_client_internal`` at ``FEDAPP_NODE_POLL_SECONDS``
-  (default 0.25) before running Flower's own ``flower-supernode`` entry point. Only
-  that module's ``time.sleep`` changes; each idle node then asks the SuperLink for
-  messages four times a second instead of once in 3 s.
+  (default 0.25) during a run, and at 1 s once a node has had no message for a minute
+  (:class:`Cadence`), before running Flower's own ``flower-supernode`` entry point.
+  Only that module's ``time.sleep`` changes.
 - :func:`fast_object_pulls` makes the first retry of an object pull wait 0.01 s
   instead of 1 s, doubling to 0.05 s instead of 10 s (Flower's default arguments), in
   the ServerApp (through :class:`PollingGrid`), the SuperNode and the ClientApp worker:
@@ -28,6 +28,7 @@ round's time (housing: 0.4 s a round in simulation).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import types
@@ -38,7 +39,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 GRID_POLL_SECONDS = 0.1
-NODE_POLL_SECONDS = 0.25
+NODE_POLL_SECONDS = 0.25  # during a run
+NODE_IDLE_POLL_SECONDS = 1.0  # after BURST_SECONDS without a message (Flower: 3 s always)
+BURST_SECONDS = 60.0
 NODE_POLL_ENV = "FEDAPP_NODE_POLL_SECONDS"
 PULL_FIRST_RETRY_SECONDS = 0.01
 PULL_BACKOFF_CAP_SECONDS = 0.05
@@ -124,11 +127,55 @@ def _from_its_node(reply: Message, sent: dict[str, Message]) -> Message:
     return Message(reply.error, reply_to=original)
 
 
-def _capped_time(cap: float) -> types.ModuleType:
-    """A stand-in for the ``time`` module whose ``sleep`` sleeps at most ``cap`` s."""
+class Cadence:
+    """How long to wait before asking again: ``active`` seconds for ``burst`` seconds
+    after the last sign of work, ``idle`` seconds after that. A run's messages come in
+    bursts (its rounds follow each other within seconds to a minute), so a node answers
+    as fast as before during a run and costs a fraction of the CPU between runs.
+
+    Parameters
+    ----------
+    active, idle : float
+        Seconds between asks during a burst and when idle.
+    burst : float
+        Seconds a burst lasts after :meth:`busy` was last called.
+    """
+
+    def __init__(self, active: float, idle: float, burst: float = BURST_SECONDS) -> None:
+        self.active, self.idle, self.burst = active, max(idle, active), burst
+        self._last_busy = -math.inf
+
+    def busy(self) -> None:
+        """There was work just now."""
+        self._last_busy = time.monotonic()
+
+    def interval(self) -> float:
+        """Seconds to wait before the next ask."""
+        return self.active if time.monotonic() - self._last_busy < self.burst else self.idle
+
+    def sleep(self, at_most: float = math.inf) -> None:
+        time.sleep(min(at_most, self.interval()))
+
+
+def _node_time(active: float) -> types.ModuleType:
+    """A stand-in for the ``time`` module of Flower's SuperNode loop, whose sleeps are of
+    two kinds: 3 s between asks for a message when none came, and 0.5 s between looks
+    for the ClientApp's reply (or its objects). A reply wait is work: it starts a burst,
+    in which asks come every ``active`` seconds (``FEDAPP_NODE_POLL_SECONDS``); after
+    :data:`BURST_SECONDS` without work they come every :data:`NODE_IDLE_POLL_SECONDS`.
+    Reply waits are capped at ``active``."""
+    cadence = Cadence(active, max(active, NODE_IDLE_POLL_SECONDS))
+
+    def sleep(seconds: float) -> None:
+        if seconds < 1.0:  # waiting for the local reply
+            cadence.busy()
+            time.sleep(min(seconds, active))
+        else:
+            cadence.sleep(seconds)
+
     proxy = types.ModuleType("time")
     proxy.__dict__.update(vars(time))
-    proxy.sleep = lambda seconds: time.sleep(min(seconds, cap))
+    proxy.sleep = sleep
     return proxy
 
 
@@ -149,7 +196,7 @@ def run_supernode() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    start_client_internal.time = _capped_time(node_poll_seconds())
+    start_client_internal.time = _node_time(node_poll_seconds())
     fast_object_pulls()
     flower_supernode()
 

@@ -58,12 +58,30 @@ def test_grid_returns_what_came_when_the_timeout_passes():
     assert 0.2 <= time.monotonic() - started < 2
 
 
-def test_capped_time_sleeps_at_most_the_cap_and_keeps_the_rest_of_time():
-    capped = polling._capped_time(0.01)
-    started = time.monotonic()
-    capped.sleep(3)
-    assert time.monotonic() - started < 1
-    assert capped.time is time.time and capped.monotonic is time.monotonic
+def test_node_sleeps_follow_the_runs_bursts(monkeypatch):
+    now, slept = [100.0], []
+    monkeypatch.setattr(polling.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(polling.time, "sleep", slept.append)
+    node = polling._node_time(0.25)
+    assert node.time is time.time
+    node.sleep(3)  # idle since it started: asks every second, not every 3
+    node.sleep(0.5)  # a message came: waiting for the local reply
+    node.sleep(3)  # ... the next message may come soon
+    now[0] += polling.BURST_SECONDS + 1
+    node.sleep(3)  # a minute without one: idle again
+    assert slept == [polling.NODE_IDLE_POLL_SECONDS, 0.25, 0.25, polling.NODE_IDLE_POLL_SECONDS]
+
+
+def test_cadence_is_active_for_the_burst_after_work(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(polling.time, "monotonic", lambda: now[0])
+    cadence = polling.Cadence(0.1, 0.5, burst=60)
+    assert cadence.interval() == 0.5
+    cadence.busy()
+    now[0] += 59.9
+    assert cadence.interval() == 0.1
+    now[0] += 0.2
+    assert cadence.interval() == 0.5
 
 
 def test_node_poll_setting_is_checked(monkeypatch):
