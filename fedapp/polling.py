@@ -49,13 +49,17 @@ PULL_BACKOFF_CAP_SECONDS = 0.05
 
 def fast_object_pulls() -> None:
     """Make this process's object pulls retry after 0.01 s, doubling to at most 0.05 s
-    (Flower: 1 s, doubling to 10 s)."""
+    (Flower: 1 s, doubling to 10 s), for as long as Flower's time limit allows."""
     from flwr.supercore.inflatable import inflatable_utils
 
     for pull in (inflatable_utils.pull_objects,
                  inflatable_utils.pull_and_inflate_object_from_tree):
         pull.__kwdefaults__["initial_backoff"] = PULL_FIRST_RETRY_SECONDS
         pull.__kwdefaults__["backoff_cap"] = PULL_BACKOFF_CAP_SECONDS
+        # Flower's 500 tries last over an hour at its backoff, 25 s at ours: a node under
+        # load (30 on 2 cores) stores a message's objects later than that. Keep Flower's
+        # patience, its time limit (PULL_MAX_TIME, 2 h), not the count.
+        pull.__kwdefaults__["max_tries_per_object"] = None
 
 
 class PollingGrid(Grid):

@@ -98,12 +98,34 @@ def test_node_poll_setting_is_checked(monkeypatch):
 def test_object_pulls_retry_sooner(monkeypatch):
     pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
     for pull in pulls:
-        for key in ("initial_backoff", "backoff_cap"):
+        for key in ("initial_backoff", "backoff_cap", "max_tries_per_object"):
             monkeypatch.setitem(pull.__kwdefaults__, key, pull.__kwdefaults__[key])
     polling.fast_object_pulls()
     for pull in pulls:
         assert pull.__kwdefaults__["initial_backoff"] == 0.01
         assert pull.__kwdefaults__["backoff_cap"] == 0.05
+        # as patient as Flower: bounded by its time limit, not by 500 quick tries
+        assert pull.__kwdefaults__["max_tries_per_object"] is None
+        assert pull.__kwdefaults__["max_time"] >= 3600
+
+
+def test_a_late_object_is_still_pulled_after_more_than_500_quick_tries(monkeypatch):
+    """The pull that failed every node of a 30-node deployment: objects stored 30 s late."""
+    pull = inflatable_utils.pull_objects
+    for key in ("initial_backoff", "backoff_cap", "max_tries_per_object"):
+        monkeypatch.setitem(pull.__kwdefaults__, key, pull.__kwdefaults__[key])
+    polling.fast_object_pulls()
+    monkeypatch.setitem(pull.__kwdefaults__, "backoff_cap", 0.0)  # no real waiting here
+    monkeypatch.setitem(pull.__kwdefaults__, "initial_backoff", 0.0)
+    tries = {"n": 0}
+
+    def pull_object(object_id):
+        tries["n"] += 1
+        if tries["n"] <= 600:
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert pull(["a"], pull_object) == {"a": b"content"} and tries["n"] == 601
 
 
 class LostNodeGrid:
