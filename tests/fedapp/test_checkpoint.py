@@ -78,3 +78,23 @@ def test_central_dp_state_goes_on_where_it_stopped():
     assert second.ledger.epsilon() == first.ledger.epsilon() > 0
     assert second.ledger.step() == first.ledger.step()
     assert central_dp().state_dict() == {}  # before round 1 there is nothing to keep
+
+
+def test_the_server_app_resumes_only_with_the_runs_settings(tmp_path):
+    """What a ServerApp started with ``resume-from`` opens (the refusal used to be
+    tested with a whole Flower run; the rounds after a resume still are, in
+    tests/runs/test_faults.py)."""
+    from fedapp.outputs import RunRecorder
+    from fedapp.server_app import open_run
+
+    base = {"task": "housing", "dp-noise-multiplier": 1.0, "dp-clip": 5.0,
+            "run-dir": str(tmp_path)}
+    first = RunRecorder.create(tmp_path, "housing", 7)
+    first.write_config(RunSettings.from_run_config(base).as_dict())
+    Checkpoint(2, {"w": np.zeros(3, np.float32)}).save(first.directory)
+    resume = {**base, "resume-from": str(first.directory), "num-server-rounds": 4}
+    with pytest.raises(CheckpointError, match=r"cannot resume .*dp-clip: 5.0 then, 1.0 now"):
+        open_run(RunSettings.from_run_config({**resume, "dp-clip": 1.0}), 8)
+    recorder, checkpoint = open_run(RunSettings.from_run_config(resume), 8)
+    assert recorder.directory == first.directory and checkpoint.round == 2
+    assert recorder.status()["status"] == "running"

@@ -95,6 +95,30 @@ def test_node_poll_setting_is_checked(monkeypatch):
             polling.node_poll_seconds()
 
 
+def test_node_heartbeat_setting_is_checked_and_reaches_flowers_sender(monkeypatch):
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    monkeypatch.delenv(polling.NODE_HEARTBEAT_ENV, raising=False)
+    assert polling.node_heartbeat_seconds() == 10.0
+    for bad in ("9", "1801", "often", "nan"):
+        monkeypatch.setenv(polling.NODE_HEARTBEAT_ENV, bad)
+        with pytest.raises(ValueError, match="between 10 and 1800"):
+            polling.node_heartbeat_seconds()
+    for module in (heartbeat, fleet_http_connection):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL",
+                            module.HEARTBEAT_DEFAULT_INTERVAL)
+    polling.heartbeat_every(12.0)
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 12.0  # what the node promises
+    # Flower's sender waits (interval - call timeout) x 0.8 +- 0.1 between heartbeats
+    waits = []
+    sender = heartbeat.HeartbeatSender(lambda: True)
+    monkeypatch.setattr(sender._stop_event, "wait",
+                        lambda s: (waits.append(s), sender._stop_event.set()))
+    sender._run()
+    assert 0.7 * 7 <= waits[0] <= 0.9 * 7
+
+
 def test_object_pulls_retry_sooner(monkeypatch):
     pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
     for pull in pulls:
