@@ -35,13 +35,36 @@ The accountant matches how the round's clients are sampled (``sampling``):
 The Poisson figure is not an approximation of the fixed-size one (Birrell et al.
 2024 show where they differ): each is reported only for its own sampling.
 
+The noise is the discrete Gaussian (:mod:`strategies.discrete_gaussian`), exact and
+from the OS's CSPRNG, added to the clipped updates' sum on an integer lattice (the
+secure modes' quantization grid, or a fine grid in plaintext mode): one client moves
+that sum by an integer vector of norm at most ``C`` (in grid units, ``C / step``).
+For integer shifts the discrete Gaussian's Renyi divergence is the continuous one's,
+``alpha Delta^2 / (2 sigma^2)`` at every order (Canonne, Kamath and Steinke,
+NeurIPS 2020, Proposition 5), and so are all the moments
+``E[(p1/p0)^a (p2/p0)^b]`` with integer ``a, b`` that the subsampling bounds are
+built from (complete the square: the sum over the lattice of a Gaussian centred at a
+lattice point does not depend on the point). Hence:
+
+- ``"fixed"``: Wang, Balle and Kasiviswanathan's bound, which ``dp-accounting``
+  evaluates from those moments, holds as it is.
+- ``"poisson"`` with ``q = 1``: the plain mechanism, at every order (Opacus's).
+- ``"poisson"`` with ``q < 1``: Zhu and Wang's general upper bound for Poisson
+  subsampling ("Poisson Subsampled Renyi Differential Privacy", ICML 2019), which
+  needs only the base mechanism's RDP at integer orders and covers both directions
+  of add/remove; it is within ``log(3) / (alpha - 1)`` of the Gaussian's exact
+  figure (Mironov, Talwar and Zhang 2019, the one Opacus computes), which is not
+  proven for the discrete Gaussian (:func:`poisson_rdp`).
+
 Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
 Clipping", NeurIPS 2021): each round every client also reports whether its update
-norm was at most ``C``; the server adds noise of std ``sigma_b`` to the count and
-moves ``C`` geometrically towards the ``target_quantile`` of the update norms:
-``C <- C exp(-eta (b/m - gamma))``. Spending part of the budget on the count, the
-update noise multiplier becomes ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` so that
-the two releases together are a Gaussian mechanism of multiplier ``z``.
+norm was at most ``C``; the server releases the centred count ``sum (b_k - 1/2)``
+plus discrete Gaussian noise of std ``sigma_b`` (one client moves it by at most 1/2
+under add/remove, 1 under replace-one) and moves ``C`` geometrically towards the
+``target_quantile`` of the update norms: ``C <- C exp(-eta (b/m - gamma))``.
+Spending part of the budget on the count, the update noise multiplier becomes
+``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2`` so that the two releases together are a
+Gaussian mechanism of multiplier ``z``.
 """
 
 from __future__ import annotations
@@ -51,9 +74,12 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import gammaln, logsumexp
 
+from .discrete_gaussian import discrete_gaussian
 
 SAMPLINGS = ("poisson", "fixed")
+POISSON_ORDERS = np.arange(2, 513)  # integer orders: Zhu and Wang's bound needs them
 
 
 class BudgetExhausted(RuntimeError):
@@ -75,13 +101,6 @@ def clip_update(delta: list[np.ndarray], clip: float) -> tuple[list[np.ndarray],
                          "values too large to measure")
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     return [np.asarray(d, np.float64) * scale for d in delta], norm
-
-
-def gaussian_noise(shapes: list[tuple[int, ...]], std: float,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """Independent N(0, std^2) noise for arrays of ``shapes``; ``rng`` must be
-    seeded from the OS (``np.random.default_rng()``), never from a fixed seed."""
-    return [rng.normal(0.0, std, size=s) for s in shapes]
 
 
 @dataclass
@@ -175,13 +194,16 @@ def epsilon_of(history: History, config: DPConfig) -> float:
     process that only clips or answers a key stage never imports them."""
     if not history:
         return 0.0
-    if config.sampling == "poisson":
+    if config.sampling == "poisson" and all(q == 1 for _, q, _ in history):
         from . import opacus_import  # noqa: F401  (before any opacus module: keeps logging)
         from opacus.accountants import RDPAccountant
 
         accountant = RDPAccountant()
         accountant.history = list(history)
         return float(accountant.get_epsilon(delta=config.delta))
+    if config.sampling == "poisson":
+        rdp = sum(steps * poisson_rdp(q, z, POISSON_ORDERS) for z, q, steps in history)
+        return rdp_to_epsilon(POISSON_ORDERS, rdp, config.delta)
     import dp_accounting
 
     accountant = dp_accounting.rdp.RdpAccountant(
@@ -191,6 +213,34 @@ def epsilon_of(history: History, config: DPConfig) -> float:
         accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
             config.population, sample, dp_accounting.GaussianDpEvent(z / 2)), rounds)
     return float(accountant.get_epsilon(config.delta))
+
+
+def poisson_rdp(q: float, z: float, orders: np.ndarray) -> np.ndarray:
+    """RDP at integer ``orders`` of one Poisson-subsampled (rate ``q``) step of a
+    mechanism with RDP ``eps(l) = l / (2 z^2)``, by Zhu and Wang's general bound
+    (ICML 2019, Theorem 6): ``1/(alpha-1) log[(1-q)^(alpha-1) (alpha q - q + 1)
+    + C(alpha,2) q^2 (1-q)^(alpha-2) e^eps(2)
+    + 3 sum_(l=3..alpha) C(alpha,l) q^l (1-q)^(alpha-l) e^((l-1) eps(l))]``."""
+    if q == 1:
+        return orders / (2 * z ** 2)
+    out = np.empty(len(orders))
+    for i, alpha in enumerate(orders):
+        ls = np.arange(2, alpha + 1)
+        log_terms = (gammaln(alpha + 1) - gammaln(ls + 1) - gammaln(alpha - ls + 1)
+                     + ls * math.log(q) + (alpha - ls) * math.log1p(-q)
+                     + (ls - 1) * ls / (2 * z ** 2))
+        log_terms[1:] += math.log(3)
+        first = (alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)
+        out[i] = logsumexp(np.append(log_terms, first)) / (alpha - 1)
+    return out
+
+
+def rdp_to_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
+    """The smallest epsilon at ``delta`` over ``orders`` (Balle et al., AISTATS 2020,
+    Theorem 21; the conversion Opacus and dp-accounting use)."""
+    orders = np.asarray(orders, np.float64)
+    eps = rdp + np.log1p(-1 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    return float(max(0.0, np.nanmin(eps)))
 
 
 @dataclass
@@ -252,21 +302,31 @@ class AdaptiveClip:
     def __post_init__(self) -> None:
         self.clip = self.clip or self.config.clip
 
-    def update(self, unclipped: int, rng: np.random.Generator) -> float:
-        """Move the norm given how many of the ``m`` sampled clients were not clipped."""
+    def update(self, unclipped: int, summed: int) -> float:
+        """Move the norm given how many of the ``summed`` updates were not clipped.
+
+        The released count is centred, ``sum (b_k - 1/2) + N_Z``, computed on the
+        integers as ``(2 unclipped - summed + N_Z(0, (2 sigma_b)^2)) / 2``; the fraction
+        is that over ``m``, plus 1/2."""
         if self.config.adaptive:
-            noisy = unclipped + rng.normal(0.0, self.config.count_stddev)
-            self.noisy_fraction = noisy / self.config.num_sampled
+            noise = int(discrete_gaussian(2 * self.config.count_stddev, 1)[0])
+            centred = (2 * int(unclipped) - int(summed) + noise) / 2
+            self.noisy_fraction = centred / self.config.num_sampled + 0.5
             self.clip *= math.exp(-self.config.clip_learning_rate
                                   * (self.noisy_fraction - self.config.target_quantile))
         return self.clip
 
 
-def noised_average(global_arrays: list[np.ndarray], clipped_sum: list[np.ndarray],
-                   config: DPConfig, clip: float, rng: np.random.Generator
-                   ) -> list[np.ndarray]:
-    """``global + (clipped_sum + N(0, (z C)^2)) / m`` in the dtypes of ``global``."""
-    std = config.update_noise_multiplier * clip
-    noise = gaussian_noise([a.shape for a in global_arrays], std, rng)
-    return [(g.astype(np.float64) + (s + e) / config.num_sampled).astype(g.dtype)
-            for g, s, e in zip(global_arrays, clipped_sum, noise, strict=True)]
+def noised_average(global_arrays: list[np.ndarray], lattice_sum: np.ndarray, step: float,
+                   config: DPConfig, clip: float) -> list[np.ndarray]:
+    """``global + step (lattice_sum + N_Z(0, (z C / step)^2)) / m`` in the dtypes of
+    ``global``: ``lattice_sum`` (int64, the global arrays flattened in order) is the sum
+    of the clipped updates in units of ``step``."""
+    noise = discrete_gaussian(config.update_noise_multiplier * clip / step, lattice_sum.size)
+    flat = (lattice_sum + noise).astype(np.float64) * (step / config.num_sampled)
+    out, at = [], 0
+    for g in global_arrays:
+        out.append((g.astype(np.float64) + flat[at:at + g.size].reshape(g.shape))
+                   .astype(g.dtype))
+        at += g.size
+    return out

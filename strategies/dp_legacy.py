@@ -95,12 +95,12 @@ class LegacyCentralDP(DPRounds, Strategy):
                                                    self.strategy.public_key)
                 noisy, dp_metrics = self._release_encrypted(server_round, model)
                 return to_parameters(noisy), {**metrics, **dp_metrics}
-            n, total, unclipped = 0, None, 0
+            n, total, step, unclipped = 0, None, 0.0, 0
             if parameters is not None:
                 n = self.strategy.last_total_weight
-                total, unclipped = self._unmasked_sum(dict(zip(
+                total, step, unclipped = self._unmasked_sum(dict(zip(
                     list(self._with_bit(self._global)), parameters_to_ndarrays(parameters),
-                    strict=True)), n)
+                    strict=True)), n, self.strategy.last_level_sum)
         else:
             report_failures(self.watch, failures)
             decoded = []
@@ -109,14 +109,14 @@ class LegacyCentralDP(DPRounds, Strategy):
                     decoded.append((proxy, res, load_ndarrays(res.parameters.tensors)))
                 except InvalidUpdate as err:
                     log(WARNING, "Left out the reply of client %s: %s", proxy.cid, err)
-            total, n, unclipped, valid = self._clipped_sum(
+            total, step, n, unclipped, valid = self._clipped_sum(
                 [(f"client {proxy.cid}", arrays) for proxy, _, arrays in decoded])
             self.watch.end_round(server_round, n > 0)
             metrics = {}
             if valid and self.strategy.fit_metrics_aggregation_fn:
                 metrics = self.strategy.fit_metrics_aggregation_fn(
                     [(1, decoded[i][1].metrics) for i in valid])
-        released = self._release(server_round, total, n, unclipped)
+        released = self._release(server_round, total, step, n, unclipped)
         if released is None:
             return None, {}
         new, dp_metrics = released

@@ -11,9 +11,10 @@ Wrap the run's strategy::
 With a plaintext strategy the server sees each update and clips it itself. With
 masking or Paillier it cannot, so each client clips its own update
 (:func:`dp_clip_mod`, inside the secure mod). Clients count equally (weight 1).
-The server adds the noise to the plain sum or the unmasked sum and divides by the
-number of clients sampled (:mod:`strategies.dp`); under Paillier it adds encrypted,
-quantized noise to the encrypted average of the ``n`` updates that arrived. The
+The server adds discrete Gaussian noise to the plain sum (on a fine grid) or the
+unmasked sum (on the quantization grid) and divides by the number of clients sampled
+(:mod:`strategies.dp`); under Paillier it adds it encrypted to the encrypted sum of the
+``n`` updates that arrived. The
 cumulative epsilon after every round goes into the train metrics (``dp-epsilon``)
 and the log; with ``max_epsilon`` set, training stops before the round that would
 exceed it (:attr:`CentralDP.budget_exhausted`).
@@ -126,7 +127,7 @@ class CentralDP(DPRounds, Strategy):
         if self.budget_exhausted:  # Flower's Strategy.start goes on calling: nothing to do
             return None, None
         if self.noise_only:
-            new, dp_metrics = self._release(server_round, None, 0, 0)
+            new, dp_metrics = self._release(server_round, None, 0.0, 0, 0)
             return array_record(new), MetricRecord(dp_metrics)
         if self.masked or self.encrypted:
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
@@ -141,7 +142,8 @@ class CentralDP(DPRounds, Strategy):
                 return array_record(noisy.to_arrays()), MetricRecord({**(metrics or {}),
                                                                      **dp_metrics})
             n = self.strategy.last_total_weight if arrays is not None else 0
-            total, unclipped = self._unmasked_sum(record_arrays(arrays), n) if n else (None, 0)
+            total, step, unclipped = self._unmasked_sum(
+                record_arrays(arrays), n, self.strategy.last_level_sum) if n else (None, 0.0, 0)
         else:
             updates, contents = [], []
 
@@ -153,12 +155,12 @@ class CentralDP(DPRounds, Strategy):
                 contents.append(msg.content)
 
             screen(server_round, replies, self.watch, accept)
-            total, n, unclipped, valid = self._clipped_sum(updates)
+            total, step, n, unclipped, valid = self._clipped_sum(updates)
             self.watch.end_round(server_round, n > 0)
             metrics = aggregate_metrics(
                 self.strategy.train_metrics_aggr_fn, [contents[i] for i in valid],
                 self.strategy.weighted_by_key) if valid else None
-        released = self._release(server_round, total, n, unclipped)
+        released = self._release(server_round, total, step, n, unclipped)
         if released is None:
             return None, None
         new, dp_metrics = released

@@ -19,6 +19,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from .aggregation import check_update
+from .discrete_gaussian import MAX_SIGMA, discrete_gaussian, tail_bound
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
                  noised_average, poisson_sample)
 from .paillier import Encryptor
@@ -34,6 +35,7 @@ VALUE_CLIP_KEY, STEP_KEY = "dp-value-clip", "dp-quantization-step"  # the secure
 
 SERVER_SEES = ("plain", "masked", "encrypted")
 TAIL_CLIP = 8.0  # Paillier: the noise is clipped at this many standard deviations
+GRID_SLACK = 1e-6  # plaintext: rounding to the fine grid costs this fraction of the clip
 
 
 def server_sees(strategy: object) -> str:
@@ -88,7 +90,6 @@ class DPRounds:
         self.clipper: AdaptiveClip | None = None
         self.budget_exhausted = False
         self._global: dict[str, np.ndarray] = {}
-        self._rng = np.random.default_rng()  # from the OS: noise must not be reproducible
         self.noise_only = False  # this round's Poisson sample was too small to aggregate
         self.tail_mass = 0.0  # Paillier: the probability the clipped noise changed a release
 
@@ -180,11 +181,22 @@ class DPRounds:
         return arrays
 
     def _clipped_sum(self, updates: Sequence[tuple[object, list[np.ndarray]]]
-                     ) -> tuple[list[np.ndarray], int, int, list[int]]:
-        """Plaintext mode: check, clip and sum ``(client, arrays)`` updates; the sum, how
-        many were summed and were not clipped, and the indices of the valid ones."""
+                     ) -> tuple[np.ndarray | None, float, int, int, list[int]]:
+        """Plaintext mode: check, clip and sum ``(client, arrays)`` updates on a fine
+        grid; the sum in grid units (int64, flattened), the grid step, how many were
+        summed and were not clipped, and the indices of the valid ones.
+
+        Each update is clipped to ``C - step sqrt(d) / 2`` and rounded to the nearest
+        multiple of ``step`` (:meth:`_fine_step`), which moves it by at most
+        ``step sqrt(d) / 2``: it still moves the sum by at most ``C``, and now by a
+        lattice vector, as the discrete Gaussian needs."""
+        if not updates:
+            return None, 0.0, 0, 0, []
         reference = list(self._global.values())
-        total = [np.zeros(a.shape) for a in reference]
+        d = sum(g.size for g in reference)
+        step = self._fine_step()
+        clip = self.clipper.clip - step * math.sqrt(d) / 2
+        total = np.zeros(d, np.int64)
         n = unclipped = 0
         valid = []
         for i, (client, update) in enumerate(updates):
@@ -193,32 +205,50 @@ class DPRounds:
                 # in float64: finite float32 values can differ by more than float32 holds
                 clipped, norm = clip_update([np.asarray(u, np.float64) - g
                                              for u, g in zip(update, reference)],
-                                            self.clipper.clip)
+                                            clip)
             except ValueError as err:  # InvalidUpdate, or a norm too large to measure
                 log(WARNING, "Left out the reply of %s: %s", client, err)
                 continue
-            total = [t + c for t, c in zip(total, clipped)]
+            total += np.rint(np.concatenate([c.ravel() for c in clipped]) / step
+                             ).astype(np.int64)
             n += 1
-            unclipped += norm <= self.clipper.clip
+            unclipped += norm <= clip
             valid.append(i)
-        return total, n, unclipped, valid
+        return total, step, n, unclipped, valid
 
-    def _unmasked_sum(self, average: dict[str, np.ndarray], n: int
-                      ) -> tuple[list[np.ndarray], int]:
-        """Masking mode: the sum of the clients' clipped updates from their average,
-        and the number of them that were not clipped."""
+    def _fine_step(self) -> float:
+        """Plaintext mode's grid: ``2 GRID_SLACK C / sqrt(d)`` (see :meth:`_clipped_sum`),
+        or coarser if the noise would be more steps than the sampler takes."""
+        d = sum(g.size for g in self._global.values())
+        clip = self.clipper.clip
+        return max(2 * GRID_SLACK * clip / math.sqrt(d),
+                   self.config.update_noise_multiplier * clip / MAX_SIGMA)
+
+    def _unmasked_sum(self, average: dict[str, np.ndarray], n: int, levels: np.ndarray
+                      ) -> tuple[np.ndarray, float, int]:
+        """Masking mode: the sum of the clients' clipped updates in quantization steps
+        (int64, flattened), the step, and how many were not clipped. ``levels`` is the
+        unmasked sum of the clients' quantized levels, in the order of ``average``.
+
+        A client sends the levels of ``g + u``; the global model ``g`` it was sent lies
+        within half a step of the lattice point ``j = rint((g + clip) / step)`` (in
+        range), and its contribution to ``levels - n j`` is an integer vector of norm
+        at most ``C / step`` (:func:`quantized_clip` leaves the room)."""
+        quantizer = self._quantizer
         unclipped = round(float(average.pop(BIT_KEY, np.zeros(1))[0]) * n)
-        total = [n * (average[k].astype(np.float64) - g.astype(np.float64))
-                 for k, g in self._global.items()]
-        return total, unclipped
+        flat = np.concatenate([g.astype(np.float64).ravel() for g in self._global.values()])
+        lattice = np.rint((flat + quantizer.clip) / quantizer.step).astype(np.int64)
+        total = np.asarray(levels[:flat.size]).astype(np.int64) - n * lattice
+        return total, quantizer.step, unclipped
 
-    def _release(self, server_round: int, total: list[np.ndarray] | None, n: int,
+    def _release(self, server_round: int, total: np.ndarray | None, step: float, n: int,
                  unclipped: int) -> tuple[dict[str, np.ndarray], dict] | None:
         """The noised new global model and the round's DP metrics; None when no update
         arrived under fixed-size sampling (nothing is released, nothing spent). Under
         Poisson sampling such a round releases the noise alone, the mechanism's output
         on an empty sum: whether a round is empty depends on who is in the population,
-        so skipping it would release something the accountant does not count."""
+        so skipping it would release something the accountant does not count.
+        ``total`` is the clipped updates' sum in units of ``step`` (int64, flattened)."""
         if n == 0:
             if self.config is None or self.config.sampling != "poisson":
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
@@ -226,11 +256,12 @@ class DPRounds:
                 return None
             log(WARNING, "Round %d: no update arrived; the noise alone is released (Poisson "
                 "sampling)", server_round)
-            total = [np.zeros(g.shape) for g in self._global.values()]
+            total = np.zeros(sum(g.size for g in self._global.values()), np.int64)
+            step = self._quantizer.step if self._quantizer is not None else self._fine_step()
         clip = self.clipper.clip
-        new = noised_average(list(self._global.values()), total, self.config, clip, self._rng)
+        new = noised_average(list(self._global.values()), total, step, self.config, clip)
         epsilon = self.ledger.step()
-        next_clip = self.clipper.update(unclipped, self._rng)
+        next_clip = self.clipper.update(unclipped, n)
         log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g, "
             "epsilon %.4f at delta %g", server_round, n, self.config.num_sampled, clip,
             epsilon, self.config.delta)
@@ -243,25 +274,27 @@ class DPRounds:
 
     def _release_encrypted(self, server_round: int, model: EncryptedModel
                            ) -> tuple[EncryptedModel, dict]:
-        """Paillier mode: noise added to the encrypted average of the ``n`` clipped
-        updates, homomorphically. The server cannot rescale an encrypted average to
-        the fixed denominator, so the noise is ``z C`` on the sum divided by ``n``:
-        the same Gaussian mechanism on the sum, then a division by the public ``n``."""
-        std = self.config.update_noise_multiplier * self.clipper.clip / model.total_weight
-        noise = self._rng.normal(0.0, std, model.layout.size)
-        noisy = add_noise(model, noise, TAIL_CLIP * std, self._encryptor, rng=self._rng)
+        """Paillier mode: discrete Gaussian noise added to the encrypted sum of the
+        ``n`` clipped updates' levels, homomorphically. The server cannot rescale an
+        encrypted average to the fixed denominator, so the decoders divide by ``n``:
+        the same mechanism on the sum, then a division by the public ``n``. The noise
+        is clipped at ``TAIL_CLIP`` standard deviations to fit the slots; the chance
+        that this changed anything goes into delta."""
+        sigma = self.config.update_noise_multiplier * self.clipper.clip / model.params.step
+        bound = math.ceil(TAIL_CLIP * sigma)
+        noisy = add_noise(model, discrete_gaussian(sigma, model.layout.size), bound,
+                          self._encryptor)
         epsilon = self.ledger.step()
-        # the clipped noise differs from the Gaussian only where a value fell beyond the
-        # clip: the release is the Gaussian mechanism's except with at most that
+        # the clipped noise differs from the discrete Gaussian only where a value fell
+        # beyond the bound: the release is the mechanism's except with at most that
         # probability, which adds to delta (summed over rounds)
-        self.tail_mass += model.layout.size * math.erfc(TAIL_CLIP / math.sqrt(2))
+        self.tail_mass += model.layout.size * tail_bound(sigma, bound)
         delta = self.config.delta + self.tail_mass
         log(INFO, "Central DP round %d (Paillier): noise added to the encrypted average of %d "
             "updates, clip %.4g, epsilon %.4f at delta %.6g (%g, plus %.2g for the noise "
             "clipped at %g standard deviations)", server_round, model.total_weight,
             self.clipper.clip, epsilon, delta, self.config.delta, self.tail_mass, TAIL_CLIP)
         return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
-
 
 
 def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
@@ -293,14 +326,17 @@ def quantized_clip(clip: float, incoming: Sequence[np.ndarray], value_clip: obje
                    step: object) -> float:
     """The norm to clip an update to when a secure mode quantizes the model it is sent
     in, so that one client still moves the sum by at most ``clip`` (the sensitivity the
-    accountant assumes): ``clip - ||g - clip_v(g)|| - step sqrt(d)``.
+    accountant assumes): ``clip - ||g - clip_v(g)|| - 1.5 step sqrt(d)``.
 
     The client sends ``Q(clip_v(g + u))`` for the global model ``g`` (``d`` values) and
-    its clipped update ``u``; the server subtracts ``g``. Value clipping to
-    ``[-value_clip, value_clip]`` is 1-Lipschitz, so ``||clip_v(g + u) - g|| <= ||u|| +
-    ||clip_v(g) - g||`` (the second term is 0 unless noise took ``g`` out of range), and
-    stochastic rounding moves each value by less than one ``step``. Without this the
-    sensitivity is up to ``clip + step sqrt(d)`` (Kairouz et al., ICML 2021, section 4).
+    its clipped update ``u``; the server subtracts the lattice point ``g*`` nearest
+    ``g`` (``-value_clip + step rint((g + value_clip) / step)``, within ``step / 2`` of
+    ``g`` in each value), so that the contribution is a lattice vector. Value clipping
+    to ``[-value_clip, value_clip]`` is 1-Lipschitz, so ``||clip_v(g + u) - clip_v(g)||
+    <= ||u||``; ``||clip_v(g) - g*|| <= ||g - clip_v(g)|| + step sqrt(d) / 2`` (the
+    first term is 0 unless noise took ``g`` out of range); and stochastic rounding
+    moves each value by less than one ``step``. Without this the sensitivity is up to
+    ``clip + 1.5 step sqrt(d)`` (Kairouz et al., ICML 2021, section 4).
 
     Raises
     ------
@@ -315,10 +351,11 @@ def quantized_clip(clip: float, incoming: Sequence[np.ndarray], value_clip: obje
     outside = math.sqrt(sum(float(np.sum((a.astype(np.float64)
                                           - np.clip(a, -value_clip, value_clip)) ** 2))
                             for a in incoming))
-    bound = clip - outside - step * math.sqrt(d)
+    bound = clip - outside - 1.5 * step * math.sqrt(d)
     if bound <= 0:
         raise ValueError(f"dp-clip {clip:g} leaves no room for the quantization of "
-                         f"{d} values ({step * math.sqrt(d):.4g} = step x sqrt(d)) and the "
+                         f"{d} values ({1.5 * step * math.sqrt(d):.4g} = 1.5 step x "
+                         "sqrt(d)) and the "
                          f"global model's values outside the clip range ({outside:.4g}): "
                          "raise dp-clip or the secure mode's value bits")
     return bound

@@ -466,32 +466,24 @@ def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int,
     return params.fixed_point.dequantize(sums, total_weight, noise_offset)
 
 
-def encode_noise(noise: np.ndarray, bound: float, total_weight: int, params: EncodingParams,
-                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-    """Slot values that add ``noise`` (value units, clipped to ``[-bound, bound]``) to
-    the weighted average of a sum of total weight ``total_weight``; and the offset
-    that keeps them non-negative (decoders subtract it: :func:`dequantize`).
-
-    ``T = W * (K + noise / scale)`` rounded stochastically, ``K = ceil(bound / scale)``,
-    offset ``W * K``. Rounding noise onto the integer sum is post-processing of the
-    continuous noise (``round(S + x) = S + round(x)`` for integer ``S``).
+def encode_noise(noise: np.ndarray, bound: int, total_weight: int, params: EncodingParams
+                 ) -> tuple[np.ndarray, int]:
+    """Slot values that add the integer ``noise`` (in units of one level of the sum,
+    clipped to ``[-bound, bound]``) to a sum of total weight ``total_weight``; and the
+    offset ``bound`` that keeps them non-negative (decoders subtract it:
+    :func:`dequantize`).
 
     Raises
     ------
     EncodingOverflow
         If the sum with the noise could carry out of its slots.
     """
-    rng = rng or np.random.default_rng()
-    k = math.ceil(bound / params.step)
-    offset = int(total_weight) * k
-    if int(total_weight) * params.levels + 2 * offset >= 1 << params.slot_bits:
-        raise EncodingOverflow(f"noise up to {bound:g} does not fit the {params.slot_bits}-bit "
-                               "slots: raise the maximum total weight (more headroom)")
-    scaled = total_weight * (k + np.clip(np.asarray(noise, np.float64), -bound, bound)
-                             / params.step)
-    low = np.floor(scaled)
-    values = low + (rng.random(scaled.shape) < (scaled - low))
-    return np.clip(values, 0, 2 * offset).astype(np.uint64), offset
+    bound = int(bound)
+    if int(total_weight) * params.levels + 2 * bound >= 1 << params.slot_bits:
+        raise EncodingOverflow(f"noise up to {bound} levels does not fit the "
+                               f"{params.slot_bits}-bit slots: raise the maximum total weight "
+                               "(more headroom)")
+    return (np.clip(np.asarray(noise, np.int64), -bound, bound) + bound).astype(np.uint64), bound
 
 
 def encode(

@@ -220,19 +220,19 @@ def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
                                noise_offset=sum(u.noise_offset for u in updates))
 
 
-def add_noise(model: EncryptedModel, noise: np.ndarray, bound: float, encryptor: Encryptor, *,
-              workers: int | None = 1, rng: np.random.Generator | None = None
-              ) -> EncryptedModel:
-    """``model`` with ``noise`` (value units, clipped to ``[-bound, bound]``) added to
-    its weighted average, homomorphically: the server encrypts the encoded noise
-    under the public key and multiplies it in. Central DP in Paillier mode.
+def add_noise(model: EncryptedModel, noise: np.ndarray, bound: int, encryptor: Encryptor, *,
+              workers: int | None = 1) -> EncryptedModel:
+    """``model`` with the integer ``noise`` (in levels of the sum, clipped to
+    ``[-bound, bound]``) added to its sum, homomorphically: the server encrypts the
+    encoded noise under the public key and multiplies it in. Central DP in Paillier
+    mode.
 
     Raises
     ------
     encoding.EncodingOverflow
         If the noise does not fit the slots' headroom.
     """
-    values, offset = encode_noise(noise, bound, model.total_weight, model.params, rng)
+    values, offset = encode_noise(noise, bound, model.total_weight, model.params)
     # the sums and the tag are left as they are
     plaintexts = pack(values, model.params) + [0] * (len(model.sums) + 1)
     noise_cts = encryptor.encrypt_to_array(plaintexts, workers=workers)

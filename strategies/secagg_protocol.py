@@ -783,6 +783,7 @@ class ServerRound:
         self.sum_names: list[str] | None = None  # set by the first masked update
         self.total: np.ndarray | None = None
         self.sums: dict[str, float] = {}  # the round's sums, once unmasked
+        self.level_sum: np.ndarray | None = None  # the unmasked sum of the levels
         self.stats = {"sampled": len(self.nodes)}
 
     @property
@@ -1064,6 +1065,7 @@ class ServerRound:
             raise RoundAborted(f"total weight {weight} outside [1, "
                                f"{self.params.max_total_weight}]: a node sent a wrong weight")
         self.sums = {k: from_fixed(v) for k, v in sums.items()}
+        self.level_sum = total[:self.length].copy()  # central DP adds its noise to these
         try:
             average = decode_sum(total[:self.length], weight, self.params)
         except SecAggError as err:

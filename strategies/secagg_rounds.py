@@ -55,6 +55,7 @@ class SecAggRounds:
         # (context, keys) the last unmask stage's survivors pre-advertised for the next round
         self._next: tuple[bytes, dict[int, dict]] | None = None
         self.last_total_weight = 0  # of the last aggregate: central DP reads it
+        self.last_level_sum: np.ndarray | None = None  # and its sum of levels
 
     def _new_round(self, nodes: list[int]) -> ServerRound:
         """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
@@ -94,6 +95,7 @@ class SecAggRounds:
         replies = exchange(rnd.unmask_requests(), "unmask")
         try:
             average, weight = rnd.receive_unmask(replies)
+            self.last_level_sum = rnd.level_sum
         finally:
             self._next = (rnd.next_context, rnd.next_adverts) if rnd.next_adverts else None
         return average, weight, {k: v / weight for k, v in rnd.sums.items()}

@@ -180,7 +180,7 @@ def test_noise_the_server_adds_needs_the_nodes_consent(setup):
     """Central DP in Paillier mode: noise no key holder can check. Refused unless the
     node's own setting accepts it; the run config cannot say so."""
     honest = aggregate(setup["pk"], [setup["updates"][(u, 1)] for u in WEIGHTS])
-    noisy = add_noise(honest, np.zeros(setup["layout"].size), 0.1, Encryptor(setup["pk"]))
+    noisy = add_noise(honest, np.zeros(setup["layout"].size, np.int64), 100, Encryptor(setup["pk"]))
     text = ask_key_holder(setup, noisy)
     assert "paillier-accept-server-noise=true" in text
     assert ask_key_holder(setup, noisy, {"paillier-accept-server-noise": True}) == "trained"

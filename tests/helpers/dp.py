@@ -4,6 +4,9 @@ wrappers) and client-side DP-SGD (clients.dp_sgd)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -16,6 +19,17 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 BIG = {"w": (400, 500), "b": (500,)}  # 200,500 values: std measured to ~0.3%
 
 ALPHAS = RDPAccountant.DEFAULT_ALPHAS
+
+
+@contextmanager
+def same_noise(seed: int = 5) -> Iterator[None]:
+    """Central DP's noise from a fixed seed (the CSPRNG cannot be seeded), so that two
+    rounds that must release the same model can be compared value for value."""
+    def seeded(sigma, size):
+        return np.rint(np.random.default_rng(seed).normal(0, sigma, size)).astype(np.int64)
+
+    with mock.patch("strategies.dp.discrete_gaussian", seeded):
+        yield
 
 
 def model(shapes: dict, seed: int, scale: float = 0.5) -> dict[str, np.ndarray]:

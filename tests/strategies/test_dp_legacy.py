@@ -19,6 +19,7 @@ from strategies.secagg_legacy import LegacySecAggFedAvg, legacy_secagg_mod
 from tests.helpers import SHAPES
 from tests.helpers import fuzzing
 from tests.helpers.fakes import FakeProxy
+from tests.helpers.dp import same_noise
 from tests.helpers.fuzzing import (PLAIN_WEIGHTS, bad_model, client_manager, fit_res, fuzz, garbage,
                                    mutated_bytes, no_hang, plain_model, warnings_of)
 from tests.helpers.masking import NODES, LegacyProxy, local_model
@@ -101,8 +102,7 @@ def test_wrapper_refuses_non_fedavg():
 
 # ------------------------------------------------------------------ fuzzing
 def legacy_dp_round(strategy: LegacyCentralDP, results: list) -> list[np.ndarray] | None:
-    strategy._rng = np.random.default_rng(5)  # the same noise for both runs compared
-    with no_hang():
+    with no_hang(), same_noise():  # the same noise for both runs compared
         out, _ = strategy.aggregate_fit(1, results, [])
     return None if out is None else load_ndarrays(out.tensors)
 

@@ -37,14 +37,16 @@ def test_dp_clip_sent_by_the_server(clip, bit):
 # ------------------------------------------------------------------ quantization
 def contribution(update: dict, incoming: dict, value_clip: float, bits: int,
                  seed: int) -> float:
-    """How far one client moves the secure sum: ``||Q(update) - g||``, the update
-    quantized as the secure modes do (value clip, stochastic rounding, weight 1)."""
+    """How far one client moves the secure sum as the server reads it: ``step ||q -
+    j||`` for the levels ``q`` of the update quantized as the secure modes do (value
+    clip, stochastic rounding, weight 1) and the lattice point ``j`` nearest the
+    global model (``DPRounds._unmasked_sum``)."""
     quantizer = FixedPoint(value_clip, bits)
     flat = np.concatenate([np.ravel(update[k]) for k in incoming])
-    q = quantizer.quantize(flat, np.random.default_rng(seed))
-    sent = quantizer.dequantize(q, 1)
+    q = quantizer.quantize(flat, np.random.default_rng(seed)).astype(np.int64)
     g = np.concatenate([np.ravel(incoming[k]).astype(np.float64) for k in incoming])
-    return float(np.linalg.norm(sent - g))
+    j = np.rint((g + value_clip) / quantizer.step).astype(np.int64)
+    return float(np.linalg.norm((q - j).astype(np.float64)) * quantizer.step)
 
 
 @settings(max_examples=150, deadline=None)
@@ -64,7 +66,7 @@ def test_a_quantized_contribution_stays_within_the_clip(d, bits, value_clip, cli
     result = attempt(lambda: clip_local_update(config, incoming, trained), ValueError)
     if refused(result):
         assert "leaves no room for the quantization" in str(result)
-        assert clip <= step * math.sqrt(d) + 1e-9 + np.linalg.norm(
+        assert clip <= 1.5 * step * math.sqrt(d) + 1e-9 + np.linalg.norm(
             incoming["w"] - np.clip(incoming["w"], -value_clip, value_clip))
         return
     # float32 model values: the update is exact to float32's rounding of g + u
@@ -73,19 +75,19 @@ def test_a_quantized_contribution_stays_within_the_clip(d, bits, value_clip, cli
 
 def test_without_the_quantizer_the_contribution_exceeds_the_clip():
     """The defence off (a config without the quantizer: the clip of plaintext mode):
-    rounding adds up to step x sqrt(d), here past the clip."""
+    rounding and the lattice add up to 1.5 step x sqrt(d), here past the clip."""
     d, bits, value_clip, clip = 400, 4, 1.0, 0.5
     incoming = {"w": np.full(d, 1 / 30, np.float32)}  # g + u falls between two levels
     trained = {"w": incoming["w"] + np.float32(1.0)}
     plain = clip_local_update({"dp-clip": clip}, incoming, trained)
     assert contribution(plain, incoming, value_clip, bits, 0) > clip
     step = FixedPoint(value_clip, bits).step
-    with pytest.raises(ValueError, match="leaves no room"):  # 0.5 < step x sqrt(400)
+    with pytest.raises(ValueError, match="leaves no room"):  # 0.5 < 1.5 step x sqrt(400)
         clip_local_update({"dp-clip": clip, "dp-value-clip": value_clip,
                            "dp-quantization-step": step}, incoming, trained)
-    roomy = {"dp-clip": 4.0, "dp-value-clip": value_clip, "dp-quantization-step": step}
+    roomy = {"dp-clip": 5.0, "dp-value-clip": value_clip, "dp-quantization-step": step}
     assert contribution(clip_local_update(roomy, incoming, trained), incoming, value_clip,
-                        bits, 0) <= 4.0
+                        bits, 0) <= 5.0
 
 
 @pytest.mark.parametrize("z,sampled,warned", [(3.0, 2, True), (1.0, 2, False), (1.0, 100, False)])
@@ -96,3 +98,19 @@ def test_noise_that_swamps_the_updates_is_warned_about(flwr_caplog, z, sampled, 
     assert bool(said) == warned
     if warned:
         assert f"= {z / sampled:.3g} C" in said[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(d=st.integers(1, 300), clip=st.floats(1e-3, 100.0), scale=st.floats(0.0, 1e3),
+       seed=st.integers(0, 2**31))
+def test_a_plaintext_update_moves_the_lattice_sum_by_at_most_the_clip(d, clip, scale, seed):
+    """Plaintext mode rounds each clipped update to its fine grid before the discrete
+    Gaussian: what one client adds is a lattice vector of norm at most dp-clip."""
+    dp = CentralDP(WeightedFedAvg(), noise_multiplier=1.0, clip=clip)
+    dp._start_dp(10, 10)
+    dp._global = {"w": np.zeros(d, np.float32)}
+    rng = np.random.default_rng(seed)
+    update = (rng.standard_normal(d) * scale).astype(np.float32)
+    total, step, n, _, _ = dp._clipped_sum([("node", [update])])
+    assert n == 1 and total.dtype == np.int64
+    assert np.linalg.norm(total.astype(np.float64)) * step <= clip * (1 + 1e-12)
