@@ -88,8 +88,9 @@ class RunRecorder:
         """What the run was: task, aggregation, central DP, and its directory (run id)."""
         config = self._config()
         z = config.get("dp-noise-multiplier") or 0
+        kind = config.get("dp-mode") or "central"
         return " | ".join([str(config.get("task", "?")), str(config.get("aggregation", "?")),
-                           f"central DP z = {z:g}" if z else "no central DP",
+                           f"{kind} DP z = {z:g}" if z else "no central DP",
                            f"run {self.directory.name}"])
 
     def figure(self):

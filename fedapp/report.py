@@ -40,6 +40,10 @@ WHO_SEES: dict[str, list[tuple[str, str]]] = {
 CENTRAL_DP_SEES = ("with central DP", "the released model is noised, (epsilon, delta)-DP for "
                    "each client's whole update; the server draws the noise and must be "
                    "trusted to add it")
+DISTRIBUTED_DP_SEES = ("with distributed DP", "the released model is noised, (epsilon, delta)-DP "
+                       "for each client's whole update; each client adds its share of the "
+                       "noise before masking, so even the server only ever unmasks a noised "
+                       "sum")
 
 STATUS_TEXT = {
     "running": "running, or stopped before it could say how it ended",
@@ -90,7 +94,8 @@ def privacy_budget(config: dict[str, Any], rows: list[dict[str, Any]]) -> list[s
         spent = [r["train-dp-epsilon"] for r in rows if "train-dp-epsilon" in r]
         budget = config.get("dp-max-epsilon") or 0
         lines.append(
-            f"Central DP (noise multiplier {z:g}, clip {config.get('dp-clip')}, "
+            f"{'Distributed' if config.get('dp-mode') == 'distributed' else 'Central'} DP "
+            f"(noise multiplier {z:g}, clip {config.get('dp-clip')}, "
             f"{config.get('dp-sampling')} sampling): epsilon "
             + (f"{spent[-1]:.4g}" if spent else "not yet spent")
             + f" at delta {delta:g} after {len(spent)} round(s)"
@@ -158,7 +163,8 @@ def render(title: str, config: dict[str, Any], rows: list[dict[str, Any]],
     if server_sees in WHO_SEES:
         who = list(WHO_SEES[server_sees])
         if config.get("dp-noise-multiplier"):
-            who.append(CENTRAL_DP_SEES)
+            who.append(DISTRIBUTED_DP_SEES if config.get("dp-mode") == "distributed"
+                       else CENTRAL_DP_SEES)
         parts.append(f"<p>Aggregation <b>{_e(aggregation)}</b> (details: "
                      "docs/threat-model.md).</p>" + _table(["who", "sees"], who))
     else:

@@ -25,7 +25,8 @@ def build_strategy(settings: RunSettings) -> Strategy:
         max_epsilon=settings.dp.max_epsilon, adaptive=settings.dp.adaptive_clip,
         target_quantile=settings.dp.target_quantile,
         clip_learning_rate=settings.dp.clip_learning_rate,
-        clipped_count_stddev=settings.dp.clipped_count_stddev, sampling=settings.dp.sampling)
+        clipped_count_stddev=settings.dp.clipped_count_stddev, sampling=settings.dp.sampling,
+        mode=settings.dp.mode)
 
 
 def aggregation_strategy(settings: RunSettings) -> Strategy:

@@ -130,6 +130,9 @@ class DPConfig:
     sampling : str (default: "poisson")
         How each round's clients are drawn, and so which accountant applies:
         ``"poisson"`` or ``"fixed"`` (see the module).
+    distributed : bool (default: False)
+        Distributed DP: the clients add the noise (:func:`distributed_multiplier`);
+        Poisson sampling only.
     """
 
     noise_multiplier: float
@@ -143,6 +146,7 @@ class DPConfig:
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
     sampling: str = "poisson"
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -162,6 +166,9 @@ class DPConfig:
             raise ValueError("target_quantile must be in [0, 1] and clip_learning_rate > 0")
         if self.adaptive:
             self.update_noise_multiplier  # noqa: B018 - raises if the count takes all noise
+        if self.distributed and (self.adaptive or self.sampling != "poisson"):
+            raise ValueError("distributed DP is accounted for Poisson sampling with a fixed "
+                             "clip only")
 
     @property
     def sample_rate(self) -> float:
@@ -233,6 +240,19 @@ def poisson_rdp(q: float, z: float, orders: np.ndarray) -> np.ndarray:
         first = (alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)
         out[i] = logsumexp(np.append(log_terms, first)) / (alpha - 1)
     return out
+
+
+def distributed_multiplier(z: float, per_node_levels: float, nodes: int, size: int) -> float:
+    """The noise multiplier the accountant may use for distributed DP: the sum of ``s``
+    nodes' discrete Gaussians of std ``per_node_levels`` (levels), ``s`` at most
+    ``nodes``, carrying at least ``z`` times the sensitivity, is ``rho``-zCDP with
+    ``rho = 1 / (2 z^2) + tau size / 4``, ``tau = 10 sum_(k=1..s-1) exp(-2 pi^2
+    sigma^2 k / (k + 1))`` (Kairouz, Liu and Steinke, ICML 2021, Theorem 1): the
+    multiplier ``(z^-2 + tau size / 2)^-1/2``. ``tau`` vanishes (underflows to 0) once
+    each node's std is more than a few levels."""
+    ks = np.arange(1, max(nodes, 2))
+    tau = 10 * float(np.sum(np.exp(-2 * math.pi ** 2 * per_node_levels ** 2 * ks / (ks + 1))))
+    return (z ** -2 + tau * size / 2) ** -0.5
 
 
 def rdp_to_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
@@ -318,12 +338,15 @@ class AdaptiveClip:
 
 
 def noised_average(global_arrays: list[np.ndarray], lattice_sum: np.ndarray, step: float,
-                   config: DPConfig, clip: float) -> list[np.ndarray]:
+                   config: DPConfig, clip: float, add_noise: bool = True) -> list[np.ndarray]:
     """``global + step (lattice_sum + N_Z(0, (z C / step)^2)) / m`` in the dtypes of
     ``global``: ``lattice_sum`` (int64, the global arrays flattened in order) is the sum
-    of the clipped updates in units of ``step``."""
-    noise = discrete_gaussian(config.update_noise_multiplier * clip / step, lattice_sum.size)
-    flat = (lattice_sum + noise).astype(np.float64) * (step / config.num_sampled)
+    of the clipped updates in units of ``step``; without ``add_noise`` (distributed DP:
+    the clients added it), ``global + step lattice_sum / m``."""
+    if add_noise:
+        lattice_sum = lattice_sum + discrete_gaussian(
+            config.update_noise_multiplier * clip / step, lattice_sum.size)
+    flat = lattice_sum.astype(np.float64) * (step / config.num_sampled)
     out, at = [], 0
     for g in global_arrays:
         out.append((g.astype(np.float64) + flat[at:at + g.size].reshape(g.shape))

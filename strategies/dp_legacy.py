@@ -58,7 +58,8 @@ class LegacyCentralDP(DPRounds, Strategy):
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
-                      clipped_count_stddev=clipped_count_stddev, sampling=sampling)
+                      clipped_count_stddev=clipped_count_stddev, sampling=sampling,
+                      mode="central")  # distributed DP needs Poisson sampling
 
     def __repr__(self) -> str:
         return f"LegacyCentralDP({self.strategy!r}; {self._describe_dp()})"

@@ -75,6 +75,12 @@ class CentralDP(DPRounds, Strategy):
         fixed-size (replace-one) accountant applies (:mod:`strategies.dp`).
         ``"auto"``: Poisson, except under Paillier (fixed: there the average is
         divided by the number of updates, so Poisson is refused).
+    mode : str (default: "central")
+        ``"central"``: the server adds the noise to the sum. ``"distributed"`` (with
+        :class:`SecAggFedAvg`, Poisson sampling, a fixed clip): each node adds its
+        share of discrete Gaussian noise to what it masks (``dp_clip_mod`` inside
+        ``secagg_mod``), so the unmasked sum already carries all of it and no party,
+        the server included, sees an un-noised aggregate; the server adds nothing.
 
     Rounds without a usable update count towards the wrapped strategy's
     ``max_empty_rounds`` (3 around Flower's own FedAvg); the rounds after the privacy
@@ -85,7 +91,8 @@ class CentralDP(DPRounds, Strategy):
                  population: int = 0, delta: float = 1e-5, max_epsilon: float = 0.0,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2,
-                 clipped_count_stddev: float | None = None, sampling: str = "auto") -> None:
+                 clipped_count_stddev: float | None = None, sampling: str = "auto",
+                 mode: str = "central") -> None:
         if not isinstance(strategy, FedAvg):
             raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg, "
                             "SecAggFedAvg or PaillierFedAvg)")
@@ -94,7 +101,7 @@ class CentralDP(DPRounds, Strategy):
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
-                      clipped_count_stddev=clipped_count_stddev, sampling=sampling)
+                      clipped_count_stddev=clipped_count_stddev, sampling=sampling, mode=mode)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -106,7 +113,8 @@ class CentralDP(DPRounds, Strategy):
         if self.config is None:
             connected = len(list(grid.get_node_ids()))
             self._start_dp(connected, max(int(connected * self.strategy.fraction_train),
-                                          self.strategy.min_train_nodes))
+                                          self.strategy.min_train_nodes),
+                           sum(a.size for a in record_arrays(arrays).values()))
         if not self._budget_left(server_round):
             return []
         self._global = record_arrays(arrays)

@@ -12,7 +12,7 @@ only move values in and out of their envelopes; neither imports the other.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -21,20 +21,24 @@ from flwr.common.logger import log
 from .aggregation import check_update
 from .discrete_gaussian import MAX_SIGMA, discrete_gaussian, tail_bound
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
-                 noised_average, poisson_sample)
+                 distributed_multiplier, noised_average, poisson_sample)
 from .paillier import Encryptor
 from .paillier_protocol import EncryptedModel, add_noise
 from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
 from .checks import is_number
+from .node_settings import node_setting
 
 CLIP_KEY = "dp-clip"
 
 BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
 VALUE_CLIP_KEY, STEP_KEY = "dp-value-clip", "dp-quantization-step"  # the secure quantizer
+NOISE_LEVELS_KEY = "dp-noise-levels"  # distributed DP: the std the masked sum must carry
 
 
 SERVER_SEES = ("plain", "masked", "encrypted")
+DP_MODES = ("central", "distributed")
 TAIL_CLIP = 8.0  # Paillier: the noise is clipped at this many standard deviations
+MIN_NOISE_SETTING = "dp-min-noise-multiplier"
 GRID_SLACK = 1e-6  # plaintext: rounding to the fine grid costs this fraction of the clip
 
 
@@ -54,9 +58,20 @@ class DPRounds:
     def _init_dp(self, strategy: object, *, noise_multiplier: float,
                  clip: float, population: int, delta: float, max_epsilon: float,
                  adaptive: bool, target_quantile: float, clip_learning_rate: float,
-                 clipped_count_stddev: float | None, sampling: str) -> None:
-        mode = server_sees(strategy)
-        self.masked, self.encrypted = mode == "masked", mode == "encrypted"
+                 clipped_count_stddev: float | None, sampling: str, mode: str) -> None:
+        seen = server_sees(strategy)
+        self.masked, self.encrypted = seen == "masked", seen == "encrypted"
+        if mode not in DP_MODES:
+            raise ValueError(f"the DP mode must be one of {DP_MODES}, got {mode!r}")
+        self.distributed = mode == "distributed"
+        if self.distributed and not self.masked:
+            raise ValueError("distributed DP needs masking (aggregation 'secagg'): the nodes "
+                             "add the noise to what they mask, and only the masked sum, "
+                             "which carries all of it, is ever revealed")
+        if self.distributed and (adaptive or sampling == "fixed"):
+            raise ValueError("distributed DP is accounted for Poisson sampling with a fixed "
+                             "clip: leave dp-sampling at 'auto' or 'poisson' and "
+                             "dp-adaptive-clip off")
         if sampling == "auto":
             sampling = "fixed" if self.encrypted else "poisson"
         if self.encrypted and sampling == "poisson":
@@ -81,7 +96,10 @@ class DPRounds:
                               max_epsilon=max_epsilon, adaptive=adaptive,
                               target_quantile=target_quantile,
                               clip_learning_rate=clip_learning_rate,
-                              clipped_count_stddev=clipped_count_stddev, sampling=sampling)
+                              clipped_count_stddev=clipped_count_stddev, sampling=sampling,
+                              distributed=self.distributed)
+        if self.distributed:  # the std of the noise the masked sum must carry, in levels
+            strategy.distributed_noise_levels = noise_multiplier * clip / self._quantizer.step
         # check the arguments now (the default count noise depends on m: at round 1)
         DPConfig(num_sampled=1, population=1, **{
             **self._settings, "adaptive": adaptive and clipped_count_stddev is not None})
@@ -97,16 +115,20 @@ class DPRounds:
         s = self._settings
         budget = f", budget epsilon {s['max_epsilon']:g}" if s["max_epsilon"] else ""
         where = "clients" if self.masked or self.encrypted else "server"
+        noise = "the clients (distributed DP)" if self.distributed else "the server"
         return (f"noise multiplier {s['noise_multiplier']:g}, clip {s['clip']:g}"
                 f"{' (adaptive)' if s['adaptive'] else ''}, delta {s['delta']:g}{budget}, "
-                f"clipping on the {where}, {s['sampling']} sampling")
+                f"clipping on the {where}, noise from {noise}, {s['sampling']} sampling")
 
-    def _start_dp(self, connected: int, sampled: int) -> None:
+    def _start_dp(self, connected: int, sampled: int, size: int = 0) -> None:
         """Fix the sampling figures at the first round: the denominator is the number
-        of clients the strategy samples (even if some drop out later)."""
-        population = self.population or connected
-        self.config = DPConfig(num_sampled=sampled, population=max(population, sampled),
-                               **self._settings)
+        of clients the strategy samples (even if some drop out later). ``size``: the
+        model's number of values (distributed DP's accounting needs it)."""
+        population = max(self.population or connected, sampled)
+        settings = dict(self._settings)
+        if self.distributed:
+            settings["noise_multiplier"] = self._distributed_multiplier(population, size)
+        self.config = DPConfig(num_sampled=sampled, population=population, **settings)
         self.ledger = PrivacyLedger(self.config)
         self.clipper = AdaptiveClip(self.config)
         log(INFO, "Central DP: %s %d of %d clients per round (sample rate %.4f), update "
@@ -118,6 +140,26 @@ class DPRounds:
                 "than a clipped update's norm C: the noise swamps the updates. Sample more "
                 "clients per round (m = %d) or lower dp-noise-multiplier",
                 self.config.update_noise_multiplier / sampled, sampled)
+
+    def _distributed_multiplier(self, population: int, size: int) -> float:
+        """The multiplier distributed DP is accounted at: no more than ``population``
+        nodes each add ``levels / sqrt(quorum)``, at least ``levels / sqrt(population)``
+        (:func:`strategies.dp.distributed_multiplier`). Refuses when that is below
+        99.9% of the configured one (too many nodes for too little noise each)."""
+        z = self._settings["noise_multiplier"]
+        levels = self.strategy.distributed_noise_levels
+        if size <= 0:
+            raise ValueError("distributed DP's accounting needs the model's size")
+        effective = distributed_multiplier(z, levels / math.sqrt(population), population, size)
+        if effective < 0.999 * z:
+            raise ValueError(f"distributed DP: {population} nodes sharing noise of "
+                             f"{levels:.4g} levels add too little each for the sum to be "
+                             f"nearly a discrete Gaussian (multiplier {effective:.4g} for "
+                             f"{z:g}): raise dp-noise-multiplier or the value bits")
+        log(INFO, "Distributed DP: the nodes add noise of std %.4g levels in all, at least "
+            "%.4g each; accounted at multiplier %.6g", levels, levels / math.sqrt(population),
+            effective)
+        return effective
 
     def _poisson_round(self, nodes: list) -> list:
         """Poisson sampling: each of ``nodes`` with probability ``q``. Too few to
@@ -140,14 +182,18 @@ class DPRounds:
             return {}
         return {"num-sampled": self.config.num_sampled, "population": self.config.population,
                 "history": [list(h) for h in self.ledger.history],
-                "clip": self.clipper.clip, "tail-mass": self.tail_mass}
+                "clip": self.clipper.clip, "tail-mass": self.tail_mass,
+                "noise-multiplier": self.config.noise_multiplier}
 
     def load_state_dict(self, state: dict) -> None:
         """Go on from :meth:`state_dict` of an earlier run (same settings)."""
         if not state:
             return
+        settings = dict(self._settings)
+        if self.distributed:
+            settings["noise_multiplier"] = float(state["noise-multiplier"])
         self.config = DPConfig(num_sampled=int(state["num-sampled"]),
-                               population=int(state["population"]), **self._settings)
+                               population=int(state["population"]), **settings)
         self.ledger = PrivacyLedger(self.config, [(float(z), float(q), int(s))
                                                   for z, q, s in state["history"]])
         self.clipper = AdaptiveClip(self.config, clip=float(state["clip"]))
@@ -170,6 +216,8 @@ class DPRounds:
         config = {CLIP_KEY: self.clipper.clip}
         if self._quantizer is not None:
             config.update({VALUE_CLIP_KEY: self._quantizer.clip, STEP_KEY: self._quantizer.step})
+        if self.distributed:
+            config[NOISE_LEVELS_KEY] = self.strategy.distributed_noise_levels
         if self.masked and self.config.adaptive:
             config[BIT_KEY] = True
         return config
@@ -259,7 +307,10 @@ class DPRounds:
             total = np.zeros(sum(g.size for g in self._global.values()), np.int64)
             step = self._quantizer.step if self._quantizer is not None else self._fine_step()
         clip = self.clipper.clip
-        new = noised_average(list(self._global.values()), total, step, self.config, clip)
+        # distributed DP: the clients' noise is in the sum; a round without any sum (too
+        # few drawn) gets the noise from the server, which knows it is empty anyway
+        new = noised_average(list(self._global.values()), total, step, self.config, clip,
+                             add_noise=not self.distributed or n == 0)
         epsilon = self.ledger.step()
         next_clip = self.clipper.update(unclipped, n)
         log(INFO, "Central DP round %d: %d of %d sampled clients summed, clip %.4g, "
@@ -360,3 +411,33 @@ def quantized_clip(clip: float, incoming: Sequence[np.ndarray], value_clip: obje
                          "raise dp-clip or the secure mode's value bits")
     return bound
 
+
+def distributed_noise(config: Mapping[str, object], node_config: Mapping[str, object]
+                      ) -> float:
+    """Distributed DP, on a node: the std, in quantization levels, of the noise the
+    round's unmasked sum must carry (``dp-noise-levels``; 0 in a round without it).
+
+    Raises
+    ------
+    ValueError
+        If the server sent a malformed request.
+    PermissionError
+        If it amounts to a noise multiplier (levels x step / dp-clip) below the node's
+        own ``dp-min-noise-multiplier``.
+    """
+    levels = config.get(NOISE_LEVELS_KEY)
+    if levels is None:
+        return 0.0
+    clip, step = config.get(CLIP_KEY), config.get(STEP_KEY)
+    if not all(is_number(v) and 0 < v < math.inf for v in (levels, clip, step)) \
+            or levels > MAX_SIGMA:
+        raise ValueError(f"the server asked for distributed DP noise of {levels!r} levels "
+                         f"with dp-clip {clip!r} and step {step!r}: positive finite numbers "
+                         "expected (levels up to 2^40)")
+    multiplier = float(levels) * float(step) / float(clip)
+    floor = node_setting(node_config, MIN_NOISE_SETTING)
+    if multiplier < floor:
+        raise PermissionError(f"the round asks for distributed DP noise of multiplier "
+                              f"{multiplier:.4g}, below this node's {MIN_NOISE_SETTING} "
+                              f"{floor:g}: the server must ask for at least that")
+    return float(levels)

@@ -37,6 +37,9 @@ SETTINGS = {
                             "the node takes part in"),
     "secagg-min-threshold-fraction": (0.5, "masking: the threshold must be more than this "
                                            "fraction of the node's share group (at least 0.5)"),
+    "dp-min-noise-multiplier": (0.0, "distributed DP: refuse rounds that ask this node's "
+                                     "share of less noise than this multiplier (0: what the "
+                                     "run asks)"),
     "plaintext-metrics": (False, "secure modes: answer federated evaluation with this "
                                  "node's own loss, examples and metrics in plaintext, and "
                                  "under Paillier send its train metrics in plaintext too "

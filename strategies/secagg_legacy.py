@@ -201,7 +201,8 @@ def _mask_fitres(payload: str, received: str, msg: Message, reply: Message, cont
         arrays = parameters_to_ndarrays(res.parameters)
         masked = to_parameters(mask_model(
             payload, context, msg.metadata.dst_node_id, layout_of(arrays).names, arrays,
-            check_weight(res.num_examples), received, res.metrics))
+            check_weight(res.num_examples), received, res.metrics,
+            dict(msg.content.config_records.get("fitins.config", {}))))
     # the weight and metrics travel only inside the masked vector, as sums
     reply.content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": 0})
     reply.content.config_records["fitres.metrics"] = ConfigRecord()

@@ -176,6 +176,39 @@ def decode_sum(total: np.ndarray, total_weight: int, params: SecAggParams) -> np
     return params.fixed_point.dequantize(total, total_weight)
 
 
+NOISE_TAILS = 40.0  # a noisy sum further than this many noise stds out was not made honestly
+
+
+def centred_sum(total: np.ndarray, total_weight: int, params: SecAggParams,
+                noise_std: float) -> np.ndarray:
+    """The integer sum of weighted levels plus integer noise of std ``noise_std``
+    (distributed DP), read from ``Z_{2^mod_bits}`` as the representative nearest the
+    centre ``W levels / 2`` (int64). Wrapping around the modulus would need noise
+    ``2^(mod_bits - 1)`` out, which a reading this far away is refused before.
+
+    Raises
+    ------
+    MaskOverflow
+        If ``total_weight`` is out of range, or a value is further than ``W levels / 2 +
+        NOISE_TAILS noise_std`` from the centre (a mask did not cancel, or a client sent
+        values out of range).
+    """
+    if not 1 <= total_weight <= params.max_total_weight:
+        raise MaskOverflow(f"total weight {total_weight} outside [1, {params.max_total_weight}]"
+                           ": raise max_total_weight")
+    half = params.fixed_point.max_sum(total_weight) // 2
+    signed = np.dtype(params.dtype).str.replace("u", "i")
+    offset = (np.asarray(total, params.dtype) - params.dtype(half)).view(signed)
+    reach = half + 1 + NOISE_TAILS * noise_std
+    if offset.size and int(np.abs(offset.astype(np.float64)).max()) > reach:
+        bad = int(np.count_nonzero(np.abs(offset.astype(np.float64)) > reach))
+        raise MaskOverflow(f"{bad} summed values are further than {reach:.0f} from the centre "
+                           f"{half} of what clients of total weight {total_weight} send with "
+                           "their noise: a mask did not cancel or a client sent values out of "
+                           "range")
+    return offset.astype(np.int64) + half
+
+
 # ------------------------------------------------------------------ PRG
 def prg(seed: bytes, length: int, dtype: type) -> np.ndarray:
     """``length`` pseudorandom elements of ``dtype`` (uniform in ``Z_{2^bits}``)

@@ -223,6 +223,6 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         weight = check_weight(metrics.get(WEIGHT_KEY))
         reply.content[name] = array_record(mask_model(
             payload, context, node, list(plain), list(plain.values()), weight, received,
-            {k: v for k, v in metrics.items() if k != WEIGHT_KEY}))
+            {k: v for k, v in metrics.items() if k != WEIGHT_KEY}, dict(config)))
         reply.content[metrics_name] = MetricRecord()  # the server learns only their sums
     return reply

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 
 from .aggregation import Layout
+from .dp_rounds import distributed_noise
 from .keyfiles import (ROSTER_NAME, KeyNotFound, identity_name, load_identity, load_roster,
                        node_key_file)
 from .secagg_identity import NodeIdentity
@@ -166,12 +167,15 @@ def model_digest(arrays: Mapping[str, np.ndarray], config: Mapping[str, object])
 
 def mask_model(payload: str, context: Context, node: int, names: list[str],
                arrays: list[np.ndarray], weight: int, received: str,
-               metrics: Mapping[str, object]) -> dict[str, np.ndarray]:
+               metrics: Mapping[str, object], config: Mapping[str, object]
+               ) -> dict[str, np.ndarray]:
     """This node's trained model and the weighted sums of its train ``metrics``
     (without the weight: it is always summed), masked; the arrays to send.
     ``received`` is the :func:`model_digest` of the train message (signed in the
-    consistency check). The fraction of values outside the clip range is summed as
-    ``secagg-clipped``."""
+    consistency check), ``config`` the train message's config (with distributed DP,
+    the noise the node adds its share of: :func:`strategies.dp_rounds.distributed_noise`).
+    The fraction of values outside the clip range is summed as ``secagg-clipped``."""
+    noise = distributed_noise(config, context.node_config)
     layout = Layout.of(names, arrays)
     # in the model's own float dtype (float32 for torch): quantize computes in float64
     flat = layout.flatten(arrays, np.result_type(*arrays))
@@ -184,7 +188,7 @@ def mask_model(payload: str, context: Context, node: int, names: list[str],
             100 * clipped, clip)
     sums = metric_sums({**metrics, CLIPPED_KEY: clipped}, weight)
     masked, header, state = client_mask(payload, state, node, flat, weight,
-                                        model_digest=received, sums=sums)
+                                        model_digest=received, sums=sums, noise_levels=noise)
     save_state(context, state)
     header["layout"] = layout_digest(layout)
     return {MASKED_KEY: masked, HEADER_KEY: header_array(header)}

@@ -124,6 +124,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,8 +136,9 @@ import numpy as np
 from .checks import is_int
 from .aggregation import InvalidUpdate
 from .secagg_identity import KEY_BYTES, SIGNATURE_BYTES, NodeIdentity, verify
+from .discrete_gaussian import discrete_gaussian
 from .secagg_masks import (SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
-                      agree, check_public_key, commitment, decode_sum, default_degree,
+                      agree, centred_sum, check_public_key, commitment, decode_sum, default_degree,
                       encode_weighted, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
 from .secure_sums import (MAX_SUM_NAME, MAX_SUMS, WEIGHT, check_names, decode_sums, encode_sums,
@@ -543,7 +545,8 @@ def _expect(state: dict, stage: str, now: str, req: dict) -> tuple[bytes, bytes]
 
 def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: int,
                 rng: np.random.Generator | None = None, model_digest: str = "",
-                sums: Mapping[str, float] | None = None) -> tuple[np.ndarray, dict, dict]:
+                sums: Mapping[str, float] | None = None, noise_levels: float = 0.0
+                ) -> tuple[np.ndarray, dict, dict]:
     """Stage 3: the masked, weighted, quantized model followed by the masked sums;
     returns the vector, its header (for the server's checks) and the new state.
 
@@ -553,6 +556,12 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     the values (metrics) the server may learn only summed over the round, already
     within :func:`strategies.secure_sums.clamp`; the weight is always one of them
     (:data:`strategies.secure_sums.WEIGHT`), so the server learns no node's weight.
+
+    ``noise_levels`` (distributed DP): the std, in levels, of the noise the unmasked
+    sum must carry. The node adds discrete Gaussian noise of std ``noise_levels /
+    sqrt(quorum)`` to its levels: the server can unmask only a sum of at least the
+    round's quorum of nodes, which then carries at least ``noise_levels`` (Kairouz, Liu
+    and Steinke, ICML 2021: a sum of discrete Gaussians is nearly one).
 
     Raises
     ------
@@ -579,6 +588,9 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
         raise SecAggError(f"at most {MAX_SUMS - 1} sums, named by strings of 1 to "
                           f"{MAX_SUM_NAME} characters other than {WEIGHT!r}") from None
     encoded = encode_weighted(flat, weight, params, rng or np.random.default_rng())
+    if noise_levels:  # wraps in the modulus as a negative value must
+        encoded += discrete_gaussian(noise_levels / math.sqrt(state["quorum"]),
+                                     encoded.size).astype(params.dtype)
     names, limbs = encode_sums({**{k: to_fixed(v) for k, v in sums.items()}, WEIGHT: weight},
                                params.dtype)
     masked = np.concatenate([encoded, limbs])
@@ -784,6 +796,8 @@ class ServerRound:
         self.total: np.ndarray | None = None
         self.sums: dict[str, float] = {}  # the round's sums, once unmasked
         self.level_sum: np.ndarray | None = None  # the unmasked sum of the levels
+        # distributed DP: the std (in levels) of the noise the nodes add to the sum
+        self.noise_levels = 0.0
         self.stats = {"sampled": len(self.nodes)}
 
     @property
@@ -1067,7 +1081,12 @@ class ServerRound:
         self.sums = {k: from_fixed(v) for k, v in sums.items()}
         self.level_sum = total[:self.length].copy()  # central DP adds its noise to these
         try:
-            average = decode_sum(total[:self.length], weight, self.params)
+            if self.noise_levels:  # each survivor added noise_levels / sqrt(quorum)
+                std = self.noise_levels * math.sqrt(len(survivors) / self.drawn.quorum)
+                self.level_sum = centred_sum(total[:self.length], weight, self.params, std)
+                average = self.params.fixed_point.dequantize(self.level_sum, weight)
+            else:
+                average = decode_sum(total[:self.length], weight, self.params)
         except SecAggError as err:
             raise RoundAborted(str(err)) from None
         log(INFO, "Secure aggregation: %d of %d sampled nodes in the sum, %d dropped and "

@@ -56,12 +56,16 @@ class SecAggRounds:
         self._next: tuple[bytes, dict[int, dict]] | None = None
         self.last_total_weight = 0  # of the last aggregate: central DP reads it
         self.last_level_sum: np.ndarray | None = None  # and its sum of levels
+        # distributed DP (set by the DP wrapper): the noise std, in levels, the nodes add
+        self.distributed_noise_levels = 0.0
 
     def _new_round(self, nodes: list[int]) -> ServerRound:
         """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
         preadvertised, self._next = self._next, None
-        return ServerRound(self.params, nodes, self._layout.size, self.num_neighbors,
-                           self.threshold_fraction, self._seen_keys, preadvertised)
+        rnd = ServerRound(self.params, nodes, self._layout.size, self.num_neighbors,
+                          self.threshold_fraction, self._seen_keys, preadvertised)
+        rnd.noise_levels = self.distributed_noise_levels
+        return rnd
 
     def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],
                                                                  dict[int, str]]) -> None:

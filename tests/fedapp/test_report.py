@@ -71,6 +71,16 @@ def test_each_mode_gets_its_own_table_and_no_dp_says_so(tmp_path, aggregation, s
     assert "No differential privacy" in page and "the server draws the noise" not in page
 
 
+def test_distributed_dp_says_the_clients_add_the_noise(tmp_path):
+    rec = dp_run(tmp_path)
+    rec.write_config({**rec._config(), "dp-mode": "distributed"})
+    page = rec.publish().read_text()
+    assert "mnist | secagg | distributed DP z = 1 | run" in page
+    assert "so even the server only ever unmasks a noised sum" in page
+    assert "the server draws the noise" not in page
+    assert "Distributed DP (noise multiplier 1" in page
+
+
 def test_noise_that_swamps_the_updates_is_flagged(tmp_path):
     rec = RunRecorder(tmp_path)
     rec.write_config({"task": "housing", "aggregation": "fedavg", "dp-noise-multiplier": 3.0,

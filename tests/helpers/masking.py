@@ -157,9 +157,9 @@ class Round:
         self.sr.receive_shares(replies)
         return replies
 
-    def mask(self, drop=(), xs=None, ws=None, sums=None):
-        """Every node in U2 masks (with ``sums[u]``, if given); the vectors of ``drop``
-        never reach the server."""
+    def mask(self, drop=(), xs=None, ws=None, sums=None, noise=0.0):
+        """Every node in U2 masks (with ``sums[u]``, if given; with distributed DP's
+        ``noise`` std in levels); the vectors of ``drop`` never reach the server."""
         for u, payload in self.sr.mask_payloads().items():
             x = xs[u] if xs else self.rng.uniform(-self.params.clip, self.params.clip,
                                                   self.length)
@@ -167,7 +167,8 @@ class Round:
             self.seeds[u] = int(self.rng.integers(2**32))
             y, h, self.state[u] = client_mask(payload, self.state[u], u, x, w,
                                               np.random.default_rng(self.seeds[u]),
-                                              sums=sums[u] if sums else None)
+                                              sums=sums[u] if sums else None,
+                                              noise_levels=noise)
             self.xs[u], self.ws[u], self.ys[u], self.headers[u] = x, w, y, h
             if u not in drop:
                 self.sr.receive_masked(u, y, h)

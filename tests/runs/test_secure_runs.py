@@ -139,19 +139,21 @@ def test_the_server_refuses_a_private_key_file(keys, tmp_path):
     assert "holds private key material" in logs
 
 
-@pytest.mark.parametrize("aggregation", ["secagg", "paillier"])
+@pytest.mark.parametrize("aggregation", ["secagg", "secagg-distributed", "paillier"])
 def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir, tmp_path):
-    """DP-FedAvg over masking (adaptive clipping, the bit in the masked sum) and over
-    Paillier (encrypted noise): real runs, epsilon reported and growing every round,
-    the budget stopping training before it is exceeded."""
+    """DP-FedAvg over masking (adaptive clipping, the bit in the masked sum), distributed
+    DP over masking (the nodes add the noise) and over Paillier (encrypted noise): real
+    runs, epsilon reported and growing every round, the budget stopping training before
+    it is exceeded."""
+    aggregation, _, mode = aggregation.partition("-")
     settings = {**settings_for("housing", data_dir), "num-server-rounds": 4,
                 "min-available-nodes": 4, "aggregation": aggregation,
                 "dp-noise-multiplier": 1.0, "dp-clip": 1.0, "dp-max-epsilon": 8.0,
-                "paillier-public-key": str(keys[0])}
-    if aggregation == "secagg":  # adaptive: count noise that leaves room for the update noise
+                "paillier-public-key": str(keys[0]), "dp-mode": mode or "central"}
+    if aggregation == "secagg" and not mode:  # adaptive: count noise leaving room for the rest
         settings.update({"dp-adaptive-clip": True, "dp-clipped-count-stddev": 1.0})
-    else:  # fixed-size sampling, replace-one: z = 2 costs what z = 1 does under Poisson
-        settings["dp-noise-multiplier"] = 2.0
+    elif aggregation == "paillier":  # fixed-size sampling, replace-one: z = 2 costs what
+        settings["dp-noise-multiplier"] = 2.0  # z = 1 does under Poisson
     env = node_env(keys)
     if aggregation == "paillier":  # the nodes' own consent to noise they cannot check
         env[NODE_CONFIG_ENV] = "paillier-accept-server-noise=true"
@@ -166,7 +168,11 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
     assert epsilon[0] == pytest.approx(4.7285, abs=1e-3)
     assert "Training stopped before round 3: the privacy budget is spent" in logs
     assert all(r["train-clients"] == 4 for r in rows)
-    if aggregation == "secagg":
+    if mode:  # the server adds nothing; the nodes were told how much to add
+        assert "Distributed DP: the nodes add noise of std" in logs
+        assert "accounted at multiplier 1\n" in logs
+        assert logs.count("Secure aggregation: 4 of 4 sampled nodes in the sum") == 2
+    elif aggregation == "secagg":
         assert rows[1]["train-dp-clip"] != rows[0]["train-dp-clip"]  # adaptive clipping moved
         assert logs.count("Secure aggregation: 4 of 4 sampled nodes in the sum") == 2
     else:

@@ -29,6 +29,7 @@ from strategies.discrete_gaussian import tail_bound
 from strategies.dp_message import CentralDP, dp_clip_mod
 from strategies.dp_rounds import BIT_KEY, CLIP_KEY, quantized_clip
 from strategies.fedavg import WeightedFedAvg
+from strategies.node_settings import NODE_CONFIG_ENV
 from strategies.secagg_message import SecAggFedAvg, secagg_mod
 from strategies.secagg_protocol import PAYLOAD_KEY
 from tests.helpers import flower_task_identity, new_context
@@ -692,3 +693,42 @@ def test_central_dp_with_updates_of_extreme_norm(caplog_flwr, dtype, extreme):
     far = {k: np.full(s, extreme, dtype) for k, s in SHAPES.items()}
     got = seeded_dp_round(strategy, [plain_reply(1, far, 10), plain_reply(2, far, 10)])
     assert got is None or all(np.isfinite(g).all() for g in got)
+
+
+# ------------------------------------------------------------------ distributed DP
+def test_a_distributed_round_releases_the_clients_noise_and_the_server_adds_none(
+        task_identity, monkeypatch):
+    """mode="distributed": the nodes' secagg_mod adds each one's share; the server's own
+    sampler is never called, and the released model carries noise of std z C / m (the
+    4 nodes each add levels / sqrt(quorum 3): 4 / 3 of the variance)."""
+    def server_noise(*_):
+        raise AssertionError("the server drew noise")
+
+    monkeypatch.setattr("strategies.dp.discrete_gaussian", server_noise)
+    glob = model(BIG, 30, scale=0.1)
+    deltas = {u: scaled_to(BIG, u, 0.3) for u in NODES}  # within the clip
+    nodes = [MaskedNode(u, deltas[u]) for u in NODES]
+    dp = masked_dp(m=4, noise_multiplier=0.5, clip=0.5, mode="distributed")
+    new, metrics, messages = run_round(dp, FakeGrid(nodes), glob)
+    assert all(dict(m.content.config_records["config"])["dp-noise-levels"] > 0
+               for m in messages)
+    residual = flat(numpy_of(new)) - flat(glob) - sum(flat(deltas[u]) for u in NODES) / 4
+    std = 0.5 * 0.5 / 4 * math.sqrt(4 / 3)
+    assert abs(residual.std() / std - 1) < 0.02
+    assert abs(residual.mean()) < 6 * std / math.sqrt(residual.size)
+    # q = 1: every node every round, the plain mechanism's epsilon
+    assert metrics["dp-epsilon"] == pytest.approx(opacus_epsilon(1.0, 0.5, 1, 1e-5), rel=1e-6)
+
+
+def test_a_node_refuses_to_add_less_noise_than_its_floor(task_identity, monkeypatch,
+                                                         flwr_caplog):
+    """The server asks for multiplier 0.5; nodes that require 0.8 refuse, saying why."""
+    monkeypatch.setenv(NODE_CONFIG_ENV, "dp-min-noise-multiplier=0.8")
+    glob = model(SMALL, 31)
+    nodes = [MaskedNode(u, scaled_to(SMALL, u, 0.3)) for u in NODES]
+    dp = masked_dp(m=4, noise_multiplier=0.5, clip=0.5, mode="distributed")
+    from strategies.screening import NoUsableUpdate
+
+    with pytest.raises(NoUsableUpdate, match="below this node's dp-min-noise-multiplier 0.8"):
+        run_round(dp, FakeGrid(nodes), glob)  # nothing masked: the round has no update
+    assert "multiplier 0.5, below" in flwr_caplog.text
