@@ -1,18 +1,22 @@
-"""Benchmark: privacy against utility of central DP-FedAvg, in real Flower simulations.
+"""Benchmark: privacy against utility of DP-FedAvg, central and distributed, in real
+Flower simulations.
 
-    python scripts/bench_dp.py [--noise 0,0.5,1,2] [--rounds 30] [--clients 1000]
-        [--per-round 100] [--clip 1.0] [--aggregation fedavg|secagg]
+    python scripts/bench_dp.py [--runs fedavg:0,fedavg:1,secagg:0,secagg:1,secagg-ddp:1]
+        [--rounds 30] [--clients 1000] [--per-round 100] [--clip 1.0] [--local-epochs 1]
 
 MNIST split IID over ``--clients`` simulated clients (60 images each for 1,000),
 ``--per-round`` of them sampled each round (sample rate q = per-round / clients),
-the small CNN (20,338 parameters), one local epoch of SGD. For every noise
-multiplier z in ``--noise`` one run with the same settings: z = 0 is plaintext
-FedAvg without DP (weighted by examples), z > 0 is DP-FedAvg (uniform weights,
-clipping norm ``--clip``, fixed denominator, RDP accounting at delta 1e-5).
+the small CNN (20,338 parameters), ``--local-epochs`` of SGD. ``--runs`` lists the
+runs, each ``aggregation:z``: ``fedavg`` (plaintext), ``secagg`` (masking) or
+``secagg-ddp`` (masking with distributed DP: the clients add the noise), at noise
+multiplier ``z`` (0: no DP, FedAvg weighted by examples; > 0: DP-FedAvg, uniform
+weights, clipping norm ``--clip``, fixed denominator, epsilon at ``--delta``).
 
 Reports, per run: test accuracy on the 10,000 MNIST test images (centralized
 evaluation, each round), the cumulative epsilon after each round, seconds per
-round; the last line of stdout is a JSON summary. Progress goes to stderr.
+round; and side by side: distributed DP's seconds per round over masking without DP,
+and its accuracy minus central DP's over masking at the same z. The last line of
+stdout is a JSON summary. Progress goes to stderr.
 
 Before the runs, the exact discrete Gaussian samplers side by side, in this process:
 ours (:mod:`strategies.discrete_gaussian`) on the MNIST CNN's 1,663,370 values, and
@@ -94,18 +98,46 @@ def sampler_benchmark(values: int = 1_663_370, opendp_values: int = 100_000,
             "speedup": round((values / ours_seconds) / (opendp_values / opendp_seconds), 1)}
 
 
+def run_spec(text: str) -> tuple[str, float]:
+    aggregation, _, z = text.partition(":")
+    if aggregation not in ("fedavg", "secagg", "secagg-ddp") or not z:
+        raise argparse.ArgumentTypeError(f"{text!r}: write aggregation:z, aggregation one of "
+                                         "fedavg, secagg, secagg-ddp")
+    return aggregation, float(z)
+
+
+def side_by_side(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Distributed DP against masking without DP (seconds per round) and against
+    central DP over masking at the same z (accuracy), where the runs are there."""
+    by = {r["run"]: r for r in runs}
+    out: dict[str, Any] = {}
+    for r in runs:
+        if r["aggregation"] != "secagg-ddp":
+            continue
+        z = r["noise_multiplier"]
+        plain, central = by.get("secagg:0"), by.get(f"secagg:{z:g}")
+        if plain and plain["seconds_per_round"] and r["seconds_per_round"]:
+            out[f"ddp_z{z:g}_seconds_over_masking"] = round(
+                r["seconds_per_round"] / plain["seconds_per_round"], 3)
+        if central and central["final_accuracy"] is not None \
+                and r["final_accuracy"] is not None:
+            out[f"ddp_z{z:g}_accuracy_minus_central"] = round(
+                r["final_accuracy"] - central["final_accuracy"], 4)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--noise", default="0,0.5,1,2",
-                        type=lambda t: [float(z) for z in t.split(",") if z],
-                        help="noise multipliers to compare (0: no DP)")
+    parser.add_argument("--runs", default="fedavg:0,fedavg:1,secagg:0,secagg:1,secagg-ddp:1",
+                        type=lambda t: [run_spec(r) for r in t.split(",") if r],
+                        help="aggregation:z pairs (aggregation fedavg, secagg or secagg-ddp)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--clip", type=float, default=1.0, help="L2 clipping norm C")
-    parser.add_argument("--adaptive", action="store_true", help="adaptive clipping")
-    parser.add_argument("--aggregation", default="fedavg", choices=("fedavg", "secagg"))
+    parser.add_argument("--adaptive", action="store_true", help="adaptive clipping (central)")
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--timeout", type=float, default=6 * 3600)
@@ -126,30 +158,44 @@ def main() -> None:
               "data-dir": str(Path(args.data_dir).resolve()),
               "num-server-rounds": args.rounds, "min-available-nodes": args.clients,
               "fraction-train": args.per_round / args.clients, "min-train-nodes": args.per_round,
-              "fraction-evaluate": 0.0, "min-evaluate-nodes": 0, "local-epochs": 1,
+              "fraction-evaluate": 0.0, "min-evaluate-nodes": 0,
               "batch-size": 10, "learning-rate": args.learning_rate, "optimizer": "sgd",
-              "central-eval": True, "aggregation": args.aggregation,
-              "dp-clip": args.clip, "dp-adaptive-clip": args.adaptive, "dp-delta": args.delta}
+              "local-epochs": args.local_epochs, "central-eval": True,
+              "dp-clip": args.clip, "dp-delta": args.delta}
     summary: dict[str, Any] = {"benchmark": "dp", "sampler": sampler, "settings": common,
                                "sample_rate": args.per_round / args.clients,
                                "cpu_count": os.cpu_count(), "workdir": str(work), "runs": []}
-    for z in args.noise:
-        log(f"simulation: noise multiplier {z}, {args.clients} clients, {args.per_round} per "
-            f"round, {args.rounds} rounds")
+    keys = work / "keys"
+    if any(aggregation != "fedavg" for aggregation, _ in args.runs):
+        from strategies.keyfiles import write_simulation_identities
+
+        keys.mkdir()
+        write_simulation_identities(keys, args.clients)
+    for aggregation, z in args.runs:
+        name = f"{aggregation}:{z:g}"
+        log(f"simulation {name}: {args.clients} clients, {args.per_round} per round, "
+            f"{args.rounds} rounds")
+        settings = {**common, "aggregation": aggregation.removesuffix("-ddp"),
+                    "dp-noise-multiplier": z,
+                    "dp-mode": "distributed" if aggregation.endswith("-ddp") else "central",
+                    "dp-adaptive-clip": args.adaptive and not aggregation.endswith("-ddp")}
         start = time.monotonic()
         with contextlib.redirect_stdout(sys.stderr):
             status, run_dir, logs = launch.simulate(
-                ROOT, work / f"z{z}", args.clients, {**common, "dp-noise-multiplier": z},
-                timeout=args.timeout)
-        report = {"noise_multiplier": z, **run_report(status, run_dir),
+                ROOT, work / name.replace(":", "-z"), args.clients, settings,
+                timeout=args.timeout, env={"FEDAPP_KEY_DIR": str(keys)})
+        report = {"run": name, "aggregation": aggregation, "noise_multiplier": z,
+                  **run_report(status, run_dir),
                   "wall_seconds": round(time.monotonic() - start, 1)}
         if status != launch.FINISHED_OK:
             log(logs[-4000:])
         log(json.dumps(report))
         summary["runs"].append(report)
-    summary["table"] = [{"noise_multiplier": r["noise_multiplier"],
-                         "epsilon": r["final_epsilon"], "final_accuracy": r["final_accuracy"],
-                         "best_accuracy": r["best_accuracy"]} for r in summary["runs"]]
+    summary["table"] = [{"run": r["run"], "epsilon": r["final_epsilon"],
+                         "final_accuracy": r["final_accuracy"],
+                         "best_accuracy": r["best_accuracy"],
+                         "seconds_per_round": r["seconds_per_round"]} for r in summary["runs"]]
+    summary["side_by_side"] = side_by_side(summary["runs"])
     print(json.dumps(summary))
 
 
