@@ -138,8 +138,8 @@ from .aggregation import InvalidUpdate
 from .secagg_identity import KEY_BYTES, SIGNATURE_BYTES, NodeIdentity, verify
 from .discrete_gaussian import discrete_gaussian
 from .secagg_masks import (SEED_BYTES, SHARE_BYTES, KeyPair, SecAggError, SecAggParams,
-                      agree, centred_sum, check_public_key, commitment, decode_sum, default_degree,
-                      encode_weighted, neighbor_graph, prg, public_of,
+                      agree, centred_sum, check_public_key, commitment, decode_sum,
+                      default_degree, encode_weighted, neighbor_graph, prg, public_of,
                       reconstruct_secret, seal, share_secret, threshold_for, unseal)
 from .secure_sums import (MAX_SUM_NAME, MAX_SUMS, WEIGHT, check_names, decode_sums, encode_sums,
                           from_fixed, sum_slots, to_fixed)
