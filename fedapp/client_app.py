@@ -20,11 +20,11 @@ from .nodes import make_client
 def aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Apply the client mod of the aggregation mode the run asks for."""
     mode = mode_of(str(context.run_config.get("aggregation", "fedavg")))
-    inner = call_next
-    if float(context.run_config.get("dp-noise-multiplier", 0)) > 0 \
-            and mode.server_sees != "plain":
-        def inner(m: Message, c: Context) -> Message:  # clip where the server cannot
-            return dp_clip_mod(m, c, call_next)
+    clips = float(context.run_config.get("dp-noise-multiplier", 0)) > 0 \
+        and mode.server_sees != "plain"  # clip where the server cannot
+
+    def inner(m: Message, c: Context) -> Message:
+        return dp_clip_mod(m, c, call_next) if clips else call_next(m, c)
     mod = mode.mod()
     return mod(msg, context, inner) if mod else inner(msg, context)
 
