@@ -149,7 +149,8 @@ def discrete_gaussian(sigma: float, size: int | tuple[int, ...]) -> np.ndarray:
     ValueError
         If ``sigma`` is not a positive finite number up to ``2^40``.
     """
-    if not isinstance(sigma, (int, float)) or not 0 < sigma <= MAX_SIGMA:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) \
+            or not 0 < sigma <= MAX_SIGMA:
         raise ValueError(f"sigma must be a number in (0, 2^40], got {sigma!r}")
     shape = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
     n = math.prod(shape)

@@ -91,7 +91,7 @@ def test_shape_dtype_and_fresh_draws():
     assert not np.array_equal(dg.discrete_gaussian(1e6, 100), dg.discrete_gaussian(1e6, 100))
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan, 2.0 ** 41, "3", None])
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan, 2.0 ** 41, "3", None, True])
 def test_bad_scales_are_refused(bad):
     with pytest.raises(ValueError, match="sigma must be a number in"):
         dg.discrete_gaussian(bad, 3)
