@@ -189,32 +189,30 @@ def _node_time(active: float) -> types.ModuleType:
     return proxy
 
 
-def node_poll_seconds() -> float:
-    """``FEDAPP_NODE_POLL_SECONDS``, checked (default 0.25; Flower's own wait is 3)."""
-    raw = os.environ.get(NODE_POLL_ENV, str(NODE_POLL_SECONDS))
+def _env_seconds(name: str, default: float, low: float, high: float, why: str = "") -> float:
+    """Seconds from the environment variable ``name`` (``default`` if unset), checked to
+    lie in ``[low, high]``."""
+    raw = os.environ.get(name, str(default))
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0.01 <= value <= 3.0:
-        raise ValueError(f"{NODE_POLL_ENV}={raw!r}: give seconds between 0.01 and 3")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={raw!r}: give seconds between {low:g} and {high:g}{why}")
     return value
+
+
+def node_poll_seconds() -> float:
+    """``FEDAPP_NODE_POLL_SECONDS``, checked (default 0.25; Flower's own wait is 3)."""
+    return _env_seconds(NODE_POLL_ENV, NODE_POLL_SECONDS, 0.01, 3.0)
 
 
 def node_heartbeat_seconds() -> float:
     """``FEDAPP_NODE_HEARTBEAT_SECONDS``, checked against the range the SuperLink accepts."""
     from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
 
-    raw = os.environ.get(NODE_HEARTBEAT_ENV, str(NODE_HEARTBEAT_SECONDS))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not HEARTBEAT_MIN_INTERVAL <= value <= HEARTBEAT_MAX_INTERVAL:
-        raise ValueError(f"{NODE_HEARTBEAT_ENV}={raw!r}: give seconds between "
-                         f"{HEARTBEAT_MIN_INTERVAL} and {HEARTBEAT_MAX_INTERVAL} (the "
-                         "SuperLink refuses others)")
-    return value
+    return _env_seconds(NODE_HEARTBEAT_ENV, NODE_HEARTBEAT_SECONDS, HEARTBEAT_MIN_INTERVAL,
+                        HEARTBEAT_MAX_INTERVAL, " (the SuperLink refuses others)")
 
 
 def heartbeat_every(seconds: float) -> None:
