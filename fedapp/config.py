@@ -110,6 +110,8 @@ class DPSettings:
         lambda v: v in ("auto", "poisson", "fixed"), "must be 'auto', 'poisson' or 'fixed'"))
     mode: str = setting("central", must_match=True, valid=(
         lambda v: v in ("central", "distributed"), "must be 'central' or 'distributed'"))
+    quorum: float = setting(0.8, must_match=True, valid=(
+        lambda v: 0 < v <= 1, "must be in (0, 1]"))
 
 
 @dataclass(frozen=True)
@@ -231,12 +233,11 @@ class RunSettings:
             DPConfig(dp.noise_multiplier, dp.clip, 1, max(1, dp.population), dp.delta,
                      dp.max_epsilon, dp.adaptive_clip and dp.clipped_count_stddev is not None,
                      dp.target_quantile, dp.clip_learning_rate, dp.clipped_count_stddev)
-            if dp.mode == "distributed" and (self.aggregation != "secagg" or dp.adaptive_clip
-                                             or dp.sampling == "fixed"):
-                raise ValueError("dp-mode 'distributed' needs aggregation 'secagg' (the nodes "
-                                 "add the noise to what they mask), Poisson sampling "
-                                 "(dp-sampling 'auto' or 'poisson') and a fixed clip "
-                                 "(dp-adaptive-clip false)")
+            if dp.mode == "distributed" and (self.aggregation not in ("secagg", "paillier")
+                                             or dp.adaptive_clip):
+                raise ValueError("dp-mode 'distributed' needs aggregation 'secagg' or "
+                                 "'paillier' (the nodes add the noise to what they mask or "
+                                 "encrypt) and a fixed clip (dp-adaptive-clip false)")
         from clients.dp_sgd_config import DPSGDConfig
 
         TrainConfig.from_config(self.train_config())

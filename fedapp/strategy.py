@@ -26,7 +26,7 @@ def build_strategy(settings: RunSettings) -> Strategy:
         target_quantile=settings.dp.target_quantile,
         clip_learning_rate=settings.dp.clip_learning_rate,
         clipped_count_stddev=settings.dp.clipped_count_stddev, sampling=settings.dp.sampling,
-        mode=settings.dp.mode)
+        mode=settings.dp.mode, quorum=settings.dp.quorum)
 
 
 def aggregation_strategy(settings: RunSettings) -> Strategy:

@@ -77,10 +77,16 @@ class CentralDP(DPRounds, Strategy):
         divided by the number of updates, so Poisson is refused).
     mode : str (default: "central")
         ``"central"``: the server adds the noise to the sum. ``"distributed"`` (with
-        :class:`SecAggFedAvg`, Poisson sampling, a fixed clip): each node adds its
-        share of discrete Gaussian noise to what it masks (``dp_clip_mod`` inside
-        ``secagg_mod``), so the unmasked sum already carries all of it and no party,
+        :class:`SecAggFedAvg` or ``PaillierFedAvg``, a fixed clip): each node adds its
+        share of discrete Gaussian noise to what it masks or encrypts (``dp_clip_mod``
+        inside the secure mod), so the sum already carries all of it and no party,
         the server included, sees an un-noised aggregate; the server adds nothing.
+    quorum : float (default: 0.8)
+        Distributed DP under Paillier: each update carries the noise of a quorum of
+        ``ceil(quorum m)`` of the ``m`` sampled clients, and key holders decrypt only
+        sums of at least that many (so up to ``1 - quorum`` may drop out; with none
+        dropping the noise is ``1 / sqrt(quorum)`` times the mechanism's). Under
+        masking the masking threshold plays this part.
 
     Rounds without a usable update count towards the wrapped strategy's
     ``max_empty_rounds`` (3 around Flower's own FedAvg); the rounds after the privacy
@@ -92,7 +98,7 @@ class CentralDP(DPRounds, Strategy):
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2,
                  clipped_count_stddev: float | None = None, sampling: str = "auto",
-                 mode: str = "central") -> None:
+                 mode: str = "central", quorum: float = 0.8) -> None:
         if not isinstance(strategy, FedAvg):
             raise TypeError("CentralDP wraps a FedAvg strategy (WeightedFedAvg, FedAvg, "
                             "SecAggFedAvg or PaillierFedAvg)")
@@ -101,7 +107,8 @@ class CentralDP(DPRounds, Strategy):
                       noise_multiplier=noise_multiplier, clip=clip, population=population,
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
-                      clipped_count_stddev=clipped_count_stddev, sampling=sampling, mode=mode)
+                      clipped_count_stddev=clipped_count_stddev, sampling=sampling, mode=mode,
+                      quorum=quorum)
 
     def summary(self) -> None:
         self.strategy.summary()

@@ -23,9 +23,9 @@ from .discrete_gaussian import MAX_SIGMA, discrete_gaussian, tail_bound
 from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_update,
                  distributed_multiplier, noised_average, poisson_sample)
 from .paillier import Encryptor
-from .paillier_protocol import EncryptedModel, add_noise
+from .paillier_protocol import CLIENT_TAIL_CLIP, ClientNoise, EncryptedModel, add_noise
 from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
-from .checks import is_number
+from .checks import is_int, is_number
 from .node_settings import node_setting
 
 CLIP_KEY = "dp-clip"
@@ -33,6 +33,7 @@ CLIP_KEY = "dp-clip"
 BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
 VALUE_CLIP_KEY, STEP_KEY = "dp-value-clip", "dp-quantization-step"  # the secure quantizer
 NOISE_LEVELS_KEY = "dp-noise-levels"  # distributed DP: the std the masked sum must carry
+QUORUM_KEY = "dp-noise-quorum"  # distributed DP under Paillier: contributors sharing it
 
 
 SERVER_SEES = ("plain", "masked", "encrypted")
@@ -58,20 +59,23 @@ class DPRounds:
     def _init_dp(self, strategy: object, *, noise_multiplier: float,
                  clip: float, population: int, delta: float, max_epsilon: float,
                  adaptive: bool, target_quantile: float, clip_learning_rate: float,
-                 clipped_count_stddev: float | None, sampling: str, mode: str) -> None:
+                 clipped_count_stddev: float | None, sampling: str, mode: str,
+                 quorum: float = 0.8) -> None:
         seen = server_sees(strategy)
         self.masked, self.encrypted = seen == "masked", seen == "encrypted"
         if mode not in DP_MODES:
             raise ValueError(f"the DP mode must be one of {DP_MODES}, got {mode!r}")
         self.distributed = mode == "distributed"
-        if self.distributed and not self.masked:
-            raise ValueError("distributed DP needs masking (aggregation 'secagg'): the nodes "
-                             "add the noise to what they mask, and only the masked sum, "
-                             "which carries all of it, is ever revealed")
-        if self.distributed and (adaptive or sampling == "fixed"):
-            raise ValueError("distributed DP is accounted for Poisson sampling with a fixed "
-                             "clip: leave dp-sampling at 'auto' or 'poisson' and "
+        if self.distributed and not (self.masked or self.encrypted):
+            raise ValueError("distributed DP needs masking or Paillier (aggregation 'secagg' "
+                             "or 'paillier'): the nodes add the noise to what they protect, "
+                             "and only the sum, which carries all of it, is ever revealed")
+        if self.distributed and adaptive:
+            raise ValueError("distributed DP is accounted for a fixed clip: leave "
                              "dp-adaptive-clip off")
+        if not 0 < quorum <= 1:
+            raise ValueError(f"the distributed-DP quorum must be in (0, 1], got {quorum}")
+        self.quorum = quorum
         if sampling == "auto":
             sampling = "fixed" if self.encrypted else "poisson"
         if self.encrypted and sampling == "poisson":
@@ -98,8 +102,11 @@ class DPRounds:
                               clip_learning_rate=clip_learning_rate,
                               clipped_count_stddev=clipped_count_stddev, sampling=sampling,
                               distributed=self.distributed)
-        if self.distributed:  # the std of the noise the masked sum must carry, in levels
-            strategy.distributed_noise_levels = noise_multiplier * clip / self._quantizer.step
+        # distributed DP: the std of the noise the sum must carry, in levels
+        self.noise_levels = noise_multiplier * clip / self._quantizer.step \
+            if self.distributed else 0.0
+        if self.distributed and self.masked:
+            strategy.distributed_noise_levels = self.noise_levels
         # check the arguments now (the default count noise depends on m: at round 1)
         DPConfig(num_sampled=1, population=1, **{
             **self._settings, "adaptive": adaptive and clipped_count_stddev is not None})
@@ -127,7 +134,8 @@ class DPRounds:
         population = max(self.population or connected, sampled)
         settings = dict(self._settings)
         if self.distributed:
-            settings["noise_multiplier"] = self._distributed_multiplier(population, size)
+            settings["noise_multiplier"] = self._distributed_multiplier(population, sampled,
+                                                                        size)
         self.config = DPConfig(num_sampled=sampled, population=population, **settings)
         self.ledger = PrivacyLedger(self.config)
         self.clipper = AdaptiveClip(self.config)
@@ -141,25 +149,39 @@ class DPRounds:
                 "clients per round (m = %d) or lower dp-noise-multiplier",
                 self.config.update_noise_multiplier / sampled, sampled)
 
-    def _distributed_multiplier(self, population: int, size: int) -> float:
+    def _distributed_multiplier(self, population: int, sampled: int, size: int) -> float:
         """The multiplier distributed DP is accounted at: no more than ``population``
-        nodes each add ``levels / sqrt(quorum)``, at least ``levels / sqrt(population)``
-        (:func:`strategies.dp.distributed_multiplier`). Refuses when that is below
-        99.9% of the configured one (too many nodes for too little noise each)."""
+        nodes each add at least ``levels / sqrt(population)`` under masking, exactly
+        ``levels / sqrt(quorum)`` under Paillier (:func:`strategies.dp.distributed_multiplier`).
+        Refuses when that is below 99.9% of the configured one (too many nodes for too
+        little noise each). Under Paillier it also fixes the noise every update carries
+        (the strategy's ``client_noise``), for a quorum of the ``sampled``."""
         z = self._settings["noise_multiplier"]
-        levels = self.strategy.distributed_noise_levels
         if size <= 0:
             raise ValueError("distributed DP's accounting needs the model's size")
-        effective = distributed_multiplier(z, levels / math.sqrt(population), population, size)
+        per_node = self.noise_levels / math.sqrt(population)
+        if self.encrypted:
+            per_node = self._set_client_noise(sampled).std
+            log(INFO, "Distributed DP: each update carries noise of std %.4g levels, for a "
+                "quorum of %d of the %d sampled; a round needs that many updates", per_node,
+                self.strategy.client_noise.quorum, sampled)
+        effective = distributed_multiplier(z, per_node, population, size)
         if effective < 0.999 * z:
             raise ValueError(f"distributed DP: {population} nodes sharing noise of "
-                             f"{levels:.4g} levels add too little each for the sum to be "
-                             f"nearly a discrete Gaussian (multiplier {effective:.4g} for "
-                             f"{z:g}): raise dp-noise-multiplier or the value bits")
+                             f"{self.noise_levels:.4g} levels add too little each for the sum "
+                             f"to be nearly a discrete Gaussian (multiplier {effective:.4g} "
+                             f"for {z:g}): raise dp-noise-multiplier or the value bits")
         log(INFO, "Distributed DP: the nodes add noise of std %.4g levels in all, at least "
-            "%.4g each; accounted at multiplier %.6g", levels, levels / math.sqrt(population),
-            effective)
+            "%.4g each; accounted at multiplier %.6g", self.noise_levels, per_node, effective)
         return effective
+
+    def _set_client_noise(self, sampled: int) -> ClientNoise:
+        """Paillier: the noise each update must carry, shared among a quorum of
+        ``ceil(quorum m)`` (at least 2) of the ``m`` sampled."""
+        quorum = max(2, min(sampled, math.ceil(self.quorum * sampled)))
+        noise = ClientNoise.for_round(self.noise_levels, quorum, self._settings["clip"])
+        self.strategy.client_noise = noise
+        return noise
 
     def _poisson_round(self, nodes: list) -> list:
         """Poisson sampling: each of ``nodes`` with probability ``q``. Too few to
@@ -192,6 +214,8 @@ class DPRounds:
         settings = dict(self._settings)
         if self.distributed:
             settings["noise_multiplier"] = float(state["noise-multiplier"])
+        if self.distributed and self.encrypted:
+            self._set_client_noise(int(state["num-sampled"]))
         self.config = DPConfig(num_sampled=int(state["num-sampled"]),
                                population=int(state["population"]), **settings)
         self.ledger = PrivacyLedger(self.config, [(float(z), float(q), int(s))
@@ -217,7 +241,9 @@ class DPRounds:
         if self._quantizer is not None:
             config.update({VALUE_CLIP_KEY: self._quantizer.clip, STEP_KEY: self._quantizer.step})
         if self.distributed:
-            config[NOISE_LEVELS_KEY] = self.strategy.distributed_noise_levels
+            config[NOISE_LEVELS_KEY] = self.noise_levels
+        if self.distributed and self.encrypted:
+            config[QUORUM_KEY] = self.strategy.client_noise.quorum
         if self.masked and self.config.adaptive:
             config[BIT_KEY] = True
         return config
@@ -325,26 +351,41 @@ class DPRounds:
 
     def _release_encrypted(self, server_round: int, model: EncryptedModel
                            ) -> tuple[EncryptedModel, dict]:
-        """Paillier mode: discrete Gaussian noise added to the encrypted sum of the
-        ``n`` clipped updates' levels, homomorphically. The server cannot rescale an
-        encrypted average to the fixed denominator, so the decoders divide by ``n``:
-        the same mechanism on the sum, then a division by the public ``n``. The noise
-        is clipped at ``TAIL_CLIP`` standard deviations to fit the slots; the chance
-        that this changed anything goes into delta."""
-        sigma = self.config.update_noise_multiplier * self.clipper.clip / model.params.step
-        bound = math.ceil(TAIL_CLIP * sigma)
-        noisy = add_noise(model, discrete_gaussian(sigma, model.layout.size), bound,
-                          self._encryptor)
+        """Paillier mode: discrete Gaussian noise in the encrypted sum of the ``n``
+        clipped updates' levels. Central DP adds it homomorphically; under distributed
+        DP each update already carries its share (:class:`ClientNoise`) and the server
+        adds nothing. The server cannot rescale an encrypted average to the fixed
+        denominator, so the decoders divide by ``n``: the same mechanism on the sum,
+        then a division by the public ``n``. The noise is clipped (at ``TAIL_CLIP``
+        standard deviations on the server, ``CLIENT_TAIL_CLIP`` on each client) to fit
+        the slots; the chance that this changed anything goes into delta."""
+        noise = model.client_noise
+        if self.distributed:
+            if noise != self.strategy.client_noise:  # RoundSum refuses any other
+                raise ValueError("the aggregate does not carry the round's client noise")
+            noisy, how = model, "the clients' noise in"
+            # the sum differs from one of unclipped shares only where a share was clipped
+            self.tail_mass += (len(model.contributors) * model.layout.size
+                               * tail_bound(noise.std, noise.bound))
+            clipped_at = CLIENT_TAIL_CLIP
+        else:
+            sigma = self.config.update_noise_multiplier * self.clipper.clip / model.params.step
+            bound = math.ceil(TAIL_CLIP * sigma)
+            noisy = add_noise(model, discrete_gaussian(sigma, model.layout.size), bound,
+                              self._encryptor)
+            how = "noise added to"
+            # the clipped noise differs from the discrete Gaussian only where a value fell
+            # beyond the bound: the release is the mechanism's except with at most that
+            # probability, which adds to delta (summed over rounds)
+            self.tail_mass += model.layout.size * tail_bound(sigma, bound)
+            clipped_at = TAIL_CLIP
         epsilon = self.ledger.step()
-        # the clipped noise differs from the discrete Gaussian only where a value fell
-        # beyond the bound: the release is the mechanism's except with at most that
-        # probability, which adds to delta (summed over rounds)
-        self.tail_mass += model.layout.size * tail_bound(sigma, bound)
         delta = self.config.delta + self.tail_mass
-        log(INFO, "Central DP round %d (Paillier): noise added to the encrypted average of %d "
-            "updates, clip %.4g, epsilon %.4f at delta %.6g (%g, plus %.2g for the noise "
-            "clipped at %g standard deviations)", server_round, model.total_weight,
-            self.clipper.clip, epsilon, delta, self.config.delta, self.tail_mass, TAIL_CLIP)
+        log(INFO, "%s DP round %d (Paillier): %s the encrypted average of %d updates, clip "
+            "%.4g, epsilon %.4f at delta %.6g (%g, plus %.2g for the noise clipped at %g "
+            "standard deviations)", "Distributed" if self.distributed else "Central",
+            server_round, how, model.total_weight, self.clipper.clip, epsilon, delta,
+            self.config.delta, self.tail_mass, clipped_at)
         return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
 
 
@@ -441,3 +482,26 @@ def distributed_noise(config: Mapping[str, object], node_config: Mapping[str, ob
                               f"{multiplier:.4g}, below this node's {MIN_NOISE_SETTING} "
                               f"{floor:g}: the server must ask for at least that")
     return float(levels)
+
+
+def paillier_client_noise(config: Mapping[str, object], node_config: Mapping[str, object]
+                          ) -> ClientNoise | None:
+    """Distributed DP under Paillier, on a node: the noise its update must carry
+    (:class:`strategies.paillier_protocol.ClientNoise`), or None in a round without it.
+
+    Raises
+    ------
+    ValueError
+        If the server sent a malformed request.
+    PermissionError
+        If the round's noise is below the node's ``dp-min-noise-multiplier``
+        (:func:`distributed_noise`).
+    """
+    levels = distributed_noise(config, node_config)
+    if not levels:
+        return None
+    quorum = config.get(QUORUM_KEY)
+    if not is_int(quorum) or not 1 <= quorum < 2 ** 32:
+        raise ValueError(f"the server asked for distributed DP noise without a valid "
+                         f"{QUORUM_KEY} (got {quorum!r}): a positive int expected")
+    return ClientNoise.for_round(levels, quorum, float(config[CLIP_KEY]))

@@ -56,7 +56,7 @@ from .paillier_node import (CLIPPED_KEY, PaillierRounds, decrypt_global_model,
                             encrypt_local_model, node_private_key, node_workers,
                             parse_round_config, round_config)
 from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
-                                DecryptionRefused, EncryptedModel, RoundSum)
+                                DecryptionRefused, EncryptedModel)
 
 TENSOR_TYPE = "paillier-v1/numpy.ndarray"
 _ORDER = (CIPHERTEXTS_KEY, HEADER_KEY)
@@ -178,7 +178,7 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
         if not results or (failures and not self.accept_failures):
             self.watch.end_round(server_round, False)
             return None, {}
-        round_sum = RoundSum(self.public_key, self.params, self._layout, server_round)
+        round_sum = self._round_sum(server_round)
         valid: list[FitRes] = []
         for proxy, res in results:
             try:
@@ -239,7 +239,8 @@ def _encrypt_fitres(msg: Message, reply: Message, context: Context,
         update, clipped = encrypt_local_model(
             _fit_config(msg), layout_of(arrays).names, arrays, res.num_examples,
             node_private_key(context), run=msg.metadata.run_id, node=context.node_id,
-            workers=node_workers(context), metrics=res.metrics)
+            workers=node_workers(context), metrics=res.metrics,
+            node_config=context.node_config)
         encrypted = to_parameters(update)
         if node_setting(context.node_config, PLAINTEXT_METRICS):
             reply.content.config_records["fitres.metrics"] = ConfigRecord(

@@ -129,7 +129,7 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        round_sum = RoundSum(self.public_key, self.params, self._layout, server_round)
+        round_sum = self._round_sum(server_round)
         valid = screen(server_round, replies, self.watch,
                        lambda msg: self._accept(msg, round_sum))
         log(INFO, "aggregate_train: %d valid encrypted replies of %d, total weight %d",
@@ -177,7 +177,7 @@ def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Conte
     update, clipped = encrypt_local_model(
         dict(config), list(arrays), list(arrays.values()), weight, key,
         run=msg.metadata.run_id, node=context.node_id, workers=node_workers(context),
-        metrics=own)
+        metrics=own, node_config=context.node_config)
     reply.content[name] = as_record(update)
     if node_setting(context.node_config, PLAINTEXT_METRICS):
         metrics.update({CLIPPED_KEY: clipped, **released})

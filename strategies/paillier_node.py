@@ -19,14 +19,15 @@ from flwr.app import Context
 from flwr.common.logger import log
 
 from .checks import is_int
+from .dp_rounds import paillier_client_noise
 from .encoding import EncodingParams
 from .screening import RoundWatch
 from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
 from .node_errors import NodeError
 from .paillier import Encryptor, PrivateKey, PublicKey
 from .node_settings import node_setting
-from .paillier_protocol import (EncryptedModel, Layout, client_weight, decrypt_model,
-                                encrypt_update)
+from .paillier_protocol import (ClientNoise, EncryptedModel, Layout, RoundSum, client_weight,
+                                decrypt_model, encrypt_update)
 from .paillier_tags import TagKey
 from .secure_sums import metric_sums
 
@@ -65,6 +66,12 @@ class PaillierRounds:
         self.public_key = public_key
         self.weight_unit = weight_unit
         self._layout: Layout | None = None
+        # distributed DP (set by the DP wrapper): the noise every update must carry
+        self.client_noise: ClientNoise | None = None
+
+    def _round_sum(self, server_round: int) -> RoundSum:
+        return RoundSum(self.public_key, self.params, self._layout, server_round,
+                        client_noise=self.client_noise)
 
     def _remember_layout(self, plain: dict[str, np.ndarray] | None,
                          arrays: list[np.ndarray] | None = None,
@@ -168,7 +175,7 @@ def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
     if minimum < 1:
         raise NodeError(f"node setting paillier-min-contributors must be >= 1, got {minimum}")
     accept_noise = node_setting(node_config, "paillier-accept-server-noise")
-    if model.noise_offset and not accept_noise:
+    if model.server_noise and not accept_noise:
         raise NodeError("the server added central-DP noise to the encrypted model, which no "
                         "node can check: this node decrypts it only with its node setting "
                         "paillier-accept-server-noise=true (docs/threat-model.md)")
@@ -186,17 +193,22 @@ def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
 
 def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray],
                         num_examples: int, key: PrivateKey, *, run: int, node: int,
-                        workers: int | None, metrics: Mapping[str, object] | None = None
+                        workers: int | None, metrics: Mapping[str, object] | None = None,
+                        node_config: Mapping[str, object] | None = None
                         ) -> tuple[EncryptedModel, float]:
     """This node's trained model, encrypted as the round's config asks, weighted by
     its examples and tagged for ``(run, round, node)``, with its train ``metrics``
     (weight excluded) and the fraction of values outside the clip range
     (``paillier-clipped``) as weighted sums; returns the update and that fraction.
+    When the round asks for distributed DP, the node's share of the noise goes in
+    before encryption (:func:`strategies.dp_rounds.paillier_client_noise`, which
+    checks it against the node's own ``dp-min-noise-multiplier``).
 
     Raises ``ValueError`` if the config holds no Paillier parameters (the server is
     not a Paillier strategy: never send plaintext then) or names another key.
     """
     params, fingerprint, unit, server_round = parse_round_config(config)
+    noise = paillier_client_noise(config, node_config or {})
     if fingerprint != key.fingerprint:
         raise NodeError(f"the server uses key {fingerprint[:16]}..., this node holds "
                          f"{key.fingerprint[:16]}...: give every node the same key pair")
@@ -214,5 +226,6 @@ def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray]
     weight = client_weight(num_examples, unit)
     sums = metric_sums({**(metrics or {}), CLIPPED_KEY: clipped}, weight)
     update = encrypt_update(arrays, layout, weight, params, encryptor, tag_key, run=run,
-                            server_round=server_round, node=node, workers=workers, sums=sums)
+                            server_round=server_round, node=node, workers=workers, sums=sums,
+                            noise=noise)
     return update, clipped

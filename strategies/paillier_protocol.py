@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,8 @@ import numpy as np
 
 from .checks import is_int
 from .aggregation import InvalidUpdate, Layout  # noqa: F401  (Layout: part of this API)
-from .encoding import EncodingParams, decode, encode, encode_noise, pack
+from .discrete_gaussian import discrete_gaussian
+from .encoding import EncodingOverflow, EncodingParams, decode, encode_noise, pack, quantize
 from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
                        check_ciphertext_array)
 from .paillier_tags import TagKey, round_context
@@ -37,6 +39,55 @@ CIPHERTEXTS_KEY = "paillier-ciphertexts"
 HEADER_KEY = "paillier-header"
 MAX_HEADER_BYTES = 1 << 20  # the header beside the ciphertexts: encoding, layout, weight
 FORMAT_VERSION = 2
+CLIENT_TAIL_CLIP = 12.0  # distributed DP: each client's noise is clipped this many stds out
+
+
+@dataclass(frozen=True)
+class ClientNoise:
+    """Distributed DP under Paillier: the noise each contributor adds to its levels
+    before encrypting, a discrete Gaussian of std ``std`` levels clipped to
+    ``[-bound, bound]`` (``bound = ceil(CLIENT_TAIL_CLIP std)``) and offset by ``bound``
+    so that the slots stay non-negative. ``std`` is the round's total ``levels`` over
+    ``sqrt(quorum)`` (:meth:`for_round`), so an aggregate of at least ``quorum``
+    contributors carries at least the mechanism's noise; ``clip`` is the DP clipping
+    norm the noise was sized for. Every contributor's tag binds it
+    (:meth:`EncryptedModel.context`), so the server can neither change it nor pass off
+    an aggregate of fewer contributors as complete."""
+
+    std: float
+    quorum: int
+    clip: float
+
+    @classmethod
+    def for_round(cls, levels: float, quorum: int, clip: float) -> ClientNoise:
+        """Each of at least ``quorum`` contributors' share of noise of std ``levels``."""
+        return cls(float(levels) / math.sqrt(quorum), int(quorum), float(clip))
+
+    def __post_init__(self) -> None:
+        if not is_int(self.quorum) or self.quorum < 1:
+            raise ValueError(f"the quorum must be a positive int, got {self.quorum!r}")
+        for name in ("std", "clip"):
+            value = getattr(self, name)
+            if not isinstance(value, float) or not 0 < value < 2.0 ** 40:
+                raise ValueError(f"the client noise's {name} must be a positive float below "
+                                 f"2^40, got {value!r}")
+
+    @property
+    def bound(self) -> int:
+        return math.ceil(CLIENT_TAIL_CLIP * self.std)
+
+    def multiplier(self, step: float) -> float:
+        """The noise multiplier an aggregate of ``quorum`` contributors carries."""
+        return self.std * math.sqrt(self.quorum) * step / self.clip
+
+    def to_dict(self) -> dict:
+        return {"std": self.std, "quorum": self.quorum, "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, value: object) -> ClientNoise:
+        if not isinstance(value, dict) or set(value) != {"std", "quorum", "clip"}:
+            raise ValueError("client-noise must be an object of std, quorum and clip")
+        return cls(value["std"], value["quorum"], value["clip"])
 
 
 @dataclass(frozen=True)
@@ -56,13 +107,21 @@ class EncryptedModel:
     run: int
     server_round: int
     contributors: Mapping[int, int]
-    noise_offset: int = 0  # > 0 once the server added DP noise (encoding.encode_noise)
+    noise_offset: int = 0  # the sum of the contributors' and the server's noise offsets
     sums: tuple[str, ...] = ()  # names of the metric sums, one plaintext row each
+    client_noise: ClientNoise | None = None  # distributed DP: what each contributor added
 
     @property
     def total_weight(self) -> int:
         """The sum of the contributors' weights."""
         return sum(self.contributors.values())
+
+    @property
+    def server_noise(self) -> int:
+        """The offset of noise the server added (central DP): what the contributors'
+        own noise offsets do not account for. No key holder can check that noise."""
+        own = self.client_noise.bound * len(self.contributors) if self.client_noise else 0
+        return self.noise_offset - own
 
     def header(self) -> dict:
         header = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint,
@@ -72,12 +131,18 @@ class EncryptedModel:
                   "sums": list(self.sums)}
         if self.noise_offset:
             header["noise-offset"] = self.noise_offset
+        if self.client_noise:
+            header["client-noise"] = self.client_noise.to_dict()
         return header
 
     def context(self) -> bytes:
-        """What the tags bind: run, round, key, encoding, layout and the sums' names."""
+        """What the tags bind: run, round, key, encoding, layout, the sums' names and
+        the contributors' noise."""
+        bound = [self.layout.to_json(), list(self.sums)]
+        if self.client_noise:
+            bound.append(self.client_noise.to_dict())
         return round_context(self.run, self.server_round, self.fingerprint,
-                             self.params.to_dict(), [self.layout.to_json(), list(self.sums)])
+                             self.params.to_dict(), bound)
 
     @property
     def rows(self) -> int:
@@ -133,6 +198,8 @@ class EncryptedModel:
             offset = params.check_noise_offset(header.get("noise-offset", 0),
                                                sum(contributors.values()))
             sums = tuple(check_names(header.get("sums", [])))
+            noise = header.get("client-noise")
+            noise = ClientNoise.from_dict(noise) if noise is not None else None
         except KeyError as err:
             raise InvalidUpdate(f"malformed header: no {err} entry") from None
         except (ValueError, TypeError, AttributeError, RecursionError) as err:  # deep JSON
@@ -142,7 +209,9 @@ class EncryptedModel:
                 f"encrypted under key {str(fingerprint)[:16]}..., expected "
                 f"{public_key.fingerprint[:16]}...: this node uses another key pair")
         model = EncryptedModel(np.zeros((0, 0), np.uint8), fingerprint, params, layout, run,
-                               server_round, contributors, offset, sums)
+                               server_round, contributors, offset, sums, noise)
+        if model.server_noise < 0:
+            raise InvalidUpdate(f"noise offset {offset} is below the contributors' own")
         try:
             cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY], model.rows)
         except ValueError as err:
@@ -178,20 +247,29 @@ def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
                    params: EncodingParams, encryptor: Encryptor, tag_key: TagKey, *,
                    run: int, server_round: int, node: int, workers: int | None = 1,
                    rng: np.random.Generator | None = None,
-                   sums: Mapping[str, float] | None = None) -> EncryptedModel:
+                   sums: Mapping[str, float] | None = None,
+                   noise: ClientNoise | None = None) -> EncryptedModel:
     """One client's weighted, quantized, packed, tagged and encrypted model, bound to
     ``(run, server_round, node)``, with ``sums`` (metrics within
     :func:`strategies.secure_sums.clamp`, already weighted) one per plaintext row as
     ``to_fixed(v) + 2^63``: a sum of up to ``2^16`` contributors is below ``2^80``, far
-    inside a plaintext, and the key holders release only the round's sums."""
+    inside a plaintext, and the key holders release only the round's sums. With
+    ``noise`` (distributed DP), its share of discrete Gaussian noise is added to the
+    levels before packing, so the tag covers it."""
     if not 1 <= weight <= params.max_total_weight:
         raise ValueError(f"weight {weight} is outside 1..{params.max_total_weight}: raise "
                          "the weight unit or the maximum total weight")
     names = sorted(sums or {})
     check_names(names)
     model = EncryptedModel(np.zeros((0, 0), np.uint8), encryptor.public_key.fingerprint,
-                           params, layout, run, server_round, {node: weight}, sums=tuple(names))
-    plaintexts = encode(layout.flatten(arrays), params, weight, rng)
+                           params, layout, run, server_round, {node: weight}, sums=tuple(names),
+                           noise_offset=noise.bound if noise else 0, client_noise=noise)
+    levels = quantize(layout.flatten(arrays), params, weight, rng)
+    if noise:
+        shifted, _ = encode_noise(discrete_gaussian(noise.std, layout.size), noise.bound,
+                                  weight, params)
+        levels = levels + shifted
+    plaintexts = pack(levels, params)
     plaintexts += [to_fixed(sums[k]) + OFFSET for k in names]
     plaintexts.append(tag_key.tag(plaintexts, model.context(), node, weight))
     cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
@@ -252,14 +330,20 @@ class RoundSum:
     reason, so the caller can leave that node out and go on. Key holders refuse to
     decrypt a sum of fewer than ``min_contributors`` updates, so :meth:`result`
     makes none.
+
+    With ``client_noise`` (distributed DP) every update must carry exactly that noise,
+    and the sum needs at least its quorum of contributors.
     """
 
     def __init__(self, public_key: PublicKey, params: EncodingParams, layout: Layout | None,
-                 server_round: int, min_contributors: int = 2) -> None:
+                 server_round: int, min_contributors: int = 2,
+                 client_noise: ClientNoise | None = None) -> None:
         self.public_key, self.params, self.layout = public_key, params, layout
-        self.server_round, self.min_contributors = server_round, min_contributors
+        self.server_round, self.client_noise = server_round, client_noise
+        self.min_contributors = max(min_contributors, client_noise.quorum if client_noise
+                                    else 0)
         self.updates: list[EncryptedModel] = []
-        self.total_weight = 0
+        self.total_weight = self.noise_offset = 0
         self._nodes: set[int] = set()
 
     def add(self, node: int, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
@@ -270,8 +354,12 @@ class RoundSum:
             raise InvalidUpdate("a second reply from this node in this round")
         self._nodes.add(node)
         update = EncryptedModel.from_arrays(arrays, self.public_key)
-        if update.noise_offset:
-            raise InvalidUpdate("a client update carries a noise offset")
+        if update.client_noise != self.client_noise:
+            raise InvalidUpdate(f"the update carries distributed-DP noise "
+                                f"{_described(update.client_noise)}, the round asks for "
+                                f"{_described(self.client_noise)}")
+        if update.server_noise:
+            raise InvalidUpdate("a client update carries a noise offset of its own")
         if dict(update.contributors) != {node: update.total_weight}:
             raise InvalidUpdate(f"the update names nodes {sorted(update.contributors)}, sent "
                                 f"by node {node}: a node may only answer for itself")
@@ -291,8 +379,15 @@ class RoundSum:
             raise InvalidUpdate(f"its weight {update.total_weight} would take the total "
                                 f"past {self.params.max_total_weight}: raise "
                                 "max_total_weight or weight_unit")
+        try:
+            self.params.check_noise_offset(self.noise_offset + update.noise_offset,
+                                           self.total_weight + update.total_weight)
+        except EncodingOverflow:
+            raise InvalidUpdate("its noise would take the sum out of its slots: raise "
+                                "max_total_weight (more headroom bits)") from None
         self.updates.append(update)
         self.total_weight += update.total_weight
+        self.noise_offset += update.noise_offset
         return update
 
     def result(self, *, workers: int | None = 1) -> EncryptedModel | None:
@@ -301,6 +396,11 @@ class RoundSum:
         if len(self.updates) < max(1, self.min_contributors):
             return None
         return aggregate(self.public_key, self.updates, workers=workers)
+
+
+def _described(noise: ClientNoise | None) -> str:
+    return "none" if noise is None else (f"of std {noise.std:.6g} levels for a quorum of "
+                                         f"{noise.quorum}")
 
 
 class DecryptionRefused(ValueError):
@@ -323,6 +423,8 @@ def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contrib
     ----------
     min_contributors
         Refuse a model of fewer contributors (1: a single update may be decrypted).
+        A model whose contributors added distributed-DP noise also needs the quorum
+        that noise was shared among (:class:`ClientNoise`, bound by the tag).
     accept_noise
         Decrypt a model the server added central-DP noise to, whose tag cannot hold
         (see :mod:`strategies.paillier_tags`); without it such a model is refused.
@@ -338,13 +440,14 @@ def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contrib
     """
     if model.fingerprint != private_key.fingerprint:
         raise ValueError("this model was encrypted under another key pair")
-    if len(model.contributors) < min_contributors or (model.noise_offset and not accept_noise):
-        raise DecryptionRefused()
     n = len(model.contributors)
+    quorum = model.client_noise.quorum if model.client_noise else 0
+    if n < max(min_contributors, quorum) or (model.server_noise and not accept_noise):
+        raise DecryptionRefused()
     try:
         plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
         *plaintexts, tag = plaintexts
-        if not model.noise_offset and not TagKey.from_private_key(private_key).verify(
+        if not model.server_noise and not TagKey.from_private_key(private_key).verify(
                 plaintexts, tag, model.context(), model.contributors):
             raise DecryptionRefused()
         rows = plaintexts[len(plaintexts) - len(model.sums):]

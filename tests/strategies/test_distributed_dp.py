@@ -113,18 +113,25 @@ def test_a_malformed_noise_request_is_refused(bad):
 
 
 # ------------------------------------------------------------------ the wrapper
-def test_distributed_dp_is_refused_where_it_cannot_hold(keypair):
-    from strategies.paillier_message import PaillierFedAvg
-
-    for strategy in (WeightedFedAvg(), PaillierFedAvg(keypair[0], clip=1.0)):
-        with pytest.raises(ValueError, match="distributed DP needs masking"):
-            CentralDP(strategy, noise_multiplier=1.0, clip=1.0, mode="distributed")
-    for extra in ({"adaptive": True}, {"sampling": "fixed"}):
-        with pytest.raises(ValueError, match="Poisson sampling with a fixed clip"):
+def test_distributed_dp_is_refused_where_it_cannot_hold():
+    with pytest.raises(ValueError, match="distributed DP needs masking or Paillier"):
+        CentralDP(WeightedFedAvg(), noise_multiplier=1.0, clip=1.0, mode="distributed")
+    with pytest.raises(ValueError, match="accounted for a fixed clip"):
+        CentralDP(SecAggFedAvg(clip=2.0), noise_multiplier=1.0, clip=1.0,
+                  mode="distributed", adaptive=True)
+    for quorum in (0.0, 1.5):
+        with pytest.raises(ValueError, match="quorum must be in"):
             CentralDP(SecAggFedAvg(clip=2.0), noise_multiplier=1.0, clip=1.0,
-                      mode="distributed", **extra)
+                      mode="distributed", quorum=quorum)
     with pytest.raises(ValueError, match="one of"):
         CentralDP(SecAggFedAvg(clip=2.0), noise_multiplier=1.0, clip=1.0, mode="local")
+
+
+def test_distributed_dp_with_fixed_sampling_takes_the_general_bound():
+    dp = CentralDP(SecAggFedAvg(clip=2.0), noise_multiplier=1.0, clip=1.0,
+                   mode="distributed", sampling="fixed")
+    dp._start_dp(10, 5, 1000)
+    assert dp.config.sampling == "fixed" and dp.config.distributed
 
 
 def test_too_many_nodes_for_too_little_noise_each_is_refused():

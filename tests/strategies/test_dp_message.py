@@ -720,6 +720,45 @@ def test_a_distributed_round_releases_the_clients_noise_and_the_server_adds_none
     assert metrics["dp-epsilon"] == pytest.approx(opacus_epsilon(1.0, 0.5, 1, 1e-5), rel=1e-6)
 
 
+def test_a_distributed_paillier_round_carries_the_clients_noise_and_a_second_decrypts(
+        paillier_keys, task_identity, monkeypatch):
+    """mode="distributed" under Paillier: the nodes' paillier_mod adds each one's share
+    before encrypting (quorum 0.75 of 4: 3), the server draws nothing, and the aggregate
+    it sends back is authentic: the next round's nodes decrypt it without accepting any
+    server noise, and find the clipped average plus noise of std z C / 4 sqrt(4 / 3)."""
+    from strategies.paillier_message import PaillierFedAvg
+    from strategies.paillier_protocol import EncryptedModel, decrypt_model
+
+    def server_noise(*_):
+        raise AssertionError("the server drew noise")
+
+    monkeypatch.setattr("strategies.dp_rounds.discrete_gaussian", server_noise)
+    public, private = paillier_keys
+    shapes = {"w": (100, 100)}
+    glob = model(shapes, 42, scale=0.1)
+    deltas = {u: scaled_to(shapes, u, 0.3) for u in NODES}  # within the clip
+    nodes = [PaillierNode(u, deltas[u], private) for u in NODES]
+    dp = CentralDP(PaillierFedAvg(public, clip=2.0, min_available_nodes=4, min_train_nodes=4,
+                                  fraction_evaluate=0.0), noise_multiplier=0.5, clip=0.5,
+                   mode="distributed", quorum=0.75)
+    new, metrics, messages = run_round(dp, FakeGrid(nodes), glob)
+    assert all(dict(m.content.config_records["config"])["dp-noise-quorum"] == 3
+               for m in messages)
+    encrypted = EncryptedModel.from_arrays(numpy_of(new), public)
+    assert encrypted.server_noise == 0 and encrypted.client_noise.quorum == 3
+    got = decrypt_model(private, encrypted)[0][0].astype(np.float64).ravel()
+    residual = got - flat(glob) - sum(flat(deltas[u]) for u in NODES) / 4
+    std = 0.5 * 0.5 / 4 * math.sqrt(4 / 3)
+    assert abs(residual.std() / std - 1) < 0.04  # 10,000 values: ~0.7% standard error
+    assert abs(residual.mean()) < 6 * std / math.sqrt(residual.size)
+    noise = encrypted.client_noise
+    assert metrics["dp-delta"] == pytest.approx(
+        1e-5 + 4 * 10_000 * tail_bound(noise.std, noise.bound), rel=1e-12)
+    # the next round: the nodes decrypt it as the global model (no server-noise setting)
+    new2, _, _ = run_round(dp, FakeGrid(nodes), numpy_of(new), rnd=2)
+    assert EncryptedModel.from_arrays(numpy_of(new2), public).server_round == 2
+
+
 def test_a_node_refuses_to_add_less_noise_than_its_floor(task_identity, monkeypatch,
                                                          flwr_caplog):
     """The server asks for multiplier 0.5; nodes that require 0.8 refuse, saying why."""
