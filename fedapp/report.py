@@ -42,8 +42,8 @@ CENTRAL_DP_SEES = ("with central DP", "the released model is noised, (epsilon, d
                    "trusted to add it")
 DISTRIBUTED_DP_SEES = ("with distributed DP", "the released model is noised, (epsilon, delta)-DP "
                        "for each client's whole update; each client adds its share of the "
-                       "noise before masking, so even the server only ever unmasks a noised "
-                       "sum")
+                       "noise before masking or encrypting, so every sum anyone can unmask "
+                       "or decrypt is a noised one")
 
 STATUS_TEXT = {
     "running": "running, or stopped before it could say how it ended",
