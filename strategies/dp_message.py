@@ -82,11 +82,12 @@ class CentralDP(DPRounds, Strategy):
         inside the secure mod), so the sum already carries all of it and no party,
         the server included, sees an un-noised aggregate; the server adds nothing.
     quorum : float (default: 0.8)
-        Distributed DP under Paillier: each update carries the noise of a quorum of
-        ``ceil(quorum m)`` of the ``m`` sampled clients, and key holders decrypt only
-        sums of at least that many (so up to ``1 - quorum`` may drop out; with none
-        dropping the noise is ``1 / sqrt(quorum)`` times the mechanism's). Under
-        masking the masking threshold plays this part.
+        Distributed DP: each update carries the noise of a quorum of ``k`` clients, and
+        no sum of fewer is ever unmasked or decrypted, so up to ``1 - quorum`` of them
+        may drop out; with none dropping the noise is ``1 / sqrt(quorum)`` times the
+        mechanism's. Under Paillier ``k = ceil(quorum m)`` (at least 2) of the ``m``
+        sampled; under masking ``ceil(quorum n)`` of the round's ``n`` members, or the
+        masking quorum if that is more.
 
     Rounds without a usable update count towards the wrapped strategy's
     ``max_empty_rounds`` (3 around Flower's own FedAvg); the rounds after the privacy

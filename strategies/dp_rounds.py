@@ -34,6 +34,7 @@ BIT_KEY = "dp-unclipped"  # config flag (ask for the bit) and array name
 VALUE_CLIP_KEY, STEP_KEY = "dp-value-clip", "dp-quantization-step"  # the secure quantizer
 NOISE_LEVELS_KEY = "dp-noise-levels"  # distributed DP: the std the masked sum must carry
 QUORUM_KEY = "dp-noise-quorum"  # distributed DP under Paillier: contributors sharing it
+FRACTION_KEY = "dp-noise-quorum-fraction"  # under masking: the fraction of members sharing it
 
 
 SERVER_SEES = ("plain", "masked", "encrypted")
@@ -107,6 +108,7 @@ class DPRounds:
             if self.distributed else 0.0
         if self.distributed and self.masked:
             strategy.distributed_noise_levels = self.noise_levels
+            strategy.distributed_noise_fraction = quorum
         # check the arguments now (the default count noise depends on m: at round 1)
         DPConfig(num_sampled=1, population=1, **{
             **self._settings, "adaptive": adaptive and clipped_count_stddev is not None})
@@ -244,6 +246,8 @@ class DPRounds:
             config[NOISE_LEVELS_KEY] = self.noise_levels
         if self.distributed and self.encrypted:
             config[QUORUM_KEY] = self.strategy.client_noise.quorum
+        if self.distributed and self.masked:
+            config[FRACTION_KEY] = self.quorum
         if self.masked and self.config.adaptive:
             config[BIT_KEY] = True
         return config
@@ -505,3 +509,22 @@ def paillier_client_noise(config: Mapping[str, object], node_config: Mapping[str
         raise ValueError(f"the server asked for distributed DP noise without a valid "
                          f"{QUORUM_KEY} (got {quorum!r}): a positive int expected")
     return ClientNoise.for_round(levels, quorum, float(config[CLIP_KEY]))
+
+
+def masking_noise_fraction(config: Mapping[str, object]) -> float:
+    """Distributed DP under masking, on a node: the fraction of the round's members its
+    noise is shared among (``dp-noise-quorum-fraction``; 0 in a round without noise,
+    and then the masking quorum alone counts).
+
+    Raises
+    ------
+    ValueError
+        If a round with noise names no fraction in (0, 1].
+    """
+    if config.get(NOISE_LEVELS_KEY) is None:
+        return 0.0
+    fraction = config.get(FRACTION_KEY)
+    if not is_number(fraction) or not 0 < fraction <= 1:
+        raise ValueError(f"the server asked for distributed DP noise without a valid "
+                         f"{FRACTION_KEY} (got {fraction!r}): a number in (0, 1] expected")
+    return float(fraction)

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 
 from .aggregation import Layout
-from .dp_rounds import distributed_noise
+from .dp_rounds import distributed_noise, masking_noise_fraction
 from .keyfiles import (ROSTER_NAME, KeyNotFound, identity_name, load_identity, load_roster,
                        node_key_file)
 from .secagg_identity import NodeIdentity
@@ -176,6 +176,7 @@ def mask_model(payload: str, context: Context, node: int, names: list[str],
     the noise the node adds its share of: :func:`strategies.dp_rounds.distributed_noise`).
     The fraction of values outside the clip range is summed as ``secagg-clipped``."""
     noise = distributed_noise(config, context.node_config)
+    fraction = masking_noise_fraction(config)
     layout = Layout.of(names, arrays)
     # in the model's own float dtype (float32 for torch): quantize computes in float64
     flat = layout.flatten(arrays, np.result_type(*arrays))
@@ -188,7 +189,8 @@ def mask_model(payload: str, context: Context, node: int, names: list[str],
             100 * clipped, clip)
     sums = metric_sums({**metrics, CLIPPED_KEY: clipped}, weight)
     masked, header, state = client_mask(payload, state, node, flat, weight,
-                                        model_digest=received, sums=sums, noise_levels=noise)
+                                        model_digest=received, sums=sums, noise_levels=noise,
+                                        noise_fraction=fraction)
     save_state(context, state)
     header["layout"] = layout_digest(layout)
     return {MASKED_KEY: masked, HEADER_KEY: header_array(header)}

@@ -543,10 +543,16 @@ def _expect(state: dict, stage: str, now: str, req: dict) -> tuple[bytes, bytes]
     return context, unb64(state["session"], 32, "session")
 
 
+def noise_quorum(quorum: int, members: int, fraction: float) -> int:
+    """Distributed DP: the survivors a noised round needs, the round's ``quorum`` or
+    ``ceil(fraction members)`` if more; each node's noise is shared among that many."""
+    return max(quorum, math.ceil(fraction * members))
+
+
 def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: int,
                 rng: np.random.Generator | None = None, model_digest: str = "",
-                sums: Mapping[str, float] | None = None, noise_levels: float = 0.0
-                ) -> tuple[np.ndarray, dict, dict]:
+                sums: Mapping[str, float] | None = None, noise_levels: float = 0.0,
+                noise_fraction: float = 0.0) -> tuple[np.ndarray, dict, dict]:
     """Stage 3: the masked, weighted, quantized model followed by the masked sums;
     returns the vector, its header (for the server's checks) and the new state.
 
@@ -559,9 +565,10 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
 
     ``noise_levels`` (distributed DP): the std, in levels, of the noise the unmasked
     sum must carry. The node adds discrete Gaussian noise of std ``noise_levels /
-    sqrt(quorum)`` to its levels: the server can unmask only a sum of at least the
-    round's quorum of nodes, which then carries at least ``noise_levels`` (Kairouz, Liu
-    and Steinke, ICML 2021: a sum of discrete Gaussians is nearly one).
+    sqrt(k)`` to its levels, ``k`` the :func:`noise_quorum` for ``noise_fraction`` of
+    the round's members, and from then on refuses to unmask a sum of fewer than ``k``
+    survivors: every sum the server can unmask carries at least ``noise_levels``
+    (Kairouz, Liu and Steinke, ICML 2021: a sum of discrete Gaussians is nearly one).
 
     Raises
     ------
@@ -588,8 +595,10 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
         raise SecAggError(f"at most {MAX_SUMS - 1} sums, named by strings of 1 to "
                           f"{MAX_SUM_NAME} characters other than {WEIGHT!r}") from None
     encoded = encode_weighted(flat, weight, params, rng or np.random.default_rng())
+    needed = state["quorum"]
     if noise_levels:  # wraps in the modulus as a negative value must
-        encoded += discrete_gaussian(noise_levels / math.sqrt(state["quorum"]),
+        needed = noise_quorum(needed, len(state["members"]), noise_fraction)
+        encoded += discrete_gaussian(noise_levels / math.sqrt(needed),
                                      encoded.size).astype(params.dtype)
     names, limbs = encode_sums({**{k: to_fixed(v) for k, v in sums.items()}, WEIGHT: weight},
                                params.dtype)
@@ -606,7 +615,7 @@ def client_mask(request: str, state: dict, node: int, flat: np.ndarray, weight: 
     for v, sealed in received.items():
         unb64(sealed, SEALED_BYTES, f"sealed shares from node {v}")
     state = {**state, "stage": "masked", "received": {str(v): ct for v, ct in received.items()},
-             "model": str(model_digest)}
+             "model": str(model_digest), "quorum": needed}
     header = {"version": VERSION, "context": b64(context), "node": node,
               "mod-bits": params.mod_bits, "length": int(flat.size), "sums": names}
     return masked, header, state
@@ -796,8 +805,10 @@ class ServerRound:
         self.total: np.ndarray | None = None
         self.sums: dict[str, float] = {}  # the round's sums, once unmasked
         self.level_sum: np.ndarray | None = None  # the unmasked sum of the levels
-        # distributed DP: the std (in levels) of the noise the nodes add to the sum
+        # distributed DP: the std (in levels) of the noise the nodes add to the sum, and
+        # the fraction of the members it is shared among (noise_quorum)
         self.noise_levels = 0.0
+        self.noise_fraction = 0.0
         self.stats = {"sampled": len(self.nodes)}
 
     @property
@@ -811,6 +822,14 @@ class ServerRound:
     @property
     def threshold(self) -> int:
         return self._drawn().threshold
+
+    @property
+    def quorum(self) -> int:
+        """The survivors the round needs (with distributed DP, :func:`noise_quorum`)."""
+        drawn = self._drawn()
+        if not self.noise_levels:
+            return drawn.quorum
+        return noise_quorum(drawn.quorum, len(drawn.points), self.noise_fraction)
 
     @property
     def members(self) -> list[int]:
@@ -998,7 +1017,7 @@ class ServerRound:
         """Ask every survivor to sign who survived and who dropped (Bonawitz et al.'s
         ConsistencyCheck round)."""
         survivors, dropped = self._view()
-        needed = max(2, self.drawn.quorum)
+        needed = max(2, self.quorum)
         if len(survivors) < needed:
             raise RoundAborted(f"only {len(survivors)} masked updates arrived, {needed} needed")
         self.stats.update(survivors=len(survivors), dropped=len(dropped))
@@ -1082,7 +1101,7 @@ class ServerRound:
         self.level_sum = total[:self.length].copy()  # central DP adds its noise to these
         try:
             if self.noise_levels:  # each survivor added noise_levels / sqrt(quorum)
-                std = self.noise_levels * math.sqrt(len(survivors) / self.drawn.quorum)
+                std = self.noise_levels * math.sqrt(len(survivors) / self.quorum)
                 self.level_sum = centred_sum(total[:self.length], weight, self.params, std)
                 average = self.params.fixed_point.dequantize(self.level_sum, weight)
             else:

@@ -56,8 +56,10 @@ class SecAggRounds:
         self._next: tuple[bytes, dict[int, dict]] | None = None
         self.last_total_weight = 0  # of the last aggregate: central DP reads it
         self.last_level_sum: np.ndarray | None = None  # and its sum of levels
-        # distributed DP (set by the DP wrapper): the noise std, in levels, the nodes add
+        # distributed DP (set by the DP wrapper): the noise std, in levels, the nodes add,
+        # and the fraction of the members they share it among
         self.distributed_noise_levels = 0.0
+        self.distributed_noise_fraction = 0.0
 
     def _new_round(self, nodes: list[int]) -> ServerRound:
         """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
@@ -65,6 +67,7 @@ class SecAggRounds:
         rnd = ServerRound(self.params, nodes, self._layout.size, self.num_neighbors,
                           self.threshold_fraction, self._seen_keys, preadvertised)
         rnd.noise_levels = self.distributed_noise_levels
+        rnd.noise_fraction = self.distributed_noise_fraction
         return rnd
 
     def _key_stages(self, rnd: ServerRound, exchange: Callable[[dict[int, str], str],

@@ -76,7 +76,7 @@ def test_distributed_dp_says_the_clients_add_the_noise(tmp_path):
     rec.write_config({**rec._config(), "dp-mode": "distributed"})
     page = rec.publish().read_text()
     assert "mnist | secagg | distributed DP z = 1 | run" in page
-    assert "so even the server only ever unmasks a noised sum" in page
+    assert "so every sum anyone can unmask" in page
     assert "the server draws the noise" not in page
     assert "Distributed DP (noise multiplier 1" in page
 

@@ -157,9 +157,10 @@ class Round:
         self.sr.receive_shares(replies)
         return replies
 
-    def mask(self, drop=(), xs=None, ws=None, sums=None, noise=0.0):
+    def mask(self, drop=(), xs=None, ws=None, sums=None, noise=0.0, fraction=0.0):
         """Every node in U2 masks (with ``sums[u]``, if given; with distributed DP's
-        ``noise`` std in levels); the vectors of ``drop`` never reach the server."""
+        ``noise`` std in levels, shared among ``fraction`` of the members or the
+        quorum); the vectors of ``drop`` never reach the server."""
         for u, payload in self.sr.mask_payloads().items():
             x = xs[u] if xs else self.rng.uniform(-self.params.clip, self.params.clip,
                                                   self.length)
@@ -168,7 +169,7 @@ class Round:
             y, h, self.state[u] = client_mask(payload, self.state[u], u, x, w,
                                               np.random.default_rng(self.seeds[u]),
                                               sums=sums[u] if sums else None,
-                                              noise_levels=noise)
+                                              noise_levels=noise, noise_fraction=fraction)
             self.xs[u], self.ws[u], self.ys[u], self.headers[u] = x, w, y, h
             if u not in drop:
                 self.sr.receive_masked(u, y, h)

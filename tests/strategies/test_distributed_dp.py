@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 
 from strategies import dp as dp_core
 from strategies.dp_message import CentralDP
-from strategies.dp_rounds import NOISE_LEVELS_KEY, distributed_noise
+from strategies.dp_rounds import (FRACTION_KEY, NOISE_LEVELS_KEY, distributed_noise,
+                                  masking_noise_fraction)
 from strategies.fedavg import WeightedFedAvg
 from strategies.node_settings import NodeError
-from strategies.secagg_masks import MaskOverflow, SecAggParams, centred_sum
+from strategies.secagg_masks import MaskOverflow, SecAggError, SecAggParams, centred_sum
+from strategies.secagg_protocol import RoundAborted
 from strategies.secagg_message import SecAggFedAvg
 from tests.helpers.masking import Round
 
@@ -34,12 +36,14 @@ def clean_levels(rnd: Round) -> np.ndarray:
                .astype(np.int64) for u in sorted(rnd.sr.masked))
 
 
-def masked_round(noise: float, drop=(), n: int = 8) -> Round:
+def masked_round(noise: float, drop=(), n: int = 8, fraction: float = 0.0,
+                 server_fraction: float | None = None) -> Round:
     rnd = Round(n=n, length=LENGTH, seed=3)
     rnd.sr.noise_levels = noise
+    rnd.sr.noise_fraction = fraction if server_fraction is None else server_fraction
     rnd.advertise()
     rnd.share()
-    rnd.mask(drop=drop, ws={u: 1 for u in rnd.nodes}, noise=noise)
+    rnd.mask(drop=drop, ws={u: 1 for u in rnd.nodes}, noise=noise, fraction=fraction)
     rnd.unmask()
     return rnd
 
@@ -59,6 +63,24 @@ def test_the_unmasked_sum_carries_each_survivors_share_of_the_noise(drop):
     assert abs(residual.std() / std - 1) < 0.03
     assert abs(residual.mean()) < 6 * std / math.sqrt(LENGTH)
     assert np.array_equal(residual, np.rint(residual))  # integer noise: the lattice kept
+
+
+def test_a_noise_quorum_above_the_masking_quorum_needs_that_many_survivors():
+    """dp-quorum 0.75 of 8 members: each node shares the noise among 6, not the masking
+    quorum of 5. Six survivors carry exactly sigma; with five the server's round stops,
+    and a server that ignores the noise quorum finds the nodes refusing to unmask."""
+    rnd = Round(n=8, length=1, seed=3)
+    two, three = tuple(rnd.nodes[:2]), tuple(rnd.nodes[:3])
+    full = masked_round(300.0, drop=two, fraction=0.75)
+    assert full.sr.quorum == 6 and full.sr.drawn.quorum == 5
+    residual = (full.sr.level_sum - clean_levels(full)).astype(np.float64)
+    assert abs(residual.std() / 300.0 - 1) < 0.03
+    with pytest.raises(RoundAborted, match="only 5 masked updates arrived, 6 needed"):
+        masked_round(300.0, drop=three, fraction=0.75)
+    with pytest.raises(SecAggError, match="5 of the round's 8 members survived, 6 needed: "
+                                          "refusing to unmask"):  # on every node
+        masked_round(300.0, drop=three, fraction=0.75, server_fraction=0.0)
+    masked_round(300.0, drop=three, fraction=0.0)  # the defence off: five unmask
 
 
 def test_with_the_defence_off_the_server_unmasks_the_exact_sum():
@@ -110,6 +132,17 @@ def test_a_node_adds_what_the_round_asks_unless_below_its_own_floor():
 def test_a_malformed_noise_request_is_refused(bad):
     with pytest.raises(ValueError, match="distributed DP noise"):
         distributed_noise({**CONFIG, NOISE_LEVELS_KEY: bad}, {})
+
+
+def test_a_node_reads_the_fraction_its_noise_is_shared_among():
+    assert masking_noise_fraction({}) == 0.0  # no noise: the masking quorum alone
+    assert masking_noise_fraction({**CONFIG, FRACTION_KEY: 0.8}) == 0.8
+
+
+@pytest.mark.parametrize("bad", [None, 0, 1.5, "0.8", True, math.nan])
+def test_a_malformed_quorum_fraction_is_refused(bad):
+    with pytest.raises(ValueError, match=FRACTION_KEY):
+        masking_noise_fraction({**CONFIG, FRACTION_KEY: bad})
 
 
 # ------------------------------------------------------------------ the wrapper

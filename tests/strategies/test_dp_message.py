@@ -696,11 +696,13 @@ def test_central_dp_with_updates_of_extreme_norm(caplog_flwr, dtype, extreme):
 
 
 # ------------------------------------------------------------------ distributed DP
+@pytest.mark.parametrize("quorum, shared_by", [(0.5, 3), (0.8, 4)])
 def test_a_distributed_round_releases_the_clients_noise_and_the_server_adds_none(
-        task_identity, monkeypatch):
+        quorum, shared_by, task_identity, monkeypatch):
     """mode="distributed": the nodes' secagg_mod adds each one's share; the server's own
-    sampler is never called, and the released model carries noise of std z C / m (the
-    4 nodes each add levels / sqrt(quorum 3): 4 / 3 of the variance)."""
+    sampler is never called, and the released model carries noise of std z C / m times
+    sqrt(4 / k): the 4 nodes each add levels / sqrt(k), k the masking quorum of 3 or,
+    if more, ceil(quorum 4)."""
     def server_noise(*_):
         raise AssertionError("the server drew noise")
 
@@ -708,12 +710,12 @@ def test_a_distributed_round_releases_the_clients_noise_and_the_server_adds_none
     glob = model(BIG, 30, scale=0.1)
     deltas = {u: scaled_to(BIG, u, 0.3) for u in NODES}  # within the clip
     nodes = [MaskedNode(u, deltas[u]) for u in NODES]
-    dp = masked_dp(m=4, noise_multiplier=0.5, clip=0.5, mode="distributed")
+    dp = masked_dp(m=4, noise_multiplier=0.5, clip=0.5, mode="distributed", quorum=quorum)
     new, metrics, messages = run_round(dp, FakeGrid(nodes), glob)
     assert all(dict(m.content.config_records["config"])["dp-noise-levels"] > 0
                for m in messages)
     residual = flat(numpy_of(new)) - flat(glob) - sum(flat(deltas[u]) for u in NODES) / 4
-    std = 0.5 * 0.5 / 4 * math.sqrt(4 / 3)
+    std = 0.5 * 0.5 / 4 * math.sqrt(4 / shared_by)
     assert abs(residual.std() / std - 1) < 0.02
     assert abs(residual.mean()) < 6 * std / math.sqrt(residual.size)
     # q = 1: every node every round, the plain mechanism's epsilon
