@@ -29,7 +29,7 @@ from flwr.server.strategy import FedAvg, Strategy
 from .aggregation import InvalidUpdate
 from .dp_rounds import BIT_KEY, DPRounds, clip_local_update
 from .legacy_wire import legacy_names, load_ndarrays
-from .paillier_legacy import parameters_arrays, to_parameters
+from .paillier_legacy import is_encrypted, parameters_arrays, to_parameters
 from .paillier_protocol import EncryptedModel
 from .screening import report_failures
 
@@ -37,15 +37,17 @@ from .screening import report_failures
 class LegacyCentralDP(DPRounds, Strategy):
     """DP-FedAvg around a legacy FedAvg, ``LegacySecAggFedAvg`` or
     ``LegacyPaillierFedAvg`` (the arguments are those of
-    :class:`strategies.dp_message.CentralDP`), with fixed-size sampling only: Flower's
-    legacy server skips a round in which no client is selected, so a Poisson round
-    that draws nobody could not release its noise, and its absence would tell."""
+    :class:`strategies.dp_message.CentralDP`; ``mode="distributed"`` with the secure
+    ones), with fixed-size sampling only: Flower's legacy server skips a round in
+    which no client is selected, so a Poisson round that draws nobody could not
+    release its noise, and its absence would tell."""
 
     def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip: float,
                  population: int = 0, delta: float = 1e-5, max_epsilon: float = 0.0,
                  adaptive: bool = False, target_quantile: float = 0.5,
                  clip_learning_rate: float = 0.2,
-                 clipped_count_stddev: float | None = None, sampling: str = "fixed") -> None:
+                 clipped_count_stddev: float | None = None, sampling: str = "fixed",
+                 mode: str = "central", quorum: float = 0.8) -> None:
         if sampling != "fixed":
             raise ValueError(f"LegacyCentralDP samples a fixed number of clients (sampling "
                              f"'fixed'), got {sampling!r}: for Poisson sampling use the "
@@ -59,7 +61,7 @@ class LegacyCentralDP(DPRounds, Strategy):
                       delta=delta, max_epsilon=max_epsilon, adaptive=adaptive,
                       target_quantile=target_quantile, clip_learning_rate=clip_learning_rate,
                       clipped_count_stddev=clipped_count_stddev, sampling=sampling,
-                      mode="central")  # distributed DP needs Poisson sampling
+                      mode=mode, quorum=quorum)
 
     def __repr__(self) -> str:
         return f"LegacyCentralDP({self.strategy!r}; {self._describe_dp()})"
@@ -71,7 +73,8 @@ class LegacyCentralDP(DPRounds, Strategy):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         if self.config is None:
             connected = client_manager.num_available()
-            self._start_dp(connected, self.strategy.num_fit_clients(connected)[0])
+            self._start_dp(connected, self.strategy.num_fit_clients(connected)[0],
+                           self._model_size(parameters))
         if not self._budget_left(server_round):
             return []
         if not self.encrypted:
@@ -81,6 +84,13 @@ class LegacyCentralDP(DPRounds, Strategy):
         pairs = self.strategy.configure_fit(server_round, parameters, client_manager)
         extra = self._round_config()
         return [(proxy, FitIns(ins.parameters, {**ins.config, **extra})) for proxy, ins in pairs]
+
+    def _model_size(self, parameters: Parameters) -> int:
+        """The model's number of values, from plaintext or encrypted ``parameters``."""
+        if self.encrypted and is_encrypted(parameters):
+            return EncryptedModel.from_arrays(parameters_arrays(parameters),
+                                              self.strategy.public_key).layout.size
+        return sum(a.size for a in parameters_to_ndarrays(parameters))
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]

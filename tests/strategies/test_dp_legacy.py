@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from strategies.dp import clip_update
 from strategies.dp_legacy import LegacyCentralDP, legacy_dp_clip_mod
+from strategies.keyfiles import load_private_key, load_public_key
 from strategies.legacy_wire import load_ndarrays
 from strategies.secagg_legacy import LegacySecAggFedAvg, legacy_secagg_mod
 from tests.helpers import SHAPES
@@ -138,3 +139,56 @@ def test_legacy_central_dp_leaves_out_bad_replies(legacy_dp, caplog_flwr, data):
     assert all(np.isfinite(g).all() for g in got)
     if any("client 9" in w for w in warnings_of(caplog_flwr)):
         assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def assert_noise_of(got: list[np.ndarray], nodes: list[int], m: int, std: float) -> None:
+    """``got`` is the clipped average of ``nodes`` over ``m`` plus noise of ``std`` (123
+    values: the std is measured to about 6%, checked to 30%)."""
+    residual = np.concatenate([(g - e).ravel() for g, e in
+                               zip(got, expected(nodes, m=m), strict=True)])
+    assert 0.7 < residual.std() / std < 1.3
+    assert abs(residual.mean()) < 6 * std / np.sqrt(residual.size)
+
+
+def test_distributed_dp_over_legacy_masking(task_identity, monkeypatch):
+    """mode="distributed" on the legacy API (fixed-size sampling): the nodes add the
+    noise, the server draws none; 6 nodes share it among ceil(0.8 x 6) = 5, and one
+    drops out, so the sum carries exactly z C."""
+    monkeypatch.setattr("strategies.dp.discrete_gaussian", _no_server_noise)
+    inner = LegacySecAggFedAvg(clip=2.0, min_fit_clients=6, min_available_clients=6)
+    strategy = LegacyCentralDP(inner, noise_multiplier=0.5, clip=CLIP, mode="distributed")
+    proxies = [LegacyProxy(u, mods=(legacy_secagg_mod, legacy_dp_clip_mod)) for u in NODES]
+    pairs, (parameters, metrics) = run(strategy, proxies, drop={NODES[0]})
+    assert all(ins.config["dp-noise-quorum-fraction"] == 0.8 for _, ins in pairs)
+    assert_noise_of(parameters_to_ndarrays(parameters), NODES[1:], 6, 0.5 * CLIP / 6)
+    assert strategy.config.sampling == "fixed" and metrics["dp-epsilon"] > 0
+
+
+def test_distributed_dp_over_legacy_paillier(task_identity, monkeypatch, node_keys):
+    """The same under Paillier: every update carries its share (quorum 5 of 6), the
+    server adds nothing, and the aggregate is authentic: a key holder decrypts it
+    without accepting server noise."""
+    from strategies.keyfiles import KEY_DIR_ENV
+    from strategies.paillier_legacy import (LegacyPaillierFedAvg, legacy_paillier_mod,
+                                            parameters_arrays)
+    from strategies.paillier_protocol import EncryptedModel, decrypt_model
+
+    monkeypatch.setattr("strategies.dp_rounds.discrete_gaussian", _no_server_noise)
+    monkeypatch.setenv(KEY_DIR_ENV, str(node_keys[1].parent))
+    public = load_public_key(node_keys[0])
+    inner = LegacyPaillierFedAvg(public, clip=2.0, min_fit_clients=6, min_available_clients=6)
+    strategy = LegacyCentralDP(inner, noise_multiplier=0.5, clip=CLIP, mode="distributed")
+    proxies = [LegacyProxy(u, mods=(legacy_paillier_mod, legacy_dp_clip_mod)) for u in NODES]
+    pairs, (parameters, metrics) = run(strategy, proxies, drop={NODES[0]})
+    assert all(ins.config["dp-noise-quorum"] == 5 for _, ins in pairs)
+    model = EncryptedModel.from_arrays(parameters_arrays(parameters), public)
+    assert model.server_noise == 0 and len(model.contributors) == 5
+    got = decrypt_model(load_private_key(node_keys[1]), model)[0]
+    # Paillier divides by the 5 updates; each carries levels / sqrt(5) of noise
+    assert_noise_of(got, NODES[1:], 5, 0.5 * CLIP / 5)
+    # the clients' tails, clipped at 12 standard deviations, add below 1e-28 to delta
+    assert metrics["dp-epsilon"] > 0 and metrics["dp-delta"] == pytest.approx(1e-5)
+
+
+def _no_server_noise(*_):
+    raise AssertionError("the server drew noise")
