@@ -47,6 +47,11 @@ def test_auto_settings_take_the_task_defaults():
     ({"aggregation": "secagg", "secagg-neighbors": -2}, "num_neighbors must be >= 0"),
     ({"aggregation": "secagg", "secagg-clip": -1.0}, "clip must be a positive"),
     ({"aggregation": "secagg", "secagg-value-bits": 40}, "value_bits must be in"),
+    ({"dp-noise-multiplier": 1.0, "dp-mode": "distributed"},
+     "dp-mode 'distributed' needs aggregation 'secagg' or 'paillier'"),
+    ({"aggregation": "secagg", "dp-noise-multiplier": 1.0, "dp-mode": "distributed",
+      "dp-adaptive-clip": True}, "and a fixed clip"),
+    ({"dp-quorum": 0.0}, "dp-quorum must be in \\(0, 1\\]"),
 ])
 def test_bad_settings_say_what_is_wrong(override, message):
     with pytest.raises(ValueError, match=message):
