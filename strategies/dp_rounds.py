@@ -363,8 +363,8 @@ class DPRounds:
         then a division by the public ``n``. The noise is clipped (at ``TAIL_CLIP``
         standard deviations on the server, ``CLIENT_TAIL_CLIP`` on each client) to fit
         the slots; the chance that this changed anything goes into delta."""
-        noise = model.client_noise
         if self.distributed:
+            noise = model.client_noise
             if noise != self.strategy.client_noise:  # RoundSum refuses any other
                 raise ValueError("the aggregate does not carry the round's client noise")
             noisy, how = model, "the clients' noise in"

@@ -38,7 +38,8 @@ SETTINGS = {
     "secagg-min-threshold-fraction": (0.5, "masking: the threshold must be more than this "
                                            "fraction of the node's share group (at least 0.5)"),
     "dp-min-noise-multiplier": (0.0, "distributed DP: refuse rounds that ask this node's "
-                                     "share of less noise than this multiplier (0: what the "
+                                     "share of less noise than this multiplier, and under "
+                                     "Paillier to decrypt sums noised below it (0: what the "
                                      "run asks)"),
     "plaintext-metrics": (False, "secure modes: answer federated evaluation with this "
                                  "node's own loss, examples and metrics in plaintext, and "

@@ -19,7 +19,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 
 from .checks import is_int
-from .dp_rounds import paillier_client_noise
+from .dp_rounds import MIN_NOISE_SETTING, paillier_client_noise
 from .encoding import EncodingParams
 from .screening import RoundWatch
 from .keyfiles import PRIVATE_NAME, load_private_key, node_key_file
@@ -179,6 +179,11 @@ def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
         raise NodeError("the server added central-DP noise to the encrypted model, which no "
                         "node can check: this node decrypts it only with its node setting "
                         "paillier-accept-server-noise=true (docs/threat-model.md)")
+    floor = node_setting(node_config, MIN_NOISE_SETTING)
+    if model.client_noise and model.client_noise.multiplier(model.params.step) < floor:
+        raise NodeError(f"the encrypted model carries distributed-DP noise of multiplier "
+                        f"{model.client_noise.multiplier(model.params.step):.4g}, below this "
+                        f"node's {MIN_NOISE_SETTING} {floor:g}: it does not decrypt it")
     digest = model.digest()
     if digest not in _DECRYPTED:
         _DECRYPTED.clear()

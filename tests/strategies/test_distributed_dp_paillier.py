@@ -248,3 +248,20 @@ def test_a_restarted_server_asks_for_the_same_noise(keypair):
     second.load_state_dict(first.state_dict())
     assert second.strategy.client_noise == first.strategy.client_noise
     assert second.config == first.config
+
+
+def test_a_key_holder_decrypts_no_sum_noised_below_its_floor(setup):
+    """NOISE amounts to multiplier 400 x step / 0.5 = 0.024: a node that requires 0.1
+    refuses (the header's noise is bound by the tags, so it is what the sum carries);
+    one without a floor decrypts."""
+    from strategies.node_settings import NodeError
+    from strategies.paillier_node import decrypt_global_model
+
+    arrays = aggregate(setup["pk"], list(setup["noisy"].values())).to_arrays()
+    assert NOISE.multiplier(setup["params"].step) == pytest.approx(
+        400 * setup["params"].step / 0.5)
+    with pytest.raises(NodeError, match="multiplier 0.024.*below this node's "
+                                        "dp-min-noise-multiplier 0.1"):
+        decrypt_global_model(setup["sk"], arrays, {"dp-min-noise-multiplier": 0.1}, 1)
+    layout, plain, _ = decrypt_global_model(setup["sk"], arrays, {}, 1)
+    assert layout == setup["layout"] and plain[0].shape == (LENGTH,)
