@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -644,14 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM as SystemExit: the commands' ``finally`` blocks stop what they started."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    launch.stop_on_sigterm()
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as err:

@@ -294,6 +294,16 @@ def process_groups(pid: int) -> set[int]:
     return groups
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` in this process, so that the ``finally`` blocks
+    of :func:`simulate` and the deployment helpers stop what they started (``fedapp``
+    and every script that runs Flower call it first)."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _signal_groups(groups: set[int], sig: int) -> None:
     for group in groups:
         try:

@@ -145,4 +145,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    launch.stop_on_sigterm()  # a stopped benchmark stops what it started
     sys.exit(main())

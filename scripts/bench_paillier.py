@@ -433,4 +433,7 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    from fedapp import launch
+
+    launch.stop_on_sigterm()  # a stopped benchmark stops what it started
     main()

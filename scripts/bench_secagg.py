@@ -312,4 +312,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    launch.stop_on_sigterm()  # a stopped benchmark stops what it started
     main()

@@ -403,4 +403,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    launch.stop_on_sigterm()  # a stopped benchmark stops what it started
     sys.exit(main())
