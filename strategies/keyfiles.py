@@ -16,6 +16,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -25,8 +26,12 @@ from .paillier import PrivateKey, PublicKey, generate_keypair
 from .secagg_identity import Identity, IdentityError, Roster
 from .threshold_paillier import KeyShare, ThresholdPublicKey, deal_threshold_key
 
+if TYPE_CHECKING:  # threshold_protocol imports node_errors, which imports this module
+    from .threshold_protocol import GroupKey
+
 PUBLIC_NAME, PRIVATE_NAME = "paillier.pub.json", "paillier.key.json"
 THRESHOLD_PUBLIC_NAME = "paillier-threshold.pub.json"
+GROUP_KEY_NAME = "paillier-group.key"
 IDENTITY_NAME, IDENTITY_PUBLIC_NAME = "secagg-identity.key", "secagg-identity.pub"
 ROSTER_NAME = "secagg-roster.json"
 KEY_DIR_ENV = "FEDAPP_KEY_DIR"
@@ -176,8 +181,9 @@ def threshold_share_name(index: int) -> str:
 def write_threshold_key(directory: Path, threshold: int, shares: int, n_bits: int = 2048
                         ) -> tuple[Path, list[Path], str]:
     """Deal a ``threshold``-of-``shares`` Paillier key (:mod:`.threshold_paillier`) into
-    ``directory``: the public key (for the server and every node) and one share file per
-    holder (mode 0600). This process is the dealer: the secret exists only in memory
+    ``directory``: the public key (for the server and every node), one share file per
+    holder (mode 0600) and the clients' group key (``paillier-group.key``, 0600: every
+    client, never the server). This process is the dealer: the secret exists only in memory
     here. Returns ``(public path, share paths, fingerprint)``; refuses to overwrite."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / threshold_share_name(i) for i in range(1, shares + 1)]
@@ -185,11 +191,35 @@ def write_threshold_key(directory: Path, threshold: int, shares: int, n_bits: in
         if path.exists():
             raise FileExistsError(f"{path} exists: remove it first or choose another "
                                   "directory")
+    if (directory / GROUP_KEY_NAME).exists():
+        raise FileExistsError(f"{directory / GROUP_KEY_NAME} exists: remove it first or "
+                              "choose another directory")
+    from .threshold_protocol import GroupKey
+
     public, key_shares = deal_threshold_key(threshold, shares, n_bits)
     for path, share in zip(paths, key_shares, strict=True):
         write_secret(path, json.dumps(share.to_dict()))
+    write_secret(directory / GROUP_KEY_NAME, json.dumps(GroupKey.generate(
+        public.fingerprint).to_dict()))
     (directory / THRESHOLD_PUBLIC_NAME).write_text(json.dumps(public.to_dict()))
     return directory / THRESHOLD_PUBLIC_NAME, paths, public.fingerprint
+
+
+def load_group_key(path: Path, public: ThresholdPublicKey | None = None) -> GroupKey:
+    """The clients' group key file (:class:`.threshold_protocol.GroupKey`), refused if
+    others may read it, if malformed, or (given ``public``) if made for another key."""
+    from .threshold_protocol import GroupKey
+
+    check_private(path)
+    try:
+        key = GroupKey.from_dict(_read(path))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} (write one with fedapp keygen --threshold)") from None
+    if public is not None and key.fingerprint != public.fingerprint:
+        raise ValueError(f"{path} is the group key of another threshold key (fingerprint "
+                         f"{key.fingerprint[:16]}..., this run's is {public.fingerprint[:16]}"
+                         "...): give every client the run's group key")
+    return key
 
 
 def load_threshold_public_key(path: Path) -> ThresholdPublicKey:

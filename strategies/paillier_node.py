@@ -29,6 +29,7 @@ from .node_settings import node_setting
 from .paillier_protocol import (ClientNoise, EncryptedModel, Layout, RoundSum, client_weight,
                                 decrypt_model, encrypt_update)
 from .paillier_tags import TagKey
+from .threshold_paillier import ThresholdPublicKey
 from .secure_sums import metric_sums
 
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
@@ -39,12 +40,13 @@ RELEASED = "released-"  # a key holder's release of the last aggregate's metric 
 
 
 
-def encoding_for(public_key: PublicKey, *, clip: float, max_total_weight: int,
-                 weight_unit: int, value_bits: int) -> EncodingParams:
+def encoding_for(public_key: PublicKey | ThresholdPublicKey, *, clip: float,
+                 max_total_weight: int, weight_unit: int, value_bits: int) -> EncodingParams:
     """Check a Paillier strategy's arguments; the encoding its clients must use."""
-    if not isinstance(public_key, PublicKey):
-        raise ValueError("public_key must be a strategies.paillier.PublicKey; the server "
-                         "needs the public key only")
+    if not isinstance(public_key, (PublicKey, ThresholdPublicKey)):
+        raise ValueError("public_key must be a strategies.paillier.PublicKey (or a "
+                         "ThresholdPublicKey for threshold decryption); the server needs the "
+                         "public key only")
     if weight_unit < 1:
         raise ValueError(f"weight_unit must be >= 1, got {weight_unit}")
     return EncodingParams.for_key(public_key.n_bits, max_total_weight, clip=clip,

@@ -446,8 +446,27 @@ def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contrib
         raise DecryptionRefused()
     try:
         plaintexts = private_key.decrypt_array(model.ciphertexts, workers=workers)
+    except ValueError:  # a ciphertext outside the key's subgroup
+        raise DecryptionRefused() from None
+    return read_aggregate(model, plaintexts, TagKey.from_private_key(private_key))
+
+
+def read_aggregate(model: EncryptedModel, plaintexts: Sequence[int], tag_key: TagKey
+                   ) -> tuple[list[np.ndarray], dict[str, float]]:
+    """The weighted average and the sums inside ``model``'s decrypted ``plaintexts``,
+    once the tag (the last plaintext) shows it is an aggregate of exactly the
+    contributors the header names (unless the server added noise, which no tag
+    covers: the callers decide whether to accept that).
+
+    Raises
+    ------
+    DecryptionRefused
+        For a tag that does not check or a sum out of range, not told apart.
+    """
+    n = len(model.contributors)
+    try:
         *plaintexts, tag = plaintexts
-        if not model.server_noise and not TagKey.from_private_key(private_key).verify(
+        if not model.server_noise and not tag_key.verify(
                 plaintexts, tag, model.context(), model.contributors):
             raise DecryptionRefused()
         rows = plaintexts[len(plaintexts) - len(model.sums):]
@@ -455,7 +474,7 @@ def decrypt_model(private_key: PrivateKey, model: EncryptedModel, *, min_contrib
             raise DecryptionRefused()
         flat = decode(plaintexts[:len(plaintexts) - len(model.sums)], model.params,
                       model.layout.size, model.total_weight, model.noise_offset)
-    except ValueError:  # EncodingOverflow, a ciphertext outside the key's subgroup
+    except ValueError:  # EncodingOverflow
         raise DecryptionRefused() from None
     sums = {k: from_fixed(int(p) - n * OFFSET) for k, p in zip(model.sums, rows, strict=True)}
     return model.layout.unflatten(flat), sums

@@ -56,10 +56,12 @@ from dataclasses import InitVar, dataclass
 from fractions import Fraction
 
 import gmpy2
+import numpy as np
 from gmpy2 import mpz
 
 from .checks import is_int
-from .paillier import MIN_KEY_BITS, _fixed_base_pow, _fixed_base_table, _hex, _parse_hex
+from .paillier import (MIN_KEY_BITS, _fixed_base_pow, _fixed_base_table, _hex, _parse_hex,
+                       ciphertexts_to_array)
 
 __all__ = [
     "ThresholdPublicKey",
@@ -170,8 +172,18 @@ class ThresholdPublicKey:
         return math.factorial(self.shares)
 
     @property
+    def n_bits(self) -> int:
+        return int(self.n.bit_length())
+
+    @property
     def n_bytes(self) -> int:
-        return -(-int(self.n.bit_length()) // 8)
+        return -(-self.n_bits // 8)
+
+    @property
+    def ciphertext_bytes(self) -> int:
+        """Width of one ciphertext on the wire, as :class:`strategies.paillier.PublicKey`'s
+        (the wire format of :mod:`strategies.paillier` serves both kinds of key)."""
+        return 2 * self.n_bytes
 
     @property
     def fingerprint(self) -> str:
@@ -350,7 +362,7 @@ class ThresholdEncryptor:
     ``|n| + 128`` bits (see the module docstring)."""
 
     def __init__(self, public: ThresholdPublicKey) -> None:
-        self.public = public
+        self.public = self.public_key = public
         self._bits = int(public.n.bit_length()) + _STATISTICAL_BITS
         self._window = 8
         self._table = _fixed_base_table(gmpy2.powmod(public.h, public.n, public.nsquare),
@@ -364,6 +376,13 @@ class ThresholdEncryptor:
         r = _fixed_base_pow(self._table, secrets.randbits(self._bits), self.public.nsquare,
                             self._window)
         return (1 + mpz(plaintext) * n) * r % self.public.nsquare
+
+    def encrypt_to_array(self, plaintexts: Sequence[int], *, workers: int | None = 1
+                         ) -> np.ndarray:
+        """Encrypt into the wire array of :func:`strategies.paillier.ciphertexts_to_array`
+        (in this process: ``workers`` is accepted for :class:`~strategies.paillier.Encryptor`'s
+        signature)."""
+        return ciphertexts_to_array(self.public, [self.encrypt(int(m)) for m in plaintexts])
 
 
 @dataclass(frozen=True)

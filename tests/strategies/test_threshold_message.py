@@ -1,0 +1,405 @@
+"""Threshold Paillier on the Message API (strategies.threshold_message, threshold_node,
+threshold_protocol), on a real 2048-bit 2-of-3 key: rounds through the real mod behind
+a fake Grid, and the server's attacks driven through the real node code.
+
+Nodes 101, 202 and 303 hold shares 1-3, node 404 none; every node has its identity key,
+the roster and the group key. A round needs T + 1 = 3 contributions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
+                      RecordDict)
+
+from strategies.aggregation import weighted_average
+from strategies.keyfiles import (GROUP_KEY_NAME, THRESHOLD_PUBLIC_NAME, load_group_key,
+                                 load_key_share, load_threshold_public_key,
+                                 threshold_share_name)
+from strategies.node_errors import NodeError
+from strategies.paillier import ciphertexts_from_array
+from strategies.paillier_protocol import EncryptedModel, aggregate
+from strategies.records import record_arrays
+from strategies.threshold_message import (STAGE_KEY, ThresholdPaillierFedAvg, _decrypt_request,
+                                         threshold_paillier_mod)
+from strategies.threshold_node import load_state, node_keys
+from strategies.threshold_paillier import KeyShare, combine, partial_decrypt
+from strategies.threshold_protocol import (DecryptRequest, GroupKey, SealError, ThresholdRefused,
+                                           View, _partial_context, _partial_from_bytes,
+                                           _partial_to_bytes,
+                                           check_request, decrypt_share, open_model, sign_view)
+from tests.helpers import CLIP, IDENTITY, SHAPES, new_context
+
+NODES = [101, 202, 303, 404]
+HOLDERS = {101: 1, 202: 2, 303: 3}
+
+
+def local_model(node: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(node)
+    return {k: rng.uniform(-1.5, 1.5, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def weight(node: int) -> int:
+    return node // 10
+
+
+def expected(nodes: list[int]) -> list[np.ndarray]:
+    return weighted_average([list(local_model(u).values()) for u in nodes],
+                            [weight(u) for u in nodes])
+
+
+class Node:
+    """A node running the real mod around a train function that returns its local
+    model; ``silent`` names a stage it never answers; ``tamper(stage, reply)`` may
+    rewrite a reply; ``received`` keeps the arrays its app was given."""
+
+    def __init__(self, node: int, config: dict, silent: str = "", tamper=None) -> None:
+        self.node, self.silent, self.tamper = node, silent, tamper
+        self.context = new_context(node)
+        self.context.node_config.update(config)
+        self.received: list[dict[str, np.ndarray]] = []
+
+    def train(self, msg: Message, context: Context) -> Message:
+        self.received.append(record_arrays(next(iter(msg.content.array_records.values()))))
+        return Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in local_model(self.node).items()}),
+            "metrics": MetricRecord({"num-examples": weight(self.node), "train-loss": 0.5})}),
+            reply_to=msg)
+
+    def handle(self, msg: Message) -> Message | None:
+        record = msg.content.config_records.get(STAGE_KEY)
+        stage = record["stage"] if record is not None else "train"
+        if stage == self.silent:
+            return None
+        reply = threshold_paillier_mod(msg, self.context, self.train)
+        if self.tamper is not None:
+            self.tamper(stage, msg, reply, self)
+        return reply
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = {n.node: n for n in nodes}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent += messages
+        replies = [(m, self.nodes[m.metadata.dst_node_id].handle(m)) for m in messages]
+        for msg, reply in replies:
+            if reply is not None:
+                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        return [r for _, r in replies if r is not None]
+
+
+@pytest.fixture(scope="module")
+def keydir(threshold_key_dir) -> Path:
+    IDENTITY.register(NODES + [999])
+    return threshold_key_dir
+
+
+def node_config(keydir: Path, node: int) -> dict:
+    config = {**IDENTITY.node_config(node),
+              "paillier-threshold-public-key": str(keydir / THRESHOLD_PUBLIC_NAME),
+              "paillier-group-key": str(keydir / GROUP_KEY_NAME)}
+    if node in HOLDERS:
+        config["paillier-key-share"] = str(keydir / threshold_share_name(HOLDERS[node]))
+    return config
+
+
+def make_nodes(keydir: Path, per_node: dict | None = None) -> list[Node]:
+    return [Node(u, node_config(keydir, u), **(per_node or {}).get(u, {})) for u in NODES]
+
+
+def strategy_for(keydir: Path, nodes: list[Node], **kwargs) -> ThresholdPaillierFedAvg:
+    return ThresholdPaillierFedAvg(load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME),
+                                   clip=CLIP, min_available_nodes=len(nodes),
+                                   min_train_nodes=len(nodes), **kwargs)
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+
+
+def run_round(strategy, grid, server_round: int, arrays: ArrayRecord):
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"lr": 0.1}),
+                                             grid))
+    return strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+
+
+def assert_average(arrays: list[np.ndarray], nodes: list[int], strategy) -> None:
+    for value, exp in zip(arrays, expected(nodes), strict=True):
+        np.testing.assert_allclose(value, exp, rtol=0, atol=strategy.params.max_error() + 1e-6)
+
+
+def test_a_round_seals_the_weighted_average_for_the_clients_only(keydir, task_identity):
+    nodes = make_nodes(keydir)
+    strategy, grid = strategy_for(keydir, nodes), FakeGrid(nodes)
+    arrays, metrics = run_round(strategy, grid, 1, initial())
+    sealed = record_arrays(arrays)
+    group = load_group_key(keydir / GROUP_KEY_NAME)
+    _, plain, means, server_round = open_model(group, sealed, run=1)
+    assert server_round == 1
+    assert_average(plain, NODES, strategy)
+    assert means["train-loss"] == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(SealError):  # the server, or anyone without the group key
+        open_model(GroupKey(bytes(32), group.fingerprint), sealed, run=1)
+    with pytest.raises(SealError):  # bound to its run
+        open_model(group, sealed, run=2)
+    stages = [m.content.config_records[STAGE_KEY]["stage"] for m in grid.sent
+              if STAGE_KEY in m.content.config_records]
+    assert stages.count("view") == 4 and stages.count("decrypt") == 3  # T + 1 extra
+    assert stages.count("combine") == 1
+    # round 2: every node's app gets the plaintext average; the server only sealed bytes
+    arrays2, _ = run_round(strategy, grid, 2, arrays)
+    for node in nodes:
+        assert_average(list(node.received[-1].values()), NODES, strategy)
+    assert open_model(group, record_arrays(arrays2), run=1)[3] == 2
+
+
+def test_the_server_holds_no_share_no_group_key_and_no_model(keydir, task_identity):
+    nodes = make_nodes(keydir)
+    strategy, grid = strategy_for(keydir, nodes), FakeGrid(nodes)
+    arrays, _ = run_round(strategy, grid, 1, initial())
+    group = load_group_key(keydir / GROUP_KEY_NAME)
+    shares = [load_key_share(keydir / threshold_share_name(i)) for i in (1, 2, 3)]
+    secrets = [group.secret, *(int(s.secret).to_bytes(600, "big").lstrip(b"\0")
+                               for s in shares)]
+    seen, stack = set(), [strategy, arrays]
+    while stack:  # everything reachable from the strategy and what it returned
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, (KeyShare, GroupKey))
+        if isinstance(obj, (bytes, bytearray)) or isinstance(obj, np.ndarray):
+            raw = bytes(np.asarray(obj).tobytes()) if isinstance(obj, np.ndarray) else bytes(obj)
+            assert not any(s in raw for s in secrets)
+        elif isinstance(obj, dict):
+            stack += list(obj.keys()) + list(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += list(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack += list(vars(obj).values())
+    # and the average is nowhere in what the server holds in plaintext
+    flat = np.concatenate([a.ravel() for a in expected(NODES)]).astype(np.float32)
+    assert flat[:8].tobytes() not in np.asarray(record_arrays(arrays)["threshold-sealed-model"]
+                                                ).tobytes()
+
+
+def _forge(stage, msg, reply, node):
+    """A decryptor holding the group key seals a wrong partial: one value changed."""
+    if stage != "decrypt":
+        return
+    keys = node_keys(node.context)
+    model = check_request(keys.public, keys.identity.roster, _decrypt_request(msg, keys),
+                          minimum=2)
+    context, width = _partial_context(model), keys.public.ciphertext_bytes
+    blob = record_arrays(reply.content.array_records["partial"])["bytes"].tobytes()
+    partial = _partial_from_bytes(keys.group.open("partial", context, blob), width)
+    forged = dataclasses.replace(partial, values=(
+        partial.values[0] * 4 % keys.public.nsquare, *partial.values[1:]))
+    sealed = keys.group.seal("partial", context, _partial_to_bytes(forged, width))
+    reply.content["partial"] = ArrayRecord({"bytes": Array(np.frombuffer(sealed, np.uint8)
+                                                            .copy())})
+
+
+def test_a_forged_partial_is_left_out_and_named_and_the_round_finishes(keydir, task_identity,
+                                                                        flwr_caplog):
+    nodes = make_nodes(keydir, {101: {"tamper": _forge}})
+    strategy, grid = strategy_for(keydir, nodes), FakeGrid(nodes)
+    # the forger answers first, so it is asked to combine first too: it leaves itself out
+    arrays, _ = run_round(strategy, grid, 1, initial())
+    assert arrays is not None
+    _, plain, _, _ = open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays),
+                                run=1)
+    assert_average(plain, NODES, strategy)
+    assert "partial decryptions of nodes [101] failed their proofs" in flwr_caplog.text
+
+
+# ------------------------------------------------------------------ attacks on the core
+
+
+@pytest.fixture(scope="module")
+def contributions(keydir):
+    """Each node's real round-1 contribution and signature, made by the node code, and
+    the nodes' contexts after it."""
+    from strategies.paillier_node import round_config
+    from strategies.threshold_node import contribute
+
+    strategy = strategy_for(keydir, NODES)
+    config = round_config(strategy.params, strategy.public_key.fingerprint, 1, 1)
+    out, contexts = {}, {}
+    for u in NODES:
+        contexts[u] = new_context(u)
+        contexts[u].node_config.update(node_config(keydir, u))
+        model = local_model(u)
+        out[u] = contribute(config, list(model), list(model.values()), weight(u),
+                            node_keys(contexts[u]), contexts[u], run=1)
+    return out, contexts, strategy
+
+
+def view_of(keydir, contributions, nodes) -> View:
+    out, contexts, strategy = contributions
+    return View(1, 1, strategy.public_key.fingerprint, tuple(
+        (u, IDENTITY(u).key.public, out[u][0].digest()) for u in sorted(nodes)))
+
+
+def request_of(contributions, view: View) -> DecryptRequest:
+    out, _, _ = contributions
+    nodes = [e[0] for e in view.entries]
+    return DecryptRequest(view, {IDENTITY(u).key.public: IDENTITY(u).key.sign(view.statement())
+                                 for u in nodes}, {u: out[u] for u in nodes})
+
+
+def share(keydir, index: int) -> KeyShare:
+    return load_key_share(keydir / threshold_share_name(index))
+
+
+def test_decryptors_refuse_an_aggregate_of_t_or_fewer_contributions(keydir, contributions):
+    roster = IDENTITY(101).roster
+    public = contributions[2].public_key
+    for nodes in ([404], [303, 404]):  # one client's update as "the aggregate"; T = 2
+        with pytest.raises(ThresholdRefused, match="at least 3"):
+            check_request(public, roster, request_of(contributions,
+                                                     view_of(keydir, contributions, nodes)),
+                          minimum=2)
+    check_request(public, roster, request_of(contributions,
+                                             view_of(keydir, contributions, [202, 303, 404])),
+                  minimum=2)
+    with pytest.raises(ThresholdRefused, match="at least 4"):  # the node's own minimum
+        check_request(public, roster, request_of(contributions,
+                                                 view_of(keydir, contributions, [202, 303, 404])),
+                      minimum=4)
+
+
+def test_subset_differencing_reveals_an_update_without_the_checks_and_fails_with_them(
+        keydir, contributions):
+    out, contexts, strategy = contributions
+    public, group = strategy.public_key, load_group_key(keydir / GROUP_KEY_NAME)
+    all_four = aggregate(public, [out[u][0] for u in NODES])
+    three = aggregate(public, [out[u][0] for u in (101, 202, 303)])
+    # the attack, with the raw core and no checks: two honest decryptions, one difference
+    plain = []
+    for model in (all_four, three):
+        cts = ciphertexts_from_array(public, model.ciphertexts)
+        partials = [partial_decrypt(share(keydir, i), cts, b"x") for i in (1, 2)]
+        plain.append(combine(public, cts, partials, b"x")[0])
+    alone = aggregate(public, [out[404][0]])
+    cts = ciphertexts_from_array(public, alone.ciphertexts)
+    truth = combine(public, cts, [partial_decrypt(share(keydir, i), cts, b"x") for i in (1, 2)],
+                    b"x")[0]
+    assert [(a - b) % int(public.n) for a, b in zip(*plain)] == truth  # node 404's update
+    # with the checks: a contributor signs one view per round ...
+    view4, view3 = (view_of(keydir, contributions, n) for n in (NODES, [101, 202, 303]))
+    signed: dict = {}
+    own = load_state(contexts[101])["own"]
+    sign_view(view4, IDENTITY(101), own, signed, minimum=2, threshold=2)
+    sign_view(view4, IDENTITY(101), own, signed, minimum=2, threshold=2)  # again: same view
+    with pytest.raises(ThresholdRefused, match="another view"):
+        sign_view(view3, IDENTITY(101), own, signed, minimum=2, threshold=2)
+    # ... and a decryptor decrypts one view per round, even one signed by everyone
+    decrypted: dict = {}
+    roster = IDENTITY(101).roster
+    decrypt_share(share(keydir, 1), group, roster, request_of(contributions, view4), decrypted,
+                  minimum=2)
+    with pytest.raises(ThresholdRefused, match="one per round"):
+        decrypt_share(share(keydir, 1), group, roster, request_of(contributions, view3),
+                      decrypted, minimum=2)
+
+
+def test_a_contribution_the_server_made_or_altered_is_refused(keydir, contributions):
+    out, _, strategy = contributions
+    public, roster = strategy.public_key, IDENTITY(101).roster
+    view = view_of(keydir, contributions, [202, 303, 404])
+    request = request_of(contributions, view)
+    # the server swaps 404's ciphertexts for 303's (its own encryption would do the same)
+    swapped = dataclasses.replace(out[404][0], ciphertexts=out[303][0].ciphertexts)
+    with pytest.raises(ThresholdRefused, match="node 404's contribution is not the one"):
+        check_request(public, roster, dataclasses.replace(
+            request, contributions={**request.contributions, 404: (swapped, out[404][1])}),
+            minimum=2)
+    # a view signature missing, or made by another identity
+    signatures = dict(request.view_signatures)
+    signatures[IDENTITY(404).key.public] = IDENTITY(999).key.sign(view.statement())
+    with pytest.raises(ThresholdRefused, match="node 404 did not sign this view"):
+        check_request(public, roster, dataclasses.replace(request, view_signatures=signatures),
+                      minimum=2)
+    # an identity outside the roster (the server's own key)
+    from strategies.secagg_identity import Identity
+    stranger = Identity.generate()
+    forged_view = View(1, 1, public.fingerprint, tuple(
+        (u, stranger.public if u == 404 else k, d) for u, k, d in view.entries))
+    with pytest.raises(ThresholdRefused, match="outside the federation's roster"):
+        check_request(public, roster, request_of(contributions, forged_view), minimum=2)
+
+
+def test_a_contribution_replayed_into_another_round_is_refused(keydir, contributions):
+    out, contexts, strategy = contributions
+    round2 = View(1, 2, strategy.public_key.fingerprint, tuple(
+        (u, IDENTITY(u).key.public, out[u][0].digest()) for u in (202, 303, 404)))
+    with pytest.raises(ThresholdRefused, match="contributed to no such round"):
+        sign_view(round2, IDENTITY(202), load_state(contexts[202])["own"], {}, minimum=2,
+                  threshold=2)
+    with pytest.raises(ThresholdRefused, match="made for another run, round or node"):
+        check_request(strategy.public_key, IDENTITY(101).roster,
+                      request_of(contributions, round2), minimum=2)
+
+
+def test_the_combiner_refuses_an_aggregate_the_partials_were_not_made_for(keydir,
+                                                                          contributions):
+    from strategies.threshold_protocol import combine_sealed
+
+    out, _, strategy = contributions
+    public, group = strategy.public_key, load_group_key(keydir / GROUP_KEY_NAME)
+    roster = IDENTITY(101).roster
+    request = request_of(contributions, view_of(keydir, contributions, [202, 303, 404]))
+    sealed = {i: decrypt_share(share(keydir, i), group, roster, request, {}, minimum=2)
+              for i in (1, 2)}
+    honest = check_request(public, roster, request, minimum=2)
+    model, bad = combine_sealed(public, group, honest, sealed)
+    assert bad == [] and open_model(group, model, run=1)[3] == 1
+    lone = dataclasses.replace(honest, ciphertexts=out[404][0].ciphertexts)  # one update
+    with pytest.raises(ThresholdRefused, match="cannot decrypt"):
+        combine_sealed(public, group, lone, sealed)
+
+
+def test_a_node_without_a_share_or_without_the_group_key_fails_closed(keydir, task_identity,
+                                                                      tmp_path):
+    from strategies.threshold_node import answer_decrypt
+
+    context = new_context(404)
+    context.node_config.update(node_config(keydir, 404))
+    with pytest.raises(NodeError, match="holds no key share"):
+        answer_decrypt(None, node_keys(context), context)
+    context.node_config["paillier-group-key"] = str(tmp_path / "missing.key")
+    with pytest.raises(NodeError, match="missing.key"):
+        node_keys(context)
+
+
+def test_a_contributor_that_does_not_sign_the_view_skips_the_round(keydir, task_identity,
+                                                                   flwr_caplog):
+    nodes = make_nodes(keydir, {404: {"silent": "view"}})
+    strategy = strategy_for(keydir, nodes, max_empty_rounds=2)
+    arrays, _ = run_round(strategy, FakeGrid(nodes), 1, initial())
+    assert arrays is None
+    assert "node 404 did not sign the view" in flwr_caplog.text
+
+
+def test_too_few_decryptors_skip_the_round(keydir, task_identity, flwr_caplog):
+    nodes = make_nodes(keydir, {101: {"silent": "decrypt"}, 202: {"silent": "decrypt"}})
+    arrays, _ = run_round(strategy_for(keydir, nodes, max_empty_rounds=2), FakeGrid(nodes), 1,
+                          initial())
+    assert arrays is None
+    assert "1 partial decryptions, 2 needed" in flwr_caplog.text
+
+
+def test_the_strategy_takes_only_a_threshold_public_key(keydir, keypair):
+    with pytest.raises(ValueError, match="ThresholdPublicKey"):
+        ThresholdPaillierFedAvg(keypair[0], clip=CLIP)
