@@ -23,7 +23,8 @@ from pathlib import Path
 _SKIP_DIRS = {".git", ".venv", "venv", "env", "__pycache__", "node_modules", ".hypothesis",
               ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 _PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-_SECRET_TYPES = ("paillier-private-key", "fedapp-threshold-paillier-key-share")
+_SECRET_TYPES = ("paillier-private-key", "fedapp-threshold-paillier-key-share",
+                 "fedapp-paillier-group-key")
 _MAX_SCAN_BYTES = 1 << 20
 
 
@@ -65,7 +66,7 @@ def refuse_inside_app(directory: Path, what: str) -> None:
 def holds_private_key(data: bytes) -> bool:
     """Whether ``data`` (a file's content) is private key material we know: a PEM or
     OpenSSH private key (TLS, SuperNode keys, masking identity keys), a Paillier
-    private key or a threshold Paillier key share."""
+    private key, a threshold Paillier key share or the clients' group key."""
     if _PEM_PRIVATE.search(data):
         return True
     if data.lstrip().startswith(b"{") and any(t.encode() in data for t in _SECRET_TYPES):

@@ -82,8 +82,8 @@ def check_run_config(app: Path, overrides: dict) -> None:
 
 
 def simulation_identities(nodes: int) -> None:
-    """With masking, ``fedapp sim`` makes the simulated nodes' identity keys and their
-    roster in the key directory if it holds no roster (every node of a simulation runs
+    """With masking or threshold Paillier, ``fedapp sim`` makes the simulated nodes'
+    identity keys and their roster in the key directory if it holds no roster (every node of a simulation runs
     on this machine, in the SuperLink's processes).
 
     Raises
@@ -114,7 +114,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.run_config)
     app = app_dir(args)
     check_run_config(app, overrides)
-    if overrides.get("aggregation") == "secagg":
+    if overrides.get("aggregation") in ("secagg", "paillier-threshold"):
         simulation_identities(args.num_supernodes)
     status, run_dir, _ = launch.simulate(
         app, Path(args.workdir), args.num_supernodes, overrides,
@@ -197,7 +197,8 @@ def client_secrets(args: argparse.Namespace) -> str | None:
     if args.paillier_workers < 0:
         raise ValueError(f"--paillier-workers must be >= 0 (0: all cores), got "
                          f"{args.paillier_workers}")
-    for path in (args.paillier_private_key, args.secagg_identity_key):
+    for path in (args.paillier_private_key, args.secagg_identity_key, args.paillier_group_key,
+                 args.paillier_key_share):
         if path:
             check_private(Path(path).expanduser())
     return str(check_node_private_key(Path(args.supernode_key))) if args.supernode_key else None
@@ -205,13 +206,18 @@ def client_secrets(args: argparse.Namespace) -> str | None:
 
 def cmd_client(args: argparse.Namespace) -> int:
     if args.kit:
-        from strategies.keyfiles import IDENTITY_NAME, PRIVATE_NAME, ROSTER_NAME
+        from strategies.keyfiles import (GROUP_KEY_NAME, IDENTITY_NAME, PRIVATE_NAME,
+                                         ROSTER_NAME, THRESHOLD_PUBLIC_NAME,
+                                         threshold_share_name)
 
         from .kits import SUPERNODE_PRIVATE, load_kit
 
         kit = load_kit(Path(args.kit), "site")
         files = {"supernode_key": SUPERNODE_PRIVATE, "paillier_private_key": PRIVATE_NAME,
-                 "secagg_identity_key": IDENTITY_NAME, "secagg_roster": ROSTER_NAME}
+                 "secagg_identity_key": IDENTITY_NAME, "secagg_roster": ROSTER_NAME,
+                 "paillier_threshold_public_key": THRESHOLD_PUBLIC_NAME,
+                 "paillier_group_key": GROUP_KEY_NAME,
+                 "paillier_key_share": threshold_share_name(kit.partition_id + 1)}
         _from_kit(args, superlink=kit.superlink, partition_id=kit.partition_id,
                   num_partitions=kit.num_partitions, certificates=str(kit.certificates),
                   insecure=False, no_supernode_auth=False,
@@ -227,9 +233,14 @@ def cmd_client(args: argparse.Namespace) -> int:
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
     node_key = client_secrets(args)
+    key_files = {"paillier-private-key": args.paillier_private_key,
+                 "secagg-identity-key": args.secagg_identity_key,
+                 "secagg-roster": args.secagg_roster,
+                 "paillier-threshold-public-key": args.paillier_threshold_public_key,
+                 "paillier-group-key": args.paillier_group_key,
+                 "paillier-key-share": args.paillier_key_share}
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
-                                   args.port, tls, args.data_dir, args.paillier_private_key,
-                                   args.secagg_identity_key, args.secagg_roster, node_key,
+                                   args.port, tls, args.data_dir, key_files, node_key,
                                    args.paillier_workers)
     return launch.run_node(cmd, args.port, launch.flower_env(_flwr_home(args)))
 
@@ -252,15 +263,17 @@ def connect(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.run_config)
     if args.kit:
-        from strategies.keyfiles import PUBLIC_NAME
+        from strategies.keyfiles import PUBLIC_NAME, THRESHOLD_PUBLIC_NAME
 
         from .kits import load_kit
 
         kit = load_kit(Path(args.kit), "server")
         _from_kit(args, superlink=kit.superlink,
                   certificates=str(kit.certificates), insecure=False)
-        if overrides.get("aggregation") == "paillier" and kit.file(PUBLIC_NAME):
-            overrides.setdefault("paillier-public-key", str(kit.file(PUBLIC_NAME)))
+        public = {"paillier": PUBLIC_NAME, "paillier-threshold": THRESHOLD_PUBLIC_NAME}.get(
+            str(overrides.get("aggregation")))
+        if public and kit.file(public):
+            overrides.setdefault("paillier-public-key", str(kit.file(public)))
     if not args.superlink:
         raise ValueError("give --kit FOLDER (the server's, from fedapp provision), or "
                          "--superlink HOST:PORT")
@@ -321,13 +334,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     if args.threshold is not None and (args.secagg or args.supernode):
         raise ValueError("--threshold makes a Paillier key: drop --secagg / --supernode")
     if args.threshold is not None:
-        from strategies.keyfiles import write_threshold_key
+        from strategies.keyfiles import GROUP_KEY_NAME, write_threshold_key
 
         public, shares, fingerprint = write_threshold_key(Path(args.out), args.threshold,
                                                           args.shares, args.bits)
         print(f"public key (server and every node):           {public}")
         for i, path in enumerate(shares, 1):
             print(f"key share {i} (holder {i} only, 0600):{' ' * (13 - len(str(i)))}{path}")
+        print(f"group key (every client node, never the server): "
+              f"{Path(args.out) / GROUP_KEY_NAME}")
         print(f"fingerprint: {fingerprint}")
         print(f"any {args.threshold} of the {args.shares} holders decrypt together. This "
               "process was the dealer: the key existed whole only in its memory, now gone. "
@@ -360,15 +375,23 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_decrypt(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from strategies.keyfiles import load_private_key
+    from strategies.keyfiles import load_group_key, load_private_key
     from strategies.paillier_protocol import EncryptedModel, decrypt_model
+    from strategies.threshold_protocol import is_sealed, open_model
 
-    key = load_private_key(Path(args.key))
     with np.load(args.model, allow_pickle=False) as data:
-        encrypted = EncryptedModel.from_arrays({k: data[k] for k in data.files}, key.public_key)
-    arrays, sums = decrypt_model(key, encrypted, min_contributors=args.min_contributors,
-                                 accept_noise=args.accept_server_noise, workers=None)
-    names = list(encrypted.layout.names)
+        stored = {k: data[k] for k in data.files}
+    if is_sealed(stored):  # a threshold run's model: the clients' group key opens it
+        layout, arrays, means, server_round = open_model(load_group_key(Path(args.key)),
+                                                         stored, run=None)
+    else:
+        key = load_private_key(Path(args.key))
+        encrypted = EncryptedModel.from_arrays(stored, key.public_key)
+        arrays, sums = decrypt_model(key, encrypted, min_contributors=args.min_contributors,
+                                     accept_noise=args.accept_server_noise, workers=None)
+        layout, server_round = encrypted.layout, encrypted.server_round
+        means = {k: v / encrypted.total_weight for k, v in sums.items()}
+    names = list(layout.names)
     if args.task:  # name the arrays after the task model's parameters, for load_npz
         from clients.tasks import DataSpec, build_model
 
@@ -378,9 +401,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
             raise ValueError(f"the model has {len(arrays)} arrays, task {args.task} {len(names)}")
     np.savez(args.out, **dict(zip(names, arrays, strict=True)))
     print(f"wrote {args.out} ({sum(a.size for a in arrays):,} values)")
-    if sums:  # the round's train metrics, example-weighted means over its contributors
-        print(json.dumps({"round": encrypted.server_round, "train-metrics": {
-            k: v / encrypted.total_weight for k, v in sums.items()}}))
+    if means:  # the round's train metrics, example-weighted means over its contributors
+        print(json.dumps({"round": server_round, "train-metrics": means}))
     return 0
 
 
@@ -390,7 +412,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     out = Path(args.out).expanduser()
     refuse_inside_app(out, "private keys")
-    folders = provision(out, args.sites, args.server_address, tuple(args.modes), args.days)
+    folders = provision(out, args.sites, args.server_address, tuple(args.modes), args.days,
+                        args.threshold)
     print(f"server kit (to the server machine):  {folders[0]}")
     for folder in folders[1:]:
         print(f"site kit (to its client node only):  {folder}")
@@ -505,9 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for Paillier encryption and decryption on this node "
                         "(0: all cores)")
     s.add_argument("--secagg-identity-key", help="this node's identity key file for "
-                   "aggregation=secagg (fedapp keygen --secagg)")
+                   "aggregation=secagg or paillier-threshold (fedapp keygen --secagg)")
     s.add_argument("--secagg-roster", help="the federation's roster for aggregation=secagg "
-                   "(fedapp roster; the same on every client node)")
+                   "or paillier-threshold (fedapp roster; the same on every client node)")
+    s.add_argument("--paillier-threshold-public-key", help="the threshold public key "
+                   "(paillier-threshold.pub.json) for aggregation=paillier-threshold")
+    s.add_argument("--paillier-group-key", help="the clients' group key (paillier-group.key) "
+                   "for aggregation=paillier-threshold")
+    s.add_argument("--paillier-key-share", help="this node's key share "
+                   "(paillier-threshold-share-<i>.json) if it is one of the decryptors")
     s.add_argument("--supernode-key", help="this node's SuperNode authentication private key "
                    "(fedapp keygen --supernode); needed with TLS")
     s.add_argument("--no-supernode-auth", action="store_true",
@@ -566,14 +595,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "--secagg-roster")
     s.set_defaults(func=cmd_roster)
 
-    s = command("decrypt", "decrypt a run's model.encrypted.npz",
+    s = command("decrypt", "decrypt a run's model.encrypted.npz or open its model.sealed.npz",
                 "On a machine that holds the Paillier private key: check and decrypt the "
                 "final model of a Paillier run into a plaintext checkpoint, and print the "
-                "train metrics the key holders release with it.",
+                "train metrics the key holders release with it. For a paillier-threshold "
+                "run, on a client machine: open model.sealed.npz with the group key.",
                 "  fedapp decrypt --key ~/.fedapp/keys/paillier.key.json \\\n"
-                "      --model runs/RUN/model.encrypted.npz --out model.npz --task mnist")
-    s.add_argument("--key", required=True, help="the private key file")
-    s.add_argument("--model", required=True, help="model.encrypted.npz from a run directory")
+                "      --model runs/RUN/model.encrypted.npz --out model.npz --task mnist\n"
+                "  fedapp decrypt --key ~/.fedapp/keys/paillier-group.key \\\n"
+                "      --model runs/RUN/model.sealed.npz --out model.npz --task housing")
+    s.add_argument("--key", required=True, help="the private key file (paillier.key.json), "
+                   "or for a sealed model the group key (paillier-group.key)")
+    s.add_argument("--model", required=True, help="model.encrypted.npz or model.sealed.npz "
+                   "from a run directory")
     s.add_argument("--out", required=True, help="plaintext .npz to write")
     s.add_argument("--task", help="name arrays after this task's model (mnist, spam, housing)")
     s.add_argument("--mnist-model", default="cnn", help="with --task mnist: the model's "
@@ -635,9 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "server at (HOST goes into the server certificate)")
     s.add_argument("--out", required=True, help="new directory for the kits (refused inside "
                    "a Flower app)")
-    s.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
-                   help="aggregation modes to make "
-                   "keys for")
+    s.add_argument("--modes", nargs="+", choices=list(MODES),
+                   default=["fedavg", "paillier", "secagg"],
+                   help="aggregation modes to make keys for (default: fedavg paillier "
+                   "secagg; add paillier-threshold for a threshold key, a share per site)")
+    s.add_argument("--threshold", type=int, default=2, help="with --modes ... "
+                   "paillier-threshold: the shares that decrypt together (2 <= T < sites)")
     s.add_argument("--days", type=int, default=365, help="validity of the server certificate")
     s.set_defaults(func=cmd_provision)
     return p

@@ -70,7 +70,8 @@ _FRACTION = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 
 @dataclass(frozen=True)
 class PaillierSettings:
-    """``paillier-*``: Paillier-encrypted aggregation (``aggregation = "paillier"``)."""
+    """``paillier-*``: Paillier-encrypted aggregation (``aggregation = "paillier"`` or
+    ``"paillier-threshold"``)."""
 
     prefix: ClassVar[str] = "paillier-"
     public_key: str = setting("", must_match=True)
@@ -78,6 +79,7 @@ class PaillierSettings:
     value_bits: int = setting(16, must_match=True)
     max_total_weight: int = setting(65536, must_match=True)
     weight_unit: int = setting(1, must_match=True)
+    extra_decryptors: int = setting(1, valid=_NOT_NEGATIVE)
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,23 @@ them into one folder per machine, as NVFlare's startup kits do.
         certs/ca.crt, server.pem, server.key (0600)
         supernodes/site-0.pub ...     the sites' SuperNode public keys, to register
         paillier.pub.json             (paillier mode) the key the ServerApp encrypts with
+        paillier-threshold.pub.json   (paillier-threshold mode)
     DIR/site-I/                       exactly what client node I needs
         kit.json                      role, address, partition I of N
         certs/ca.crt
         supernode.key (0600), supernode.pub
         paillier.key.json (0600)      (paillier mode) the federation's private key
-        secagg-identity.key (0600), secagg-identity.pub, secagg-roster.json  (masking)
+        secagg-identity.key (0600), secagg-identity.pub, secagg-roster.json  (masking,
+                                      threshold Paillier)
+        paillier-threshold.pub.json, paillier-threshold-share-<I+1>.json (0600),
+        paillier-group.key (0600)     (paillier-threshold mode, on request: --modes)
 
 then ``fedapp server --kit DIR/server``, ``fedapp client --kit DIR/site-I`` on each
 site and ``fedapp run --kit DIR/server`` take everything from there.
 
 The machine that runs ``provision`` is the dealer: it makes every site's private keys
-(and the Paillier private key all sites share) and must delete ``DIR`` once each folder
+(and the Paillier private key all sites share, or the threshold key's shares and the
+sites' group key) and must delete ``DIR`` once each folder
 is on its machine. The CA's private key is never written, so no further certificate can
 be issued from this CA. A folder holds no other site's private key, and the server's
 folder none at all but its TLS key.
@@ -32,9 +37,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from strategies.keyfiles import (IDENTITY_NAME, PRIVATE_NAME, PUBLIC_NAME, ROSTER_NAME,
-                                 check_private, read_public_identity, write_identity,
-                                 write_roster, write_secret)
+from strategies.keyfiles import (GROUP_KEY_NAME, IDENTITY_NAME, PRIVATE_NAME, PUBLIC_NAME,
+                                 ROSTER_NAME, THRESHOLD_PUBLIC_NAME, check_private,
+                                 read_public_identity, threshold_share_name, write_identity,
+                                 write_roster, write_secret, write_threshold_key)
 from strategies.paillier import generate_keypair
 
 from .certificates import DEFAULT_HOSTS, make_certificates
@@ -42,7 +48,9 @@ from .modes import MODES as _REGISTRY
 from .nodekeys import write_node_keypair
 
 KIT_FILE = "kit.json"
-MODES = tuple(_REGISTRY)  # the aggregation modes: fedavg, paillier, secagg
+MODES = tuple(_REGISTRY)  # the aggregation modes
+# made unless --modes says otherwise (a threshold key takes safe primes: on request)
+DEFAULT_MODES = ("fedavg", "paillier", "secagg")
 SUPERNODE_PRIVATE = "supernode.key"
 
 
@@ -106,7 +114,8 @@ def _write_kit_file(directory: Path, **fields: object) -> None:
 
 
 def provision(out: Path, sites: int, server_address: str,
-              modes: tuple[str, ...] = MODES, days: int = 365) -> list[Path]:
+              modes: tuple[str, ...] = DEFAULT_MODES, days: int = 365,
+              threshold: int = 2) -> list[Path]:
     """Make a federation's kits in ``out`` (see the module); returns their folders,
     the server's first.
 
@@ -114,7 +123,11 @@ def provision(out: Path, sites: int, server_address: str,
     ------
     KitError
         If ``out`` exists and is not empty, fewer than 2 sites are asked for, a mode is
-        unknown or the address is not ``HOST:PORT``.
+        unknown, the address is not ``HOST:PORT``, or (``paillier-threshold``) fewer than
+        ``threshold + 1`` sites would contribute.
+
+    With ``paillier-threshold`` each site holds one share of a ``threshold``-of-``sites``
+    key (site I share I + 1) and the group key.
     """
     host, _ = _split_address(server_address)
     if sites < 2:
@@ -124,6 +137,10 @@ def provision(out: Path, sites: int, server_address: str,
         raise KitError(f"unknown mode(s) {unknown}: choose from {list(MODES)}")
     if out.exists() and any(out.iterdir()):
         raise KitError(f"{out} exists and is not empty: give a new directory")
+    dealt = "paillier-threshold" in modes
+    if dealt and not 2 <= threshold < sites:
+        raise KitError(f"--threshold {threshold} with {sites} sites: a threshold key needs "
+                       "2 <= T < sites (rounds need T + 1 contributors)")
     names = [f"site-{i}" for i in range(sites)]
     server = out / "server"
     make_certificates(server / "certs", [host, *[h for h in DEFAULT_HOSTS if h != host]],
@@ -131,6 +148,10 @@ def provision(out: Path, sites: int, server_address: str,
     paillier = generate_keypair(2048) if "paillier" in modes else None
     if paillier:
         (server / PUBLIC_NAME).write_text(json.dumps(paillier[0].to_dict()))
+    if dealt:  # dealt into a scratch folder of the dealer's, then sorted out and removed
+        dealer = out / ".dealer"
+        write_threshold_key(dealer, threshold, sites)
+        shutil.copyfile(dealer / THRESHOLD_PUBLIC_NAME, server / THRESHOLD_PUBLIC_NAME)
     identities = []
     for i, name in enumerate(names):
         site = out / name
@@ -141,10 +162,17 @@ def provision(out: Path, sites: int, server_address: str,
         shutil.copyfile(public, server / "supernodes" / f"{name}.pub")
         if paillier:
             write_secret(site / PRIVATE_NAME, json.dumps(paillier[1].to_dict()))
-        if "secagg" in modes:
+        if dealt:
+            for src, dst in ((THRESHOLD_PUBLIC_NAME, THRESHOLD_PUBLIC_NAME),
+                             (GROUP_KEY_NAME, GROUP_KEY_NAME),
+                             (threshold_share_name(i + 1), threshold_share_name(i + 1))):
+                shutil.copy2(dealer / src, site / dst)  # keeps 0600
+        if "secagg" in modes or dealt:
             identities.append(read_public_identity(write_identity(site)[0]))
         _write_kit_file(site, role="site", superlink=server_address, modes=list(modes),
                         **{"partition-id": i, "num-partitions": sites})
+    if dealt:
+        shutil.rmtree(dealer)
     if identities:
         for name in names:
             write_roster(out / name / ROSTER_NAME, identities)
@@ -182,15 +210,20 @@ def load_kit(directory: Path, role: str) -> Kit:
     if role == "server":
         needed += ["certs/server.pem", "certs/server.key"]
         needed += [PUBLIC_NAME] if "paillier" in kit.modes else []
+        needed += [THRESHOLD_PUBLIC_NAME] if "paillier-threshold" in kit.modes else []
     else:
         needed += [SUPERNODE_PRIVATE]
         needed += [PRIVATE_NAME] if "paillier" in kit.modes else []
-        needed += [IDENTITY_NAME, ROSTER_NAME] if "secagg" in kit.modes else []
+        needed += [IDENTITY_NAME, ROSTER_NAME] if {"secagg", "paillier-threshold"} & set(
+            kit.modes) else []
+        needed += [THRESHOLD_PUBLIC_NAME, GROUP_KEY_NAME, threshold_share_name(
+            kit.partition_id + 1)] if "paillier-threshold" in kit.modes else []
     missing = [n for n in needed if kit.file(n) is None]
     if missing:
         raise KitError(f"the kit in {directory} lacks {', '.join(missing)}: copy the whole "
                        "folder 'fedapp provision' made")
-    for name in ("certs/server.key", SUPERNODE_PRIVATE, PRIVATE_NAME, IDENTITY_NAME):
+    for name in ("certs/server.key", SUPERNODE_PRIVATE, PRIVATE_NAME, IDENTITY_NAME,
+                 GROUP_KEY_NAME, threshold_share_name(kit.partition_id + 1)):
         if (found := kit.file(name)) is not None:
             check_private(found)
     if role == "server" and not kit.supernode_keys():

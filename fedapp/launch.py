@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -116,19 +117,19 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
                       tls: list[str], data_dir: str | None = None,
-                      private_key: str | None = None, identity_key: str | None = None,
-                      roster: str | None = None, node_key: str | None = None,
-                      paillier_workers: int = 0) -> list[str]:
+                      key_files: Mapping[str, str | None] | None = None,
+                      node_key: str | None = None, paillier_workers: int = 0) -> list[str]:
     """``flower-supernode`` for one partition, in process isolation (the ClientApp
     runs in :mod:`fedapp.node_worker`, see :func:`run_node`), started through
     :mod:`fedapp.polling` for shorter waits.
 
-    The federation's client-side key files go in the node config
-    (``paillier-private-key``, ``secagg-identity-key``, ``secagg-roster``), where the
-    ClientApp reads
-    them, with ``paillier-workers`` (processes for Paillier encryption and
-    decryption; 0: all cores); ``node_key``, this node's SuperNode authentication private key
-    (``fedapp keygen --supernode``), goes to Flower's
+    ``key_files`` maps node-config keys to the federation's client-side key files
+    (``paillier-private-key``, ``secagg-identity-key``, ``secagg-roster``,
+    ``paillier-threshold-public-key``, ``paillier-group-key``, ``paillier-key-share``):
+    they go in the node config, where the ClientApp reads them, with
+    ``paillier-workers`` (processes for Paillier encryption and decryption; 0: all
+    cores) when the node decrypts. ``node_key``, this node's SuperNode authentication
+    private key (``fedapp keygen --supernode``), goes to Flower's
     ``--auth-supernode-private-key``. None of them ever reaches the server.
 
     Raises
@@ -140,12 +141,10 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
         raise ValueError("SuperNode authentication needs TLS: give certificates, or "
                          "drop the SuperNode private key")
     node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
-    paths = {"data-dir": data_dir, "paillier-private-key": private_key,
-             "secagg-identity-key": identity_key, "secagg-roster": roster}
-    for key, path in paths.items():
+    for key, path in {"data-dir": data_dir, **(key_files or {})}.items():
         if path:
             node_config += f" {key}='{Path(path).expanduser().resolve()}'"
-    if private_key:
+    if (key_files or {}).get("paillier-private-key"):
         node_config += f" paillier-workers={int(paillier_workers)}"
     cmd = [sys.executable, "-m", "fedapp.polling", *tls, "--superlink", superlink,
            "--node-config", node_config, "--port", str(port), "--isolation", "process"]

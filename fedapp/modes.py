@@ -34,7 +34,8 @@ class Mode:
     client_mod : str | None
         ``"module:name"`` of the ClientApp mod (imported when a node needs it).
     server_sees : str
-        ``"plain"``, ``"masked"`` or ``"encrypted"`` (as the strategy class says).
+        ``"plain"``, ``"masked"``, ``"encrypted"`` or ``"sealed"`` (as the strategy
+        class says).
     check : Callable[[RunSettings], None]
         Raises ``ValueError`` naming the setting when the mode's settings do not fit;
         runs wherever settings are read (server and client nodes), so it never needs a
@@ -76,6 +77,21 @@ def _paillier(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
         weight_unit=settings.paillier.weight_unit, **sampling)
 
 
+def _threshold(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
+    """Loads the threshold public key file named by ``paillier-public-key``; the loader
+    refuses a key share."""
+    from strategies.keyfiles import load_threshold_public_key
+    from strategies.threshold_message import ThresholdPaillierFedAvg
+
+    return ThresholdPaillierFedAvg(
+        load_threshold_public_key(Path(settings.paillier.public_key).expanduser()),
+        clip=settings.paillier.clip, value_bits=settings.paillier.value_bits,
+        max_total_weight=settings.paillier.max_total_weight,
+        weight_unit=settings.paillier.weight_unit,
+        extra_decryptors=settings.paillier.extra_decryptors,
+        stage_timeout=settings.round_timeout, **sampling)
+
+
 def _masking(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
     from strategies.secagg_message import SecAggFedAvg
 
@@ -99,6 +115,18 @@ def _check_paillier(settings: RunSettings) -> None:
                          "server cannot read under Paillier: set dp-adaptive-clip false")
 
 
+def _check_threshold(settings: RunSettings) -> None:
+    if not settings.paillier.public_key:
+        raise ValueError("aggregation='paillier-threshold' needs paillier-public-key: the path "
+                         "of the threshold public key file on the server "
+                         "(paillier-threshold.pub.json, from 'fedapp keygen --threshold T "
+                         "--shares N')")
+    if settings.dp.noise_multiplier > 0:
+        raise ValueError("differential privacy under aggregation='paillier-threshold' is not "
+                         "built yet: use 'paillier' or 'secagg' with DP, or set "
+                         "dp-noise-multiplier = 0")
+
+
 def _check_masking(settings: RunSettings) -> None:
     from strategies.secagg_rounds import secagg_params
 
@@ -115,6 +143,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("fedavg", _plain, None, "plain", _check_plain),
     Mode("paillier", _paillier, "strategies.paillier_message:paillier_mod", "encrypted",
          _check_paillier),
+    Mode("paillier-threshold", _threshold, "strategies.threshold_message:threshold_paillier_mod",
+         "sealed", _check_threshold),
     Mode("secagg", _masking, "strategies.secagg_message:secagg_mod", "masked", _check_masking),
 )}
 

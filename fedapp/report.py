@@ -29,6 +29,16 @@ WHO_SEES: dict[str, list[tuple[str, str]]] = {
                                        "every ciphertext"),
         ("keys", "the private key on client nodes only; the server holds the public key"),
     ],
+    "sealed": [
+        ("the server", "threshold-Paillier ciphertexts and each client's weight; partials and "
+                       "the model sealed under the clients' group key: no model value"),
+        ("a client", "the global model (opened with the group key)"),
+        ("the server with T - 1 clients", "no single update: decryptors decrypt only "
+                                         "aggregates of at least T + 1 contributions, one "
+                                         "per contributor and round"),
+        ("keys", "key shares on T-of-N decryptor nodes, the group key on client nodes, an "
+                 "identity key per node; the server holds the public key"),
+    ],
     "masked": [
         ("the server", "masked updates (random to it) and the sum of the survivors' updates, "
                        "which is the global model"),

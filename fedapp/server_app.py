@@ -16,6 +16,7 @@ from clients.numpy_clients import CLIENTS
 from clients.standardize import combine_stats, encode_floats, read_stats
 from clients.tasks import build_model, load_central_test
 from strategies.paillier_protocol import EncryptedModel
+from strategies.threshold_protocol import is_sealed
 from strategies.records import array_record, record_arrays
 from strategies.screening import RoundWatch
 
@@ -132,7 +133,7 @@ def train(grid: Grid, settings: RunSettings, recorder: RunRecorder,
         extra = checkpoint.config
     else:
         extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
-    hidden = mode_of(settings.aggregation).server_sees == "encrypted"  # masked: sum is public
+    hidden = mode_of(settings.aggregation).server_sees in ("encrypted", "sealed")  # masked: public
     if hidden and settings.central_eval:
         log(INFO, "Centralized evaluation is off: with Paillier aggregation the server cannot "
             "see the model")
@@ -169,6 +170,8 @@ def train(grid: Grid, settings: RunSettings, recorder: RunRecorder,
     arrays = record_arrays(final)
     if EncryptedModel.is_encrypted(arrays):  # only key holders can read it: fedapp decrypt
         recorder.save_arrays("model.encrypted.npz", arrays)
+    elif is_sealed(arrays):  # only clients (the group key) can read it: fedapp decrypt
+        recorder.save_arrays("model.sealed.npz", arrays)
     else:
         set_weights(model, final.to_numpy_ndarrays())
         recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})

@@ -5,7 +5,8 @@
 successfully, then stops every process it started, by PID.
 
     python scripts/deploy_loopback.py [--clients 3] [--rounds 2] [--insecure]
-        [--aggregation fedavg|paillier|secagg] [--data-dir ../shared/data]
+        [--aggregation fedavg|paillier|paillier-threshold|secagg] [--threshold 2]
+        [--data-dir ../shared/data]
         [--run-config key=value ...]
 
 TLS and SuperNode authentication are on unless --insecure: a throw-away CA and
@@ -20,7 +21,9 @@ With --aggregation paillier a key pair is made (fedapp keygen); the server gets 
 public key in the run config, each client node the private key in its node config.
 With --aggregation secagg each client node gets its own identity key (fedapp keygen
 --secagg) and all of them the roster of the public keys (fedapp roster), through their
-node config only.
+node config only. With --aggregation paillier-threshold a --threshold-of---clients key is
+dealt (fedapp keygen --threshold): client i gets share i + 1, every client the group key,
+its identity key and the roster, the server the threshold public key only.
 
 Faults, for real (by PID, while the run goes on): --crash-client R kills client 0
 (SIGKILL) as round R starts; --hang-client R freezes client 1 (SIGSTOP) as round R
@@ -68,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the embedded data)")
     p.add_argument("--insecure", action="store_true", help="no TLS (and so no SuperNode "
                    "authentication)")
-    p.add_argument("--aggregation", choices=("fedavg", "paillier", "secagg"), default="fedavg")
+    p.add_argument("--aggregation", choices=("fedavg", "paillier", "paillier-threshold",
+                                             "secagg"), default="fedavg")
+    p.add_argument("--threshold", type=int, default=2, help="with --aggregation "
+                   "paillier-threshold: the shares that decrypt together (every client node "
+                   "holds one of --clients shares)")
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workdir", help="logs and state (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=900)
@@ -99,7 +106,11 @@ def make_keys(args: argparse.Namespace, work: Path) -> None:
                             str(work / "keys" / name)], check=True)
     if args.aggregation == "paillier":
         subprocess.run([*FEDAPP, "keygen", "--out", str(work / "keys")], check=True)
-    elif args.aggregation == "secagg":  # each node its identity key, then the roster
+    if args.aggregation == "paillier-threshold":  # the dealer, here: a share per node
+        subprocess.run([*FEDAPP, "keygen", "--threshold", str(args.threshold), "--shares",
+                        str(args.clients), "--out", str(work / "keys" / "threshold")],
+                       check=True)
+    if args.aggregation in ("secagg", "paillier-threshold"):  # identity keys, the roster
         for i in range(args.clients):
             subprocess.run([*FEDAPP, "keygen", "--secagg", "--out",
                             str(work / "keys" / f"client{i}")], check=True)
@@ -132,9 +143,15 @@ def client_command(args: argparse.Namespace, work: Path, port: int, i: int,
         cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
     if args.aggregation == "paillier":
         cmd += ["--paillier-private-key", str(keys / "paillier.key.json")]
-    elif args.aggregation == "secagg":
+    if args.aggregation in ("secagg", "paillier-threshold"):
         cmd += ["--secagg-identity-key", str(keys / f"client{i}" / "secagg-identity.key"),
                 "--secagg-roster", str(keys / "secagg-roster.json")]
+    if args.aggregation == "paillier-threshold":
+        cmd += ["--paillier-threshold-public-key",
+                str(keys / "threshold" / "paillier-threshold.pub.json"),
+                "--paillier-group-key", str(keys / "threshold" / "paillier-group.key"),
+                "--paillier-key-share",
+                str(keys / "threshold" / f"paillier-threshold-share-{i + 1}.json")]
     return cmd
 
 
@@ -149,6 +166,9 @@ def run_overrides(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         overrides["data-dir"] = str(Path(args.data_dir).resolve())
     if args.aggregation == "paillier":
         overrides["paillier-public-key"] = str(work / "keys" / "paillier.pub.json")
+    if args.aggregation == "paillier-threshold":
+        overrides["paillier-public-key"] = str(work / "keys" / "threshold" /
+                                               "paillier-threshold.pub.json")
     return overrides
 
 

@@ -47,6 +47,10 @@ GRID_SLACK = 1e-6  # plaintext: rounding to the fine grid costs this fraction of
 def server_sees(strategy: object) -> str:
     """What the server sees of the updates under ``strategy`` (see the module)."""
     seen = getattr(strategy, "server_sees", "plain")
+    if seen == "sealed":
+        raise ValueError(f"{type(strategy).__name__}: differential privacy under threshold "
+                         "Paillier is not built yet; use PaillierFedAvg or SecAggFedAvg "
+                         "with DP")
     if seen not in SERVER_SEES:
         raise ValueError(f"{type(strategy).__name__}.server_sees is {seen!r}, not one of "
                          f"{SERVER_SEES}")

@@ -431,10 +431,11 @@ def _read_header(arrays: Mapping[str, np.ndarray]) -> dict:
     return header
 
 
-def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: int
+def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: int | None
                ) -> tuple[Layout, list[np.ndarray], dict[str, float], int]:
     """A client opens the sealed model: its layout, arrays, the released metric means
-    and the round it aggregates.
+    and the round it aggregates. ``run``: the run it must belong to (``None``: any, for
+    a saved model).
 
     Raises
     ------
@@ -448,7 +449,7 @@ def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: in
     header = _read_header(arrays)
     if header.get("fingerprint") != group_key.fingerprint:
         raise ValueError("the sealed model is for another threshold key")
-    if header.get("run") != run:
+    if run is not None and header.get("run") != run:
         raise SealError(f"the sealed model is of run {header.get('run')!r}, this is run {run}")
     sealed = arrays[SEALED_KEY]
     if not isinstance(sealed, np.ndarray) or sealed.dtype != np.uint8:

@@ -64,6 +64,7 @@ def test_without_the_gitignore_flower_would_ship_the_private_key(tmp_path):
     (b'{"type": "paillier-public-key", "n": "f"}', False),
     (b'{"type": "fedapp-threshold-paillier-key-share", "share": "f"}', True),
     (b'{"type": "fedapp-threshold-paillier-public-key", "n": "f"}', False),
+    (b'{"type": "fedapp-paillier-group-key", "key": "00"}', True),
     (b"-----BEGIN OPENSSH " b"PRIVATE KEY-----\nabc\n", True),  # split: this file is none
     (b"-----BEGIN EC " b"PRIVATE KEY-----\nabc\n", True),
     (b"-----BEGIN CERTIFICATE-----\nabc\n", False),

@@ -345,10 +345,12 @@ def test_flower_env_turns_progress_bars_off_unless_the_user_chose(monkeypatch):
 
 def test_keygen_threshold_deals_a_public_key_and_one_share_per_holder(threshold_key_dir,
                                                                       tmp_path, capsys):
-    """(The session's key, dealt by fedapp keygen --threshold 2 --shares 3.)"""
+    """(The session's key, dealt by fedapp keygen --threshold 2 --shares 3: the public key,
+    the shares and the clients' group key, the secrets 0600.)"""
     assert sorted(p.name for p in threshold_key_dir.iterdir()) == [
-        "paillier-threshold-share-1.json", "paillier-threshold-share-2.json",
+        "paillier-group.key", "paillier-threshold-share-1.json", "paillier-threshold-share-2.json",
         "paillier-threshold-share-3.json", "paillier-threshold.pub.json"]
+    assert (threshold_key_dir / "paillier-group.key").stat().st_mode & 0o077 == 0
     for bad in (["--threshold", "2"], ["--threshold", "2", "--shares", "3", "--secagg"],
                 ["--threshold", "1", "--shares", "3"], ["--threshold", "4", "--shares", "3"]):
         assert cli.main(["keygen", *bad, "--out", str(tmp_path / "x")]) == 2

@@ -150,3 +150,46 @@ def test_client_and_run_take_everything_from_the_kit(kits, tmp_path, monkeypatch
     assert connection == "fedapp-server-example-org-9092"
     assert overrides["paillier-public-key"] == str(
         (kits / "server" / "paillier.pub.json").resolve())
+
+
+def test_a_threshold_kit_gives_each_site_its_own_share_and_the_server_none(
+        threshold_key_dir, tmp_path, monkeypatch):
+    """(The dealing itself is the session's 2-of-3 key, copied: safe primes take seconds;
+    ``fedapp keygen --threshold`` is tested in test_cli.)"""
+    import shutil
+
+    import fedapp.kits as kits_module
+    from strategies.keyfiles import load_group_key, load_key_share, load_threshold_public_key
+
+    def dealt(directory, threshold, shares, n_bits=2048):
+        assert (threshold, shares) == (2, 3)
+        shutil.copytree(threshold_key_dir, directory)
+
+    monkeypatch.setattr(kits_module, "write_threshold_key", dealt)
+    with pytest.raises(KitError, match="2 <= T < sites"):
+        provision(tmp_path / "small", 2, "h:1", ("paillier-threshold",))
+    out = tmp_path / "f"
+    provision(out, 3, "h:1", ("fedavg", "paillier-threshold"))
+    assert files(out / "server") >= {"paillier-threshold.pub.json"}
+    assert not any("share" in f or "group" in f for f in files(out / "server"))
+    assert not (out / ".dealer").exists()
+    public = load_threshold_public_key(out / "server" / "paillier-threshold.pub.json")
+    for i in range(3):
+        site = out / f"site-{i}"
+        shares = [f for f in files(site) if "share" in f]
+        assert shares == [f"paillier-threshold-share-{i + 1}.json"]
+        assert load_key_share(site / shares[0], public).index == i + 1
+        load_group_key(site / "paillier-group.key", public)
+        kit = load_kit(site, "site")
+        assert "paillier-threshold" in kit.modes
+    started = []
+    monkeypatch.setattr(cli.launch, "run_node", lambda cmd, port, env: started.append(cmd) or 0)
+    assert cli.main(["client", "--kit", str(out / "site-1"), "--flwr-home",
+                     str(tmp_path / "h")]) == 0
+    node_config = started[0][started[0].index("--node-config") + 1]
+    site = (out / "site-1").resolve()
+    for key, name in (("paillier-key-share", "paillier-threshold-share-2.json"),
+                      ("paillier-group-key", "paillier-group.key"),
+                      ("paillier-threshold-public-key", "paillier-threshold.pub.json"),
+                      ("secagg-identity-key", "secagg-identity.key")):
+        assert f"{key}='{site / name}'" in node_config

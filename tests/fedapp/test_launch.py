@@ -17,11 +17,13 @@ def test_supernode_command_carries_the_partition_and_data_dir(tmp_path):
 
 def test_supernode_command_gives_paillier_nodes_all_cores(tmp_path):
     key = tmp_path / "paillier.key.json"
-    cmd = launch.supernode_command("h:1", 0, 2, 9999, ["--insecure"], private_key=str(key))
+    cmd = launch.supernode_command("h:1", 0, 2, 9999, ["--insecure"],
+                                   key_files={"paillier-private-key": str(key)})
     config = cmd[cmd.index("--node-config") + 1]
     assert f"paillier-private-key='{key.resolve()}'" in config
     assert config.endswith(" paillier-workers=0")  # 0: all cores (strategies.paillier_message)
-    cmd = launch.supernode_command("h:1", 0, 2, 9999, ["--insecure"], private_key=str(key),
+    cmd = launch.supernode_command("h:1", 0, 2, 9999, ["--insecure"],
+                                   key_files={"paillier-private-key": str(key)},
                                    paillier_workers=3)
     assert cmd[cmd.index("--node-config") + 1].endswith(" paillier-workers=3")
 

@@ -131,6 +131,49 @@ def test_paillier_reaches_the_plaintext_result(task, keys, plaintext, data_dir, 
         assert distance < 0.05 * size
 
 
+def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, data_dir,
+                                                          tmp_path):
+    """A real simulation under a 2-of-3 key: 4 nodes, 3 of them holding a share (found by
+    partition id), every round's view, decrypt and combine stages over Flower's own
+    message routing and node state; the final model is sealed, opens with the group key
+    (``fedapp decrypt``), and no share or group key reaches the run directory or the
+    SuperLink's files."""
+    import shutil
+
+    from strategies.keyfiles import (GROUP_KEY_NAME, THRESHOLD_PUBLIC_NAME,
+                                     write_simulation_identities)
+
+    keydir = tmp_path / "keys"
+    shutil.copytree(threshold_key_dir, keydir)
+    write_simulation_identities(keydir, 4)
+    secrets = [json.loads((keydir / GROUP_KEY_NAME).read_text())["key"].encode()] + [
+        json.loads(p.read_text())["share"].encode() for p in keydir.glob("*share*")]
+    work = tmp_path / "work"
+    status, run_dir, logs = launch.simulate(
+        ROOT, work, 4, {**settings_for("housing", data_dir), "num-server-rounds": 2,
+                        "aggregation": "paillier-threshold", "plaintext-metrics": True,
+                        "paillier-public-key": str(keydir / THRESHOLD_PUBLIC_NAME)},
+        timeout=900, progress=False, env={KEY_DIR_ENV: str(keydir),
+                                          NODE_CONFIG_ENV: PLAINTEXT_METRICS})
+    assert status == launch.FINISHED_OK, logs[-3000:]
+    for stage, answered in (("view", "4 of 4"), ("decrypt", "3 of 3"), ("combine", "1 of 1")):
+        assert logs.count(f"Threshold Paillier: {stage} stage, {answered} nodes") == 2, stage
+    rows = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r["round"] > 0]
+    assert [r["train-clients"] for r in rows] == [4, 4]
+    assert rows[1]["fed-mse"] < rows[0]["fed-mse"]  # the clients trained on the opened model
+    assert (run_dir / "model.sealed.npz").is_file() and not (run_dir / "model.npz").exists()
+    out = tmp_path / "model.npz"
+    assert cli.main(["decrypt", "--key", str(keydir / GROUP_KEY_NAME), "--model",
+                     str(run_dir / "model.sealed.npz"), "--out", str(out),
+                     "--task", "housing"]) == 0
+    with np.load(out, allow_pickle=False) as model:
+        assert all(np.isfinite(model[k]).all() for k in model.files)
+    for path in work.rglob("*"):  # the run directory and the SuperLink's FLWR_HOME
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), path
+
+
 def test_the_server_refuses_a_private_key_file(keys, tmp_path):
     status, _, logs = launch.simulate(
         ROOT, tmp_path, 2, {"aggregation": "paillier", "paillier-public-key": str(keys[1]),

@@ -8,12 +8,11 @@ the roster and the group key. A round needs T + 1 = 3 contributions."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord,
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord,
                       RecordDict)
 
 from strategies.aggregation import weighted_average
@@ -22,7 +21,7 @@ from strategies.keyfiles import (GROUP_KEY_NAME, THRESHOLD_PUBLIC_NAME, load_gro
                                  threshold_share_name)
 from strategies.node_errors import NodeError
 from strategies.paillier import ciphertexts_from_array
-from strategies.paillier_protocol import EncryptedModel, aggregate
+from strategies.paillier_protocol import aggregate
 from strategies.records import record_arrays
 from strategies.threshold_message import (STAGE_KEY, ThresholdPaillierFedAvg, _decrypt_request,
                                          threshold_paillier_mod)
@@ -403,3 +402,10 @@ def test_too_few_decryptors_skip_the_round(keydir, task_identity, flwr_caplog):
 def test_the_strategy_takes_only_a_threshold_public_key(keydir, keypair):
     with pytest.raises(ValueError, match="ThresholdPublicKey"):
         ThresholdPaillierFedAvg(keypair[0], clip=CLIP)
+
+
+def test_dp_wrappers_refuse_the_threshold_strategy_until_dp_is_built_for_it(keydir):
+    from strategies.dp_message import CentralDP
+
+    with pytest.raises(ValueError, match="not built yet"):
+        CentralDP(strategy_for(keydir, NODES), noise_multiplier=1.0, clip=1.0, population=4)
