@@ -74,7 +74,8 @@ def _paillier(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
         load_public_key(Path(settings.paillier.public_key).expanduser()),
         clip=settings.paillier.clip, value_bits=settings.paillier.value_bits,
         max_total_weight=settings.paillier.max_total_weight,
-        weight_unit=settings.paillier.weight_unit, **sampling)
+        weight_unit=settings.paillier.weight_unit, decrypt_once=settings.paillier.decrypt_once,
+        stage_timeout=settings.round_timeout, **sampling)
 
 
 def _threshold(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:

@@ -17,10 +17,12 @@ Legacy-API projects use :mod:`strategies.paillier_legacy`; both build on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
-from logging import INFO
+from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -29,14 +31,19 @@ from flwr.serverapp.strategy import FedAvg, Result
 from .aggregation import InvalidUpdate, check_weight
 from .encrypted_result import encrypted_record
 from .fedavg import aggregate_metrics, evaluate_metrics
-from .node_errors import reports_errors
+from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier import PrivateKey, PublicKey
 from .paillier_node import (CLIPPED_KEY, PaillierRounds, decrypt_global_model,
-                            encrypt_local_model, node_private_key, node_workers, round_config)
+                            encrypt_local_model, node_private_key, node_workers,
+                            open_sealed_model, round_config, seal_global_model)
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
 from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
+from .threshold_protocol import GroupKey, SealError, is_sealed, sealed_layout
+
+STAGE_KEY = "paillier-stage"  # decrypt-once's request to the designated key holder
+SEAL_TRIES = 3  # key holders asked in turn to seal the model
 
 
 def as_record(model: EncryptedModel) -> ArrayRecord:
@@ -65,6 +72,14 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
         Rounds in a row without a usable update after which the run fails
         (:class:`strategies.screening.NoUsableUpdate`): in a secure mode an empty
         round usually means the nodes lack their key.
+    decrypt_once : bool (default: False)
+        Before sending an encrypted aggregate, ask one key holder (a contributor to it)
+        to decrypt it, with every check a node makes, and seal the model under the key
+        holders' group key; the other nodes then open it with one AES pass instead of
+        decrypting it themselves. If no key holder seals it, the nodes get the
+        encrypted model as without this option.
+    stage_timeout : float (default: 600)
+        Seconds to wait for the designated key holder (``decrypt_once``).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling, minimums).
 
@@ -77,10 +92,13 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
 
     def __init__(self, public_key: PublicKey, *, clip: float, max_total_weight: int = 65536,
                  weight_unit: int = 1, value_bits: int = 16,
-                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
+                 max_empty_rounds: int = SECURE_EMPTY_ROUNDS, decrypt_once: bool = False,
+                 stage_timeout: float = 600.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
                             max_empty_rounds)
+        self.decrypt_once, self.stage_timeout = decrypt_once, stage_timeout
+        self._sealed_cache: tuple[str, ArrayRecord] | None = None
 
     def summary(self) -> None:
         super().summary()
@@ -118,7 +136,47 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
         self._remember_layout(plain if encrypted else None, list(plain.values()), list(plain))
         config = ConfigRecord({**config, **round_config(
             self.params, self.public_key.fingerprint, self.weight_unit, server_round)})
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, self._sealed(arrays, grid), config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.fraction_evaluate == 0:
+            return []
+        return super().configure_evaluate(server_round, self._sealed(arrays, grid), config,
+                                          grid)
+
+    def _sealed(self, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
+        """Decrypt-once: the encrypted aggregate ``arrays`` sealed by one of its
+        contributors (cached for evaluate and the next train), else ``arrays``."""
+        plain = record_arrays(arrays)
+        if not self.decrypt_once or not EncryptedModel.is_encrypted(plain):
+            return arrays
+        model = EncryptedModel.from_arrays(plain, self.public_key)
+        digest = model.digest()
+        if self._sealed_cache and self._sealed_cache[0] == digest:
+            return self._sealed_cache[1]
+        connected = set(grid.get_node_ids())
+        holders = [u for u in sorted(model.contributors) if u in connected][:SEAL_TRIES]
+        start = time.monotonic()
+        for node in holders:
+            request = Message(RecordDict({STAGE_KEY: ConfigRecord({"stage": "seal"}),
+                                          "model": arrays}),
+                              dst_node_id=node, message_type=MessageType.TRAIN)
+            for reply in grid.send_and_receive([request], timeout=self.stage_timeout):
+                if reply.has_error():
+                    self.watch.node_failed(node, reply.error.reason, "seal")
+                    continue
+                sealed = record_arrays(reply.content.array_records.get("model", ArrayRecord()))
+                if is_sealed(sealed) and sealed_layout(sealed) == model.layout:
+                    log(INFO, "Decrypt-once: node %s decrypted and sealed the model in %.2f s",
+                        node, time.monotonic() - start)
+                    self._sealed_cache = (digest, array_record(sealed))
+                    return self._sealed_cache[1]
+                log(WARNING, "Decrypt-once: node %s sent no sealed model", node)
+        self.watch.flush()
+        log(WARNING, "Decrypt-once: no key holder sealed the model (asked %s); the nodes "
+            "decrypt it themselves", holders)
+        return arrays
 
     def _accept(self, msg: Message, round_sum: RoundSum) -> None:
         arrays, _ = train_reply(msg, self.weighted_by_key)
@@ -151,15 +209,20 @@ class PaillierFedAvg(PaillierRounds, FedAvg):
 
 
 def _decrypt_records(msg: Message, key: PrivateKey, context: Context) -> dict[str, float]:
-    """Replace every encrypted ArrayRecord in ``msg`` by the plaintext model; what the
-    node releases of the aggregate's metric sums (``decrypt_global_model``)."""
+    """Replace every encrypted (or sealed: decrypt-once) ArrayRecord in ``msg`` by the
+    plaintext model; what the node releases of the aggregate's metric sums
+    (``decrypt_global_model``)."""
     released: dict[str, float] = {}
     for name, record in list(msg.content.array_records.items()):
         arrays = record_arrays(record)
-        if not EncryptedModel.is_encrypted(arrays):
+        if is_sealed(arrays):
+            layout, plain, released = open_sealed_model(GroupKey.of_private_key(key), arrays,
+                                                        msg.metadata.run_id)
+        elif EncryptedModel.is_encrypted(arrays):
+            layout, plain, released = decrypt_global_model(key, arrays, context.node_config,
+                                                           node_workers(context))
+        else:
             continue
-        layout, plain, released = decrypt_global_model(key, arrays, context.node_config,
-                                                       node_workers(context))
         msg.content[name] = array_record(dict(zip(layout.names, plain, strict=True)))
     return released
 
@@ -185,9 +248,12 @@ def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Conte
         reply.content[metrics_name] = MetricRecord({WEIGHT_KEY: weight, **released})
 
 
-@reports_errors(PermissionError, DecryptionRefused)
+@reports_errors(PermissionError, DecryptionRefused, SealError)
 def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Decrypt the global model on the way in; encrypt the train update on the way out.
+    """Decrypt (or with decrypt-once, open) the global model on the way in; encrypt the
+    train update on the way out; as the designated key holder of decrypt-once, decrypt
+    and seal the aggregate (a ``train`` message holding a ``paillier-stage`` record,
+    answered without calling the app).
     Its train metrics travel inside the encrypted update, as weighted sums; in
     plaintext it sends only its weight (which the update's header holds too) and the
     metric means of the aggregate it decrypted (``released-*``, the last round's), and
@@ -198,6 +264,13 @@ def paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     sends plaintext); other failures reach the server as their type only
     (:mod:`strategies.node_errors`)."""
     key = node_private_key(context)
+    if msg.metadata.message_type == MessageType.TRAIN \
+            and STAGE_KEY in msg.content.config_records:
+        if msg.content.config_records[STAGE_KEY].get("stage") != "seal":
+            raise NodeError("unknown Paillier stage: server and node run different versions")
+        sealed = seal_global_model(key, record_arrays(msg.content.array_records["model"]),
+                                   context.node_config, node_workers(context))
+        return Message(RecordDict({"model": array_record(sealed)}), reply_to=msg)
     category = msg.metadata.message_type.split(".")[0]
     if category == "evaluate":
         refuse_evaluation(context.node_config, "Paillier")

@@ -10,6 +10,7 @@ envelopes; neither imports the other.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from logging import WARNING
 from pathlib import Path
@@ -30,6 +31,7 @@ from .paillier_protocol import (ClientNoise, EncryptedModel, Layout, RoundSum, c
                                 decrypt_model, encrypt_update)
 from .paillier_tags import TagKey
 from .threshold_paillier import ThresholdPublicKey
+from .threshold_protocol import SEALED_KEY, GroupKey, open_model, seal_model
 from .secure_sums import metric_sums
 
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
@@ -196,6 +198,44 @@ def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
     if released:
         released[f"{RELEASED}round"] = model.server_round
     return model.layout, plain, released
+
+
+def seal_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
+                      node_config: Mapping[str, object], workers: int | None
+                      ) -> dict[str, np.ndarray]:
+    """Decrypt-once: the designated key holder decrypts the aggregate (with every check
+    of :func:`decrypt_global_model`) and seals the model and the metric means it
+    releases under the key holders' group key (:meth:`GroupKey.of_private_key`), for
+    the other nodes to open with one AES pass."""
+    _, plain, released = decrypt_global_model(key, arrays, node_config, workers)
+    means = {k[len(RELEASED):]: v for k, v in released.items() if k != f"{RELEASED}round"}
+    return seal_model(GroupKey.of_private_key(key),
+                      EncryptedModel.from_arrays(arrays, key.public_key), plain, means)
+
+
+_OPENED: dict[bytes, tuple] = {}  # sealed model digest and run: what it opened to
+
+
+def open_sealed_model(group_key: GroupKey, arrays: dict[str, np.ndarray], run: int
+                      ) -> tuple[Layout, list[np.ndarray], dict[str, float]]:
+    """A sealed global model opened (cached: evaluate and the next train carry the same
+    one), and the metric means it releases (``released-*``, with ``released-round``).
+
+    Raises
+    ------
+    strategies.threshold_protocol.SealError
+        If it is not this group key's, this run's, or was altered.
+    """
+    key = hashlib.sha256(np.ascontiguousarray(arrays.get(SEALED_KEY, np.zeros(0))).data
+                         ).digest() + run.to_bytes(8, "big")
+    if key not in _OPENED:
+        _OPENED.clear()
+        layout, plain, means, server_round = open_model(group_key, arrays, run=run)
+        released = {f"{RELEASED}{k}": v for k, v in means.items()}
+        if released:
+            released[f"{RELEASED}round"] = server_round
+        _OPENED[key] = (layout, plain, released)
+    return _OPENED[key]
 
 
 def encrypt_local_model(config: dict, names: list[str], arrays: list[np.ndarray],

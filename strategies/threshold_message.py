@@ -41,13 +41,13 @@ from .aggregation import InvalidUpdate, Layout, check_weight
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
-from .paillier_node import PaillierRounds, round_config
+from .paillier_node import PaillierRounds, open_sealed_model, round_config
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
 from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_identity import verify
 from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_view, contribute,
-                             node_keys, open_global_model)
+                             node_keys)
 from .threshold_paillier import ThresholdPublicKey
 from .threshold_protocol import (DecryptRequest, SealError, ThresholdRefused, View, is_sealed,
                                  sealed_layout)
@@ -362,7 +362,7 @@ def threshold_paillier_mod(msg: Message, context: Context, call_next: ClientAppC
     for name, record in list(msg.content.array_records.items()):
         arrays = record_arrays(record)
         if is_sealed(arrays):
-            layout, plain, released = open_global_model(arrays, keys, msg.metadata.run_id)
+            layout, plain, released = open_sealed_model(keys.group, arrays, msg.metadata.run_id)
             msg.content[name] = array_record(dict(zip(layout.names, plain, strict=True)))
     reply = call_next(msg, context)
     if category == MessageType.TRAIN and reply.has_content():

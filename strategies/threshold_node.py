@@ -21,7 +21,6 @@ restarts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +33,14 @@ from .keyfiles import (GROUP_KEY_NAME, KeyNotFound, THRESHOLD_PUBLIC_NAME, load_
                        threshold_share_name)
 from .node_errors import NodeError
 from .node_settings import node_setting
-from .paillier_node import RELEASED, parse_round_config
+from .paillier_node import parse_round_config
 from .paillier_protocol import EncryptedModel, Layout, client_weight, encrypt_update
 from .secagg_identity import NodeIdentity
 from .secagg_node import node_identity
 from .secure_sums import metric_sums
 from .threshold_paillier import KeyShare, ThresholdEncryptor, ThresholdPublicKey
-from .threshold_protocol import (SEALED_KEY, DecryptRequest, GroupKey, View, combine_sealed,
-                                 contribution_statement, decrypt_share, open_model, sign_view)
+from .threshold_protocol import (DecryptRequest, GroupKey, View, combine_sealed,
+                                 contribution_statement, decrypt_share, sign_view)
 
 PUBLIC_NODE_CONFIG = "paillier-threshold-public-key"
 GROUP_NODE_CONFIG = "paillier-group-key"
@@ -185,22 +184,3 @@ def answer_combine(model: EncryptedModel, sealed: dict[int, bytes], keys: NodeKe
                    ) -> tuple[dict[str, np.ndarray], list[int]]:
     """The combiner's sealed model and the nodes whose partials were left out."""
     return combine_sealed(keys.public, keys.group, model, sealed)
-
-
-_OPENED: dict[bytes, tuple] = {}  # sealed model digest and run: what it opened to
-
-
-def open_global_model(arrays: dict[str, np.ndarray], keys: NodeKeys, run: int
-                      ) -> tuple[Layout, list[np.ndarray], dict[str, float]]:
-    """The sealed global model opened (cached: evaluate and the next train carry the
-    same one), and the metric means it releases (``released-*``, with the round)."""
-    key = hashlib.sha256(np.ascontiguousarray(arrays.get(SEALED_KEY, np.zeros(0))).data
-                         ).digest() + run.to_bytes(8, "big")
-    if key not in _OPENED:
-        _OPENED.clear()
-        layout, plain, means, server_round = open_model(keys.group, arrays, run=run)
-        released = {f"{RELEASED}{k}": v for k, v in means.items()}
-        if released:
-            released[f"{RELEASED}round"] = server_round
-        _OPENED[key] = (layout, plain, released)
-    return _OPENED[key]

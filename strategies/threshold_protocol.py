@@ -49,6 +49,7 @@ Decryptors also remember the view they decrypted for each round and decrypt no o
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -95,10 +96,11 @@ class ThresholdRefused(NodeError):
 
 @dataclass(frozen=True)
 class GroupKey:
-    """The clients' shared symmetric key for one threshold key (``fingerprint``): it
-    seals the partial decryptions and the decrypted model, and keys the tags. Every
-    client holds it; the server never does (``fedapp keygen --threshold`` writes it
-    beside the shares)."""
+    """The clients' shared symmetric key for one Paillier key (``fingerprint``): it
+    seals the partial decryptions and the decrypted model, and keys the threshold mode's
+    tags. Every client holds it; the server never does (``fedapp keygen --threshold``
+    writes it beside the shares; in the single-holder mode every key holder derives it,
+    :meth:`of_private_key`)."""
 
     secret: bytes
     fingerprint: str
@@ -134,6 +136,17 @@ class GroupKey:
             raise SealError(f"the sealed {purpose} does not open under this federation's "
                             "group key for this run and round (another key, another round, "
                             "or altered)") from None
+
+    @staticmethod
+    def of_private_key(key) -> GroupKey:
+        """The single-holder mode's group key: every key holder derives the same one from
+        the Paillier private key (HMAC-SHA256 of its primes), and the server cannot."""
+        p, q = sorted((int(key.p), int(key.q)))
+        width = (q.bit_length() + 7) // 8
+        secret = hmac.new(b"fedapp paillier group key v1",
+                          p.to_bytes(width, "big") + q.to_bytes(width, "big"),
+                          hashlib.sha256).digest()
+        return GroupKey(secret, key.fingerprint)
 
     def tag_key(self, modulus: int) -> TagKey:
         """The key of the aggregate tags (:mod:`strategies.paillier_tags`)."""
@@ -378,7 +391,8 @@ def combine_sealed(public: ThresholdPublicKey, group_key: GroupKey, model: Encry
                                f"did not open: {len(bad)}") from None
     bad += [node for i in bad_indices for node in by_index.get(i, [])]
     arrays, sums = read_aggregate(model, plaintexts, group_key.tag_key(public.n))
-    return seal_model(group_key, model, arrays, sums), sorted(bad)
+    means = {k: v / model.total_weight for k, v in sums.items()}
+    return seal_model(group_key, model, arrays, means), sorted(bad)
 
 
 def _sealed_header(model: EncryptedModel) -> dict:
@@ -392,13 +406,12 @@ def _header_context(header: dict) -> bytes:
 
 
 def seal_model(group_key: GroupKey, model: EncryptedModel, arrays: list[np.ndarray],
-               sums: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """The decrypted average of ``model`` (and its metric sums over the total weight),
-    sealed under the group key, as two uint8 arrays: the sealed bytes and the header
-    (run, round, key, layout; public, and bound as associated data)."""
+               means: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """The decrypted average of ``model`` and the means of its metrics, sealed under the
+    group key, as two uint8 arrays: the sealed bytes and the header (run, round, key,
+    layout; public, and bound as associated data)."""
     header = _sealed_header(model)
-    means = {k: v / model.total_weight for k, v in sums.items()}
-    meta = json.dumps({"means": means}).encode()
+    meta = json.dumps({"means": dict(means)}).encode()
     flat = model.layout.flatten(arrays).astype("<f8")
     sealed = group_key.seal("model", _header_context(header),
                             struct.pack(">I", len(meta)) + meta + flat.tobytes())

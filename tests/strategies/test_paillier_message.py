@@ -4,6 +4,7 @@ with the node named, and the strategy never holds private key material."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -133,3 +134,93 @@ def test_paillier_strategy_leaves_out_bad_replies(keys, paillier, caplog_flwr, d
         assert any("node 3" in w.lower() for w in warnings_of(caplog_flwr))
     else:
         assert not must_fail, "a malformed reply was aggregated"
+
+
+# ------------------------------------------------------------------ decrypt-once
+DECRYPT_ONCE_NODES = [11, 22, 33]
+
+
+def local(node: int) -> dict[str, np.ndarray]:
+    return model(node / 100, seed=node)
+
+
+def decrypt_once_grid(keypair, tmp_path, received: dict):
+    import json
+
+    from strategies.keyfiles import write_secret
+    from strategies.paillier_message import paillier_mod
+    from tests.helpers.fakes import ModGrid
+
+    key_file = tmp_path / "paillier.key.json"
+    write_secret(key_file, json.dumps(keypair[1].to_dict()))
+
+    def train(msg: Message, context) -> Message:
+        received[context.node_id] = record_arrays(msg.content.array_records["arrays"])
+        return Message(RecordDict({"arrays": rec(local(context.node_id)), "metrics":
+                                   MetricRecord({"num-examples": context.node_id,
+                                                 "train-loss": 0.25})}), reply_to=msg)
+    class CopyingGrid(ModGrid):
+        """Each node gets its own copy of a message, as over the network (Flower's
+        FedAvg sends every node the same RecordDict object)."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return super().send_and_receive([Message(
+                copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
+                message_type=m.metadata.message_type) for m in messages], timeout=timeout)
+
+    return CopyingGrid(paillier_mod, train, DECRYPT_ONCE_NODES,
+                       {"paillier-private-key": str(key_file)})
+
+
+def test_decrypt_once_one_key_holder_decrypts_and_the_others_open_the_sealed_model(
+        keypair, tmp_path, task_identity, monkeypatch, flwr_caplog):
+    from strategies import paillier_message
+    from strategies.threshold_protocol import GroupKey, SealError, is_sealed, open_model
+
+    calls = {"decrypt": [], "open": []}
+    for name, kind in (("decrypt_global_model", "decrypt"), ("open_sealed_model", "open")):
+        real = getattr(paillier_message, name)
+        monkeypatch.setattr(paillier_message, name, lambda *a, _real=real, _kind=kind, **k: (
+            calls[_kind].append(1), _real(*a, **k))[1])
+    received: dict = {}
+    grid = decrypt_once_grid(keypair, tmp_path, received)
+    strategy = PaillierFedAvg(keypair[0], clip=CLIP, decrypt_once=True, min_available_nodes=3,
+                              min_train_nodes=3, fraction_evaluate=0.0)
+    first = strategy.configure_train(1, rec(model(0.0)), ConfigRecord(), grid)
+    encrypted, _ = strategy.aggregate_train(1, grid.send_and_receive(list(first)))
+    messages = list(strategy.configure_train(2, encrypted, ConfigRecord(), grid))
+    sent = record_arrays(messages[0].content.array_records["arrays"])
+    assert is_sealed(sent) and "node 11 decrypted and sealed" in flwr_caplog.text
+    grid.send_and_receive(messages)
+    # no node decrypted through the mod: each opened the sealed model (one AES pass)
+    assert calls == {"decrypt": [], "open": [1, 1, 1]}
+    expected = np.average([np.concatenate([a.ravel() for a in local(u).values()])
+                           for u in DECRYPT_ONCE_NODES], axis=0, weights=DECRYPT_ONCE_NODES)
+    for node in DECRYPT_ONCE_NODES:
+        got = np.concatenate([a.ravel() for a in received[node].values()])
+        np.testing.assert_allclose(got, expected, atol=strategy.params.max_error() + 1e-6)
+    # the server cannot open it; every key holder derives the same group key
+    with pytest.raises(SealError):
+        open_model(GroupKey(bytes(32), keypair[0].fingerprint), sent, run=1)
+    assert open_model(GroupKey.of_private_key(keypair[1]), sent, run=1)[2] == {
+        "train-loss": pytest.approx(0.25), "paillier-clipped": 0.0}
+    assert find_secrets(strategy, keypair[1]) == []
+
+
+def test_decrypt_once_key_holders_seal_only_what_they_would_decrypt(keypair, tmp_path,
+                                                                     task_identity,
+                                                                     flwr_caplog):
+    """A single update passed off as the aggregate: the designated key holders refuse to
+    seal it (the same checks as decrypting), and the nodes get the encrypted model, which
+    they refuse too."""
+    grid = decrypt_once_grid(keypair, tmp_path, {})
+    strategy = PaillierFedAvg(keypair[0], clip=CLIP, decrypt_once=True, min_available_nodes=3,
+                              min_train_nodes=3, fraction_evaluate=0.0)
+    first = list(strategy.configure_train(1, rec(model(0.0)), ConfigRecord(), grid))
+    replies = grid.send_and_receive(first)
+    lone = replies[0].content.array_records["arrays"]  # node 11's own update
+    messages = list(strategy.configure_train(2, lone, ConfigRecord(), grid))
+    assert not any("threshold-sealed-model" in record_arrays(m.content.array_records["arrays"])
+                   for m in messages)
+    assert "no key holder sealed the model" in flwr_caplog.text
+    assert "decryption refused" in flwr_caplog.text
