@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping, MutableMapping
@@ -412,9 +413,10 @@ def seal_model(group_key: GroupKey, model: EncryptedModel, arrays: list[np.ndarr
     layout; public, and bound as associated data)."""
     header = _sealed_header(model)
     meta = json.dumps({"means": dict(means)}).encode()
-    flat = model.layout.flatten(arrays).astype("<f8")
+    body = b"".join(np.ascontiguousarray(a, np.dtype(d).newbyteorder("<")).tobytes()
+                    for a, d in zip(arrays, model.layout.dtypes, strict=True))
     sealed = group_key.seal("model", _header_context(header),
-                            struct.pack(">I", len(meta)) + meta + flat.tobytes())
+                            struct.pack(">I", len(meta)) + meta + body)
     raw = json.dumps(header, sort_keys=True).encode()
     return {SEALED_KEY: np.frombuffer(sealed, np.uint8).copy(),
             SEALED_HEADER_KEY: np.frombuffer(raw, np.uint8).copy()}
@@ -471,7 +473,12 @@ def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: in
     (size,) = struct.unpack(">I", data[:4])
     means = json.loads(data[4:4 + size])["means"]
     layout = Layout.from_json(header["layout"])
-    flat = np.frombuffer(data[4 + size:], dtype="<f8")
-    if flat.size != layout.size:
+    out, start = [], 4 + size
+    for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True):  # each in its dtype
+        dtype = np.dtype(dtype).newbyteorder("<")
+        end = start + math.prod(shape) * dtype.itemsize
+        out.append(np.frombuffer(data[start:end], dtype).reshape(shape).astype(dtype.name))
+        start = end
+    if start != len(data):
         raise SealError("the sealed model does not match its layout")
-    return layout, layout.unflatten(flat), means, header["round"]
+    return layout, out, means, header["round"]
