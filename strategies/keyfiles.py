@@ -225,8 +225,9 @@ def load_group_key(path: Path, public: ThresholdPublicKey | None = None) -> Grou
 def load_threshold_public_key(path: Path) -> ThresholdPublicKey:
     """A threshold public key file; a key share is refused (the server holds none)."""
     data = _read(path)
-    if "share" in data:
-        raise ValueError(f"{path} holds a key share: give the server the public key "
+    if "share" in data or "key" in data:
+        what = "a key share" if "share" in data else "the clients' group key"
+        raise ValueError(f"{path} holds {what}: give the server the public key "
                          f"({THRESHOLD_PUBLIC_NAME})")
     return ThresholdPublicKey.from_dict(data)
 

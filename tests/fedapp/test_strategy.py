@@ -80,3 +80,35 @@ def test_server_strategies_hold_no_client_secret(paillier_keys, tmp_path, monkey
                 "dp-noise-multiplier": dp})
             strategy = build_strategy(settings)
             assert _holds(strategy, needles) == [], (aggregation, dp)
+
+
+def test_the_threshold_strategy_holds_no_share_nor_group_key(threshold_key_dir, monkeypatch):
+    import json
+
+    from strategies.keyfiles import KEY_DIR_ENV
+
+    monkeypatch.setenv(KEY_DIR_ENV, str(threshold_key_dir))  # as in a simulation
+    secrets = [json.loads(p.read_text())[k] for p, k in (
+        *((p, "share") for p in threshold_key_dir.glob("*share*")),
+        (threshold_key_dir / "paillier-group.key", "key"))]
+    needles = [*(int(x, 16) for x in secrets), *secrets,
+               *(int(x, 16).to_bytes((len(x) + 1) // 2, "big") for x in secrets)]
+    strategy = build_strategy(RunSettings.from_run_config({
+        "aggregation": "paillier-threshold",
+        "paillier-public-key": str(threshold_key_dir / "paillier-threshold.pub.json")}))
+    assert _holds(strategy, needles) == []
+
+
+@pytest.mark.parametrize("given, said", [
+    ("paillier.key.json", "holds private key material"),
+    ("paillier-threshold-share-1.json", "holds a key share"),
+    ("paillier-group.key", "holds the clients' group key")])
+def test_the_server_refuses_a_secret_key_file_as_its_public_key(given, said, paillier_keys,
+                                                                 threshold_key_dir):
+    """(What a ServerApp given the wrong file does: its strategy is built here.)"""
+    folder = paillier_keys[1].parent if given == "paillier.key.json" else threshold_key_dir
+    aggregation = "paillier" if given == "paillier.key.json" else "paillier-threshold"
+    settings = RunSettings.from_run_config({"aggregation": aggregation,
+                                            "paillier-public-key": str(folder / given)})
+    with pytest.raises(ValueError, match=said):
+        build_strategy(settings)

@@ -174,14 +174,6 @@ def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, da
             assert not any(s in data for s in secrets), path
 
 
-def test_the_server_refuses_a_private_key_file(keys, tmp_path):
-    status, _, logs = launch.simulate(
-        ROOT, tmp_path, 2, {"aggregation": "paillier", "paillier-public-key": str(keys[1]),
-                            "num-server-rounds": 1}, timeout=300, progress=False)
-    assert status != launch.FINISHED_OK
-    assert "holds private key material" in logs
-
-
 @pytest.mark.parametrize("aggregation", ["secagg", "secagg-distributed",
                                          "paillier-distributed"])
 def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir, tmp_path):
