@@ -42,15 +42,15 @@ from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier_node import PaillierRounds, open_sealed_model, round_config
-from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
+from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum, aggregate
 from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_identity import verify
 from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_view, contribute,
                              node_keys)
 from .threshold_paillier import ThresholdPublicKey
-from .threshold_protocol import (DecryptRequest, SealError, ThresholdRefused, View, is_sealed,
-                                 sealed_layout)
+from .threshold_protocol import (DecryptRequest, SealError, ThresholdRefused, View,
+                                 contribution_statement, is_sealed, sealed_layout)
 
 STAGE_KEY = "threshold"  # the ConfigRecord of a stage request, and of a train reply's signature
 STAGE_MESSAGE_TYPE = MessageType.TRAIN
@@ -159,7 +159,12 @@ class ThresholdPaillierFedAvg(PaillierRounds, FedAvg):
             node = msg.metadata.src_node_id
             arrays, _ = train_reply(msg, self.weighted_by_key)
             identity, signature, share = _signature_of(msg)
+            if any(identity == other for _, other, _ in signed.values()):
+                raise InvalidUpdate("another node of this round signed with the same identity")
             update = round_sum.add(node, arrays)
+            if not verify(identity, contribution_statement(update), signature):
+                raise InvalidUpdate("the update's signature does not verify under the identity "
+                                    "it names (the decryptors would refuse the round)")
             signed[node] = (update, identity, signature)
             if share:
                 self.share_holders[node] = share
@@ -173,7 +178,9 @@ class ThresholdPaillierFedAvg(PaillierRounds, FedAvg):
                 round_sum.min_contributors)
         else:
             try:
-                sealed = self._decrypt(server_round, signed, round_sum.result())
+                # the sum of exactly the signed updates the view will list
+                summed = aggregate(self.public_key, [u for u, _, _ in signed.values()])
+                sealed = self._decrypt(server_round, signed, summed)
             except RoundFailed as err:
                 log(WARNING, "Round %d skipped, the model stays as it was: %s",
                     server_round, err)

@@ -409,3 +409,22 @@ def test_dp_wrappers_refuse_the_threshold_strategy_until_dp_is_built_for_it(keyd
 
     with pytest.raises(ValueError, match="not built yet"):
         CentralDP(strategy_for(keydir, NODES), noise_multiplier=1.0, clip=1.0, population=4)
+
+
+def _bad_signature(stage, msg, reply, node):
+    if stage == "train":
+        record = reply.content.config_records[STAGE_KEY]
+        record["signature"] = bytes(64).hex()
+
+
+def test_an_update_whose_signature_fails_is_left_out_before_the_view(keydir, task_identity,
+                                                                     flwr_caplog):
+    """A node whose signature does not verify is left out, naming it; the round goes on
+    with the three others (T + 1 = 3)."""
+    nodes = make_nodes(keydir, {202: {"tamper": _bad_signature}})
+    strategy = strategy_for(keydir, nodes)
+    arrays, _ = run_round(strategy, FakeGrid(nodes), 1, initial())
+    assert "Left out the reply of node 202" in flwr_caplog.text
+    _, plain, _, _ = open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays),
+                                run=1)
+    assert_average(plain, [101, 303, 404], strategy)
