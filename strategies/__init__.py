@@ -19,11 +19,12 @@ Layout, by the direction of imports:
   :mod:`~strategies.encoding` (Paillier's packing), :mod:`~strategies.paillier`, :mod:`~strategies.paillier_protocol`,
   :mod:`~strategies.secagg_masks`, :mod:`~strategies.secagg_protocol`,
   :mod:`~strategies.secagg_wire`, :mod:`~strategies.dp`, :mod:`~strategies.keyfiles`,
-  :mod:`~strategies.legacy_wire`;
+  :mod:`~strategies.legacy_wire`, :mod:`~strategies.threshold_paillier`,
+  :mod:`~strategies.threshold_protocol`;
 - the layer both APIs share (server round logic, what a client node does, how failures
   are reported): :mod:`~strategies.paillier_node`, :mod:`~strategies.secagg_rounds`,
   :mod:`~strategies.secagg_node`, :mod:`~strategies.dp_rounds`,
-  :mod:`~strategies.screening`, :mod:`~strategies.node_errors`,
+  :mod:`~strategies.threshold_node`, :mod:`~strategies.screening`, :mod:`~strategies.node_errors`,
   :mod:`~strategies.records`, :mod:`~strategies.encrypted_result` (the encrypted final
   model an app gets, and how to save it);
 - one thin adapter per API, which never import each other: ``*_message`` and
@@ -43,6 +44,8 @@ _WHERE = {
     "PaillierFedAvg": "paillier_message", "paillier_mod": "paillier_message",
     "SecAggFedAvg": "secagg_message", "secagg_mod": "secagg_message",
     "CentralDP": "dp_message", "dp_clip_mod": "dp_message",
+    "ThresholdPaillierFedAvg": "threshold_message",
+    "threshold_paillier_mod": "threshold_message",
     # legacy API
     "LegacyPaillierFedAvg": "paillier_legacy", "legacy_paillier_mod": "paillier_legacy",
     "LegacySecAggFedAvg": "secagg_legacy", "legacy_secagg_mod": "secagg_legacy",
@@ -50,7 +53,7 @@ _WHERE = {
     # keys
     "load_public_key": "keyfiles", "load_private_key": "keyfiles",
     "write_keypair": "keyfiles", "write_identity": "keyfiles", "write_roster": "keyfiles",
-    "default_key_dir": "keyfiles",
+    "default_key_dir": "keyfiles", "load_threshold_public_key": "keyfiles",
     # the encrypted final model
     "EncryptedArrayRecord": "encrypted_result", "EncryptedModelError": "encrypted_result",
     "save_encrypted_model": "encrypted_result",

@@ -346,7 +346,7 @@ def _decrypt_request(msg: Message, keys: NodeKeys) -> DecryptRequest:
     return DecryptRequest(view, view_signatures, contributions)
 
 
-@reports_errors(PermissionError, DecryptionRefused, SealError, InvalidUpdate)
+@reports_errors(PermissionError, DecryptionRefused, SealError, InvalidUpdate, ThresholdRefused)
 def threshold_paillier_mod(msg: Message, context: Context, call_next: ClientAppCallable
                            ) -> Message:
     """Open the sealed global model on the way in; encrypt and sign the train update on

@@ -66,7 +66,6 @@ from gmpy2 import mpz
 
 from .aggregation import InvalidUpdate, Layout
 from .checks import is_int
-from .node_errors import NodeError
 from .paillier import ciphertexts_from_array
 from .paillier_protocol import EncryptedModel, aggregate, read_aggregate
 from .paillier_tags import TagKey
@@ -90,9 +89,10 @@ class SealError(ValueError):
     """A sealed value that does not open: another group key, another round, or altered."""
 
 
-class ThresholdRefused(NodeError):
-    """A client refuses a view or a decryption request; the message says why (it holds
-    nothing secret: every check is on public values and signatures)."""
+class ThresholdRefused(ValueError):
+    """A client refuses a view or a decryption request; the message says why and holds
+    nothing secret (every check is on public values and signatures), so the mods pass it
+    to the server."""
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ PACKAGE = ROOT / "strategies"
 CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "paillier_protocol",
          "paillier_tags", "threshold_paillier", "secagg_identity", "secagg_masks",
          "secagg_protocol", "secagg_wire", "secure_sums", "dp", "discrete_gaussian", "keyfiles",
-         "legacy_wire", "opacus_import"}
-MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message"}
+         "legacy_wire", "opacus_import", "threshold_protocol"}
+MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message",
+               "threshold_message"}
 LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy"}
 
 
@@ -41,7 +42,7 @@ def local(names: set[str]) -> set[str]:
 def test_every_module_is_placed():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     shared = {"paillier_node", "secagg_rounds", "secagg_node", "dp_rounds", "screening",
-              "node_errors", "node_settings", "records", "encrypted_result"}
+              "node_errors", "node_settings", "records", "encrypted_result", "threshold_node"}
     assert modules == CORES | MESSAGE_API | LEGACY_API | shared
 
 
@@ -56,7 +57,7 @@ def test_the_two_api_adapters_never_import_each_other():
         assert not local(imports(module)) & LEGACY_API, module
     for module in LEGACY_API:
         assert not local(imports(module)) & MESSAGE_API, module
-    shared = {"paillier_node", "secagg_rounds", "secagg_node", "dp_rounds"}
+    shared = {"paillier_node", "secagg_rounds", "secagg_node", "dp_rounds", "threshold_node"}
     for module in shared:
         assert not local(imports(module)) & (MESSAGE_API | LEGACY_API), module
 
