@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from .aggregation import InvalidUpdate, check_weight
+from .aggregation import InvalidUpdate
 from .encrypted_result import encrypted_record
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import NodeError, reports_errors
@@ -38,7 +38,8 @@ from .paillier_node import (CLIPPED_KEY, PaillierRounds, decrypt_global_model,
                             encrypt_local_model, node_private_key, node_workers,
                             open_sealed_model, round_config, seal_global_model)
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum
-from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
+from .records import (WEIGHT_KEY, array_record, own_train_reply, record_arrays, screen,
+                      train_reply)
 from .screening import SECURE_EMPTY_ROUNDS
 from .threshold_protocol import GroupKey, SealError, is_sealed, sealed_layout
 
@@ -230,12 +231,7 @@ def _decrypt_records(msg: Message, key: PrivateKey, context: Context) -> dict[st
 def _encrypt_reply(msg: Message, reply: Message, key: PrivateKey, context: Context,
                    released: dict[str, float]) -> None:
     config = next(iter(msg.content.config_records.values()), {})
-    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
-        raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
-    (name, record), = reply.content.array_records.items()
-    (metrics_name, metrics), = reply.content.metric_records.items()
-    arrays = record_arrays(record)
-    weight = check_weight(metrics.get(WEIGHT_KEY))
+    name, arrays, metrics_name, metrics, weight = own_train_reply(reply)
     own = {k: v for k, v in metrics.items() if k != WEIGHT_KEY}
     update, clipped = encrypt_local_model(
         dict(config), list(arrays), list(arrays.values()), weight, key,

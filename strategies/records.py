@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 from flwr.common.logger import log
 
@@ -39,6 +39,25 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """An ``ArrayRecord`` of named arrays, in order."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def own_train_reply(reply: Message) -> tuple[str, dict[str, np.ndarray], str, MetricRecord,
+                                             int]:
+    """What a node's ClientApp answered to a train message, for a secure mod to rewrite
+    before it leaves the node: the name and arrays of its one ArrayRecord, the name and
+    record of its one MetricRecord, and its weight.
+
+    Raises
+    ------
+    ValueError
+        Unless it holds exactly one of each and a positive int weight.
+    """
+    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
+        raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
+    (name, record), = reply.content.array_records.items()
+    (metrics_name, metrics), = reply.content.metric_records.items()
+    return name, record_arrays(record), metrics_name, metrics, check_weight(
+        metrics.get(WEIGHT_KEY))
 
 
 def train_reply(msg: Message, weighted_by_key: str) -> tuple[dict[str, np.ndarray], int]:

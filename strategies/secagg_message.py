@@ -45,12 +45,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .aggregation import InvalidUpdate, Layout, check_weight
+from .aggregation import InvalidUpdate, Layout
 from .fedavg import evaluate_metrics
 from .secagg_masks import SecAggError
 from .node_errors import reports_errors
 from .node_settings import refuse_evaluation
-from .records import WEIGHT_KEY, array_record, record_arrays, screen
+from .records import WEIGHT_KEY, array_record, own_train_reply, record_arrays, screen
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_node import answer_stage, mask_model, model_digest, require_payload
 from .secagg_protocol import PAYLOAD_KEY, RoundAborted
@@ -215,12 +215,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                              for k, v in record_arrays(r).items()}, dict(config))
     reply = call_next(msg, context)
     if reply.has_content():
-        if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
-            raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
-        (name, record), = reply.content.array_records.items()
-        (metrics_name, metrics), = reply.content.metric_records.items()
-        plain = record_arrays(record)
-        weight = check_weight(metrics.get(WEIGHT_KEY))
+        name, plain, metrics_name, metrics, weight = own_train_reply(reply)
         reply.content[name] = array_record(mask_model(
             payload, context, node, list(plain), list(plain.values()), weight, received,
             {k: v for k, v in metrics.items() if k != WEIGHT_KEY}, dict(config)))

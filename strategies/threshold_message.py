@@ -37,13 +37,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from .aggregation import InvalidUpdate, Layout, check_weight
+from .aggregation import InvalidUpdate, Layout
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier_node import PaillierRounds, open_sealed_model, round_config
 from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum, aggregate
-from .records import WEIGHT_KEY, array_record, record_arrays, screen, train_reply
+from .records import (WEIGHT_KEY, array_record, own_train_reply, record_arrays, screen,
+                      train_reply)
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_identity import verify
 from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_view, contribute,
@@ -380,12 +381,7 @@ def threshold_paillier_mod(msg: Message, context: Context, call_next: ClientAppC
 def _encrypt_reply(msg: Message, reply: Message, keys: NodeKeys, context: Context,
                    released: dict[str, float]) -> None:
     config = next(iter(msg.content.config_records.values()), {})
-    if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
-        raise ValueError("a train reply must hold one ArrayRecord and one MetricRecord")
-    (name, record), = reply.content.array_records.items()
-    (metrics_name, metrics), = reply.content.metric_records.items()
-    arrays = record_arrays(record)
-    weight = check_weight(metrics.get(WEIGHT_KEY))
+    name, arrays, metrics_name, metrics, weight = own_train_reply(reply)
     own = {k: v for k, v in metrics.items() if k != WEIGHT_KEY}
     update, signature = contribute(dict(config), list(arrays), list(arrays.values()), weight,
                                    keys, context, run=msg.metadata.run_id, metrics=own)

@@ -428,3 +428,21 @@ def test_an_update_whose_signature_fails_is_left_out_before_the_view(keydir, tas
     _, plain, _, _ = open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays),
                                 run=1)
     assert_average(plain, [101, 303, 404], strategy)
+
+
+def test_a_restarted_server_goes_on_from_the_sealed_checkpoint(keydir, task_identity):
+    """Resume: a new strategy (a restarted ServerApp) gets the sealed model of the last
+    finished round from the checkpoint; it learns the share holders again from the next
+    train replies and the round completes, from the model the nodes opened."""
+    nodes = make_nodes(keydir)
+    grid = FakeGrid(nodes)
+    arrays, _ = run_round(strategy_for(keydir, nodes), grid, 1, initial())
+    checkpoint = {k: np.array(v) for k, v in record_arrays(arrays).items()}  # as saved
+    restarted = strategy_for(keydir, nodes)
+    resumed = ArrayRecord({k: Array(v) for k, v in checkpoint.items()})
+    arrays2, _ = run_round(restarted, grid, 2, resumed)
+    assert restarted.share_holders == HOLDERS
+    for node in nodes:  # round 2 trained from round 1's average
+        assert_average(list(node.received[-1].values()), NODES, restarted)
+    assert open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays2),
+                      run=1)[3] == 2
