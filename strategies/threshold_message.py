@@ -47,11 +47,11 @@ from .records import (WEIGHT_KEY, array_record, own_train_reply, record_arrays, 
                       train_reply)
 from .screening import SECURE_EMPTY_ROUNDS
 from .secagg_identity import verify
-from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_view, contribute,
-                             node_keys)
+from .threshold_node import NodeKeys, answer_decrypt, answer_view, contribute, node_keys
 from .threshold_paillier import ThresholdPublicKey
 from .threshold_protocol import (DecryptRequest, SealError, ThresholdRefused, View,
-                                 contribution_statement, is_sealed, sealed_layout)
+                                 combine_sealed, contribution_statement, is_sealed,
+                                 sealed_layout)
 
 STAGE_KEY = "threshold"  # the ConfigRecord of a stage request, and of a train reply's signature
 STAGE_MESSAGE_TYPE = MessageType.TRAIN
@@ -321,7 +321,7 @@ def _answer_stage(msg: Message, context: Context, keys: NodeKeys) -> Message:
         sealed = {int(name[len("partial-"):]): _record_bytes(record)
                   for name, record in msg.content.array_records.items()
                   if name.startswith("partial-") and name[len("partial-"):].isdigit()}
-        model, left_out = answer_combine(aggregate, sealed, keys)
+        model, left_out = combine_sealed(keys.public, keys.group, aggregate, sealed)
         out["model"] = array_record(model)
         out[STAGE_KEY] = ConfigRecord({"left-out": json.dumps(left_out)})
     else:

@@ -39,8 +39,8 @@ from .secagg_identity import NodeIdentity
 from .secagg_node import node_identity
 from .secure_sums import metric_sums
 from .threshold_paillier import KeyShare, ThresholdEncryptor, ThresholdPublicKey
-from .threshold_protocol import (DecryptRequest, GroupKey, View, combine_sealed,
-                                 contribution_statement, decrypt_share, sign_view)
+from .threshold_protocol import (DecryptRequest, GroupKey, View, contribution_statement,
+                                 decrypt_share, sign_view)
 
 PUBLIC_NODE_CONFIG = "paillier-threshold-public-key"
 GROUP_NODE_CONFIG = "paillier-group-key"
@@ -178,9 +178,3 @@ def answer_decrypt(request: DecryptRequest, keys: NodeKeys, context: Context) ->
                            minimum=minimum_contributors(context))
     save_state(context, state)
     return sealed
-
-
-def answer_combine(model: EncryptedModel, sealed: dict[int, bytes], keys: NodeKeys
-                   ) -> tuple[dict[str, np.ndarray], list[int]]:
-    """The combiner's sealed model and the nodes whose partials were left out."""
-    return combine_sealed(keys.public, keys.group, model, sealed)
