@@ -213,7 +213,7 @@ def seal_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
                       EncryptedModel.from_arrays(arrays, key.public_key), plain, means)
 
 
-_OPENED: dict[bytes, tuple] = {}  # sealed model digest and run: what it opened to
+_OPENED: dict[bytes, tuple] = {}  # (group key, sealed model) digest and run: what it opened to
 
 
 def open_sealed_model(group_key: GroupKey, arrays: dict[str, np.ndarray], run: int
@@ -226,8 +226,9 @@ def open_sealed_model(group_key: GroupKey, arrays: dict[str, np.ndarray], run: i
     strategies.threshold_protocol.SealError
         If it is not this group key's, this run's, or was altered.
     """
-    key = hashlib.sha256(np.ascontiguousarray(arrays.get(SEALED_KEY, np.zeros(0))).data
-                         ).digest() + run.to_bytes(8, "big")
+    # keyed by the group key too: a hit must mean this key opened these bytes
+    key = hashlib.sha256(group_key.secret + bytes(np.ascontiguousarray(
+        arrays.get(SEALED_KEY, np.zeros(0))).data)).digest() + run.to_bytes(8, "big")
     if key not in _OPENED:
         _OPENED.clear()
         layout, plain, means, server_round = open_model(group_key, arrays, run=run)

@@ -98,14 +98,14 @@ def node_identity(context: Context) -> NodeIdentity | None:
         raise NodeError(f"secure aggregation: {err}") from None
 
 
-def load_state(context: Context) -> dict:
-    record = context.state.config_records.get(STATE_KEY)
+def load_state(context: Context, key: str = STATE_KEY) -> dict:
+    """The node's round state kept in ``context.state`` under ``key`` (JSON)."""
+    record = context.state.config_records.get(key)
     return json.loads(record["state"]) if record and "state" in record else {}
 
 
-
-def save_state(context: Context, state: dict) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord({"state": json.dumps(state)})
+def save_state(context: Context, state: dict, key: str = STATE_KEY) -> None:
+    context.state.config_records[key] = ConfigRecord({"state": json.dumps(state)})
 
 
 

@@ -21,12 +21,11 @@ restarts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 
 from .keyfiles import (GROUP_KEY_NAME, KeyNotFound, THRESHOLD_PUBLIC_NAME, load_group_key,
                        load_key_share, load_threshold_public_key, node_key_file,
@@ -36,6 +35,7 @@ from .node_settings import node_setting
 from .paillier_node import parse_round_config
 from .paillier_protocol import EncryptedModel, Layout, client_weight, encrypt_update
 from .secagg_identity import NodeIdentity
+from . import secagg_node
 from .secagg_node import node_identity
 from .secure_sums import metric_sums
 from .threshold_paillier import KeyShare, ThresholdEncryptor, ThresholdPublicKey
@@ -116,12 +116,11 @@ def node_keys(context: Context) -> NodeKeys:
 
 
 def load_state(context: Context) -> dict:
-    record = context.state.config_records.get(STATE_KEY)
-    return json.loads(record["state"]) if record and "state" in record else {}
+    return secagg_node.load_state(context, STATE_KEY)
 
 
 def save_state(context: Context, state: dict) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord({"state": json.dumps(state)})
+    secagg_node.save_state(context, state, STATE_KEY)
 
 
 def minimum_contributors(context: Context) -> int:
