@@ -13,6 +13,9 @@
     fedapp decrypt   turn an encrypted final model into a plaintext checkpoint (key holders)
     fedapp provision make a federation's keys and certificates, one folder per machine
                      (then fedapp server/client/run --kit FOLDER)
+    fedapp predict   predictions from a trained model; --secure: on secret shares, with
+                     the model owner, data owner, two computing parties and a dealer
+    fedapp infer     one party of a secure prediction session, for separate machines
 """
 
 from __future__ import annotations
@@ -677,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "paillier-threshold: the shares that decrypt together (2 <= T < sites)")
     s.add_argument("--days", type=int, default=365, help="validity of the server certificate")
     s.set_defaults(func=cmd_provision)
+
+    from .inference.commands import add_commands
+
+    add_commands(command)
     return p
 
 

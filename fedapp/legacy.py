@@ -201,6 +201,7 @@ def build_legacy_server(
         if rnd == settings.num_server_rounds:
             set_weights(model, ndarrays)
             recorder.save_arrays("model.npz", {k: v.numpy() for k, v in model.state_dict().items()})
+            recorder.save_standardization(strategy.extra_config)
             recorder.set_status("completed")  # publishes the plot and report
         clock["last"] = time.monotonic()
         return result

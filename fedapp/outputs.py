@@ -16,6 +16,10 @@ STATUS_NAME = "status.json"
 FIRST_COLUMNS = ["round", "seconds", "bytes-down", "bytes-up", "train-clients", "train-failures"]
 
 
+#: Housing's standardization beside its model (features then target).
+STANDARDIZATION_FILE = "standardization.npz"
+
+
 class RunRecorder:
     """Writes everything a run leaves behind into one directory.
 
@@ -78,6 +82,13 @@ class RunRecorder:
         path = self.directory / name
         np.savez(path, **arrays)
         return path
+
+    def save_standardization(self, config: dict) -> None:
+        """Housing's federated mean and std (``norm-mean``/``norm-std`` config bytes) as
+        ``standardization.npz``: part of the model for anyone who predicts with it."""
+        if "norm-mean" in config:
+            self.save_arrays(STANDARDIZATION_FILE, {
+                k: np.frombuffer(config[f"norm-{k}"], dtype="<f8") for k in ("mean", "std")})
 
     def _config(self) -> dict[str, Any]:
         if self.config is None and (self.directory / "config.json").is_file():

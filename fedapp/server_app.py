@@ -133,6 +133,7 @@ def train(grid: Grid, settings: RunSettings, recorder: RunRecorder,
         extra = checkpoint.config
     else:
         extra = federated_normalization(grid, settings) if settings.task == "housing" else {}
+    recorder.save_standardization(extra)
     hidden = mode_of(settings.aggregation).server_sees in ("encrypted", "sealed")  # masked: public
     if hidden and settings.central_eval:
         log(INFO, "Centralized evaluation is off: with Paillier aggregation the server cannot "
