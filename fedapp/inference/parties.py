@@ -137,6 +137,7 @@ def computing_party(party: int, address: str, certs: Path, p0: str | None = None
         engine = Engine(party, corr, exchange)
         load_weights(engine, plan, shares)
         log(f"{role}: model loaded ({sum(int(np.prod(s)) for s in shapes):,} weights)")
+        answering = time.monotonic()
         for i, size in enumerate(session["batches"]):
             shape = (size, *plan["input_shape"])
             if party == 0:
@@ -150,7 +151,8 @@ def computing_party(party: int, address: str, certs: Path, p0: str | None = None
             log(f"{role}: batch {i + 1}/{len(session['batches'])} ({size} queries) answered")
         for name in ("dealer", "model-owner"):
             links[name].send_json({"done": True})
-        return {"bytes-to-peer": peer.bytes_sent, "bytes-from-peer": peer.bytes_received,
+        return {"answer-seconds": round(time.monotonic() - answering, 3),
+                "bytes-to-peer": peer.bytes_sent, "bytes-from-peer": peer.bytes_received,
                 "bytes-from-dealer": links["dealer"].bytes_received}
 
     return _run(role, links, body)
