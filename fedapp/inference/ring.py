@@ -6,7 +6,7 @@ so either share alone is a uniformly random word whatever ``x`` is.
 
 Products carry ``2f`` fraction bits and are brought back with SecureML's local
 truncation (Mohassel and Zhang, IEEE S&P 2017, Theorem 1): each party shifts its own
-share. The result is off by at most one unit in the last place, except with
+share. The result is the value rounded down to ``2**-f``, or one step less, except with
 probability about ``|x| * 2**(2f) / 2**63`` per value, when the two shares wrap. With
 ``f = 14`` and values below 2**8, that is 2**-27 per value. See ``DEFAULT_FRACTION_BITS``.
 """

@@ -1,5 +1,6 @@
-"""The three computing roles in threads of one process, linked by queues: the
-protocols exactly as the networked parties run them, without sockets."""
+"""Private inference in one process: the three computing roles in threads linked by
+queues (the protocols exactly as the parties run them, without sockets), and the five
+real party functions in threads over real TLS sockets."""
 
 from __future__ import annotations
 
@@ -71,3 +72,51 @@ def secure_predict(plan: dict, weight_words: list[np.ndarray], input_words: np.n
 
     out0, out1 = run_parties(dealer, p0, p1, job)
     return out0 + out1
+
+
+ROLES_HOSTS = {"p0": ["127.0.0.1"], "p1": ["127.0.0.1"], "dealer": [], "model-owner": [],
+               "data-owner": []}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def networked_session(certs, plan: dict, weights: list[np.ndarray], task: str,
+                      queries: np.ndarray, fraction_bits: int, batch_size: int = 100,
+                      timeout: float = 30.0, spy=None):
+    """The five real party functions in threads of this process, over real TLS sockets
+    on loopback. Returns ``(predictions or None, {role: exception})``."""
+    from fedapp.inference import parties
+
+    a0, a1 = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    quiet = lambda line: None  # noqa: E731
+    jobs = {
+        "p0": lambda: parties.computing_party(0, a0, certs, None, timeout, quiet),
+        "p1": lambda: parties.computing_party(1, a1, certs, a0, timeout, quiet),
+        "dealer": lambda: parties.dealer(certs, a0, a1, timeout, quiet),
+        "model-owner": lambda: parties.model_owner(certs, a0, a1, plan, weights, fraction_bits,
+                                                   timeout, quiet),
+        "data-owner": lambda: parties.data_owner(certs, a0, a1, task, queries, batch_size,
+                                                 timeout, quiet),
+    }
+    if spy is not None:
+        jobs.update(spy(a0, a1, jobs))
+    results, errors = {}, {}
+
+    def work(role):
+        try:
+            results[role] = jobs[role]()
+        except BaseException as exc:  # collected for the test
+            errors[role] = exc
+
+    threads = {r: threading.Thread(target=work, args=(r,), name=r, daemon=True) for r in jobs}
+    for t in threads.values():
+        t.start()
+    for t in threads.values():
+        t.join(timeout * 3)
+    return results.get("data-owner"), errors
