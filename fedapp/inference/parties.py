@@ -24,7 +24,7 @@ import numpy as np
 from .channel import InferenceError, Link, accept, connect, listen, tls_context
 from .correlations import DEALER, Correlations
 from .engine import Engine
-from .program import (decode_output, encode_weights, evaluate, input_words, load_weights,
+from .program import (check_plan, decode_output, encode_weights, evaluate, input_words, load_weights,
                       weight_shapes)
 from .ring import SEED_BYTES, WORD, Prg
 
@@ -48,7 +48,10 @@ def _checked_plan(message: dict) -> tuple[dict, int]:
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list) \
             or not isinstance(bits, int) or not 8 <= bits <= 24:
         raise InferenceError("the model owner sent no valid plan and precision")
-    weight_shapes(plan)  # raises on a malformed layer list
+    try:
+        check_plan(plan)
+    except ValueError as err:
+        raise InferenceError(f"the model owner's plan is unusable: {err}") from None
     return plan, bits
 
 
@@ -202,7 +205,7 @@ def model_owner(certs: Path, p0: str, p1: str, plan: dict, weights: list[np.ndar
     links: dict[str, Link] = {}
 
     def body() -> None:
-        words = encode_weights(weights, fraction_bits)
+        words = encode_weights(plan, weights, fraction_bits)
         links.update(_connect_both(certs, "model-owner", p0, p1, timeout))
         seed = secrets.token_bytes(SEED_BYTES)
         prg = Prg(seed)

@@ -4,6 +4,9 @@ What is public: the architecture (layer kinds and shapes), the input format and 
 fixed-point precision. What is secret: every weight, and for housing the federated
 standardization, which the model owner folds into the first and last linear layers
 (``W' = W / s``, ``b' = b - W' m`` in; ``W' = s_y W``, ``b' = s_y b + m_y`` out).
+The folded first layer takes raw features (a tax rate near 700 beside a NOX of 0.5),
+so its weights span three orders of magnitude: they carry ``EXTRA_FRACTION`` more
+fraction bits than the rest, and its products are truncated by as many more.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from .engine import Engine
 from .ring import WORD, encode
 
 OUTPUTS = {"mnist": "argmax", "spam": "positive", "housing": "value"}
+#: Extra weight fraction bits of housing's folded first layer: its smallest weights
+#: (about 0.002) keep 4 significant digits, and a pre-activation below 2**5 still
+#: wraps a truncation with probability 2**(5 + 14 + 22 + 1 - 64) = 2**-22.
+EXTRA_FRACTION = 8
 
 
 def linear_op(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -98,12 +105,41 @@ def compile_model(model: nn.Module, task: str, standardization: dict | None = No
         weights[0] = w_in / std[None, :-1]
         weights[1] = b_in - weights[0] @ mean[:-1]
         weights[-2], weights[-1] = weights[-2] * std[-1], weights[-1] * std[-1] + mean[-1]
+        layers[0]["extra_fraction"] = EXTRA_FRACTION
         shape = [HousingMLP().net[0].in_features]
     else:
         shape = [1, 28, 28]
     plan = {"task": task, "model": type(model).__name__, "input_shape": shape,
             "layers": layers, "output": OUTPUTS[task]}
     return plan, weights
+
+
+def check_plan(plan: dict) -> None:
+    """Refuse a plan this module cannot run (it comes from another party).
+
+    Raises
+    ------
+    ValueError
+        Naming the first thing wrong.
+    """
+    def ints(value: object, count: int | None = None) -> bool:
+        return isinstance(value, list) and (count is None or len(value) == count) and all(
+            isinstance(v, int) and 0 < v <= 1 << 24 for v in value)
+
+    if plan.get("task") not in OUTPUTS or plan.get("output") not in (*OUTPUTS.values(), "logits"):
+        raise ValueError("the plan names no known task and output")
+    if not ints(plan.get("input_shape")) or plan.get("input_fraction", 0) != 0:
+        raise ValueError("the plan's input shape or input precision is invalid")
+    for layer in plan.get("layers", []):
+        op = layer.get("op") if isinstance(layer, dict) else None
+        if op not in ("conv", "linear", "relu", "maxpool", "flatten"):
+            raise ValueError(f"the plan holds an unknown layer {op!r}")
+        if op in ("conv", "linear") and not ints(layer.get("shape"), 4 if op == "conv" else 2):
+            raise ValueError(f"a {op} layer of the plan has an invalid shape")
+        if op == "conv" and layer.get("pad") not in range(0, 8):
+            raise ValueError("a conv layer of the plan has an invalid padding")
+        if layer.get("extra_fraction", 0) not in range(0, 17):
+            raise ValueError("a layer of the plan asks for invalid extra precision")
 
 
 def weight_shapes(plan: dict) -> list[tuple[int, ...]]:
@@ -140,8 +176,10 @@ def evaluate(engine: Engine, plan: dict, x: np.ndarray, fraction_bits: int) -> n
             else:
                 fn, shape = linear_op, (x.shape[0], out)
             x = engine.bilinear(key, x, shape, fn)
-            if fraction:  # the product holds both operands' fraction bits
-                x = engine.truncate(x, fraction_bits)
+            # the product holds both operands' fraction bits: keep the input's
+            weight_fraction = fraction_bits + layer.get("extra_fraction", 0)
+            if weight_fraction + fraction != fraction_bits:
+                x = engine.truncate(x, weight_fraction + fraction - fraction_bits)
             bias = engine.biases.get(key + 1)
             if bias is not None:
                 x = x + (bias[None, :, None, None] if op == "conv" else bias[None, :])
@@ -163,8 +201,13 @@ def evaluate(engine: Engine, plan: dict, x: np.ndarray, fraction_bits: int) -> n
     return x[:, 0]
 
 
-def encode_weights(weights: list[np.ndarray], fraction_bits: int) -> list[np.ndarray]:
-    return [encode(w, fraction_bits) for w in weights]
+def encode_weights(plan: dict, weights: list[np.ndarray], fraction_bits: int
+                   ) -> list[np.ndarray]:
+    """The model owner's weights as ring elements (biases at the activations' scale)."""
+    extra = [layer.get("extra_fraction", 0) for layer in plan["layers"]
+             if layer["op"] in ("conv", "linear")]
+    return [encode(w, fraction_bits + (extra[i // 2] if i % 2 == 0 else 0))
+            for i, w in enumerate(weights)]
 
 
 def decode_output(plan: dict, words: np.ndarray, fraction_bits: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Secure prediction sessions over real TLS sockets: the five party functions in
-threads (fast), and the parties as real processes for disconnects and the CLI."""
+threads (fast), and the parties as real processes for a disconnect. The CLI as five
+processes on a federated model: tests/runs/test_flower_runs.py (legacy housing)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,6 @@ def housing_run(tmp_path_factory):
     rng = np.random.default_rng(0)
     mean, std = rng.uniform(1, 50, 14), rng.uniform(0.5, 20, 14)
     np.savez(run / "standardization.npz", mean=mean, std=std)
-    rows = mean[:-1] + rng.normal(size=(25, 13)) * std[:-1]
-    (run / "queries.csv").write_text("CRIM,ZN,INDUS,CHAS,NOX,RM,AGE,DIS,RAD,TAX,PTRATIO,B,LSTAT\n"
-                                     + "".join(",".join(map(str, r)) + "\n" for r in rows))
     return run
 
 
@@ -206,23 +204,6 @@ def test_malformed_queries_are_named(tmp_path):
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def test_predict_secure_as_five_processes_agrees_with_plaintext(housing_run, tmp_path):
-    model, queries = housing_run / "model.npz", housing_run / "queries.csv"
-    plain, secure = tmp_path / "plain.txt", tmp_path / "secure.txt"
-    cli = [sys.executable, "-m", "fedapp.cli", "predict", "--model", str(model),
-           "--inputs", str(queries)]
-    subprocess.run([*cli, "--out", str(plain)], check=True, env=_env(), timeout=120)
-    done = subprocess.run([*cli, "--out", str(secure), "--secure", "--batch-size", "10"],
-                          capture_output=True, text=True, env=_env(), timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["ok"] and summary["p0"]["bytes-to-peer"] > 0
-    a, b = np.loadtxt(plain), np.loadtxt(secure)
-    assert a.shape == b.shape == (25,) and np.abs(a - b).max() < 0.01
-    for role in ("p0", "p1", "dealer", "model-owner", "data-owner"):
-        assert f"[{role}]" in done.stdout
 
 
 def test_a_party_that_dies_stops_every_other_with_the_cause_and_no_output(tmp_path):

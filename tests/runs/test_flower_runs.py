@@ -74,6 +74,24 @@ run-dir = "runs"
     mse = [r["central-mse"] for r in rows if "central-mse" in r]
     assert len(mse) == 3 and mse[-1] < mse[0]
     assert (run_dir / "model.npz").is_file() and (run_dir / "metrics.png").is_file()
+    # the federated model answers private predictions: five processes, TLS (docs/inference.md)
+    from clients.loaders import load_housing_files
+
+    houses = load_housing_files(data_dir)[1].x[:30]
+    queries = tmp_path / "houses.csv"
+    queries.write_text("".join(",".join(map(str, row)) + "\n" for row in houses))
+    cli = [sys.executable, "-m", "fedapp.cli", "predict", "--model", str(run_dir / "model.npz"),
+           "--inputs", str(queries)]
+    plain, secure = tmp_path / "plain.txt", tmp_path / "secure.txt"
+    subprocess.run([*cli, "--out", str(plain)], check=True, cwd=ROOT, timeout=120)
+    done = subprocess.run([*cli, "--out", str(secure), "--secure", "--batch-size", "10"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["ok"]
+    assert all(f"[{role}]" in done.stdout for role in ("p0", "p1", "dealer", "model-owner",
+                                                         "data-owner"))
+    a, b = np.loadtxt(plain), np.loadtxt(secure)  # prices in $1000s
+    assert a.shape == b.shape == (30,) and np.abs(a - b).max() < 0.01
 
 
 def test_a_failing_run_is_reported_as_failed(tmp_path):

@@ -162,6 +162,7 @@ def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, da
     assert [r["train-clients"] for r in rows] == [4, 4]
     assert rows[1]["fed-mse"] < rows[0]["fed-mse"]  # the clients trained on the opened model
     assert (run_dir / "model.sealed.npz").is_file() and not (run_dir / "model.npz").exists()
+    assert (run_dir / "standardization.npz").is_file()  # part of the model for prediction
     out = tmp_path / "model.npz"
     assert cli.main(["decrypt", "--key", str(keydir / GROUP_KEY_NAME), "--model",
                      str(run_dir / "model.sealed.npz"), "--out", str(out),
