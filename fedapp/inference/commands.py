@@ -236,8 +236,9 @@ def add_commands(command) -> None:  # noqa: ANN001 - cli.build_parser's factory
                 "--certs certs --model runs/RUN/model.npz\n"
                 "  fedapp infer data-owner --p0 10.0.0.1:7000 --p1 10.0.0.2:7001 "
                 "--certs certs --task mnist --inputs digits.npy --out predictions.txt")
-    roles = s.add_subparsers(dest="role", required=True)
-    r = roles.add_parser("certs", help="the session's CA and a certificate per party")
+    roles = s.add_subparsers(dest="role", required=True, help="the party to run (or certs)")
+    r = roles.add_parser("certs", help="the session's CA and a certificate per party",
+                         formatter_class=s.formatter_class)
     r.add_argument("--out", required=True, help="new directory for the files")
     r.add_argument("--p0-host", action="append", default=["127.0.0.1"],
                    help="a host name or IP p0 is reached at (repeatable)")
@@ -245,7 +246,7 @@ def add_commands(command) -> None:  # noqa: ANN001 - cli.build_parser's factory
                    help="a host name or IP p1 is reached at (repeatable)")
     r.add_argument("--days", type=int, default=30, help="validity of the certificates")
     for role in ("p0", "p1", "dealer", "model-owner", "data-owner"):
-        r = roles.add_parser(role, help=f"run the {role}")
+        r = roles.add_parser(role, help=f"run the {role}", formatter_class=s.formatter_class)
         r.add_argument("--certs", required=True, help="directory with ca.crt and this "
                        f"party's {role}.pem and {role}.key")
         if role in ("p0", "p1"):

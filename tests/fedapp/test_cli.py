@@ -293,7 +293,7 @@ def test_every_command_explains_itself(capsys):
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(commands.choices) == {"sim", "server", "client", "keygen", "roster", "decrypt",
-                                     "run", "register", "provision"}
+                                     "run", "register", "provision", "predict", "infer"}
     for name, sub in commands.choices.items():
         assert sub.description and sub.epilog.startswith("example:\n  fedapp " + name), name
         for action in sub._actions:
