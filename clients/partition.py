@@ -87,7 +87,16 @@ def partition_indices(
         table["group"] = np.searchsorted(names, np.asarray(groups)[rows])
     partitioner = make_partitioner(spec)
     partitioner.dataset = Dataset.from_dict(table)
-    part = partitioner.load_partition(partition_id)
+    try:
+        part = partitioner.load_partition(partition_id)
+    except ValueError as err:
+        if spec.scheme != "dirichlet" or "max number of attempts" not in str(err):
+            raise
+        raise ValueError(
+            f"dirichlet partitioning of {len(labels)} rows into {spec.num_partitions} clients "
+            f"({len(labels) / spec.num_partitions:.1f} rows each on average) failed: "
+            "flwr-datasets redraws until every client has at least 10 rows and gave up; "
+            "raise dirichlet-alpha, use fewer clients, or partitioning='iid'") from None
     rows = part.with_format("numpy", dtype=np.int64)["row"]
     return np.sort(np.asarray(rows, dtype=np.int64))
 

@@ -71,3 +71,10 @@ def test_bad_specs_are_refused():
 def test_local_split(n, frac):
     tr, te = local_split(n, frac, 0)
     assert len(te) >= 1 and sorted(np.r_[tr, te].tolist()) == list(range(n))
+
+
+def test_a_dirichlet_split_too_fine_for_the_data_says_why_and_what_to_do():
+    labels = np.random.default_rng(0).integers(0, 2, 3000)
+    with pytest.raises(ValueError, match=r"3000 rows into 1000 clients \(3.0 rows each.*"
+                                         r"raise dirichlet-alpha, use fewer clients"):
+        partition_indices(labels, None, PartitionSpec("dirichlet", 1000), 0)
