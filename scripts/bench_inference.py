@@ -174,7 +174,7 @@ def given_model(name: str, directory: Path) -> tuple[Path, dict]:
 
 
 # ----------------------------------------------------------------------- queries
-def mnist_queries(spec: DataSpec, work: Path, count: int, tag: str) -> Queries:
+def mnist_queries(spec: DataSpec, work: Path, count: int) -> Queries:
     """The first ``count`` held-out test digits as a uint8 ``.npy`` (N, 28, 28)."""
     path = loaders.find_file(Path(spec.data_dir), "mnist", "t10k-images-idx3-ubyte.gz",
                              "t10k-images-idx3-ubyte")
@@ -184,7 +184,7 @@ def mnist_queries(spec: DataSpec, work: Path, count: int, tag: str) -> Queries:
     test = load_central_test(spec).subset(np.arange(len(images)))
     if not np.array_equal(loaders.mnist_examples(images, test.y).x, test.x):
         raise SystemExit(f"{path}: the images differ from the held-out test split")
-    out = work / f"mnist-{tag}.npy"
+    out = work / f"mnist-{count}.npy"
     np.save(out, np.ascontiguousarray(images, dtype=np.uint8))
     return Queries(out, test.y.astype(np.int64))
 
@@ -305,8 +305,9 @@ def secure_result(name: str, task: str, model: Path, queries: Queries, count: in
     work : Path
         Where the predictions and the session's log go.
     timeout : float
-        ``--timeout`` of the session (seconds per message; the session is stopped after
-        four times that), and twice this for the whole command.
+        ``--timeout`` of the session: seconds per message, but the model owner's wait
+        for the end spans the whole answering phase, and ``fedapp predict`` stops a
+        session after four times this (as does this script, with two minutes more).
 
     Returns
     -------
@@ -317,7 +318,7 @@ def secure_result(name: str, task: str, model: Path, queries: Queries, count: in
     code, output, wall = run_cli(
         ["predict", "--secure", "--model", str(model), "--inputs", str(queries.path),
          "--out", str(out), "--batch-size", str(batch), "--timeout", str(timeout)],
-        work / f"{name}-secure-b{batch}.log", 2 * timeout + 120)
+        work / f"{name}-secure-b{batch}.log", 4 * timeout + 120)
     report = last_json(output) or {}
     result: dict[str, Any] = {"model": name, "task": task, "batch-size": batch,
                               "queries": count, "ok": bool(code == 0 and report.get("ok"))}
@@ -367,6 +368,64 @@ def describe(r: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- main
+def prepare_model(name: str, directory: Path | None, args: argparse.Namespace,
+                  data_dir: str, work: Path) -> tuple[Path, DataSpec]:
+    """The ``model.npz`` to benchmark as ``name`` (given, or trained here) and its data.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
+    directory : Path or None
+        A run directory given with ``--model-dir``, or None to train a model.
+    args : argparse.Namespace
+        The command line (``seed``, ``spam_buckets``, ``housing_epochs``).
+    data_dir : str
+        The data sets' directory.
+    work : Path
+        The benchmark's work directory (trained models go to ``models/NAME``).
+
+    Returns
+    -------
+    tuple
+        The model file, and the data spec whose held-out split the queries come from
+        (spam's split follows a given run's ``seed``, else ``--seed``).
+    """
+    task, mnist_model = MODELS[name]
+    buckets, split_seed = args.spam_buckets, args.seed
+    if directory is not None:
+        model, config = given_model(name, directory)
+        split_seed = int(config.get("seed", 42))  # the run's held-out split
+        buckets = int(config.get("spam-buckets", 65536))  # as load_trained reads it
+        log(f"{name}: using {model}")
+    spec = DataSpec(task=task, source="files", data_dir=data_dir, mnist_model=mnist_model,
+                    spam_buckets=buckets, partition=PartitionSpec(seed=split_seed))
+    if directory is None:
+        model = train_model(name, spec, work / "models" / name, args.seed, args.housing_epochs)
+    return model, spec
+
+
+def plain_predictions(name: str, task: str, model: Path, queries: Queries, work: Path,
+                      timeout: float) -> np.ndarray:
+    """``fedapp predict`` (plaintext) on ``queries``.
+
+    Raises
+    ------
+    SystemExit
+        If the command fails: without plaintext predictions nothing can be compared.
+    """
+    out = work / f"{name}-plain-{queries.path.stem}.txt"
+    code, output, wall = run_cli(["predict", "--model", str(model), "--inputs",
+                                  str(queries.path), "--out", str(out)],
+                                 work / f"{name}-plain-{queries.path.stem}.log", timeout)
+    if code != 0:
+        raise SystemExit(f"{name}: plaintext prediction failed ({code}):\n{output[-1500:]}")
+    predictions = read_predictions(out, task)
+    log(f"{name}: plaintext predictions of {len(predictions)} queries in {wall:.1f} s "
+        "(one process, start included)")
+    return predictions
+
+
 def parse_pairs(values: list[str], what: str, kind: type = str) -> dict[str, Any]:
     """``NAME=VALUE`` arguments as a dict (a bare integer for ``--batch1-images`` means
     every MNIST model)."""
@@ -405,7 +464,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch threads for training here")
     p.add_argument("--timeout", type=float, default=900.0, help="the secure sessions' "
-                   "--timeout (seconds per message; a session is stopped after 4x this)")
+                   "--timeout: seconds per message, but the model owner waits for the whole "
+                   "answering phase within it, and a session is stopped after 4x this")
     p.add_argument("--quick", action="store_true", help="smoke run: 50 digits, small-cnn "
                    "and housing")
     args = p.parse_args()
@@ -427,47 +487,26 @@ def main() -> int:
     began, results = time.monotonic(), []
     mnist_cache: dict[int, Queries] = {}
     for name in names:
-        task, mnist_model = MODELS[name]
-        buckets = args.spam_buckets
-        if name in given:
-            model, config = given_model(name, given[name])
-            split_seed = int(config.get("seed", 42))  # the run's held-out split
-            buckets = int(config.get("spam-buckets", 65536))  # as load_trained reads it
-            log(f"{name}: using {model}")
-        else:
-            split_seed = args.seed
-        spec = DataSpec(task=task, source="files", data_dir=data_dir, mnist_model=mnist_model,
-                        spam_buckets=buckets, partition=PartitionSpec(seed=split_seed))
-        if name not in given:
-            model = train_model(name, spec, work / "models" / name, args.seed,
-                                args.housing_epochs)
-        runs: list[tuple[int, Queries, int]] = []  # (batch, queries, count)
-        if task == "mnist":
-            for count, batch in ((images, args.batch_size), (min(batch1.get(name, 0), images), 1)):
+        model, spec = prepare_model(name, given.get(name), args, data_dir, work)
+        if spec.task == "mnist":
+            runs = []
+            for count, batch in ((images, args.batch_size),
+                                 (min(batch1.get(name, 0), images), 1)):
                 if count:
                     if count not in mnist_cache:
-                        mnist_cache[count] = mnist_queries(spec, work, count, str(count))
+                        mnist_cache[count] = mnist_queries(spec, work, count)
                     runs.append((batch, mnist_cache[count], count))
         else:
-            queries = spam_queries(spec, work) if task == "spam" else housing_queries(spec, work)
-            runs.append((args.batch_size, queries, len(queries.truth)))
-        plain_cache: dict[Path, np.ndarray] = {}
+            queries = (spam_queries if spec.task == "spam" else housing_queries)(spec, work)
+            runs = [(args.batch_size, queries, len(queries.truth))]
+        plain: dict[Path, np.ndarray] = {}
         for batch, queries, count in runs:
-            if queries.path not in plain_cache:
-                out = work / f"{name}-plain-{queries.path.stem}.txt"
-                code, output, wall = run_cli(
-                    ["predict", "--model", str(model), "--inputs", str(queries.path),
-                     "--out", str(out)], work / f"{name}-plain-{queries.path.stem}.log",
-                    args.timeout)
-                if code != 0:
-                    raise SystemExit(f"{name}: plaintext prediction failed ({code}):\n"
-                                     f"{output[-1500:]}")
-                plain_cache[queries.path] = read_predictions(out, task)
-                log(f"{name}: plaintext predictions of {count} queries in {wall:.1f} s "
-                    "(one process, start included)")
+            if queries.path not in plain:
+                plain[queries.path] = plain_predictions(name, spec.task, model, queries,
+                                                        work, args.timeout)
             log(f"{name}: secure prediction of {count} queries, batch size {batch} ...")
-            result = secure_result(name, task, model, queries, count, batch,
-                                   plain_cache[queries.path], work, args.timeout)
+            result = secure_result(name, spec.task, model, queries, count, batch,
+                                   plain[queries.path], work, args.timeout)
             results.append(result)
             log(describe(result))
 

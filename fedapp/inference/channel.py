@@ -155,7 +155,14 @@ class Link:
         try:
             self.sock.settimeout(5)
             self._send(ABORT, reason.encode()[:500])
-        except (InferenceError, OSError):
+            # Closing with unread bytes (a TLS session ticket, say) makes the kernel
+            # send a reset, which can throw away the abort before the peer reads it:
+            # half-close, then drain what is left for a moment.
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(0.5)
+            while self.sock.recv(1 << 16):
+                pass
+        except (InferenceError, OSError, ValueError):
             pass
         self.close()
 

@@ -169,7 +169,10 @@ def _connect_both(certs: Path, role: str, p0: str, p1: str, timeout: float
 
 
 def _await_done(links: dict[str, Link]) -> None:
+    """Wait for the computing parties to finish answering: however long that takes (a
+    party that dies closes its link, which ends the wait with the cause)."""
     for link in links.values():
+        link.sock.settimeout(None)
         if link.receive_json().get("done") is not True:
             raise InferenceError(f"{link.peer} ended the session without saying it was done")
 
@@ -220,9 +223,13 @@ def model_owner(certs: Path, p0: str, p1: str, plan: dict, weights: list[np.ndar
     _run("model-owner", links, body)
 
 
-def data_owner(certs: Path, p0: str, p1: str, task: str, queries: np.ndarray,
-               batch_size: int = 100, timeout: float = 120.0, log: Log = print) -> np.ndarray:
-    """Share the queries, batch by batch, and return the predictions (only here)."""
+def data_owner(certs: Path, p0: str, p1: str, task: str,
+               queries: np.ndarray | Callable[[dict], np.ndarray], batch_size: int = 100,
+               timeout: float = 120.0, log: Log = print) -> np.ndarray:
+    """Share the queries, batch by batch, and return the predictions (only here).
+
+    ``queries`` may be a function of the public plan (spam hashes emails into the
+    model's number of buckets, which the plan says)."""
     links: dict[str, Link] = {}
     if batch_size < 1:
         raise InferenceError(f"the batch size must be at least 1, got {batch_size}")
@@ -234,7 +241,11 @@ def data_owner(certs: Path, p0: str, p1: str, task: str, queries: np.ndarray,
         if plan.get("task") != task:
             raise InferenceError(f"the model answers {plan.get('task')} queries, these inputs "
                                  f"are {task} queries")
-        words = input_words(plan, queries, bits)
+        rows = queries(plan) if callable(queries) else queries
+        if tuple(rows.shape[1:]) != tuple(plan["input_shape"]):
+            raise InferenceError(f"the queries have shape {tuple(rows.shape[1:])} per row, the "
+                                 f"model takes {tuple(plan['input_shape'])}")
+        words = input_words(plan, rows, bits)
         sizes = [min(batch_size, len(words) - i) for i in range(0, len(words), batch_size)]
         seed = secrets.token_bytes(SEED_BYTES)
         prg = Prg(seed)

@@ -248,3 +248,21 @@ def test_a_party_that_dies_stops_every_other_with_the_cause_and_no_output(tmp_pa
         assert "p1" in err and ("closed the connection" in err or "lost the connection" in err
                                 or "stopped" in err), (role, err)
     assert not out.exists() and not (tmp_path / "predictions.txt.part").exists()
+
+
+def test_the_data_owner_hashes_emails_into_the_models_buckets(certs, tmp_path):
+    """The number of buckets is public in the plan: the data owner needs no setting."""
+    from clients.models import SpamModel
+    from fedapp.inference.queries import predict_plain
+
+    model = SpamModel(48)
+    with torch.no_grad():
+        model.embedding.weight.normal_()
+    emails = tmp_path / "mail.txt"
+    emails.write_text("cheap pills buy now\nthe meeting moved to noon\nwin money now now\n")
+    plan, weights = compile_model(model, "spam")
+    got, errors = networked_session(
+        certs, plan, weights, "spam",
+        lambda public: read_queries("spam", emails, public["input_shape"][0]), F)
+    assert not errors, errors
+    assert (got == predict_plain("spam", model, None, read_queries("spam", emails, 48))).all()

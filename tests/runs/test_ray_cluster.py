@@ -37,14 +37,30 @@ def ray_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
                             start_new_session=True)
 
 
-def actor_nodes(stop: threading.Event, seen: dict[int, str]) -> None:
-    """Which node each ClientApp actor process belongs to, by its environment."""
+def _descends_from(pid: int, roots: list[int]) -> bool:
+    while pid > 1:
+        if pid in roots:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+def actor_nodes(stop: threading.Event, seen: dict[int, str], nodes: list) -> None:
+    """Which node each ClientApp actor process of this cluster (a descendant of one of
+    ``nodes``: another test's simulation may run beside it) belongs to, by its
+    environment."""
     while not stop.is_set():
+        roots = [p.pid for p in nodes]
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) in seen:
                 continue
             try:
                 if not (entry / "cmdline").read_bytes().startswith(b"ray::ClientAppActor"):
+                    continue
+                if not _descends_from(int(entry.name), roots):
                     continue
                 environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
@@ -69,7 +85,7 @@ def test_a_secure_simulation_runs_on_the_worker_of_a_ray_cluster(tmp_path, data_
     # Ray's socket paths must stay short: its own temporary directory under /tmp
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     nodes, seen, stop = [], {}, threading.Event()
-    watcher = threading.Thread(target=actor_nodes, args=(stop, seen), daemon=True)
+    watcher = threading.Thread(target=actor_nodes, args=(stop, seen, nodes), daemon=True)
     try:
         nodes.append(ray_node(["--head", "--port", str(port), "--num-cpus", "0",
                                "--include-dashboard", "false", "--temp-dir", str(ray_tmp)],
