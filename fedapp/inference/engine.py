@@ -51,7 +51,6 @@ class Engine:
         self._masks: dict[object, np.ndarray] = {}
         #: bias shares by weight key (added after a layer's product, no mask needed)
         self.biases: dict[object, np.ndarray] = {}
-        self.words_sent = 0
 
     @property
     def dealer(self) -> bool:
@@ -67,7 +66,6 @@ class Engine:
         if self.dealer:
             return [np.zeros_like(s) for s in shares]
         theirs = self._exchange(list(shares))
-        self.words_sent += sum(s.size for s in shares)
         for mine, other in zip(shares, theirs, strict=True):
             if other.shape != mine.shape:
                 raise ValueError(f"the other party sent shape {other.shape}, expected "
