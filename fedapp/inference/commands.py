@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -79,18 +78,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_local_session(args: argparse.Namespace) -> int:
     """All five parties as processes on loopback, each its own program; the data
     owner writes ``--out``. Prints every party's lines and a JSON summary last."""
     from fedapp.certificates import make_party_certificates
+    from fedapp.launch import free_port
 
-    addresses = {"p0": f"127.0.0.1:{_free_port()}", "p1": f"127.0.0.1:{_free_port()}"}
+    addresses = {"p0": f"127.0.0.1:{free_port()}", "p1": f"127.0.0.1:{free_port()}"}
     with tempfile.TemporaryDirectory(prefix="fedapp-infer-") as tmp:
         certs = Path(tmp)
         make_party_certificates(certs, {"p0": ["127.0.0.1"], "p1": ["127.0.0.1"], "dealer": [],

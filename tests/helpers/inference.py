@@ -78,20 +78,13 @@ ROLES_HOSTS = {"p0": ["127.0.0.1"], "p1": ["127.0.0.1"], "dealer": [], "model-ow
                "data-owner": []}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def networked_session(certs, plan: dict, weights: list[np.ndarray], task: str,
                       queries: np.ndarray, fraction_bits: int, batch_size: int = 100,
                       timeout: float = 30.0, spy=None):
     """The five real party functions in threads of this process, over real TLS sockets
     on loopback. Returns ``(predictions or None, {role: exception})``."""
     from fedapp.inference import parties
+    from fedapp.launch import free_port
 
     a0, a1 = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     quiet = lambda line: None  # noqa: E731

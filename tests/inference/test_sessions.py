@@ -23,7 +23,8 @@ from fedapp.inference.program import compile_model
 from fedapp.inference.queries import load_trained, read_queries
 from fedapp.inference.ring import DEFAULT_FRACTION_BITS
 from tests.helpers import ROOT
-from tests.helpers.inference import ROLES_HOSTS, free_port, networked_session
+from fedapp.launch import free_port
+from tests.helpers.inference import ROLES_HOSTS, networked_session
 
 F = DEFAULT_FRACTION_BITS
 
