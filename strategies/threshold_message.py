@@ -19,15 +19,16 @@ the sealed one (the initial model, random weights, excepted). Stage messages tra
 as ``train`` messages holding a ``threshold`` ConfigRecord, which the mod answers
 without calling the app.
 
-The node keys are those of :mod:`strategies.threshold_node`.
+The node keys are those of :mod:`strategies.threshold_node`; the round logic,
+shared with the legacy-API adapter :mod:`strategies.threshold_legacy`, is
+:mod:`strategies.threshold_rounds`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType,
@@ -37,28 +38,25 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from .aggregation import InvalidUpdate, Layout
+from .aggregation import InvalidUpdate
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
-from .paillier_node import PaillierRounds, open_sealed_model, round_config
-from .paillier_protocol import DecryptionRefused, EncryptedModel, RoundSum, aggregate
+from .paillier_node import open_sealed_model, round_config
+from .paillier_protocol import DecryptionRefused, EncryptedModel
 from .records import (WEIGHT_KEY, array_record, own_train_reply, record_arrays, screen,
                       train_reply)
 from .screening import SECURE_EMPTY_ROUNDS
-from .secagg_identity import verify
-from .threshold_node import NodeKeys, answer_decrypt, answer_view, contribute, node_keys
+from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_view,
+                             contribute, node_keys)
 from .threshold_paillier import ThresholdPublicKey
-from .threshold_protocol import (DecryptRequest, SealError, ThresholdRefused, View,
-                                 combine_sealed, contribution_statement, is_sealed,
-                                 sealed_layout)
+from .threshold_protocol import DecryptRequest, SealError, ThresholdRefused, View, is_sealed
+from .threshold_rounds import (CombineRequest, Combined, StageRequest, ThresholdRounds,
+                               read_request, read_signature, read_view, request_fields,
+                               signature_fields, view_text)
 
 STAGE_KEY = "threshold"  # the ConfigRecord of a stage request, and of a train reply's signature
 STAGE_MESSAGE_TYPE = MessageType.TRAIN
-
-
-class RoundFailed(Exception):
-    """A stage lost too many nodes: the round is skipped and the model stays."""
 
 
 def _bytes_record(value: bytes) -> ArrayRecord:
@@ -73,7 +71,7 @@ def _record_bytes(record: ArrayRecord) -> bytes:
 
 
 # ------------------------------------------------------------------ strategy
-class ThresholdPaillierFedAvg(PaillierRounds, FedAvg):
+class ThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
     """Weighted FedAvg under a threshold Paillier key: no single key holder, the server
     blind to the updates and to the model.
 
@@ -94,33 +92,23 @@ class ThresholdPaillierFedAvg(PaillierRounds, FedAvg):
     A round needs at least ``T + 1`` valid contributions (the decryptors refuse fewer:
     :mod:`strategies.threshold_protocol`), a view signed by all of them, ``T`` partials
     and one combiner; otherwise it is skipped with a warning and the model stays as it
-    was. Share holders are known from their train replies (a reply says which share, if
-    any, its node holds), so the first round's sampling must reach ``T`` of them.
+    was (:class:`strategies.threshold_rounds.ThresholdRounds`). Share holders are known
+    from their train replies (a reply says which share, if any, its node holds), so the
+    first round's sampling must reach ``T`` of them.
     """
-
-    server_sees = "sealed"
 
     def __init__(self, public_key: ThresholdPublicKey, *, clip: float,
                  max_total_weight: int = 65536, weight_unit: int = 1, value_bits: int = 16,
                  extra_decryptors: int = 1, stage_timeout: float = 600.0,
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not isinstance(public_key, ThresholdPublicKey):
-            raise ValueError("public_key must be a ThresholdPublicKey (fedapp keygen "
-                             "--threshold T --shares N writes paillier-threshold.pub.json)")
-        if extra_decryptors < 0:
-            raise ValueError(f"extra_decryptors must be >= 0, got {extra_decryptors}")
-        self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
-                            max_empty_rounds)
-        self.extra_decryptors, self.stage_timeout = extra_decryptors, stage_timeout
-        self.share_holders: dict[int, int] = {}  # node id -> share index, as announced
+        self._init_threshold(public_key, clip, max_total_weight, weight_unit, value_bits,
+                             extra_decryptors, stage_timeout, max_empty_rounds)
         self._grid: Grid | None = None
 
     def summary(self) -> None:
         super().summary()
-        key = self.public_key
-        log(INFO, "\t└──> Threshold Paillier: %d of %d shares decrypt, %d extra asked; %s",
-            key.threshold, key.shares, self.extra_decryptors, self._describe())
+        log(INFO, "\t└──> Threshold Paillier: %s", self._describe_threshold())
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
@@ -139,168 +127,86 @@ class ThresholdPaillierFedAvg(PaillierRounds, FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
-        plain = record_arrays(arrays)
-        self._layout = sealed_layout(plain) if is_sealed(plain) \
-            else Layout.of(list(plain), list(plain.values()))
+        self._remember_global(record_arrays(arrays))
         config = ConfigRecord({**config, **round_config(
             self.params, self.public_key.fingerprint, self.weight_unit, server_round)})
         return super().configure_train(server_round, arrays, config, grid)
-
-    def _round_sum(self, server_round: int) -> RoundSum:
-        return RoundSum(self.public_key, self.params, self._layout, server_round,
-                        min_contributors=self.public_key.threshold + 1)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         round_sum = self._round_sum(server_round)
-        signed: dict[int, tuple[EncryptedModel, bytes, bytes]] = {}
+        signed: dict = {}
 
         def accept(msg: Message) -> None:
-            node = msg.metadata.src_node_id
             arrays, _ = train_reply(msg, self.weighted_by_key)
-            identity, signature, share = _signature_of(msg)
-            if any(identity == other for _, other, _ in signed.values()):
-                raise InvalidUpdate("another node of this round signed with the same identity")
-            update = round_sum.add(node, arrays)
-            if not verify(identity, contribution_statement(update), signature):
-                raise InvalidUpdate("the update's signature does not verify under the identity "
-                                    "it names (the decryptors would refuse the round)")
-            signed[node] = (update, identity, signature)
-            if share:
-                self.share_holders[node] = share
+            signature = read_signature(msg.content.config_records.get(STAGE_KEY),
+                                       "threshold_paillier_mod")
+            self._accept(round_sum, signed, msg.metadata.src_node_id, arrays, signature)
 
         valid = screen(server_round, replies, self.watch, accept)
         log(INFO, "aggregate_train: %d valid encrypted replies of %d", len(valid), len(replies))
-        sealed = None
-        if len(signed) < round_sum.min_contributors:
-            log(WARNING, "Round %d skipped, the model stays as it was: %d valid updates, the "
-                "decryptors need at least %d (T + 1)", server_round, len(signed),
-                round_sum.min_contributors)
-        else:
-            try:
-                # the sum of exactly the signed updates the view will list
-                summed = aggregate(self.public_key, [u for u, _, _ in signed.values()])
-                sealed = self._decrypt(server_round, signed, summed)
-            except RoundFailed as err:
-                log(WARNING, "Round %d skipped, the model stays as it was: %s",
-                    server_round, err)
-        self.watch.end_round(server_round, sealed is not None)
+        sealed = self._seal_round(server_round, round_sum, signed, self._grid.get_node_ids,
+                                  self._exchange)
         if sealed is None:
             return None, None
         metrics = aggregate_metrics(self.train_metrics_aggr_fn, [m.content for m in valid],
                                     self.weighted_by_key)
         return array_record(sealed), metrics
 
-    def _exchange(self, requests: dict[int, RecordDict], stage: str) -> dict[int, RecordDict]:
-        """Send one stage's requests; the contents of the replies without error."""
-        messages = [Message(content, dst_node_id=node, message_type=STAGE_MESSAGE_TYPE)
-                    for node, content in requests.items()]
-        start, answers = time.monotonic(), {}
+    def _exchange(self, requests: dict[int, StageRequest], stage: str
+                  ) -> dict[int, bytes | Combined | None]:
+        """Send one stage's requests as train messages; the answers without error, read."""
+        contents: dict[int, RecordDict] = {}  # by request: a decrypt request is encoded once
+        messages = []
+        for node, request in requests.items():
+            if id(request) not in contents:
+                contents[id(request)] = _request_content(request)
+            messages.append(Message(contents[id(request)], dst_node_id=node,
+                                    message_type=STAGE_MESSAGE_TYPE))
+        answers = {}
         for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.watch.node_failed(node, reply.error.reason, stage)
             else:
-                answers[node] = reply.content
-        self.watch.flush()
-        log(INFO, "Threshold Paillier: %s stage, %d of %d nodes answered in %.2f s", stage,
-            len(answers), len(messages), time.monotonic() - start)
+                answers[node] = _read_answer(stage, reply.content)
         return answers
-
-    def _decrypt(self, server_round: int, signed: dict, summed: EncryptedModel
-                 ) -> dict[str, np.ndarray]:
-        view = View(summed.run, server_round, self.public_key.fingerprint, tuple(sorted(
-            (node, identity, update.digest()) for node, (update, identity, _) in signed.items())))
-        view_json = json.dumps(view.to_dict())
-        answers = self._exchange({node: RecordDict({STAGE_KEY: ConfigRecord(
-            {"stage": "view", "view": view_json})}) for node in signed}, "view")
-        view_signatures = {}
-        for node, (_, identity, _) in signed.items():
-            signature = _answer_bytes(answers.get(node), "signature")
-            if not verify(identity, view.statement(), signature):
-                raise RoundFailed(f"node {node} did not sign the view, and every contributor "
-                                  "must (a view is decrypted whole or not at all)")
-            view_signatures[identity.hex()] = signature.hex()
-        request = {"stage": "decrypt", "view": view_json,
-                   "view-signatures": json.dumps(view_signatures),
-                   "signatures": json.dumps({str(node): sig.hex()
-                                             for node, (_, _, sig) in signed.items()})}
-        contributions = {f"contribution-{node}": array_record(update.to_arrays())
-                         for node, (update, _, _) in signed.items()}
-        decryptors = self._decryptors()
-        answers = self._exchange({node: RecordDict({STAGE_KEY: ConfigRecord(request),
-                                                    **contributions}) for node in decryptors},
-                                 "decrypt")
-        partials = {}
-        for node, content in answers.items():
-            try:
-                partials[node] = _record_bytes(content.array_records["partial"])
-            except (KeyError, ValueError):
-                log(WARNING, "Threshold Paillier: node %s sent no sealed partial", node)
-        if len(partials) < self.public_key.threshold:
-            raise RoundFailed(f"{len(partials)} partial decryptions, {self.public_key.threshold}"
-                              f" needed (asked {len(decryptors)} share holders)")
-        combine = RecordDict({STAGE_KEY: ConfigRecord({"stage": "combine"}),
-                              "aggregate": array_record(summed.to_arrays()),
-                              **{f"partial-{node}": _bytes_record(blob)
-                                 for node, blob in partials.items()}})
-        for combiner in partials:  # one at a time: the first that succeeds
-            content = self._exchange({combiner: combine}, "combine").get(combiner)
-            if content is None or "model" not in content.array_records:
-                continue
-            model = record_arrays(content.array_records["model"])
-            if not is_sealed(model) or sealed_layout(model) != self._layout:
-                log(WARNING, "Threshold Paillier: combiner %s sent a malformed model", combiner)
-                continue
-            left_out = json.loads(content.config_records[STAGE_KEY].get("left-out", "[]"))
-            if left_out:
-                log(WARNING, "Threshold Paillier: the partial decryptions of nodes %s failed "
-                    "their proofs and were left out", left_out)
-            return model
-        raise RoundFailed("no combiner returned the model")
-
-    def _decryptors(self) -> list[int]:
-        connected = set(self._grid.get_node_ids())
-        holders = sorted((index, node) for node, index in self.share_holders.items()
-                         if node in connected)
-        chosen, indices = [], set()
-        for index, node in holders:  # one node per share
-            if index not in indices:
-                chosen.append(node)
-                indices.add(index)
-        wanted = self.public_key.threshold + self.extra_decryptors
-        if len(chosen) < self.public_key.threshold:
-            raise RoundFailed(f"{len(chosen)} connected nodes announced a key share, "
-                              f"{self.public_key.threshold} needed: start the share holders' "
-                              "nodes, or sample more nodes per round")
-        return chosen[:wanted]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         return evaluate_metrics(self, replies, self.watch)
 
 
-def _answer_bytes(content: RecordDict | None, name: str) -> bytes:
-    try:
-        return bytes.fromhex(str(content.config_records[STAGE_KEY][name]))
-    except (AttributeError, KeyError, ValueError):
-        return b""
+def _request_content(request: StageRequest) -> RecordDict:
+    """A stage request as a train message's content: its text in the ``threshold``
+    ConfigRecord, contributions, aggregate and partials as ArrayRecords."""
+    if isinstance(request, View):
+        return RecordDict({STAGE_KEY: ConfigRecord({"stage": "view",
+                                                    "view": view_text(request)})})
+    if isinstance(request, DecryptRequest):
+        return RecordDict({STAGE_KEY: ConfigRecord({"stage": "decrypt",
+                                                    **request_fields(request)}),
+                           **{f"contribution-{node}": array_record(update.to_arrays())
+                              for node, (update, _) in request.contributions.items()}})
+    return RecordDict({STAGE_KEY: ConfigRecord({"stage": "combine"}),
+                       "aggregate": array_record(request.aggregate.to_arrays()),
+                       **{f"partial-{node}": _bytes_record(blob)
+                          for node, blob in request.partials.items()}})
 
 
-def _signature_of(msg: Message) -> tuple[bytes, bytes, int]:
-    """A train reply's identity key, signature and announced share (0: none)."""
-    record = msg.content.config_records.get(STAGE_KEY)
+def _read_answer(stage: str, content: RecordDict) -> bytes | Combined | None:
+    """A node's answer to a stage request; ``None`` if it cannot be read."""
     try:
-        identity = bytes.fromhex(str(record["identity"]))
-        signature = bytes.fromhex(str(record["signature"]))
-        share = record["share"]
-    except (TypeError, KeyError, ValueError):
-        raise InvalidUpdate("the reply holds no threshold signature: add "
-                            "threshold_paillier_mod to the ClientApp") from None
-    if len(identity) != 32 or len(signature) != 64 or not isinstance(share, int) or share < 0:
-        raise InvalidUpdate("the reply's threshold signature is malformed")
-    return identity, signature, share
+        if stage == "view":
+            return bytes.fromhex(str(content.config_records[STAGE_KEY]["signature"]))
+        if stage == "decrypt":
+            return _record_bytes(content.array_records["partial"])
+        left_out = json.loads(str(content.config_records[STAGE_KEY].get("left-out", "[]")))
+        return Combined(record_arrays(content.array_records["model"]),
+                        [int(node) for node in left_out])
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 # ------------------------------------------------------------------ client mod
@@ -311,7 +217,7 @@ def _answer_stage(msg: Message, context: Context, keys: NodeKeys) -> Message:
     stage = config.get("stage")
     out: dict = {}
     if stage == "view":
-        signature = answer_view(View.from_dict(json.loads(str(config["view"]))), keys, context)
+        signature = answer_view(read_view(config.get("view")), keys, context)
         out[STAGE_KEY] = ConfigRecord({"signature": signature.hex()})
     elif stage == "decrypt":
         out["partial"] = _bytes_record(answer_decrypt(_decrypt_request(msg, keys), keys, context))
@@ -321,9 +227,9 @@ def _answer_stage(msg: Message, context: Context, keys: NodeKeys) -> Message:
         sealed = {int(name[len("partial-"):]): _record_bytes(record)
                   for name, record in msg.content.array_records.items()
                   if name.startswith("partial-") and name[len("partial-"):].isdigit()}
-        model, left_out = combine_sealed(keys.public, keys.group, aggregate, sealed)
-        out["model"] = array_record(model)
-        out[STAGE_KEY] = ConfigRecord({"left-out": json.dumps(left_out)})
+        combined = answer_combine(CombineRequest(aggregate, sealed), keys)
+        out["model"] = array_record(combined.model)
+        out[STAGE_KEY] = ConfigRecord({"left-out": json.dumps(combined.left_out)})
     else:
         raise NodeError(f"unknown threshold stage {stage!r}: server and node run different "
                         "versions")
@@ -331,20 +237,8 @@ def _answer_stage(msg: Message, context: Context, keys: NodeKeys) -> Message:
 
 
 def _decrypt_request(msg: Message, keys: NodeKeys) -> DecryptRequest:
-    config = msg.content.config_records[STAGE_KEY]
-    try:
-        view = View.from_dict(json.loads(str(config["view"])))
-        view_signatures = {bytes.fromhex(k): bytes.fromhex(v) for k, v in
-                           json.loads(str(config["view-signatures"])).items()}
-        signatures = {int(k): bytes.fromhex(v)
-                      for k, v in json.loads(str(config["signatures"])).items()}
-        contributions = {}
-        for node, signature in signatures.items():
-            arrays = record_arrays(msg.content.array_records[f"contribution-{node}"])
-            contributions[node] = (EncryptedModel.from_arrays(arrays, keys.public), signature)
-    except (KeyError, ValueError, AttributeError, TypeError) as err:
-        raise ThresholdRefused(f"malformed decryption request: {err}") from None
-    return DecryptRequest(view, view_signatures, contributions)
+    return read_request(msg.content.config_records[STAGE_KEY], lambda node: record_arrays(
+        msg.content.array_records[f"contribution-{node}"]), keys.public)
 
 
 @reports_errors(PermissionError, DecryptionRefused, SealError, InvalidUpdate, ThresholdRefused)
@@ -390,6 +284,5 @@ def _encrypt_reply(msg: Message, reply: Message, keys: NodeKeys, context: Contex
         metrics.update(released)
     else:
         reply.content[metrics_name] = MetricRecord({WEIGHT_KEY: weight, **released})
-    reply.content[STAGE_KEY] = ConfigRecord({
-        "identity": keys.identity.key.public.hex(), "signature": signature.hex(),
-        "share": keys.share_index})
+    reply.content[STAGE_KEY] = ConfigRecord(signature_fields(
+        keys.identity.key.public, signature, keys.share_index))

@@ -1,6 +1,9 @@
-"""What a client node does in threshold Paillier mode, for the Flower adapters: find its
-keys, open the sealed model, encrypt and sign its update, and answer the view, decrypt
-and combine stages (:mod:`strategies.threshold_protocol`).
+"""What a client node does in threshold Paillier mode, for the Flower adapters
+(:mod:`strategies.threshold_message`, :mod:`strategies.threshold_legacy`): find its
+keys, encrypt and sign its update, and answer the view, decrypt and combine stages
+(:mod:`strategies.threshold_protocol`; the requests as :mod:`strategies.threshold_rounds`
+has them). It opens the sealed model with
+:func:`strategies.paillier_node.open_sealed_model`.
 
 A node holds (node config first, else its key directory,
 :func:`strategies.keyfiles.node_key_file`):
@@ -39,8 +42,9 @@ from . import secagg_node
 from .secagg_node import node_identity
 from .secure_sums import metric_sums
 from .threshold_paillier import KeyShare, ThresholdEncryptor, ThresholdPublicKey
-from .threshold_protocol import (DecryptRequest, GroupKey, View, contribution_statement,
-                                 decrypt_share, sign_view)
+from .threshold_protocol import (DecryptRequest, GroupKey, View, combine_sealed,
+                                 contribution_statement, decrypt_share, sign_view)
+from .threshold_rounds import CombineRequest, Combined
 
 PUBLIC_NODE_CONFIG = "paillier-threshold-public-key"
 GROUP_NODE_CONFIG = "paillier-group-key"
@@ -177,3 +181,11 @@ def answer_decrypt(request: DecryptRequest, keys: NodeKeys, context: Context) ->
                            minimum=minimum_contributors(context))
     save_state(context, state)
     return sealed
+
+
+def answer_combine(request: CombineRequest, keys: NodeKeys) -> Combined:
+    """As the combiner: the model sealed from ``T`` verified partials, and the nodes
+    whose partials were left out (:func:`strategies.threshold_protocol.combine_sealed`)."""
+    model, left_out = combine_sealed(keys.public, keys.group, request.aggregate,
+                                     request.partials)
+    return Combined(model, left_out)

@@ -1,0 +1,308 @@
+"""The server side of threshold Paillier shared by both Flower APIs, and the text forms
+of what its stages carry.
+
+:class:`ThresholdRounds` is what both threshold strategies hold and do: the public key
+and the encoding (:class:`strategies.paillier_node.PaillierRounds`), the share holders
+the nodes announced, the checks of each signed train reply, and a round's view,
+decrypt and combine stages (:mod:`strategies.threshold_protocol`): which nodes are
+asked, what each must answer, which partials and combiners are tried, when the round
+is skipped. The adapters, :mod:`strategies.threshold_message` (Message API) and
+:mod:`strategies.threshold_legacy` (legacy API), only supply the ``exchange`` that
+carries the stage requests (:class:`~strategies.threshold_protocol.View`,
+:class:`~strategies.threshold_protocol.DecryptRequest`, :class:`CombineRequest`) to
+the nodes and their answers back, using the text forms below; neither imports the
+other. This module imports no Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+
+from .aggregation import InvalidUpdate, Layout
+from .paillier_node import PaillierRounds
+from .paillier_protocol import EncryptedModel, RoundSum, aggregate
+from .secagg_identity import verify
+from .threshold_paillier import ThresholdPublicKey
+from .threshold_protocol import (DecryptRequest, ThresholdRefused, View,
+                                 contribution_statement, is_sealed, sealed_layout)
+
+# Flower's logger by name: its lines show where Flower's do, without importing Flower
+log = logging.getLogger("flwr").log
+
+
+class RoundFailed(Exception):
+    """A stage lost too many nodes: the round is skipped and the model stays."""
+
+
+@dataclass(frozen=True)
+class CombineRequest:
+    """What the combiner receives: the round's aggregate and the decryptors' sealed
+    partial decryptions, by node."""
+
+    aggregate: EncryptedModel
+    partials: Mapping[int, bytes]
+
+
+@dataclass(frozen=True)
+class Combined:
+    """The combiner's answer: the model sealed under the group key
+    (:func:`strategies.threshold_protocol.seal_model`) and the nodes whose partials
+    were left out."""
+
+    model: dict[str, np.ndarray]
+    left_out: list[int]
+
+
+StageRequest = View | DecryptRequest | CombineRequest
+#: An adapter's ``exchange(requests, stage)``: send each node its request; return the
+#: answers of the nodes that replied without an error (it reports the others to the
+#: strategy's ``watch``), decoded: the view signature (bytes), the sealed partial
+#: (bytes) or a :class:`Combined`; ``None`` for an answer it could not read.
+Exchange = Callable[[dict[int, StageRequest], str], dict[int, "bytes | Combined | None"]]
+
+
+# ------------------------------------------------------------------ text forms
+def signature_fields(identity: bytes, signature: bytes, share: int) -> dict[str, str | int]:
+    """What a train reply carries beside its update: the node's identity public key,
+    its signature of the update (:func:`contribution_statement`) and the number of the
+    key share it holds (0: none)."""
+    return {"identity": identity.hex(), "signature": signature.hex(), "share": share}
+
+
+def read_signature(fields: Mapping[str, object] | None, mod: str) -> tuple[bytes, bytes, int]:
+    """Inverse of :func:`signature_fields`: identity key, signature and announced share.
+
+    Raises
+    ------
+    InvalidUpdate
+        If they are missing (naming ``mod``, the client mod that adds them) or malformed.
+    """
+    try:
+        identity = bytes.fromhex(str(fields["identity"]))
+        signature = bytes.fromhex(str(fields["signature"]))
+        share = fields["share"]
+    except (TypeError, KeyError, ValueError):
+        raise InvalidUpdate(f"the reply holds no threshold signature: add {mod} to the "
+                            "ClientApp") from None
+    if len(identity) != 32 or len(signature) != 64 or not isinstance(share, int) \
+            or isinstance(share, bool) or share < 0:
+        raise InvalidUpdate("the reply's threshold signature is malformed")
+    return identity, signature, share
+
+
+def view_text(view: View) -> str:
+    """A view as it travels (JSON)."""
+    return json.dumps(view.to_dict())
+
+
+def read_view(text: object) -> View:
+    """Inverse of :func:`view_text`; :class:`ThresholdRefused` if malformed."""
+    try:
+        data = json.loads(str(text))
+    except ValueError as err:
+        raise ThresholdRefused(f"malformed view: {err}") from None
+    try:
+        return View.from_dict(data)
+    except ValueError as err:  # its message says "malformed view: ..."
+        raise ThresholdRefused(str(err)) from None
+
+
+def request_fields(request: DecryptRequest) -> dict[str, str]:
+    """The text of a decryption request: the view, its signatures and the
+    contributions' signatures (the contributions themselves travel as arrays)."""
+    return {"view": view_text(request.view),
+            "view-signatures": json.dumps({key.hex(): sig.hex() for key, sig in
+                                           request.view_signatures.items()}),
+            "signatures": json.dumps({str(node): sig.hex() for node, (_, sig) in
+                                      request.contributions.items()})}
+
+
+def read_request(fields: Mapping[str, object],
+                 contribution: Callable[[int], Mapping[str, np.ndarray]],
+                 public: ThresholdPublicKey) -> DecryptRequest:
+    """Inverse of :func:`request_fields`; ``contribution(node)`` gives the arrays of the
+    contribution of each node the request names.
+
+    Raises
+    ------
+    ThresholdRefused
+        If any of it is missing or malformed.
+    """
+    try:
+        view = View.from_dict(json.loads(str(fields["view"])))
+        view_signatures = {bytes.fromhex(k): bytes.fromhex(v) for k, v in
+                           json.loads(str(fields["view-signatures"])).items()}
+        signatures = {int(k): bytes.fromhex(v)
+                      for k, v in json.loads(str(fields["signatures"])).items()}
+        contributions = {node: (EncryptedModel.from_arrays(contribution(node), public),
+                                signature) for node, signature in signatures.items()}
+    except (KeyError, ValueError, AttributeError, TypeError) as err:
+        raise ThresholdRefused(f"malformed decryption request: {err}") from None
+    return DecryptRequest(view, view_signatures, contributions)
+
+
+# ------------------------------------------------------------------ server
+class ThresholdRounds(PaillierRounds):
+    """What both threshold strategies (Message API and legacy) hold and do; see the
+    module docstring. The strategy keeps ``watch`` and ``_layout`` as every Paillier
+    strategy does, and ``share_holders``: node id -> announced share number."""
+
+    server_sees = "sealed"
+
+    def _init_threshold(self, public_key: ThresholdPublicKey, clip: float,
+                        max_total_weight: int, weight_unit: int, value_bits: int,
+                        extra_decryptors: int, stage_timeout: float,
+                        max_empty_rounds: int) -> None:
+        if not isinstance(public_key, ThresholdPublicKey):
+            raise ValueError("public_key must be a ThresholdPublicKey (fedapp keygen "
+                             "--threshold T --shares N writes paillier-threshold.pub.json)")
+        if extra_decryptors < 0:
+            raise ValueError(f"extra_decryptors must be >= 0, got {extra_decryptors}")
+        self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
+                            max_empty_rounds)
+        self.extra_decryptors, self.stage_timeout = extra_decryptors, stage_timeout
+        self.share_holders: dict[int, int] = {}
+
+    def _describe_threshold(self) -> str:
+        key = self.public_key
+        return (f"{key.threshold} of {key.shares} shares decrypt, {self.extra_decryptors} "
+                f"extra asked; {self._describe()}")
+
+    def _remember_global(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The layout of the global model sent this round: a sealed model's public
+        header says it; the initial model (public: random weights) is plaintext, its
+        arrays named as they travel."""
+        self._layout = sealed_layout(arrays) if is_sealed(arrays) \
+            else Layout.of(list(arrays), list(arrays.values()))
+
+    def _round_sum(self, server_round: int) -> RoundSum:
+        return RoundSum(self.public_key, self.params, self._layout, server_round,
+                        min_contributors=self.public_key.threshold + 1)
+
+    def _accept(self, round_sum: RoundSum, signed: dict, node: int,
+                arrays: Mapping[str, np.ndarray], signature: tuple[bytes, bytes, int]
+                ) -> None:
+        """Keep one train reply of ``node`` in ``signed`` (node -> update, identity,
+        signature) and note its share, if its update passes the round's checks and
+        its signature (:func:`read_signature`) verifies.
+
+        Raises
+        ------
+        InvalidUpdate
+            Naming what fails: the reply is left out.
+        """
+        identity, sig, share = signature
+        if any(identity == other for _, other, _ in signed.values()):
+            raise InvalidUpdate("another node of this round signed with the same identity")
+        update = round_sum.add(node, arrays)
+        if not verify(identity, contribution_statement(update), sig):
+            raise InvalidUpdate("the update's signature does not verify under the identity "
+                                "it names (the decryptors would refuse the round)")
+        signed[node] = (update, identity, sig)
+        if share:
+            self.share_holders[node] = share
+
+    def _seal_round(self, server_round: int, round_sum: RoundSum, signed: dict,
+                    connected: Callable[[], Iterable[int]], exchange: Exchange
+                    ) -> dict[str, np.ndarray] | None:
+        """The round's average sealed by the clients (the view, decrypt and combine
+        stages through ``exchange``; ``connected()`` lists the nodes that could
+        decrypt), or ``None`` with a warning if the round is skipped. Closes the round
+        on ``watch``."""
+        sealed = None
+        if len(signed) < round_sum.min_contributors:
+            log(WARNING, "Round %d skipped, the model stays as it was: %d valid updates, the "
+                "decryptors need at least %d (T + 1)", server_round, len(signed),
+                round_sum.min_contributors)
+        else:
+            try:
+                # the sum of exactly the signed updates the view will list
+                summed = aggregate(self.public_key, [u for u, _, _ in signed.values()])
+                sealed = self._decrypt(server_round, signed, summed, connected, exchange)
+            except RoundFailed as err:
+                log(WARNING, "Round %d skipped, the model stays as it was: %s",
+                    server_round, err)
+        self.watch.end_round(server_round, sealed is not None)
+        return sealed
+
+    def _stage(self, exchange: Exchange, requests: dict[int, StageRequest], stage: str
+               ) -> dict:
+        start = time.monotonic()
+        answers = exchange(requests, stage)
+        self.watch.flush()
+        log(INFO, "Threshold Paillier: %s stage, %d of %d nodes answered in %.2f s", stage,
+            len(answers), len(requests), time.monotonic() - start)
+        return answers
+
+    def _decrypt(self, server_round: int, signed: dict, summed: EncryptedModel,
+                 connected: Callable[[], Iterable[int]], exchange: Exchange
+                 ) -> dict[str, np.ndarray]:
+        view = View(summed.run, server_round, self.public_key.fingerprint, tuple(sorted(
+            (node, identity, update.digest()) for node, (update, identity, _) in signed.items())))
+        answers = self._stage(exchange, {node: view for node in signed}, "view")
+        view_signatures = {}
+        for node, (_, identity, _) in signed.items():
+            signature = answers.get(node)
+            if not isinstance(signature, bytes) or not verify(identity, view.statement(),
+                                                              signature):
+                raise RoundFailed(f"node {node} did not sign the view, and every contributor "
+                                  "must (a view is decrypted whole or not at all)")
+            view_signatures[identity] = signature
+        request = DecryptRequest(view, view_signatures, {
+            node: (update, signature) for node, (update, _, signature) in signed.items()})
+        decryptors = self._decryptors(connected())
+        partials = {}
+        for node, partial in self._stage(exchange, {node: request for node in decryptors},
+                                         "decrypt").items():
+            if isinstance(partial, bytes) and partial:
+                partials[node] = partial
+            else:
+                log(WARNING, "Threshold Paillier: node %s sent no sealed partial", node)
+        if len(partials) < self.public_key.threshold:
+            raise RoundFailed(f"{len(partials)} partial decryptions, {self.public_key.threshold}"
+                              f" needed (asked {len(decryptors)} share holders)")
+        combine = CombineRequest(summed, partials)
+        for combiner in partials:  # one at a time: the first that succeeds
+            answers = self._stage(exchange, {combiner: combine}, "combine")
+            if combiner not in answers:  # it failed: the watch has its reason
+                continue
+            combined = answers[combiner]
+            if not isinstance(combined, Combined) or not self._fits(combined.model):
+                log(WARNING, "Threshold Paillier: combiner %s sent a malformed model", combiner)
+                continue
+            if combined.left_out:
+                log(WARNING, "Threshold Paillier: the partial decryptions of nodes %s failed "
+                    "their proofs and were left out", combined.left_out)
+            return combined.model
+        raise RoundFailed("no combiner returned the model")
+
+    def _fits(self, model: Mapping[str, np.ndarray]) -> bool:
+        """``model`` is sealed, and its header names this round's layout."""
+        try:
+            return is_sealed(model) and sealed_layout(model) == self._layout
+        except ValueError:
+            return False
+
+    def _decryptors(self, connected: Iterable[int]) -> list[int]:
+        """``T`` + ``extra_decryptors`` connected share holders, one per share."""
+        connected = set(connected)
+        holders = sorted((index, node) for node, index in self.share_holders.items()
+                         if node in connected)
+        chosen, indices = [], set()
+        for index, node in holders:  # one node per share
+            if index not in indices:
+                chosen.append(node)
+                indices.add(index)
+        wanted = self.public_key.threshold + self.extra_decryptors
+        if len(chosen) < self.public_key.threshold:
+            raise RoundFailed(f"{len(chosen)} connected nodes announced a key share, "
+                              f"{self.public_key.threshold} needed: start the share holders' "
+                              "nodes, or sample more nodes per round")
+        return chosen[:wanted]
