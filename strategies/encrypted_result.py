@@ -14,7 +14,9 @@ saying what to do instead, and refuse an ``evaluate_fn``:
         --out model.npz                                            # a key holder
 
 On the legacy API, whose ``ServerApp(server_fn=...)`` gives the app no hook after the
-run, ``LegacyPaillierFedAvg(save_to=PATH)`` writes each round's encrypted aggregate.
+run, ``LegacyPaillierFedAvg(save_to=PATH)`` writes each round's encrypted aggregate,
+and ``LegacyThresholdPaillierFedAvg(save_to=PATH)`` each round's sealed model (``fedapp
+decrypt --key paillier-group.key`` opens it on a client machine).
 Evaluation happens on the clients (``fraction_evaluate``) or on a key holder with the
 decrypted model.
 """
@@ -30,6 +32,7 @@ from flwr.app import ArrayRecord
 
 from .paillier_protocol import EncryptedModel
 from .records import record_arrays
+from .threshold_protocol import is_sealed
 
 HOW_TO_READ = ("save it with strategies.save_encrypted_model(arrays, "
                "'model.encrypted.npz') and decrypt it on a key holder: fedapp decrypt --key "
@@ -67,17 +70,19 @@ def encrypted_record(record: ArrayRecord) -> ArrayRecord:
 def save_encrypted_model(model: ArrayRecord | Mapping[str, np.ndarray], path: str | Path
                          ) -> Path:
     """Write an encrypted model (a strategy's result arrays, or the arrays of
-    :meth:`EncryptedModel.to_arrays`) to ``path``, an ``.npz`` that ``fedapp decrypt``
-    reads; the file is replaced whole or not at all.
+    :meth:`EncryptedModel.to_arrays`), or a threshold run's sealed model
+    (:func:`strategies.threshold_protocol.seal_model`), to ``path``, an ``.npz`` that
+    ``fedapp decrypt`` reads; the file is replaced whole or not at all.
 
     Raises
     ------
     ValueError
-        If ``model`` is not an encrypted model (save plaintext weights as usual).
+        If ``model`` is neither (save plaintext weights as usual).
     """
     arrays = record_arrays(model) if isinstance(model, ArrayRecord) else dict(model)
-    if not EncryptedModel.is_encrypted(arrays):
-        raise ValueError("not a Paillier-encrypted model: save plaintext weights as usual")
+    if not (EncryptedModel.is_encrypted(arrays) or is_sealed(arrays)):
+        raise ValueError("not a Paillier-encrypted model nor a sealed one: save plaintext "
+                         "weights as usual")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial.npz")

@@ -31,6 +31,7 @@ XGBoost strategies also send their own tensor types); a plaintext model keeps
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -59,14 +60,41 @@ from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
                                 DecryptionRefused, EncryptedModel)
 
 TENSOR_TYPE = "paillier-v1/numpy.ndarray"
-_ORDER = (CIPHERTEXTS_KEY, HEADER_KEY)
+_ARRAYS = ((CIPHERTEXTS_KEY, "ciphertext", None), (HEADER_KEY, "header", MAX_HEADER_BYTES))
+
+
+def arrays_to_parameters(arrays: Mapping[str, np.ndarray], names: Sequence[str],
+                         tensor_type: str) -> Parameters:
+    """Named arrays as legacy ``Parameters`` of ``tensor_type``: one ``.npy`` tensor
+    each, in the order of ``names``."""
+    return Parameters(tensors=[ndarray_to_bytes(arrays[k]) for k in names],
+                      tensor_type=tensor_type)
+
+
+def parameters_to_arrays(parameters: Parameters, tensor_type: str,
+                         expected: Sequence[tuple[str, str, int | None]]
+                         ) -> dict[str, np.ndarray]:
+    """Inverse of :func:`arrays_to_parameters` for uint8 arrays: ``expected`` lists
+    ``(name, what, max bytes or None)`` in tensor order.
+
+    Raises
+    ------
+    InvalidUpdate
+        If the tensor type or count differs, or a tensor is not such an array
+        (read without pickle, :func:`strategies.legacy_wire.load_npy`).
+    """
+    if parameters.tensor_type != tensor_type:
+        raise InvalidUpdate(f"tensor type {parameters.tensor_type!r}, expected {tensor_type!r}")
+    if len(parameters.tensors) != len(expected):
+        raise InvalidUpdate(f"{len(parameters.tensors)} tensors, expected "
+                            f"{' and '.join(what for _, what, _ in expected)}")
+    return {name: load_npy(tensor, what, (np.uint8,), limit)
+            for (name, what, limit), tensor in zip(expected, parameters.tensors, strict=True)}
 
 
 def to_parameters(model: EncryptedModel) -> Parameters:
     """An encrypted model as legacy ``Parameters`` (see the module's docstring)."""
-    arrays = model.to_arrays()
-    return Parameters(tensors=[ndarray_to_bytes(arrays[k]) for k in _ORDER],
-                      tensor_type=TENSOR_TYPE)
+    return arrays_to_parameters(model.to_arrays(), [k for k, _, _ in _ARRAYS], TENSOR_TYPE)
 
 
 def is_encrypted(parameters: Parameters) -> bool:
@@ -81,13 +109,7 @@ def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
     InvalidUpdate
         If ``parameters`` is not an encrypted model or a tensor is malformed.
     """
-    if not is_encrypted(parameters):
-        raise InvalidUpdate(f"tensor type {parameters.tensor_type!r}, expected {TENSOR_TYPE!r}")
-    if len(parameters.tensors) != len(_ORDER):
-        raise InvalidUpdate(f"{len(parameters.tensors)} tensors, expected ciphertexts and header")
-    ciphertexts, header = parameters.tensors
-    return {CIPHERTEXTS_KEY: load_npy(ciphertexts, "ciphertext", (np.uint8,)),
-            HEADER_KEY: load_npy(header, "header", (np.uint8,), MAX_HEADER_BYTES)}
+    return parameters_to_arrays(parameters, TENSOR_TYPE, _ARRAYS)
 
 
 class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
