@@ -24,7 +24,8 @@ Layout, by the direction of imports:
 - the layer both APIs share (server round logic, what a client node does, how failures
   are reported): :mod:`~strategies.paillier_node`, :mod:`~strategies.secagg_rounds`,
   :mod:`~strategies.secagg_node`, :mod:`~strategies.dp_rounds`,
-  :mod:`~strategies.threshold_node`, :mod:`~strategies.screening`, :mod:`~strategies.node_errors`,
+  :mod:`~strategies.threshold_node`, :mod:`~strategies.threshold_rounds`,
+  :mod:`~strategies.screening`, :mod:`~strategies.node_errors`,
   :mod:`~strategies.records`, :mod:`~strategies.encrypted_result` (the encrypted final
   model an app gets, and how to save it);
 - one thin adapter per API, which never import each other: ``*_message`` and
@@ -50,6 +51,8 @@ _WHERE = {
     "LegacyPaillierFedAvg": "paillier_legacy", "legacy_paillier_mod": "paillier_legacy",
     "LegacySecAggFedAvg": "secagg_legacy", "legacy_secagg_mod": "secagg_legacy",
     "LegacyCentralDP": "dp_legacy", "legacy_dp_clip_mod": "dp_legacy",
+    "LegacyThresholdPaillierFedAvg": "threshold_legacy",
+    "legacy_threshold_paillier_mod": "threshold_legacy",
     # keys
     "load_public_key": "keyfiles", "load_private_key": "keyfiles",
     "write_keypair": "keyfiles", "write_identity": "keyfiles", "write_roster": "keyfiles",

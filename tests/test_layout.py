@@ -18,7 +18,7 @@ CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "pailli
          "legacy_wire", "opacus_import", "threshold_protocol"}
 MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message",
                "threshold_message"}
-LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy"}
+LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy", "threshold_legacy"}
 
 
 def imports(module: str) -> set[str]:

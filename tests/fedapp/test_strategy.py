@@ -82,7 +82,7 @@ def test_server_strategies_hold_no_client_secret(paillier_keys, tmp_path, monkey
             assert _holds(strategy, needles) == [], (aggregation, dp)
 
 
-def test_the_threshold_strategy_holds_no_share_nor_group_key(threshold_key_dir, monkeypatch):
+def test_the_threshold_strategies_hold_no_share_nor_group_key(threshold_key_dir, monkeypatch):
     import json
 
     from strategies.keyfiles import KEY_DIR_ENV
@@ -97,6 +97,13 @@ def test_the_threshold_strategy_holds_no_share_nor_group_key(threshold_key_dir, 
         "aggregation": "paillier-threshold",
         "paillier-public-key": str(threshold_key_dir / "paillier-threshold.pub.json")}))
     assert _holds(strategy, needles) == []
+    # and the legacy API's, as a server_fn builds it
+    from strategies.keyfiles import load_threshold_public_key
+    from strategies.threshold_legacy import LegacyThresholdPaillierFedAvg
+
+    legacy = LegacyThresholdPaillierFedAvg(load_threshold_public_key(
+        threshold_key_dir / "paillier-threshold.pub.json"), clip=1.0)
+    assert _holds(legacy, needles) == []
 
 
 @pytest.mark.parametrize("given, said", [

@@ -3,7 +3,8 @@ threshold_protocol), on a real 2048-bit 2-of-3 key: rounds through the real mod 
 a fake Grid, and the server's attacks driven through the real node code.
 
 Nodes 101, 202 and 303 hold shares 1-3, node 404 none; every node has its identity key,
-the roster and the group key. A round needs T + 1 = 3 contributions."""
+the roster and the group key (tests.helpers.threshold). A round needs T + 1 = 3
+contributions."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord,
                       RecordDict)
 
-from strategies.aggregation import weighted_average
 from strategies.keyfiles import (GROUP_KEY_NAME, THRESHOLD_PUBLIC_NAME, load_group_key,
                                  load_key_share, load_threshold_public_key,
                                  threshold_share_name)
@@ -28,27 +28,11 @@ from strategies.threshold_message import (STAGE_KEY, ThresholdPaillierFedAvg, _d
 from strategies.threshold_node import load_state, node_keys
 from strategies.threshold_paillier import KeyShare, combine, partial_decrypt
 from strategies.threshold_protocol import (DecryptRequest, GroupKey, SealError, ThresholdRefused,
-                                           View, _partial_context, _partial_from_bytes,
-                                           _partial_to_bytes,
-                                           check_request, decrypt_share, open_model, sign_view)
+                                           View, check_request, decrypt_share, open_model,
+                                           sign_view)
 from tests.helpers import CLIP, IDENTITY, SHAPES, new_context
-
-NODES = [101, 202, 303, 404]
-HOLDERS = {101: 1, 202: 2, 303: 3}
-
-
-def local_model(node: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(node)
-    return {k: rng.uniform(-1.5, 1.5, s).astype(np.float32) for k, s in SHAPES.items()}
-
-
-def weight(node: int) -> int:
-    return node // 10
-
-
-def expected(nodes: list[int]) -> list[np.ndarray]:
-    return weighted_average([list(local_model(u).values()) for u in nodes],
-                            [weight(u) for u in nodes])
+from tests.helpers.threshold import (HOLDERS, NODES, expected, forged_partial, held_secrets,
+                                     local_model, node_config, weight)
 
 
 class Node:
@@ -101,15 +85,6 @@ class FakeGrid:
 def keydir(threshold_key_dir) -> Path:
     IDENTITY.register(NODES + [999])
     return threshold_key_dir
-
-
-def node_config(keydir: Path, node: int) -> dict:
-    config = {**IDENTITY.node_config(node),
-              "paillier-threshold-public-key": str(keydir / THRESHOLD_PUBLIC_NAME),
-              "paillier-group-key": str(keydir / GROUP_KEY_NAME)}
-    if node in HOLDERS:
-        config["paillier-key-share"] = str(keydir / threshold_share_name(HOLDERS[node]))
-    return config
 
 
 def make_nodes(keydir: Path, per_node: dict | None = None) -> list[Node]:
@@ -166,26 +141,7 @@ def test_the_server_holds_no_share_no_group_key_and_no_model(keydir, task_identi
     nodes = make_nodes(keydir)
     strategy, grid = strategy_for(keydir, nodes), FakeGrid(nodes)
     arrays, _ = run_round(strategy, grid, 1, initial())
-    group = load_group_key(keydir / GROUP_KEY_NAME)
-    shares = [load_key_share(keydir / threshold_share_name(i)) for i in (1, 2, 3)]
-    secrets = [group.secret, *(int(s.secret).to_bytes(600, "big").lstrip(b"\0")
-                               for s in shares)]
-    seen, stack = set(), [strategy, arrays]
-    while stack:  # everything reachable from the strategy and what it returned
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        assert not isinstance(obj, (KeyShare, GroupKey))
-        if isinstance(obj, (bytes, bytearray)) or isinstance(obj, np.ndarray):
-            raw = bytes(np.asarray(obj).tobytes()) if isinstance(obj, np.ndarray) else bytes(obj)
-            assert not any(s in raw for s in secrets)
-        elif isinstance(obj, dict):
-            stack += list(obj.keys()) + list(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack += list(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            stack += list(vars(obj).values())
+    assert held_secrets([strategy, arrays], keydir) == []
     # and the average is nowhere in what the server holds in plaintext
     flat = np.concatenate([a.ravel() for a in expected(NODES)]).astype(np.float32)
     assert flat[:8].tobytes() not in np.asarray(record_arrays(arrays)["threshold-sealed-model"]
@@ -197,14 +153,8 @@ def _forge(stage, msg, reply, node):
     if stage != "decrypt":
         return
     keys = node_keys(node.context)
-    model = check_request(keys.public, keys.identity.roster, _decrypt_request(msg, keys),
-                          minimum=2)
-    context, width = _partial_context(model), keys.public.ciphertext_bytes
     blob = record_arrays(reply.content.array_records["partial"])["bytes"].tobytes()
-    partial = _partial_from_bytes(keys.group.open("partial", context, blob), width)
-    forged = dataclasses.replace(partial, values=(
-        partial.values[0] * 4 % keys.public.nsquare, *partial.values[1:]))
-    sealed = keys.group.seal("partial", context, _partial_to_bytes(forged, width))
+    sealed = forged_partial(keys, _decrypt_request(msg, keys), blob)
     reply.content["partial"] = ArrayRecord({"bytes": Array(np.frombuffer(sealed, np.uint8)
                                                             .copy())})
 
