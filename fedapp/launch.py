@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -24,7 +25,7 @@ from typing import IO, Any
 
 from strategies.keyfiles import check_private
 
-from .bundle import check_app
+from .bundle import check_app, stage_app
 from .hints import HintReader
 
 FINISHED_OK = "finished:completed"
@@ -401,11 +402,12 @@ def submit(app_dir: Path, connection: str, env: dict[str, str],
         bundle would carry to the server).
     """
     check_app(app_dir)
-    out = subprocess.run(
-        [flower_command("flwr"), "run", str(app_dir), connection, "--format", "json",
-         *config_arg("--run-config", overrides or {}),
-         *config_arg("--federation-config", federation or {})],
-        env=env, capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="fedapp-bundle-") as staged:
+        out = subprocess.run(
+            [flower_command("flwr"), "run", str(stage_app(app_dir.resolve(), Path(staged))),
+             connection, "--format", "json", *config_arg("--run-config", overrides or {}),
+             *config_arg("--federation-config", federation or {})],
+            env=env, capture_output=True, text=True, check=False)
     try:
         reply = json.loads(out.stdout[out.stdout.index("{"):])
     except ValueError:

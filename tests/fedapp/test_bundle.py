@@ -73,3 +73,25 @@ def test_without_the_gitignore_flower_would_ship_the_private_key(tmp_path):
 ])
 def test_private_key_material_is_recognised(content, secret):
     assert bundle.holds_private_key(content) is secret
+
+
+def test_the_staged_copy_builds_the_same_bundle_without_entering_ignored_directories(
+        tmp_path):
+    """``fedapp sim``/``run`` submit a staged copy (Flower would list a virtual
+    environment inside the app file by file first): the bundle is byte for byte the
+    one Flower builds from the app itself, and nothing under an ignored directory or
+    of a type no bundle holds is copied."""
+    app = fresh_checkout(tmp_path)
+    (app / ".venv-ci" / "lib").mkdir(parents=True)
+    (app / ".venv-ci" / "lib" / "site.py").write_text("x = 1\n")
+    (app / "fedapp" / "notes.md").write_text("kept\n")
+    (app / "fedapp" / "weights.npz").write_bytes(b"\0" * 64)
+    (app / "fedapp" / "__pycache__").mkdir(exist_ok=True)
+    (app / "fedapp" / "__pycache__" / "x.json").write_text("{}")
+    write_keypair(app / "keys")  # ignored: keys/
+    staged = bundle.stage_app(app, tmp_path / "staged")
+    copied = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert "fedapp/notes.md" in copied and "pyproject.toml" in copied and ".gitignore" in copied
+    assert not any(name.startswith((".venv-ci/", "keys/")) or name.endswith(".npz")
+                   or "__pycache__" in name for name in copied), sorted(copied)
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
