@@ -1,7 +1,8 @@
 """Real Flower simulations of the two example projects in tests/examples, each in
-plaintext, with Paillier (``secure="paillier"``) and with masking (``secure="secagg"``):
-all finish, and the secure runs learn the same model as the plaintext one, within
-the quantization error.
+plaintext, with Paillier (``secure="paillier"``) and with masking (``secure="secagg"``),
+and the legacy one under a threshold key (``secure="paillier-threshold"``, 3 nodes): all
+finish, and the secure runs learn the same model as the plaintext one (for the 3-node
+threshold run, the example's FedAvg run in-process), within the quantization error.
 
 The examples train a linear model with full-batch gradient descent on fixed synthetic
 data, so a run is deterministic up to Paillier's stochastic rounding: each round's
@@ -15,17 +16,24 @@ an L2 distance. After ``R`` rounds the models differ by less than
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedapp import launch
-from strategies.keyfiles import KEY_DIR_ENV, load_private_key
+from fedapp import cli, launch
+from strategies.aggregation import weighted_average
+from strategies.keyfiles import (GROUP_KEY_NAME, KEY_DIR_ENV, THRESHOLD_PUBLIC_NAME,
+                                 load_private_key, load_threshold_public_key,
+                                 write_simulation_identities)
 from strategies.node_settings import NODE_CONFIG_ENV
+from strategies.paillier_node import encoding_for
 from strategies.paillier_protocol import EncryptedModel, decrypt_model
 from strategies.secagg_rounds import secagg_params
 from tests.helpers import ROOT
@@ -45,10 +53,12 @@ def keys(node_keys) -> tuple[Path, Path]:
     return node_keys
 
 
-def run(example: str, workdir: Path, keys: tuple[Path, Path], secure: str = ""):
+def run(example: str, workdir: Path, keys: tuple[Path, Path], secure: str = "",
+        nodes: int = 2):
+    """``keys``: the server's public key file, and a file in the nodes' key directory."""
     overrides = {"secure": secure, "paillier-public-key": str(keys[0])}
     status, run_dir, logs = launch.simulate(
-        EXAMPLES / example, workdir / (secure or "plain"), 2, overrides,
+        EXAMPLES / example, workdir / (secure or "plain"), nodes, overrides,
         timeout=300, progress=False,
         # the examples evaluate on the clients: their nodes allow plaintext metrics
         env={KEY_DIR_ENV: str(keys[1].parent), NODE_CONFIG_ENV: "plaintext-metrics=true"})
@@ -72,6 +82,27 @@ def distributed_losses(logs: str) -> list[float]:
 def load_model(run_dir: Path, name: str = "final_model.npz") -> dict[str, np.ndarray]:
     with np.load(run_dir / name, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+def legacy_fedavg(nodes: int) -> tuple[list[np.ndarray], list[float]]:
+    """The legacy example's plaintext FedAvg on ``nodes`` partitions, run in-process
+    (its training is deterministic): the final model and each round's distributed loss
+    (the clients' test losses, example-weighted, as Flower's FedAvg reports them)."""
+    app = EXAMPLES / "legacy_api"
+    spec = importlib.util.spec_from_file_location("legacy_api_task",
+                                                  app / "legacy_api_example" / "task.py")
+    task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(task)
+    config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    data = [task.load_data(i, nodes) for i in range(nodes)]
+    model, losses = task.initial_weights(config["seed"]), []
+    for _ in range(ROUNDS):
+        model = weighted_average(
+            [task.train(model, x, y, config["local-epochs"], config["lr"])[0]
+             for (x, y), _ in data], [len(y) for (_, y), _ in data])
+        losses.append(sum(len(y) * task.loss(model, x, y) for _, (x, y) in data)
+                      / sum(len(y) for _, (_, y) in data))
+    return model, losses
 
 
 def eval_losses(run_dir: Path) -> list[float]:
@@ -140,11 +171,18 @@ def test_a_plugged_in_strategy_fails_the_run_when_no_node_can_decrypt(tmp_path, 
     assert "1 round(s) in a row without a usable update" in logs
 
 
-@pytest.mark.parametrize("secure", ["paillier", "secagg"])
+@pytest.mark.parametrize("secure", ["paillier", "paillier-threshold", "secagg"])
 def test_legacy_api_example_with_and_without_secure_aggregation(tmp_path, keys, secure,
-                                                                legacy_api_plain):
-    secure_dir, secure_logs = run("legacy_api", tmp_path, keys, secure=secure)
+                                                                request):
+    nodes = 2
+    if secure == "paillier-threshold":  # T + 1 = 3 contributors: 3 nodes, 2-of-3 key
+        nodes, keydir = 3, tmp_path / "keys"  # partition i finds share i + 1 there
+        shutil.copytree(request.getfixturevalue("threshold_key_dir"), keydir)
+        write_simulation_identities(keydir, nodes)
+        keys = (keydir / THRESHOLD_PUBLIC_NAME, keydir / GROUP_KEY_NAME)
+    secure_dir, secure_logs = run("legacy_api", tmp_path, keys, secure=secure, nodes=nodes)
     expected = {"paillier": "aggregate_fit: 2 valid encrypted replies of 2",
+                "paillier-threshold": "aggregate_fit: 3 valid encrypted replies of 3",
                 "secagg": "Secure aggregation: 2 of 2 sampled nodes in the sum"}[secure]
     assert secure_logs.count(expected) == ROUNDS
     assert "Left out" not in secure_logs
@@ -156,8 +194,27 @@ def test_legacy_api_example_with_and_without_secure_aggregation(tmp_path, keys, 
         assert model.server_round == ROUNDS
         # the example's weights: 8 features and a bias
         assert [a.shape for a in decrypt_model(key, model)[0]] == [(8,), (1,)]
-
-    plain_loss = distributed_losses(legacy_api_plain)
+    if secure == "paillier-threshold":
+        for stage, answered in (("view", "3 of 3"), ("decrypt", "3 of 3"),
+                                ("combine", "1 of 1")):
+            assert secure_logs.count(f"Threshold Paillier: {stage} stage, {answered} nodes") \
+                == ROUNDS, stage
+        # save_to: the last round's model, sealed; the clients' group key opens it
+        out = tmp_path / "model.npz"
+        assert cli.main(["decrypt", "--key", str(keys[1]), "--model",
+                         str(secure_dir / "final_model.sealed.npz"), "--out", str(out)]) == 0
+        plain_model, plain_loss = legacy_fedavg(nodes)
+        params = encoding_for(load_threshold_public_key(keys[0]), clip=2.0,
+                              max_total_weight=65536, weight_unit=1, value_bits=16)
+        assert_close_models(list(load_model(out.parent, out.name).values()), plain_model,
+                            params.max_error())
+        secrets = [json.loads((keydir / GROUP_KEY_NAME).read_text())["key"].encode()] + [
+            json.loads(p.read_text())["share"].encode() for p in keydir.glob("*share*")]
+        for path in (tmp_path / secure).rglob("*"):  # run directory, SuperLink's files
+            if path.is_file():
+                assert not any(s in path.read_bytes() for s in secrets), path
+    else:
+        plain_loss = distributed_losses(request.getfixturevalue("legacy_api_plain"))
     secure_loss = distributed_losses(secure_logs)
     assert len(plain_loss) == ROUNDS and plain_loss[-1] < plain_loss[0]
     assert secure_loss == pytest.approx(plain_loss, rel=LOSS_RTOL)

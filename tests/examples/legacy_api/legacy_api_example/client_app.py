@@ -6,6 +6,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from strategies.paillier_legacy import legacy_paillier_mod
 from strategies.secagg_legacy import legacy_secagg_mod
+from strategies.threshold_legacy import legacy_threshold_paillier_mod
 
 from legacy_api_example.task import load_data, loss, train
 
@@ -38,6 +39,7 @@ def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     # with Paillier just writes:
     #     app = ClientApp(client_fn=client_fn, mods=[legacy_paillier_mod])
     mod = {"paillier": legacy_paillier_mod,
+           "paillier-threshold": legacy_threshold_paillier_mod,
            "secagg": legacy_secagg_mod}.get(context.run_config["secure"])
     return mod(msg, context, call_next) if mod else call_next(msg, context)
 
