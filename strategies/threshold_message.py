@@ -162,8 +162,8 @@ class ThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
         for node, request in requests.items():
             if id(request) not in contents:
                 contents[id(request)] = _request_content(request)
-            messages.append(Message(contents[id(request)], dst_node_id=node,
-                                    message_type=STAGE_MESSAGE_TYPE))
+            messages.append(Message(RecordDict(dict(contents[id(request)].items())),
+                                    dst_node_id=node, message_type=STAGE_MESSAGE_TYPE))
         answers = {}
         for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout):
             node = reply.metadata.src_node_id

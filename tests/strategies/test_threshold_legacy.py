@@ -324,7 +324,8 @@ def test_a_node_without_a_share_refuses_to_decrypt(keydir, lone_request, task_id
     ("paillier-threshold-public-key", "threshold Paillier: .*missing.key"),
     ("secagg-identity-key", "identity key.*missing.key"),
     ("secagg-roster", "roster.*missing.key"),
-    ("", "sent no Paillier parameters")])
+    ("", "sent no Paillier parameters")],
+    ids=["group-key", "public-key", "identity-key", "roster", "no-round-config"])
 def test_a_node_without_its_keys_fails_closed(keydir, task_identity, tmp_path, setting, said):
     """The node answers with an error naming the cause, and never trains or sends
     plaintext."""
