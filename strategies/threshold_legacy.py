@@ -324,7 +324,7 @@ def _answer_stage(config: Mapping[str, Scalar], context: Context, keys: NodeKeys
         partials = {int(k[len(head):]): v for k, v in config.items()
                     if k.startswith(head) and k[len(head):].isdigit() and isinstance(v, bytes)}
         aggregate = EncryptedModel.from_arrays(_get_arrays(config, "aggregate"), keys.public)
-        combined = answer_combine(CombineRequest(aggregate, partials), keys)
+        combined = answer_combine(CombineRequest(aggregate, partials), keys, context)
         out: dict[str, Scalar] = {f"{PREFIX}left-out": json.dumps(combined.left_out)}
         _put_arrays(out, "model", combined.model)
         return out

@@ -227,7 +227,7 @@ def _answer_stage(msg: Message, context: Context, keys: NodeKeys) -> Message:
         sealed = {int(name[len("partial-"):]): _record_bytes(record)
                   for name, record in msg.content.array_records.items()
                   if name.startswith("partial-") and name[len("partial-"):].isdigit()}
-        combined = answer_combine(CombineRequest(aggregate, sealed), keys)
+        combined = answer_combine(CombineRequest(aggregate, sealed), keys, context)
         out["model"] = array_record(combined.model)
         out[STAGE_KEY] = ConfigRecord({"left-out": json.dumps(combined.left_out)})
     else:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 
+from .dp_rounds import MIN_NOISE_SETTING, paillier_client_noise
 from .keyfiles import (GROUP_KEY_NAME, KeyNotFound, THRESHOLD_PUBLIC_NAME, load_group_key,
                        load_key_share, load_threshold_public_key, node_key_file,
                        threshold_share_name)
@@ -134,12 +135,37 @@ def minimum_contributors(context: Context) -> int:
     return minimum
 
 
+def minimum_noise(context: Context) -> float:
+    """The node's ``dp-min-noise-multiplier``: the least distributed-DP noise it adds,
+    and that an aggregate it decrypts must carry (0: none required)."""
+    return node_setting(context.node_config, MIN_NOISE_SETTING)
+
+
 def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_examples: int,
                keys: NodeKeys, context: Context, *, run: int,
                metrics: dict | None = None) -> tuple[EncryptedModel, bytes]:
     """This node's update under the threshold key, tagged under the group key, and its
-    signature; remembers the contribution for the view stage."""
+    signature; remembers the contribution for the view stage. When the round asks for
+    distributed DP, the node's share of the noise goes into its levels before
+    encryption, as under the single-holder key
+    (:func:`strategies.dp_rounds.paillier_client_noise`).
+
+    Raises
+    ------
+    NodeError
+        If the round's noise (none included) is below the node's
+        ``dp-min-noise-multiplier``, or names another key.
+    """
     params, fingerprint, unit, server_round = parse_round_config(config)
+    try:
+        noise = paillier_client_noise(config, context.node_config)
+    except PermissionError as err:
+        raise NodeError(str(err)) from None
+    if noise is None and minimum_noise(context) > 0:
+        raise NodeError(f"the round asks for no distributed-DP noise, and this node's "
+                        f"{MIN_NOISE_SETTING} is {minimum_noise(context):g}: the server must "
+                        "run distributed DP (dp-mode = \"distributed\") with at least that "
+                        "multiplier")
     if fingerprint != keys.public.fingerprint:
         raise NodeError(f"the server uses key {fingerprint[:16]}..., this node holds the "
                         f"threshold key {keys.public.fingerprint[:16]}...: give every node the "
@@ -152,7 +178,7 @@ def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_exa
     update = encrypt_update(arrays, Layout.of(names, arrays), weight, params,
                             _ENCRYPTORS[fingerprint], keys.group.tag_key(keys.public.n),
                             run=run, server_round=server_round, node=context.node_id,
-                            sums=metric_sums(metrics or {}, weight))
+                            sums=metric_sums(metrics or {}, weight), noise=noise)
     state = load_state(context)
     state["own"] = {"run": run, "round": server_round, "digest": update.digest()}
     save_state(context, state)
@@ -178,14 +204,16 @@ def answer_decrypt(request: DecryptRequest, keys: NodeKeys, context: Context) ->
     state = load_state(context)
     sealed = decrypt_share(keys.share, keys.group, keys.identity.roster, request,
                            state.setdefault("decrypted", {}),
-                           minimum=minimum_contributors(context))
+                           minimum=minimum_contributors(context),
+                           min_noise=minimum_noise(context))
     save_state(context, state)
     return sealed
 
 
-def answer_combine(request: CombineRequest, keys: NodeKeys) -> Combined:
+def answer_combine(request: CombineRequest, keys: NodeKeys, context: Context) -> Combined:
     """As the combiner: the model sealed from ``T`` verified partials, and the nodes
-    whose partials were left out (:func:`strategies.threshold_protocol.combine_sealed`)."""
+    whose partials were left out (:func:`strategies.threshold_protocol.combine_sealed`,
+    which also checks the aggregate's distributed-DP noise against the node's floor)."""
     model, left_out = combine_sealed(keys.public, keys.group, request.aggregate,
-                                     request.partials)
+                                     request.partials, min_noise=minimum_noise(context))
     return Combined(model, left_out)

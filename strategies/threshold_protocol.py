@@ -40,6 +40,22 @@ updates, never one. The server alone cannot open the partials (group key), so it
 learns no aggregate at all. A client colluding with the server can (every client
 learns the aggregate); that is the price of the group key and no more.
 
+Distributed DP (``dp-mode = "distributed"``). Each contributor adds its share of
+discrete Gaussian noise to its levels before encrypting and names it in its header
+(:class:`strategies.paillier_protocol.ClientNoise`: std, quorum ``k``, clip); the
+header is inside the digest it signs and the noise inside the plaintexts its tag
+covers. A decryptor (:func:`check_request`) and the combiner (:func:`combine_sealed`)
+go on only if every contribution declares the same noise, the aggregate has at least
+``k`` contributors (so it carries at least the mechanism's noise), no noise offset
+beyond the contributors' own, and a multiplier at or above the node's own
+``dp-min-noise-multiplier`` (:func:`check_noise`). The server cannot strip or shrink
+the noise (it would change a signed digest, and the tag), lower the quorum (the same),
+or pass off a partial sum (fewer than ``k`` contributions are refused; a subset of a
+signed view is not what its contributors signed). Central DP stays refused in this
+mode: a ciphertext the server adds as "noise" could be ``E(-sum of the others)``,
+computed from their ciphertexts, which would leave one client's update decrypted;
+accepting server noise would need a proof that the server knows its plaintext.
+
 Replays: contributions, views and partials bind the run and the round; a
 contribution of another round or run, or a view signed for another, is refused.
 Decryptors also remember the view they decrypted for each round and decrypt no other
@@ -74,8 +90,8 @@ from .threshold_paillier import (KeyShare, PartialDecryption, ThresholdPublicKey
                                  partial_decrypt)
 
 __all__ = ["GroupKey", "SealError", "View", "ThresholdRefused", "contribution_statement",
-           "sign_view", "DecryptRequest", "check_request", "decrypt_share", "combine_sealed",
-           "seal_model", "open_model", "SEALED_KEY", "SEALED_HEADER_KEY"]
+           "sign_view", "DecryptRequest", "check_request", "check_noise", "decrypt_share",
+           "combine_sealed", "seal_model", "open_model", "SEALED_KEY", "SEALED_HEADER_KEY"]
 
 GROUP_KEY_BYTES = 32
 SEALED_KEY = "threshold-sealed-model"
@@ -282,11 +298,46 @@ class DecryptRequest:
     contributions: Mapping[int, tuple[EncryptedModel, bytes]]
 
 
+def check_noise(model: EncryptedModel, min_noise: float) -> None:
+    """Distributed DP: refuse an aggregate that may carry less noise than its
+    contributors declared or than this node accepts (see the module docstring).
+
+    Parameters
+    ----------
+    model : EncryptedModel
+        The aggregate, its header as the contributors signed it.
+    min_noise : float
+        The node's ``dp-min-noise-multiplier`` (0: no noise required).
+
+    Raises
+    ------
+    ThresholdRefused
+        If it has a noise offset beyond the contributors' own (server noise), fewer
+        contributors than the quorum its noise is shared among, or a noise multiplier
+        below ``min_noise``.
+    """
+    if model.server_noise:
+        raise ThresholdRefused("the aggregate carries noise the server added, which no node "
+                               "can check: threshold mode takes distributed DP only")
+    noise, n = model.client_noise, len(model.contributors)
+    if noise is not None and n < noise.quorum:
+        raise ThresholdRefused(f"the aggregate has {n} contributions, its distributed-DP "
+                               f"noise is shared among a quorum of {noise.quorum}: fewer "
+                               "carry less than the declared noise")
+    multiplier = noise.multiplier(model.params.step) if noise is not None else 0.0
+    if multiplier < min_noise:
+        raise ThresholdRefused(f"the aggregate carries distributed-DP noise of multiplier "
+                               f"{multiplier:.4g}, below this node's dp-min-noise-multiplier "
+                               f"{min_noise:g}: it takes part in no decryption of it")
+
+
 def check_request(public: ThresholdPublicKey, roster: Roster, request: DecryptRequest, *,
-                  minimum: int) -> EncryptedModel:
+                  minimum: int, min_noise: float = 0.0) -> EncryptedModel:
     """The aggregate a decryptor may decrypt: the product of exactly the view's
     contributions, each signed by its identity, with the view signed by every one of
-    them (see the module docstring for why).
+    them, all declaring the same distributed-DP noise and enough of them for it
+    (:func:`check_noise`, against the node's ``min_noise``; see the module docstring
+    for why).
 
     Raises
     ------
@@ -313,11 +364,16 @@ def check_request(public: ThresholdPublicKey, roster: Roster, request: DecryptRe
                                    "round or node")
         if model.server_noise:
             raise ThresholdRefused(f"node {node}'s contribution carries a noise offset")
+        if updates and model.client_noise != updates[0].client_noise:
+            raise ThresholdRefused(f"node {node}'s contribution declares other distributed-DP "
+                                   "noise than the others")
         updates.append(model)
     try:
-        return aggregate(public, updates)
+        summed = aggregate(public, updates)
     except (InvalidUpdate, ValueError) as err:
         raise ThresholdRefused(f"the contributions do not add up: {err}") from None
+    check_noise(summed, min_noise)
+    return summed
 
 
 def _partial_context(model: EncryptedModel) -> bytes:
@@ -344,13 +400,15 @@ def _partial_from_bytes(data: bytes, width: int) -> PartialDecryption:
 
 def decrypt_share(share: KeyShare, group_key: GroupKey, roster: Roster,
                   request: DecryptRequest, decrypted: MutableMapping[str, str], *,
-                  minimum: int) -> bytes:
+                  minimum: int, min_noise: float = 0.0) -> bytes:
     """A decryptor's sealed partial decryption of the request's aggregate, after
-    :func:`check_request`; ``decrypted`` (its state) records the view decrypted per
-    ``run:round``, and another view of the same round is refused."""
+    :func:`check_request` (``minimum`` contributors, ``min_noise`` its distributed-DP
+    floor); ``decrypted`` (its state) records the view decrypted per ``run:round``, and
+    another view of the same round is refused."""
     if group_key.fingerprint != share.public.fingerprint:
         raise ThresholdRefused("this node's group key belongs to another threshold key")
-    model = check_request(share.public, roster, request, minimum=minimum)
+    model = check_request(share.public, roster, request, minimum=minimum,
+                          min_noise=min_noise)
     view = request.view
     slot = f"{view.run}:{view.server_round}"
     if decrypted.setdefault(slot, view.digest()) != view.digest():
@@ -364,16 +422,21 @@ def decrypt_share(share: KeyShare, group_key: GroupKey, roster: Roster,
 
 
 def combine_sealed(public: ThresholdPublicKey, group_key: GroupKey, model: EncryptedModel,
-                   sealed: Mapping[int, bytes]) -> tuple[dict[str, np.ndarray], list[int]]:
-    """The combiner: open the decryptors' sealed partials (keyed by node), verify and
-    combine ``T`` good ones, check the tag and decode; returns the sealed model
-    (:func:`seal_model`) and the nodes whose partials were left out.
+                   sealed: Mapping[int, bytes], *, min_noise: float = 0.0
+                   ) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The combiner: check the aggregate's distributed-DP noise (:func:`check_noise`,
+    against its ``min_noise`` floor), open the decryptors' sealed partials (keyed by
+    node), verify and combine ``T`` good ones, check the tag (which binds the noise and
+    the contributors) and decode; returns the sealed model (:func:`seal_model`) and the
+    nodes whose partials were left out.
 
     Raises
     ------
     ThresholdRefused
-        If fewer than ``T`` partials are good, or the aggregate's tag does not check.
+        If the aggregate's noise does not hold, fewer than ``T`` partials are good, or
+        the aggregate's tag does not check.
     """
+    check_noise(model, min_noise)
     context, width = _partial_context(model), public.ciphertext_bytes
     partials, by_index, bad = [], {}, []
     for node, blob in sealed.items():

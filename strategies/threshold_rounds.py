@@ -169,6 +169,9 @@ class ThresholdRounds(PaillierRounds):
                             max_empty_rounds)
         self.extra_decryptors, self.stage_timeout = extra_decryptors, stage_timeout
         self.share_holders: dict[int, int] = {}
+        # the aggregate the clients decrypted last (public: ciphertexts and header), for
+        # the DP wrapper's accounting of the noise it carries
+        self.last_aggregate: EncryptedModel | None = None
 
     def _describe_threshold(self) -> str:
         key = self.public_key
@@ -183,8 +186,12 @@ class ThresholdRounds(PaillierRounds):
             else Layout.of(list(arrays), list(arrays.values()))
 
     def _round_sum(self, server_round: int) -> RoundSum:
+        """The round's checks of the train replies: ``T + 1`` contributions at least
+        and, under distributed DP (``client_noise``, set by the DP wrapper), the noise
+        every update must carry and its quorum."""
         return RoundSum(self.public_key, self.params, self._layout, server_round,
-                        min_contributors=self.public_key.threshold + 1)
+                        min_contributors=self.public_key.threshold + 1,
+                        client_noise=self.client_noise)
 
     def _accept(self, round_sum: RoundSum, signed: dict, node: int,
                 arrays: Mapping[str, np.ndarray], signature: tuple[bytes, bytes, int]
@@ -219,13 +226,15 @@ class ThresholdRounds(PaillierRounds):
         sealed = None
         if len(signed) < round_sum.min_contributors:
             log(WARNING, "Round %d skipped, the model stays as it was: %d valid updates, the "
-                "decryptors need at least %d (T + 1)", server_round, len(signed),
-                round_sum.min_contributors)
+                "decryptors need at least %d (%s)", server_round, len(signed),
+                round_sum.min_contributors, "T + 1" if round_sum.min_contributors
+                == self.public_key.threshold + 1 else "the distributed-DP quorum")
         else:
             try:
                 # the sum of exactly the signed updates the view will list
                 summed = aggregate(self.public_key, [u for u, _, _ in signed.values()])
                 sealed = self._decrypt(server_round, signed, summed, connected, exchange)
+                self.last_aggregate = summed
             except RoundFailed as err:
                 log(WARNING, "Round %d skipped, the model stays as it was: %s",
                     server_round, err)
