@@ -236,11 +236,12 @@ class RunSettings:
             DPConfig(dp.noise_multiplier, dp.clip, 1, max(1, dp.population), dp.delta,
                      dp.max_epsilon, dp.adaptive_clip and dp.clipped_count_stddev is not None,
                      dp.target_quantile, dp.clip_learning_rate, dp.clipped_count_stddev)
-            if dp.mode == "distributed" and (self.aggregation not in ("secagg", "paillier")
-                                             or dp.adaptive_clip):
-                raise ValueError("dp-mode 'distributed' needs aggregation 'secagg' or "
-                                 "'paillier' (the nodes add the noise to what they mask or "
-                                 "encrypt) and a fixed clip (dp-adaptive-clip false)")
+            if dp.mode == "distributed" and (
+                    mode_of(self.aggregation).server_sees == "plain" or dp.adaptive_clip):
+                raise ValueError("dp-mode 'distributed' needs aggregation 'secagg', "
+                                 "'paillier' or 'paillier-threshold' (the nodes add the noise "
+                                 "to what they mask or encrypt) and a fixed clip "
+                                 "(dp-adaptive-clip false)")
         from clients.dp_sgd_config import DPSGDConfig
 
         TrainConfig.from_config(self.train_config())

@@ -111,6 +111,10 @@ def _check_paillier(settings: RunSettings) -> None:
     if not settings.paillier.public_key:
         raise ValueError("aggregation='paillier' needs paillier-public-key: the path of the "
                          "public key file on the server (make one with 'fedapp keygen')")
+    _check_paillier_dp(settings)
+
+
+def _check_paillier_dp(settings: RunSettings) -> None:
     if settings.dp.noise_multiplier > 0 and settings.dp.adaptive_clip:
         raise ValueError("adaptive clipping needs the count of unclipped updates, which the "
                          "server cannot read under Paillier: set dp-adaptive-clip false")
@@ -122,10 +126,12 @@ def _check_threshold(settings: RunSettings) -> None:
                          "of the threshold public key file on the server "
                          "(paillier-threshold.pub.json, from 'fedapp keygen --threshold T "
                          "--shares N')")
-    if settings.dp.noise_multiplier > 0:
-        raise ValueError("differential privacy under aggregation='paillier-threshold' is not "
-                         "built yet: use 'paillier' or 'secagg' with DP, or set "
-                         "dp-noise-multiplier = 0")
+    if settings.dp.noise_multiplier > 0 and settings.dp.mode != "distributed":
+        from strategies.dp_rounds import SEALED_CENTRAL_REFUSED
+
+        raise ValueError(f"aggregation='paillier-threshold' with dp-mode = "
+                         f"'{settings.dp.mode}': {SEALED_CENTRAL_REFUSED}")
+    _check_paillier_dp(settings)
 
 
 def _check_masking(settings: RunSettings) -> None:

@@ -35,10 +35,10 @@ from .screening import report_failures
 
 
 class LegacyCentralDP(DPRounds, Strategy):
-    """DP-FedAvg around a legacy FedAvg, ``LegacySecAggFedAvg`` or
-    ``LegacyPaillierFedAvg`` (the arguments are those of
-    :class:`strategies.dp_message.CentralDP`; ``mode="distributed"`` with the secure
-    ones), with fixed-size sampling only: Flower's legacy server skips a round in
+    """DP-FedAvg around a legacy FedAvg, ``LegacySecAggFedAvg``,
+    ``LegacyPaillierFedAvg`` or ``LegacyThresholdPaillierFedAvg`` (the arguments are
+    those of :class:`strategies.dp_message.CentralDP`; ``mode="distributed"`` with the
+    secure ones, the only mode around the threshold one), with fixed-size sampling only: Flower's legacy server skips a round in
     which no client is selected, so a Poisson round that draws nobody could not
     release its noise, and its absence would tell."""
 
@@ -101,6 +101,8 @@ class LegacyCentralDP(DPRounds, Strategy):
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, {}
+            if self.sealed:  # threshold: the clients sealed the noised model
+                return parameters, {**metrics, **self._release_sealed(server_round)}
             if self.encrypted:
                 model = EncryptedModel.from_arrays(parameters_arrays(parameters),
                                                    self.strategy.public_key)

@@ -7,6 +7,9 @@ Wrap the run's strategy::
     app = ClientApp(mods=[secagg_mod, dp_clip_mod])                                # its clients
     strategy = CentralDP(PaillierFedAvg(...), noise_multiplier=1.0, clip=0.1)      # Paillier
     app = ClientApp(mods=[paillier_mod, dp_clip_mod])                              # its clients
+    strategy = CentralDP(ThresholdPaillierFedAvg(...), noise_multiplier=1.0, clip=0.1,
+                         mode="distributed")                                  # threshold
+    app = ClientApp(mods=[threshold_paillier_mod, dp_clip_mod])                    # its clients
 
 With a plaintext strategy the server sees each update and clips it itself. With
 masking or Paillier it cannot, so each client clips its own update
@@ -76,8 +79,10 @@ class CentralDP(DPRounds, Strategy):
         ``"auto"``: Poisson, except under Paillier (fixed: there the average is
         divided by the number of updates, so Poisson is refused).
     mode : str (default: "central")
-        ``"central"``: the server adds the noise to the sum. ``"distributed"`` (with
-        :class:`SecAggFedAvg` or ``PaillierFedAvg``, a fixed clip): each node adds its
+        ``"central"``: the server adds the noise to the sum (refused around
+        ``ThresholdPaillierFedAvg``: :mod:`strategies.threshold_protocol` says why).
+        ``"distributed"`` (with :class:`SecAggFedAvg`, ``PaillierFedAvg`` or
+        ``ThresholdPaillierFedAvg``, a fixed clip): each node adds its
         share of discrete Gaussian noise to what it masks or encrypts (``dp_clip_mod``
         inside the secure mod), so the sum already carries all of it and no party,
         the server included, sees an un-noised aggregate; the server adds nothing.
@@ -151,6 +156,9 @@ class CentralDP(DPRounds, Strategy):
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, None
+            if self.sealed:  # threshold: the clients sealed the noised model
+                return arrays, MetricRecord({**(metrics or {}),
+                                             **self._release_sealed(server_round)})
             if self.encrypted:
                 model = EncryptedModel.from_arrays(record_arrays(arrays),
                                                    self.strategy.public_key)

@@ -37,20 +37,25 @@ QUORUM_KEY = "dp-noise-quorum"  # distributed DP under Paillier: contributors sh
 FRACTION_KEY = "dp-noise-quorum-fraction"  # under masking: the fraction of members sharing it
 
 
-SERVER_SEES = ("plain", "masked", "encrypted")
+SERVER_SEES = ("plain", "masked", "encrypted", "sealed")  # sealed: threshold Paillier
 DP_MODES = ("central", "distributed")
 TAIL_CLIP = 8.0  # Paillier: the noise is clipped at this many standard deviations
 MIN_NOISE_SETTING = "dp-min-noise-multiplier"
 GRID_SLACK = 1e-6  # plaintext: rounding to the fine grid costs this fraction of the clip
 
 
+#: Why central DP is refused under threshold Paillier (the settings check says it too)
+SEALED_CENTRAL_REFUSED = (
+    "central DP is refused under threshold Paillier: the server would add its noise as a "
+    "ciphertext, and a ciphertext it adds could be E(-sum of the other contributions), "
+    "made from their ciphertexts, which cancels them and leaves one client's update "
+    "decrypted; no node can tell without a proof that the server knows the noise's "
+    "plaintext. Use distributed DP (dp-mode = \"distributed\"): the clients add the noise")
+
+
 def server_sees(strategy: object) -> str:
     """What the server sees of the updates under ``strategy`` (see the module)."""
     seen = getattr(strategy, "server_sees", "plain")
-    if seen == "sealed":
-        raise ValueError(f"{type(strategy).__name__}: differential privacy under threshold "
-                         "Paillier is not built yet; use PaillierFedAvg or SecAggFedAvg "
-                         "with DP")
     if seen not in SERVER_SEES:
         raise ValueError(f"{type(strategy).__name__}.server_sees is {seen!r}, not one of "
                          f"{SERVER_SEES}")
@@ -67,14 +72,20 @@ class DPRounds:
                  clipped_count_stddev: float | None, sampling: str, mode: str,
                  quorum: float = 0.8) -> None:
         seen = server_sees(strategy)
-        self.masked, self.encrypted = seen == "masked", seen == "encrypted"
+        # threshold Paillier ("sealed") is Paillier whose model the clients decrypt and seal
+        self.masked, self.sealed = seen == "masked", seen == "sealed"
+        self.encrypted = seen in ("encrypted", "sealed")
         if mode not in DP_MODES:
             raise ValueError(f"the DP mode must be one of {DP_MODES}, got {mode!r}")
         self.distributed = mode == "distributed"
+        if self.sealed and not self.distributed:
+            raise ValueError(f"{type(strategy).__name__}: {SEALED_CENTRAL_REFUSED} "
+                             "(mode='distributed')")
         if self.distributed and not (self.masked or self.encrypted):
-            raise ValueError("distributed DP needs masking or Paillier (aggregation 'secagg' "
-                             "or 'paillier'): the nodes add the noise to what they protect, "
-                             "and only the sum, which carries all of it, is ever revealed")
+            raise ValueError("distributed DP needs masking or Paillier (aggregation 'secagg', "
+                             "'paillier' or 'paillier-threshold'): the nodes add the noise to "
+                             "what they protect, and only the sum, which carries all of it, "
+                             "is ever revealed")
         if self.distributed and adaptive:
             raise ValueError("distributed DP is accounted for a fixed clip: leave "
                              "dp-adaptive-clip off")
@@ -94,7 +105,8 @@ class DPRounds:
             raise ValueError("adaptive clipping with masking sends a 0/1 value through the "
                              f"masked sum, but its clip range is {strategy.params.clip:g}: "
                              "use a masking clip of at least 1")
-        self._encryptor = Encryptor(strategy.public_key) if self.encrypted else None
+        self._encryptor = Encryptor(strategy.public_key) if self.encrypted \
+            and not self.sealed else None  # central DP's noise (never under threshold)
         # the secure modes quantize what clients send: clients leave room for it
         self._quantizer = strategy.params.fixed_point if self.masked or self.encrypted \
             else None
@@ -395,6 +407,18 @@ class DPRounds:
             server_round, how, model.total_weight, self.clipper.clip, epsilon, delta,
             self.config.delta, self.tail_mass, clipped_at)
         return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
+
+
+    def _release_sealed(self, server_round: int) -> dict:
+        """Threshold Paillier: the round's DP metrics for the aggregate the clients
+        decrypted and sealed (the strategy's ``last_aggregate``). It carries the
+        clients' noise (the decryptors checked it, :mod:`strategies.threshold_protocol`);
+        it is accounted as under the single-holder key (:meth:`_release_encrypted`)."""
+        model = getattr(self.strategy, "last_aggregate", None)
+        if model is None or model.server_round != server_round:
+            raise ValueError(f"round {server_round} sealed a model without an aggregate of "
+                             "its own")
+        return self._release_encrypted(server_round, model)[1]
 
 
 def clip_local_update(config: dict, incoming: dict[str, np.ndarray],
