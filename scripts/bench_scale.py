@@ -115,8 +115,8 @@ def program(command: list[str]) -> str:
     if not command or not command[0]:
         return "?"
     name = Path(command[0].split()[0]).name
-    if name.startswith("python") and len(command) > 1:
-        rest = command[2:] if command[1] == "-m" else command[1:]
+    if name.startswith("python"):
+        rest = [arg for arg in command[1:] if arg and arg != "-m" and not arg.startswith("-")]
         return Path(rest[0]).name if rest else name
     return name
 
@@ -351,6 +351,7 @@ def main() -> int:
         p.error("--restart-at restarts the server after round 2: needs --rounds 3 or more")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
     if args.deploy:
         return deploy_main(args, work)
     keys: dict[str, Path] = {}
