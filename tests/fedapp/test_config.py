@@ -48,7 +48,10 @@ def test_auto_settings_take_the_task_defaults():
     ({"aggregation": "secagg", "secagg-clip": -1.0}, "clip must be a positive"),
     ({"aggregation": "secagg", "secagg-value-bits": 40}, "value_bits must be in"),
     ({"dp-noise-multiplier": 1.0, "dp-mode": "distributed"},
-     "dp-mode 'distributed' needs aggregation 'secagg' or 'paillier'"),
+     "dp-mode 'distributed' needs aggregation 'secagg', 'paillier' or "
+     "'paillier-threshold'"),
+    ({"aggregation": "paillier-threshold", "paillier-public-key": "/k.pub.json",
+      "dp-noise-multiplier": 1.0}, "central DP is refused under threshold Paillier"),
     ({"aggregation": "secagg", "dp-noise-multiplier": 1.0, "dp-mode": "distributed",
       "dp-adaptive-clip": True}, "and a fixed clip"),
     ({"dp-quorum": 0.0}, "dp-quorum must be in \\(0, 1\\]"),

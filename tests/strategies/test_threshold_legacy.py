@@ -63,11 +63,12 @@ class Proxy(ClientProxy):
     """A legacy client proxy running ``legacy_threshold_paillier_mod`` around
     :class:`Client` in-process; an error reply raises as Flower's proxy does.
     ``silent`` names a stage it never answers; ``tamper(stage, ins, res, proxy)`` may
-    rewrite a stage answer."""
+    rewrite a stage answer; ``inner`` is a mod run inside the threshold mod."""
 
-    def __init__(self, node: int, keydir: Path, silent: str = "", tamper=None) -> None:
+    def __init__(self, node: int, keydir: Path, silent: str = "", tamper=None,
+                 inner=None) -> None:
         super().__init__(str(node))
-        self.node_id, self.silent, self.tamper = node, silent, tamper
+        self.node_id, self.silent, self.tamper, self.inner = node, silent, tamper, inner
         self.context = new_context(node)
         self.context.node_config.update(node_config(keydir, node))
         self.received: list = []
@@ -79,7 +80,9 @@ class Proxy(ClientProxy):
 
         def app(m: Message, c: Context) -> Message:
             return handle_legacy_message_from_msgtype(lambda _: Client(self).to_client(), m, c)
-        reply = legacy_threshold_paillier_mod(msg, self.context, app)
+        inner = self.inner
+        reply = legacy_threshold_paillier_mod(
+            msg, self.context, (lambda m, c: inner(m, c, app)) if inner else app)
         if reply.has_error():
             raise ValueError(f"Message contains an Error (reason: {reply.error.reason})")
         return reply.content
@@ -349,7 +352,7 @@ def test_the_strategy_refuses_server_evaluation_a_wrong_key_and_dp(keydir, keypa
         LegacyThresholdPaillierFedAvg(public, clip=CLIP, evaluate_fn=lambda *a: (0.0, {}))
     with pytest.raises(ValueError, match="ThresholdPublicKey"):
         LegacyThresholdPaillierFedAvg(keypair[0], clip=CLIP)
-    with pytest.raises(ValueError, match="not built yet"):
+    with pytest.raises(ValueError, match="central DP is refused under threshold Paillier"):
         LegacyCentralDP(LegacyThresholdPaillierFedAvg(public, clip=CLIP), noise_multiplier=1.0,
                         clip=1.0, population=4)
 

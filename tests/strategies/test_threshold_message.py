@@ -354,10 +354,13 @@ def test_the_strategy_takes_only_a_threshold_public_key(keydir, keypair):
         ThresholdPaillierFedAvg(keypair[0], clip=CLIP)
 
 
-def test_dp_wrappers_refuse_the_threshold_strategy_until_dp_is_built_for_it(keydir):
+def test_the_dp_wrapper_refuses_central_dp_around_the_threshold_strategy(keydir):
+    """Central DP would let the server add a ciphertext no node can check; distributed
+    DP is the mode here (tests/strategies/test_distributed_dp_threshold.py)."""
     from strategies.dp_message import CentralDP
 
-    with pytest.raises(ValueError, match="not built yet"):
+    with pytest.raises(ValueError, match="central DP is refused under threshold Paillier.*"
+                                         "dp-mode = \"distributed\""):
         CentralDP(strategy_for(keydir, NODES), noise_multiplier=1.0, clip=1.0, population=4)
 
 
