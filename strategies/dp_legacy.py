@@ -38,8 +38,8 @@ class LegacyCentralDP(DPRounds, Strategy):
     """DP-FedAvg around a legacy FedAvg, ``LegacySecAggFedAvg``,
     ``LegacyPaillierFedAvg`` or ``LegacyThresholdPaillierFedAvg`` (the arguments are
     those of :class:`strategies.dp_message.CentralDP`; ``mode="distributed"`` with the
-    secure ones, the only mode around the threshold one), with fixed-size sampling only: Flower's legacy server skips a round in
-    which no client is selected, so a Poisson round that draws nobody could not
+    secure ones, the only mode around the threshold one), with fixed-size sampling
+    only: Flower's legacy server skips a round in which no client is selected, so a Poisson round that draws nobody could not
     release its noise, and its absence would tell."""
 
     def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip: float,

@@ -408,7 +408,6 @@ class DPRounds:
             self.config.delta, self.tail_mass, clipped_at)
         return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
 
-
     def _release_sealed(self, server_round: int) -> dict:
         """Threshold Paillier: the round's DP metrics for the aggregate the clients
         decrypted and sealed (the strategy's ``last_aggregate``). It carries the
