@@ -177,25 +177,40 @@ def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, da
 
 
 @pytest.mark.parametrize("aggregation", ["secagg", "secagg-distributed",
-                                         "paillier-distributed"])
-def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir, tmp_path):
+                                         "paillier-distributed",
+                                         "paillier-threshold-distributed"])
+def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir, tmp_path,
+                                                     request):
     """DP-FedAvg over masking (adaptive clipping, the bit in the masked sum), and
-    distributed DP over masking and over Paillier (the nodes add the noise; under
-    Paillier the key holders then decrypt an authentic aggregate, with no consent to
-    server noise): real runs, epsilon reported and growing every round, the budget
+    distributed DP over masking, over Paillier and over threshold Paillier (the nodes add
+    the noise; under Paillier the key holders then decrypt an authentic aggregate, with
+    no consent to server noise; under a threshold key the decryptors check it before
+    their partials): real runs, epsilon reported and growing every round, the budget
     stopping training before it is exceeded. Central DP's encrypted server noise is
     tested in-process (tests/strategies/test_dp_message.py)."""
-    aggregation, _, mode = aggregation.partition("-")
+    aggregation, _, mode = aggregation.rpartition("-") if aggregation.endswith(
+        "-distributed") else (aggregation, "", "")
+    env = node_env(keys)
     settings = {**settings_for("housing", data_dir), "num-server-rounds": 4,
                 "min-available-nodes": 4, "aggregation": aggregation,
                 "dp-noise-multiplier": 1.0, "dp-clip": 1.0, "dp-max-epsilon": 8.0,
                 "paillier-public-key": str(keys[0]), "dp-mode": mode or "central"}
     if aggregation == "secagg" and not mode:  # adaptive: count noise leaving room for the rest
         settings.update({"dp-adaptive-clip": True, "dp-clipped-count-stddev": 1.0})
-    elif aggregation == "paillier":  # fixed-size sampling, replace-one: z = 2 costs what
-        settings["dp-noise-multiplier"] = 2.0  # z = 1 does under Poisson
+    elif aggregation.startswith("paillier"):  # fixed-size sampling, replace-one: z = 2
+        settings["dp-noise-multiplier"] = 2.0  # costs what z = 1 does under Poisson
+    if aggregation == "paillier-threshold":  # the 2-of-3 key, identities for 4 nodes
+        import shutil
+
+        from strategies.keyfiles import THRESHOLD_PUBLIC_NAME, write_simulation_identities
+
+        keydir = tmp_path / "keys"
+        shutil.copytree(request.getfixturevalue("threshold_key_dir"), keydir)
+        write_simulation_identities(keydir, 4)
+        settings["paillier-public-key"] = str(keydir / THRESHOLD_PUBLIC_NAME)
+        env = {KEY_DIR_ENV: str(keydir)}
     status, run_dir, logs = launch.simulate(ROOT, tmp_path, 4, settings, timeout=900,
-                                            progress=False, env=node_env(keys))
+                                            progress=False, env=env)
     assert status == launch.FINISHED_OK, logs[-3000:]
     rows = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r["round"] > 0]
     epsilon = [r["train-dp-epsilon"] for r in rows]
@@ -212,7 +227,12 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
         assert logs.count("Secure aggregation: 4 of 4 sampled nodes in the sum") == 2
     if aggregation == "secagg" and not mode:
         assert rows[1]["train-dp-clip"] != rows[0]["train-dp-clip"]  # adaptive clipping moved
-    if aggregation == "paillier":
+    if aggregation == "paillier-threshold":  # decrypted by T of the share holders
+        for stage, answered in (("view", "4 of 4"), ("decrypt", "3 of 3"),
+                                ("combine", "1 of 1")):
+            assert logs.count(f"Threshold Paillier: {stage} stage, {answered} nodes") == 2
+        assert (run_dir / "model.sealed.npz").is_file()
+    if aggregation.startswith("paillier"):
         assert logs.count("the clients' noise in the encrypted average of 4 updates") == 2
         assert "a quorum of 4 of the 4 sampled" in logs
         # round 1's train metrics, as sums in the updates, released by the key holders
