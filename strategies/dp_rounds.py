@@ -495,10 +495,15 @@ def distributed_noise(config: Mapping[str, object], node_config: Mapping[str, ob
         If the server sent a malformed request.
     PermissionError
         If it amounts to a noise multiplier (levels x step / dp-clip) below the node's
-        own ``dp-min-noise-multiplier``.
+        own ``dp-min-noise-multiplier``, or asks for none while that is above 0.
     """
     levels = config.get(NOISE_LEVELS_KEY)
+    floor = node_setting(node_config, MIN_NOISE_SETTING)
     if levels is None:
+        if floor > 0:  # a server that leaves the request out must not skip the floor
+            raise PermissionError(f"the round asks for no distributed DP noise, and this "
+                                  f"node's {MIN_NOISE_SETTING} is {floor:g}: the server "
+                                  "must ask for at least that (dp-mode = 'distributed')")
         return 0.0
     clip, step = config.get(CLIP_KEY), config.get(STEP_KEY)
     if not all(is_number(v) and 0 < v < math.inf for v in (levels, clip, step)) \
@@ -507,7 +512,6 @@ def distributed_noise(config: Mapping[str, object], node_config: Mapping[str, ob
                          f"with dp-clip {clip!r} and step {step!r}: positive finite numbers "
                          "expected (levels up to 2^40)")
     multiplier = float(levels) * float(step) / float(clip)
-    floor = node_setting(node_config, MIN_NOISE_SETTING)
     if multiplier < floor:
         raise PermissionError(f"the round asks for distributed DP noise of multiplier "
                               f"{multiplier:.4g}, below this node's {MIN_NOISE_SETTING} "

@@ -184,10 +184,11 @@ def decrypt_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
                         "node can check: this node decrypts it only with its node setting "
                         "paillier-accept-server-noise=true (docs/threat-model.md)")
     floor = node_setting(node_config, MIN_NOISE_SETTING)
-    if model.client_noise and model.client_noise.multiplier(model.params.step) < floor:
+    carried = model.client_noise.multiplier(model.params.step) if model.client_noise else 0.0
+    if carried < floor:
         raise NodeError(f"the encrypted model carries distributed-DP noise of multiplier "
-                        f"{model.client_noise.multiplier(model.params.step):.4g}, below this "
-                        f"node's {MIN_NOISE_SETTING} {floor:g}: it does not decrypt it")
+                        f"{carried:.4g}, below this node's {MIN_NOISE_SETTING} {floor:g}: it "
+                        "does not decrypt it")
     digest = model.digest()
     if digest not in _DECRYPTED:
         _DECRYPTED.clear()

@@ -161,11 +161,6 @@ def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_exa
         noise = paillier_client_noise(config, context.node_config)
     except PermissionError as err:
         raise NodeError(str(err)) from None
-    if noise is None and minimum_noise(context) > 0:
-        raise NodeError(f"the round asks for no distributed-DP noise, and this node's "
-                        f"{MIN_NOISE_SETTING} is {minimum_noise(context):g}: the server must "
-                        "run distributed DP (dp-mode = \"distributed\") with at least that "
-                        "multiplier")
     if fingerprint != keys.public.fingerprint:
         raise NodeError(f"the server uses key {fingerprint[:16]}..., this node holds the "
                         f"threshold key {keys.public.fingerprint[:16]}...: give every node the "

@@ -128,6 +128,16 @@ def test_a_node_adds_what_the_round_asks_unless_below_its_own_floor():
         distributed_noise(CONFIG, {"dp-min-noise-multiplier": "high"})
 
 
+def test_a_server_that_leaves_the_noise_request_out_does_not_skip_a_nodes_floor():
+    """The attack: the server sends no ``dp-noise-levels`` (as in a round without DP) to
+    nodes that require noise. With no floor (the defence off) a node adds none; with a
+    floor it refuses the round."""
+    assert distributed_noise({}, {"dp-min-noise-multiplier": 0.0}) == 0.0
+    with pytest.raises(PermissionError, match="asks for no distributed DP noise, and this "
+                                              "node's dp-min-noise-multiplier is 0.4"):
+        distributed_noise({}, {"dp-min-noise-multiplier": 0.4})
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, "8000", True, 2.0 ** 41])
 def test_a_malformed_noise_request_is_refused(bad):
     with pytest.raises(ValueError, match="distributed DP noise"):

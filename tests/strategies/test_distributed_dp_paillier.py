@@ -265,3 +265,9 @@ def test_a_key_holder_decrypts_no_sum_noised_below_its_floor(setup):
         decrypt_global_model(setup["sk"], arrays, {"dp-min-noise-multiplier": 0.1}, 1)
     layout, plain, _ = decrypt_global_model(setup["sk"], arrays, {}, 1)
     assert layout == setup["layout"] and plain[0].shape == (LENGTH,)
+    # a sum of updates that carry no noise at all: refused with a floor, decrypted without
+    bare = aggregate(setup["pk"], [setup["update"](u, noise=None) for u in NODES]).to_arrays()
+    with pytest.raises(NodeError, match="multiplier 0, below this node's "
+                                        "dp-min-noise-multiplier 0.1"):
+        decrypt_global_model(setup["sk"], bare, {"dp-min-noise-multiplier": 0.1}, 1)
+    assert decrypt_global_model(setup["sk"], bare, {}, 1)[0] == setup["layout"]

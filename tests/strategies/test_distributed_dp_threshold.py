@@ -233,7 +233,7 @@ def test_a_node_refuses_to_add_noise_below_its_floor(keydir):
     with pytest.raises(NodeError, match=r"multiplier 0\.0244\d*, below this node's "
                                         r"dp-min-noise-multiplier 0\.1"):
         contribute(dp_config(keydir, 41), ["w"], [PLAIN[101][:50]], 1, keys, context, run=RUN)
-    with pytest.raises(NodeError, match="asks for no distributed-DP noise.*dp-mode"):
+    with pytest.raises(NodeError, match="asks for no distributed DP noise.*dp-mode"):
         contribute(dp_config(keydir, 41, levels=0), ["w"], [PLAIN[101][:50]], 1, keys,
                    context, run=RUN)
     context = context_of(keydir, 101, **{"dp-min-noise-multiplier": 0.02})
