@@ -201,6 +201,7 @@ def run_one(mode: str, clients: int, args: argparse.Namespace, keys: dict[str, P
         status, run_dir, logs = launch.simulate(ROOT, work / f"{mode}-{clients}", clients,
                                                 overrides, timeout=args.timeout,
                                                 progress=False, env=env)
+    (work / f"{mode}-{clients}" / "run.log").write_text(logs)
     result: dict[str, Any] = {"mode": mode, "clients": clients, "per-round": per_round,
                               "status": status, "wall-seconds": round(time.monotonic() - start, 1),
                               "peak-memory-mb": mb(memory.total),
@@ -223,12 +224,13 @@ def run_one(mode: str, clients: int, args: argparse.Namespace, keys: dict[str, P
 
 
 def deploy_role(command: list[str]) -> str | None:
-    """``server``, ``client<i>``, or None (the unregistered node, one-off commands)."""
+    """``server`` (the SuperLink, with the SuperExec and ServerApp it starts),
+    ``client<i>``, or None (the unregistered node, one-off commands)."""
+    if program(command) == "flower-superlink":  # what fedapp server runs (exec)
+        return "server"
     if "fedapp.cli" not in command:
         return None
     rest = command[command.index("fedapp.cli") + 1:]
-    if rest[:1] == ["server"]:
-        return "server"
     if rest[:1] == ["client"] and "--flwr-home" in rest:
         node = Path(rest[rest.index("--flwr-home") + 1]).name.removesuffix("-home")
         return node if node.startswith("client") else None
@@ -252,9 +254,11 @@ def run_deploy(mode: str, clients: int, args: argparse.Namespace, work: Path,
             PeakMemory(args.sample_seconds, root=proc.pid, role=deploy_role) as memory:
         try:
             proc.wait(args.timeout + 600)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # a timeout, or this benchmark stopped
             proc.terminate()  # it stops every process it started
             proc.wait(120)
+            if proc.returncode is None or sys.exc_info()[0] is not subprocess.TimeoutExpired:
+                raise
     text = output.read_text(errors="replace")
     try:
         summary = json.loads(text.strip().splitlines()[-1])
