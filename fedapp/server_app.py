@@ -16,7 +16,7 @@ from clients.numpy_clients import CLIENTS
 from clients.standardize import combine_stats, encode_floats, read_stats
 from clients.tasks import build_model, load_central_test
 from strategies.paillier_protocol import EncryptedModel
-from strategies.threshold_protocol import is_sealed
+from strategies.threshold_protocol import is_sealed, sealed_run
 from strategies.records import array_record, record_arrays
 from strategies.screening import RoundWatch
 
@@ -147,6 +147,9 @@ def train(grid: Grid, settings: RunSettings, recorder: RunRecorder,
         arrays = array_record(checkpoint.arrays)
         if hasattr(strategy, "load_state_dict"):
             strategy.load_state_dict(checkpoint.strategy)
+        if is_sealed(checkpoint.arrays):  # threshold mode: the clients open it in round 1
+            inner = getattr(strategy, "strategy", strategy)  # under a DP wrapper
+            inner.resumed_run = sealed_run(checkpoint.arrays)
 
     def on_round(rnd: int, arrays: ArrayRecord, row: dict) -> None:
         recorder.add_round({"round": rnd, **row})

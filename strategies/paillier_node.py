@@ -37,6 +37,7 @@ from .secure_sums import metric_sums
 PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
 WORKERS_NODE_CONFIG = "paillier-workers"
 PREFIX = "paillier-"
+RESUMED_KEY = f"{PREFIX}resumed-run"
 CLIPPED_KEY = "paillier-clipped"  # the train metric: fraction of values outside the clip range
 RELEASED = "released-"  # a key holder's release of the last aggregate's metric means
 
@@ -72,6 +73,9 @@ class PaillierRounds:
         self._layout: Layout | None = None
         # distributed DP (set by the DP wrapper): the noise every update must carry
         self.client_noise: ClientNoise | None = None
+        # threshold mode, set by the ServerApp when it resumes: the run whose sealed model
+        # the first round sends
+        self.resumed_run: int | None = None
 
     def _round_sum(self, server_round: int) -> RoundSum:
         return RoundSum(self.public_key, self.params, self._layout, server_round,
@@ -96,11 +100,23 @@ class PaillierRounds:
 
 
 def round_config(params: EncodingParams, fingerprint: str, weight_unit: int,
-                 server_round: int) -> dict:
-    """What a client needs to encrypt its update (sent in every train config)."""
+                 server_round: int, resumed: int | None = None) -> dict:
+    """What a client needs to encrypt its update (sent in every train config), and in a
+    resumed threshold run the run it resumes (whose sealed model it may open)."""
     return {f"{PREFIX}fingerprint": fingerprint, f"{PREFIX}weight-unit": weight_unit,
             f"{PREFIX}round": server_round,
+            **({RESUMED_KEY: str(resumed)} if resumed is not None else {}),
             **{f"{PREFIX}encoding-{k}": v for k, v in params.to_dict().items()}}
+
+
+def resumed_run(config: Mapping[str, object]) -> int | None:
+    """The run a resumed run's train config names (:func:`round_config`), or None."""
+    value = config.get(RESUMED_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isdigit() or int(value) >= 2 ** 64:
+        raise ValueError(f"{RESUMED_KEY} must be a run id (decimal digits), got {value!r}")
+    return int(value)
 
 
 
@@ -217,10 +233,13 @@ def seal_global_model(key: PrivateKey, arrays: dict[str, np.ndarray],
 _OPENED: dict[bytes, tuple] = {}  # (group key, sealed model) digest and run: what it opened to
 
 
-def open_sealed_model(group_key: GroupKey, arrays: dict[str, np.ndarray], run: int
+def open_sealed_model(group_key: GroupKey, arrays: dict[str, np.ndarray], run: int,
+                      resumed: int | None = None
                       ) -> tuple[Layout, list[np.ndarray], dict[str, float]]:
     """A sealed global model opened (cached: evaluate and the next train carry the same
     one), and the metric means it releases (``released-*``, with ``released-round``).
+    ``resumed``: the run this one resumes (:func:`resumed_run`), whose sealed model is
+    accepted too.
 
     Raises
     ------
@@ -229,10 +248,12 @@ def open_sealed_model(group_key: GroupKey, arrays: dict[str, np.ndarray], run: i
     """
     # keyed by the group key too: a hit must mean this key opened these bytes
     key = hashlib.sha256(group_key.secret + bytes(np.ascontiguousarray(
-        arrays.get(SEALED_KEY, np.zeros(0))).data)).digest() + run.to_bytes(8, "big")
+        arrays.get(SEALED_KEY, np.zeros(0))).data)).digest() + run.to_bytes(8, "big") \
+        + (resumed or 0).to_bytes(8, "big")
     if key not in _OPENED:
         _OPENED.clear()
-        layout, plain, means, server_round = open_model(group_key, arrays, run=run)
+        layout, plain, means, server_round = open_model(group_key, arrays, run=run,
+                                                        resumed=resumed)
         released = {f"{RELEASED}{k}": v for k, v in means.items()}
         if released:
             released[f"{RELEASED}round"] = server_round

@@ -60,7 +60,7 @@ from .legacy_wire import layout_of, legacy_names, load_ndarrays, load_npy
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier_legacy import arrays_to_parameters, parameters_to_arrays
-from .paillier_node import open_sealed_model, parse_round_config, round_config
+from .paillier_node import resumed_run, open_sealed_model, parse_round_config, round_config
 from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
                                 DecryptionRefused, EncryptedModel)
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
@@ -352,7 +352,8 @@ def _open_parameters(msg: Message, ins: str, keys: NodeKeys) -> dict[str, float]
     if parameters.tensor_type != SEALED_TENSOR_TYPE:  # the initial model: public
         return {}
     _, plain, released = open_sealed_model(keys.group, sealed_arrays(parameters),
-                                           msg.metadata.run_id)
+                                           msg.metadata.run_id,
+                                           resumed_run(_fit_config(msg)))
     msg.content.array_records[name] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters(plain), keep_input=True)
     return released

@@ -42,7 +42,7 @@ from .aggregation import InvalidUpdate
 from .fedavg import aggregate_metrics, evaluate_metrics
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
-from .paillier_node import open_sealed_model, round_config
+from .paillier_node import resumed_run, open_sealed_model, round_config
 from .paillier_protocol import DecryptionRefused, EncryptedModel
 from .records import (WEIGHT_KEY, array_record, own_train_reply, record_arrays, screen,
                       train_reply)
@@ -129,7 +129,8 @@ class ThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
         self._grid = grid
         self._remember_global(record_arrays(arrays))
         config = ConfigRecord({**config, **round_config(
-            self.params, self.public_key.fingerprint, self.weight_unit, server_round)})
+            self.params, self.public_key.fingerprint, self.weight_unit, server_round,
+            self.resumed_run)})
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -261,10 +262,12 @@ def threshold_paillier_mod(msg: Message, context: Context, call_next: ClientAppC
     if category == MessageType.EVALUATE:
         refuse_evaluation(context.node_config, "threshold Paillier")
     released: dict[str, float] = {}
+    resumed = resumed_run(next(iter(msg.content.config_records.values()), {}))
     for name, record in list(msg.content.array_records.items()):
         arrays = record_arrays(record)
         if is_sealed(arrays):
-            layout, plain, released = open_sealed_model(keys.group, arrays, msg.metadata.run_id)
+            layout, plain, released = open_sealed_model(keys.group, arrays, msg.metadata.run_id,
+                                                        resumed)
             msg.content[name] = array_record(dict(zip(layout.names, plain, strict=True)))
     reply = call_next(msg, context)
     if category == MessageType.TRAIN and reply.has_content():

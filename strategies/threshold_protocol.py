@@ -509,11 +509,22 @@ def _read_header(arrays: Mapping[str, np.ndarray]) -> dict:
     return header
 
 
-def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: int | None
+def sealed_run(arrays: Mapping[str, np.ndarray]) -> int | None:
+    """The run a sealed model's public header names (for a resumed run's server)."""
+    run = _read_header(arrays).get("run")
+    return run if isinstance(run, int) else None
+
+
+def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: int | None,
+               resumed: int | None = None
                ) -> tuple[Layout, list[np.ndarray], dict[str, float], int]:
     """A client opens the sealed model: its layout, arrays, the released metric means
     and the round it aggregates. ``run``: the run it must belong to (``None``: any, for
-    a saved model).
+    a saved model); ``resumed``: the run this one resumes, whose last sealed model the
+    first round of this run sends. The server names that run, so a server can replay
+    an earlier run's sealed model into a resumed run: that costs correctness (which
+    model the clients train on, which the server decides anyway), not privacy, as only
+    the clients open it.
 
     Raises
     ------
@@ -527,8 +538,9 @@ def open_model(group_key: GroupKey, arrays: Mapping[str, np.ndarray], *, run: in
     header = _read_header(arrays)
     if header.get("fingerprint") != group_key.fingerprint:
         raise ValueError("the sealed model is for another threshold key")
-    if run is not None and header.get("run") != run:
-        raise SealError(f"the sealed model is of run {header.get('run')!r}, this is run {run}")
+    if run is not None and header.get("run") not in (run, resumed):
+        raise SealError(f"the sealed model is of run {header.get('run')!r}, this is run {run}"
+                        + (f", resuming run {resumed}" if resumed is not None else ""))
     sealed = arrays[SEALED_KEY]
     if not isinstance(sealed, np.ndarray) or sealed.dtype != np.uint8:
         raise ValueError("the sealed model must be a uint8 array")

@@ -27,9 +27,10 @@ from strategies.threshold_message import (STAGE_KEY, ThresholdPaillierFedAvg, _d
                                          threshold_paillier_mod)
 from strategies.threshold_node import load_state, node_keys
 from strategies.threshold_paillier import KeyShare, combine, partial_decrypt
+from strategies.screening import NoUsableUpdate
 from strategies.threshold_protocol import (DecryptRequest, GroupKey, SealError, ThresholdRefused,
                                            View, check_request, decrypt_share, open_model,
-                                           sign_view)
+                                           sealed_run, sign_view)
 from tests.helpers import CLIP, IDENTITY, SHAPES, new_context
 from tests.helpers.threshold import (HOLDERS, NODES, expected, forged_partial, held_secrets,
                                      local_model, node_config, weight)
@@ -68,12 +69,15 @@ class FakeGrid:
     def __init__(self, nodes: list[Node]) -> None:
         self.nodes = {n.node: n for n in nodes}
         self.sent: list[Message] = []
+        self.run_id: int | None = None  # a run id for the messages (as another run's grid)
 
     def get_node_ids(self):
         return list(self.nodes)
 
     def send_and_receive(self, messages, *, timeout=None):
         self.sent += messages
+        for msg in messages if self.run_id is not None else []:
+            msg.metadata.__dict__["_run_id"] = self.run_id
         replies = [(m, self.nodes[m.metadata.dst_node_id].handle(m)) for m in messages]
         for msg, reply in replies:
             if reply is not None:
@@ -399,3 +403,30 @@ def test_a_restarted_server_goes_on_from_the_sealed_checkpoint(keydir, task_iden
         assert_average(list(node.received[-1].values()), NODES, restarted)
     assert open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays2),
                       run=1)[3] == 2
+
+
+def test_a_resumed_run_opens_the_sealed_model_of_the_run_it_resumes(keydir, task_identity):
+    """A server restarted on real nodes resumes under a new run id, while the checkpoint's
+    model is sealed for the old run: nodes refuse to open it unless the round names the
+    run it resumes (the ServerApp sets ``resumed_run`` from the checkpoint), and then
+    the round completes from it."""
+    nodes = make_nodes(keydir)
+    grid = FakeGrid(nodes)
+    arrays, _ = run_round(strategy_for(keydir, nodes), grid, 1, initial())
+    checkpoint = {k: np.array(v) for k, v in record_arrays(arrays).items()}
+    first = sealed_run(checkpoint)
+    grid.run_id = first + 1
+
+    def resumed() -> ArrayRecord:
+        return ArrayRecord({k: Array(v) for k, v in checkpoint.items()})
+
+    with pytest.raises(NoUsableUpdate, match=f"the sealed model is of run {first}, this is "
+                                             f"run {first + 1}"):
+        run_round(strategy_for(keydir, nodes), grid, 2, resumed())
+    restarted = strategy_for(keydir, nodes)
+    restarted.resumed_run = first
+    arrays2, _ = run_round(restarted, grid, 2, resumed())
+    for node in nodes:  # round 2 trained from round 1's average
+        assert_average(list(node.received[-1].values()), NODES, restarted)
+    assert open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays2),
+                      run=first + 1)[3] == 2
