@@ -125,8 +125,9 @@ def parse_round_config(config: dict) -> tuple[EncodingParams, str, int, int]:
     (:class:`NodeError` if absent: the server runs no Paillier strategy)."""
     if f"{PREFIX}fingerprint" not in config:
         raise NodeError("this node encrypts its updates (Paillier client mod) but the server "
-                         "sent no Paillier parameters: the server must run PaillierFedAvg "
-                         "(Message API) or LegacyPaillierFedAvg (legacy API)")
+                         "sent no Paillier parameters: the server must run PaillierFedAvg or "
+                         "ThresholdPaillierFedAvg (Message API), LegacyPaillierFedAvg or "
+                         "LegacyThresholdPaillierFedAvg (legacy API), as the nodes' mod")
     enc = {k[len(f"{PREFIX}encoding-"):]: v for k, v in config.items()
            if k.startswith(f"{PREFIX}encoding-")}
     unit = config.get(f"{PREFIX}weight-unit")
