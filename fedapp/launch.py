@@ -247,7 +247,7 @@ def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Pop
                             start_new_session=True)
 
 
-def _processes() -> dict[int, tuple[int, int]]:
+def process_table() -> dict[int, tuple[int, int]]:
     """Every process's ``(parent, process group)`` by PID (Linux ``/proc``)."""
     table = {}
     for entry in Path("/proc").iterdir():
@@ -283,7 +283,7 @@ def process_groups(pid: int) -> set[int]:
     """The process groups of ``pid`` and of all its descendants. Flower's SuperExec
     starts a session of its own, and the simulation and Ray's processes live in it, so
     stopping the SuperLink's group alone leaves them running."""
-    table = _processes()
+    table = process_table()
     groups, todo = {table.get(pid, (0, pid))[1]}, [pid]
     while todo:
         parent = todo.pop()
@@ -324,7 +324,7 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         pass
     while time.monotonic() < deadline and any(
-            pgid in groups for _, pgid in _processes().values()):
+            pgid in groups for _, pgid in process_table().values()):
         time.sleep(0.2)
     _signal_groups(groups, signal.SIGKILL)
     if proc.poll() is None:

@@ -65,17 +65,10 @@ def log(message: str) -> None:
 
 
 def children_map() -> dict[int, list[int]]:
-    """``{parent pid: [child pids]}`` of every living process (from /proc)."""
+    """``{parent pid: [child pids]}`` of every living process."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(entry.name))
+    for pid, (parent, _) in launch.process_table().items():
+        children.setdefault(parent, []).append(pid)
     return children
 
 

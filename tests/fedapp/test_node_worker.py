@@ -132,11 +132,11 @@ def test_a_node_whose_supernode_exits_stops_its_worker_and_says_why(capfd):
     failing = [sys.executable, "-c", "import time; time.sleep(1); print('ssl.SSLCertVerifica"
                "tionError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
                "unable to get local issuer certificate'); raise SystemExit(3)"]
-    before = set(launch._processes())
+    before = set(launch.process_table())
     assert launch.run_node(failing, launch.free_port(), launch.flower_env()) == 3
     out = capfd.readouterr()
     assert "CERTIFICATE_VERIFY_FAILED" in out.out
     assert "likely cause: the server's certificate is not signed by this node's CA" in out.out
     assert "the SuperNode (pid" in out.err and "exited with 3" in out.err
-    mine = {pid for pid, (parent, _) in launch._processes().items() if parent == os.getpid()}
+    mine = {pid for pid, (parent, _) in launch.process_table().items() if parent == os.getpid()}
     assert not (mine - before), "the worker was left running"

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # a real Flower simulation
 
 
 def descendants(pid: int) -> set[int]:
-    table = launch._processes()
+    table = launch.process_table()
     found, todo = set(), [pid]
     while todo:
         parent = todo.pop()
@@ -64,7 +64,7 @@ def test_sigterm_mid_run_stops_everything_the_simulation_started(tmp_path):
         left = sorted(p for p in started if alive(p))
         assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
     finally:  # whatever happened, nothing of this test outlives it
-        groups = {pgid for pid, (_, pgid) in launch._processes().items()
+        groups = {pgid for pid, (_, pgid) in launch.process_table().items()
                   if pid in started}
         if sim.poll() is None:
             launch.stop(sim)
