@@ -112,7 +112,36 @@ def parameters_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
     return parameters_to_arrays(parameters, TENSOR_TYPE, _ARRAYS)
 
 
-class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
+class LegacyEncryptedFedAvg(FedAvg):
+    """What the legacy Paillier strategies (single key holder and threshold) share on top
+    of Flower's FedAvg: no centralized evaluation, the round's Paillier settings in every
+    fit instruction, and the fit metrics of the valid replies aggregated as FedAvg does."""
+
+    def evaluate(self, server_round: int, parameters: Parameters
+                 ) -> tuple[float, dict[str, Scalar]] | None:
+        """No centralized evaluation: the server cannot see the model."""
+        return None
+
+    def _fit_with(self, server_round: int, parameters: Parameters,
+                  client_manager: ClientManager, extra: dict[str, Scalar]
+                  ) -> list[tuple[ClientProxy, FitIns]]:
+        """FedAvg's fit instructions, each config with ``extra`` added."""
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        for _, ins in pairs:  # a new dict: never change the one on_fit_config_fn returned
+            ins.config = {**ins.config, **extra}
+        return pairs
+
+    def _fit_metrics(self, server_round: int,
+                     replies: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+        """``(num_examples, metrics)`` of the valid replies, aggregated."""
+        if self.fit_metrics_aggregation_fn:
+            return self.fit_metrics_aggregation_fn(replies)
+        if server_round == 1:  # as FedAvg: only once
+            log(WARNING, "No fit_metrics_aggregation_fn provided")
+        return {}
+
+
+class LegacyPaillierFedAvg(PaillierRounds, LegacyEncryptedFedAvg):
     """Weighted FedAvg over Paillier ciphertexts for legacy projects; the server never
     decrypts.
 
@@ -167,11 +196,6 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
         return (f"LegacyPaillierFedAvg(key={self.public_key.fingerprint[:16]}..., "
                 f"accept_failures={self.accept_failures})")
 
-    def evaluate(self, server_round: int, parameters: Parameters
-                 ) -> tuple[float, dict[str, Scalar]] | None:
-        """No centralized evaluation: the server cannot see the model."""
-        return None
-
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         if is_encrypted(parameters):
@@ -179,12 +203,8 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
         else:
             arrays = parameters_to_ndarrays(parameters)
             self._remember_layout(None, arrays, layout_of(arrays).names)
-        extra = round_config(self.params, self.public_key.fingerprint, self.weight_unit,
-                             server_round)
-        pairs = super().configure_fit(server_round, parameters, client_manager)
-        for _, ins in pairs:  # a new dict: never change the one on_fit_config_fn returned
-            ins.config = {**ins.config, **extra}
-        return pairs
+        return self._fit_with(server_round, parameters, client_manager, round_config(
+            self.params, self.public_key.fingerprint, self.weight_unit, server_round))
 
     def _reply_arrays(self, res: FitRes) -> dict[str, np.ndarray]:
         check_weight(res.num_examples)
@@ -218,12 +238,8 @@ class LegacyPaillierFedAvg(PaillierRounds, FedAvg):
             return None, {}
         if self.save_to is not None:
             save_encrypted_model(summed.to_arrays(), self.save_to)
-        metrics: dict[str, Scalar] = {}
-        if self.fit_metrics_aggregation_fn:
-            metrics = self.fit_metrics_aggregation_fn([(r.num_examples, r.metrics) for r in valid])
-        elif server_round == 1:  # as FedAvg: only once
-            log(WARNING, "No fit_metrics_aggregation_fn provided")
-        return to_parameters(summed), metrics
+        return to_parameters(summed), self._fit_metrics(
+            server_round, [(r.num_examples, r.metrics) for r in valid])
 
 
 # ------------------------------------------------------------------ client mod

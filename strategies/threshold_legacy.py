@@ -52,14 +52,13 @@ from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg
 
 from .aggregation import InvalidUpdate, check_weight
 from .encrypted_result import save_encrypted_model
 from .legacy_wire import layout_of, legacy_names, load_ndarrays, load_npy
 from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
-from .paillier_legacy import arrays_to_parameters, parameters_to_arrays
+from .paillier_legacy import LegacyEncryptedFedAvg, arrays_to_parameters, parameters_to_arrays
 from .paillier_node import resumed_run, open_sealed_model, parse_round_config, round_config
 from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
                                 DecryptionRefused, EncryptedModel)
@@ -121,7 +120,7 @@ def _own_metrics(metrics: Mapping[str, Scalar]) -> dict[str, Scalar]:
 
 
 # ------------------------------------------------------------------ strategy
-class LegacyThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
+class LegacyThresholdPaillierFedAvg(ThresholdRounds, LegacyEncryptedFedAvg):
     """Weighted FedAvg under a threshold Paillier key for legacy projects: no single
     key holder, the server blind to the updates and to the model.
 
@@ -177,11 +176,6 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
         return (f"LegacyThresholdPaillierFedAvg(key={self.public_key.fingerprint[:16]}..., "
                 f"accept_failures={self.accept_failures})")
 
-    def evaluate(self, server_round: int, parameters: Parameters
-                 ) -> tuple[float, dict[str, Scalar]] | None:
-        """No centralized evaluation: the server cannot see the model."""
-        return None
-
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         self._clients = client_manager
@@ -194,12 +188,8 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
             raise ValueError(f"the global model has tensor type {parameters.tensor_type!r}: "
                              f"expected the sealed model ({SEALED_TENSOR_TYPE!r}) or, in "
                              f"round 1, plaintext initial_parameters ({PLAIN_TENSOR_TYPE!r})")
-        extra = round_config(self.params, self.public_key.fingerprint, self.weight_unit,
-                             server_round)
-        pairs = super().configure_fit(server_round, parameters, client_manager)
-        for _, ins in pairs:  # a new dict: never change the one on_fit_config_fn returned
-            ins.config = {**ins.config, **extra}
-        return pairs
+        return self._fit_with(server_round, parameters, client_manager, round_config(
+            self.params, self.public_key.fingerprint, self.weight_unit, server_round))
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
@@ -230,13 +220,8 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, FedAvg):
             return None, {}
         if self.save_to is not None:
             save_encrypted_model(sealed, self.save_to)
-        metrics: dict[str, Scalar] = {}
-        if self.fit_metrics_aggregation_fn:
-            metrics = self.fit_metrics_aggregation_fn(
-                [(r.num_examples, _own_metrics(r.metrics)) for r in valid])
-        elif server_round == 1:  # as FedAvg: only once
-            log(WARNING, "No fit_metrics_aggregation_fn provided")
-        return sealed_parameters(sealed), metrics
+        return sealed_parameters(sealed), self._fit_metrics(
+            server_round, [(r.num_examples, _own_metrics(r.metrics)) for r in valid])
 
     def _proxies(self) -> dict[int, ClientProxy]:
         clients = self._clients.all().values() if self._clients is not None else []
