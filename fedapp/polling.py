@@ -42,6 +42,8 @@ from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
+from fedapp.message_index import index_messages_by_node
+
 GRID_POLL_SECONDS = 0.1
 NODE_POLL_SECONDS = 0.25  # during a run
 NODE_IDLE_POLL_SECONDS = 1.0  # after BURST_SECONDS without a message (Flower: 3 s always)
@@ -84,6 +86,7 @@ class PollingGrid(Grid):
         self.grid = grid
         self.poll_seconds = poll_seconds
         fast_object_pulls()
+        index_messages_by_node(grid)
 
     def set_run(self, run) -> None:  # noqa: ANN001 - Flower's Run
         self.grid.set_run(run)
