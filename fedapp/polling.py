@@ -16,9 +16,11 @@ round's time (housing: 0.4 s a round in simulation).
   (Flower sends it from the SuperLink's), so the strategies' warnings name the node.
 - Flower offers no setting for the SuperNode's waits, so ``fedapp client`` starts the
   SuperNode through this module (``python -m fedapp.polling SUPERNODE-ARGS``), which
-  caps the sleeps of ``start_client_internal`` at ``FEDAPP_NODE_POLL_SECONDS``
-  (default 0.25) during a run, and at 1 s once a node has had no message for a minute
-  (:class:`Cadence`), before running Flower's own ``flower-supernode`` entry point.
+  caps the sleeps of ``start_client_internal`` between asks to the SuperLink at
+  ``FEDAPP_NODE_POLL_SECONDS`` (default 0.25) during a run, and at 1 s once a node has
+  had no message for a minute (:class:`Cadence`), and its looks for the ClientApp's
+  reply (in its own memory) at 0.02 s, before running Flower's own
+  ``flower-supernode`` entry point.
   Only that module's ``time.sleep`` changes.
 - :func:`fast_object_pulls` makes the first retry of an object pull wait 0.01 s
   instead of 1 s, doubling to 0.05 s instead of 10 s (Flower's default arguments), in
@@ -38,11 +40,13 @@ import time
 import types
 from collections.abc import Iterable
 
-from flwr.app import Message
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import Error, Message
+from flwr.app.message.message import make_message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedapp.message_index import index_messages_by_node
+from fedapp.packing import PackingError, pack_message, unpack_message
 
 GRID_POLL_SECONDS = 0.1
 NODE_POLL_SECONDS = 0.25  # during a run
@@ -51,6 +55,7 @@ BURST_SECONDS = 60.0
 NODE_POLL_ENV = "FEDAPP_NODE_POLL_SECONDS"
 NODE_HEARTBEAT_SECONDS = 10.0
 NODE_HEARTBEAT_ENV = "FEDAPP_NODE_HEARTBEAT_SECONDS"
+LOCAL_WAIT_SECONDS = 0.02  # between looks for the ClientApp's reply (Flower: 0.5 s)
 PULL_FIRST_RETRY_SECONDS = 0.01
 PULL_BACKOFF_CAP_SECONDS = 0.05
 
@@ -80,11 +85,17 @@ class PollingGrid(Grid):
         The grid Flower gave the ServerApp.
     poll_seconds : float
         Seconds between pulls while replies are outstanding.
+    pack : bool
+        Send each message's arrays as one array (:mod:`fedapp.packing`) and unpack the
+        replies; only for ClientApps that run :func:`fedapp.packing.packed_arrays_mod`.
+        A reply that cannot be unpacked becomes an error reply from its node.
     """
 
-    def __init__(self, grid: Grid, poll_seconds: float = GRID_POLL_SECONDS) -> None:
+    def __init__(self, grid: Grid, poll_seconds: float = GRID_POLL_SECONDS,
+                 pack: bool = False) -> None:
         self.grid = grid
         self.poll_seconds = poll_seconds
+        self.pack = pack
         fast_object_pulls()
         index_messages_by_node(grid)
 
@@ -105,10 +116,13 @@ class PollingGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        if self.pack:  # the originals share the packed messages' metadata, so get the ids
+            messages = [pack_message(m) for m in messages]
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        replies = self.grid.pull_messages(message_ids)
+        return [_unpacked(m) for m in replies] if self.pack else replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -126,6 +140,14 @@ class PollingGrid(Grid):
                 break
             time.sleep(self.poll_seconds)
         return replies
+
+
+def _unpacked(reply: Message) -> Message:
+    try:
+        return unpack_message(reply)
+    except PackingError as exc:
+        return make_message(reply.metadata, error=Error(
+            code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"malformed reply: {exc}"))
 
 
 def _from_its_node(reply: Message, sent: dict[str, Message]) -> Message:
@@ -176,13 +198,14 @@ def _node_time(active: float) -> types.ModuleType:
     for the ClientApp's reply (or its objects). A reply wait is work: it starts a burst,
     in which asks come every ``active`` seconds (``FEDAPP_NODE_POLL_SECONDS``); after
     :data:`BURST_SECONDS` without work they come every :data:`NODE_IDLE_POLL_SECONDS`.
-    Reply waits are capped at ``active``."""
+    A reply wait looks in the SuperNode's own memory, not over the network, so it is
+    capped at :data:`LOCAL_WAIT_SECONDS`."""
     cadence = Cadence(active, max(active, NODE_IDLE_POLL_SECONDS))
 
     def sleep(seconds: float) -> None:
-        if seconds < 1.0:  # waiting for the local reply
+        if seconds < 1.0:  # waiting for the local reply: a look in this process's memory
             cadence.busy()
-            time.sleep(min(seconds, active))
+            time.sleep(min(seconds, LOCAL_WAIT_SECONDS))
         else:
             cadence.sleep(seconds)
 

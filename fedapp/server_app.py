@@ -107,7 +107,7 @@ def open_run(settings: RunSettings, run_id: int) -> tuple[RunRecorder, Checkpoin
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    grid = PollingGrid(grid)
+    grid = PollingGrid(grid, pack=True)  # our ClientApp unpacks (fedapp.packing)
     settings = RunSettings.from_run_config(dict(context.run_config))
     recorder, checkpoint = open_run(settings, context.run_id)
     recorder.write_config(settings.as_dict())

@@ -65,11 +65,12 @@ def test_node_sleeps_follow_the_runs_bursts(monkeypatch):
     node = polling._node_time(0.25)
     assert node.time is time.time
     node.sleep(3)  # idle since it started: asks every second, not every 3
-    node.sleep(0.5)  # a message came: waiting for the local reply
+    node.sleep(0.5)  # a message came: waiting for the local reply, in this process
     node.sleep(3)  # ... the next message may come soon
     now[0] += polling.BURST_SECONDS + 1
     node.sleep(3)  # a minute without one: idle again
-    assert slept == [polling.NODE_IDLE_POLL_SECONDS, 0.25, 0.25, polling.NODE_IDLE_POLL_SECONDS]
+    assert slept == [polling.NODE_IDLE_POLL_SECONDS, polling.LOCAL_WAIT_SECONDS, 0.25,
+                     polling.NODE_IDLE_POLL_SECONDS]
 
 
 def test_cadence_is_active_for_the_burst_after_work(monkeypatch):

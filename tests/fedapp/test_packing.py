@@ -1,0 +1,223 @@
+"""One array on the wire (fedapp.packing): unpacking gives back exactly what was packed
+(names, order, arrays, object id), the packed form is fewer objects, a malformed
+packed reply becomes that node's error reply instead of crashing the ServerApp, and
+the ClientApp's mod is transparent both to fedapp's ServerApp and to any other."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, Metadata,
+                      MetricRecord, RecordDict)
+from flwr.common.constant import ErrorCode
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedapp import packing
+from fedapp.polling import PollingGrid
+
+DTYPES = ["float32", "float64", "int64", "uint8", "bool"]
+
+arrays = st.builds(
+    lambda dtype, shape, seed: Array(np.random.default_rng(seed).normal(size=shape)
+                                     .astype(dtype)),
+    st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3).map(tuple),
+    st.integers(0, 2**32 - 1))
+names = st.text("abcdefgh.-_", min_size=1, max_size=6)
+array_records = st.dictionaries(names, arrays, max_size=4).map(ArrayRecord)
+other_records = st.one_of(
+    st.dictionaries(names, st.integers(-5, 5), max_size=2).map(ConfigRecord),
+    st.dictionaries(names, st.floats(-1, 1), max_size=2).map(MetricRecord))
+contents = st.dictionaries(names, st.one_of(array_records, other_records), max_size=5
+                           ).map(RecordDict)
+
+
+def sent_to(node: int, content: RecordDict) -> Message:
+    """A train message from the ServerApp, as its grid makes one."""
+    return Message(content, metadata=Metadata(
+        run_id=1, message_id="", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+        group_id="1", created_at=0.0, ttl=60.0, message_type="train"))
+
+
+def n_arrays(content: RecordDict) -> int:
+    return sum(len(r) for r in content.array_records.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(contents)
+def test_unpacking_gives_back_exactly_what_was_packed(content):
+    before = content.object_id
+    packed = packing.pack(content)
+    assert content.object_id == before  # the input is left alone
+    restored = packing.unpack(packed)
+    assert list(restored.keys()) == list(content.keys())
+    assert restored.object_id == content.object_id  # every record, array and byte
+    if n_arrays(content) < 2:
+        assert packed is content
+    else:
+        assert n_arrays(packed) == 1 and packing.is_packed(packed)
+        assert packing.pack(packed) is packed  # never packed twice
+        assert len(get_all_nested_objects(packed)) < len(get_all_nested_objects(content))
+
+
+def housing_train_content() -> RecordDict:
+    rng = np.random.default_rng(0)
+    shapes = [(64, 13), (64,), (32, 64), (32,), (16, 32), (16,), (1, 16), (1,)]
+    return RecordDict({"arrays": ArrayRecord({f"p{i}": Array(rng.normal(size=s).astype(
+        np.float32)) for i, s in enumerate(shapes)}), "config": ConfigRecord({"lr": 0.01})})
+
+
+def test_a_housing_train_message_is_7_objects_instead_of_20():
+    content = housing_train_content()
+    message = sent_to(5, content)
+    assert len(get_all_nested_objects(message)) == 20
+    assert len(get_all_nested_objects(packing.pack_message(message))) == 7
+
+
+def tampered(edit) -> RecordDict:
+    packed = packing.pack(housing_train_content())
+    layout = json.loads(packed[packing.LAYOUT]["layout"])
+    edit(layout, packed)
+    packed[packing.LAYOUT] = ConfigRecord({"layout": json.dumps(layout)})
+    return packed
+
+
+def _shrink(layout, _):
+    layout["records"]["arrays"][0][4] -= 1
+
+
+def _grow(layout, _):
+    layout["records"]["arrays"][-1][4] += 1
+
+
+def _rename(layout, _):
+    layout["order"][0] = "other"
+
+
+def _dup(layout, _):
+    layout["records"]["arrays"][1][0] = layout["records"]["arrays"][0][0]
+
+
+def _negative_shape(layout, _):
+    layout["records"]["arrays"][0][2] = [-1]
+
+
+def _string_size(layout, _):
+    layout["records"]["arrays"][0][4] = "4"
+
+
+def _version(layout, _):
+    layout["version"] = 2
+
+
+def _drop_blob(_, packed):
+    packed[packing.ARRAYS] = ArrayRecord()
+
+
+@pytest.mark.parametrize("edit", [_shrink, _grow, _rename, _dup, _negative_shape,
+                                  _string_size, _version, _drop_blob])
+def test_a_layout_that_does_not_fit_its_bytes_is_refused(edit):
+    with pytest.raises(packing.PackingError):
+        packing.unpack(tampered(edit))
+
+
+@pytest.mark.parametrize("layout", ["{not json", json.dumps([1, 2])])
+def test_a_layout_that_is_not_a_layout_is_refused(layout):
+    packed = packing.pack(housing_train_content())
+    packed[packing.LAYOUT] = ConfigRecord({"layout": layout})
+    with pytest.raises(packing.PackingError, match="layout"):
+        packing.unpack(packed)
+
+
+def test_half_a_packed_message_is_refused():
+    packed = packing.pack(housing_train_content())
+    del packed[packing.LAYOUT]
+    with pytest.raises(packing.PackingError, match="needs"):
+        packing.unpack(packed)
+
+
+def reply(to: str, node: int, content: RecordDict) -> Message:
+    return Message(content, metadata=Metadata(
+        run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id=to,
+        group_id="", created_at=0.0, ttl=60.0, message_type="train"))
+
+
+class EchoGrid:
+    """Answers each message from its destination node with the message's own content,
+    as sent (packed); node 13 answers with a packed reply whose layout lies."""
+
+    def __init__(self) -> None:
+        self.pushed: list[Message] = []
+
+    def push_messages(self, messages):
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+        self.pushed.extend(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        out = []
+        for m in self.pushed:
+            content = m.content
+            if m.metadata.dst_node_id == 13:
+                content = tampered(_grow)
+            out.append(reply(m.metadata.message_id, m.metadata.dst_node_id, content))
+        return out
+
+
+def test_the_grid_packs_what_it_sends_and_unpacks_the_replies():
+    inner = EchoGrid()
+    grid = PollingGrid(inner, poll_seconds=0.001, pack=True)
+    content = housing_train_content()
+    sent = [sent_to(n, content) for n in (12, 13)]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(sent, timeout=5)}
+    assert all(packing.is_packed(m.content) for m in inner.pushed)  # on the wire
+    assert [m.metadata.message_id for m in sent] == [m.metadata.message_id
+                                                     for m in inner.pushed]
+    assert replies[12].content.object_id == content.object_id  # the strategy's view
+    bad = replies[13]  # one malformed reply: that node's error, the round goes on
+    assert bad.has_error() and bad.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "malformed reply" in bad.error.reason
+
+
+def test_the_grid_sends_as_it_is_unless_asked_to_pack():
+    inner = EchoGrid()
+    grid = PollingGrid(inner, poll_seconds=0.001)
+    content = housing_train_content()
+    grid.push_messages([sent_to(12, content)])
+    assert inner.pushed[0].content is content
+
+
+def run_mod(message: Message) -> tuple[RecordDict, Message]:
+    """The content the app saw and the reply that left the mod."""
+    seen = {}
+
+    def app(msg: Message, context: Context) -> Message:
+        seen["content"] = msg.content
+        return Message(msg.content, reply_to=msg)  # answers with what it got
+
+    context = Context(run_id=1, node_id=12, node_config={}, state=RecordDict(),
+                      run_config={})
+    answer = packing.packed_arrays_mod(message, context, app)
+    return seen["content"], answer
+
+
+def test_the_client_mod_unpacks_for_the_app_and_packs_its_reply():
+    content = housing_train_content()
+    message = packing.pack_message(sent_to(12, content))
+    message.metadata.__dict__["_message_id"] = message.object_id
+    seen, answer = run_mod(message)
+    assert seen.object_id == content.object_id and not packing.is_packed(seen)
+    assert packing.is_packed(answer.content)
+    assert answer.metadata.reply_to_message_id == message.metadata.message_id
+
+
+def test_the_client_mod_leaves_other_servers_messages_alone():
+    content = housing_train_content()
+    message = sent_to(12, content)
+    message.metadata.__dict__["_message_id"] = message.object_id
+    seen, answer = run_mod(message)
+    assert seen is content and answer.content is content
