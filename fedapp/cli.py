@@ -245,7 +245,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
                                    args.port, tls, args.data_dir, key_files, node_key,
                                    args.paillier_workers)
-    return launch.run_node(cmd, args.port, launch.flower_env(_flwr_home(args)))
+    return launch.run_node(cmd, launch.flower_env(_flwr_home(args)))
 
 
 def connect(args: argparse.Namespace) -> tuple[str, dict[str, str]]:

@@ -163,37 +163,31 @@ def _relay_with_hints(stream: IO[str]) -> None:
         sys.stdout.flush()
 
 
-def run_node(supernode: list[str], port: int, env: dict[str, str]) -> int:
+def run_node(supernode: list[str], env: dict[str, str]) -> int:
     """Run a client node in the foreground: the SuperNode (``supernode``, from
-    :func:`supernode_command`, in process isolation) and beside it the long-lived
-    ClientApp worker (:mod:`fedapp.node_worker`) on its Runtime API port, both in this
-    process's group. Returns when either exits (its exit code), stopping the other;
-    SIGTERM (as SystemExit) or Ctrl-C stops both. The SuperNode's output is passed on
-    with a hint (:mod:`fedapp.hints`) where it shows why the node cannot connect."""
+    :func:`supernode_command`, in process isolation, with the long-lived ClientApp
+    worker of :mod:`fedapp.node_worker` in its process), in this process's group.
+    Returns its exit code; SIGTERM (as SystemExit) or Ctrl-C stops it. Its output is
+    passed on with a hint (:mod:`fedapp.hints`) where it shows why the node cannot
+    connect."""
     node = subprocess.Popen(supernode, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
-    threading.Thread(target=_relay_with_hints, args=(node.stdout,), daemon=True).start()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "fedapp.node_worker", "--runtime-api-address",
-         f"127.0.0.1:{port}", "--parent-pid", str(os.getpid())], env=env)
+    relay = threading.Thread(target=_relay_with_hints, args=(node.stdout,), daemon=True)
+    relay.start()
     try:
-        while True:
-            for name, proc in (("SuperNode", node), ("ClientApp worker", worker)):
-                if proc.poll() is not None:
-                    print(f"fedapp client: the {name} (pid {proc.pid}) exited with "
-                          f"{proc.returncode}; stopping the node", file=sys.stderr)
-                    return proc.returncode
-            time.sleep(0.5)
+        code = node.wait()
+        relay.join(5)
+        print(f"fedapp client: the SuperNode (pid {node.pid}) exited with {code}",
+              file=sys.stderr)
+        return code
     finally:
-        for proc in (worker, node):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in (worker, node):
+        if node.poll() is None:
+            node.terminate()
             try:
-                proc.wait(10)
+                node.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                node.kill()
+                node.wait()
 
 
 def register_supernode(public_key: Path, connection: str, env: dict[str, str]) -> int:

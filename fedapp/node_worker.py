@@ -1,33 +1,37 @@
-"""A long-lived ClientApp process for a client node.
+"""The ClientApp of a client node, long-lived, in its SuperNode's process.
 
 Flower 1.42's SuperNode, in its default ``subprocess`` isolation, has its SuperExec
 start a new ``flwr-clientapp`` process for every message: each one imports torch,
 installs the app bundle and loads the data again (2-5 s a message, several messages a
-round). In ``--isolation process`` the SuperNode starts nothing and waits for a
-process beside it to claim its tasks through its Runtime API. This module is that
-process: it claims the node's ClientApp tasks one after the other (the calls
-SuperExec makes: ``AcquireTask``, then the task's own token for ``PullTaskInput``,
-``PullMessages``, ``PushMessages`` and ``PushTaskOutput``, done by Flower's own
-functions from ``flwr.supernode.runtime.run_clientapp``) and runs the ClientApp in
-this process, one task at a time (each task's transfers in a thread of its own). The ClientApp is loaded once per app bundle, so the modules it imports
-and the data it caches (``clients.tasks._pool``) stay loaded between messages.
+round). In ``--isolation process`` the SuperNode starts nothing and waits for something
+beside it to claim its tasks through its Runtime API. This module is that something,
+run as a thread of the SuperNode's own process (:func:`serve_in_process`, started by
+``python -m fedapp.polling``, which ``fedapp client`` runs): it claims the node's
+ClientApp tasks one after the other (the calls SuperExec makes: ``AcquireTask``, then
+the task's own token for ``PullTaskInput``, ``PullMessages``, ``PushMessages`` and
+``PushTaskOutput``, done by Flower's own functions from
+``flwr.supernode.runtime.run_clientapp``) and runs the ClientApp, one task at a time
+(each task's transfers in a thread of its own). The ClientApp is loaded once per app
+bundle, so the modules it imports and the data it caches (``clients.tasks._pool``) stay
+loaded between messages.
+
+Those calls go to :class:`InProcessRuntime`: the functions Flower's Runtime API routes
+call, on the SuperNode's own state, with the same task-token check, but no HTTP. Over
+HTTP (a worker process beside the SuperNode, as before) a message's objects, the
+polls and their retries were each a request, and on a 2-core machine with 3 nodes
+those requests took more CPU than the housing model's training (docs/deployment.md).
 
 What changes for the app: nothing in the messages, the context or the node's state
 (Flower keeps ``context.state`` in the SuperNode and hands it over with each task as
 before); only module-level state now outlives a message, as it does in simulation.
-
-``fedapp client`` starts this beside ``flower-supernode --isolation process``:
-
-    python -m fedapp.node_worker --runtime-api-address 127.0.0.1:9094 --parent-pid PID
 """
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import logging
-import signal
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Message
 from flwr.app.error import Error
@@ -35,40 +39,95 @@ from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore import log
-from flwr.supercore.app_utils import start_parent_process_monitor
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.supercore import log
+from flwr.supercore.constant import TaskType
+from flwr.supercore.error import ApiErrorCode, FlowerError
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.servicer.runtime import runtime_handlers as core_handlers
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import (
     pull_task_input,
     push_message,
     push_task_output,
 )
+from flwr.supernode.servicer.runtime import runtime_handlers as node_handlers
 
-from fedapp.polling import Cadence, fast_object_pulls
+from fedapp.polling import Cadence
 
-POLL_SECONDS = 0.1  # between AcquireTask calls during a run
-IDLE_POLL_SECONDS = 0.5  # ... and after a minute without a task
+POLL_SECONDS = 0.02  # between looks for a task during a run (in memory, no request)
+IDLE_POLL_SECONDS = 0.25  # ... and after a minute without one
+
+# The task calls Flower's run_clientapp functions make, and the handler Flower's route
+# for each calls (flwr.supercore.routers.runtime.router).
+_TASK_CALLS: dict[str, Callable[[Any, Any, Task], Any]] = {
+    "PullTaskInput": node_handlers.pull_task_input,
+    "PullMessages": node_handlers.pull_messages,
+    "PushMessages": node_handlers.push_messages,
+    "PullObject": node_handlers.pull_object,
+    "PushObject": node_handlers.push_object,
+    "ConfirmMessageReceived": node_handlers.confirm_message_received,
+    "PushTaskOutput": node_handlers.push_task_output,
+    "SendTaskHeartbeat": core_handlers.send_task_heartbeat,
+}
 
 
-def _runtime_client(address: str, component: str, token: str | None = None
-                    ) -> RuntimeHttpClient:
-    """A client of the SuperNode's Runtime API, which listens on this machine only
-    (plain HTTP on loopback, as SuperExec uses it in Flower's default mode)."""
-    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
-    if token is not None:
-        interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+class InProcessRuntime:
+    """The SuperNode's Runtime API for a caller in the SuperNode's process.
+
+    Has the methods of Flower's ``RuntimeHttpClient`` that a ClientApp task uses
+    (``PullTaskInput(request)``, ``PushObject(request)``, ...), each answered by the
+    handler Flower's HTTP route calls, on the same state. A task call first finds the
+    task by its token, as the route does, and fails as the route fails without one.
+
+    Parameters
+    ----------
+    state : NodeState
+        The SuperNode's state.
+    token : str | None
+        The claimed task's token; None for the node-wide ``AcquireTask``.
+    """
+
+    def __init__(self, state: Any, token: str | None = None) -> None:
+        self.state = state
+        self.token = token
+
+    def AcquireTask(self, request: AcquireTaskRequest) -> Any:  # noqa: N802 - Flower's name
+        return node_handlers.acquire_task(request, self.state)
+
+    def __getattr__(self, name: str) -> Callable[[Any], Any]:
+        handler = _TASK_CALLS.get(name)
+        if handler is None:
+            raise AttributeError(name)
+        return lambda request: handler(request, self.state, self._task())
+
+    def _task(self) -> Task:
+        task = self.state.get_task_by_token(self.token) if self.token else None
+        if task is None:
+            raise FlowerError(ApiErrorCode.RUNTIME_AUTHENTICATION_FAILED,
+                              "Runtime task-token authentication failed.")
+        return task
+
+    def close(self) -> None:
+        """Nothing to close (Flower's client closes its connection here)."""
+
+
+def _task_heartbeat(client: InProcessRuntime) -> Callable[[], bool]:
+    """The task's heartbeat. Flower's ``flwr-clientapp`` interrupts its own process when
+    the SuperNode no longer knows the task; here that process is the SuperNode, so the
+    task is only logged as lost (its reply will be refused)."""
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        if not client.SendTaskHeartbeat(request).success:
+            log(logging.WARNING, "The SuperNode no longer knows this ClientApp task")
+        return True
+
+    return beat
 
 
 class ClientAppWorker:
@@ -76,16 +135,17 @@ class ClientAppWorker:
 
     Parameters
     ----------
-    runtime_api_address : str
-        ``HOST:PORT`` of the SuperNode's Runtime API (``flower-supernode --port``).
+    state : NodeState
+        The SuperNode's state (its Runtime API is called in process, through
+        :class:`InProcessRuntime`).
     """
 
-    def __init__(self, runtime_api_address: str) -> None:
-        self.address = runtime_api_address
+    def __init__(self, state: Any) -> None:
+        self.state = state
         self._apps: dict[str, ClientApp] = {}  # by app bundle hash
         self._load = get_load_client_app_fn(default_app_ref="", app_path=None,
                                             multi_app=True)
-        self._control = _runtime_client(runtime_api_address, "SuperExec")
+        self._control = InProcessRuntime(state)
         self._one_app_at_a_time = threading.Lock()
 
     def next_token(self) -> str | None:
@@ -109,8 +169,8 @@ class ClientAppWorker:
         A ClientApp that raises is answered with Flower's error message, as
         ``flwr-clientapp`` answers it, and the worker goes on with the next task.
         """
-        client = _runtime_client(self.address, "flwr-clientapp", token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        client = InProcessRuntime(self.state, token)
+        heartbeat = HeartbeatSender(_task_heartbeat(client))
         heartbeat.start()
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
@@ -161,20 +221,19 @@ class ClientAppWorker:
                 threading.Thread(target=self.run_task, args=(token,), daemon=True).start()
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's "
-                   "Runtime API, HOST:PORT")
-    p.add_argument("--parent-pid", type=int, help="exit when this process exits")
-    p.add_argument("--poll-seconds", type=float, default=POLL_SECONDS)
-    args = p.parse_args(argv)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 PID: where it is
-    if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)
-    fast_object_pulls()
-    log(logging.INFO, "ClientApp worker for the SuperNode at %s", args.runtime_api_address)
-    ClientAppWorker(args.runtime_api_address).serve(args.poll_seconds)
+def serve_in_process(state: Any, poll_seconds: float = POLL_SECONDS) -> threading.Thread:
+    """Run the node's ClientApp tasks in a daemon thread of this (the SuperNode's) process.
 
-
-if __name__ == "__main__":
-    main()
+    Parameters
+    ----------
+    state : NodeState
+        The SuperNode's state.
+    poll_seconds : float
+        Seconds between looks for a task during a run.
+    """
+    worker = ClientAppWorker(state)
+    thread = threading.Thread(target=worker.serve, args=(poll_seconds,), daemon=True,
+                              name="fedapp-clientapp")
+    thread.start()
+    log(logging.INFO, "ClientApp worker running in the SuperNode's process")
+    return thread

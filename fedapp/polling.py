@@ -252,14 +252,30 @@ def heartbeat_every(seconds: float) -> None:
 
 
 def run_supernode() -> None:
-    """Flower's ``flower-supernode`` with its waits capped (arguments from sys.argv)."""
+    """Flower's ``flower-supernode`` with its waits capped (arguments from sys.argv) and,
+    in ``--isolation process``, fedapp's ClientApp worker in its process
+    (:func:`fedapp.node_worker.serve_in_process`)."""
+    import importlib
+
+    from flwr.common.constant import ISOLATION_MODE_PROCESS
     from flwr.supernode import start_client_internal
-    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
 
     start_client_internal.time = _node_time(node_poll_seconds())
     heartbeat_every(node_heartbeat_seconds())
     fast_object_pulls()
-    flower_supernode()
+    start = cli.start_client_internal
+
+    def start_with_worker(**kwargs):  # noqa: ANN003, ANN202 - Flower's arguments
+        if kwargs.get("isolation") == ISOLATION_MODE_PROCESS:
+            from fedapp.node_worker import serve_in_process
+
+            serve_in_process(kwargs["state_factory"].state())
+        return start(**kwargs)
+
+    cli.start_client_internal = start_with_worker
+    cli.flower_supernode()
 
 
 if __name__ == "__main__":

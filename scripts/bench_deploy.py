@@ -38,7 +38,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 from fedapp import launch  # noqa: E402
 from fedapp.modes import MODES  # noqa: E402
-from strategies.keyfiles import KEY_DIR_ENV, write_keypair, write_simulation_identities  # noqa: E402
+from strategies.keyfiles import (KEY_DIR_ENV, THRESHOLD_PUBLIC_NAME, write_keypair,  # noqa: E402
+                                 write_simulation_identities, write_threshold_key)
 
 
 def log(message: str) -> None:
@@ -66,11 +67,14 @@ def simulated(task: str, mode: str, args: argparse.Namespace, work: Path) -> dic
         "task": task, "aggregation": mode, "num-server-rounds": args.rounds,
         "min-available-nodes": args.clients, "min-train-nodes": args.clients,
         "min-evaluate-nodes": args.clients, "data-dir": str(Path(args.data_dir).resolve())}
+    keys = work / ("keys-threshold" if mode == "paillier-threshold" else "keys")
     if mode == "paillier":
-        overrides["paillier-public-key"] = str(work / "keys" / "paillier.pub.json")
+        overrides["paillier-public-key"] = str(keys / "paillier.pub.json")
+    if mode == "paillier-threshold":  # 2 of N, as deploy_loopback.py deals it by default
+        overrides["paillier-public-key"] = str(keys / THRESHOLD_PUBLIC_NAME)
     status, run_dir, logs = launch.simulate(
         ROOT, work / f"sim-{task}-{mode}", args.clients, overrides, timeout=args.timeout,
-        progress=False, env={KEY_DIR_ENV: str(work / "keys")})
+        progress=False, env={KEY_DIR_ENV: str(keys)})
     result = summary(status, round_seconds(run_dir))
     if status != launch.FINISHED_OK:
         result["log-tail"] = logs[-2000:]
@@ -122,6 +126,9 @@ def main() -> int:
         write_keypair(work / "keys")
     if "secagg" in args.modes:
         write_simulation_identities(work / "keys", args.clients)
+    if "paillier-threshold" in args.modes:
+        write_threshold_key(work / "keys-threshold", 2, args.clients)
+        write_simulation_identities(work / "keys-threshold", args.clients)
     runs = []
     for task in args.tasks:
         for mode in args.modes:

@@ -79,7 +79,7 @@ def execs(monkeypatch) -> list[tuple[list[str], dict[str, str]]]:
     seen: list[tuple[list[str], dict[str, str]]] = []
     monkeypatch.setattr(cli.os, "execve", lambda path, cmd, env: seen.append((cmd, env)))
     monkeypatch.setattr(cli.launch, "run_node",
-                        lambda cmd, port, env: seen.append((cmd, env)) or 1)
+                        lambda cmd, env: seen.append((cmd, env)) or 1)
     return seen
 
 

@@ -123,7 +123,7 @@ def test_provision_refuses_to_write_inside_an_app(tmp_path, capsys):
 
 def test_client_and_run_take_everything_from_the_kit(kits, tmp_path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(cli.launch, "run_node", lambda cmd, port, env: started.append(cmd) or 0)
+    monkeypatch.setattr(cli.launch, "run_node", lambda cmd, env: started.append(cmd) or 0)
     assert cli.main(["client", "--kit", str(kits / "site-2"), "--flwr-home",
                      str(tmp_path / "h")]) == 0
     cmd, = started
@@ -183,7 +183,7 @@ def test_a_threshold_kit_gives_each_site_its_own_share_and_the_server_none(
         kit = load_kit(site, "site")
         assert "paillier-threshold" in kit.modes
     started = []
-    monkeypatch.setattr(cli.launch, "run_node", lambda cmd, port, env: started.append(cmd) or 0)
+    monkeypatch.setattr(cli.launch, "run_node", lambda cmd, env: started.append(cmd) or 0)
     assert cli.main(["client", "--kit", str(out / "site-1"), "--flwr-home",
                      str(tmp_path / "h")]) == 0
     node_config = started[0][started[0].index("--node-config") + 1]

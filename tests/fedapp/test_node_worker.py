@@ -1,7 +1,8 @@
 """The long-lived ClientApp worker (fedapp.node_worker) with the SuperNode's Runtime API
 stood in for: it loads each app bundle's ClientApp once, answers every task, reports a
 ClientApp that raises as flwr-clientapp does (an error reply and a failed task) and goes
-on with the next task. Real nodes run it in tests/runs/test_real_nodes.py."""
+on with the next task. Its in-process Runtime API checks task tokens as Flower's routes
+do, on a real NodeState. Real nodes run it in tests/runs/test_real_nodes.py."""
 
 from __future__ import annotations
 
@@ -39,8 +40,6 @@ class Node:
 @pytest.fixture
 def node(monkeypatch, task_identity) -> Node:
     node = Node(["h1", "h1", "h2"])
-    monkeypatch.setattr(node_worker, "_runtime_client", lambda address, component, token=None:
-                        SimpleNamespace(token=token, close=lambda: None))
     monkeypatch.setattr(node_worker, "HeartbeatSender", lambda fn: SimpleNamespace(
         start=lambda: None, stop=lambda: None))
     monkeypatch.setattr(node_worker, "pull_task_input", node.pull_task_input)
@@ -59,7 +58,7 @@ def test_each_bundle_is_loaded_once_and_every_task_answered(node):
         calls.append(message.metadata.message_type)
         return Message(RecordDict(), reply_to=message)
 
-    worker = node_worker.ClientAppWorker("127.0.0.1:1")
+    worker = node_worker.ClientAppWorker(state=None)
     worker._load = lambda fab_id, version, fab_hash: loads.append(fab_hash) or app
     assert [worker.run_task("t") for _ in range(3)] == [True, True, True]
     assert loads == ["h1", "h2"] and calls == ["train"] * 3
@@ -75,7 +74,7 @@ def test_a_raising_clientapp_fails_its_task_only(node):
             raise err
         return Message(RecordDict(), reply_to=message)
 
-    worker = node_worker.ClientAppWorker("127.0.0.1:1")
+    worker = node_worker.ClientAppWorker(state=None)
     worker._load = lambda *a: app
     assert [worker.run_task("t") for _ in range(3)] == [False, True, True]
     error = node.pushed[0]
@@ -112,7 +111,7 @@ def test_a_task_whose_input_never_comes_does_not_hold_up_the_next(node, monkeypa
         return token
 
     monkeypatch.setattr(node_worker, "pull_task_input", pull_task_input)
-    worker = node_worker.ClientAppWorker("127.0.0.1:1")
+    worker = node_worker.ClientAppWorker(state=None)
     worker._load = lambda *a: (lambda message, context: Message(RecordDict(), reply_to=message))
     worker.next_token = next_token
     with pytest.raises(Stop):
@@ -122,8 +121,8 @@ def test_a_task_whose_input_never_comes_does_not_hold_up_the_next(node, monkeypa
 
 
 def test_a_node_whose_supernode_exits_stops_its_worker_and_says_why(capfd):
-    """``fedapp client``'s two processes: when the SuperNode exits, the worker is stopped,
-    the exit code passed on, and the SuperNode's output relayed with the likely cause."""
+    """``fedapp client``: when the SuperNode exits, its exit code is passed on and its
+    output relayed with the likely cause; nothing is left running."""
     import os
     import sys
 
@@ -133,10 +132,35 @@ def test_a_node_whose_supernode_exits_stops_its_worker_and_says_why(capfd):
                "tionError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
                "unable to get local issuer certificate'); raise SystemExit(3)"]
     before = set(launch.process_table())
-    assert launch.run_node(failing, launch.free_port(), launch.flower_env()) == 3
+    assert launch.run_node(failing, launch.flower_env()) == 3
     out = capfd.readouterr()
     assert "CERTIFICATE_VERIFY_FAILED" in out.out
     assert "likely cause: the server's certificate is not signed by this node's CA" in out.out
     assert "the SuperNode (pid" in out.err and "exited with 3" in out.err
     mine = {pid for pid, (parent, _) in launch.process_table().items() if parent == os.getpid()}
     assert not (mine - before), "the worker was left running"
+
+
+def test_the_in_process_runtime_answers_only_the_claimed_task_token():
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        AcquireTaskRequest, SendTaskHeartbeatRequest)
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.error import FlowerError
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    control = node_worker.InProcessRuntime(state)
+    wanted = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    assert not control.AcquireTask(wanted).HasField("task")  # nothing to claim yet
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="h")
+    claimed = control.AcquireTask(wanted)
+    assert claimed.task.task_id == task_id and claimed.token
+    assert not control.AcquireTask(wanted).HasField("task")  # claimed once only
+    beat = SendTaskHeartbeatRequest()
+    assert node_worker.InProcessRuntime(state, claimed.token).SendTaskHeartbeat(beat).success
+    for token in (None, "", claimed.token[::-1]):
+        with pytest.raises(FlowerError, match="authentication failed"):
+            node_worker.InProcessRuntime(state, token).SendTaskHeartbeat(beat)
+    with pytest.raises(AttributeError):
+        node_worker.InProcessRuntime(state, claimed.token).CreateTask
