@@ -16,6 +16,10 @@ object id), so strategies and ClientApps never see the packed form:
   and packs its reply, only when what it received was packed, so fedapp's ClientApp
   still answers any other ServerApp as before.
 
+fedapp's ServerApp and ClientApp go together: a ClientApp of your own behind fedapp's
+ServerApp needs ``packed_arrays_mod`` as its first mod. The strategies alone (the
+plug-in path) never pack.
+
 The layout is JSON, checked field by field against the packed bytes; nothing is
 unpickled or evaluated. An array's bytes are Flower's own serialization
 (``Array.data``), so any dtype or serialization (``stype``) travels unchanged.

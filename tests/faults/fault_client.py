@@ -4,7 +4,8 @@
 server round the node of that partition ``crash``es (raises while training) or
 ``hang``s (sleeps ``$FEDAPP_HANG_SECONDS`` before training, past the round
 timeout). The fault sits inside the secure-aggregation mod, where the real
-training happens, so with masking the node drops out after sharing its keys.
+training happens, so with masking the node drops out after sharing its keys. Like the
+project's ClientApp, it unpacks what fedapp's ServerApp packs (fedapp.packing).
 """
 
 import os
@@ -17,6 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedapp.adapter import serve_numpy_client
 from fedapp.client_app import aggregation_mod
 from fedapp.nodes import make_client
+from fedapp.packing import packed_arrays_mod
 
 
 def faults() -> dict[tuple[int, int], str]:
@@ -39,4 +41,5 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return call_next(msg, context)
 
 
-app = serve_numpy_client(ClientApp(mods=[aggregation_mod, fault_mod]), make_client)
+app = serve_numpy_client(ClientApp(mods=[packed_arrays_mod, aggregation_mod, fault_mod]),
+                         make_client)

@@ -142,7 +142,7 @@ def test_loopback_deployment_with_tls_and_faults(aggregation, tmp_path, data_dir
     assert launch.leftovers(tmp_path) == []  # workers included
     for i in (1, 2):  # one long-lived ClientApp worker ran every message of the node
         log = (tmp_path / f"client{i}.log").read_text(errors="replace")
-        assert log.count("ClientApp worker for the SuperNode") == 1, log[-3000:]
+        assert log.count("ClientApp worker running in the SuperNode's process") == 1, log[-3000:]
         assert "Start `flwr-clientapp` process" not in log
     # server, unregistered node, the clients, the restarted server
     assert len(summary["processes-started"]) == clients + 3

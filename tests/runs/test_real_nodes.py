@@ -1,9 +1,9 @@
 """A federation from ``fedapp provision`` kits, for real: ``fedapp server --kit`` (TLS,
 node authentication, the sites' keys registered by the server itself), three
 ``fedapp client --kit`` processes and ``fedapp run --kit``, in the masking mode. The run
-completes; each node ran every message in its one long-lived ClientApp worker; no
-private key of a site reached the server's folder or state; once the server and the
-clients are stopped nothing they started is left. (The kits themselves:
+completes; each node ran every message in its one long-lived ClientApp worker, in the
+SuperNode's process; no private key of a site reached the server's folder or state; once
+the server and the clients are stopped nothing they started is left. (The kits themselves:
 tests/fedapp/test_kits.py; the speed against simulation: scripts/bench_deploy.py.)"""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_a_provisioned_federation_runs_from_its_kits(tmp_path, data_dir):
     assert server_log.count("registered as node") == 3
     for i in range(3):
         log = (tmp_path / f"site-{i}.log").read_text(errors="replace")
-        assert log.count("ClientApp worker for the SuperNode") == 1, log[-3000:]
+        assert log.count("ClientApp worker running in the SuperNode's process") == 1, log[-3000:]
         assert "Start `flwr-clientapp` process" not in log
         assert log.count("Sending: train message") >= 2 * 4  # four masking stages a round
         secret = (kits / f"site-{i}" / "secagg-identity.key").read_bytes()
