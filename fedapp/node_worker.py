@@ -29,6 +29,8 @@ before); only module-level state now outlives a message, as it does in simulatio
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -232,8 +234,20 @@ def serve_in_process(state: Any, poll_seconds: float = POLL_SECONDS) -> threadin
         Seconds between looks for a task during a run.
     """
     worker = ClientAppWorker(state)
-    thread = threading.Thread(target=worker.serve, args=(poll_seconds,), daemon=True,
-                              name="fedapp-clientapp")
+    thread = threading.Thread(target=_serve_or_stop, args=(worker, poll_seconds),
+                              daemon=True, name="fedapp-clientapp")
     thread.start()
     log(logging.INFO, "ClientApp worker running in the SuperNode's process")
     return thread
+
+
+def _serve_or_stop(worker: ClientAppWorker, poll_seconds: float) -> None:
+    """Serve; if serving itself fails, stop the SuperNode (SIGTERM, which Flower's
+    SuperNode handles by leaving cleanly) rather than leave a node that takes tasks and
+    never runs them. ``fedapp client`` then exits with the SuperNode's code."""
+    try:
+        worker.serve(poll_seconds)
+    except Exception as exc:  # noqa: BLE001 - any failure stops the node
+        log(logging.ERROR, "The ClientApp worker stopped (%s: %s); stopping the SuperNode",
+            type(exc).__name__, exc)
+        os.kill(os.getpid(), signal.SIGTERM)

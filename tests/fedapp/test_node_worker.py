@@ -164,3 +164,15 @@ def test_the_in_process_runtime_answers_only_the_claimed_task_token():
             node_worker.InProcessRuntime(state, token).SendTaskHeartbeat(beat)
     with pytest.raises(AttributeError):
         node_worker.InProcessRuntime(state, claimed.token).CreateTask
+
+
+def test_a_worker_that_cannot_serve_stops_its_supernode(monkeypatch):
+    """A node whose worker died would take tasks and never run them: it stops instead."""
+    import signal
+
+    killed = []
+    monkeypatch.setattr(node_worker.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    worker = node_worker.ClientAppWorker(state=None)
+    worker.next_token = lambda: (_ for _ in ()).throw(OSError("state is gone"))
+    node_worker._serve_or_stop(worker, 0.01)
+    assert killed == [(node_worker.os.getpid(), signal.SIGTERM)]
