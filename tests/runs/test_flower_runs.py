@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # real Flower runs
 
 def test_default_run_on_the_message_api(tmp_path):
     """The default job (embedded MNIST, no data directory) runs to the end."""
-    status, run_dir, logs = launch.simulate(ROOT, tmp_path, 2, {"num-server-rounds": 2},
+    status, run_dir, logs = launch.simulate(ROOT, tmp_path, 2, {"num-server-rounds": 1},
                                             timeout=600, progress=False)
     assert status == launch.FINISHED_OK, logs[-3000:]
     for name in ("config.json", "metrics.json", "metrics.csv", "metrics.png", "model.npz",
@@ -30,13 +30,13 @@ def test_default_run_on_the_message_api(tmp_path):
     # named at the end too, where a user looks
     assert logs.rindex(f"Run directory: {run_dir}") > logs.index("Saved the final model")
     rows = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1]  # one round (CI time): the job is the same
     model_bytes = sum(a.nbytes for a in get_weights(McMahanCNN()))
     # 2 clients train and 2 evaluate: 4 models down, 2 updates up per round
-    assert abs(rows[2]["bytes-down"] / (4 * model_bytes) - 1) < 0.01
-    assert abs(rows[2]["bytes-up"] / (2 * model_bytes) - 1) < 0.01
-    assert rows[2]["train-clients"] == 2 and rows[2]["train-failures"] == 0
-    assert rows[2]["central-accuracy"] > 0.6 and rows[2]["fed-accuracy"] > 0.6
+    assert abs(rows[1]["bytes-down"] / (4 * model_bytes) - 1) < 0.01
+    assert abs(rows[1]["bytes-up"] / (2 * model_bytes) - 1) < 0.01
+    assert rows[1]["train-clients"] == 2 and rows[1]["train-failures"] == 0
+    assert rows[1]["central-accuracy"] > 0.6 and rows[1]["fed-accuracy"] > 0.6
     with np.load(run_dir / "model.npz", allow_pickle=False) as model:
         assert sum(model[k].size for k in model.files) == 1_663_370
     assert json.loads((run_dir / "config.json").read_text())["task"] == "mnist"
