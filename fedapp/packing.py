@@ -28,6 +28,7 @@ unpickled or evaluated. An array's bytes are Flower's own serialization
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -167,10 +168,7 @@ def _layout_ok(layout: Any) -> bool:
 
 def pack_message(message: Message) -> Message:
     """``message`` with its content packed (sharing its metadata), or itself."""
-    if not message.has_content():
-        return message
-    content = pack(message.content)
-    return message if content is message.content else make_message(message.metadata, content)
+    return _with_content(message, pack)
 
 
 def unpack_message(message: Message) -> Message:
@@ -181,9 +179,13 @@ def unpack_message(message: Message) -> Message:
     PackingError
         As :func:`unpack`.
     """
+    return _with_content(message, unpack)
+
+
+def _with_content(message: Message, change: Callable[[RecordDict], RecordDict]) -> Message:
     if not message.has_content():
         return message
-    content = unpack(message.content)
+    content = change(message.content)
     return message if content is message.content else make_message(message.metadata, content)
 
 
