@@ -118,6 +118,12 @@ def test_a_task_whose_input_never_comes_does_not_hold_up_the_next(node, monkeypa
         worker.serve(poll_seconds=0.01)
     assert node.outputs == [(SubStatus.COMPLETED, "")] * 2  # while the first still waits
     release.set()
+    # its thread ends while Flower's functions are still stood in for
+    for _ in range(500):
+        if len(node.outputs) == 3:
+            break
+        threading.Event().wait(0.01)
+    assert node.outputs[2][0] == SubStatus.FAILED
 
 
 def test_a_node_whose_supernode_exits_stops_its_worker_and_says_why(capfd):
