@@ -15,7 +15,7 @@ from strategies.dp_message import dp_clip_mod
 from .adapter import serve_numpy_client
 from .modes import mode_of
 from .nodes import make_client
-from .packing import packed_arrays_mod
+from .packing import packed_content_mod
 
 
 def aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -30,4 +30,4 @@ def aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return mod(msg, context, inner) if mod else inner(msg, context)
 
 
-app = serve_numpy_client(ClientApp(mods=[packed_arrays_mod, aggregation_mod]), make_client)
+app = serve_numpy_client(ClientApp(mods=[packed_content_mod, aggregation_mod]), make_client)

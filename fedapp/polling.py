@@ -86,8 +86,8 @@ class PollingGrid(Grid):
     poll_seconds : float
         Seconds between pulls while replies are outstanding.
     pack : bool
-        Send each message's arrays as one array (:mod:`fedapp.packing`) and unpack the
-        replies; only for ClientApps that run :func:`fedapp.packing.packed_arrays_mod`.
+        Send each message's whole content as one array (:mod:`fedapp.packing`) and unpack the
+        replies; only for ClientApps that run :func:`fedapp.packing.packed_content_mod`.
         A reply that cannot be unpacked becomes an error reply from its node.
     """
 

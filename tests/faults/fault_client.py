@@ -18,7 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedapp.adapter import serve_numpy_client
 from fedapp.client_app import aggregation_mod
 from fedapp.nodes import make_client
-from fedapp.packing import packed_arrays_mod
+from fedapp.packing import packed_content_mod
 
 
 def faults() -> dict[tuple[int, int], str]:
@@ -41,5 +41,5 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return call_next(msg, context)
 
 
-app = serve_numpy_client(ClientApp(mods=[packed_arrays_mod, aggregation_mod, fault_mod]),
+app = serve_numpy_client(ClientApp(mods=[packed_content_mod, aggregation_mod, fault_mod]),
                          make_client)
