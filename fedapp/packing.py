@@ -10,9 +10,9 @@ whole content (every record, array, config and metric) with Flower's own protobu
 encoding of a ``RecordDict`` into bytes, held as the one value of one
 ``ConfigRecord``: 3 objects (``Message``, ``RecordDict``, ``ConfigRecord``), whatever
 the model's size (an ``ArrayRecord`` of one byte array would add the array and its
-chunks: 5 objects, measured 10-20% slower a round than 3). :func:`unpack` restores
-the content exactly (same names, order, values and object id), so strategies and
-ClientApps never see the packed form:
+chunks: 5 objects, about 10% slower a deployed housing round). :func:`unpack`
+restores the content exactly (same names, order, values and object id), so
+strategies and ClientApps never see the packed form:
 
 - the ServerApp's grid (:class:`fedapp.polling.PollingGrid` with ``pack=True``) packs
   what it pushes and unpacks the replies it pulls;
