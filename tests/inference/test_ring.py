@@ -7,7 +7,7 @@ import secrets
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -33,14 +33,16 @@ def test_shares_reconstruct_exactly(x, seed):
 
 @given(arrays(np.float64, st.integers(1, 200), elements=st.floats(-200, 200)),
        st.binary(min_size=32, max_size=32))
+@example(np.full(200, -8.93073754e-72), (323).to_bytes(32, "big"))  # x < 0 encodes as 0
 def test_local_truncation_is_off_by_at_most_one_step(x, seed):
     """Both parties shift their own share of a product (2F fraction bits): the result
-    is the value rounded down to 2**-F, or one step less (a wrap has probability
-    2**-27 per value here, never seen)."""
+    is that product rounded down to 2**-F, or one step less (a wrap has probability
+    2**-27 per value here, never seen). The product is the ring value, ``x`` rounded to
+    2**-2F: a value just below a step encodes as the step."""
     words = encode(x, 2 * F)
     first, second = split(words, Prg(seed))
     back = decode(truncate(first, F) + truncate(second, F), F)
-    floor = np.floor(x * 2.0**F) / 2.0**F
+    floor = np.floor(decode(words, 2 * F) * 2.0**F) / 2.0**F
     assert ((back == floor) | (back == floor - 2.0**-F)).all()
 
 
