@@ -1,8 +1,8 @@
-"""One array on the wire (fedapp.packing): unpacking gives back exactly what was packed
+"""One value on the wire (fedapp.packing): unpacking gives back exactly what was packed
 (names, order, arrays, values and their types, object id), the packed form is fewer
-objects, bytes that are not a record dict are refused, a malformed
-packed reply becomes that node's error reply instead of crashing the ServerApp, and
-the ClientApp's mod is transparent both to fedapp's ServerApp and to any other."""
+objects, bytes that are not a record dict are refused, a malformed packed reply
+becomes that node's error reply instead of crashing the ServerApp, and the ClientApp's
+mod is transparent both to fedapp's ServerApp and to any other."""
 
 from __future__ import annotations
 
