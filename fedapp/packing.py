@@ -31,7 +31,7 @@ constructors, which check every type; nothing is unpickled or evaluated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message.message import make_message
@@ -113,6 +113,19 @@ def unpack(content: RecordDict) -> RecordDict:
 def pack_message(message: Message) -> Message:
     """``message`` with its content packed (sharing its metadata), or itself."""
     return _with_content(message, pack)
+
+
+def pack_messages(messages: Iterable[Message]) -> list[Message]:
+    """Each message as :func:`pack_message` makes it; a content several messages share
+    (a round's model, sent to every node) is serialized once."""
+    packed: dict[int, RecordDict] = {}
+
+    def pack_once(content: RecordDict) -> RecordDict:
+        if id(content) not in packed:  # the messages keep every content alive meanwhile
+            packed[id(content)] = pack(content)
+        return packed[id(content)]
+
+    return [_with_content(m, pack_once) for m in messages]
 
 
 def unpack_message(message: Message) -> Message:

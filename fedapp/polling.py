@@ -46,7 +46,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedapp.message_index import index_messages_by_node
-from fedapp.packing import PackingError, pack_message, unpack_message
+from fedapp.packing import PackingError, pack_messages, unpack_message
 
 GRID_POLL_SECONDS = 0.1
 NODE_POLL_SECONDS = 0.25  # during a run
@@ -117,7 +117,7 @@ class PollingGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         if self.pack:  # the originals share the packed messages' metadata, so get the ids
-            messages = [pack_message(m) for m in messages]
+            messages = pack_messages(messages)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -177,6 +177,16 @@ def test_the_grid_packs_what_it_sends_and_unpacks_the_replies():
     assert "malformed reply" in bad.error.reason
 
 
+def test_a_content_sent_to_every_node_is_serialized_once(monkeypatch):
+    calls = []
+    real = packing.recorddict_to_proto
+    monkeypatch.setattr(packing, "recorddict_to_proto", lambda c: calls.append(1) or real(c))
+    shared, own = housing_train_content(), housing_train_content()
+    packed = packing.pack_messages([sent_to(n, shared) for n in (1, 2, 3)] + [sent_to(4, own)])
+    assert len(calls) == 2
+    assert [packing.unpack(m.content).object_id for m in packed] == [shared.object_id] * 4
+
+
 def test_the_grid_sends_as_it_is_unless_asked_to_pack():
     inner = EchoGrid()
     grid = PollingGrid(inner, poll_seconds=0.001)
