@@ -7,8 +7,8 @@ ClientApp looks for the reply every 0.5 s (``flwr.supernode.start_client_interna
 And a process that pulls a message's objects before their sender has stored them all
 (the SuperNode lists a message to its ClientApp before it has downloaded its
 objects, and sends a reply before its objects) retries after 1 s, doubling.
-A round of masking has five stages, so these waits, not the model, set a deployed
-round's time (housing: 0.4 s a round in simulation).
+A round of masking has three message stages (five in its first round), so these
+waits, not the model, set a deployed round's time (housing: 0.4 s a round in simulation).
 
 - :class:`PollingGrid` wraps the ServerApp's grid and waits for replies with Flower's
   public ``push_messages``/``pull_messages``, polling every 0.1 s. The error the

@@ -86,26 +86,41 @@ the sample. In a complete graph (the default up to eleven nodes per round, or
 ``secagg-neighbors >= n - 1``) the order does not matter and the coin stage is
 skipped; the session still binds every member's keys.
 
-From the second round on, in complete graphs, stage 1 mostly disappears:
-**pre-advertising**. The unmask request names the context of the server's next
-round, and each survivor answers it with fresh keys and coin commitment for that
-context, signed, beside its shares: exactly an advertise reply, made early. Why
-this keeps every property of stage 1:
+From the second round on, in complete graphs, stages 1 and 2 disappear: each round
+prepares the next one. **Pre-advertising**: the check request names the context of
+the server's next round, and each survivor answers it with fresh keys and coin
+commitment for that context, signed, beside its signature: exactly an advertise
+reply, made early. **Sharing early**: the unmask request carries, for each node that
+pre-advertised, the next round's share request (the round's settings and every
+pre-advertised node's keys), and the node answers it beside its shares of this
+round: exactly a share reply, made early. The next round then starts with the train
+message. Why this keeps every property of stages 1 and 2:
 
 - the keys are fresh, made only for that context, and leave the node only as
-  public keys; a node uses them for at most one share stage (then they are gone
+  public keys; a node uses them for at most one share request (then they are gone
   from its state), and new ones (a newer pre-advertisement, or an advertise
   request for the same context) replace them;
 - the signature, the session and every HKDF info bind them to the context, so they
   are worthless in any other round (a replay fails authentication at the other
-  nodes, and the server refuses public keys it has seen before, as for stage 1);
-- the share request carries the round's settings either way, and the node checks
-  them there: the server learns nothing earlier than it would from stage 1.
+  nodes, the server refuses public keys it has seen before, as for stage 1, and a
+  node refuses a mask request of another context than its shares were made for);
+- the early share request is checked exactly as stage 2's (:func:`_share`: the
+  members' signatures, this node's own keys, the settings against the node's
+  policy), and refusing it costs the node only those shares: it still unmasks
+  the round it is in;
+- nothing of the round being unmasked goes into the next round's shares, and the
+  node reveals this round's shares before it makes them: the server learns
+  nothing earlier, and nothing else, than from stages 1 and 2.
 
-Nodes sampled without pre-advertised keys (new ones, or ones that missed the last
-unmask stage) still get an advertise request. A sparse round does not use them: its
-coin stage needs every member, and a node that pre-advertised a round ago may be
-gone; it advertises afresh, right before the coin stage.
+The next round uses what was prepared only if it samples exactly the nodes that
+made shares for it, with the same settings (the shares were made for those members:
+a node left out would count as a dropout). With keys but no shares (the round
+aborted before its unmask stage), the nodes sampled use their keys in an ordinary
+share stage, and the others advertise. Otherwise (another sample, a node that
+missed the unmask stage or lost its state) the round starts afresh, on a new
+context. A sparse round does not use them: its coin stage needs every member, and
+a node that pre-advertised a round ago may be gone; it advertises afresh, right
+before the coin stage.
 
 Pairwise masks cancel in the sum; a dropped node's masks are rebuilt from its
 ``s`` key, so the survivors' sum comes out; a node whose masked input arrives
@@ -114,7 +129,7 @@ secret. Everything on the wire is JSON with base64 bytes and a uint32/uint64
 vector; nothing is pickled.
 
 The server side is :class:`ServerRound`; the client side is :func:`client_step`
-(stages 1, 1b, 2, 4 and 5) and :func:`client_mask` (stage 3), which keep the node's
+(stages 1, 1b, 2, 4 and 5, with the next round's 1 and 2 in 4 and 5) and :func:`client_mask` (stage 3), which keep the node's
 secrets in a dict the Flower adapters store in the node's own context state.
 """
 
@@ -147,7 +162,8 @@ from .secure_sums import (MAX_SUM_NAME, MAX_SUMS, WEIGHT, check_names, decode_su
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
 
-VERSION = 2  # 2: coin stage, session-bound keys, global consistency check
+VERSION = 3  # 2: coin stage, session-bound keys, consistency check; 3: keys pre-advertised
+# at the check, the next round's shares made at the unmask
 MASKED_KEY = "secagg-masked"
 HEADER_KEY = "secagg-header"
 MAX_HEADER_BYTES = 4096  # the header beside a masked vector: ids, weight, layout digest
@@ -358,7 +374,7 @@ def client_step(request: str, state: dict, node: int, identity: NodeIdentity | N
     if stage == "check":
         return _check(loads(request, stage), state, node, identity)
     if stage == "unmask":
-        return _unmask(loads(request, stage), state, node, identity)
+        return _unmask(loads(request, stage), state, node, identity, policy)
     raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
 
 
@@ -687,14 +703,23 @@ def listed_partners(state: dict, survivors: list[int], dropped: list[int]
 
 
 def _check(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> tuple[str, dict]:
-    """The consistency check: sign the round's view, once per round."""
+    """The consistency check: sign the round's view, once per round; and, if asked,
+    make keys for the server's next round (pre-advertising)."""
     _, _, _, view = _view(req, state, node, "masked", "check")
     sig = identity.key.sign(check_bytes(view, node)) if identity else b""
     state = {**state, "stage": "checked", "view": b64(view)}
-    return dumps({"stage": "check", "node": node, "sig": b64(sig)}), state
+    reply = {"stage": "check", "node": node, "sig": b64(sig)}
+    if req.get("next") is not None:
+        reply["next_advert"], state = _new_keys(state, req["next"], node, identity)
+    return dumps(reply), state
 
 
-def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> tuple[str, dict]:
+def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None,
+            policy: NodePolicy) -> tuple[str, dict]:
+    """Reveal the shares the view calls for, once per round; and answer the next
+    round's share request if the server sent it along (pre-sharing). A refused one
+    costs only that: the reply says why and the node shares in the next round's own
+    share stage, if it has one."""
     session, survivors, dropped, view = _view(req, state, node, "checked", "unmask")
     if b64(view) != state["view"]:
         raise SecAggError("the unmask request names other survivors or dropped nodes than this "
@@ -730,12 +755,28 @@ def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None) ->
     b_out[str(node)] = b64(unb64(state["own"])[:SHARE_BYTES])
     reply = {"stage": "unmask", "node": node, "b_shares": b_out, "s_shares": s_out}
     state = {**state, "stage": "done"}
-    if req.get("next") is not None:
-        reply["next_advert"], state = _new_keys(state, req["next"], node, identity)
+    if req.get("next_share") is not None:
+        try:
+            reply["next_share"], state = _share(loads(req["next_share"], "share"), state, node,
+                                                identity, policy)
+        except SecAggError as err:
+            reply["next_refused"] = str(err)
     return dumps(reply), state
 
 
 # ------------------------------------------------------------------ server side
+@dataclass(frozen=True)
+class Prepared:
+    """What a round's survivors prepared for the server's next round: its context, the
+    keys they pre-advertised for it (check replies), and their share replies for it,
+    made early (unmask replies; none if that round's graph is sparse)."""
+
+    context: bytes
+    setup: dict
+    adverts: Mapping[int, dict]
+    shares: Mapping[int, str]
+
+
 @dataclass
 class ServerRound:
     """The server's side of one round: builds requests, checks replies, unmasks.
@@ -759,14 +800,15 @@ class ServerRound:
         A secret needs more than this fraction of its share group.
     seen_keys : set[bytes]
         Public keys of earlier rounds (replays are refused); updated in place.
-    preadvertised : tuple[bytes, Mapping[int, dict]] | None
-        The context of this round and the keys nodes pre-advertised for it in the
-        last round's unmask replies (:attr:`next_context`, :attr:`next_adverts`);
-        used only if the sample's graph is complete (a sparse round's members must
-        all be present for its coin stage). None: a fresh context, every node
-        advertises.
+    prepared : Prepared | None
+        What the last round's survivors prepared for this one (:meth:`prepared_next`).
+        With their shares, used only if exactly they were sampled (then the advertise
+        and share stages are skipped, :attr:`preshared`); with keys only, the keys of
+        those sampled. Never in a sparse round (its members must all be present for
+        its coin stage). None, or unusable: a fresh context, every node advertises.
     preadvertise : bool
-        Ask the survivors for keys for the next round in the unmask requests.
+        Ask the survivors for keys for the next round in the check requests, and for
+        their shares for it in the unmask requests.
     """
 
     params: SecAggParams
@@ -775,7 +817,7 @@ class ServerRound:
     degree: int = 0
     threshold_fraction: float = 0.5
     seen_keys: set[bytes] = field(default_factory=set)
-    preadvertised: tuple[bytes, Mapping[int, dict]] | None = None
+    prepared: Prepared | None = None
     preadvertise: bool = True
 
     def __post_init__(self) -> None:
@@ -783,18 +825,19 @@ class ServerRound:
         if len(self.nodes) < 2:
             raise RoundAborted(f"secure aggregation needs at least 2 nodes, {len(self.nodes)} "
                                "sampled: a sum of one is that node's update")
-        if is_sparse(len(self.nodes), self.degree):
-            self.preadvertised = None
-        context, adverts = self.preadvertised or (secrets.token_bytes(32), {})
-        if len(context) != 32:
+        prepared = self.prepared if self._usable(self.prepared) else None
+        self.context = prepared.context if prepared else secrets.token_bytes(32)
+        if len(self.context) != 32:
             raise ValueError("a round's context has 32 bytes")
-        self.context = context
+        # keys checked (and added to seen_keys) when they arrived; only the sampled
+        self.adverts: dict[int, dict] = {u: dict(prepared.adverts[u]) for u in self.nodes
+                                         if prepared and u in prepared.adverts}
+        self.preadvertised_nodes = set(self.adverts)
+        self.preshared: dict[int, str] = dict(prepared.shares) if prepared else {}
         self.next_context = secrets.token_bytes(32)
         self.next_adverts: dict[int, dict] = {}
-        # keys checked (and added to seen_keys) when they arrived; only the sampled
-        self.adverts: dict[int, dict] = {u: dict(adverts[u]) for u in self.nodes
-                                         if u in adverts}
-        self.preadvertised_nodes = set(self.adverts)
+        self.next_shares: dict[int, str] = {}
+        self._asked_early: set[int] = set()  # asked for their shares for the next round
         self.coins: dict[int, bytes] = {}
         self.drawn: RoundGraph | None = None  # once the members (and coins) are known
         self.commits: dict[int, bytes] = {}
@@ -810,6 +853,23 @@ class ServerRound:
         self.noise_levels = 0.0
         self.noise_fraction = 0.0
         self.stats = {"sampled": len(self.nodes)}
+
+    def _usable(self, prepared: Prepared | None) -> bool:
+        """Whether this round can go on from ``prepared``: a complete graph, the same
+        settings, and with shares made early, exactly their makers sampled (the others'
+        keys are spent: their nodes made shares for members that are not all here)."""
+        if prepared is None or is_sparse(len(self.nodes), self.degree) \
+                or prepared.setup != self._setup():
+            return False
+        return not prepared.shares or set(prepared.shares) == set(prepared.adverts) \
+            == set(self.nodes)
+
+    def prepared_next(self) -> Prepared | None:
+        """What the survivors prepared for the next round (None: nothing)."""
+        if not self.next_adverts:
+            return None
+        return Prepared(self.next_context, self._setup(), dict(self.next_adverts),
+                        dict(self.next_shares))
 
     @property
     def graph(self) -> dict[int, list[int]]:
@@ -926,18 +986,26 @@ class ServerRound:
         self.coins[u] = coin
 
     # stage 2
+    def _setup(self) -> dict:
+        return {"params": self.params.to_dict(), "degree": self.degree,
+                "fraction": float(self.threshold_fraction)}
+
     def share_requests(self) -> dict[int, str]:
         """The round's settings, and the members' keys (complete graph) or coins
-        (sparse: the members came in the coin stage)."""
-        setup = {"params": self.params.to_dict(), "degree": self.degree,
-                 "fraction": float(self.threshold_fraction)}
+        (sparse: the members came in the coin stage). None if the members sent their
+        shares with the last round's unmask replies (:attr:`preshared`)."""
+        if self.preshared:
+            return {}
         if self.sparse:
             members = {"coins": {str(v): b64(c) for v, c in sorted(self.coins.items())}}
         else:
             members = {"adverts": {str(v): self.adverts[v] for v in self.members}}
         self._drawn()
-        return {u: dumps({"stage": "share", "context": b64(self.context), "node": u,
-                          "setup": setup, **members}) for u in self.members}
+        return {u: self._share_request(self.context, u, members) for u in self.members}
+
+    def _share_request(self, context: bytes, u: int, members: dict) -> str:
+        return dumps({"stage": "share", "context": b64(context), "node": u,
+                      "setup": self._setup(), **members})
 
     def receive_shares(self, replies: Mapping[int, object]) -> None:
         drawn = self._drawn()
@@ -1021,15 +1089,20 @@ class ServerRound:
         if len(survivors) < needed:
             raise RoundAborted(f"only {len(survivors)} masked updates arrived, {needed} needed")
         self.stats.update(survivors=len(survivors), dropped=len(dropped))
-        return {u: dumps({"stage": "check", "context": b64(self.context),
-                          "survivors": survivors, "dropped": dropped}) for u in survivors}
+        request = {"stage": "check", "context": b64(self.context), "survivors": survivors,
+                   "dropped": dropped,
+                   **({"next": b64(self.next_context)} if self.preadvertise else {})}
+        return {u: dumps(request) for u in survivors}
 
     def receive_checks(self, replies: Mapping[int, object]) -> None:
         """Keep the survivors' signatures; :class:`RoundAborted` unless every survivor
         signed (a node reveals a survivor's self-mask seed only against its signature,
         so an unsigned survivor's input could never be unmasked)."""
+        answered: dict[int, dict] = {}
         for u, text in replies.items():
-            self._try(u, "check", lambda: self._check_reply(u, text))
+            self._try(u, "check", lambda: self._check_reply(u, text, answered))
+            if u in answered and self.preadvertise and "next_advert" in answered[u]:
+                self._try(u, "pre-advertise", lambda: self._next_advert(u, answered[u]))
         self.stats["check"] = len(self.sigs)
         unsigned = set(self.masked) - set(self.sigs)
         if unsigned:
@@ -1038,11 +1111,12 @@ class ServerRound:
                                f"check (nodes {sorted(unsigned)[:10]}): their updates cannot be "
                                "unmasked")
 
-    def _check_reply(self, u: int, text: object) -> None:
+    def _check_reply(self, u: int, text: object, answered: dict) -> None:
         if u not in self.masked:
             raise InvalidUpdate("a signature from a node that is not a survivor")
         rep = self._reply(u, text, "check", self.sigs)
         self.sigs[u] = b64(unb64(rep.get("sig"), None, "signature"))
+        answered[u] = rep
 
     # stage 5
     def unmask_requests(self) -> dict[int, str]:
@@ -1050,9 +1124,20 @@ class ServerRound:
         (each node checks them all before revealing anything)."""
         survivors, dropped = self._view()
         request = {"stage": "unmask", "context": b64(self.context), "survivors": survivors,
-                   "dropped": dropped, "sigs": {str(v): self.sigs[v] for v in sorted(self.sigs)},
-                   **({"next": b64(self.next_context)} if self.preadvertise else {})}
-        return {u: dumps(request) for u in self.sigs}
+                   "dropped": dropped, "sigs": {str(v): self.sigs[v] for v in sorted(self.sigs)}}
+        early = self._next_share_requests()
+        self._asked_early = set(early)
+        return {u: dumps({**request, **({"next_share": early[u]} if u in early else {})})
+                for u in self.sigs}
+
+    def _next_share_requests(self) -> dict[int, str]:
+        """The next round's share requests, made now, for the nodes that pre-advertised
+        keys for it; none if its graph would be sparse (its coin stage comes first)."""
+        members = sorted(self.next_adverts)
+        if len(members) < 2 or is_sparse(len(members), self.degree):
+            return {}
+        adverts = {"adverts": {str(v): self.next_adverts[v] for v in members}}
+        return {u: self._share_request(self.next_context, u, adverts) for u in members}
 
     def receive_unmask(self, replies: Mapping[int, object]) -> tuple[np.ndarray, int]:
         """Rebuild the secrets, remove the masks; the weighted average and total weight
@@ -1070,8 +1155,8 @@ class ServerRound:
         for u, text in replies.items():
             self._try(u, "unmask", lambda: self._unmask_reply(u, text, answered,
                                                               b_shares, s_shares))
-            if u in answered and self.preadvertise and "next_advert" in answered[u]:
-                self._try(u, "pre-advertise", lambda: self._next_advert(u, answered[u]))
+            if u in answered:
+                self._next_share(u, answered[u])
         survivors, dropped = set(self.masked), set(self.commits) - set(self.masked)
         total = self.total.copy()
         for u in sorted(survivors):
@@ -1140,6 +1225,17 @@ class ServerRound:
             self.next_adverts[u] = self._checked_keys(advert)
         except (InvalidUpdate, SecAggError) as err:
             raise InvalidUpdate(f"pre-advertised keys refused: {err}") from None
+
+    def _next_share(self, u: int, rep: dict) -> None:
+        """Keep the share reply ``u`` made early for the next round (checked there, as
+        any share reply), or log why it refused to make one."""
+        if u not in self._asked_early:
+            return
+        if isinstance(rep.get("next_share"), str):
+            self.next_shares[u] = rep["next_share"]
+        else:
+            log(WARNING, "Secure aggregation: node %s made no shares for the next round: %s",
+                u, str(rep.get("next_refused", "none sent"))[:300])
 
     def _rebuild(self, u: int, shares: dict[int, bytes], what: str) -> bytes:
         if len(shares) < self.threshold:

@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from .aggregation import Layout
 from .secagg_masks import SecAggError, SecAggParams
 from .screening import RoundWatch
-from .secagg_protocol import ServerRound
+from .secagg_protocol import Prepared, ServerRound
 
 def secagg_params(clip: float, max_total_weight: int, value_bits: int, num_neighbors: int,
                    threshold_fraction: float) -> SecAggParams:
@@ -52,8 +52,8 @@ class SecAggRounds:
         self._seen_keys: set[bytes] = set()
         self._round: ServerRound | None = None
         self._layout: Layout | None = None
-        # (context, keys) the last unmask stage's survivors pre-advertised for the next round
-        self._next: tuple[bytes, dict[int, dict]] | None = None
+        # what the last round's survivors prepared for the next one (keys, shares)
+        self._next: Prepared | None = None
         self.last_total_weight = 0  # of the last aggregate: central DP reads it
         self.last_level_sum: np.ndarray | None = None  # and its sum of levels
         # distributed DP (set by the DP wrapper): the noise std, in levels, the nodes add,
@@ -62,10 +62,11 @@ class SecAggRounds:
         self.distributed_noise_fraction = 0.0
 
     def _new_round(self, nodes: list[int]) -> ServerRound:
-        """The round of ``nodes``; on the context pre-advertised for, if any (used once)."""
-        preadvertised, self._next = self._next, None
+        """The round of ``nodes``; on what the last round prepared for it, if any (used
+        once)."""
+        prepared, self._next = self._next, None
         rnd = ServerRound(self.params, nodes, self._layout.size, self.num_neighbors,
-                          self.threshold_fraction, self._seen_keys, preadvertised)
+                          self.threshold_fraction, self._seen_keys, prepared)
         rnd.noise_levels = self.distributed_noise_levels
         rnd.noise_fraction = self.distributed_noise_fraction
         return rnd
@@ -74,7 +75,14 @@ class SecAggRounds:
                                                                  dict[int, str]]) -> None:
         """Stages 1 and 2 through ``exchange(requests, stage) -> replies``: stage 1 only
         for the nodes without pre-advertised keys (skipped when there are none), and in
-        a sparse round the coin stage that draws the graph."""
+        a sparse round the coin stage that draws the graph. Both are skipped when the
+        sampled nodes made their keys and shares for this round in the last one."""
+        if rnd.preshared:
+            log(INFO, "Secure aggregation: advertise and share stages skipped, all %d nodes "
+                "sent their keys and shares in the last round", len(rnd.nodes))
+            rnd.receive_adverts({})
+            rnd.receive_shares(rnd.preshared)
+            return
         requests = rnd.advertise_requests()
         if requests:
             rnd.receive_adverts(exchange(requests, "advertise"))
@@ -96,15 +104,15 @@ class SecAggRounds:
         """The consistency check and the unmask stage through ``exchange``: the weighted
         average, the total weight and the train metrics' example-weighted averages
         (from their sums: the server never sees one node's). Keeps the keys
-        pre-advertised for the next round (even if this one aborts: they are bound to
-        the next round's context only)."""
+        pre-advertised and shares made for the next round (even if this one aborts: they
+        are bound to the next round's context only)."""
         rnd.receive_checks(exchange(rnd.check_requests(), "check"))
         replies = exchange(rnd.unmask_requests(), "unmask")
         try:
             average, weight = rnd.receive_unmask(replies)
             self.last_level_sum = rnd.level_sum
         finally:
-            self._next = (rnd.next_context, rnd.next_adverts) if rnd.next_adverts else None
+            self._next = rnd.prepared_next()
         return average, weight, {k: v / weight for k, v in rnd.sums.items()}
 
     def _describe(self) -> str:

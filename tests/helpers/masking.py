@@ -102,7 +102,7 @@ class Round:
     def __init__(self, n=10, length=50, degree=0, params=None, identity=True, seed=0,
                  seen_keys=None, nodes=None, fraction=0.5, after=None):
         """``after``: the previous Round; this one goes on with its nodes' states, its
-        seen keys and the keys its survivors pre-advertised."""
+        seen keys and what its survivors prepared (keys, and shares made early)."""
         self.params = params or SecAggParams.derive(1.0)
         self.nodes = sorted(nodes or (after.nodes if after else node_ids(n, seed)))
         self.length = length
@@ -113,8 +113,7 @@ class Round:
         self.sr = ServerRound(self.params, self.nodes, length, degree=degree,
                               threshold_fraction=fraction,
                               seen_keys=set() if seen_keys is None else seen_keys,
-                              preadvertised=(after.sr.next_context, after.sr.next_adverts)
-                              if after else None)
+                              prepared=after.sr.prepared_next() if after else None)
         self.state = {u: dict(after.state.get(u, {})) if after else {} for u in self.nodes}
         self.rng = np.random.default_rng(seed + 1)
         self.xs, self.ws, self.ys, self.headers, self.seeds = {}, {}, {}, {}, {}
@@ -150,10 +149,10 @@ class Round:
 
     def share(self, skip=()):
         """The share stage (after the coin stage, run here if the round needs one and
-        the test did not run it)."""
+        the test did not run it); the shares made early in the last round, if any."""
         if self.sr.drawn is None:
             self.coin()
-        replies = self.step(self.sr.share_requests(), skip)
+        replies = self.sr.preshared or self.step(self.sr.share_requests(), skip)
         self.sr.receive_shares(replies)
         return replies
 

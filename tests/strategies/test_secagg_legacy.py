@@ -63,7 +63,7 @@ def test_legacy_bad_reply_left_out_and_too_many_dropouts_skip(task_identity, flw
     assert "Round 1 skipped" in flwr_caplog.text
 
 
-def test_legacy_later_rounds_skip_the_advertise_stage(task_identity, flwr_caplog):
+def test_legacy_later_rounds_skip_the_key_stages(task_identity, flwr_caplog):
     proxies = [LegacyProxy(u) for u in NODES]
     strategy = LegacySecAggFedAvg(clip=CLIP, min_fit_clients=6, min_available_clients=6,
                                   max_empty_rounds=2)
@@ -78,7 +78,9 @@ def test_legacy_later_rounds_skip_the_advertise_stage(task_identity, flwr_caplog
         parameters, _ = strategy.aggregate_fit(rnd, results, [])
         for got, exp in zip(parameters_to_ndarrays(parameters), expected(NODES), strict=True):
             np.testing.assert_allclose(got, exp, rtol=0, atol=bound + 1e-6)
-    answered = {id(r) for r in flwr_caplog.records
-                if "advertise stage, 6 of 6 clients answered" in r.getMessage()}
-    assert len(answered) == 1  # round 1 only
-    assert "advertise stage skipped, all 6 nodes pre-advertised" in flwr_caplog.text
+    for stage in ("advertise", "share"):  # round 1 only
+        answered = {id(r) for r in flwr_caplog.records
+                    if f"{stage} stage, 6 of 6 clients answered" in r.getMessage()}
+        assert len(answered) == 1
+    assert "advertise and share stages skipped, all 6 nodes sent their keys and shares" in \
+        flwr_caplog.text

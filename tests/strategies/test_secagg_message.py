@@ -302,7 +302,10 @@ class CountingGrid(FakeGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def test_message_api_later_rounds_skip_the_advertise_stage(task_identity, flwr_caplog):
+def test_message_api_later_rounds_skip_the_key_stages(task_identity, flwr_caplog):
+    """From the second round on, the nodes send their keys for the next round with the
+    check and their shares with the unmask reply: a round is train, check and unmask.
+    A node that missed the unmask stage made no shares: the next round starts afresh."""
     nodes = [Node(u, silent="unmask" if u == 101 else "") for u in NODES + [707]]
     strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=7, min_train_nodes=7)
     grid = CountingGrid(nodes)
@@ -311,16 +314,16 @@ def test_message_api_later_rounds_skip_the_advertise_stage(task_identity, flwr_c
         messages = list(strategy.configure_train(rnd, global_arrays(), ConfigRecord(), grid))
         arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
         assert_average_of(arrays, NODES + [707])
-        if rnd == 1:
-            assert grid.stages.count("advertise") == 7
-        else:  # only 101 (silent at unmask, so it never pre-advertised) is asked
-            assert grid.stages.count("advertise") == 1
-        assert grid.stages.count("share") == 7 and grid.stages.count("unmask") == 7
-        nodes[0].silent = "unmask" if rnd < 2 else ""  # 101 answers from round 2 on
-    assert "advertise stage, 1 of 1 nodes answered" in flwr_caplog.text
+        if rnd < 3:  # round 2: 101 was silent at the unmask stage of round 1
+            assert grid.stages == ["advertise"] * 7 + ["share"] * 7 + ["check"] * 7 + \
+                ["unmask"] * 7
+        else:
+            assert grid.stages == ["check"] * 7 + ["unmask"] * 7
+        nodes[0].silent = ""  # 101 answers from round 2 on
+    assert "advertise and share stages skipped, all 7 nodes" in flwr_caplog.text
 
 
-def test_message_api_every_node_preadvertised_skips_the_stage(task_identity, flwr_caplog):
+def test_message_api_every_node_preadvertised_skips_the_stages(task_identity, flwr_caplog):
     strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=6, min_train_nodes=6)
     grid = CountingGrid([Node(u) for u in NODES])
     for rnd in (1, 2):
@@ -328,14 +331,16 @@ def test_message_api_every_node_preadvertised_skips_the_stage(task_identity, flw
         messages = list(strategy.configure_train(rnd, global_arrays(), ConfigRecord(), grid))
         arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
         assert_average_of(arrays, NODES)
-    assert grid.stages == ["share"] * 6 + ["check"] * 6 + ["unmask"] * 6
-    assert "advertise stage skipped, all 6 nodes pre-advertised" in flwr_caplog.text
+    assert grid.stages == ["check"] * 6 + ["unmask"] * 6
+    assert "advertise and share stages skipped, all 6 nodes sent their keys and shares" in \
+        flwr_caplog.text
 
 
 def test_message_api_a_node_that_lost_its_state_drops_out_then_advertises(task_identity,
                                                                           flwr_caplog):
-    """A restarted node has no pre-advertised keys: it refuses the share request of the
-    next round (a dropout the others survive) and advertises afresh after that."""
+    """A restarted node lost the shares it made for the next round: it refuses that
+    round's train message (a dropout the others survive: its shares are with them),
+    and the round after starts afresh."""
     nodes = [Node(u) for u in NODES + [707]]
     strategy = SecAggFedAvg(clip=CLIP, min_available_nodes=7, min_train_nodes=7)
     grid = CountingGrid(nodes)
@@ -343,15 +348,15 @@ def test_message_api_a_node_that_lost_its_state_drops_out_then_advertises(task_i
     strategy.aggregate_train(1, grid.send_and_receive(messages))
     nodes[0].context = new_context(101)  # restarted: its state is gone
     messages = list(strategy.configure_train(2, global_arrays(), ConfigRecord(), grid))
-    assert 101 not in {m.metadata.dst_node_id for m in messages}
+    assert 101 in {m.metadata.dst_node_id for m in messages}
     arrays, _ = strategy.aggregate_train(2, grid.send_and_receive(messages))
     assert_average_of(arrays, NODES[1:] + [707])
-    assert "names a round this node has no keys for" in flwr_caplog.text
+    assert "out of order" in flwr_caplog.text
     grid.stages.clear()
     messages = list(strategy.configure_train(3, global_arrays(), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(3, grid.send_and_receive(messages))
     assert_average_of(arrays, NODES + [707])
-    assert grid.stages.count("advertise") == 1
+    assert grid.stages.count("advertise") == 7
 
 
 # ------------------------------------------------------------------ fuzzing

@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import random
+import re
 
 import numpy as np
 import pytest
@@ -107,9 +108,16 @@ def test_round_matches_weighted_average_property(n, length, degree, mod_bits, va
     assert weight == sum(ws.values())
     assert avg.shape == (length,)
     assert np.abs(avg - r.expected()).max() <= params.error_bound
+    nxt = b64(r.sr.next_context)
     for u in r.nodes:
         assert r.ys[u].dtype == params.dtype
-        assert r.state[u]["stage"] == "done"
+        # done; in a complete graph the node moved on to its shares for the next round,
+        # and this round's secrets are gone from its state
+        if r.sr.sparse:
+            assert r.state[u]["stage"] == "done"
+        else:
+            assert r.state[u]["stage"] == "shared" and r.state[u]["context"] == nxt
+            assert r.state[u]["session"] != b64(r.sr.session)
 
 
 def test_metric_sums_of_the_survivors_come_out_exactly():
@@ -400,7 +408,7 @@ def test_unmask_refuses_both_shares_and_a_second_request():
                                            "dropped"):
         client_step(both, r.state[u], u, IDENTITY(u))
     reply, state = client_step(requests[u], r.state[u], u, IDENTITY(u))
-    assert state["stage"] == "done"
+    assert state["stage"] == "shared"  # done, and on to the next round's shares
     for again in (requests[u], both):
         with pytest.raises(SecAggError, match="out of order"):
             client_step(again, state, u, IDENTITY(u))
@@ -534,8 +542,8 @@ def _bad_advert(kind, r, replies, u, v):
 @pytest.mark.parametrize(("kind", "match"), [
     ("not json", "the advertise payload is not JSON"),
     ("not a string", "the advertise payload must be a JSON string"),
-    ("json list", "must be an object of version 2"),
-    ("version", "must be an object of version 2"),
+    ("json list", "must be an object of version 3"),
+    ("version", "must be an object of version 3"),
     ("stage", "expected a 'advertise' payload, got stage 'share'"),
     ("for another", "the reply claims to be from node"),
     ("claims another", "the reply claims to be from node"),
@@ -774,8 +782,8 @@ def test_client_stages_out_of_order():
     (None, "unknown secure-aggregation stage None"),
     ('{"version": 2, "stage": "train"}', "unknown secure-aggregation stage 'train'"),
     ('{"version": 2, "stage": "mask"}', "unknown secure-aggregation stage 'mask'"),
-    ('{"version": 1, "stage": "advertise"}', "must be an object of version 2"),
-    ('{"stage": "advertise"}', "must be an object of version 2"),
+    ('{"version": 1, "stage": "advertise"}', "must be an object of version 3"),
+    ('{"stage": "advertise"}', "must be an object of version 3"),
 ])
 def test_client_refuses_malformed_requests(request_text, match):
     with pytest.raises(SecAggError, match=match):
@@ -787,7 +795,7 @@ def test_client_refuses_json_that_is_not_an_object(request_text):
     """BUG (strategies/secagg_protocol.py client_step): the stage is read with
     ``json.loads(request).get("stage")``, which only catches ValueError, so a request
     that is valid JSON but not an object raises AttributeError instead of the
-    documented SecAggError (loads() would have said "must be an object of version 2")."""
+    documented SecAggError (loads() would have said "must be an object of version 3")."""
     try:
         client_step(request_text, {}, 7, IDENTITY(7))
     except SecAggError:
@@ -1011,47 +1019,102 @@ def test_a_wrong_share_aborts_the_round():
         pytest.fail("a wrong share went unnoticed")
 
 
-# ------------------------------------------------------------------ pre-advertised keys
-def test_later_rounds_skip_the_advertise_stage_and_decode():
+# ------------------------------------------------------------------ keys and shares made early
+def test_later_rounds_skip_the_advertise_and_share_stages_and_decode():
     first = Round(8, 30, seed=3)
     first.run()
-    assert set(first.sr.next_adverts) == set(first.nodes)
+    assert set(first.sr.next_adverts) == set(first.sr.next_shares) == set(first.nodes)
     second = Round(length=30, after=first)
     assert second.sr.context == first.sr.next_context
-    assert second.sr.advertise_requests() == {}
-    second.advertise()  # nothing to ask: the pre-advertised keys count
-    second.share()
-    for u in second.nodes:
-        assert "pending" not in second.state[u]  # used once, then gone
+    assert second.sr.advertise_requests() == {} and second.sr.share_requests() == {}
+    for u in second.nodes:  # the nodes made their shares with the last unmask reply...
+        assert second.state[u]["stage"] == "shared"
+        assert "pending" not in second.state[u]  # ...with keys used once, then gone
         assert second.state[u]["context"] == b64(second.sr.context)
+    second.advertise()  # nothing to ask
+    second.share()  # the shares made early
+    assert set(second.sr.commits) == set(second.nodes)
     second.mask()
     average, _ = second.unmask()
     assert np.abs(average - second.expected()).max() <= second.params.error_bound
     third = Round(length=30, after=second)  # and so on
-    assert third.sr.advertise_requests() == {}
+    assert third.sr.preshared and third.sr.context == second.sr.next_context
     assert np.abs(third.run()[0] - third.expected()).max() <= third.params.error_bound
 
 
-def test_nodes_without_preadvertised_keys_advertise_and_dropouts_still_recover():
+def test_dropouts_after_shares_made_early_are_recovered():
+    first = Round(8, 30, seed=4)
+    first.run()
+    second = Round(length=30, after=first)
+    second.advertise()
+    second.share()
+    dropped = second.nodes[3]
+    second.mask(drop={dropped})  # its shares were made a round ago: still recoverable
+    average, _ = second.unmask()
+    assert dropped not in second.sr.masked
+    assert np.abs(average - second.expected()).max() <= second.params.error_bound
+    assert dropped not in second.sr.next_adverts  # not a survivor: not in the next round's
+    third = Round(length=30, after=second)  # sampled again: the round starts afresh
+    assert not third.sr.preshared and third.sr.context != second.sr.next_context
+    assert set(third.sr.advertise_requests()) == set(third.nodes)
+    assert np.abs(third.run()[0] - third.expected()).max() <= third.params.error_bound
+
+
+def test_a_node_that_missed_the_unmask_stage_makes_the_next_round_start_afresh():
     first = Round(8, 30, seed=4)
     first.advertise()
     first.share()
     first.mask()
     late = first.nodes[0]
-    first.unmask(skip={late})  # it missed the unmask stage: no keys for the next round
-    assert late not in first.sr.next_adverts
+    first.unmask(skip={late})  # it pre-advertised at the check, then made no shares
+    assert late in first.sr.next_adverts and late not in first.sr.next_shares
     second = Round(length=30, after=first)
-    assert set(second.sr.advertise_requests()) == {late}
+    assert not second.sr.preshared and second.sr.context != first.sr.next_context
+    assert set(second.sr.advertise_requests()) == set(second.nodes)
+    assert np.abs(second.run()[0] - second.expected()).max() <= second.params.error_bound
+
+
+def test_another_sample_than_the_shares_were_made_for_starts_afresh():
+    first = Round(8, 30, seed=5)
+    first.run()
+    fewer = Round(length=30, after=first, nodes=first.nodes[1:])
+    assert not fewer.sr.preshared and set(fewer.sr.advertise_requests()) == set(fewer.nodes)
+    assert np.abs(fewer.run()[0] - fewer.expected()).max() <= fewer.params.error_bound
+
+
+def test_other_settings_than_the_shares_were_made_for_start_afresh():
+    first = Round(6, 30, seed=5)
+    first.run()
+    other = Round(length=30, after=first, fraction=0.6)
+    assert not other.sr.preshared and set(other.sr.advertise_requests()) == set(other.nodes)
+    assert np.abs(other.run()[0] - other.expected()).max() <= other.params.error_bound
+
+
+def checked_round(n: int, seed: int) -> Round:
+    """A round whose nodes signed the check, with keys for the next round, and got no
+    unmask request (the round aborted there): keys, and no shares, for the next one."""
+    r = Round(n, 10, seed=seed)
+    r.advertise()
+    r.share()
+    r.mask()
+    r.check()
+    return r
+
+
+def test_keys_preadvertised_at_the_check_serve_the_next_round_without_shares():
+    first = checked_round(6, 6)
+    assert set(first.sr.next_adverts) == set(first.nodes) and not first.sr.next_shares
+    second = Round(length=10, after=first)
+    assert second.sr.context == first.sr.next_context and not second.sr.preshared
+    assert second.sr.advertise_requests() == {}
     second.advertise()
-    second.share()
-    second.mask(drop={second.nodes[3]})  # a pre-advertised node drops after sharing
-    average, _ = second.unmask()
-    assert np.abs(average - second.expected()).max() <= second.params.error_bound
+    assert set(second.share()) == set(second.nodes)  # the share stage, on those keys
+    second.mask()
+    assert np.abs(second.unmask()[0] - second.expected()).max() <= second.params.error_bound
 
 
 def test_preadvertised_keys_are_bound_to_their_round():
-    first = Round(5, 10, seed=5)
-    first.run()
+    first = checked_round(5, 5)
     u, v = first.nodes[0], first.nodes[1]
     # a round on another context cannot use them: the node refuses...
     other = Round(length=10, after=first)
@@ -1059,7 +1122,7 @@ def test_preadvertised_keys_are_bound_to_their_round():
     other.advertise()
     with pytest.raises(SecAggError, match="names a round this node has no keys for"):
         client_step(other.sr.share_requests()[u], other.state[u], u, IDENTITY(u))
-    # ...and if the server re-binds them to a fresh context, the MAC gives it away
+    # ...and if the server re-binds them to a fresh context, the signature gives it away
     moved = Round(length=10, after=first, seen_keys=set())
     moved.sr.preadvertised_nodes.discard(v)  # v advertises afresh for the new context
     moved.sr.context = bytes(range(32))
@@ -1070,9 +1133,22 @@ def test_preadvertised_keys_are_bound_to_their_round():
         client_step(moved.sr.share_requests()[v], moved.state[v], v, IDENTITY(v))
 
 
-def test_a_preadvertised_pair_is_used_once():
-    first = Round(5, 10, seed=6)
+def test_shares_made_early_are_bound_to_their_round():
+    """A server that moves the shares made for one round to another context: the nodes
+    refuse to mask for it."""
+    first = Round(5, 10, seed=5)
     first.run()
+    second = Round(length=10, after=first)
+    second.sr.context = bytes(32)
+    second.advertise()
+    second.share()
+    u = second.nodes[0]
+    with pytest.raises(SecAggError, match="belongs to another round"):
+        client_mask(second.sr.mask_payloads()[u], second.state[u], u, np.zeros(10), 1)
+
+
+def test_a_preadvertised_pair_is_used_once():
+    first = checked_round(5, 6)
     second = Round(length=10, after=first)
     second.advertise()
     u = second.nodes[0]
@@ -1092,11 +1168,21 @@ def test_a_preadvertised_pair_is_used_once():
         client_step(request, readvertised, u, IDENTITY(u))
 
 
+def test_an_early_share_request_is_answered_once():
+    r = checked_round(5, 7)
+    u = r.nodes[0]
+    early = json.loads(r.unmask_requests()[u])["next_share"]
+    _, shared = client_step(r.unmask_requests()[u], r.state[u], u, IDENTITY(u))
+    assert shared["stage"] == "shared"
+    with pytest.raises(SecAggError, match="names a round this node has no keys for"):
+        client_step(early, shared, u, IDENTITY(u))
+
+
 def test_replayed_preadvertised_keys_are_refused_by_the_server(flwr_caplog):
     first = Round(5, 10, seed=7)
     first.run()
     u = first.nodes[0]
-    later = Round(length=10, nodes=first.nodes, seen_keys=first.sr.seen_keys)  # no pre-adverts
+    later = Round(length=10, nodes=first.nodes, seen_keys=first.sr.seen_keys)  # fresh
     replies = later.step(later.sr.advertise_requests())
     keys = first.sr.next_adverts[u]
     replies[u] = edit(replies[u], c_pk=keys["c_pk"], s_pk=keys["s_pk"])
@@ -1117,37 +1203,90 @@ def test_bad_preadvertised_keys_cost_only_the_preadvertisement(flwr_caplog, tamp
     r.advertise()
     r.share()
     r.mask()
-    replies = r.step(r.unmask_requests())
+    replies = r.step(r.sr.check_requests())
     u, w = r.nodes[0], r.nodes[1]
     rep = json.loads(replies[u])
     rep["next_advert"] = tamper(rep["next_advert"], r.sr.adverts[w])  # w's keys: seen
-    replies = {u: json.dumps(rep), **{k: x for k, x in replies.items() if k != u}}
-    average, _ = r.sr.receive_unmask(replies)
+    r.check_replies = {u: json.dumps(rep), **{k: x for k, x in replies.items() if k != u}}
+    r.sr.receive_checks(r.check_replies)
+    average, _ = r.unmask()
     assert np.abs(average - r.expected()).max() <= r.params.error_bound
     assert u not in r.sr.next_adverts and len(r.sr.next_adverts) == 5
+    assert set(r.sr.next_shares) == set(r.sr.next_adverts)
     assert f"left out node {u} at the pre-advertise stage" in warnings_of(flwr_caplog)
 
 
-def test_unmask_refuses_a_next_context_equal_to_the_round():
+def test_check_refuses_a_next_context_equal_to_the_round():
     r = Round(4, 10)
     r.advertise()
     r.share()
     r.mask()
     u = r.nodes[0]
-    data = json.loads(r.unmask_requests()[u])
+    data = json.loads(r.sr.check_requests()[u])
     with pytest.raises(SecAggError, match="made keys for this round's context before"):
         client_step(json.dumps({**data, "next": data["context"]}), r.state[u], u, IDENTITY(u))
     with pytest.raises(SecAggError, match="context is not valid base64"):
         client_step(json.dumps({**data, "next": "abc"}), r.state[u], u, IDENTITY(u))
 
 
+@pytest.mark.parametrize(("tamper", "match"), [
+    (lambda d, w: {**d, "setup": {**d["setup"], "fraction": 0.4}}, "threshold fraction 0.4"),
+    (lambda d, w: {**d, "adverts": {k: ({**a, "c_pk": d["adverts"][w]["c_pk"]} if k != w else a)
+                                    for k, a in d["adverts"].items()}},
+     "fail authentication|advertised the same public key"),
+    (lambda d, w: {**d, "stage": "unmask"}, "expected a 'share' payload"),
+])
+def test_a_refused_early_share_request_costs_only_those_shares(flwr_caplog, tamper, match):
+    """A node refuses an early share request as it would the share stage's, and still
+    unmasks this round; the next round starts afresh."""
+    r = checked_round(6, 9)
+    requests = r.unmask_requests()
+    u, w = r.nodes[0], str(r.nodes[1])
+    data = json.loads(requests[u])
+    data["next_share"] = json.dumps(tamper(json.loads(data["next_share"]), w))
+    r.unmask_replies = r.step({**requests, u: json.dumps(data)})
+    assert re.search(match, json.loads(r.unmask_replies[u])["next_refused"])
+    assert r.state[u]["stage"] == "done" and "pending" in r.state[u]
+    average, _ = r.sr.receive_unmask(r.unmask_replies)
+    assert np.abs(average - r.expected()).max() <= r.params.error_bound
+    assert u not in r.sr.next_shares and len(r.sr.next_shares) == 5
+    assert f"node {u} made no shares for the next round" in warnings_of(flwr_caplog)
+    second = Round(length=10, after=r)
+    assert not second.sr.preshared
+    assert np.abs(second.run()[0] - second.expected()).max() <= second.params.error_bound
+
+
+def test_a_bad_early_share_reply_is_left_out_of_the_next_round(flwr_caplog):
+    r = checked_round(6, 10)
+    r.unmask_replies = r.step(r.unmask_requests())
+    u = r.nodes[0]
+    rep = json.loads(r.unmask_replies[u])
+    share = json.loads(rep["next_share"])
+    share["shares"].popitem()
+    rep["next_share"] = json.dumps(share)
+    r.unmask_replies[u] = json.dumps(rep)
+    r.sr.receive_unmask(r.unmask_replies)
+    second = Round(length=10, after=r)
+    assert second.sr.preshared
+    second.advertise()
+    second.share()
+    assert u not in second.sr.commits and len(second.sr.commits) == 5
+    assert f"left out node {u} at the share stage" in warnings_of(flwr_caplog)
+    second.mask()  # the others mask without it
+    assert u not in second.sr.mask_payloads()
+    assert np.abs(second.unmask()[0] - second.expected()).max() <= second.params.error_bound
+
+
 def test_without_preadvertising_every_round_advertises():
     r = Round(4, 10)
     r.sr.preadvertise = False
     r.run()
-    assert "next" not in json.loads(r.unmask_requests()[r.nodes[0]])
-    assert r.sr.next_adverts == {}
-    assert all("next_advert" not in json.loads(x) for x in r.unmask_replies.values())
+    assert "next" not in json.loads(r.sr.check_requests()[r.nodes[0]])
+    assert "next_share" not in json.loads(r.unmask_requests()[r.nodes[0]])
+    assert r.sr.next_adverts == {} and r.sr.next_shares == {}
+    assert r.sr.prepared_next() is None
+    assert all("next_advert" not in json.loads(x) for x in r.check_replies.values())
+    assert all("next_share" not in json.loads(x) for x in r.unmask_replies.values())
 
 
 # ------------------------------------------------------------------ fuzzing
