@@ -17,9 +17,10 @@ waits, not the model, set a deployed round's time (housing: 0.4 s a round in sim
 - Flower offers no setting for the SuperNode's waits, so ``fedapp client`` starts the
   SuperNode through this module (``python -m fedapp.polling SUPERNODE-ARGS``), which
   caps the sleeps of ``start_client_internal`` between asks to the SuperLink at
-  ``FEDAPP_NODE_POLL_SECONDS`` (default 0.25) during a run, and at 1 s once a node has
-  had no message for a minute (:class:`Cadence`), and its looks for the ClientApp's
-  reply (in its own memory) at 0.02 s, before running Flower's own
+  ``FEDAPP_NODE_FAST_POLL_SECONDS`` (default 0.05) for 2 s after a message, at
+  ``FEDAPP_NODE_POLL_SECONDS`` (default 0.25) during the rest of a run, and at 1 s
+  once a node has had no message for a minute (:class:`Cadence`), and its looks for
+  the ClientApp's reply (in its own memory) at 0.02 s, before running Flower's own
   ``flower-supernode`` entry point.
   Only that module's ``time.sleep`` changes.
 - :func:`fast_object_pulls` makes the first retry of an object pull wait 0.01 s
@@ -49,10 +50,13 @@ from fedapp.message_index import index_messages_by_node
 from fedapp.packing import PackingError, pack_messages, unpack_message
 
 GRID_POLL_SECONDS = 0.1
+NODE_FAST_POLL_SECONDS = 0.05  # for FAST_SECONDS after a message: the next stage's is near
+FAST_SECONDS = 2.0
 NODE_POLL_SECONDS = 0.25  # during a run
 NODE_IDLE_POLL_SECONDS = 1.0  # after BURST_SECONDS without a message (Flower: 3 s always)
 BURST_SECONDS = 60.0
 NODE_POLL_ENV = "FEDAPP_NODE_POLL_SECONDS"
+NODE_FAST_POLL_ENV = "FEDAPP_NODE_FAST_POLL_SECONDS"
 NODE_HEARTBEAT_SECONDS = 10.0
 NODE_HEARTBEAT_ENV = "FEDAPP_NODE_HEARTBEAT_SECONDS"
 LOCAL_WAIT_SECONDS = 0.02  # between looks for the ClientApp's reply (Flower: 0.5 s)
@@ -163,10 +167,13 @@ def _from_its_node(reply: Message, sent: dict[str, Message]) -> Message:
 
 
 class Cadence:
-    """How long to wait before asking again: ``active`` seconds for ``burst`` seconds
-    after the last sign of work, ``idle`` seconds after that. A run's messages come in
-    bursts (its rounds follow each other within seconds to a minute), so a node answers
-    as fast as before during a run and costs a fraction of the CPU between runs.
+    """How long to wait before asking again: ``fast`` seconds for ``fast_window``
+    seconds after the last sign of work, ``active`` seconds until ``burst`` seconds
+    after it, ``idle`` seconds after that. A run's messages come in bursts: a stage's
+    message follows the node's reply to the last one within a fraction of a second
+    when the model is small (a masking round is three stages), the rounds follow each
+    other within seconds to a minute. So a node answers the next stage at once, as
+    fast as before during a run, and costs a fraction of the CPU between runs.
 
     Parameters
     ----------
@@ -174,10 +181,17 @@ class Cadence:
         Seconds between asks during a burst and when idle.
     burst : float
         Seconds a burst lasts after :meth:`busy` was last called.
+    fast : float | None
+        Seconds between asks right after work (None, or more than ``active``: ``active``).
+    fast_window : float
+        Seconds after :meth:`busy` that asks come every ``fast`` seconds.
     """
 
-    def __init__(self, active: float, idle: float, burst: float = BURST_SECONDS) -> None:
+    def __init__(self, active: float, idle: float, burst: float = BURST_SECONDS,
+                 fast: float | None = None, fast_window: float = FAST_SECONDS) -> None:
         self.active, self.idle, self.burst = active, max(idle, active), burst
+        self.fast = active if fast is None else min(fast, active)
+        self.fast_window = fast_window
         self._last_busy = -math.inf
 
     def busy(self) -> None:
@@ -186,21 +200,25 @@ class Cadence:
 
     def interval(self) -> float:
         """Seconds to wait before the next ask."""
-        return self.active if time.monotonic() - self._last_busy < self.burst else self.idle
+        since = time.monotonic() - self._last_busy
+        if since < self.fast_window:
+            return self.fast
+        return self.active if since < self.burst else self.idle
 
     def sleep(self, at_most: float = math.inf) -> None:
         time.sleep(min(at_most, self.interval()))
 
 
-def _node_time(active: float) -> types.ModuleType:
+def _node_time(active: float, fast: float | None = None) -> types.ModuleType:
     """A stand-in for the ``time`` module of Flower's SuperNode loop, whose sleeps are of
     two kinds: 3 s between asks for a message when none came, and 0.5 s between looks
     for the ClientApp's reply (or its objects). A reply wait is work: it starts a burst,
-    in which asks come every ``active`` seconds (``FEDAPP_NODE_POLL_SECONDS``); after
-    :data:`BURST_SECONDS` without work they come every :data:`NODE_IDLE_POLL_SECONDS`.
+    in which asks come every ``fast`` seconds (``FEDAPP_NODE_FAST_POLL_SECONDS``) for
+    :data:`FAST_SECONDS`, then every ``active`` seconds (``FEDAPP_NODE_POLL_SECONDS``);
+    after :data:`BURST_SECONDS` without work they come every :data:`NODE_IDLE_POLL_SECONDS`.
     A reply wait looks in the SuperNode's own memory, not over the network, so it is
     capped at :data:`LOCAL_WAIT_SECONDS`."""
-    cadence = Cadence(active, max(active, NODE_IDLE_POLL_SECONDS))
+    cadence = Cadence(active, max(active, NODE_IDLE_POLL_SECONDS), fast=fast)
 
     def sleep(seconds: float) -> None:
         if seconds < 1.0:  # waiting for the local reply: a look in this process's memory
@@ -233,6 +251,12 @@ def node_poll_seconds() -> float:
     return _env_seconds(NODE_POLL_ENV, NODE_POLL_SECONDS, 0.01, 3.0)
 
 
+def node_fast_poll_seconds() -> float:
+    """``FEDAPP_NODE_FAST_POLL_SECONDS``, checked (default 0.05): the asks right after a
+    message."""
+    return _env_seconds(NODE_FAST_POLL_ENV, NODE_FAST_POLL_SECONDS, 0.01, 3.0)
+
+
 def node_heartbeat_seconds() -> float:
     """``FEDAPP_NODE_HEARTBEAT_SECONDS``, checked against the range the SuperLink accepts."""
     from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
@@ -262,7 +286,7 @@ def run_supernode() -> None:
 
     cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
 
-    start_client_internal.time = _node_time(node_poll_seconds())
+    start_client_internal.time = _node_time(node_poll_seconds(), node_fast_poll_seconds())
     heartbeat_every(node_heartbeat_seconds())
     fast_object_pulls()
     start = cli.start_client_internal

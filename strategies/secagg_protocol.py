@@ -129,7 +129,8 @@ secret. Everything on the wire is JSON with base64 bytes and a uint32/uint64
 vector; nothing is pickled.
 
 The server side is :class:`ServerRound`; the client side is :func:`client_step`
-(stages 1, 1b, 2, 4 and 5, with the next round's 1 and 2 in 4 and 5) and :func:`client_mask` (stage 3), which keep the node's
+(stages 1, 1b, 2, 4 and 5, with the next round's 1 and 2 in 4 and 5) and
+:func:`client_mask` (stage 3), which keep the node's
 secrets in a dict the Flower adapters store in the node's own context state.
 """
 
@@ -717,9 +718,8 @@ def _check(req: dict, state: dict, node: int, identity: NodeIdentity | None) -> 
 def _unmask(req: dict, state: dict, node: int, identity: NodeIdentity | None,
             policy: NodePolicy) -> tuple[str, dict]:
     """Reveal the shares the view calls for, once per round; and answer the next
-    round's share request if the server sent it along (pre-sharing). A refused one
-    costs only that: the reply says why and the node shares in the next round's own
-    share stage, if it has one."""
+    round's share request if the server sent it along (sharing early). Refusing it
+    costs only those shares: the reply says why, and this round's shares still go out."""
     session, survivors, dropped, view = _view(req, state, node, "checked", "unmask")
     if b64(view) != state["view"]:
         raise SecAggError("the unmask request names other survivors or dropped nodes than this "
@@ -992,7 +992,7 @@ class ServerRound:
 
     def share_requests(self) -> dict[int, str]:
         """The round's settings, and the members' keys (complete graph) or coins
-        (sparse: the members came in the coin stage). None if the members sent their
+        (sparse: the members came in the coin stage). Empty if the members sent their
         shares with the last round's unmask replies (:attr:`preshared`)."""
         if self.preshared:
             return {}

@@ -62,14 +62,16 @@ def test_node_sleeps_follow_the_runs_bursts(monkeypatch):
     now, slept = [100.0], []
     monkeypatch.setattr(polling.time, "monotonic", lambda: now[0])
     monkeypatch.setattr(polling.time, "sleep", slept.append)
-    node = polling._node_time(0.25)
+    node = polling._node_time(0.25, 0.05)
     assert node.time is time.time
     node.sleep(3)  # idle since it started: asks every second, not every 3
     node.sleep(0.5)  # a message came: waiting for the local reply, in this process
-    node.sleep(3)  # ... the next message may come soon
-    now[0] += polling.BURST_SECONDS + 1
+    node.sleep(3)  # ... the next stage's message may come at once
+    now[0] += polling.FAST_SECONDS
+    node.sleep(3)  # ... or soon
+    now[0] += polling.BURST_SECONDS
     node.sleep(3)  # a minute without one: idle again
-    assert slept == [polling.NODE_IDLE_POLL_SECONDS, polling.LOCAL_WAIT_SECONDS, 0.25,
+    assert slept == [polling.NODE_IDLE_POLL_SECONDS, polling.LOCAL_WAIT_SECONDS, 0.05, 0.25,
                      polling.NODE_IDLE_POLL_SECONDS]
 
 
@@ -83,6 +85,32 @@ def test_cadence_is_active_for_the_burst_after_work(monkeypatch):
     assert cadence.interval() == 0.1
     now[0] += 0.2
     assert cadence.interval() == 0.5
+
+
+def test_cadence_is_fast_right_after_work(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(polling.time, "monotonic", lambda: now[0])
+    cadence = polling.Cadence(0.25, 1.0, burst=60, fast=0.05, fast_window=2)
+    assert cadence.interval() == 1.0
+    cadence.busy()
+    now[0] += 1.9
+    assert cadence.interval() == 0.05
+    now[0] += 0.2
+    assert cadence.interval() == 0.25
+    # a fast interval above the active one is the active one
+    assert polling.Cadence(0.25, 1.0, fast=0.5).fast == 0.25
+    assert polling.Cadence(0.25, 1.0).fast == 0.25
+
+
+def test_node_fast_poll_setting_is_checked(monkeypatch):
+    monkeypatch.delenv(polling.NODE_FAST_POLL_ENV, raising=False)
+    assert polling.node_fast_poll_seconds() == polling.NODE_FAST_POLL_SECONDS
+    monkeypatch.setenv(polling.NODE_FAST_POLL_ENV, "0.25")
+    assert polling.node_fast_poll_seconds() == 0.25
+    for bad in ("0", "5", "fast", "nan"):
+        monkeypatch.setenv(polling.NODE_FAST_POLL_ENV, bad)
+        with pytest.raises(ValueError, match="between 0.01 and 3"):
+            polling.node_fast_poll_seconds()
 
 
 def test_node_poll_setting_is_checked(monkeypatch):
