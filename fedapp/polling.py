@@ -11,7 +11,8 @@ A round of masking has three message stages (five in its first round), so these
 waits, not the model, set a deployed round's time (housing: 0.4 s a round in simulation).
 
 - :class:`PollingGrid` wraps the ServerApp's grid and waits for replies with Flower's
-  public ``push_messages``/``pull_messages``, polling every 0.1 s. The error the
+  public ``push_messages``/``pull_messages``, polling every 0.03 s for 2 s after it
+  sent the messages, then every 0.1 s. The error the
   SuperLink sends for a node that stopped reporting comes back from that node's id
   (Flower sends it from the SuperLink's), so the strategies' warnings name the node.
 - Flower offers no setting for the SuperNode's waits, so ``fedapp client`` starts the
@@ -50,6 +51,7 @@ from fedapp.message_index import index_messages_by_node
 from fedapp.packing import PackingError, pack_messages, unpack_message
 
 GRID_POLL_SECONDS = 0.1
+GRID_FAST_POLL_SECONDS = 0.03  # for FAST_SECONDS after sending: small models answer soon
 NODE_FAST_POLL_SECONDS = 0.05  # for FAST_SECONDS after a message: the next stage's is near
 FAST_SECONDS = 2.0
 NODE_POLL_SECONDS = 0.25  # during a run
@@ -80,8 +82,10 @@ def fast_object_pulls() -> None:
 
 
 class PollingGrid(Grid):
-    """A ``Grid`` whose ``send_and_receive`` polls for replies every ``poll_seconds``;
-    everything else is the wrapped grid's.
+    """A ``Grid`` whose ``send_and_receive`` polls for replies every
+    :data:`GRID_FAST_POLL_SECONDS` for :data:`FAST_SECONDS` after sending (small models
+    answer within that), then every ``poll_seconds``; everything else is the wrapped
+    grid's.
 
     Parameters
     ----------
@@ -99,6 +103,7 @@ class PollingGrid(Grid):
                  pack: bool = False) -> None:
         self.grid = grid
         self.poll_seconds = poll_seconds
+        self.fast_poll_seconds = min(poll_seconds, GRID_FAST_POLL_SECONDS)
         self.pack = pack
         fast_object_pulls()
         index_messages_by_node(grid)
@@ -135,6 +140,8 @@ class PollingGrid(Grid):
         sent = {i: m for i, m in zip(self.push_messages(messages), messages) if i}
         pending = set(sent)
         deadline = None if timeout is None else time.monotonic() + timeout
+        cadence = Cadence(self.poll_seconds, self.poll_seconds, fast=self.fast_poll_seconds)
+        cadence.busy()
         replies: list[Message] = []
         while pending:
             got = list(self.pull_messages(pending))
@@ -142,7 +149,7 @@ class PollingGrid(Grid):
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_seconds)
+            cadence.sleep()
         return replies
 
 

@@ -50,6 +50,22 @@ def test_grid_collects_every_reply_as_it_arrives():
     assert list(grid.get_node_ids()) == [7, 8]  # the rest is the wrapped grid's
 
 
+def test_grid_polls_fast_right_after_sending_then_every_poll_seconds(monkeypatch):
+    now, slept = [0.0], []
+    monkeypatch.setattr(polling.time, "monotonic", lambda: now[0])
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += 0.5
+    monkeypatch.setattr(polling.time, "sleep", sleep)
+    inner = SlowGrid()
+    grid = polling.PollingGrid(inner)
+    grid.send_and_receive([object() for _ in range(7)])
+    assert inner.pulls == 7  # the last reply came at the 7th pull, 3 s on
+    fast = polling.GRID_FAST_POLL_SECONDS
+    assert slept == [fast] * 4 + [polling.GRID_POLL_SECONDS] * 2
+
+
 def test_grid_returns_what_came_when_the_timeout_passes():
     grid = polling.PollingGrid(SlowGrid(silent={"m1"}), poll_seconds=0.01)
     started = time.monotonic()
