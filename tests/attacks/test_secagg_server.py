@@ -12,7 +12,8 @@ the real node code (``client_step``, ``client_mask``) as the server would.
    signatures and no node reveals anything. A client colluding with the server
    cannot sign for the others: each node signs with its own identity key (with one
    key for all, as a shared HMAC key was, the forgery unmasks the target).
-2. **A threshold or group the node did not agree to**: threshold 1, a group of one.
+2. **A threshold or group the node did not agree to**: threshold 1, a group of one, in
+   a share request or in the next round's share request sent with an unmask request.
 3. **A replayed context**: an old round's context, and with it old advertisements.
 """
 
@@ -293,3 +294,33 @@ def test_a_replayed_context_is_refused():
     with pytest.raises(ValueError, match=r"\[0.5, 1\)"):
         secagg_params(1.0, 100, 16, 0, 0.0)
     assert SecAggParams.derive(1.0)  # (the encoding itself is unchanged)
+
+
+@pytest.mark.parametrize(("change", "policy", "why"), [
+    (lambda d, u, c: {**d, "setup": {**d["setup"], "fraction": 0.45}}, NodePolicy(),
+     "needs at least 0.5"),
+    (lambda d, u, c: {**d, "setup": {**d["setup"], "fraction": 0.6}},
+     NodePolicy(min_threshold_fraction=0.66), "needs at least 0.66"),
+    # the target alone with one colluding client: a sum of two gives its input away
+    (lambda d, u, c: {**d, "adverts": {k: a for k, a in d["adverts"].items()
+                                       if k in (str(u), str(c))}},
+     NodePolicy(min_group=3), "groups of at least 3")])
+def test_a_node_refuses_an_early_share_request_below_its_own_minimum(change, policy, why):
+    """The next round's share request, sent along with this round's unmask request, is
+    checked against the node's own minimums as a share stage's is: refused, the node
+    makes no shares for that round (and still unmasks this one)."""
+    r = Round(10, 10)
+    r.advertise()
+    r.share()
+    r.mask()
+    r.check()
+    u, colluder = r.nodes[0], r.nodes[1]
+    request = r.sr.unmask_requests()[u]
+    data = json.loads(request)
+    data["next_share"] = json.dumps(change(json.loads(data["next_share"]), u, colluder))
+    reply, state = client_step(json.dumps(data), r.state[u], u, IDENTITY(u), policy)
+    reply = json.loads(reply)
+    assert why in reply["next_refused"] and "next_share" not in reply
+    assert reply["b_shares"] and state["stage"] == "done"
+    reply, state = client_step(request, r.state[u], u, IDENTITY(u))  # the honest one
+    assert "next_share" in json.loads(reply) and state["stage"] == "shared"
