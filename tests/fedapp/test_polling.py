@@ -118,26 +118,19 @@ def test_cadence_is_fast_right_after_work(monkeypatch):
     assert polling.Cadence(0.25, 1.0).fast == 0.25
 
 
-def test_node_fast_poll_setting_is_checked(monkeypatch):
-    monkeypatch.delenv(polling.NODE_FAST_POLL_ENV, raising=False)
-    assert polling.node_fast_poll_seconds() == polling.NODE_FAST_POLL_SECONDS
-    monkeypatch.setenv(polling.NODE_FAST_POLL_ENV, "0.25")
-    assert polling.node_fast_poll_seconds() == 0.25
+@pytest.mark.parametrize(("env", "read", "default"), [
+    (polling.NODE_POLL_ENV, polling.node_poll_seconds, polling.NODE_POLL_SECONDS),
+    (polling.NODE_FAST_POLL_ENV, polling.node_fast_poll_seconds, polling.NODE_FAST_POLL_SECONDS),
+])
+def test_node_poll_settings_are_checked(monkeypatch, env, read, default):
+    monkeypatch.delenv(env, raising=False)
+    assert read() == default
+    monkeypatch.setenv(env, "0.5")
+    assert read() == 0.5
     for bad in ("0", "5", "fast", "nan"):
-        monkeypatch.setenv(polling.NODE_FAST_POLL_ENV, bad)
+        monkeypatch.setenv(env, bad)
         with pytest.raises(ValueError, match="between 0.01 and 3"):
-            polling.node_fast_poll_seconds()
-
-
-def test_node_poll_setting_is_checked(monkeypatch):
-    monkeypatch.delenv(polling.NODE_POLL_ENV, raising=False)
-    assert polling.node_poll_seconds() == polling.NODE_POLL_SECONDS
-    monkeypatch.setenv(polling.NODE_POLL_ENV, "0.5")
-    assert polling.node_poll_seconds() == 0.5
-    for bad in ("0", "5", "fast", "nan"):
-        monkeypatch.setenv(polling.NODE_POLL_ENV, bad)
-        with pytest.raises(ValueError, match="between 0.01 and 3"):
-            polling.node_poll_seconds()
+            read()
 
 
 def test_node_heartbeat_setting_is_checked_and_reaches_flowers_sender(monkeypatch):

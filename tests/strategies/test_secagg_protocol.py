@@ -1042,6 +1042,14 @@ def test_later_rounds_skip_the_advertise_and_share_stages_and_decode():
     assert np.abs(third.run()[0] - third.expected()).max() <= third.params.error_bound
 
 
+def assert_starts_afresh(r: Round, before: Round) -> None:
+    """``r`` does not use what ``before`` prepared: a new context, every node advertises,
+    and the round decodes."""
+    assert not r.sr.preshared and r.sr.context != before.sr.next_context
+    assert set(r.sr.advertise_requests()) == set(r.nodes)
+    assert np.abs(r.run()[0] - r.expected()).max() <= r.params.error_bound
+
+
 def test_dropouts_after_shares_made_early_are_recovered():
     first = Round(8, 30, seed=4)
     first.run()
@@ -1054,10 +1062,7 @@ def test_dropouts_after_shares_made_early_are_recovered():
     assert dropped not in second.sr.masked
     assert np.abs(average - second.expected()).max() <= second.params.error_bound
     assert dropped not in second.sr.next_adverts  # not a survivor: not in the next round's
-    third = Round(length=30, after=second)  # sampled again: the round starts afresh
-    assert not third.sr.preshared and third.sr.context != second.sr.next_context
-    assert set(third.sr.advertise_requests()) == set(third.nodes)
-    assert np.abs(third.run()[0] - third.expected()).max() <= third.params.error_bound
+    assert_starts_afresh(Round(length=30, after=second), second)  # sampled again
 
 
 def test_a_node_that_missed_the_unmask_stage_makes_the_next_round_start_afresh():
@@ -1068,26 +1073,19 @@ def test_a_node_that_missed_the_unmask_stage_makes_the_next_round_start_afresh()
     late = first.nodes[0]
     first.unmask(skip={late})  # it pre-advertised at the check, then made no shares
     assert late in first.sr.next_adverts and late not in first.sr.next_shares
-    second = Round(length=30, after=first)
-    assert not second.sr.preshared and second.sr.context != first.sr.next_context
-    assert set(second.sr.advertise_requests()) == set(second.nodes)
-    assert np.abs(second.run()[0] - second.expected()).max() <= second.params.error_bound
+    assert_starts_afresh(Round(length=30, after=first), first)
 
 
 def test_another_sample_than_the_shares_were_made_for_starts_afresh():
     first = Round(8, 30, seed=5)
     first.run()
-    fewer = Round(length=30, after=first, nodes=first.nodes[1:])
-    assert not fewer.sr.preshared and set(fewer.sr.advertise_requests()) == set(fewer.nodes)
-    assert np.abs(fewer.run()[0] - fewer.expected()).max() <= fewer.params.error_bound
+    assert_starts_afresh(Round(length=30, after=first, nodes=first.nodes[1:]), first)
 
 
 def test_other_settings_than_the_shares_were_made_for_start_afresh():
     first = Round(6, 30, seed=5)
     first.run()
-    other = Round(length=30, after=first, fraction=0.6)
-    assert not other.sr.preshared and set(other.sr.advertise_requests()) == set(other.nodes)
-    assert np.abs(other.run()[0] - other.expected()).max() <= other.params.error_bound
+    assert_starts_afresh(Round(length=30, after=first, fraction=0.6), first)
 
 
 def checked_round(n: int, seed: int) -> Round:
@@ -1251,9 +1249,7 @@ def test_a_refused_early_share_request_costs_only_those_shares(flwr_caplog, tamp
     assert np.abs(average - r.expected()).max() <= r.params.error_bound
     assert u not in r.sr.next_shares and len(r.sr.next_shares) == 5
     assert f"node {u} made no shares for the next round" in warnings_of(flwr_caplog)
-    second = Round(length=10, after=r)
-    assert not second.sr.preshared
-    assert np.abs(second.run()[0] - second.expected()).max() <= second.params.error_bound
+    assert_starts_afresh(Round(length=10, after=r), r)
 
 
 def test_a_bad_early_share_reply_is_left_out_of_the_next_round(flwr_caplog):
