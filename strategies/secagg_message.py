@@ -6,15 +6,15 @@ Switch an existing Message-API project with two changes::
     strategy = SecAggFedAvg(clip=1.0, ...)          # server
     app = ClientApp(mods=[secagg_mod])              # clients
 
-Each round, before the train messages, the strategy runs two short key stages
-with the sampled nodes (``train`` messages holding only a ``secagg`` record, which
-the mod answers itself without calling the app), puts
-the relayed shares in each train message's config, and after the masked replies
-a consistency check and an unmask stage (:mod:`strategies.secagg_protocol`). The unmask replies carry
-the survivors' keys for the next round, so from the second round on only the
-nodes without such keys are sent an advertise request (none, usually: the stage
-is skipped). The server only ever sees
-masked vectors and the sum. Node secrets stay in the node's ``context.state``.
+In its first round the strategy runs two short key stages with the sampled nodes
+before the train messages (``train`` messages holding only a ``secagg`` record, which
+the mod answers itself without calling the app), puts the relayed shares in each
+train message's config, and after the masked replies runs a consistency check and
+an unmask stage (:mod:`strategies.secagg_protocol`). The check and unmask replies
+carry the survivors' keys and shares for the next round, so from the second round on
+a round is the train messages, the check and the unmask stage (the key stages come
+back when the sample changes). The server only ever sees masked vectors and the sum.
+Node secrets stay in the node's ``context.state``.
 
 Each node signs its key advertisements and its consistency-check answer with its own
 Ed25519 identity key, and accepts its neighbors' only under keys of the federation's
