@@ -233,6 +233,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise ValueError(f"--partition-id {args.partition_id} is not a partition of "
                          f"--num-partitions {args.num_partitions}: give each client node one "
                          f"of 0 to {max(args.num_partitions - 1, 0)}")
+    from .polling import node_settings
+
+    node_settings()  # a bad FEDAPP_NODE_* value: one line now, not a traceback later
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
     node_key = client_secrets(args)

@@ -272,6 +272,12 @@ def node_heartbeat_seconds() -> float:
                         HEARTBEAT_MAX_INTERVAL, " (the SuperLink refuses others)")
 
 
+def node_settings() -> tuple[float, float, float]:
+    """The node's poll intervals (during a run, right after a message) and heartbeat
+    interval from the environment, checked: a bad one is a ValueError naming it."""
+    return node_poll_seconds(), node_fast_poll_seconds(), node_heartbeat_seconds()
+
+
 def heartbeat_every(seconds: float) -> None:
     """Make this process's SuperNode promise (and send) heartbeats for ``seconds``
     intervals: Flower reads its constant in these two modules at each heartbeat."""
@@ -293,8 +299,9 @@ def run_supernode() -> None:
 
     cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
 
-    start_client_internal.time = _node_time(node_poll_seconds(), node_fast_poll_seconds())
-    heartbeat_every(node_heartbeat_seconds())
+    active, fast, heartbeat_seconds = node_settings()
+    start_client_internal.time = _node_time(active, fast)
+    heartbeat_every(heartbeat_seconds)
     fast_object_pulls()
     start = cli.start_client_internal
 

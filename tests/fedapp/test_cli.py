@@ -336,6 +336,17 @@ def test_client_refuses_a_partition_outside_the_split(partition, partitions, cap
         in err
 
 
+@pytest.mark.parametrize("name", ["FEDAPP_NODE_POLL_SECONDS", "FEDAPP_NODE_FAST_POLL_SECONDS",
+                                  "FEDAPP_NODE_HEARTBEAT_SECONDS"])
+def test_client_refuses_a_bad_node_setting_before_starting(name, monkeypatch, capsys):
+    monkeypatch.setenv(name, "soon")
+    code = cli.main(["client", "--superlink", "127.0.0.1:9092", "--insecure",
+                     "--partition-id", "0", "--num-partitions", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{name}='soon': give seconds between" in err and "Traceback" not in err
+
+
 def test_flower_env_turns_progress_bars_off_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert launch.flower_env()["TQDM_DISABLE"] == "1"
