@@ -6,6 +6,7 @@ decrypt``; with masking the nodes authenticate their keys with a shared key."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +226,14 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
         assert f"accounted at multiplier {settings['dp-noise-multiplier']:g}\n" in logs
     if aggregation == "secagg":
         assert logs.count("Secure aggregation: 4 of 4 sampled nodes in the sum") == 2
-    if aggregation == "secagg" and not mode:
-        assert rows[1]["train-dp-clip"] != rows[0]["train-dp-clip"]  # adaptive clipping moved
+    if aggregation == "secagg" and not mode:  # adaptive clipping: round 2's clip is round 1's
+        # moved by its noised fraction of unclipped updates (which may be exactly the target
+        # 1/2: the noised count of 4 is a multiple of 1/2, so the clip need not move)
+        fraction = rows[0]["train-dp-unclipped-fraction"]
+        assert (8 * fraction).is_integer()
+        assert rows[1]["train-dp-clip"] == pytest.approx(
+            rows[0]["train-dp-clip"] * math.exp(-0.2 * (fraction - 0.5)), rel=1e-12)
+        assert rows[0]["train-dp-next-clip"] == rows[1]["train-dp-clip"]
     if aggregation == "paillier-threshold":  # decrypted by T of the share holders
         for stage, answered in (("view", "4 of 4"), ("decrypt", "3 of 3"),
                                 ("combine", "1 of 1")):
