@@ -837,7 +837,6 @@ class ServerRound:
         self.next_context = secrets.token_bytes(32)
         self.next_adverts: dict[int, dict] = {}
         self.next_shares: dict[int, str] = {}
-        self._asked_early: set[int] = set()  # asked for their shares for the next round
         self.coins: dict[int, bytes] = {}
         self.drawn: RoundGraph | None = None  # once the members (and coins) are known
         self.commits: dict[int, bytes] = {}
@@ -1126,16 +1125,21 @@ class ServerRound:
         request = {"stage": "unmask", "context": b64(self.context), "survivors": survivors,
                    "dropped": dropped, "sigs": {str(v): self.sigs[v] for v in sorted(self.sigs)}}
         early = self._next_share_requests()
-        self._asked_early = set(early)
         return {u: dumps({**request, **({"next_share": early[u]} if u in early else {})})
                 for u in self.sigs}
+
+    def _shares_early(self) -> bool:
+        """Whether the nodes that pre-advertised are asked for their next round's shares
+        now: unless too few, or the next round's graph would be sparse."""
+        return len(self.next_adverts) >= 2 and not is_sparse(len(self.next_adverts),
+                                                              self.degree)
 
     def _next_share_requests(self) -> dict[int, str]:
         """The next round's share requests, made now, for the nodes that pre-advertised
         keys for it; none if its graph would be sparse (its coin stage comes first)."""
-        members = sorted(self.next_adverts)
-        if len(members) < 2 or is_sparse(len(members), self.degree):
+        if not self._shares_early():
             return {}
+        members = sorted(self.next_adverts)
         adverts = {"adverts": {str(v): self.next_adverts[v] for v in members}}
         return {u: self._share_request(self.next_context, u, adverts) for u in members}
 
@@ -1229,7 +1233,7 @@ class ServerRound:
     def _next_share(self, u: int, rep: dict) -> None:
         """Keep the share reply ``u`` made early for the next round (checked there, as
         any share reply), or log why it refused to make one."""
-        if u not in self._asked_early:
+        if u not in self.next_adverts or not self._shares_early():
             return
         if isinstance(rep.get("next_share"), str):
             self.next_shares[u] = rep["next_share"]
