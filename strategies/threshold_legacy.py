@@ -270,8 +270,8 @@ def _request_config(request: StageRequest) -> dict[str, Scalar]:
     if isinstance(request, DecryptRequest):
         out: dict[str, Scalar] = {STAGE_FIELD: "decrypt", **{
             f"{PREFIX}{k}": v for k, v in request_fields(request).items()}}
-        for node, (update, _) in request.contributions.items():
-            _put_arrays(out, f"contribution-{node}", update.to_arrays())
+        for node, c in request.contributions.items():
+            _put_arrays(out, f"contribution-{node}", c.model.to_arrays())
         return out
     out = {STAGE_FIELD: "combine"}
     _put_arrays(out, "aggregate", request.aggregate.to_arrays())
@@ -354,14 +354,14 @@ def _encrypt_fitres(msg: Message, reply: Message, keys: NodeKeys, context: Conte
         encrypted, metrics = Parameters(tensors=[], tensor_type=""), {}
     else:
         arrays = parameters_to_ndarrays(res.parameters)
-        update, signature = contribute(_fit_config(msg), layout_of(arrays).names, arrays,
-                                       res.num_examples, keys, context,
-                                       run=msg.metadata.run_id, metrics=res.metrics)
-        encrypted = update_parameters(update)
+        contribution = contribute(_fit_config(msg), layout_of(arrays).names, arrays,
+                                  res.num_examples, keys, context,
+                                  run=msg.metadata.run_id, metrics=res.metrics)
+        encrypted = update_parameters(contribution.model)
         own = dict(res.metrics) if node_setting(context.node_config, PLAINTEXT_METRICS) else {}
         metrics = {**own, **released, **{
             f"{PREFIX}{k}": v for k, v in signature_fields(
-                keys.identity.key.public, signature, keys.share_index).items()}}
+                keys.identity.key.public, contribution, keys.share_index).items()}}
     reply.content.config_records["fitres.metrics"] = ConfigRecord(metrics)
     reply.content.array_records["fitres.parameters"] = compat.parameters_to_arrayrecord(
         encrypted, keep_input=True)

@@ -188,8 +188,8 @@ def _request_content(request: StageRequest) -> RecordDict:
     if isinstance(request, DecryptRequest):
         return RecordDict({STAGE_KEY: ConfigRecord({"stage": "decrypt",
                                                     **request_fields(request)}),
-                           **{f"contribution-{node}": array_record(update.to_arrays())
-                              for node, (update, _) in request.contributions.items()}})
+                           **{f"contribution-{node}": array_record(c.model.to_arrays())
+                              for node, c in request.contributions.items()}})
     return RecordDict({STAGE_KEY: ConfigRecord({"stage": "combine"}),
                        "aggregate": array_record(request.aggregate.to_arrays()),
                        **{f"partial-{node}": _bytes_record(blob)
@@ -280,12 +280,12 @@ def _encrypt_reply(msg: Message, reply: Message, keys: NodeKeys, context: Contex
     config = next(iter(msg.content.config_records.values()), {})
     name, arrays, metrics_name, metrics, weight = own_train_reply(reply)
     own = {k: v for k, v in metrics.items() if k != WEIGHT_KEY}
-    update, signature = contribute(dict(config), list(arrays), list(arrays.values()), weight,
-                                   keys, context, run=msg.metadata.run_id, metrics=own)
-    reply.content[name] = array_record(update.to_arrays())
+    contribution = contribute(dict(config), list(arrays), list(arrays.values()), weight,
+                              keys, context, run=msg.metadata.run_id, metrics=own)
+    reply.content[name] = array_record(contribution.model.to_arrays())
     if node_setting(context.node_config, PLAINTEXT_METRICS):
         metrics.update(released)
     else:
         reply.content[metrics_name] = MetricRecord({WEIGHT_KEY: weight, **released})
     reply.content[STAGE_KEY] = ConfigRecord(signature_fields(
-        keys.identity.key.public, signature, keys.share_index))
+        keys.identity.key.public, contribution, keys.share_index))

@@ -37,14 +37,15 @@ from .keyfiles import (GROUP_KEY_NAME, KeyNotFound, THRESHOLD_PUBLIC_NAME, load_
 from .node_errors import NodeError
 from .node_settings import node_setting
 from .paillier_node import parse_round_config
-from .paillier_protocol import EncryptedModel, Layout, client_weight, encrypt_update
+from .paillier_protocol import Layout, client_weight, encrypt_update
+from .plaintext_proofs import ProvingEncryptor
 from .secagg_identity import NodeIdentity
 from . import secagg_node
 from .secagg_node import node_identity
 from .secure_sums import metric_sums
 from .threshold_paillier import KeyShare, ThresholdEncryptor, ThresholdPublicKey
-from .threshold_protocol import (DecryptRequest, GroupKey, View, combine_sealed,
-                                 contribution_statement, decrypt_share, sign_view)
+from .threshold_protocol import (Contribution, DecryptRequest, GroupKey, View,
+                                 combine_sealed, decrypt_share, sign_view)
 from .threshold_rounds import CombineRequest, Combined
 
 PUBLIC_NODE_CONFIG = "paillier-threshold-public-key"
@@ -143,9 +144,11 @@ def minimum_noise(context: Context) -> float:
 
 def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_examples: int,
                keys: NodeKeys, context: Context, *, run: int,
-               metrics: dict | None = None) -> tuple[EncryptedModel, bytes]:
-    """This node's update under the threshold key, tagged under the group key, and its
-    signature; remembers the contribution for the view stage. When the round asks for
+               metrics: dict | None = None) -> Contribution:
+    """This node's update under the threshold key, tagged under the group key, with its
+    proof that the node knows what it encrypted, signed
+    (:class:`strategies.threshold_protocol.Contribution`); remembers the contribution
+    for the view stage. When the round asks for
     distributed DP, the node's share of the noise goes into its levels before
     encryption, as under the single-holder key
     (:func:`strategies.dp_rounds.paillier_client_noise`).
@@ -170,14 +173,15 @@ def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_exa
         _ENCRYPTORS.clear()
         _ENCRYPTORS[fingerprint] = ThresholdEncryptor(keys.public)
     weight = client_weight(num_examples, unit)
-    update = encrypt_update(arrays, Layout.of(names, arrays), weight, params,
-                            _ENCRYPTORS[fingerprint], keys.group.tag_key(keys.public.n),
+    prover = ProvingEncryptor(_ENCRYPTORS[fingerprint])
+    update = encrypt_update(arrays, Layout.of(names, arrays), weight, params, prover,
+                            keys.group.tag_key(keys.public.n),
                             run=run, server_round=server_round, node=context.node_id,
                             sums=metric_sums(metrics or {}, weight), noise=noise)
     state = load_state(context)
     state["own"] = {"run": run, "round": server_round, "digest": update.digest()}
     save_state(context, state)
-    return update, keys.identity.key.sign(contribution_statement(update))
+    return Contribution.make(update, prover, keys.identity)
 
 
 def answer_view(view: View, keys: NodeKeys, context: Context) -> bytes:

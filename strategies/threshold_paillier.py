@@ -53,6 +53,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import InitVar, dataclass
+from functools import cached_property
 from fractions import Fraction
 
 import gmpy2
@@ -60,8 +61,8 @@ import numpy as np
 from gmpy2 import mpz
 
 from .checks import is_int
-from .paillier import (MIN_KEY_BITS, _fixed_base_pow, _fixed_base_table, _hex, _parse_hex,
-                       ciphertexts_to_array)
+from .paillier import (MIN_KEY_BITS, _fixed_base_pow, _fixed_base_table, _hex, _multi_pow,
+                       _parse_hex, ciphertexts_to_array)
 
 __all__ = [
     "ThresholdPublicKey",
@@ -165,6 +166,16 @@ class ThresholdPublicKey:
     @property
     def nsquare(self) -> mpz:
         return self.n * self.n
+
+    @cached_property
+    def hs(self) -> mpz:
+        """``h^n mod n^2``, the base of the randomizers."""
+        return gmpy2.powmod(self.h, self.n, self.nsquare)
+
+    @property
+    def randomizer_bits(self) -> int:
+        """Bits of the randomizer exponents: ``|n| + 128``."""
+        return int(self.n.bit_length()) + _STATISTICAL_BITS
 
     @property
     def delta(self) -> int:
@@ -363,18 +374,25 @@ class ThresholdEncryptor:
 
     def __init__(self, public: ThresholdPublicKey) -> None:
         self.public = self.public_key = public
-        self._bits = int(public.n.bit_length()) + _STATISTICAL_BITS
+        self._bits = public.randomizer_bits
         self._window = 8
-        self._table = _fixed_base_table(gmpy2.powmod(public.h, public.n, public.nsquare),
-                                        public.nsquare, self._bits, self._window)
+        self._table = _fixed_base_table(public.hs, public.nsquare, self._bits, self._window)
 
     def encrypt(self, plaintext: int) -> mpz:
         """Encrypt one integer in ``[0, n)``."""
+        return self.encrypt_with(plaintext, secrets.randbits(self._bits))
+
+    def encrypt_with(self, plaintext: int, randomizer: int) -> mpz:
+        """Encrypt one integer in ``[0, n)`` with the randomizer exponent ``a`` given
+        (``0 <= a < 2^public.randomizer_bits``, uniform for semantic security): for a caller
+        that proves knowledge of what it encrypted
+        (:class:`strategies.plaintext_proofs.ProvingEncryptor`)."""
         n = self.public.n
         if not is_int(plaintext) or not 0 <= plaintext < n:
             raise ValueError("a plaintext must be an int in [0, n)")
-        r = _fixed_base_pow(self._table, secrets.randbits(self._bits), self.public.nsquare,
-                            self._window)
+        if not is_int(randomizer) or not 0 <= randomizer < 1 << self._bits:
+            raise ValueError(f"a randomizer must be an int of at most {self._bits} bits")
+        r = _fixed_base_pow(self._table, randomizer, self.public.nsquare, self._window)
         return (1 + mpz(plaintext) * n) * r % self.public.nsquare
 
     def encrypt_to_array(self, plaintexts: Sequence[int], *, workers: int | None = 1
@@ -415,11 +433,9 @@ def _batched(public: ThresholdPublicKey, context: bytes, index: int,
     nsquare = public.nsquare
     digest = hashlib.sha256(b"".join(
         int(x).to_bytes(2 * public.n_bytes, "big") for x in (*ciphertexts, *values))).digest()
-    big_c, big_ci = mpz(1), mpz(1)
-    for j, (c, ci) in enumerate(zip(ciphertexts, values, strict=True)):
-        rho = _hash_int(_BATCH_BITS, b"batch", public.fingerprint, context, index, digest, j)
-        big_c = big_c * gmpy2.powmod(c, rho, nsquare) % nsquare
-        big_ci = big_ci * gmpy2.powmod(ci, rho, nsquare) % nsquare
+    rhos = [_hash_int(_BATCH_BITS, b"batch", public.fingerprint, context, index, digest, j)
+            for j in range(len(ciphertexts))]
+    big_c, big_ci = _multi_pow(ciphertexts, rhos, nsquare), _multi_pow(values, rhos, nsquare)
     return gmpy2.powmod(big_c, 4, nsquare), gmpy2.powmod(big_ci, 2, nsquare)
 
 

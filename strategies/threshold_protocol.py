@@ -85,11 +85,12 @@ from .checks import is_int
 from .paillier import ciphertexts_from_array
 from .paillier_protocol import EncryptedModel, aggregate, read_aggregate
 from .paillier_tags import TagKey
+from .plaintext_proofs import InvalidProof, PlaintextProof, ProvingEncryptor, verify_plaintexts
 from .secagg_identity import NodeIdentity, Roster, verify
 from .threshold_paillier import (KeyShare, PartialDecryption, ThresholdPublicKey, combine,
                                  partial_decrypt)
 
-__all__ = ["GroupKey", "SealError", "View", "ThresholdRefused", "contribution_statement",
+__all__ = ["GroupKey", "SealError", "View", "ThresholdRefused", "Contribution", "proof_context",
            "sign_view", "DecryptRequest", "check_request", "check_noise", "decrypt_share",
            "combine_sealed", "seal_model", "open_model", "SEALED_KEY", "SEALED_HEADER_KEY"]
 
@@ -189,10 +190,47 @@ class GroupKey:
         return f"GroupKey(for {self.fingerprint[:16]}...)"
 
 
-def contribution_statement(model: EncryptedModel) -> bytes:
-    """What a contributor signs: its update's digest, which covers the run, round, key,
-    encoding, layout, its node id and weight, and every ciphertext."""
-    return b"fedapp threshold contribution v1\x00" + bytes.fromhex(model.digest())
+def proof_context(model: EncryptedModel) -> bytes:
+    """What a contribution's proof of plaintext knowledge is bound to: the update's
+    digest, which covers the run, round, key, encoding, layout, its node id and weight,
+    and every ciphertext (so a proof cannot be moved to another node or round)."""
+    return b"fedapp threshold contribution proof v1\x00" + bytes.fromhex(model.digest())
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One contributor's update, its proof that it knows what the update encrypts
+    (:mod:`strategies.plaintext_proofs`) and its Ed25519 signature of both."""
+
+    model: EncryptedModel
+    proof: PlaintextProof
+    signature: bytes
+
+    @staticmethod
+    def make(model: EncryptedModel, prover: ProvingEncryptor, identity: NodeIdentity
+             ) -> Contribution:
+        """A contributor's signed contribution of ``model``, which ``prover`` encrypted."""
+        proof = prover.prove(model.ciphertexts, proof_context(model))
+        return Contribution(model, proof, identity.key.sign(_statement(model, proof)))
+
+    def fault(self, public: ThresholdPublicKey, identity: bytes) -> str | None:
+        """Why this contribution is not ``identity``'s, or not one its signer knows the
+        plaintexts of; ``None`` if it is."""
+        if not verify(identity, _statement(self.model, self.proof), self.signature):
+            return "it is not the one its identity signed (the signature does not verify)"
+        try:
+            verify_plaintexts(public, ciphertexts_from_array(public, self.model.ciphertexts),
+                              self.proof, proof_context(self.model))
+        except InvalidProof as err:
+            return (f"{err}: a ciphertext derived from other clients' could isolate one "
+                    "update, so none is added without this proof")
+        return None
+
+
+def _statement(model: EncryptedModel, proof: PlaintextProof) -> bytes:
+    """What a contributor signs: its update's digest and its proof."""
+    return (b"fedapp threshold contribution v2\x00" + bytes.fromhex(model.digest())
+            + proof.to_text().encode())
 
 
 @dataclass(frozen=True)
@@ -295,7 +333,7 @@ class DecryptRequest:
 
     view: View
     view_signatures: Mapping[bytes, bytes]
-    contributions: Mapping[int, tuple[EncryptedModel, bytes]]
+    contributions: Mapping[int, Contribution]
 
 
 def check_noise(model: EncryptedModel, min_noise: float) -> None:
@@ -354,10 +392,13 @@ def check_request(public: ThresholdPublicKey, roster: Roster, request: DecryptRe
     for node, key, digest in view.entries:
         if not verify(key, view.statement(), request.view_signatures.get(key, b"")):
             raise ThresholdRefused(f"node {node} did not sign this view")
-        model, signature = request.contributions[node]
-        if model.digest() != digest or not verify(key, contribution_statement(model), signature):
-            raise ThresholdRefused(f"node {node}'s contribution is not the one its identity "
-                                   "signed")
+        contribution = request.contributions[node]
+        model = contribution.model
+        if model.digest() != digest:
+            raise ThresholdRefused(f"node {node}'s contribution is not the one the view lists")
+        fault = contribution.fault(public, key)
+        if fault:
+            raise ThresholdRefused(f"node {node}'s contribution is refused: {fault}")
         if (model.run, model.server_round) != (view.run, view.server_round) \
                 or dict(model.contributors) != {node: model.total_weight}:
             raise ThresholdRefused(f"node {node}'s contribution was made for another run, "

@@ -30,8 +30,9 @@ from .paillier_node import PaillierRounds
 from .paillier_protocol import EncryptedModel, RoundSum, aggregate
 from .secagg_identity import verify
 from .threshold_paillier import ThresholdPublicKey
-from .threshold_protocol import (DecryptRequest, ThresholdRefused, View,
-                                 contribution_statement, is_sealed, sealed_layout)
+from .plaintext_proofs import InvalidProof, PlaintextProof
+from .threshold_protocol import (Contribution, DecryptRequest, ThresholdRefused, View,
+                                 is_sealed, sealed_layout)
 
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
@@ -69,15 +70,27 @@ Exchange = Callable[[dict[int, StageRequest], str], dict[int, "bytes | Combined 
 
 
 # ------------------------------------------------------------------ text forms
-def signature_fields(identity: bytes, signature: bytes, share: int) -> dict[str, str | int]:
+def signature_fields(identity: bytes, contribution: Contribution, share: int
+                     ) -> dict[str, str | int]:
     """What a train reply carries beside its update: the node's identity public key,
-    its signature of the update (:func:`contribution_statement`) and the number of the
-    key share it holds (0: none)."""
-    return {"identity": identity.hex(), "signature": signature.hex(), "share": share}
+    its proof and signature (:class:`~strategies.threshold_protocol.Contribution`) and
+    the number of the key share it holds (0: none)."""
+    return {"identity": identity.hex(), "signature": contribution.signature.hex(),
+            "proof": contribution.proof.to_text(), "share": share}
 
 
-def read_signature(fields: Mapping[str, object] | None, mod: str) -> tuple[bytes, bytes, int]:
-    """Inverse of :func:`signature_fields`: identity key, signature and announced share.
+@dataclass(frozen=True)
+class Signed:
+    """What a train reply's fields say beside its update (:func:`read_signature`)."""
+
+    identity: bytes
+    signature: bytes
+    proof: PlaintextProof
+    share: int
+
+
+def read_signature(fields: Mapping[str, object] | None, mod: str) -> Signed:
+    """Inverse of :func:`signature_fields`.
 
     Raises
     ------
@@ -87,14 +100,17 @@ def read_signature(fields: Mapping[str, object] | None, mod: str) -> tuple[bytes
     try:
         identity = bytes.fromhex(str(fields["identity"]))
         signature = bytes.fromhex(str(fields["signature"]))
-        share = fields["share"]
+        proof, share = fields["proof"], fields["share"]
     except (TypeError, KeyError, ValueError):
-        raise InvalidUpdate(f"the reply holds no threshold signature: add {mod} to the "
-                            "ClientApp") from None
+        raise InvalidUpdate(f"the reply holds no threshold signature and proof: add {mod} to "
+                            "the ClientApp (of this version: older ones send no proof)") from None
     if len(identity) != 32 or len(signature) != 64 or not isinstance(share, int) \
             or isinstance(share, bool) or share < 0:
         raise InvalidUpdate("the reply's threshold signature is malformed")
-    return identity, signature, share
+    try:
+        return Signed(identity, signature, PlaintextProof.from_text(proof), share)
+    except InvalidProof as err:
+        raise InvalidUpdate(str(err)) from None
 
 
 def view_text(view: View) -> str:
@@ -120,8 +136,10 @@ def request_fields(request: DecryptRequest) -> dict[str, str]:
     return {"view": view_text(request.view),
             "view-signatures": json.dumps({key.hex(): sig.hex() for key, sig in
                                            request.view_signatures.items()}),
-            "signatures": json.dumps({str(node): sig.hex() for node, (_, sig) in
-                                      request.contributions.items()})}
+            "signatures": json.dumps({str(node): c.signature.hex() for node, c in
+                                      request.contributions.items()}),
+            "proofs": json.dumps({str(node): c.proof.to_text() for node, c in
+                                  request.contributions.items()})}
 
 
 def read_request(fields: Mapping[str, object],
@@ -141,8 +159,13 @@ def read_request(fields: Mapping[str, object],
                            json.loads(str(fields["view-signatures"])).items()}
         signatures = {int(k): bytes.fromhex(v)
                       for k, v in json.loads(str(fields["signatures"])).items()}
-        contributions = {node: (EncryptedModel.from_arrays(contribution(node), public),
-                                signature) for node, signature in signatures.items()}
+        proofs = {int(k): PlaintextProof.from_text(v)
+                  for k, v in json.loads(str(fields["proofs"])).items()}
+        if set(proofs) != set(signatures):
+            raise ValueError("a proof for every signed contribution, and no other")
+        contributions = {node: Contribution(
+            EncryptedModel.from_arrays(contribution(node), public), proofs[node], signature)
+            for node, signature in signatures.items()}
     except (KeyError, ValueError, AttributeError, TypeError) as err:
         raise ThresholdRefused(f"malformed decryption request: {err}") from None
     return DecryptRequest(view, view_signatures, contributions)
@@ -194,27 +217,27 @@ class ThresholdRounds(PaillierRounds):
                         client_noise=self.client_noise)
 
     def _accept(self, round_sum: RoundSum, signed: dict, node: int,
-                arrays: Mapping[str, np.ndarray], signature: tuple[bytes, bytes, int]
-                ) -> None:
-        """Keep one train reply of ``node`` in ``signed`` (node -> update, identity,
-        signature) and note its share, if its update passes the round's checks and
-        its signature (:func:`read_signature`) verifies.
+                arrays: Mapping[str, np.ndarray], fields: Signed) -> None:
+        """Keep one train reply of ``node`` in ``signed`` (node -> contribution,
+        identity) and note its share, if its update passes the round's checks and its
+        signature and proof (:func:`read_signature`) verify, as the decryptors will
+        check them.
 
         Raises
         ------
         InvalidUpdate
             Naming what fails: the reply is left out.
         """
-        identity, sig, share = signature
-        if any(identity == other for _, other, _ in signed.values()):
+        if any(fields.identity == other for _, other in signed.values()):
             raise InvalidUpdate("another node of this round signed with the same identity")
-        update = round_sum.add(node, arrays)
-        if not verify(identity, contribution_statement(update), sig):
-            raise InvalidUpdate("the update's signature does not verify under the identity "
-                                "it names (the decryptors would refuse the round)")
-        signed[node] = (update, identity, sig)
-        if share:
-            self.share_holders[node] = share
+        contribution = Contribution(round_sum.add(node, arrays), fields.proof,
+                                    fields.signature)
+        fault = contribution.fault(self.public_key, fields.identity)
+        if fault:
+            raise InvalidUpdate(f"{fault}; the decryptors would refuse the round")
+        signed[node] = (contribution, fields.identity)
+        if fields.share:
+            self.share_holders[node] = fields.share
 
     def _seal_round(self, server_round: int, round_sum: RoundSum, signed: dict,
                     connected: Callable[[], Iterable[int]], exchange: Exchange
@@ -232,7 +255,7 @@ class ThresholdRounds(PaillierRounds):
         else:
             try:
                 # the sum of exactly the signed updates the view will list
-                summed = aggregate(self.public_key, [u for u, _, _ in signed.values()])
+                summed = aggregate(self.public_key, [c.model for c, _ in signed.values()])
                 sealed = self._decrypt(server_round, signed, summed, connected, exchange)
                 self.last_aggregate = summed
             except RoundFailed as err:
@@ -254,18 +277,18 @@ class ThresholdRounds(PaillierRounds):
                  connected: Callable[[], Iterable[int]], exchange: Exchange
                  ) -> dict[str, np.ndarray]:
         view = View(summed.run, server_round, self.public_key.fingerprint, tuple(sorted(
-            (node, identity, update.digest()) for node, (update, identity, _) in signed.items())))
+            (node, identity, c.model.digest()) for node, (c, identity) in signed.items())))
         answers = self._stage(exchange, {node: view for node in signed}, "view")
         view_signatures = {}
-        for node, (_, identity, _) in signed.items():
+        for node, (_, identity) in signed.items():
             signature = answers.get(node)
             if not isinstance(signature, bytes) or not verify(identity, view.statement(),
                                                               signature):
                 raise RoundFailed(f"node {node} did not sign the view, and every contributor "
                                   "must (a view is decrypted whole or not at all)")
             view_signatures[identity] = signature
-        request = DecryptRequest(view, view_signatures, {
-            node: (update, signature) for node, (update, _, signature) in signed.items()})
+        request = DecryptRequest(view, view_signatures,
+                                 {node: c for node, (c, _) in signed.items()})
         decryptors = self._decryptors(connected())
         partials = {}
         for node, partial in self._stage(exchange, {node: request for node in decryptors},

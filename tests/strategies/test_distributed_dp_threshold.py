@@ -86,9 +86,9 @@ def request_of(keydir: Path, signed: dict, nodes) -> DecryptRequest:
     """The server's decryption request for the view of ``nodes``, each of which signed
     it (the view stage is not what these tests attack)."""
     public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
-    model = signed[next(iter(nodes))][0]
+    model = signed[next(iter(nodes))].model
     view = View(RUN, model.server_round, public.fingerprint, tuple(sorted(
-        (u, IDENTITY(u).key.public, signed[u][0].digest()) for u in nodes)))
+        (u, IDENTITY(u).key.public, signed[u].model.digest()) for u in nodes)))
     return DecryptRequest(view, {IDENTITY(u).key.public: IDENTITY(u).key.sign(view.statement())
                                  for u in nodes}, {u: signed[u] for u in nodes})
 
@@ -100,7 +100,7 @@ def decrypted_average(keydir: Path, signed: dict, **settings) -> np.ndarray:
     partials = {u: answer_decrypt(request, node_keys(c := context_of(keydir, u, **settings)), c)
                 for u in DECRYPTORS}
     summed = aggregate(node_keys(context_of(keydir, 101)).public,
-                       [m for m, _ in signed.values()])
+                       [c.model for c in signed.values()])
     combiner = context_of(keydir, DECRYPTORS[0], **settings)
     combined = answer_combine(CombineRequest(summed, partials), node_keys(combiner), combiner)
     _, plain, _, _ = open_model(load_group_key(keydir / GROUP_KEY_NAME), combined.model, run=RUN)
@@ -125,7 +125,7 @@ def test_with_it_on_the_average_carries_the_configured_noise(keydir):
     average is the clean one plus noise of std 400 sqrt(4 / 3) step / 4."""
     signed = contributions(keydir, {u: dp_config(keydir, 12) for u in NODES})
     assert all(m.client_noise.std == pytest.approx(LEVELS / math.sqrt(3))
-               for m, _ in signed.values())
+               for m in (c.model for c in signed.values()))
     residual = decrypted_average(keydir, signed) - clean_average(NODES)
     std = LEVELS * math.sqrt(4 / 3) * PARAMS.step / 4
     assert abs(residual.std() / std - 1) < 0.05
@@ -143,12 +143,11 @@ def _mixed(keydir):
 def _lowered_header(keydir):
     """A contribution whose header the server rewrote to declare less noise."""
     signed = contributions(keydir, {u: dp_config(keydir, 22) for u in NODES}, 200)
-    model, signature = signed[404]
+    model = signed[404].model
     lowered = dataclasses.replace(model, client_noise=dataclasses.replace(
         model.client_noise, std=1.0, quorum=1))
-    signed[404] = (EncryptedModel.from_arrays(lowered.to_arrays(),
-                                              node_keys(context_of(keydir, 404)).public),
-                   signature)
+    signed[404] = dataclasses.replace(signed[404], model=EncryptedModel.from_arrays(
+        lowered.to_arrays(), node_keys(context_of(keydir, 404)).public))
     return request_of(keydir, signed, NODES), {}, "not the one its identity signed"
 
 
@@ -199,8 +198,8 @@ def test_the_combiner_refuses_an_aggregate_with_less_noise_than_declared(keydir,
     server's noise and its floor itself, and the partials (sealed for the aggregate
     the decryptors recomputed) open only for that aggregate."""
     signed, partials, public = full_round
-    whole = aggregate(public, [m for m, _ in signed.values()])
-    three = aggregate(public, [signed[u][0] for u in (101, 202, 303)])
+    whole = aggregate(public, [c.model for c in signed.values()])
+    three = aggregate(public, [signed[u].model for u in (101, 202, 303)])
     settings = {}
     model = {
         "three of the four": three,
@@ -237,8 +236,8 @@ def test_a_node_refuses_to_add_noise_below_its_floor(keydir):
         contribute(dp_config(keydir, 41, levels=0), ["w"], [PLAIN[101][:50]], 1, keys,
                    context, run=RUN)
     context = context_of(keydir, 101, **{"dp-min-noise-multiplier": 0.02})
-    model, _ = contribute(dp_config(keydir, 41), ["w"], [PLAIN[101][:50]], 1, keys, context,
-                          run=RUN)
+    model = contribute(dp_config(keydir, 41), ["w"], [PLAIN[101][:50]], 1, keys, context,
+                       run=RUN).model
     assert model.client_noise.quorum == 3
 
 

@@ -188,7 +188,7 @@ def test_a_legacy_round_seals_the_weighted_average_for_the_clients_only(keydir, 
         assert all(load_npy(t, "tensor", (np.uint8,)).dtype == np.uint8
                    for t in res.parameters.tensors)
         assert set(res.metrics) == {"threshold-identity", "threshold-signature",
-                                    "threshold-share"}  # nothing in plaintext
+                                    "threshold-proof", "threshold-share"}  # no plaintext
         assert res.metrics["threshold-share"] == {101: 1, 202: 2, 303: 3}.get(proxy.node_id, 0)
     assert strategy.share_holders == {101: 1, 202: 2, 303: 3}
     # the server's new global model is sealed: the clients' group key opens it
@@ -274,8 +274,9 @@ def test_too_few_valid_contributors_skip_the_round_and_keep_the_model(keydir, ta
     assert (parameters, metrics) == (None, {})  # Flower keeps the global model
     assert "Left out the reply of client 101 in round 1: tensor type 'numpy.ndarray'" \
         in flwr_caplog.text
-    assert "Left out the reply of client 202 in round 1: the update's signature does not " \
-        "verify" in flwr_caplog.text
+    assert "Left out the reply of client 202 in round 1: it is not the one its identity " \
+        "signed (the signature does not verify); the decryptors would refuse the round" \
+        in flwr_caplog.text
     assert "Round 1 skipped, the model stays as it was: 2 valid updates, the decryptors " \
         "need at least 3 (T + 1)" in flwr_caplog.text
     assert not [s for p in proxies for s in p.stages]  # no stage was run
@@ -300,13 +301,12 @@ def lone_request(keydir) -> DecryptRequest:
     context = new_context(404)
     context.node_config.update(node_config(keydir, 404))
     model = local_model(404)
-    update, signature = contribute(round_config(strategy.params, public.fingerprint, 1, 1),
-                                   list(model), list(model.values()), weight(404),
-                                   node_keys(context), context, run=1)
+    contribution = contribute(round_config(strategy.params, public.fingerprint, 1, 1),
+                              list(model), list(model.values()), weight(404),
+                              node_keys(context), context, run=1)
     key = IDENTITY(404).key
-    view = View(1, 1, public.fingerprint, ((404, key.public, update.digest()),))
-    return DecryptRequest(view, {key.public: key.sign(view.statement())},
-                          {404: (update, signature)})
+    view = View(1, 1, public.fingerprint, ((404, key.public, contribution.model.digest()),))
+    return DecryptRequest(view, {key.public: key.sign(view.statement())}, {404: contribution})
 
 
 def test_decryptors_refuse_a_one_contributor_aggregate(keydir, lone_request, task_identity):

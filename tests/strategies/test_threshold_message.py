@@ -20,7 +20,7 @@ from strategies.keyfiles import (GROUP_KEY_NAME, THRESHOLD_PUBLIC_NAME, load_gro
                                  load_key_share, load_threshold_public_key,
                                  threshold_share_name)
 from strategies.node_errors import NodeError
-from strategies.paillier import ciphertexts_from_array
+from strategies.paillier import ciphertexts_from_array, ciphertexts_to_array
 from strategies.paillier_protocol import aggregate
 from strategies.records import record_arrays
 from strategies.threshold_message import (STAGE_KEY, ThresholdPaillierFedAvg, _decrypt_request,
@@ -176,6 +176,36 @@ def test_a_forged_partial_is_left_out_and_named_and_the_round_finishes(keydir, t
     assert "partial decryptions of nodes [101] failed their proofs" in flwr_caplog.text
 
 
+def _unproven(stage, msg, reply, node):
+    """A node signs its update with a proof that does not fit it (what a colluder that
+    derived its ciphertexts from others' would be left with)."""
+    from strategies.paillier_protocol import EncryptedModel
+    from strategies.plaintext_proofs import PlaintextProof
+    from strategies.threshold_protocol import _statement
+
+    if stage != "train":
+        return
+    keys = node_keys(node.context)
+    fields = reply.content.config_records[STAGE_KEY]
+    proof = PlaintextProof.from_text(fields["proof"])
+    proof = dataclasses.replace(proof, z_message=(proof.z_message + 1) % int(keys.public.n))
+    model = EncryptedModel.from_arrays(record_arrays(next(iter(
+        reply.content.array_records.values()))), keys.public)
+    fields["proof"] = proof.to_text()
+    fields["signature"] = keys.identity.key.sign(_statement(model, proof)).hex()
+
+
+def test_an_update_without_a_valid_proof_is_left_out_and_the_round_finishes(
+        keydir, task_identity, flwr_caplog):
+    nodes = make_nodes(keydir, {101: {"tamper": _unproven}})
+    strategy, grid = strategy_for(keydir, nodes), FakeGrid(nodes)
+    arrays, _ = run_round(strategy, grid, 1, initial())
+    _, plain, _, _ = open_model(load_group_key(keydir / GROUP_KEY_NAME), record_arrays(arrays),
+                                run=1)
+    assert_average(plain, [202, 303, 404], strategy)
+    assert "the proof that the sender knows its plaintexts does not verify" in flwr_caplog.text
+
+
 # ------------------------------------------------------------------ attacks on the core
 
 
@@ -201,7 +231,7 @@ def contributions(keydir):
 def view_of(keydir, contributions, nodes) -> View:
     out, contexts, strategy = contributions
     return View(1, 1, strategy.public_key.fingerprint, tuple(
-        (u, IDENTITY(u).key.public, out[u][0].digest()) for u in sorted(nodes)))
+        (u, IDENTITY(u).key.public, out[u].model.digest()) for u in sorted(nodes)))
 
 
 def request_of(contributions, view: View) -> DecryptRequest:
@@ -236,15 +266,15 @@ def test_subset_differencing_reveals_an_update_without_the_checks_and_fails_with
         keydir, contributions):
     out, contexts, strategy = contributions
     public, group = strategy.public_key, load_group_key(keydir / GROUP_KEY_NAME)
-    all_four = aggregate(public, [out[u][0] for u in NODES])
-    three = aggregate(public, [out[u][0] for u in (101, 202, 303)])
+    all_four = aggregate(public, [out[u].model for u in NODES])
+    three = aggregate(public, [out[u].model for u in (101, 202, 303)])
     # the attack, with the raw core and no checks: two honest decryptions, one difference
     plain = []
     for model in (all_four, three):
         cts = ciphertexts_from_array(public, model.ciphertexts)
         partials = [partial_decrypt(share(keydir, i), cts, b"x") for i in (1, 2)]
         plain.append(combine(public, cts, partials, b"x")[0])
-    alone = aggregate(public, [out[404][0]])
+    alone = aggregate(public, [out[404].model])
     cts = ciphertexts_from_array(public, alone.ciphertexts)
     truth = combine(public, cts, [partial_decrypt(share(keydir, i), cts, b"x") for i in (1, 2)],
                     b"x")[0]
@@ -273,10 +303,11 @@ def test_a_contribution_the_server_made_or_altered_is_refused(keydir, contributi
     view = view_of(keydir, contributions, [202, 303, 404])
     request = request_of(contributions, view)
     # the server swaps 404's ciphertexts for 303's (its own encryption would do the same)
-    swapped = dataclasses.replace(out[404][0], ciphertexts=out[303][0].ciphertexts)
+    swapped = dataclasses.replace(out[404].model, ciphertexts=out[303].model.ciphertexts)
     with pytest.raises(ThresholdRefused, match="node 404's contribution is not the one"):
         check_request(public, roster, dataclasses.replace(
-            request, contributions={**request.contributions, 404: (swapped, out[404][1])}),
+            request, contributions={**request.contributions,
+                                    404: dataclasses.replace(out[404], model=swapped)}),
             minimum=2)
     # a view signature missing, or made by another identity
     signatures = dict(request.view_signatures)
@@ -293,10 +324,92 @@ def test_a_contribution_the_server_made_or_altered_is_refused(keydir, contributi
         check_request(public, roster, request_of(contributions, forged_view), minimum=2)
 
 
+def colluding_contribution(keydir, contributions, colluder: int, cancelled: list[int]):
+    """What a client colluding with the server can sign as its own contribution, given
+    the honest ones: its own update, times the inverse of each ``cancelled`` node's,
+    times a fresh encryption of a zero update of that node's weight (its group key makes
+    the tag), so the view's aggregate holds the cancelled nodes as zero updates. Also
+    the best proof it can make: over every plaintext and randomizer it knows (its own
+    and the zero updates'), all but the cancelled nodes'."""
+    from strategies.paillier_protocol import encrypt_update
+    from strategies.plaintext_proofs import ProvingEncryptor, prove_plaintexts
+    from strategies.threshold_paillier import ThresholdEncryptor
+    from strategies.threshold_protocol import Contribution, _statement, proof_context
+
+    out, _, strategy = contributions
+    public, group = strategy.public_key, load_group_key(keydir / GROUP_KEY_NAME)
+    honest = out[colluder].model
+
+    def encrypted(arrays, node):
+        prover = ProvingEncryptor(ThresholdEncryptor(public))
+        encrypt_update(arrays, honest.layout, out[node].model.total_weight, honest.params,
+                       prover, group.tag_key(public.n), run=1, server_round=1, node=node)
+        return prover
+
+    own = encrypted(list(local_model(colluder).values()), colluder)
+    rows, known = list(own.ciphertexts), list(zip(own.plaintexts, own.randomizers))
+    for node in cancelled:
+        zero = encrypted([np.zeros(s, np.float32) for s in honest.layout.shapes], node)
+        theirs = ciphertexts_from_array(public, out[node].model.ciphertexts)
+        for j, c in enumerate(theirs):
+            rows[j] = rows[j] * zero.ciphertexts[j] * pow(int(c), -1, int(public.nsquare)) \
+                % public.nsquare
+            known[j] = ((known[j][0] + zero.plaintexts[j]) % int(public.n),
+                        known[j][1] + zero.randomizers[j])
+    crafted = dataclasses.replace(honest, ciphertexts=ciphertexts_to_array(public, rows))
+    proof = prove_plaintexts(public, *zip(*known), rows, proof_context(crafted))
+    return Contribution(crafted, proof, IDENTITY(colluder).key.sign(_statement(crafted, proof)))
+
+
+def test_a_colluding_client_cannot_cancel_the_others_to_isolate_an_update(
+        keydir, contributions, monkeypatch):
+    """Server + one client (k = 1 <= T - 1): the colluder signs, as its contribution,
+    its update minus the other honest ones (Paillier is malleable), so the view
+    {101, 202, 303, 404} adds up to 101's and 404's updates only, and the colluder, who
+    gets the model like every client, subtracts its own. Signatures and tags let it
+    through; the proof that a contributor knows its plaintexts does not."""
+    from strategies.threshold_protocol import combine_sealed
+
+    out, _, strategy = contributions
+    public, group = strategy.public_key, load_group_key(keydir / GROUP_KEY_NAME)
+    roster, colluder, target = IDENTITY(101).roster, 101, 404
+    crafted = colluding_contribution(keydir, contributions, colluder, [202, 303])
+    view = View(1, 1, public.fingerprint, tuple(
+        (u, IDENTITY(u).key.public, (crafted if u == colluder else out[u]).model.digest())
+        for u in NODES))
+    request = DecryptRequest(view, {IDENTITY(u).key.public: IDENTITY(u).key.sign(
+        view.statement()) for u in NODES}, {**{u: out[u] for u in NODES}, colluder: crafted})
+    # the attack works if the proof is not checked: two honest decryptors decrypt ...
+    with monkeypatch.context() as patch:
+        patch.setattr("strategies.threshold_protocol.verify_plaintexts", lambda *args: None)
+        sealed = {i: decrypt_share(share(keydir, i), group, roster, request, {}, minimum=2)
+                  for i in (2, 3)}
+        model = check_request(public, roster, request, minimum=2)
+        opened = open_model(group, combine_sealed(public, group, model, sealed)[0], run=1)[1]
+    # ... and the colluder takes its own update out of the model: node 404's remains
+    w = {u: out[u].model.total_weight for u in NODES}
+    own, truth = local_model(colluder), local_model(target)
+    for name, got in zip(own, opened):
+        recovered = (got * sum(w.values()) - w[colluder] * own[name]) / w[target]
+        np.testing.assert_allclose(recovered, truth[name], atol=1e-3)
+    # with the check, the decryptors refuse the view and the server the update
+    for decryptor in (2, 3):
+        with pytest.raises(ThresholdRefused, match="node 101's contribution is refused: the "
+                                                   "proof that the sender knows"):
+            decrypt_share(share(keydir, decryptor), group, roster, request, {}, minimum=2)
+    assert crafted.fault(public, IDENTITY(colluder).key.public).startswith(
+        "the proof that the sender knows its plaintexts does not verify")
+    # its honest contribution's proof does not fit the crafted ciphertexts either
+    from strategies.threshold_protocol import Contribution, _statement
+    reused = Contribution(crafted.model, out[colluder].proof, IDENTITY(colluder).key.sign(
+        _statement(crafted.model, out[colluder].proof)))
+    assert "does not verify" in reused.fault(public, IDENTITY(colluder).key.public)
+
+
 def test_a_contribution_replayed_into_another_round_is_refused(keydir, contributions):
     out, contexts, strategy = contributions
     round2 = View(1, 2, strategy.public_key.fingerprint, tuple(
-        (u, IDENTITY(u).key.public, out[u][0].digest()) for u in (202, 303, 404)))
+        (u, IDENTITY(u).key.public, out[u].model.digest()) for u in (202, 303, 404)))
     with pytest.raises(ThresholdRefused, match="contributed to no such round"):
         sign_view(round2, IDENTITY(202), load_state(contexts[202])["own"], {}, minimum=2,
                   threshold=2)
@@ -318,7 +431,7 @@ def test_the_combiner_refuses_an_aggregate_the_partials_were_not_made_for(keydir
     honest = check_request(public, roster, request, minimum=2)
     model, bad = combine_sealed(public, group, honest, sealed)
     assert bad == [] and open_model(group, model, run=1)[3] == 1
-    lone = dataclasses.replace(honest, ciphertexts=out[404][0].ciphertexts)  # one update
+    lone = dataclasses.replace(honest, ciphertexts=out[404].model.ciphertexts)  # one update
     with pytest.raises(ThresholdRefused, match="cannot decrypt"):
         combine_sealed(public, group, lone, sealed)
 
