@@ -256,7 +256,8 @@ def main() -> None:
                                   "decrypt_s": sealed["open_s"], "bytes_up": wire_bytes,
                                   "bytes_down": sealed["bytes"]},
         "threshold_paillier": {
-            "encrypt_s": summary["threshold"]["encrypt_s_per_ciphertext"] * (full_count + 1),
+            "encrypt_s": summary["threshold"]["encrypt_s_per_ciphertext"] * (full_count + 1)
+            + summary["threshold"]["mnist_cnn_contribution_proof"]["prove_s"],
             "decrypt_s": sealed["open_s"], "bytes_up": wire_bytes,
             "bytes_down": sealed["bytes"]},
         "ckks": {"encrypt_s": MNIST_CNN_PARAMS / ckks["encrypt_values_per_s"],
@@ -286,7 +287,8 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
     every client decrypts; decrypt-once: one decrypts and seals, the others open;
     threshold: ``threshold`` decryptors and one combiner, then every client opens)."""
     from strategies.threshold_paillier import (ThresholdEncryptor, combine,
-                                               deal_threshold_key, partial_decrypt)
+                                               deal_threshold_key, partial_decrypt,
+                                               verify_partial)
     from strategies.threshold_protocol import GroupKey, open_model, seal_model
 
     (public, shares), t_deal = timed(deal_threshold_key, threshold, clients, KEY_BITS)
@@ -299,9 +301,14 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
     t_partial /= threshold
     (result, left_out), t_combine = timed(combine, public, cts, partials, context)
     assert result == plaintexts and not left_out, "threshold decryption is wrong"
+    _, t_verify = timed(lambda: [verify_partial(public, cts, p, context) for p in partials])
     _, t_single = timed(sk.decrypt_array, aggregate[:sample], count=sample)
     scale = mnist_ciphertexts / sample
-    partial_mnist, combine_mnist = t_partial * scale, t_combine * scale
+    # the proofs' checks are multi-exponentiations, cheaper per ciphertext the more there
+    # are: measured on the whole CNN, not scaled from the sample
+    proofs = contribution_proofs(public, mnist_ciphertexts)
+    partial_mnist = t_partial * scale
+    combine_mnist = (t_combine - t_verify) * scale + threshold * proofs["partial_verify_s"]
     single_mnist = t_single * scale
     every_client = clients * single_mnist
     rng = np.random.default_rng(1)
@@ -325,6 +332,7 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
         "mnist_cnn_ciphertexts": mnist_ciphertexts,
         "mnist_cnn_partial_s_per_decryptor": round(partial_mnist, 1),
         "mnist_cnn_verify_and_combine_s": round(combine_mnist, 1),
+        "mnist_cnn_contribution_proof": proofs,
         "sealed_model": {"bytes": int(sealed["threshold-sealed-model"].nbytes),
                          "float32_bytes": 4 * cnn.size, "seal_s": round(t_seal, 4),
                          "open_s": round(t_open, 4)},
@@ -346,6 +354,38 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
         f"({out['threshold_cpu_vs_today']}x); decrypt-once {once_cpu:.1f} s "
         f"({out['decrypt_once_cpu_vs_today']}x: seal {t_seal:.3f} s, open {t_open:.3f} s)")
     return out
+
+
+def contribution_proofs(public, count: int) -> dict:
+    """On ``count`` ciphertexts (the whole CNN): a contributor's proof that it knows its
+    plaintexts (strategies.plaintext_proofs; its encryption not counted), checking it
+    (the server and every decryptor, per contribution), and checking one decryptor's
+    partial-decryption proof (random values stand in for the partials, which take minutes
+    to make; the check costs the same, and fails)."""
+    from strategies.plaintext_proofs import ProvingEncryptor, verify_plaintexts
+    from strategies.threshold_paillier import (InvalidPartial, PartialDecryption,
+                                               ThresholdEncryptor, verify_partial)
+
+    prover = ProvingEncryptor(ThresholdEncryptor(public))
+    array, t_encrypt = timed(prover.encrypt_to_array,
+                             [secrets.randbelow(int(public.n)) for _ in range(count)])
+    proof, t_prove = timed(prover.prove, array, b"bench")
+    cts = prover.ciphertexts
+    _, t_check = timed(verify_plaintexts, public, cts, proof, b"bench")
+    stand_in = PartialDecryption(1, tuple(c * c % public.nsquare for c in cts), 1, 1)
+
+    def check_partial():
+        try:
+            verify_partial(public, cts, stand_in, b"bench")
+        except InvalidPartial:
+            pass
+
+    _, t_partial = timed(check_partial)
+    log(f"contribution proof over {count} ciphertexts: encrypt {t_encrypt:.1f} s, prove "
+        f"{t_prove:.2f} s, check {t_check:.2f} s; checking a partial's proof {t_partial:.2f} s")
+    return {"ciphertexts": count, "encrypt_s": round(t_encrypt, 2),
+            "prove_s": round(t_prove, 2), "verify_s": round(t_check, 2),
+            "partial_verify_s": round(t_partial, 2)}
 
 
 CKKS_SLOTS = 4096  # a CKKS vector under polynomial modulus 8192 holds 4096 values

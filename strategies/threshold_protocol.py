@@ -7,8 +7,9 @@ The roles, each round (:mod:`strategies.threshold_message` moves them over Flowe
 
 1. **Contributors** encrypt their weighted update under the threshold public key
    (:func:`strategies.paillier_protocol.encrypt_update`, tags keyed by the group
-   key) and sign its digest with their Ed25519 identity key
-   (:mod:`strategies.secagg_identity`): :func:`contribution_statement`.
+   key), prove that they know what it encrypts (:mod:`strategies.plaintext_proofs`)
+   and sign its digest and the proof with their Ed25519 identity key
+   (:mod:`strategies.secagg_identity`): a :class:`Contribution`.
 2. **View.** The server lists the contributions it will add up, as ``(node,
    identity, digest)``: a :class:`View`. Every contributor in it signs it
    (:func:`sign_view`) after checking that its own contribution is listed, that the
@@ -29,13 +30,16 @@ Why the server cannot get less than an aggregate of several honest clients decry
 ``c <= T - 1`` clients (fewer than ``T`` shares, so no decryption without honest
 decryptors), asks honest decryptors to decrypt. A decryptor decrypts only the product
 of contributions each signed, for this run and round, by a distinct roster identity
-that also signed the view listing exactly these contributions, and only views of at
-least ``max(min_contributors, T + 1)`` entries. Identities cannot be forged, so each
-honest contributor appears with its one contribution; an honest contributor signs one
-view per round, so two decrypted aggregates of a round cannot share an honest
-contributor, and no difference of two aggregates isolates one; every decrypted
-aggregate holds at least ``T + 1 - c >= 2`` honest contributions. The colluders'
-contributions are known to them, so the server learns sums of two or more honest
+that also signed the view listing exactly these contributions, each with a valid proof
+that its signer knows its plaintexts, and only views of at least ``max(min_contributors,
+T + 1)`` entries. Identities cannot be forged, so each honest contributor appears with
+its one contribution; an honest contributor signs one view per round, so two decrypted
+aggregates of a round cannot share an honest contributor, and no difference of two
+aggregates isolates one; every decrypted aggregate holds at least ``T + 1 - c >= 2``
+honest contributions. The colluders' contributions are plaintexts known to them: without
+the proofs, a colluder could sign the honest contributions' ciphertexts inverted
+(Paillier is malleable) and cancel all honest updates but one; a proof for such a
+ciphertext needs the honest plaintexts. So the server learns sums of two or more honest
 updates, never one. The server alone cannot open the partials (group key), so it
 learns no aggregate at all. A client colluding with the server can (every client
 learns the aggregate); that is the price of the group key and no more.

@@ -55,6 +55,9 @@ def test_threshold_benchmark_decrypts_for_real_and_scales_to_the_mnist_aggregate
     assert cpu["single_holder_every_client_decrypts"] == pytest.approx(3 * single, abs=0.1)
     assert cpu["single_holder_decrypt_once"] == pytest.approx(single, abs=0.1)
     assert out["partial_vs_single_holder_decrypt"] > 1  # no CRT, 4,000-bit exponents
+    # the contribution proof was made and checked on all 400 ciphertexts (it raises if not)
+    proof = out["mnist_cnn_contribution_proof"]
+    assert proof["ciphertexts"] == 400 and proof["prove_s"] > 0 and proof["verify_s"] > 0
     # the sealed model: float32 values, a nonce, a GCM tag and the metric means
     sealed = out["sealed_model"]
     assert sealed["float32_bytes"] == 4 * 3030
