@@ -126,11 +126,6 @@ def _check_threshold(settings: RunSettings) -> None:
                          "of the threshold public key file on the server "
                          "(paillier-threshold.pub.json, from 'fedapp keygen --threshold T "
                          "--shares N')")
-    if settings.dp.noise_multiplier > 0 and settings.dp.mode != "distributed":
-        from strategies.dp_rounds import SEALED_CENTRAL_REFUSED
-
-        raise ValueError(f"aggregation='paillier-threshold' with dp-mode = "
-                         f"'{settings.dp.mode}': {SEALED_CENTRAL_REFUSED}")
     _check_paillier_dp(settings)
 
 

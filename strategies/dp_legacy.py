@@ -96,6 +96,7 @@ class LegacyCentralDP(DPRounds, Strategy):
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if self.masked or self.encrypted:
+            self._arm_sealed()
             parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
             if parameters is None and self.encrypted:
                 log(WARNING, "Round %d: no update to add noise to; nothing released",

@@ -8,7 +8,7 @@ Wrap the run's strategy::
     strategy = CentralDP(PaillierFedAvg(...), noise_multiplier=1.0, clip=0.1)      # Paillier
     app = ClientApp(mods=[paillier_mod, dp_clip_mod])                              # its clients
     strategy = CentralDP(ThresholdPaillierFedAvg(...), noise_multiplier=1.0, clip=0.1,
-                         mode="distributed")                                  # threshold
+                         mode="distributed")        # threshold (or central: server noise)
     app = ClientApp(mods=[threshold_paillier_mod, dp_clip_mod])                    # its clients
 
 With a plaintext strategy the server sees each update and clips it itself. With
@@ -79,8 +79,9 @@ class CentralDP(DPRounds, Strategy):
         ``"auto"``: Poisson, except under Paillier (fixed: there the average is
         divided by the number of updates, so Poisson is refused).
     mode : str (default: "central")
-        ``"central"``: the server adds the noise to the sum (refused around
-        ``ThresholdPaillierFedAvg``: :mod:`strategies.threshold_protocol` says why).
+        ``"central"``: the server adds the noise to the sum (around
+        ``ThresholdPaillierFedAvg`` it encrypts the noise and proves it knows it, and
+        the decryptors add it only with their ``paillier-accept-server-noise``).
         ``"distributed"`` (with :class:`SecAggFedAvg`, ``PaillierFedAvg`` or
         ``ThresholdPaillierFedAvg``, a fixed clip): each node adds its
         share of discrete Gaussian noise to what it masks or encrypts (``dp_clip_mod``
@@ -151,6 +152,7 @@ class CentralDP(DPRounds, Strategy):
             new, dp_metrics = self._release(server_round, None, 0.0, 0, 0)
             return array_record(new), MetricRecord(dp_metrics)
         if self.masked or self.encrypted:
+            self._arm_sealed()
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
             if arrays is None and self.encrypted:
                 log(WARNING, "Round %d: no update to add noise to; nothing released",

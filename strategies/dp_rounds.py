@@ -44,15 +44,6 @@ MIN_NOISE_SETTING = "dp-min-noise-multiplier"
 GRID_SLACK = 1e-6  # plaintext: rounding to the fine grid costs this fraction of the clip
 
 
-#: Why central DP is refused under threshold Paillier (the settings check says it too)
-SEALED_CENTRAL_REFUSED = (
-    "central DP is refused under threshold Paillier: the server would add its noise as a "
-    "ciphertext, and a ciphertext it adds could be E(-sum of the other contributions), "
-    "made from their ciphertexts, which cancels them and leaves one client's update "
-    "decrypted; no node can tell without a proof that the server knows the noise's "
-    "plaintext. Use distributed DP (dp-mode = \"distributed\"): the clients add the noise")
-
-
 def server_sees(strategy: object) -> str:
     """What the server sees of the updates under ``strategy`` (see the module)."""
     seen = getattr(strategy, "server_sees", "plain")
@@ -78,9 +69,6 @@ class DPRounds:
         if mode not in DP_MODES:
             raise ValueError(f"the DP mode must be one of {DP_MODES}, got {mode!r}")
         self.distributed = mode == "distributed"
-        if self.sealed and not self.distributed:
-            raise ValueError(f"{type(strategy).__name__}: {SEALED_CENTRAL_REFUSED} "
-                             "(mode='distributed')")
         if self.distributed and not (self.masked or self.encrypted):
             raise ValueError("distributed DP needs masking or Paillier (aggregation 'secagg', "
                              "'paillier' or 'paillier-threshold'): the nodes add the noise to "
@@ -105,8 +93,9 @@ class DPRounds:
             raise ValueError("adaptive clipping with masking sends a 0/1 value through the "
                              f"masked sum, but its clip range is {strategy.params.clip:g}: "
                              "use a masking clip of at least 1")
+        # central DP's noise (under threshold Paillier the strategy encrypts and proves it)
         self._encryptor = Encryptor(strategy.public_key) if self.encrypted \
-            and not self.sealed else None  # central DP's noise (never under threshold)
+            and not self.sealed else None
         # the secure modes quantize what clients send: clients leave room for it
         self._quantizer = strategy.params.fixed_point if self.masked or self.encrypted \
             else None
@@ -369,10 +358,23 @@ class DPRounds:
             metrics["dp-unclipped-fraction"] = self.clipper.noisy_fraction
         return dict(zip(self._global, new, strict=True)), metrics
 
-    def _release_encrypted(self, server_round: int, model: EncryptedModel
-                           ) -> tuple[EncryptedModel, dict]:
+    def _central_noise(self, step: float) -> tuple[float, int]:
+        """Central DP under Paillier: the noise's std in levels of the sum (of width
+        ``step``) and the bound it is clipped to."""
+        sigma = self.config.update_noise_multiplier * self.clipper.clip / step
+        return sigma, math.ceil(TAIL_CLIP * sigma)
+
+    def _arm_sealed(self) -> None:
+        """Threshold Paillier, central DP: tell the strategy the round's noise, which it
+        encrypts, proves it knows and sends the decryptors (before it aggregates)."""
+        if self.sealed and not self.distributed:
+            self.strategy.server_noise = self._central_noise(self.strategy.params.step)
+
+    def _release_encrypted(self, server_round: int, model: EncryptedModel, *,
+                           noised: bool = False) -> tuple[EncryptedModel, dict]:
         """Paillier mode: discrete Gaussian noise in the encrypted sum of the ``n``
-        clipped updates' levels. Central DP adds it homomorphically; under distributed
+        clipped updates' levels. Central DP adds it homomorphically (``noised``: the
+        threshold strategy added it already, :meth:`_arm_sealed`); under distributed
         DP each update already carries its share (:class:`ClientNoise`) and the server
         adds nothing. The server cannot rescale an encrypted average to the fixed
         denominator, so the decoders divide by ``n``: the same mechanism on the sum,
@@ -389,10 +391,11 @@ class DPRounds:
                                * tail_bound(noise.std, noise.bound))
             clipped_at = CLIENT_TAIL_CLIP
         else:
-            sigma = self.config.update_noise_multiplier * self.clipper.clip / model.params.step
-            bound = math.ceil(TAIL_CLIP * sigma)
-            noisy = add_noise(model, discrete_gaussian(sigma, model.layout.size), bound,
-                              self._encryptor)
+            sigma, bound = self._central_noise(model.params.step)
+            if noised and model.server_noise != bound:
+                raise ValueError("the sealed aggregate does not carry the round's noise")
+            noisy = model if noised else add_noise(
+                model, discrete_gaussian(sigma, model.layout.size), bound, self._encryptor)
             how = "noise added to"
             # the clipped noise differs from the discrete Gaussian only where a value fell
             # beyond the bound: the release is the mechanism's except with at most that
@@ -411,13 +414,14 @@ class DPRounds:
     def _release_sealed(self, server_round: int) -> dict:
         """Threshold Paillier: the round's DP metrics for the aggregate the clients
         decrypted and sealed (the strategy's ``last_aggregate``). It carries the
-        clients' noise (the decryptors checked it, :mod:`strategies.threshold_protocol`);
-        it is accounted as under the single-holder key (:meth:`_release_encrypted`)."""
+        clients' noise (the decryptors checked it, :mod:`strategies.threshold_protocol`)
+        or the server's (central DP, :meth:`_arm_sealed`); it is accounted as under the
+        single-holder key (:meth:`_release_encrypted`)."""
         model = getattr(self.strategy, "last_aggregate", None)
         if model is None or model.server_round != server_round:
             raise ValueError(f"round {server_round} sealed a model without an aggregate of "
                              "its own")
-        return self._release_encrypted(server_round, model)[1]
+        return self._release_encrypted(server_round, model, noised=True)[1]
 
 
 def clip_local_update(config: dict, incoming: dict[str, np.ndarray],

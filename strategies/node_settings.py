@@ -29,7 +29,8 @@ SETTINGS = {
     "paillier-min-contributors": (2, "decrypt only aggregates of at least this many "
                                      "updates (1: also a single update)"),
     "paillier-accept-server-noise": (False, "decrypt aggregates the server added central-DP "
-                                            "noise to, whose authenticity cannot be checked"),
+                                            "noise to (the server can shift the model and "
+                                            "learn whether decoding succeeds)"),
     "secagg-allow-unauthenticated": (False, "masking: take part without an identity key and "
                                             "roster, trusting the server to relay keys "
                                             "honestly"),

@@ -69,8 +69,8 @@ from .threshold_paillier import ThresholdPublicKey
 from .threshold_protocol import (MAX_SEALED_HEADER_BYTES, SEALED_HEADER_KEY, SEALED_KEY,
                                  DecryptRequest, SealError, ThresholdRefused, View)
 from .threshold_rounds import (CombineRequest, Combined, StageRequest, ThresholdRounds,
-                               read_request, read_signature, read_view, request_fields,
-                               signature_fields, view_text)
+                               read_request, read_signature, read_view, request_arrays,
+                               request_fields, signature_fields, view_text)
 
 TENSOR_TYPE = "paillier-threshold-v1/numpy.ndarray"
 SEALED_TENSOR_TYPE = "paillier-threshold-sealed-v1/numpy.ndarray"
@@ -270,8 +270,8 @@ def _request_config(request: StageRequest) -> dict[str, Scalar]:
     if isinstance(request, DecryptRequest):
         out: dict[str, Scalar] = {STAGE_FIELD: "decrypt", **{
             f"{PREFIX}{k}": v for k, v in request_fields(request).items()}}
-        for node, c in request.contributions.items():
-            _put_arrays(out, f"contribution-{node}", c.model.to_arrays())
+        for name, arrays in request_arrays(request).items():
+            _put_arrays(out, name, arrays)
         return out
     out = {STAGE_FIELD: "combine"}
     _put_arrays(out, "aggregate", request.aggregate.to_arrays())
@@ -319,7 +319,7 @@ def _answer_stage(config: Mapping[str, Scalar], context: Context, keys: NodeKeys
 
 def _decrypt_request(config: Mapping[str, Scalar], keys: NodeKeys) -> DecryptRequest:
     return read_request({k[len(PREFIX):]: v for k, v in config.items() if k.startswith(PREFIX)},
-                        lambda node: _get_arrays(config, f"contribution-{node}"), keys.public)
+                        lambda name: _get_arrays(config, name), keys.public)
 
 
 def _fit_config(msg: Message) -> dict:

@@ -52,8 +52,8 @@ from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_vi
 from .threshold_paillier import ThresholdPublicKey
 from .threshold_protocol import DecryptRequest, SealError, ThresholdRefused, View, is_sealed
 from .threshold_rounds import (CombineRequest, Combined, StageRequest, ThresholdRounds,
-                               read_request, read_signature, read_view, request_fields,
-                               signature_fields, view_text)
+                               read_request, read_signature, read_view, request_arrays,
+                               request_fields, signature_fields, view_text)
 
 STAGE_KEY = "threshold"  # the ConfigRecord of a stage request, and of a train reply's signature
 STAGE_MESSAGE_TYPE = MessageType.TRAIN
@@ -188,8 +188,8 @@ def _request_content(request: StageRequest) -> RecordDict:
     if isinstance(request, DecryptRequest):
         return RecordDict({STAGE_KEY: ConfigRecord({"stage": "decrypt",
                                                     **request_fields(request)}),
-                           **{f"contribution-{node}": array_record(c.model.to_arrays())
-                              for node, c in request.contributions.items()}})
+                           **{name: array_record(arrays)
+                              for name, arrays in request_arrays(request).items()}})
     return RecordDict({STAGE_KEY: ConfigRecord({"stage": "combine"}),
                        "aggregate": array_record(request.aggregate.to_arrays()),
                        **{f"partial-{node}": _bytes_record(blob)
@@ -238,8 +238,8 @@ def _answer_stage(msg: Message, context: Context, keys: NodeKeys) -> Message:
 
 
 def _decrypt_request(msg: Message, keys: NodeKeys) -> DecryptRequest:
-    return read_request(msg.content.config_records[STAGE_KEY], lambda node: record_arrays(
-        msg.content.array_records[f"contribution-{node}"]), keys.public)
+    return read_request(msg.content.config_records[STAGE_KEY], lambda name: record_arrays(
+        msg.content.array_records[name]), keys.public)
 
 
 @reports_errors(PermissionError, DecryptionRefused, SealError, InvalidUpdate, ThresholdRefused)

@@ -53,6 +53,7 @@ GROUP_NODE_CONFIG = "paillier-group-key"
 SHARE_NODE_CONFIG = "paillier-key-share"
 STATE_KEY = "threshold-paillier"
 MIN_CONTRIBUTORS = "paillier-min-contributors"
+ACCEPT_NOISE = "paillier-accept-server-noise"
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,13 @@ def minimum_noise(context: Context) -> float:
     return node_setting(context.node_config, MIN_NOISE_SETTING)
 
 
+def accepts_server_noise(context: Context) -> bool:
+    """The node's ``paillier-accept-server-noise``: whether it decrypts an aggregate the
+    server added central-DP noise to (proven to be noise the server knows, so it cannot
+    isolate an update; it can shift the model and learn whether decoding succeeds)."""
+    return node_setting(context.node_config, ACCEPT_NOISE)
+
+
 def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_examples: int,
                keys: NodeKeys, context: Context, *, run: int,
                metrics: dict | None = None) -> Contribution:
@@ -204,7 +212,8 @@ def answer_decrypt(request: DecryptRequest, keys: NodeKeys, context: Context) ->
     sealed = decrypt_share(keys.share, keys.group, keys.identity.roster, request,
                            state.setdefault("decrypted", {}),
                            minimum=minimum_contributors(context),
-                           min_noise=minimum_noise(context))
+                           min_noise=minimum_noise(context),
+                           accept_noise=accepts_server_noise(context))
     save_state(context, state)
     return sealed
 
@@ -212,7 +221,8 @@ def answer_decrypt(request: DecryptRequest, keys: NodeKeys, context: Context) ->
 def answer_combine(request: CombineRequest, keys: NodeKeys, context: Context) -> Combined:
     """As the combiner: the model sealed from ``T`` verified partials, and the nodes
     whose partials were left out (:func:`strategies.threshold_protocol.combine_sealed`,
-    which also checks the aggregate's distributed-DP noise against the node's floor)."""
+    which also checks the aggregate's noise against the node's floor and consent)."""
     model, left_out = combine_sealed(keys.public, keys.group, request.aggregate,
-                                     request.partials, min_noise=minimum_noise(context))
+                                     request.partials, min_noise=minimum_noise(context),
+                                     accept_noise=accepts_server_noise(context))
     return Combined(model, left_out)

@@ -55,10 +55,17 @@ beyond the contributors' own, and a multiplier at or above the node's own
 ``dp-min-noise-multiplier`` (:func:`check_noise`). The server cannot strip or shrink
 the noise (it would change a signed digest, and the tag), lower the quorum (the same),
 or pass off a partial sum (fewer than ``k`` contributions are refused; a subset of a
-signed view is not what its contributors signed). Central DP stays refused in this
-mode: a ciphertext the server adds as "noise" could be ``E(-sum of the others)``,
-computed from their ciphertexts, which would leave one client's update decrypted;
-accepting server noise would need a proof that the server knows its plaintext.
+signed view is not what its contributors signed).
+
+Central DP (server noise, :class:`ServerNoise`). A ciphertext the server adds as
+"noise" could be ``E(-sum of the others)``, computed from their ciphertexts, which would
+leave one client's update decrypted. So the server proves it knows the plaintexts of its
+noise, bound to the view and the offset, as contributors do theirs
+(:mod:`strategies.plaintext_proofs`); every decrypted aggregate is then the view's honest
+and colluding contributions plus a value the server knows, and the argument above holds.
+A node adds server noise only with its ``paillier-accept-server-noise``, as under the
+single key: it cannot check the noise's size, so the server can shift the model and learn
+whether decoding succeeds (one bit of the aggregate per round), never an update.
 
 Replays: contributions, views and partials bind the run and the round; a
 contribution of another round or run, or a view signed for another, is refused.
@@ -75,6 +82,7 @@ import math
 import os
 import struct
 from collections.abc import Mapping, MutableMapping
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,15 +94,17 @@ from gmpy2 import mpz
 
 from .aggregation import InvalidUpdate, Layout
 from .checks import is_int
-from .paillier import ciphertexts_from_array
+from .encoding import encode_noise, pack
+from .paillier import aggregate_arrays, ciphertexts_from_array
 from .paillier_protocol import EncryptedModel, aggregate, read_aggregate
 from .paillier_tags import TagKey
 from .plaintext_proofs import InvalidProof, PlaintextProof, ProvingEncryptor, verify_plaintexts
 from .secagg_identity import NodeIdentity, Roster, verify
-from .threshold_paillier import (KeyShare, PartialDecryption, ThresholdPublicKey, combine,
-                                 partial_decrypt)
+from .threshold_paillier import (KeyShare, PartialDecryption, ThresholdEncryptor,
+                                 ThresholdPublicKey, combine, partial_decrypt)
 
 __all__ = ["GroupKey", "SealError", "View", "ThresholdRefused", "Contribution", "proof_context",
+           "ServerNoise", "add_server_noise",
            "sign_view", "DecryptRequest", "check_request", "check_noise", "decrypt_share",
            "combine_sealed", "seal_model", "open_model", "SEALED_KEY", "SEALED_HEADER_KEY"]
 
@@ -104,6 +114,9 @@ SEALED_HEADER_KEY = "threshold-sealed-header"
 MAX_SEALED_HEADER_BYTES = 1 << 20
 _GROUP_TYPE = "fedapp-paillier-group-key"
 _NONCE_BYTES = 12
+_SERVER_NOISE_REFUSED = ("the aggregate carries noise the server added (central DP), which "
+                         "this node accepts only with paillier-accept-server-noise = true "
+                         "(docs/threat-model.md)")
 
 
 class SealError(ValueError):
@@ -330,37 +343,100 @@ def sign_view(view: View, identity: NodeIdentity, own: Mapping[str, object],
     return identity.key.sign(view.statement())
 
 
+def _noise_context(view: View, offset: int) -> bytes:
+    return (b"fedapp threshold server noise v1\x00" + bytes.fromhex(view.digest())
+            + offset.to_bytes(16, "big"))
+
+
+@dataclass(frozen=True)
+class ServerNoise:
+    """Central DP: the server's noise for one view's aggregate, one ciphertext per
+    packed model plaintext (none for the metric sums and the tag), the offset that
+    decoding subtracts, and the server's proof that it knows the plaintexts
+    (:mod:`strategies.plaintext_proofs`), bound to the view and the offset."""
+
+    ciphertexts: np.ndarray
+    offset: int
+    proof: PlaintextProof
+
+    @staticmethod
+    def make(encryptor: ThresholdEncryptor, model: EncryptedModel, view: View,
+             noise: np.ndarray, bound: int) -> ServerNoise:
+        """The server's noise: ``noise`` (integers, in levels of the sum, clipped to
+        ``[-bound, bound]``) encoded for ``model``'s slots, encrypted and proven.
+
+        Raises
+        ------
+        encoding.EncodingOverflow
+            If the noise does not fit the slots' headroom.
+        """
+        values, offset = encode_noise(noise, bound, model.total_weight, model.params)
+        prover = ProvingEncryptor(encryptor)
+        cts = prover.encrypt_to_array(pack(values, model.params))
+        return ServerNoise(cts, offset, prover.prove(cts, _noise_context(view, offset)))
+
+
+def add_server_noise(public: ThresholdPublicKey, model: EncryptedModel, view: View,
+                     noise: ServerNoise) -> EncryptedModel:
+    """``model`` with the server's ``noise`` in its packed rows, once its proof holds for
+    ``view``: what the decryptors decrypt and the server names in its combine request.
+
+    Raises
+    ------
+    ThresholdRefused
+        If the noise has the wrong rows, an offset the slots cannot hold, or a proof that
+        does not verify (the server does not know what it adds: it could be the inverse
+        of the other contributions, leaving one update).
+    """
+    rows = model.params.num_plaintexts(model.layout.size)
+    try:
+        model.params.check_noise_offset(model.noise_offset + noise.offset, model.total_weight)
+        cts = ciphertexts_from_array(public, noise.ciphertexts)
+        if len(cts) != rows:
+            raise ValueError(f"{len(cts)} noise ciphertexts for {rows} packed rows")
+        verify_plaintexts(public, cts, noise.proof, _noise_context(view, noise.offset))
+        summed = aggregate_arrays(public, [model.ciphertexts[:rows], noise.ciphertexts])
+    except (InvalidProof, ValueError) as err:  # EncodingOverflow is a ValueError
+        raise ThresholdRefused(f"the server's noise is refused: {err}") from None
+    return dataclasses.replace(model, ciphertexts=np.concatenate(
+        [summed, model.ciphertexts[rows:]]), noise_offset=model.noise_offset + noise.offset)
+
+
 @dataclass(frozen=True)
 class DecryptRequest:
-    """What a decryptor receives: the view, each listed identity's signature of it, and
-    each listed node's contribution with its signature."""
+    """What a decryptor receives: the view, each listed identity's signature of it,
+    each listed node's contribution with its signature, and under central DP the
+    server's noise."""
 
     view: View
     view_signatures: Mapping[bytes, bytes]
     contributions: Mapping[int, Contribution]
+    noise: ServerNoise | None = None
 
 
-def check_noise(model: EncryptedModel, min_noise: float) -> None:
-    """Distributed DP: refuse an aggregate that may carry less noise than its
-    contributors declared or than this node accepts (see the module docstring).
+def check_noise(model: EncryptedModel, min_noise: float, accept_noise: bool = False) -> None:
+    """Refuse an aggregate that may carry less distributed-DP noise than its
+    contributors declared or than this node accepts, or server noise the node does not
+    accept (see the module docstring).
 
     Parameters
     ----------
     model : EncryptedModel
         The aggregate, its header as the contributors signed it.
     min_noise : float
-        The node's ``dp-min-noise-multiplier`` (0: no noise required).
+        The node's ``dp-min-noise-multiplier`` (0: no noise required): distributed-DP
+        noise it can check (the server's it cannot).
+    accept_noise : bool
+        The node's ``paillier-accept-server-noise``: central DP's server noise accepted.
 
     Raises
     ------
     ThresholdRefused
-        If it has a noise offset beyond the contributors' own (server noise), fewer
-        contributors than the quorum its noise is shared among, or a noise multiplier
-        below ``min_noise``.
+        If it has server noise not accepted, fewer contributors than the quorum its
+        noise is shared among, or a distributed-DP noise multiplier below ``min_noise``.
     """
-    if model.server_noise:
-        raise ThresholdRefused("the aggregate carries noise the server added, which no node "
-                               "can check: threshold mode takes distributed DP only")
+    if model.server_noise and not accept_noise:
+        raise ThresholdRefused(_SERVER_NOISE_REFUSED)
     noise, n = model.client_noise, len(model.contributors)
     if noise is not None and n < noise.quorum:
         raise ThresholdRefused(f"the aggregate has {n} contributions, its distributed-DP "
@@ -374,12 +450,14 @@ def check_noise(model: EncryptedModel, min_noise: float) -> None:
 
 
 def check_request(public: ThresholdPublicKey, roster: Roster, request: DecryptRequest, *,
-                  minimum: int, min_noise: float = 0.0) -> EncryptedModel:
+                  minimum: int, min_noise: float = 0.0, accept_noise: bool = False
+                  ) -> EncryptedModel:
     """The aggregate a decryptor may decrypt: the product of exactly the view's
-    contributions, each signed by its identity, with the view signed by every one of
-    them, all declaring the same distributed-DP noise and enough of them for it
-    (:func:`check_noise`, against the node's ``min_noise``; see the module docstring
-    for why).
+    contributions, each signed by its identity with a valid proof of plaintext
+    knowledge, with the view signed by every one of them, all declaring the same
+    distributed-DP noise and enough of them for it, and the server's noise if the node
+    accepts it (:func:`check_noise`, against the node's ``min_noise`` and
+    ``accept_noise``; see the module docstring for why).
 
     Raises
     ------
@@ -417,7 +495,11 @@ def check_request(public: ThresholdPublicKey, roster: Roster, request: DecryptRe
         summed = aggregate(public, updates)
     except (InvalidUpdate, ValueError) as err:
         raise ThresholdRefused(f"the contributions do not add up: {err}") from None
-    check_noise(summed, min_noise)
+    if request.noise is not None:
+        if not accept_noise:  # before the proof's work
+            raise ThresholdRefused(_SERVER_NOISE_REFUSED)
+        summed = add_server_noise(public, summed, view, request.noise)
+    check_noise(summed, min_noise, accept_noise)
     return summed
 
 
@@ -445,15 +527,16 @@ def _partial_from_bytes(data: bytes, width: int) -> PartialDecryption:
 
 def decrypt_share(share: KeyShare, group_key: GroupKey, roster: Roster,
                   request: DecryptRequest, decrypted: MutableMapping[str, str], *,
-                  minimum: int, min_noise: float = 0.0) -> bytes:
+                  minimum: int, min_noise: float = 0.0, accept_noise: bool = False) -> bytes:
     """A decryptor's sealed partial decryption of the request's aggregate, after
     :func:`check_request` (``minimum`` contributors, ``min_noise`` its distributed-DP
-    floor); ``decrypted`` (its state) records the view decrypted per ``run:round``, and
-    another view of the same round is refused."""
+    floor, ``accept_noise`` its consent to server noise); ``decrypted`` (its state)
+    records the view decrypted per ``run:round``, and another view of the same round is
+    refused."""
     if group_key.fingerprint != share.public.fingerprint:
         raise ThresholdRefused("this node's group key belongs to another threshold key")
     model = check_request(share.public, roster, request, minimum=minimum,
-                          min_noise=min_noise)
+                          min_noise=min_noise, accept_noise=accept_noise)
     view = request.view
     slot = f"{view.run}:{view.server_round}"
     if decrypted.setdefault(slot, view.digest()) != view.digest():
@@ -467,10 +550,10 @@ def decrypt_share(share: KeyShare, group_key: GroupKey, roster: Roster,
 
 
 def combine_sealed(public: ThresholdPublicKey, group_key: GroupKey, model: EncryptedModel,
-                   sealed: Mapping[int, bytes], *, min_noise: float = 0.0
-                   ) -> tuple[dict[str, np.ndarray], list[int]]:
-    """The combiner: check the aggregate's distributed-DP noise (:func:`check_noise`,
-    against its ``min_noise`` floor), open the decryptors' sealed partials (keyed by
+                   sealed: Mapping[int, bytes], *, min_noise: float = 0.0,
+                   accept_noise: bool = False) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The combiner: check the aggregate's noise (:func:`check_noise`, against its
+    ``min_noise`` floor and ``accept_noise``), open the decryptors' sealed partials (keyed by
     node), verify and combine ``T`` good ones, check the tag (which binds the noise and
     the contributors) and decode; returns the sealed model (:func:`seal_model`) and the
     nodes whose partials were left out.
@@ -481,7 +564,7 @@ def combine_sealed(public: ThresholdPublicKey, group_key: GroupKey, model: Encry
         If the aggregate's noise does not hold, fewer than ``T`` partials are good, or
         the aggregate's tag does not check.
     """
-    check_noise(model, min_noise)
+    check_noise(model, min_noise, accept_noise)
     context, width = _partial_context(model), public.ciphertext_bytes
     partials, by_index, bad = [], {}, []
     for node, blob in sealed.items():

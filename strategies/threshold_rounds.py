@@ -26,13 +26,16 @@ from logging import INFO, WARNING
 import numpy as np
 
 from .aggregation import InvalidUpdate, Layout
+from .discrete_gaussian import discrete_gaussian
+from .encoding import EncodingOverflow
+from .paillier import check_ciphertext_array
 from .paillier_node import PaillierRounds
 from .paillier_protocol import EncryptedModel, RoundSum, aggregate
 from .secagg_identity import verify
-from .threshold_paillier import ThresholdPublicKey
+from .threshold_paillier import ThresholdEncryptor, ThresholdPublicKey
 from .plaintext_proofs import InvalidProof, PlaintextProof
-from .threshold_protocol import (Contribution, DecryptRequest, ThresholdRefused, View,
-                                 is_sealed, sealed_layout)
+from .threshold_protocol import (Contribution, DecryptRequest, ServerNoise, ThresholdRefused,
+                                 View, add_server_noise, is_sealed, sealed_layout)
 
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
@@ -70,6 +73,9 @@ Exchange = Callable[[dict[int, StageRequest], str], dict[int, "bytes | Combined 
 
 
 # ------------------------------------------------------------------ text forms
+NOISE_ARRAYS = "server-noise"
+
+
 def signature_fields(identity: bytes, contribution: Contribution, share: int
                      ) -> dict[str, str | int]:
     """What a train reply carries beside its update: the node's identity public key,
@@ -131,9 +137,13 @@ def read_view(text: object) -> View:
 
 
 def request_fields(request: DecryptRequest) -> dict[str, str]:
-    """The text of a decryption request: the view, its signatures and the
-    contributions' signatures (the contributions themselves travel as arrays)."""
-    return {"view": view_text(request.view),
+    """The text of a decryption request: the view, its signatures, the contributions'
+    signatures and proofs, and the server noise's offset and proof (the ciphertexts
+    travel as arrays: :func:`request_arrays`)."""
+    noise = request.noise
+    extra = {} if noise is None else {"noise-offset": str(noise.offset),
+                                      "noise-proof": noise.proof.to_text()}
+    return {**extra, "view": view_text(request.view),
             "view-signatures": json.dumps({key.hex(): sig.hex() for key, sig in
                                            request.view_signatures.items()}),
             "signatures": json.dumps({str(node): c.signature.hex() for node, c in
@@ -142,11 +152,21 @@ def request_fields(request: DecryptRequest) -> dict[str, str]:
                                   request.contributions.items()})}
 
 
+def request_arrays(request: DecryptRequest) -> dict[str, dict[str, np.ndarray]]:
+    """The ciphertexts of a decryption request, by name: each contribution's arrays and
+    the server's noise."""
+    out = {f"contribution-{node}": c.model.to_arrays()
+           for node, c in request.contributions.items()}
+    if request.noise is not None:
+        out[NOISE_ARRAYS] = {"ciphertexts": request.noise.ciphertexts}
+    return out
+
+
 def read_request(fields: Mapping[str, object],
-                 contribution: Callable[[int], Mapping[str, np.ndarray]],
+                 arrays: Callable[[str], Mapping[str, np.ndarray]],
                  public: ThresholdPublicKey) -> DecryptRequest:
-    """Inverse of :func:`request_fields`; ``contribution(node)`` gives the arrays of the
-    contribution of each node the request names.
+    """Inverse of :func:`request_fields` and :func:`request_arrays`; ``arrays(name)``
+    gives the arrays the request sent under ``name``.
 
     Raises
     ------
@@ -164,11 +184,16 @@ def read_request(fields: Mapping[str, object],
         if set(proofs) != set(signatures):
             raise ValueError("a proof for every signed contribution, and no other")
         contributions = {node: Contribution(
-            EncryptedModel.from_arrays(contribution(node), public), proofs[node], signature)
-            for node, signature in signatures.items()}
+            EncryptedModel.from_arrays(arrays(f"contribution-{node}"), public), proofs[node],
+            signature) for node, signature in signatures.items()}
+        noise = None
+        if "noise-proof" in fields:
+            cts = check_ciphertext_array(public, arrays(NOISE_ARRAYS)["ciphertexts"])
+            noise = ServerNoise(cts, int(str(fields["noise-offset"])),
+                                PlaintextProof.from_text(fields["noise-proof"]))
     except (KeyError, ValueError, AttributeError, TypeError) as err:
         raise ThresholdRefused(f"malformed decryption request: {err}") from None
-    return DecryptRequest(view, view_signatures, contributions)
+    return DecryptRequest(view, view_signatures, contributions, noise)
 
 
 # ------------------------------------------------------------------ server
@@ -195,6 +220,10 @@ class ThresholdRounds(PaillierRounds):
         # the aggregate the clients decrypted last (public: ciphertexts and header), for
         # the DP wrapper's accounting of the noise it carries
         self.last_aggregate: EncryptedModel | None = None
+        # central DP (set by the DP wrapper each round): the std of the noise to add, in
+        # levels of the sum, and its clip bound; the encryptor for it, made when needed
+        self.server_noise: tuple[float, int] | None = None
+        self._noise_encryptor: ThresholdEncryptor | None = None
 
     def _describe_threshold(self) -> str:
         key = self.public_key
@@ -257,7 +286,6 @@ class ThresholdRounds(PaillierRounds):
                 # the sum of exactly the signed updates the view will list
                 summed = aggregate(self.public_key, [c.model for c, _ in signed.values()])
                 sealed = self._decrypt(server_round, signed, summed, connected, exchange)
-                self.last_aggregate = summed
             except RoundFailed as err:
                 log(WARNING, "Round %d skipped, the model stays as it was: %s",
                     server_round, err)
@@ -287,8 +315,11 @@ class ThresholdRounds(PaillierRounds):
                 raise RoundFailed(f"node {node} did not sign the view, and every contributor "
                                   "must (a view is decrypted whole or not at all)")
             view_signatures[identity] = signature
+        noise = self._noise(summed, view)
+        if noise is not None:  # what the decryptors will decrypt: checked as they will
+            summed = add_server_noise(self.public_key, summed, view, noise)
         request = DecryptRequest(view, view_signatures,
-                                 {node: c for node, (c, _) in signed.items()})
+                                 {node: c for node, (c, _) in signed.items()}, noise)
         decryptors = self._decryptors(connected())
         partials = {}
         for node, partial in self._stage(exchange, {node: request for node in decryptors},
@@ -312,8 +343,27 @@ class ThresholdRounds(PaillierRounds):
             if combined.left_out:
                 log(WARNING, "Threshold Paillier: the partial decryptions of nodes %s failed "
                     "their proofs and were left out", combined.left_out)
+            self.last_aggregate = summed
             return combined.model
         raise RoundFailed("no combiner returned the model")
+
+    def _noise(self, summed: EncryptedModel, view: View) -> ServerNoise | None:
+        """Central DP: the round's server noise, encrypted and proven for ``view``."""
+        if self.server_noise is None:
+            return None
+        sigma, bound = self.server_noise
+        start = time.monotonic()
+        if self._noise_encryptor is None:
+            self._noise_encryptor = ThresholdEncryptor(self.public_key)
+        try:
+            noise = ServerNoise.make(self._noise_encryptor, summed, view,
+                                     discrete_gaussian(sigma, summed.layout.size), bound)
+        except EncodingOverflow as err:
+            raise RoundFailed(f"central DP: {err}") from None
+        log(INFO, "Threshold Paillier: central DP noise encrypted with its proof (std %.4g "
+            "levels, %d ciphertexts) in %.2f s", sigma, len(noise.ciphertexts),
+            time.monotonic() - start)
+        return noise
 
     def _fits(self, model: Mapping[str, np.ndarray]) -> bool:
         """``model`` is sealed, and its header names this round's layout."""

@@ -51,7 +51,7 @@ def test_auto_settings_take_the_task_defaults():
      "dp-mode 'distributed' needs aggregation 'secagg', 'paillier' or "
      "'paillier-threshold'"),
     ({"aggregation": "paillier-threshold", "paillier-public-key": "/k.pub.json",
-      "dp-noise-multiplier": 1.0}, "central DP is refused under threshold Paillier"),
+      "dp-noise-multiplier": 1.0, "dp-adaptive-clip": True}, "dp-adaptive-clip false"),
     ({"aggregation": "secagg", "dp-noise-multiplier": 1.0, "dp-mode": "distributed",
       "dp-adaptive-clip": True}, "and a fixed clip"),
     ({"dp-quorum": 0.0}, "dp-quorum must be in \\(0, 1\\]"),

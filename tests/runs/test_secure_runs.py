@@ -179,16 +179,19 @@ def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, da
 
 @pytest.mark.parametrize("aggregation", ["secagg", "secagg-distributed",
                                          "paillier-distributed",
-                                         "paillier-threshold-distributed"])
+                                         "paillier-threshold-distributed",
+                                         "paillier-threshold"])
 def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir, tmp_path,
                                                      request):
     """DP-FedAvg over masking (adaptive clipping, the bit in the masked sum), and
     distributed DP over masking, over Paillier and over threshold Paillier (the nodes add
     the noise; under Paillier the key holders then decrypt an authentic aggregate, with
     no consent to server noise; under a threshold key the decryptors check it before
-    their partials): real runs, epsilon reported and growing every round, the budget
-    stopping training before it is exceeded. Central DP's encrypted server noise is
-    tested in-process (tests/strategies/test_dp_message.py)."""
+    their partials), and central DP over threshold Paillier (the server's noise with its
+    proof, added by decryptors that accept it): real runs, epsilon reported and growing
+    every round, the budget stopping training before it is exceeded. Central DP's
+    encrypted server noise under the single key is tested in-process
+    (tests/strategies/test_dp_message.py)."""
     aggregation, _, mode = aggregation.rpartition("-") if aggregation.endswith(
         "-distributed") else (aggregation, "", "")
     env = node_env(keys)
@@ -210,6 +213,8 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
         write_simulation_identities(keydir, 4)
         settings["paillier-public-key"] = str(keydir / THRESHOLD_PUBLIC_NAME)
         env = {KEY_DIR_ENV: str(keydir)}
+        if not mode:  # central: the decryptors accept the server's noise
+            env[NODE_CONFIG_ENV] = "paillier-accept-server-noise=true"
     status, run_dir, logs = launch.simulate(ROOT, tmp_path, 4, settings, timeout=900,
                                             progress=False, env=env)
     assert status == launch.FINISHED_OK, logs[-3000:]
@@ -239,9 +244,13 @@ def test_central_dp_composes_with_secure_aggregation(aggregation, keys, data_dir
                                 ("combine", "1 of 1")):
             assert logs.count(f"Threshold Paillier: {stage} stage, {answered} nodes") == 2
         assert (run_dir / "model.sealed.npz").is_file()
-    if aggregation.startswith("paillier"):
+    if aggregation.startswith("paillier") and mode:
         assert logs.count("the clients' noise in the encrypted average of 4 updates") == 2
         assert "a quorum of 4 of the 4 sampled" in logs
+    if aggregation.startswith("paillier") and not mode:  # proven, added by the decryptors
+        assert logs.count("noise added to the encrypted average of 4 updates") == 2
+        assert logs.count("central DP noise encrypted with its proof") == 2
+    if aggregation.startswith("paillier"):
         # round 1's train metrics, as sums in the updates, released by the key holders
         assert rows[1]["train-released-round"] == 1 and "train-released-train-loss" in rows[1]
         assert "train-loss" not in rows[0] and "train-loss" not in rows[1]

@@ -1,20 +1,24 @@
-"""Distributed DP under threshold Paillier: each contributor adds its share of discrete
+"""DP under threshold Paillier. Distributed: each contributor adds its share of discrete
 Gaussian noise before encrypting (as under the single-holder key), and the decryptors,
 who recompute the aggregate from the signed contributions, and the combiner refuse any
-aggregate that may carry less noise than declared, or than their own floor.
+aggregate that may carry less noise than declared, or than their own floor. Central:
+the server encrypts its noise and proves it knows the plaintexts; decryptors that
+accept server noise add it.
 
 The adversary is the server, driving the real node code (contribute, answer_decrypt,
 answer_combine) on the session's real 2048-bit 2-of-3 key (tests.helpers.threshold:
 nodes 101, 202 and 303 hold shares, 404 none). With the defence off (no noise asked,
 no floor) the clients' exact average is decrypted; with it on the average carries the
 configured noise, and the server can neither strip it, lower the quorum, nor pass off
-a partial sum. Central DP (server noise) is refused. The accountant is the
-paillier-distributed one (Wang et al.'s fixed-size bound)."""
+a partial sum. Server "noise" that cancels the other contributions isolates one update
+when its proof is not checked, and is refused when it is. The accountants are the
+paillier-distributed one (Wang et al.'s fixed-size bound) and the Paillier central one."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,8 @@ from strategies.paillier_protocol import EncryptedModel, aggregate
 from strategies.records import record_arrays
 from strategies.threshold_message import ThresholdPaillierFedAvg
 from strategies.threshold_node import answer_combine, answer_decrypt, contribute, node_keys
-from strategies.threshold_protocol import DecryptRequest, ThresholdRefused, View, open_model
+from strategies.threshold_protocol import (DecryptRequest, ServerNoise, ThresholdRefused, View,
+                                           add_server_noise, open_model)
 from strategies.threshold_rounds import CombineRequest
 from tests.helpers import CLIP, IDENTITY, RUN, SHAPES, new_context
 from tests.helpers.threshold import NODES, node_config
@@ -82,25 +87,31 @@ def contributions(keydir: Path, configs: dict[int, dict], length: int = LENGTH) 
     return out
 
 
-def request_of(keydir: Path, signed: dict, nodes) -> DecryptRequest:
+def request_of(keydir: Path, signed: dict, nodes, noise_of=None) -> DecryptRequest:
     """The server's decryption request for the view of ``nodes``, each of which signed
-    it (the view stage is not what these tests attack)."""
+    it (the view stage is not what these tests attack), with the server noise
+    ``noise_of(view, summed)`` if given."""
     public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
     model = signed[next(iter(nodes))].model
     view = View(RUN, model.server_round, public.fingerprint, tuple(sorted(
         (u, IDENTITY(u).key.public, signed[u].model.digest()) for u in nodes)))
+    noise = noise_of(view, aggregate(public, [signed[u].model for u in nodes])) \
+        if noise_of else None
     return DecryptRequest(view, {IDENTITY(u).key.public: IDENTITY(u).key.sign(view.statement())
-                                 for u in nodes}, {u: signed[u] for u in nodes})
+                                 for u in nodes}, {u: signed[u] for u in nodes}, noise)
 
 
-def decrypted_average(keydir: Path, signed: dict, **settings) -> np.ndarray:
-    """What the clients decrypt of the aggregate of every contribution in ``signed``:
-    T decryptors' partials, combined and sealed by the first, opened by a client."""
-    request = request_of(keydir, signed, sorted(signed))
+def decrypted_average(keydir: Path, signed: dict, noise_of=None, **settings) -> np.ndarray:
+    """What the clients decrypt of the aggregate of every contribution in ``signed``
+    (and the server's noise, ``noise_of`` as in :func:`request_of`): T decryptors'
+    partials, combined and sealed by the first, opened by a client."""
+    request = request_of(keydir, signed, sorted(signed), noise_of)
     partials = {u: answer_decrypt(request, node_keys(c := context_of(keydir, u, **settings)), c)
                 for u in DECRYPTORS}
-    summed = aggregate(node_keys(context_of(keydir, 101)).public,
-                       [c.model for c in signed.values()])
+    public = node_keys(context_of(keydir, 101)).public
+    summed = aggregate(public, [c.model for c in signed.values()])
+    if request.noise is not None:  # as the server names it in its combine request
+        summed = add_server_noise(public, summed, request.view, request.noise)
     combiner = context_of(keydir, DECRYPTORS[0], **settings)
     combined = answer_combine(CombineRequest(summed, partials), node_keys(combiner), combiner)
     _, plain, _, _ = open_model(load_group_key(keydir / GROUP_KEY_NAME), combined.model, run=RUN)
@@ -242,22 +253,13 @@ def test_a_node_refuses_to_add_noise_below_its_floor(keydir):
 
 
 # ------------------------------------------------------------------ (4) the settings
-def test_central_dp_is_refused_in_threshold_mode_with_the_reason():
+def test_both_dp_modes_are_run_settings_of_threshold_mode_with_a_fixed_clip():
     base = {"aggregation": "paillier-threshold", "paillier-public-key": "/k.pub.json",
             "dp-noise-multiplier": 1.0}
-    with pytest.raises(ValueError, match=r"E\(-sum of the other contributions\).*"
-                                         r"dp-mode = \"distributed\""):
-        RunSettings.from_run_config({**base, "dp-mode": "central"})
-    with pytest.raises(ValueError, match="adaptive"):
-        RunSettings.from_run_config({**base, "dp-mode": "distributed", "dp-adaptive-clip": True})
-    settings = RunSettings.from_run_config({**base, "dp-mode": "distributed"})
-    assert settings.dp.mode == "distributed"
-
-
-def test_the_dp_wrapper_refuses_central_dp_around_the_threshold_strategy(keydir):
-    public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
-    with pytest.raises(ValueError, match=r"E\(-sum of the other contributions\)"):
-        CentralDP(ThresholdPaillierFedAvg(public, clip=CLIP), noise_multiplier=1.0, clip=0.5)
+    for mode in ("central", "distributed"):
+        assert RunSettings.from_run_config({**base, "dp-mode": mode}).dp.mode == mode
+        with pytest.raises(ValueError, match="adaptive"):
+            RunSettings.from_run_config({**base, "dp-mode": mode, "dp-adaptive-clip": True})
 
 
 # ------------------------------------------------------------------ (5) a round, accounted
@@ -305,10 +307,9 @@ def test_a_round_reports_the_paillier_distributed_epsilon_and_the_budget_stops(
 
 def test_the_legacy_wrapper_runs_the_same_round(keydir, keypair, task_identity):
     """LegacyCentralDP(mode="distributed") around LegacyThresholdPaillierFedAvg, the
-    legacy DP clip mod inside the legacy threshold mod: the same noise, the same
-    epsilon, and central DP refused."""
+    legacy DP clip mod inside the legacy threshold mod: the same noise and the same
+    epsilon."""
     from strategies.dp_legacy import LegacyCentralDP, legacy_dp_clip_mod
-    from strategies.threshold_legacy import LegacyThresholdPaillierFedAvg
     from tests.strategies.test_threshold_legacy import federation, fit_round, opened
     from tests.strategies.test_threshold_legacy import initial as legacy_initial
 
@@ -322,6 +323,140 @@ def test_the_legacy_wrapper_runs_the_same_round(keydir, keypair, task_identity):
     assert metrics["dp-epsilon"] == pytest.approx(epsilons[0], rel=1e-12)
     assert strategy.last_aggregate.client_noise == strategy.client_noise
     assert opened(keydir, parameters)[2] == 1  # sealed for the clients, round 1
-    with pytest.raises(ValueError, match=r"E\(-sum of the other contributions\)"):
-        LegacyCentralDP(LegacyThresholdPaillierFedAvg(strategy.public_key, clip=CLIP),
-                        noise_multiplier=1.0, clip=0.5)
+
+
+# ------------------------------------------------------------------ (6) central DP
+ACCEPT = {"paillier-accept-server-noise": True}
+
+
+def server_noise(keydir: Path, sigma: float, bound: int):
+    """The server's side of central DP, as the strategy makes it: ``noise_of`` for
+    :func:`request_of`."""
+    from strategies.discrete_gaussian import discrete_gaussian
+    from strategies.threshold_paillier import ThresholdEncryptor
+
+    encryptor = ThresholdEncryptor(load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME))
+
+    def noise_of(view, summed):
+        return ServerNoise.make(encryptor, summed, view,
+                                discrete_gaussian(sigma, summed.layout.size), bound)
+    return noise_of
+
+
+def test_central_dp_the_servers_proven_noise_is_decrypted_with_the_nodes_consent(keydir):
+    """The server encrypts std-400 noise, proves it knows it, and the decryptors that
+    accept server noise add it: the average carries noise of std 400 step / 4. Nodes
+    that do not accept it refuse, before any decryption."""
+    signed = contributions(keydir, {u: dp_config(keydir, 51, levels=0) for u in NODES})
+    noise_of = server_noise(keydir, LEVELS, math.ceil(8 * LEVELS))
+    residual = decrypted_average(keydir, signed, noise_of, **ACCEPT) - clean_average(NODES)
+    std = LEVELS * PARAMS.step / 4
+    assert abs(residual.std() / std - 1) < 0.05
+    assert abs(residual.mean()) < 6 * std / math.sqrt(LENGTH)
+    with pytest.raises(ThresholdRefused, match="paillier-accept-server-noise = true"):
+        decrypted_average(keydir, signed, noise_of)
+    # a floor on distributed-DP noise is not met by the server's, which no node can check
+    with pytest.raises(ThresholdRefused, match="dp-min-noise-multiplier"):
+        decrypted_average(keydir, signed, noise_of, **ACCEPT, **{"dp-min-noise-multiplier": 0.01})
+
+
+def cancelling_noise(keydir, signed: dict, cancelled: list[int], offset: int):
+    """The attack: server "noise" that is the inverse of the ``cancelled`` nodes'
+    contributions (made from their ciphertexts, no key needed), times encryptions of
+    zero updates of their weights and of the declared offset, so the view's aggregate
+    decodes to the other nodes' updates alone. Its proof is the best the server can
+    make: over every plaintext and randomizer it knows."""
+    from strategies.encoding import encode, encode_noise, pack
+    from strategies.paillier import ciphertexts_from_array, ciphertexts_to_array
+    from strategies.plaintext_proofs import prove_plaintexts
+    from strategies.threshold_paillier import ThresholdEncryptor
+    from strategies.threshold_protocol import _noise_context
+
+    public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
+    n, nsquare = int(public.n), public.nsquare
+    size = signed[404].model.layout.size
+
+    def noise_of(view, summed):
+        rows = PARAMS.num_plaintexts(size)
+        known = [0] * rows
+        for node in cancelled:
+            zero = encode(np.zeros(size), PARAMS, signed[node].model.total_weight)
+            known = [(k + z) % n for k, z in zip(known, zero)]
+        shift = pack(encode_noise(np.zeros(size, np.int64), offset, summed.total_weight,
+                                  PARAMS)[0], PARAMS)
+        known = [(k + s) % n for k, s in zip(known, shift)]
+        encryptor = ThresholdEncryptor(public)
+        randomizers = [secrets.randbits(public.randomizer_bits) for _ in range(rows)]
+        cts = [encryptor.encrypt_with(m, a) for m, a in zip(known, randomizers)]
+        for node in cancelled:
+            theirs = ciphertexts_from_array(public, signed[node].model.ciphertexts)
+            cts = [c * pow(int(t), -1, int(nsquare)) % nsquare for c, t in zip(cts, theirs)]
+        proof = prove_plaintexts(public, known, randomizers, cts, _noise_context(view, offset))
+        return ServerNoise(ciphertexts_to_array(public, cts), offset, proof)
+    return noise_of
+
+
+def test_central_dp_noise_that_cancels_the_others_is_refused_and_works_unchecked(
+        keydir, monkeypatch):
+    """Server + one client (the colluder reads the model like every client): "noise"
+    that cancels nodes 101-303 leaves node 404's update alone in a view all four signed.
+    Without the proof check the decryptors decrypt it and the model is 404's update
+    over the total weight; with it they refuse: the server cannot prove it knows that
+    noise's plaintext."""
+    signed = contributions(keydir, {u: dp_config(keydir, 52, levels=0) for u in NODES})
+    noise_of = cancelling_noise(keydir, signed, [101, 202, 303], 50)
+    with monkeypatch.context() as patch:
+        patch.setattr("strategies.threshold_protocol.verify_plaintexts", lambda *args: None)
+        alone = decrypted_average(keydir, signed, noise_of, **ACCEPT)
+    assert np.abs(alone * 4 - PLAIN[404]).max() <= 4 * PARAMS.max_error() + 1e-9
+    with pytest.raises(ThresholdRefused, match="the server's noise is refused: the proof "
+                                               "that the sender knows its plaintexts"):
+        decrypted_average(keydir, signed, noise_of, **ACCEPT)
+
+
+def central_epsilon(keypair, settings: dict) -> float:
+    reference = CentralDP(PaillierFedAvg(keypair[0], clip=CLIP), **settings)
+    reference._start_dp(len(NODES), len(NODES), sum(math.prod(s) for s in SHAPES.values()))
+    return reference.ledger.step()
+
+
+def test_central_dp_round_through_the_wrapper_on_both_apis(keydir, keypair, task_identity):
+    """CentralDP / LegacyCentralDP around the threshold strategies: the server's noise
+    is in the sealed aggregate (its offset the round's bound), the epsilon is the
+    single-holder Paillier central one at the same settings; nodes that do not accept
+    server noise refuse, and the run stops (one empty round allowed here) with their
+    reason."""
+    from strategies.screening import NoUsableUpdate
+    from strategies.dp_legacy import LegacyCentralDP, legacy_dp_clip_mod
+    from tests.strategies.test_threshold_legacy import federation, fit_round, opened
+    from tests.strategies.test_threshold_legacy import initial as legacy_initial
+
+    settings = dict(noise_multiplier=1.0, clip=0.5)
+    epsilon = central_epsilon(keypair, settings)
+    public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
+    for accept in (True, False):
+        nodes = [DPNode(u, {**node_config(keydir, u), **(ACCEPT if accept else {})})
+                 for u in NODES]
+        dp = CentralDP(ThresholdPaillierFedAvg(public, clip=CLIP, min_available_nodes=4,
+                                               min_train_nodes=4, fraction_evaluate=0.0),
+                       **settings)
+        if not accept:
+            with pytest.raises(NoUsableUpdate, match="failed the decrypt stage: the aggregate "
+                               "carries noise the server added .* paillier-accept-server-noise"):
+                run_round(dp, FakeGrid(nodes), 1, initial())
+            continue
+        arrays, metrics = run_round(dp, FakeGrid(nodes), 1, initial())
+        assert metrics["dp-epsilon"] == pytest.approx(epsilon, rel=1e-12)
+        assert dp.strategy.last_aggregate.server_noise == dp.strategy.server_noise[1] > 0
+        _, plain, _, server_round = open_model(load_group_key(keydir / GROUP_KEY_NAME),
+                                               record_arrays(arrays), run=RUN)
+        assert server_round == 1 and plain[0].shape == SHAPES["w"]
+    proxies, manager, strategy = federation(keydir, {u: {"inner": legacy_dp_clip_mod}
+                                                     for u in NODES})
+    for proxy in proxies:
+        proxy.context.node_config.update(ACCEPT)
+    dp = LegacyCentralDP(strategy, **settings)
+    _, (parameters, metrics) = fit_round(dp, manager, 1, legacy_initial())
+    assert metrics["dp-epsilon"] == pytest.approx(epsilon, rel=1e-12)
+    assert strategy.last_aggregate.server_noise == strategy.server_noise[1] > 0
+    assert opened(keydir, parameters)[2] == 1

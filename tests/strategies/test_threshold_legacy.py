@@ -343,18 +343,13 @@ def test_a_node_without_its_keys_fails_closed(keydir, task_identity, tmp_path, s
     assert proxy.received == []  # the app never ran
 
 
-def test_the_strategy_refuses_server_evaluation_a_wrong_key_and_dp(keydir, keypair):
-    from strategies.dp_legacy import LegacyCentralDP
-
+def test_the_strategy_refuses_server_evaluation_and_a_wrong_key(keydir, keypair):
     public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
     with pytest.raises(ValueError, match="cannot take an evaluate_fn: the server never holds "
                                          "the model"):
         LegacyThresholdPaillierFedAvg(public, clip=CLIP, evaluate_fn=lambda *a: (0.0, {}))
     with pytest.raises(ValueError, match="ThresholdPublicKey"):
         LegacyThresholdPaillierFedAvg(keypair[0], clip=CLIP)
-    with pytest.raises(ValueError, match="central DP is refused under threshold Paillier"):
-        LegacyCentralDP(LegacyThresholdPaillierFedAvg(public, clip=CLIP), noise_multiplier=1.0,
-                        clip=1.0, population=4)
 
 
 def test_the_global_model_must_be_sealed_or_the_plaintext_initial_one(keydir):

@@ -471,16 +471,6 @@ def test_the_strategy_takes_only_a_threshold_public_key(keydir, keypair):
         ThresholdPaillierFedAvg(keypair[0], clip=CLIP)
 
 
-def test_the_dp_wrapper_refuses_central_dp_around_the_threshold_strategy(keydir):
-    """Central DP would let the server add a ciphertext no node can check; distributed
-    DP is the mode here (tests/strategies/test_distributed_dp_threshold.py)."""
-    from strategies.dp_message import CentralDP
-
-    with pytest.raises(ValueError, match="central DP is refused under threshold Paillier.*"
-                                         "dp-mode = \"distributed\""):
-        CentralDP(strategy_for(keydir, NODES), noise_multiplier=1.0, clip=1.0, population=4)
-
-
 def _bad_signature(stage, msg, reply, node):
     if stage == "train":
         record = reply.content.config_records[STAGE_KEY]
