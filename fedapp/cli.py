@@ -109,9 +109,9 @@ def simulation_identities(nodes: int) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from strategies.node_settings import NODE_CONFIG_ENV
+    from strategies.node_settings import NODE_CONFIG_ENV, node_config_text
 
-    env = {NODE_CONFIG_ENV: " ".join(args.node_config)} if args.node_config else {}
+    env = {NODE_CONFIG_ENV: node_config_text(args.node_config)} if args.node_config else {}
     if args.ray_address:  # Flower's Ray backend joins the cluster that ray.init() finds there
         env["RAY_ADDRESS"] = args.ray_address
     overrides = parse_overrides(args.run_config)
@@ -233,9 +233,12 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise ValueError(f"--partition-id {args.partition_id} is not a partition of "
                          f"--num-partitions {args.num_partitions}: give each client node one "
                          f"of 0 to {max(args.num_partitions - 1, 0)}")
+    from strategies.node_settings import node_config_text
+
     from .polling import node_settings
 
     node_settings()  # a bad FEDAPP_NODE_* value: one line now, not a traceback later
+    settings = node_config_text(args.node_config)
     tls = launch.tls_args(Path(args.certificates) if args.certificates else None,
                           args.insecure, server=False)
     node_key = client_secrets(args)
@@ -247,7 +250,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                  "paillier-key-share": args.paillier_key_share}
     cmd = launch.supernode_command(args.superlink, args.partition_id, args.num_partitions,
                                    args.port, tls, args.data_dir, key_files, node_key,
-                                   args.paillier_workers)
+                                   args.paillier_workers, settings)
     return launch.run_node(cmd, launch.flower_env(_flwr_home(args)))
 
 
@@ -549,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect without node authentication (the SuperLink must allow it)")
     s.add_argument("--port", type=int, default=9094,
                    help="local port for the ClientApp runtime; one per node on a machine")
+    s.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="one of this node's own settings, checked before the node starts "
+                        "(e.g. paillier-accept-server-noise=true; docs/configuration.md)")
     tls(s)
     s.set_defaults(func=cmd_client)
 

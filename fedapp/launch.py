@@ -119,7 +119,8 @@ def superlink_command(host: str, port: int, tls: list[str], simulation: bool = F
 def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
                       tls: list[str], data_dir: str | None = None,
                       key_files: Mapping[str, str | None] | None = None,
-                      node_key: str | None = None, paillier_workers: int = 0) -> list[str]:
+                      node_key: str | None = None, paillier_workers: int = 0,
+                      settings: str = "") -> list[str]:
     """``flower-supernode`` for one partition, in process isolation (the ClientApp
     runs in :mod:`fedapp.node_worker`, see :func:`run_node`), started through
     :mod:`fedapp.polling` for shorter waits.
@@ -132,6 +133,8 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
     cores) when the node decrypts. ``node_key``, this node's SuperNode authentication
     private key (``fedapp keygen --supernode``), goes to Flower's
     ``--auth-supernode-private-key``. None of them ever reaches the server.
+    ``settings``: the node's own settings as node-config text
+    (:func:`strategies.node_settings.node_config_text`), appended.
 
     Raises
     ------
@@ -147,6 +150,8 @@ def supernode_command(superlink: str, partition_id: int, num_partitions: int, po
             node_config += f" {key}='{Path(path).expanduser().resolve()}'"
     if (key_files or {}).get("paillier-private-key"):
         node_config += f" paillier-workers={int(paillier_workers)}"
+    if settings:
+        node_config += f" {settings}"
     cmd = [sys.executable, "-m", "fedapp.polling", *tls, "--superlink", superlink,
            "--node-config", node_config, "--port", str(port), "--isolation", "process"]
     if node_key:

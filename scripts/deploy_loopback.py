@@ -7,7 +7,7 @@ successfully, then stops every process it started, by PID.
     python scripts/deploy_loopback.py [--clients 3] [--rounds 2] [--insecure]
         [--aggregation fedavg|paillier|paillier-threshold|secagg] [--threshold 2]
         [--data-dir ../shared/data]
-        [--run-config key=value ...]
+        [--run-config key=value ...] [--node-config key=value ...]
 
 TLS and SuperNode authentication are on unless --insecure: a throw-away CA and
 server certificate are made first (scripts/make_certificates.py), each client
@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "paillier-threshold: the shares that decrypt together (every client node "
                    "holds one of --clients shares)")
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--node-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a node setting for every client node (fedapp client --node-config), "
+                        "e.g. paillier-accept-server-noise=true for central DP")
     p.add_argument("--workdir", help="logs and state (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--crash-client", type=int, default=0, metavar="ROUND",
@@ -141,6 +144,8 @@ def client_command(args: argparse.Namespace, work: Path, port: int, i: int,
         cmd += ["--supernode-key", str(keys / node / "supernode.key")]
     if args.data_dir:
         cmd += ["--data-dir", str(Path(args.data_dir).resolve())]
+    for setting in args.node_config:
+        cmd += ["--node-config", setting]
     if args.aggregation == "paillier":
         cmd += ["--paillier-private-key", str(keys / "paillier.key.json")]
     if args.aggregation in ("secagg", "paillier-threshold"):

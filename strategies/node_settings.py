@@ -16,7 +16,7 @@ Never from the run config: the SuperLink hands that out.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from flwr.common.config import parse_config_args
 
@@ -48,6 +48,32 @@ SETTINGS = {
                                  "(off: train metrics travel only as sums)"),
 }
 PLAINTEXT_METRICS = "plaintext-metrics"
+
+
+def node_config_text(pairs: Sequence[str]) -> str:
+    """``KEY=VALUE`` node settings (``--node-config`` of ``fedapp client`` and ``fedapp
+    sim``) as one node-config text, each checked: a known setting, of its default's type.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting that is unknown, malformed or of the wrong type.
+    """
+    text = " ".join(pairs)
+    try:
+        if any("=" not in pair for pair in pairs):  # Flower's parser drops those silently
+            raise ValueError
+        parsed = parse_config_args([text]) if text else {}
+    except Exception:  # noqa: BLE001 - Flower raises click's exception here
+        raise ValueError(f"--node-config {text!r} does not parse: write KEY=VALUE, values in "
+                         "TOML (e.g. paillier-accept-server-noise=true)") from None
+    unknown = sorted(set(parsed) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown node setting(s) {', '.join(unknown)}: the node settings "
+                         f"are {', '.join(SETTINGS)} (docs/configuration.md)")
+    for key in parsed:
+        node_setting(parsed, key)  # NodeError, a ValueError, names a wrong type
+    return text
 
 
 def node_setting(node_config: Mapping[str, object], key: str) -> object:

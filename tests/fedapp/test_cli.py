@@ -347,6 +347,25 @@ def test_client_refuses_a_bad_node_setting_before_starting(name, monkeypatch, ca
     assert f"{name}='soon': give seconds between" in err and "Traceback" not in err
 
 
+def test_client_passes_its_own_settings_to_its_node_config_after_checking_them(
+        tmp_path, execs, capsys):
+    base = ["client", "--superlink", "127.0.0.1:9092", "--insecure", "--partition-id", "0",
+            "--num-partitions", "2", "--flwr-home", str(tmp_path / "home")]
+    assert cli.main([*base, "--node-config", "paillier-accept-server-noise=true",
+                     "--node-config", "paillier-min-contributors=3"]) == 1
+    (cmd, _), = execs
+    text = cmd[cmd.index("--node-config") + 1]
+    assert text.endswith("paillier-accept-server-noise=true paillier-min-contributors=3")
+    refusals = {"paillier-accept-server-noise=1": "must be bool like its default False",
+                "paillier-min-contributor=3": "unknown node setting(s) "
+                                             "paillier-min-contributor: the node settings are",
+                "paillier-min-contributors": "does not parse"}
+    for value, message in refusals.items():
+        assert cli.main([*base, "--node-config", value]) == 2
+        assert message in capsys.readouterr().err
+    assert len(execs) == 1
+
+
 def test_flower_env_turns_progress_bars_off_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert launch.flower_env()["TQDM_DISABLE"] == "1"
