@@ -382,7 +382,8 @@ def contribution_proofs(public, count: int) -> dict:
 
     _, t_partial = timed(check_partial)
     log(f"contribution proof over {count} ciphertexts: encrypt {t_encrypt:.1f} s, prove "
-        f"{t_prove:.2f} s, check {t_check:.2f} s; checking a partial's proof {t_partial:.2f} s")
+        f"{t_prove:.2f} s, check {t_check:.2f} s; checking a partial's proof "
+        f"{t_partial:.2f} s")
     return {"ciphertexts": count, "encrypt_s": round(t_encrypt, 2),
             "prove_s": round(t_prove, 2), "verify_s": round(t_check, 2),
             "partial_verify_s": round(t_partial, 2)}

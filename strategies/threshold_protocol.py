@@ -103,8 +103,8 @@ from .secagg_identity import NodeIdentity, Roster, verify
 from .threshold_paillier import (KeyShare, PartialDecryption, ThresholdEncryptor,
                                  ThresholdPublicKey, combine, partial_decrypt)
 
-__all__ = ["GroupKey", "SealError", "View", "ThresholdRefused", "Contribution", "proof_context",
-           "ServerNoise", "add_server_noise",
+__all__ = ["GroupKey", "SealError", "View", "ThresholdRefused", "Contribution",
+           "proof_context", "ServerNoise", "add_server_noise",
            "sign_view", "DecryptRequest", "check_request", "check_noise", "decrypt_share",
            "combine_sealed", "seal_model", "open_model", "SEALED_KEY", "SEALED_HEADER_KEY"]
 

@@ -109,7 +109,8 @@ def read_signature(fields: Mapping[str, object] | None, mod: str) -> Signed:
         proof, share = fields["proof"], fields["share"]
     except (TypeError, KeyError, ValueError):
         raise InvalidUpdate(f"the reply holds no threshold signature and proof: add {mod} to "
-                            "the ClientApp (of this version: older ones send no proof)") from None
+                            "the ClientApp (of this version: older ones send no proof)"
+                            ) from None
     if len(identity) != 32 or len(signature) != 64 or not isinstance(share, int) \
             or isinstance(share, bool) or share < 0:
         raise InvalidUpdate("the reply's threshold signature is malformed")

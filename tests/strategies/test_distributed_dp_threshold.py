@@ -357,7 +357,8 @@ def test_central_dp_the_servers_proven_noise_is_decrypted_with_the_nodes_consent
         decrypted_average(keydir, signed, noise_of)
     # a floor on distributed-DP noise is not met by the server's, which no node can check
     with pytest.raises(ThresholdRefused, match="dp-min-noise-multiplier"):
-        decrypted_average(keydir, signed, noise_of, **ACCEPT, **{"dp-min-noise-multiplier": 0.01})
+        decrypted_average(keydir, signed, noise_of,
+                          **ACCEPT, **{"dp-min-noise-multiplier": 0.01})
 
 
 def cancelling_noise(keydir, signed: dict, cancelled: list[int], offset: int):
@@ -442,7 +443,8 @@ def test_central_dp_round_through_the_wrapper_on_both_apis(keydir, keypair, task
                        **settings)
         if not accept:
             with pytest.raises(NoUsableUpdate, match="failed the decrypt stage: the aggregate "
-                               "carries noise the server added .* paillier-accept-server-noise"):
+                               "carries noise the server added .* "
+                               "paillier-accept-server-noise"):
                 run_round(dp, FakeGrid(nodes), 1, initial())
             continue
         arrays, metrics = run_round(dp, FakeGrid(nodes), 1, initial())

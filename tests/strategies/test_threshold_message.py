@@ -358,7 +358,8 @@ def colluding_contribution(keydir, contributions, colluder: int, cancelled: list
                         known[j][1] + zero.randomizers[j])
     crafted = dataclasses.replace(honest, ciphertexts=ciphertexts_to_array(public, rows))
     proof = prove_plaintexts(public, *zip(*known), rows, proof_context(crafted))
-    return Contribution(crafted, proof, IDENTITY(colluder).key.sign(_statement(crafted, proof)))
+    signature = IDENTITY(colluder).key.sign(_statement(crafted, proof))
+    return Contribution(crafted, proof, signature)
 
 
 def test_a_colluding_client_cannot_cancel_the_others_to_isolate_an_update(
@@ -368,7 +369,7 @@ def test_a_colluding_client_cannot_cancel_the_others_to_isolate_an_update(
     {101, 202, 303, 404} adds up to 101's and 404's updates only, and the colluder, who
     gets the model like every client, subtracts its own. Signatures and tags let it
     through; the proof that a contributor knows its plaintexts does not."""
-    from strategies.threshold_protocol import combine_sealed
+    from strategies.threshold_protocol import Contribution, _statement, combine_sealed
 
     out, _, strategy = contributions
     public, group = strategy.public_key, load_group_key(keydir / GROUP_KEY_NAME)
@@ -400,7 +401,6 @@ def test_a_colluding_client_cannot_cancel_the_others_to_isolate_an_update(
     assert crafted.fault(public, IDENTITY(colluder).key.public).startswith(
         "the proof that the sender knows its plaintexts does not verify")
     # its honest contribution's proof does not fit the crafted ciphertexts either
-    from strategies.threshold_protocol import Contribution, _statement
     reused = Contribution(crafted.model, out[colluder].proof, IDENTITY(colluder).key.sign(
         _statement(crafted.model, out[colluder].proof)))
     assert "does not verify" in reused.fault(public, IDENTITY(colluder).key.public)
