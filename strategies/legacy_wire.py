@@ -45,7 +45,8 @@ def load_npy(tensor: object, what: str, dtypes: tuple[type, ...] | None = None,
         raise InvalidUpdate(f"the {what} tensor is larger than {max_bytes} bytes")
     try:
         return np.load(io.BytesIO(tensor), allow_pickle=False)
-    except ValueError as err:  # e.g. a shape with a zero whose other dimensions overflow
+    except (ValueError, OverflowError) as err:  # a zero-size shape whose other dimensions
+        # overflow numpy's int64 product: ValueError, or OverflowError past 2^64
         raise InvalidUpdate(f"the {what} tensor is not a loadable array: {err}") from None
 
 

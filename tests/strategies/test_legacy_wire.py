@@ -59,7 +59,8 @@ def test_npy_tensors(data, dtypes):
 
 
 @pytest.mark.parametrize("descr, shape", [
-    ("'<f8'", [0, 10, 2 * 10**17]), ("'|u1'", [0, 2**63]), ("'|u1'", [2**70]),
+    ("'<f8'", [0, 10, 2 * 10**17]), ("'|u1'", [0, 2**63]), ("'|u1'", [0, 10**20, 0]),
+    ("'|u1'", [2**70]),
     ("'<f4'", [-1, -1]), ("'|u1'", [2**32, 2**32])])
 def test_npy_tensors_with_impossible_shapes(descr, shape):
     for data in (b"", b"\x00", bytes(4)):
