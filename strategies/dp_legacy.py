@@ -99,6 +99,9 @@ class LegacyCentralDP(DPRounds, Strategy):
             self._arm_sealed()
             parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
             if parameters is None and self.encrypted:
+                spent = self._spent_without_model(server_round)
+                if spent is not None:
+                    return None, spent
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, {}

@@ -155,6 +155,9 @@ class CentralDP(DPRounds, Strategy):
             self._arm_sealed()
             arrays, metrics = self.strategy.aggregate_train(server_round, replies)
             if arrays is None and self.encrypted:
+                spent = self._spent_without_model(server_round)
+                if spent is not None:
+                    return None, MetricRecord(spent)
                 log(WARNING, "Round %d: no update to add noise to; nothing released",
                     server_round)
                 return None, None

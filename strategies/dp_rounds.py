@@ -411,6 +411,18 @@ class DPRounds:
             self.config.delta, self.tail_mass, clipped_at)
         return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
 
+    def _spent_without_model(self, server_round: int) -> dict | None:
+        """Threshold Paillier, a round without a model: if ``T`` decryptors decrypted its
+        noised aggregate (every combiner then failed), the combiners saw it, so the
+        round's privacy cost counts all the same. Its DP metrics; ``None`` if nothing
+        was decrypted."""
+        model = getattr(self.strategy, "last_aggregate", None)
+        if not self.sealed or model is None or model.server_round != server_round:
+            return None
+        log(WARNING, "Round %d: the noised aggregate was decrypted but no combiner returned "
+            "the model; the round's privacy cost counts all the same", server_round)
+        return self._release_sealed(server_round)
+
     def _release_sealed(self, server_round: int) -> dict:
         """Threshold Paillier: the round's DP metrics for the aggregate the clients
         decrypted and sealed (the strategy's ``last_aggregate``). It carries the

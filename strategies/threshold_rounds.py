@@ -332,6 +332,8 @@ class ThresholdRounds(PaillierRounds):
         if len(partials) < self.public_key.threshold:
             raise RoundFailed(f"{len(partials)} partial decryptions, {self.public_key.threshold}"
                               f" needed (asked {len(decryptors)} share holders)")
+        # decrypted: whoever combines sees it, even if no model comes back (DP counts it)
+        self.last_aggregate = summed
         combine = CombineRequest(summed, partials)
         for combiner in partials:  # one at a time: the first that succeeds
             answers = self._stage(exchange, {combiner: combine}, "combine")
@@ -344,7 +346,6 @@ class ThresholdRounds(PaillierRounds):
             if combined.left_out:
                 log(WARNING, "Threshold Paillier: the partial decryptions of nodes %s failed "
                     "their proofs and were left out", combined.left_out)
-            self.last_aggregate = summed
             return combined.model
         raise RoundFailed("no combiner returned the model")
 

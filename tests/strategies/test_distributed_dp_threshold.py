@@ -462,3 +462,23 @@ def test_central_dp_round_through_the_wrapper_on_both_apis(keydir, keypair, task
     assert metrics["dp-epsilon"] == pytest.approx(epsilon, rel=1e-12)
     assert strategy.last_aggregate.server_noise == strategy.server_noise[1] > 0
     assert opened(keydir, parameters)[2] == 1
+
+
+def test_a_decrypted_round_whose_combiners_all_fail_still_counts(keydir, keypair, task_identity,
+                                                                  flwr_caplog):
+    """T decryptors decrypted the noised aggregate, then no combiner answered: no model,
+    but the combiners saw it, so the round's epsilon is spent and reported."""
+    settings = dict(noise_multiplier=1.0, clip=0.5)
+    epsilon = central_epsilon(keypair, settings)
+    nodes = [DPNode(u, {**node_config(keydir, u), **ACCEPT}, silent="combine") for u in NODES]
+    public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
+    dp = CentralDP(ThresholdPaillierFedAvg(public, clip=CLIP, min_available_nodes=4,
+                                           min_train_nodes=4, fraction_evaluate=0.0,
+                                           max_empty_rounds=3), **settings)
+    arrays, metrics = run_round(dp, FakeGrid(nodes), 1, initial())
+    assert arrays is None and metrics["dp-epsilon"] == pytest.approx(epsilon, rel=1e-12)
+    assert "no combiner returned the model; the round's privacy cost counts" in flwr_caplog.text
+    # a round that fails before anything is decrypted costs nothing
+    nodes = [DPNode(u, {**node_config(keydir, u), **ACCEPT}, silent="decrypt") for u in NODES]
+    arrays, metrics = run_round(dp, FakeGrid(nodes), 2, initial())
+    assert arrays is None and metrics is None
