@@ -375,6 +375,14 @@ class ServerNoise:
         cts = prover.encrypt_to_array(pack(values, model.params))
         return ServerNoise(cts, offset, prover.prove(cts, _noise_context(view, offset)))
 
+    def added_to(self, public: ThresholdPublicKey, model: EncryptedModel) -> EncryptedModel:
+        """``model`` with this noise in its packed rows and its offset, unchecked (the
+        server adding the noise it made; decryptors use :func:`add_server_noise`)."""
+        rows = model.params.num_plaintexts(model.layout.size)
+        summed = aggregate_arrays(public, [model.ciphertexts[:rows], self.ciphertexts])
+        return dataclasses.replace(model, ciphertexts=np.concatenate(
+            [summed, model.ciphertexts[rows:]]), noise_offset=model.noise_offset + self.offset)
+
 
 def add_server_noise(public: ThresholdPublicKey, model: EncryptedModel, view: View,
                      noise: ServerNoise) -> EncryptedModel:
@@ -395,11 +403,9 @@ def add_server_noise(public: ThresholdPublicKey, model: EncryptedModel, view: Vi
         if len(cts) != rows:
             raise ValueError(f"{len(cts)} noise ciphertexts for {rows} packed rows")
         verify_plaintexts(public, cts, noise.proof, _noise_context(view, noise.offset))
-        summed = aggregate_arrays(public, [model.ciphertexts[:rows], noise.ciphertexts])
+        return noise.added_to(public, model)
     except (InvalidProof, ValueError) as err:  # EncodingOverflow is a ValueError
         raise ThresholdRefused(f"the server's noise is refused: {err}") from None
-    return dataclasses.replace(model, ciphertexts=np.concatenate(
-        [summed, model.ciphertexts[rows:]]), noise_offset=model.noise_offset + noise.offset)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from .secagg_identity import verify
 from .threshold_paillier import ThresholdEncryptor, ThresholdPublicKey
 from .plaintext_proofs import InvalidProof, PlaintextProof
 from .threshold_protocol import (Contribution, DecryptRequest, ServerNoise, ThresholdRefused,
-                                 View, add_server_noise, is_sealed, sealed_layout)
+                                 View, is_sealed, sealed_layout)
 
 # Flower's logger by name: its lines show where Flower's do, without importing Flower
 log = logging.getLogger("flwr").log
@@ -317,8 +317,8 @@ class ThresholdRounds(PaillierRounds):
                                   "must (a view is decrypted whole or not at all)")
             view_signatures[identity] = signature
         noise = self._noise(summed, view)
-        if noise is not None:  # what the decryptors will decrypt: checked as they will
-            summed = add_server_noise(self.public_key, summed, view, noise)
+        if noise is not None:  # what the decryptors will decrypt (its own: unchecked)
+            summed = noise.added_to(self.public_key, summed)
         request = DecryptRequest(view, view_signatures,
                                  {node: c for node, (c, _) in signed.items()}, noise)
         decryptors = self._decryptors(connected())
