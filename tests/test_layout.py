@@ -15,7 +15,8 @@ PACKAGE = ROOT / "strategies"
 CORES = {"aggregation", "checks", "fixed_point", "encoding", "paillier", "paillier_protocol",
          "paillier_tags", "threshold_paillier", "secagg_identity", "secagg_masks",
          "secagg_protocol", "secagg_wire", "secure_sums", "dp", "discrete_gaussian", "keyfiles",
-         "legacy_wire", "opacus_import", "threshold_protocol", "plaintext_proofs"}
+         "legacy_wire", "opacus_import", "threshold_protocol", "plaintext_proofs",
+         "ring_masks"}
 MESSAGE_API = {"fedavg", "paillier_message", "secagg_message", "dp_message",
                "threshold_message"}
 LEGACY_API = {"paillier_legacy", "secagg_legacy", "dp_legacy", "threshold_legacy"}
