@@ -80,6 +80,8 @@ class PaillierSettings:
     max_total_weight: int = setting(65536, must_match=True)
     weight_unit: int = setting(1, must_match=True)
     extra_decryptors: int = setting(1, valid=_NOT_NEGATIVE)
+    threshold_payload: str = setting("masked", valid=(lambda v: v in ("masked", "paillier"),
+                                                      "must be masked or paillier"))
     decrypt_once: bool = setting(False)
 
 

@@ -90,6 +90,7 @@ def _threshold(settings: RunSettings, sampling: dict[str, Any]) -> Strategy:
         max_total_weight=settings.paillier.max_total_weight,
         weight_unit=settings.paillier.weight_unit,
         extra_decryptors=settings.paillier.extra_decryptors,
+        payload=settings.paillier.threshold_payload,
         stage_timeout=settings.round_timeout, **sampling)
 
 

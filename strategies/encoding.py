@@ -64,6 +64,7 @@ __all__ = [
     "dequantize",
     "encode",
     "decode",
+    "decode_sums",
 ]
 
 # Slots are handled as uint64 while packing, and ``w * q`` must fit one.
@@ -401,16 +402,7 @@ def unpack(
         bits above the top slot, a slot exceeds ``total_weight * (2**value_bits - 1)``
         or a padding slot is not zero.
     """
-    if not is_int(total_weight):
-        raise ValueError(f"total_weight must be an int, got {type(total_weight).__name__}")
-    if total_weight < 1:
-        raise ValueError(f"total_weight must be >= 1, got {total_weight}")
-    if total_weight > params.max_total_weight:
-        raise EncodingOverflow(
-            f"total weight {total_weight} exceeds the headroom of the encoding "
-            f"({params.max_total_weight} = 2**{params.headroom_bits}): slots may have carried "
-            "into each other; aggregate fewer clients or derive parameters for more weight")
-    noise_offset = params.check_noise_offset(noise_offset, total_weight)
+    noise_offset = _check_total(params, total_weight, noise_offset)
     m = params.num_plaintexts(num_values)
     if len(plaintexts) != m:
         raise ValueError(f"{len(plaintexts)} plaintexts for {num_values} values, expected {m}")
@@ -444,14 +436,43 @@ def unpack(
         raise EncodingOverflow(
             "a padding slot after the last value is not zero: the ciphertexts were tampered "
             "with or made for a different model size")
-    sums = sums[:num_values]
+    return _check_range(sums[:num_values], params, total_weight, noise_offset)
+
+
+def _check_total(params: EncodingParams, total_weight: object, noise_offset: object) -> int:
+    """The checked noise offset, after checking ``total_weight`` against the headroom."""
+    if not is_int(total_weight):
+        raise ValueError(f"total_weight must be an int, got {type(total_weight).__name__}")
+    if total_weight < 1:
+        raise ValueError(f"total_weight must be >= 1, got {total_weight}")
+    if total_weight > params.max_total_weight:
+        raise EncodingOverflow(
+            f"total weight {total_weight} exceeds the headroom of the encoding "
+            f"({params.max_total_weight} = 2**{params.headroom_bits}): slots may have carried "
+            "into each other; aggregate fewer clients or derive parameters for more weight")
+    return params.check_noise_offset(noise_offset, total_weight)
+
+
+def _check_range(sums: np.ndarray, params: EncodingParams, total_weight: int,
+                 noise_offset: int) -> np.ndarray:
+    """``sums`` as uint64, once every one lies in what ``total_weight`` clients (and the
+    noise) can sum to."""
     limit = params.fixed_point.max_sum(total_weight) + 2 * noise_offset
-    if sums.size and int(sums.max()) > limit:  # which value, and by how much, stay unsaid:
-        raise EncodingOverflow(  # they are plaintext
+    if sums.size and (int(sums.min()) < 0 or int(sums.max()) > limit):
+        raise EncodingOverflow(  # which value, and by how much, stay unsaid: plaintext
             f"a value sums to more than total weight {total_weight} x {params.levels} = "
-            f"{limit}: a client used a larger weight than reported, or the inputs were "
-            "tampered with")
-    return sums
+            f"{limit} (or below 0): a client used a larger weight than reported, or the "
+            "inputs were tampered with")
+    return sums.astype(np.uint64)
+
+
+def decode_sums(sums: np.ndarray, params: EncodingParams, total_weight: int,
+                noise_offset: int = 0) -> np.ndarray:
+    """The weighted average from per-value sums that were never packed (a masked
+    payload, :mod:`strategies.ring_masks`), after :func:`unpack`'s checks."""
+    noise_offset = _check_total(params, total_weight, noise_offset)
+    return dequantize(_check_range(np.asarray(sums), params, total_weight, noise_offset),
+                      params, total_weight, noise_offset)
 
 
 def dequantize(sums: np.ndarray, params: EncodingParams, total_weight: int,

@@ -38,6 +38,7 @@ PRIVATE_KEY_NODE_CONFIG = "paillier-private-key"
 WORKERS_NODE_CONFIG = "paillier-workers"
 PREFIX = "paillier-"
 RESUMED_KEY = f"{PREFIX}resumed-run"
+MASKED_KEY = f"{PREFIX}masked"
 CLIPPED_KEY = "paillier-clipped"  # the train metric: fraction of values outside the clip range
 RELEASED = "released-"  # a key holder's release of the last aggregate's metric means
 
@@ -100,13 +101,23 @@ class PaillierRounds:
 
 
 def round_config(params: EncodingParams, fingerprint: str, weight_unit: int,
-                 server_round: int, resumed: int | None = None) -> dict:
+                 server_round: int, resumed: int | None = None, masked: bool = False) -> dict:
     """What a client needs to encrypt its update (sent in every train config), and in a
-    resumed threshold run the run it resumes (whose sealed model it may open)."""
+    resumed threshold run the run it resumes (whose sealed model it may open); with
+    ``masked``, that the update's payload is masked (:mod:`strategies.ring_masks`)."""
     return {f"{PREFIX}fingerprint": fingerprint, f"{PREFIX}weight-unit": weight_unit,
             f"{PREFIX}round": server_round,
             **({RESUMED_KEY: str(resumed)} if resumed is not None else {}),
+            **({MASKED_KEY: True} if masked else {}),
             **{f"{PREFIX}encoding-{k}": v for k, v in params.to_dict().items()}}
+
+
+def round_masked(config: Mapping[str, object]) -> bool:
+    """Whether the train config asks for a masked payload (:func:`round_config`)."""
+    value = config.get(MASKED_KEY, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{MASKED_KEY} must be a bool, got {value!r}")
+    return value
 
 
 def resumed_run(config: Mapping[str, object]) -> int | None:

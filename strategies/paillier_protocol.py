@@ -13,6 +13,14 @@ larger unit rounds the weights (fewer headroom bits, fewer bytes on the wire).
 An :class:`EncryptedModel` travels as two uint8 arrays: the ciphertexts (one
 fixed-width big-endian row each) and a JSON header (key fingerprint, encoding
 parameters, the model's layout, the total weight). Nothing is pickled.
+
+**Masked payload** (``masked=True``, the threshold mode's default): the levels are not
+packed into Paillier plaintexts but masked with a fresh Ring-LWE secret
+(:mod:`strategies.ring_masks`), and only the secret is encrypted (33 ciphertexts under
+a 2048-bit key, whatever the model's size). Sums add the masked vectors modulo
+``2^64`` beside the ciphertexts; decrypting the sum of the secrets unmasks the sum of
+the levels exactly. The masked vector travels as a third uint8 array (little-endian
+``uint64``).
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import numpy as np
 from .checks import is_int
 from .aggregation import InvalidUpdate, Layout  # noqa: F401  (Layout: part of this API)
 from .discrete_gaussian import discrete_gaussian
-from .encoding import EncodingOverflow, EncodingParams, decode, encode_noise, pack, quantize
+from . import ring_masks
+from .encoding import (EncodingOverflow, EncodingParams, decode, decode_sums, encode_noise, pack,
+                       quantize)
 from .paillier import (Encryptor, PrivateKey, PublicKey, aggregate_arrays,
                        check_ciphertext_array)
 from .paillier_tags import TagKey, round_context
@@ -37,6 +47,7 @@ from .secure_sums import OFFSET, check_names, from_fixed, to_fixed
 
 CIPHERTEXTS_KEY = "paillier-ciphertexts"
 HEADER_KEY = "paillier-header"
+MASKED_KEY = "paillier-masked"
 MAX_HEADER_BYTES = 1 << 20  # the header beside the ciphertexts: encoding, layout, weight
 FORMAT_VERSION = 2
 CLIENT_TAIL_CLIP = 12.0  # distributed DP: each client's noise is clipped this many stds out
@@ -94,10 +105,13 @@ class ClientNoise:
 class EncryptedModel:
     """A weighted sum of one or more clients' models, encrypted and tagged.
 
-    ``ciphertexts`` holds the packed plaintexts and, last, the tag
-    (:mod:`strategies.paillier_tags`). ``contributors`` maps each node inside to its
-    weight; a single client's update names only its own node. ``run`` and
-    ``server_round`` are the round the contributions were made for.
+    ``ciphertexts`` holds the packed plaintexts (or, masked, the secrets' plaintexts),
+    one row per metric sum and, last, the tag (:mod:`strategies.paillier_tags`).
+    ``contributors`` maps each node inside to its weight; a single client's update
+    names only its own node. ``run`` and ``server_round`` are the round the
+    contributions were made for. ``masked`` is the sum of the masked levels and
+    ``masks`` the number of secrets under it (contributors, and the server's noise):
+    ``None`` and 0 for a model packed into Paillier plaintexts.
     """
 
     ciphertexts: np.ndarray
@@ -110,6 +124,8 @@ class EncryptedModel:
     noise_offset: int = 0  # the sum of the contributors' and the server's noise offsets
     sums: tuple[str, ...] = ()  # names of the metric sums, one plaintext row each
     client_noise: ClientNoise | None = None  # distributed DP: what each contributor added
+    masked: np.ndarray | None = None
+    masks: int = 0
 
     @property
     def total_weight(self) -> int:
@@ -133,31 +149,46 @@ class EncryptedModel:
             header["noise-offset"] = self.noise_offset
         if self.client_noise:
             header["client-noise"] = self.client_noise.to_dict()
+        if self.masks:
+            header["ring-masks"] = {**_RING, "count": self.masks}
         return header
 
     def context(self) -> bytes:
-        """What the tags bind: run, round, key, encoding, layout, the sums' names and
-        the contributors' noise."""
+        """What the tags (and, masked, the ring's public polynomials) bind: run, round,
+        key, encoding, layout, the sums' names, the contributors' noise and the ring."""
         bound = [self.layout.to_json(), list(self.sums)]
         if self.client_noise:
             bound.append(self.client_noise.to_dict())
+        if self.masks:
+            bound.append(_RING)
         return round_context(self.run, self.server_round, self.fingerprint,
                              self.params.to_dict(), bound)
 
     @property
+    def payload_rows(self) -> int:
+        """Plaintext rows before the sums: the packed model, or the masks' secret."""
+        if self.masks:
+            return ring_masks.secret_rows(self.params.plaintext_bits)
+        return self.params.num_plaintexts(self.layout.size)
+
+    @property
     def rows(self) -> int:
-        """Plaintext rows: the packed model, one per sum, and the tag."""
-        return self.params.num_plaintexts(self.layout.size) + len(self.sums) + 1
+        """Plaintext rows: the payload, one per sum, and the tag."""
+        return self.payload_rows + len(self.sums) + 1
 
     def digest(self) -> str:
-        """SHA-256 of header and ciphertexts: names this aggregate (e.g. for caching)."""
+        """SHA-256 of header, ciphertexts and masked vector: names this aggregate (e.g.
+        for caching)."""
         h = hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode())
         h.update(np.ascontiguousarray(self.ciphertexts).data)
+        if self.masked is not None:
+            h.update(masked_bytes(self.masked).data)
         return h.hexdigest()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         header = json.dumps(self.header(), sort_keys=True).encode()
-        return {CIPHERTEXTS_KEY: self.ciphertexts,
+        masked = {} if self.masked is None else {MASKED_KEY: masked_bytes(self.masked)}
+        return {CIPHERTEXTS_KEY: self.ciphertexts, **masked,
                 HEADER_KEY: np.frombuffer(header, dtype=np.uint8).copy()}
 
     @staticmethod
@@ -173,9 +204,9 @@ class EncryptedModel:
         InvalidUpdate
             On any malformed part, with the reason.
         """
-        if set(arrays) != {CIPHERTEXTS_KEY, HEADER_KEY}:
-            raise InvalidUpdate(f"expected arrays {CIPHERTEXTS_KEY} and {HEADER_KEY}, got "
-                                f"{sorted(arrays)}")
+        if set(arrays) - {MASKED_KEY} != {CIPHERTEXTS_KEY, HEADER_KEY}:
+            raise InvalidUpdate(f"expected arrays {CIPHERTEXTS_KEY} and {HEADER_KEY} (and "
+                                f"{MASKED_KEY} for a masked model), got {sorted(arrays)}")
         raw = arrays[HEADER_KEY]
         if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1 \
                 or raw.size > MAX_HEADER_BYTES:
@@ -200,6 +231,7 @@ class EncryptedModel:
             sums = tuple(check_names(header.get("sums", [])))
             noise = header.get("client-noise")
             noise = ClientNoise.from_dict(noise) if noise is not None else None
+            masks = _masks(header.get("ring-masks"), params)
         except KeyError as err:
             raise InvalidUpdate(f"malformed header: no {err} entry") from None
         except (ValueError, TypeError, AttributeError, RecursionError) as err:  # deep JSON
@@ -209,14 +241,59 @@ class EncryptedModel:
                 f"encrypted under key {str(fingerprint)[:16]}..., expected "
                 f"{public_key.fingerprint[:16]}...: this node uses another key pair")
         model = EncryptedModel(np.zeros((0, 0), np.uint8), fingerprint, params, layout, run,
-                               server_round, contributors, offset, sums, noise)
+                               server_round, contributors, offset, sums, noise, masks=masks)
         if model.server_noise < 0:
             raise InvalidUpdate(f"noise offset {offset} is below the contributors' own")
+        if bool(masks) != (MASKED_KEY in arrays):
+            raise InvalidUpdate(f"the header and the arrays disagree on whether the model is "
+                                f"masked ({MASKED_KEY})")
         try:
             cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY], model.rows)
         except ValueError as err:
             raise InvalidUpdate(str(err)) from None
-        return dataclasses.replace(model, ciphertexts=cts)
+        masked = read_masked(arrays[MASKED_KEY], layout.size) if masks else None
+        return dataclasses.replace(model, ciphertexts=cts, masked=masked)
+
+
+_RING = {"degree": ring_masks.RING_DEGREE, "scale-bits": ring_masks.SCALE_BITS}
+
+
+def masked_bytes(masked: np.ndarray) -> np.ndarray:
+    """A masked vector as it travels: little-endian ``uint64`` bytes."""
+    return np.ascontiguousarray(masked, dtype="<u8").view(np.uint8)
+
+
+def read_masked(raw: object, size: int) -> np.ndarray:
+    """Inverse of :func:`masked_bytes`, for a model of ``size`` values (``InvalidUpdate``
+    if it is not one)."""
+    length = ring_masks.rows_for(size) * ring_masks.RING_DEGREE
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != (8 * length,):
+        raise InvalidUpdate(f"the masked vector of a {size}-value model must be a 1-D uint8 "
+                            f"array of {8 * length} bytes")
+    return raw.view("<u8").astype(np.uint64)
+
+
+def _masks(value: object, params: EncodingParams) -> int:
+    """The header's ``ring-masks`` entry checked: the number of secrets (0: absent)."""
+    if value is None:
+        return 0
+    if not isinstance(value, dict) or {k: value.get(k) for k in _RING} != _RING \
+            or set(value) != {*_RING, "count"}:
+        raise ValueError(f"ring-masks must be {_RING} with a count")
+    count = value["count"]
+    if not is_int(count) or not 1 <= count <= ring_masks.MAX_CONTRIBUTORS:
+        raise ValueError(f"ring-masks count must be in 1..{ring_masks.MAX_CONTRIBUTORS}, got "
+                         f"{count!r}")
+    check_maskable(params)
+    return int(count)
+
+
+def check_maskable(params: EncodingParams) -> None:
+    """``ValueError`` unless sums of ``params``' slots fit the ring masks' message range."""
+    if params.slot_bits >= ring_masks.MESSAGE_BITS:
+        raise ValueError(f"{params.slot_bits}-bit slots do not fit the masked payload "
+                         f"(at most {ring_masks.MESSAGE_BITS - 1} bits): lower the maximum "
+                         "total weight or the value bits")
 
 
 def _contributors(value: object, params: EncodingParams) -> dict[int, int]:
@@ -248,28 +325,39 @@ def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
                    run: int, server_round: int, node: int, workers: int | None = 1,
                    rng: np.random.Generator | None = None,
                    sums: Mapping[str, float] | None = None,
-                   noise: ClientNoise | None = None) -> EncryptedModel:
+                   noise: ClientNoise | None = None, masked: bool = False) -> EncryptedModel:
     """One client's weighted, quantized, packed, tagged and encrypted model, bound to
     ``(run, server_round, node)``, with ``sums`` (metrics within
     :func:`strategies.secure_sums.clamp`, already weighted) one per plaintext row as
     ``to_fixed(v) + 2^63``: a sum of up to ``2^16`` contributors is below ``2^80``, far
     inside a plaintext, and the key holders release only the round's sums. With
     ``noise`` (distributed DP), its share of discrete Gaussian noise is added to the
-    levels before packing, so the tag covers it."""
+    levels before packing, so the tag covers it. With ``masked``, the levels are masked
+    under a fresh ring secret and the secret is what is packed and encrypted (see the
+    module docstring)."""
     if not 1 <= weight <= params.max_total_weight:
         raise ValueError(f"weight {weight} is outside 1..{params.max_total_weight}: raise "
                          "the weight unit or the maximum total weight")
+    if masked:
+        check_maskable(params)
     names = sorted(sums or {})
     check_names(names)
     model = EncryptedModel(np.zeros((0, 0), np.uint8), encryptor.public_key.fingerprint,
                            params, layout, run, server_round, {node: weight}, sums=tuple(names),
-                           noise_offset=noise.bound if noise else 0, client_noise=noise)
+                           noise_offset=noise.bound if noise else 0, client_noise=noise,
+                           masks=int(masked))
     levels = quantize(layout.flatten(arrays), params, weight, rng)
     if noise:
         shifted, _ = encode_noise(discrete_gaussian(noise.std, layout.size), noise.bound,
                                   weight, params)
         levels = levels + shifted
-    plaintexts = pack(levels, params)
+    if masked:
+        secret = ring_masks.new_secret()
+        model = dataclasses.replace(model, masked=ring_masks.mask(
+            levels.astype(np.int64), secret, model.context()))
+        plaintexts = ring_masks.secret_plaintexts(secret, params.plaintext_bits)
+    else:
+        plaintexts = pack(levels, params)
     plaintexts += [to_fixed(sums[k]) + OFFSET for k in names]
     plaintexts.append(tag_key.tag(plaintexts, model.context(), node, weight))
     cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
@@ -294,8 +382,10 @@ def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
         raise InvalidUpdate(f"total weight {sum(contributors.values())} exceeds the "
                             f"encoding's maximum {first.params.max_total_weight}")
     cts = aggregate_arrays(public_key, [u.ciphertexts for u in updates], workers=workers)
+    masked = ring_masks.add([u.masked for u in updates]) if first.masks else None
     return dataclasses.replace(first, ciphertexts=cts, contributors=contributors,
-                               noise_offset=sum(u.noise_offset for u in updates))
+                               noise_offset=sum(u.noise_offset for u in updates),
+                               masked=masked, masks=sum(u.masks for u in updates))
 
 
 def add_noise(model: EncryptedModel, noise: np.ndarray, bound: int, encryptor: Encryptor, *,
@@ -310,6 +400,9 @@ def add_noise(model: EncryptedModel, noise: np.ndarray, bound: int, encryptor: E
     encoding.EncodingOverflow
         If the noise does not fit the slots' headroom.
     """
+    if model.masks:
+        raise ValueError("noise for a masked model is masked by its maker, as the threshold "
+                         "mode's server noise is (strategies.threshold_protocol.ServerNoise)")
     values, offset = encode_noise(noise, bound, model.total_weight, model.params)
     # the sums and the tag are left as they are
     plaintexts = pack(values, model.params) + [0] * (len(model.sums) + 1)
@@ -332,14 +425,16 @@ class RoundSum:
     makes none.
 
     With ``client_noise`` (distributed DP) every update must carry exactly that noise,
-    and the sum needs at least its quorum of contributors.
+    and the sum needs at least its quorum of contributors. With ``masked`` every update
+    must be masked under one secret (:mod:`strategies.ring_masks`), else none may be.
     """
 
     def __init__(self, public_key: PublicKey, params: EncodingParams, layout: Layout | None,
                  server_round: int, min_contributors: int = 2,
-                 client_noise: ClientNoise | None = None) -> None:
+                 client_noise: ClientNoise | None = None, masked: bool = False) -> None:
         self.public_key, self.params, self.layout = public_key, params, layout
         self.server_round, self.client_noise = server_round, client_noise
+        self.masked = masked
         self.min_contributors = max(min_contributors, client_noise.quorum if client_noise
                                     else 0)
         self.updates: list[EncryptedModel] = []
@@ -360,6 +455,9 @@ class RoundSum:
                                 f"{_described(self.client_noise)}")
         if update.server_noise:
             raise InvalidUpdate("a client update carries a noise offset of its own")
+        if update.masks != int(self.masked):
+            raise InvalidUpdate(f"the update is {_payload(update.masks)}, the round asks for "
+                                f"{_payload(int(self.masked))}")
         if dict(update.contributors) != {node: update.total_weight}:
             raise InvalidUpdate(f"the update names nodes {sorted(update.contributors)}, sent "
                                 f"by node {node}: a node may only answer for itself")
@@ -396,6 +494,11 @@ class RoundSum:
         if len(self.updates) < max(1, self.min_contributors):
             return None
         return aggregate(self.public_key, self.updates, workers=workers)
+
+
+def _payload(masks: int) -> str:
+    return {0: "packed into Paillier plaintexts", 1: "masked under one ring secret"}.get(
+        masks, f"masked under {masks} ring secrets")
 
 
 def _described(noise: ClientNoise | None) -> str:
@@ -472,9 +575,16 @@ def read_aggregate(model: EncryptedModel, plaintexts: Sequence[int], tag_key: Ta
         rows = plaintexts[len(plaintexts) - len(model.sums):]
         if any(not 0 <= int(p) < n << 64 for p in rows):
             raise DecryptionRefused()
-        flat = decode(plaintexts[:len(plaintexts) - len(model.sums)], model.params,
-                      model.layout.size, model.total_weight, model.noise_offset)
-    except ValueError:  # EncodingOverflow
+        payload = plaintexts[:len(plaintexts) - len(model.sums)]
+        if model.masks:
+            secret = ring_masks.secret_sum(payload, model.masks, model.params.plaintext_bits)
+            levels = ring_masks.unmask(model.masked, secret, model.masks, model.context(),
+                                       model.layout.size)
+            flat = decode_sums(levels, model.params, model.total_weight, model.noise_offset)
+        else:
+            flat = decode(payload, model.params, model.layout.size, model.total_weight,
+                          model.noise_offset)
+    except ValueError:  # EncodingOverflow, ring_masks.MaskError
         raise DecryptionRefused() from None
     sums = {k: from_fixed(int(p) - n * OFFSET) for k, p in zip(model.sums, rows, strict=True)}
     return model.layout.unflatten(flat), sums

@@ -18,15 +18,15 @@ them, so a server cannot pick a weak one. A client packs its integer levels ``m`
 ``r`` polynomials, draws a fresh secret ``s`` (uniform ternary) and errors ``e_j``
 (centered binomial, ``eta = 21``: standard deviation 3.24, ``|e| <= 21``) and sends::
 
-    y_j = 2^24 m_j + a_j s + e_j   (mod q)
+    y_j = 2^20 m_j + a_j s + e_j   (mod q)
 
-Adding ``K`` clients' vectors gives ``2^24 M_j + a_j S + E_j`` with ``M = sum m``,
+Adding ``K`` clients' vectors gives ``2^20 M_j + a_j S + E_j`` with ``M = sum m``,
 ``S = sum s`` and ``|E| <= 21 K`` coefficient-wise, so whoever knows ``S`` gets ``M``
-exactly: ``M_j = round((sum y_j - a_j S) / 2^24)`` while ``21 K < 2^23``. The
-remainder must then lie within ``21 K`` of a multiple of ``2^24``; :func:`unmask` checks
-it, so a wrong ``S`` or a tampered sum is refused (for a wrong one each coefficient
-passes with probability about ``2^-24 * 43 K``), short of a shift by whole multiples of
-``2^24``, which only moves the result as added noise would.
+exactly: ``M_j = round((sum y_j - a_j S) / 2^20)`` while ``21 K < 2^19`` (``K`` up to
+24,966) and ``|M| < 2^43``. The remainder must then lie within ``21 K`` of a multiple
+of ``2^20``; :func:`unmask` checks it, so a wrong ``S`` or a tampered sum is refused (for
+a wrong one each coefficient passes with probability about ``2^-20 * 43 K``), short of a
+shift by whole multiples of ``2^20``, which only moves the result as added noise would.
 
 **Security.** Each ``(a_j, a_j s + e_j)`` is a Ring-LWE sample; decision Ring-LWE is as
 hard as worst-case problems on ideal lattices for any modulus (Peikert, Regev and
@@ -34,7 +34,7 @@ Stephens-Davidowitz, STOC 2017). For ``N = 4096``, ternary secrets and error sta
 deviation 3.2, the Homomorphic Encryption Security Standard (Albrecht et al., 2018,
 Table 1) gives 128-bit classical security up to ``log q = 109``; here ``log q = 64``.
 A secret is used for one vector and then dropped. What the sum of the secrets tells
-is the sum of the vectors, no more: ``sum y - a S`` is ``2^24 M + E``.
+is the sum of the vectors, no more: ``sum y - a S`` is ``2^20 M + E``.
 
 **Arithmetic.** ``a_j s`` is a negacyclic convolution, computed in double-precision
 FFTs of length ``N / 2`` (``R[X]/(X^N + 1)`` embeds in ``C[X]/(X^(N/2) - i)``; the
@@ -54,13 +54,13 @@ import numpy as np
 
 __all__ = ["RING_DEGREE", "SCALE_BITS", "ERROR_BOUND", "MAX_CONTRIBUTORS", "MESSAGE_BITS",
            "MaskError", "rows_for", "public_polynomials", "new_secret", "mask", "add",
-           "unmask", "secret_plaintexts", "secret_sum"]
+           "unmask", "secret_rows", "secret_plaintexts", "secret_sum"]
 
 RING_DEGREE = 4096
-SCALE_BITS = 24
+SCALE_BITS = 20
 ERROR_BOUND = 21  # eta of the centered binomial errors: |e| <= 21, variance 21 / 2
-MAX_CONTRIBUTORS = ((1 << (SCALE_BITS - 1)) - 1) // ERROR_BOUND  # 21 K < 2^23
-MESSAGE_BITS = 63 - SCALE_BITS  # |sum of levels| < 2^39 keeps 2^24 M + E inside (-2^63, 2^63)
+MAX_CONTRIBUTORS = ((1 << (SCALE_BITS - 1)) - 1) // ERROR_BOUND  # 21 K < 2^19
+MESSAGE_BITS = 63 - SCALE_BITS  # |sum of levels| < 2^43 keeps 2^20 M + E inside (-2^63, 2^63)
 SECRET_SLOT_BITS = 16  # a contributor's secret coefficient + 1 in {0, 1, 2}; sums < 2^16
 _PRODUCT_BITS = 40  # N * limb * |s| below this: the FFT's result is exact
 _A_DOMAIN = b"fedapp-ring-mask-a-v1"
@@ -130,7 +130,7 @@ def _negacyclic(a: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def mask(levels: np.ndarray, secret: np.ndarray, context: bytes) -> np.ndarray:
-    """``2^24 m + a s + e``: ``levels`` (integers, ``|m| < 2^MESSAGE_BITS``) masked
+    """``2^20 m + a s + e``: ``levels`` (integers, ``|m| < 2^MESSAGE_BITS``) masked
     under ``secret`` with the public polynomials of ``context``.
 
     Returns
@@ -182,7 +182,7 @@ def unmask(total: np.ndarray, secret_sum: np.ndarray, contributors: int, context
     Raises
     ------
     MaskError
-        If the remainder is not within the errors' bound of ``2^24 M``: the secret sum or
+        If the remainder is not within the errors' bound of ``2^20 M``: the secret sum or
         the vector is not what the contributors sent (or they were more than stated).
     """
     if not 1 <= contributors <= MAX_CONTRIBUTORS:
@@ -204,30 +204,36 @@ def unmask(total: np.ndarray, secret_sum: np.ndarray, contributors: int, context
     return levels.reshape(-1)[:length]
 
 
-def secret_plaintexts(secret: np.ndarray, n_bits: int) -> list[int]:
-    """A ternary secret as Paillier plaintexts below a ``n_bits``-bit modulus: each
-    coefficient plus one in a 16-bit slot, so sums of up to 32,767 secrets add slot-wise
-    without carries."""
+def secret_rows(plaintext_bits: int) -> int:
+    """Plaintexts of :func:`secret_plaintexts` for plaintexts of ``plaintext_bits`` bits."""
+    return -(-RING_DEGREE // (plaintext_bits // SECRET_SLOT_BITS))
+
+
+def secret_plaintexts(secret: np.ndarray, plaintext_bits: int) -> list[int]:
+    """A ternary secret as Paillier plaintexts of at most ``plaintext_bits`` bits (below
+    the modulus): each coefficient plus one in a 16-bit slot, so sums of up to
+    ``MAX_CONTRIBUTORS`` secrets add slot-wise without carries."""
     _check_secret(secret, 1)
-    per = (n_bits - 1) // SECRET_SLOT_BITS
+    per = plaintext_bits // SECRET_SLOT_BITS
     slots = (secret + 1).astype(">u2")
     return [int.from_bytes(slots[i:i + per].tobytes(), "big")
             for i in range(0, slots.size, per)]
 
 
-def secret_sum(plaintexts: list[int], contributors: int, n_bits: int) -> np.ndarray:
+def secret_sum(plaintexts: list[int], contributors: int, plaintext_bits: int
+               ) -> np.ndarray:
     """The sum of ``contributors`` secrets from the decrypted sum of their
     :func:`secret_plaintexts`."""
-    if not 1 <= contributors < 1 << (SECRET_SLOT_BITS - 1):
-        raise MaskError(f"{contributors} contributors do not fit the secret's slots")
-    per = (n_bits - 1) // SECRET_SLOT_BITS
-    if len(plaintexts) != -(-RING_DEGREE // per):
-        raise MaskError(f"a secret sum is {-(-RING_DEGREE // per)} plaintexts, got "
-                        f"{len(plaintexts)}")
+    if not 1 <= contributors <= MAX_CONTRIBUTORS:
+        raise MaskError(f"{contributors} contributors: the errors' bound allows 1 to "
+                        f"{MAX_CONTRIBUTORS}")
+    per, rows = plaintext_bits // SECRET_SLOT_BITS, secret_rows(plaintext_bits)
+    if len(plaintexts) != rows:
+        raise MaskError(f"a secret sum is {rows} plaintexts, got {len(plaintexts)}")
     out = []
     for i, value in enumerate(plaintexts):
         count = min(per, RING_DEGREE - i * per)
-        if not 0 <= value < 1 << (SECRET_SLOT_BITS * count):
+        if not 0 <= int(value) < 1 << (SECRET_SLOT_BITS * count):
             raise MaskError("a decrypted secret sum is out of range")
-        out.append(np.frombuffer(value.to_bytes(2 * count, "big"), ">u2"))
+        out.append(np.frombuffer(int(value).to_bytes(2 * count, "big"), ">u2"))
     return np.concatenate(out).astype(np.int64) - contributors

@@ -60,7 +60,7 @@ from .node_errors import NodeError, reports_errors
 from .node_settings import PLAINTEXT_METRICS, node_setting, refuse_evaluation
 from .paillier_legacy import LegacyEncryptedFedAvg, arrays_to_parameters, parameters_to_arrays
 from .paillier_node import resumed_run, open_sealed_model, parse_round_config, round_config
-from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MAX_HEADER_BYTES,
+from .paillier_protocol import (CIPHERTEXTS_KEY, HEADER_KEY, MASKED_KEY, MAX_HEADER_BYTES,
                                 DecryptionRefused, EncryptedModel)
 from .screening import SECURE_EMPTY_ROUNDS, report_failures
 from .threshold_node import (NodeKeys, answer_combine, answer_decrypt, answer_view,
@@ -79,18 +79,21 @@ PREFIX = "threshold-"  # of the fit metrics and stage fields this mode adds
 STAGE_FIELD = f"{PREFIX}stage"
 MOD = "legacy_threshold_paillier_mod"
 _UPDATE = ((CIPHERTEXTS_KEY, "ciphertext", None), (HEADER_KEY, "header", MAX_HEADER_BYTES))
+_MASKED_UPDATE = (*_UPDATE, (MASKED_KEY, "masked vector", None))
 _SEALED = ((SEALED_KEY, "sealed model", None),
            (SEALED_HEADER_KEY, "sealed-model header", MAX_SEALED_HEADER_BYTES))
 
 
 def update_parameters(model: EncryptedModel) -> Parameters:
     """A node's encrypted update as legacy ``Parameters`` (see the module docstring)."""
-    return arrays_to_parameters(model.to_arrays(), [k for k, _, _ in _UPDATE], TENSOR_TYPE)
+    names = _MASKED_UPDATE if model.masks else _UPDATE
+    return arrays_to_parameters(model.to_arrays(), [k for k, _, _ in names], TENSOR_TYPE)
 
 
 def update_arrays(parameters: Parameters) -> dict[str, np.ndarray]:
     """Inverse of :func:`update_parameters`; :class:`InvalidUpdate` if malformed."""
-    return parameters_to_arrays(parameters, TENSOR_TYPE, _UPDATE)
+    names = _MASKED_UPDATE if len(parameters.tensors) == len(_MASKED_UPDATE) else _UPDATE
+    return parameters_to_arrays(parameters, TENSOR_TYPE, names)
 
 
 def sealed_parameters(model: Mapping[str, np.ndarray]) -> Parameters:
@@ -132,9 +135,15 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, LegacyEncryptedFedAvg):
         As for :class:`strategies.paillier_legacy.LegacyPaillierFedAvg`.
     extra_decryptors : int (default: 1)
         Share holders asked beyond ``T`` each round, so that that many may drop out.
+    payload : {"masked", "paillier"} (default: "masked")
+        What a contribution carries: its levels masked under a fresh Ring-LWE secret,
+        with only the secret encrypted (:mod:`strategies.ring_masks`: the decryptors
+        decrypt 33 ciphertexts a round, whatever the model's size), or its levels
+        packed into Paillier plaintexts and encrypted (security on DCR alone; the
+        decryptors decrypt every ciphertext, about 17 ms each on one core).
     stage_timeout : float (default: 600)
-        Seconds to wait for each stage's replies (a partial decryption takes about
-        28 ms per ciphertext on one core).
+        Seconds to wait for each stage's replies (with the ``paillier`` payload a
+        partial decryption takes about 17 ms per ciphertext on one core).
     save_to : str or Path, optional
         Where to write each round's sealed global model (the last round's stays): a
         ``server_fn`` app has no hook after the run. ``fedapp decrypt --key
@@ -157,6 +166,7 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, LegacyEncryptedFedAvg):
     def __init__(self, public_key: ThresholdPublicKey, *, clip: float,
                  max_total_weight: int = 65536, weight_unit: int = 1, value_bits: int = 16,
                  extra_decryptors: int = 1, stage_timeout: float = 600.0,
+                 payload: str = "masked",
                  max_empty_rounds: int = SECURE_EMPTY_ROUNDS,
                  save_to: str | Path | None = None, **kwargs) -> None:
         if kwargs.get("evaluate_fn") is not None:
@@ -167,7 +177,7 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, LegacyEncryptedFedAvg):
                              "paillier-group.key)")
         super().__init__(**kwargs)
         self._init_threshold(public_key, clip, max_total_weight, weight_unit, value_bits,
-                             extra_decryptors, stage_timeout, max_empty_rounds)
+                             extra_decryptors, stage_timeout, max_empty_rounds, payload)
         self.save_to = None if save_to is None else Path(save_to)
         self._clients: ClientManager | None = None
         log(INFO, "LegacyThresholdPaillierFedAvg: %s", self._describe_threshold())
@@ -189,7 +199,8 @@ class LegacyThresholdPaillierFedAvg(ThresholdRounds, LegacyEncryptedFedAvg):
                              f"expected the sealed model ({SEALED_TENSOR_TYPE!r}) or, in "
                              f"round 1, plaintext initial_parameters ({PLAIN_TENSOR_TYPE!r})")
         return self._fit_with(server_round, parameters, client_manager, round_config(
-            self.params, self.public_key.fingerprint, self.weight_unit, server_round))
+            self.params, self.public_key.fingerprint, self.weight_unit, server_round,
+            masked=self.masked))
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]

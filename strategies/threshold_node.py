@@ -36,7 +36,7 @@ from .keyfiles import (GROUP_KEY_NAME, KeyNotFound, THRESHOLD_PUBLIC_NAME, load_
                        threshold_share_name)
 from .node_errors import NodeError
 from .node_settings import node_setting
-from .paillier_node import parse_round_config
+from .paillier_node import parse_round_config, round_masked
 from .paillier_protocol import Layout, client_weight, encrypt_update
 from .plaintext_proofs import ProvingEncryptor
 from .secagg_identity import NodeIdentity
@@ -185,7 +185,8 @@ def contribute(config: dict, names: list[str], arrays: list[np.ndarray], num_exa
     update = encrypt_update(arrays, Layout.of(names, arrays), weight, params, prover,
                             keys.group.tag_key(keys.public.n),
                             run=run, server_round=server_round, node=context.node_id,
-                            sums=metric_sums(metrics or {}, weight), noise=noise)
+                            sums=metric_sums(metrics or {}, weight), noise=noise,
+                            masked=round_masked(config))
     state = load_state(context)
     state["own"] = {"run": run, "round": server_round, "digest": update.digest()}
     save_state(context, state)

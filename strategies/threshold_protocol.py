@@ -96,7 +96,8 @@ from .aggregation import InvalidUpdate, Layout
 from .checks import is_int
 from .encoding import encode_noise, pack
 from .paillier import aggregate_arrays, ciphertexts_from_array
-from .paillier_protocol import EncryptedModel, aggregate, read_aggregate
+from . import ring_masks
+from .paillier_protocol import EncryptedModel, aggregate, masked_bytes, read_aggregate
 from .paillier_tags import TagKey
 from .plaintext_proofs import InvalidProof, PlaintextProof, ProvingEncryptor, verify_plaintexts
 from .secagg_identity import NodeIdentity, Roster, verify
@@ -343,27 +344,35 @@ def sign_view(view: View, identity: NodeIdentity, own: Mapping[str, object],
     return identity.key.sign(view.statement())
 
 
-def _noise_context(view: View, offset: int) -> bytes:
-    return (b"fedapp threshold server noise v1\x00" + bytes.fromhex(view.digest())
-            + offset.to_bytes(16, "big"))
+def _noise_context(view: View, offset: int, masked: np.ndarray | None) -> bytes:
+    out = (b"fedapp threshold server noise v1\x00" + bytes.fromhex(view.digest())
+           + offset.to_bytes(16, "big"))
+    if masked is not None:
+        out += hashlib.sha256(masked_bytes(masked).data).digest()
+    return out
 
 
 @dataclass(frozen=True)
 class ServerNoise:
-    """Central DP: the server's noise for one view's aggregate, one ciphertext per
-    packed model plaintext (none for the metric sums and the tag), the offset that
-    decoding subtracts, and the server's proof that it knows the plaintexts
-    (:mod:`strategies.plaintext_proofs`), bound to the view and the offset."""
+    """Central DP: the server's noise for one view's aggregate, the offset that decoding
+    subtracts, and the server's proof that it knows the plaintexts of its ciphertexts
+    (:mod:`strategies.plaintext_proofs`), bound to the view, the offset and the masked
+    vector. Packed payload: one ciphertext per packed model plaintext (none for the
+    metric sums and the tag). Masked payload: the noise masked under a fresh ring
+    secret of the server's (``masked``) and the secret's ciphertexts, so the decryptors,
+    who see the aggregate before and after, learn nothing of the noise either."""
 
     ciphertexts: np.ndarray
     offset: int
     proof: PlaintextProof
+    masked: np.ndarray | None = None
 
     @staticmethod
     def make(encryptor: ThresholdEncryptor, model: EncryptedModel, view: View,
              noise: np.ndarray, bound: int) -> ServerNoise:
         """The server's noise: ``noise`` (integers, in levels of the sum, clipped to
-        ``[-bound, bound]``) encoded for ``model``'s slots, encrypted and proven.
+        ``[-bound, bound]``) encoded for ``model``'s slots, encrypted (or masked) and
+        proven.
 
         Raises
         ------
@@ -372,16 +381,28 @@ class ServerNoise:
         """
         values, offset = encode_noise(noise, bound, model.total_weight, model.params)
         prover = ProvingEncryptor(encryptor)
-        cts = prover.encrypt_to_array(pack(values, model.params))
-        return ServerNoise(cts, offset, prover.prove(cts, _noise_context(view, offset)))
+        masked = None
+        if model.masks:
+            secret = ring_masks.new_secret()
+            masked = ring_masks.mask(values.astype(np.int64), secret, model.context())
+            plaintexts = ring_masks.secret_plaintexts(secret, model.params.plaintext_bits)
+        else:
+            plaintexts = pack(values, model.params)
+        cts = prover.encrypt_to_array(plaintexts)
+        return ServerNoise(cts, offset, prover.prove(cts, _noise_context(view, offset, masked)),
+                           masked)
 
     def added_to(self, public: ThresholdPublicKey, model: EncryptedModel) -> EncryptedModel:
-        """``model`` with this noise in its packed rows and its offset, unchecked (the
-        server adding the noise it made; decryptors use :func:`add_server_noise`)."""
-        rows = model.params.num_plaintexts(model.layout.size)
+        """``model`` with this noise in its payload rows (and masked vector) and its
+        offset, unchecked (the server adding the noise it made; decryptors use
+        :func:`add_server_noise`)."""
+        rows = model.payload_rows
         summed = aggregate_arrays(public, [model.ciphertexts[:rows], self.ciphertexts])
+        masked = {} if not model.masks else {
+            "masked": ring_masks.add([model.masked, self.masked]), "masks": model.masks + 1}
         return dataclasses.replace(model, ciphertexts=np.concatenate(
-            [summed, model.ciphertexts[rows:]]), noise_offset=model.noise_offset + self.offset)
+            [summed, model.ciphertexts[rows:]]), noise_offset=model.noise_offset + self.offset,
+            **masked)
 
 
 def add_server_noise(public: ThresholdPublicKey, model: EncryptedModel, view: View,
@@ -396,13 +417,18 @@ def add_server_noise(public: ThresholdPublicKey, model: EncryptedModel, view: Vi
         does not verify (the server does not know what it adds: it could be the inverse
         of the other contributions, leaving one update).
     """
-    rows = model.params.num_plaintexts(model.layout.size)
+    rows = model.payload_rows
     try:
         model.params.check_noise_offset(model.noise_offset + noise.offset, model.total_weight)
         cts = ciphertexts_from_array(public, noise.ciphertexts)
         if len(cts) != rows:
-            raise ValueError(f"{len(cts)} noise ciphertexts for {rows} packed rows")
-        verify_plaintexts(public, cts, noise.proof, _noise_context(view, noise.offset))
+            raise ValueError(f"{len(cts)} noise ciphertexts for {rows} payload rows")
+        if model.masks and (noise.masked is None or noise.masked.shape != model.masked.shape):
+            raise ValueError("a masked aggregate needs masked noise of its length")
+        if not model.masks and noise.masked is not None:
+            raise ValueError("masked noise for an aggregate that is not masked")
+        verify_plaintexts(public, cts, noise.proof,
+                          _noise_context(view, noise.offset, noise.masked))
         return noise.added_to(public, model)
     except (InvalidProof, ValueError) as err:  # EncodingOverflow is a ValueError
         raise ThresholdRefused(f"the server's noise is refused: {err}") from None
@@ -493,6 +519,9 @@ def check_request(public: ThresholdPublicKey, roster: Roster, request: DecryptRe
                                    "round or node")
         if model.server_noise:
             raise ThresholdRefused(f"node {node}'s contribution carries a noise offset")
+        if model.masks > 1:
+            raise ThresholdRefused(f"node {node}'s contribution claims {model.masks} ring "
+                                   "secrets, one contributor has one")
         if updates and model.client_noise != updates[0].client_noise:
             raise ThresholdRefused(f"node {node}'s contribution declares other distributed-DP "
                                    "noise than the others")

@@ -30,7 +30,8 @@ from .discrete_gaussian import discrete_gaussian
 from .encoding import EncodingOverflow
 from .paillier import check_ciphertext_array
 from .paillier_node import PaillierRounds
-from .paillier_protocol import EncryptedModel, RoundSum, aggregate
+from .paillier_protocol import (EncryptedModel, RoundSum, aggregate, check_maskable,
+                                masked_bytes, read_masked)
 from .secagg_identity import verify
 from .threshold_paillier import ThresholdEncryptor, ThresholdPublicKey
 from .plaintext_proofs import InvalidProof, PlaintextProof
@@ -74,6 +75,10 @@ Exchange = Callable[[dict[int, StageRequest], str], dict[int, "bytes | Combined 
 
 # ------------------------------------------------------------------ text forms
 NOISE_ARRAYS = "server-noise"
+#: What a contribution carries (``payload=``): ``masked``, the levels masked under a ring
+#: secret and the secret encrypted (:mod:`strategies.ring_masks`), or ``paillier``, the
+#: levels packed into Paillier plaintexts and encrypted.
+PAYLOADS = ("masked", "paillier")
 
 
 def signature_fields(identity: bytes, contribution: Contribution, share: int
@@ -158,8 +163,10 @@ def request_arrays(request: DecryptRequest) -> dict[str, dict[str, np.ndarray]]:
     the server's noise."""
     out = {f"contribution-{node}": c.model.to_arrays()
            for node, c in request.contributions.items()}
-    if request.noise is not None:
-        out[NOISE_ARRAYS] = {"ciphertexts": request.noise.ciphertexts}
+    noise = request.noise
+    if noise is not None:
+        out[NOISE_ARRAYS] = {"ciphertexts": noise.ciphertexts, **(
+            {} if noise.masked is None else {"masked": masked_bytes(noise.masked)})}
     return out
 
 
@@ -189,9 +196,16 @@ def read_request(fields: Mapping[str, object],
             signature) for node, signature in signatures.items()}
         noise = None
         if "noise-proof" in fields:
-            cts = check_ciphertext_array(public, arrays(NOISE_ARRAYS)["ciphertexts"])
+            noise_arrays = arrays(NOISE_ARRAYS)
+            cts = check_ciphertext_array(public, noise_arrays["ciphertexts"])
+            masked = None
+            if "masked" in noise_arrays:
+                first = next(iter(contributions.values()), None)
+                if first is None:
+                    raise ValueError("masked noise without contributions")
+                masked = read_masked(noise_arrays["masked"], first.model.layout.size)
             noise = ServerNoise(cts, int(str(fields["noise-offset"])),
-                                PlaintextProof.from_text(fields["noise-proof"]))
+                                PlaintextProof.from_text(fields["noise-proof"]), masked)
     except (KeyError, ValueError, AttributeError, TypeError) as err:
         raise ThresholdRefused(f"malformed decryption request: {err}") from None
     return DecryptRequest(view, view_signatures, contributions, noise)
@@ -208,14 +222,19 @@ class ThresholdRounds(PaillierRounds):
     def _init_threshold(self, public_key: ThresholdPublicKey, clip: float,
                         max_total_weight: int, weight_unit: int, value_bits: int,
                         extra_decryptors: int, stage_timeout: float,
-                        max_empty_rounds: int) -> None:
+                        max_empty_rounds: int, payload: str) -> None:
         if not isinstance(public_key, ThresholdPublicKey):
             raise ValueError("public_key must be a ThresholdPublicKey (fedapp keygen "
                              "--threshold T --shares N writes paillier-threshold.pub.json)")
         if extra_decryptors < 0:
             raise ValueError(f"extra_decryptors must be >= 0, got {extra_decryptors}")
+        if payload not in PAYLOADS:
+            raise ValueError(f"payload must be one of {', '.join(PAYLOADS)}, got {payload!r}")
         self._init_paillier(public_key, clip, max_total_weight, weight_unit, value_bits,
                             max_empty_rounds)
+        self.masked = payload == "masked"
+        if self.masked:
+            check_maskable(self.params)
         self.extra_decryptors, self.stage_timeout = extra_decryptors, stage_timeout
         self.share_holders: dict[int, int] = {}
         # the aggregate the clients decrypted last (public: ciphertexts and header), for
@@ -229,7 +248,8 @@ class ThresholdRounds(PaillierRounds):
     def _describe_threshold(self) -> str:
         key = self.public_key
         return (f"{key.threshold} of {key.shares} shares decrypt, {self.extra_decryptors} "
-                f"extra asked; {self._describe()}")
+                f"extra asked, {'masked' if self.masked else 'packed'} payload; "
+                f"{self._describe()}")
 
     def _remember_global(self, arrays: Mapping[str, np.ndarray]) -> None:
         """The layout of the global model sent this round: a sealed model's public
@@ -244,7 +264,7 @@ class ThresholdRounds(PaillierRounds):
         every update must carry and its quorum."""
         return RoundSum(self.public_key, self.params, self._layout, server_round,
                         min_contributors=self.public_key.threshold + 1,
-                        client_noise=self.client_noise)
+                        client_noise=self.client_noise, masked=self.masked)
 
     def _accept(self, round_sum: RoundSum, signed: dict, node: int,
                 arrays: Mapping[str, np.ndarray], fields: Signed) -> None:

@@ -67,10 +67,11 @@ def context_of(keydir: Path, node: int, **settings) -> Context:
 
 
 def dp_config(keydir: Path, server_round: int, *, levels: float = LEVELS,
-              quorum: int = 3) -> dict:
-    """A train config as the DP wrapper sends it (no noise keys when ``levels`` is 0)."""
+              quorum: int = 3, masked: bool = False) -> dict:
+    """A train config as the DP wrapper sends it (no noise keys when ``levels`` is 0),
+    for a packed or ``masked`` payload."""
     public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
-    config = round_config(PARAMS, public.fingerprint, 1, server_round)
+    config = round_config(PARAMS, public.fingerprint, 1, server_round, masked=masked)
     if levels:
         config.update({CLIP_KEY: DP_CLIP, STEP_KEY: PARAMS.step, VALUE_CLIP_KEY: PARAMS.clip,
                        NOISE_LEVELS_KEY: levels, QUORUM_KEY: quorum})
@@ -123,18 +124,23 @@ def clean_average(nodes, length: int = LENGTH) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ (1) the noise
-def test_with_the_defence_off_the_clients_exact_average_is_decrypted(keydir):
+@pytest.mark.parametrize("masked", [False, True])
+def test_with_the_defence_off_the_clients_exact_average_is_decrypted(keydir, masked):
     """No noise asked and no floor: the threshold key holders decrypt the four
     contributions' exact average (the baseline the defence changes)."""
-    signed = contributions(keydir, {u: dp_config(keydir, 11, levels=0) for u in NODES})
+    signed = contributions(keydir, {u: dp_config(keydir, 11, levels=0, masked=masked)
+                                    for u in NODES})
+    assert all(c.model.masks == masked for c in signed.values())
     got = decrypted_average(keydir, signed)
     assert np.abs(got - clean_average(NODES)).max() <= PARAMS.max_error() + 1e-9
 
 
-def test_with_it_on_the_average_carries_the_configured_noise(keydir):
+@pytest.mark.parametrize("masked", [False, True])
+def test_with_it_on_the_average_carries_the_configured_noise(keydir, masked):
     """Quorum 3, four contributors of std 400 / sqrt(3) levels each: the decrypted
-    average is the clean one plus noise of std 400 sqrt(4 / 3) step / 4."""
-    signed = contributions(keydir, {u: dp_config(keydir, 12) for u in NODES})
+    average is the clean one plus noise of std 400 sqrt(4 / 3) step / 4 (the ring
+    masks' own errors are rounded away: they add nothing)."""
+    signed = contributions(keydir, {u: dp_config(keydir, 12, masked=masked) for u in NODES})
     assert all(m.client_noise.std == pytest.approx(LEVELS / math.sqrt(3))
                for m in (c.model for c in signed.values()))
     residual = decrypted_average(keydir, signed) - clean_average(NODES)
@@ -343,11 +349,15 @@ def server_noise(keydir: Path, sigma: float, bound: int):
     return noise_of
 
 
-def test_central_dp_the_servers_proven_noise_is_decrypted_with_the_nodes_consent(keydir):
-    """The server encrypts std-400 noise, proves it knows it, and the decryptors that
-    accept server noise add it: the average carries noise of std 400 step / 4. Nodes
-    that do not accept it refuse, before any decryption."""
-    signed = contributions(keydir, {u: dp_config(keydir, 51, levels=0) for u in NODES})
+@pytest.mark.parametrize("masked", [False, True])
+def test_central_dp_the_servers_proven_noise_is_decrypted_with_the_nodes_consent(keydir,
+                                                                                  masked):
+    """The server encrypts std-400 noise (masked payload: masks it under its own ring
+    secret and encrypts that), proves it knows it, and the decryptors that accept
+    server noise add it: the average carries noise of std 400 step / 4. Nodes that do
+    not accept it refuse, before any decryption."""
+    signed = contributions(keydir, {u: dp_config(keydir, 51, levels=0, masked=masked)
+                                    for u in NODES})
     noise_of = server_noise(keydir, LEVELS, math.ceil(8 * LEVELS))
     residual = decrypted_average(keydir, signed, noise_of, **ACCEPT) - clean_average(NODES)
     std = LEVELS * PARAMS.step / 4
@@ -365,9 +375,12 @@ def cancelling_noise(keydir, signed: dict, cancelled: list[int], offset: int):
     """The attack: server "noise" that is the inverse of the ``cancelled`` nodes'
     contributions (made from their ciphertexts, no key needed), times encryptions of
     zero updates of their weights and of the declared offset, so the view's aggregate
-    decodes to the other nodes' updates alone. Its proof is the best the server can
-    make: over every plaintext and randomizer it knows."""
-    from strategies.encoding import encode, encode_noise, pack
+    decodes to the other nodes' updates alone. Masked payload: the inverse of their
+    secrets' ciphertexts (plus ones, so the secret sum's offset still holds) and of their
+    masked vectors (plain integers), plus the zero updates' levels unmasked. Its proof
+    is the best the server can make: over every plaintext and randomizer it knows."""
+    from strategies import ring_masks
+    from strategies.encoding import encode, encode_noise, pack, quantize
     from strategies.paillier import ciphertexts_from_array, ciphertexts_to_array
     from strategies.plaintext_proofs import prove_plaintexts
     from strategies.threshold_paillier import ThresholdEncryptor
@@ -376,35 +389,50 @@ def cancelling_noise(keydir, signed: dict, cancelled: list[int], offset: int):
     public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
     n, nsquare = int(public.n), public.nsquare
     size = signed[404].model.layout.size
+    masked = bool(signed[404].model.masks)
 
     def noise_of(view, summed):
-        rows = PARAMS.num_plaintexts(size)
-        known = [0] * rows
-        for node in cancelled:
-            zero = encode(np.zeros(size), PARAMS, signed[node].model.total_weight)
-            known = [(k + z) % n for k, z in zip(known, zero)]
-        shift = pack(encode_noise(np.zeros(size, np.int64), offset, summed.total_weight,
-                                  PARAMS)[0], PARAMS)
-        known = [(k + s) % n for k, s in zip(known, shift)]
+        shift = encode_noise(np.zeros(size, np.int64), offset, summed.total_weight, PARAMS)[0]
+        vector = None
+        if masked:  # slots of 1 per cancelled secret and for the server's own "secret"
+            per = PARAMS.plaintext_bits // ring_masks.SECRET_SLOT_BITS
+            slots = np.full(ring_masks.RING_DEGREE, len(cancelled) + 1, ">u2")
+            known = [int.from_bytes(slots[i:i + per].tobytes(), "big")
+                     for i in range(0, slots.size, per)]
+            levels = shift.astype(np.int64) + sum(
+                quantize(np.zeros(size), PARAMS, signed[u].model.total_weight).astype(np.int64)
+                for u in cancelled)
+            plain = np.zeros(ring_masks.rows_for(size) * ring_masks.RING_DEGREE, np.int64)
+            plain[:size] = levels
+            vector = (plain << ring_masks.SCALE_BITS).astype(np.uint64) \
+                - sum(signed[u].model.masked for u in cancelled)
+        else:
+            known = pack(shift, PARAMS)
+            for node in cancelled:
+                zero = encode(np.zeros(size), PARAMS, signed[node].model.total_weight)
+                known = [(k + z) % n for k, z in zip(known, zero)]
         encryptor = ThresholdEncryptor(public)
-        randomizers = [secrets.randbits(public.randomizer_bits) for _ in range(rows)]
+        randomizers = [secrets.randbits(public.randomizer_bits) for _ in known]
         cts = [encryptor.encrypt_with(m, a) for m, a in zip(known, randomizers)]
         for node in cancelled:
             theirs = ciphertexts_from_array(public, signed[node].model.ciphertexts)
             cts = [c * pow(int(t), -1, int(nsquare)) % nsquare for c, t in zip(cts, theirs)]
-        proof = prove_plaintexts(public, known, randomizers, cts, _noise_context(view, offset))
-        return ServerNoise(ciphertexts_to_array(public, cts), offset, proof)
+        proof = prove_plaintexts(public, known, randomizers, cts,
+                                 _noise_context(view, offset, vector))
+        return ServerNoise(ciphertexts_to_array(public, cts), offset, proof, vector)
     return noise_of
 
 
+@pytest.mark.parametrize("masked", [False, True])
 def test_central_dp_noise_that_cancels_the_others_is_refused_and_works_unchecked(
-        keydir, monkeypatch):
+        keydir, monkeypatch, masked):
     """Server + one client (the colluder reads the model like every client): "noise"
     that cancels nodes 101-303 leaves node 404's update alone in a view all four signed.
     Without the proof check the decryptors decrypt it and the model is 404's update
     over the total weight; with it they refuse: the server cannot prove it knows that
     noise's plaintext."""
-    signed = contributions(keydir, {u: dp_config(keydir, 52, levels=0) for u in NODES})
+    signed = contributions(keydir, {u: dp_config(keydir, 52, levels=0, masked=masked)
+                                    for u in NODES})
     noise_of = cancelling_noise(keydir, signed, [101, 202, 303], 50)
     with monkeypatch.context() as patch:
         patch.setattr("strategies.threshold_protocol.verify_plaintexts", lambda *args: None)

@@ -131,14 +131,14 @@ def test_the_secret_sum_travels_through_threshold_paillier(threshold_key_dir):
     encryptor = ThresholdEncryptor(public)
     levels = [np.arange(5000) * k - 7 for k in range(1, 5)]
     masked, secrets_ = _round(levels)
-    encrypted = [[encryptor.encrypt(m) for m in rm.secret_plaintexts(s, public.n_bits)]
+    encrypted = [[encryptor.encrypt(m) for m in rm.secret_plaintexts(s, public.n_bits - 1)]
                  for s in secrets_]
     summed = [int(np.prod(column, dtype=object) % public.nsquare)
               for column in zip(*encrypted, strict=True)]
     assert len(summed) == 33  # 4,096 coefficients in 127 slots of 16 bits a plaintext
     partials = [partial_decrypt(share, summed, CONTEXT) for share in shares]
     plaintexts, bad = combine(public, summed, partials, CONTEXT)
-    secret_sum = rm.secret_sum(plaintexts, len(levels), public.n_bits)
+    secret_sum = rm.secret_sum(plaintexts, len(levels), public.n_bits - 1)
     assert not bad and np.array_equal(secret_sum, sum(secrets_))
     assert np.array_equal(rm.unmask(rm.add(masked), secret_sum, 4, CONTEXT, 5000),
                           sum(levels))
@@ -151,9 +151,9 @@ def test_what_does_not_unmask_is_refused():
     one_off = secret_sum.copy()
     one_off[100] += 1
     tampered = total.copy()
-    tampered[7] += np.uint64(1 << 20)
+    tampered[7] += np.uint64(1 << 16)
     shifted = total.copy()
-    shifted[7] += np.uint64(3 << rm.SCALE_BITS)  # whole multiples of 2^24 move the sum
+    shifted[7] += np.uint64(3 << rm.SCALE_BITS)  # whole multiples of 2^20 move the sum
     assert rm.unmask(shifted, secret_sum, 5, CONTEXT, 3000)[7] == sum(levels)[7] + 3
     for args in [(total, one_off, 5, CONTEXT), (tampered, secret_sum, 5, CONTEXT),
                  (total, secret_sum, 5, CONTEXT + b"!"),  # another round's polynomials
@@ -204,11 +204,13 @@ def test_bad_input_is_named():
         rm.add([rm.mask(np.zeros(3, np.int64), s, CONTEXT), np.zeros(N, np.int64)])
     with pytest.raises(ValueError, match="nothing"):
         rm.add([])
-    plaintexts = rm.secret_plaintexts(s, 2048)
+    plaintexts = rm.secret_plaintexts(s, 2047)
+    assert rm.secret_rows(2047) == len(plaintexts) == 33
+    assert all(p < 1 << 2032 for p in plaintexts)
     with pytest.raises(rm.MaskError, match="33 plaintexts"):
-        rm.secret_sum(plaintexts[:-1], 1, 2048)
+        rm.secret_sum(plaintexts[:-1], 1, 2047)
     with pytest.raises(rm.MaskError, match="out of range"):
-        rm.secret_sum([1 << 2040] + plaintexts[1:], 1, 2048)
-    with pytest.raises(rm.MaskError, match="slots"):
-        rm.secret_sum(plaintexts, 1 << 15, 2048)
-    assert np.array_equal(rm.secret_sum(plaintexts, 1, 2048), s)
+        rm.secret_sum([1 << 2040] + plaintexts[1:], 1, 2047)
+    with pytest.raises(rm.MaskError, match="contributors"):
+        rm.secret_sum(plaintexts, rm.MAX_CONTRIBUTORS + 1, 2047)
+    assert np.array_equal(rm.secret_sum(plaintexts, 1, 2047), s)

@@ -182,9 +182,10 @@ def test_a_legacy_round_seals_the_weighted_average_for_the_clients_only(keydir, 
     from fedapp import cli
 
     proxies, manager, strategy, results, parameters, metrics, saved = first_round
-    # each fit reply: the update under the threshold key, signed, as .npy uint8 tensors
+    # each fit reply: the update under the threshold key, signed, as .npy uint8 tensors:
+    # the secret's ciphertexts, the header and the masked vector (the default payload)
     for proxy, res in results:
-        assert res.parameters.tensor_type == TENSOR_TYPE and len(res.parameters.tensors) == 2
+        assert res.parameters.tensor_type == TENSOR_TYPE and len(res.parameters.tensors) == 3
         assert all(load_npy(t, "tensor", (np.uint8,)).dtype == np.uint8
                    for t in res.parameters.tensors)
         assert set(res.metrics) == {"threshold-identity", "threshold-signature",

@@ -116,10 +116,21 @@ def assert_average(arrays: list[np.ndarray], nodes: list[int], strategy) -> None
         np.testing.assert_allclose(value, exp, rtol=0, atol=strategy.params.max_error() + 1e-6)
 
 
-def test_a_round_seals_the_weighted_average_for_the_clients_only(keydir, task_identity):
-    nodes = make_nodes(keydir)
-    strategy, grid = strategy_for(keydir, nodes), FakeGrid(nodes)
+@pytest.mark.parametrize("payload", ["masked", "paillier"])
+def test_a_round_seals_the_weighted_average_for_the_clients_only(keydir, task_identity,
+                                                                 payload):
+    sent = []
+
+    def keep(stage, msg, reply, node):
+        if stage == "train":
+            sent.append(set(record_arrays(next(iter(reply.content.array_records.values())))))
+
+    nodes = make_nodes(keydir, {u: {"tamper": keep} for u in NODES})
+    strategy, grid = strategy_for(keydir, nodes, payload=payload), FakeGrid(nodes)
     arrays, metrics = run_round(strategy, grid, 1, initial())
+    # each node sent its update masked, or packed, as the strategy asked
+    assert len(sent) == 4 and all(("paillier-masked" in arrays_sent) == (payload == "masked")
+                                  for arrays_sent in sent)
     sealed = record_arrays(arrays)
     group = load_group_key(keydir / GROUP_KEY_NAME)
     _, plain, means, server_round = open_model(group, sealed, run=1)
@@ -209,15 +220,16 @@ def test_an_update_without_a_valid_proof_is_left_out_and_the_round_finishes(
 # ------------------------------------------------------------------ attacks on the core
 
 
-@pytest.fixture(scope="module")
-def contributions(keydir):
+@pytest.fixture(scope="module", params=["masked", "paillier"])
+def contributions(keydir, request):
     """Each node's real round-1 contribution and signature, made by the node code, and
-    the nodes' contexts after it."""
+    the nodes' contexts after it; for each payload."""
     from strategies.paillier_node import round_config
     from strategies.threshold_node import contribute
 
-    strategy = strategy_for(keydir, NODES)
-    config = round_config(strategy.params, strategy.public_key.fingerprint, 1, 1)
+    strategy = strategy_for(keydir, NODES, payload=request.param)
+    config = round_config(strategy.params, strategy.public_key.fingerprint, 1, 1,
+                          masked=strategy.masked)
     out, contexts = {}, {}
     for u in NODES:
         contexts[u] = new_context(u)
@@ -328,9 +340,10 @@ def colluding_contribution(keydir, contributions, colluder: int, cancelled: list
     """What a client colluding with the server can sign as its own contribution, given
     the honest ones: its own update, times the inverse of each ``cancelled`` node's,
     times a fresh encryption of a zero update of that node's weight (its group key makes
-    the tag), so the view's aggregate holds the cancelled nodes as zero updates. Also
-    the best proof it can make: over every plaintext and randomizer it knows (its own
-    and the zero updates'), all but the cancelled nodes'."""
+    the tag), so the view's aggregate holds the cancelled nodes as zero updates (masked
+    payload: the same on the secrets' ciphertexts, and on the masked vectors, which are
+    plain integers to anyone). Also the best proof it can make: over every plaintext and
+    randomizer it knows (its own and the zero updates'), all but the cancelled nodes'."""
     from strategies.paillier_protocol import encrypt_update
     from strategies.plaintext_proofs import ProvingEncryptor, prove_plaintexts
     from strategies.threshold_paillier import ThresholdEncryptor
@@ -342,21 +355,26 @@ def colluding_contribution(keydir, contributions, colluder: int, cancelled: list
 
     def encrypted(arrays, node):
         prover = ProvingEncryptor(ThresholdEncryptor(public))
-        encrypt_update(arrays, honest.layout, out[node].model.total_weight, honest.params,
-                       prover, group.tag_key(public.n), run=1, server_round=1, node=node)
-        return prover
+        model = encrypt_update(arrays, honest.layout, out[node].model.total_weight,
+                               honest.params, prover, group.tag_key(public.n), run=1,
+                               server_round=1, node=node, masked=bool(honest.masks))
+        return prover, model.masked
 
-    own = encrypted(list(local_model(colluder).values()), colluder)
+    own, masked = encrypted(list(local_model(colluder).values()), colluder)
     rows, known = list(own.ciphertexts), list(zip(own.plaintexts, own.randomizers))
     for node in cancelled:
-        zero = encrypted([np.zeros(s, np.float32) for s in honest.layout.shapes], node)
+        zero, zero_masked = encrypted([np.zeros(s, np.float32) for s in honest.layout.shapes],
+                                      node)
         theirs = ciphertexts_from_array(public, out[node].model.ciphertexts)
         for j, c in enumerate(theirs):
             rows[j] = rows[j] * zero.ciphertexts[j] * pow(int(c), -1, int(public.nsquare)) \
                 % public.nsquare
             known[j] = ((known[j][0] + zero.plaintexts[j]) % int(public.n),
                         known[j][1] + zero.randomizers[j])
-    crafted = dataclasses.replace(honest, ciphertexts=ciphertexts_to_array(public, rows))
+        if masked is not None:
+            masked = masked + zero_masked - out[node].model.masked  # modulo 2^64
+    crafted = dataclasses.replace(honest, ciphertexts=ciphertexts_to_array(public, rows),
+                                  masked=masked)
     proof = prove_plaintexts(public, *zip(*known), rows, proof_context(crafted))
     signature = IDENTITY(colluder).key.sign(_statement(crafted, proof))
     return Contribution(crafted, proof, signature)
