@@ -238,6 +238,7 @@ def main() -> None:
     summary["threshold"] = threshold_benchmark(pk, sk, aggregate, full_count + 1,
                                                args.threshold, args.clients, params, cnn)
     sealed = summary["threshold"]["sealed_model"]
+    masked = summary["threshold"]["masked_payload"]
     # -- CKKS side by side, and the bandwidth model --------------------------------------------
     ckks = ckks_benchmark(update.astype(np.float64), args.clients, args.agg_params, rng)
     log(f"CKKS (TenSEAL, poly 8192): encrypt {ckks['encrypt_values_per_s']:,} values/s, decrypt "
@@ -260,6 +261,9 @@ def main() -> None:
             + summary["threshold"]["mnist_cnn_contribution_proof"]["prove_s"],
             "decrypt_s": sealed["open_s"], "bytes_up": wire_bytes,
             "bytes_down": sealed["bytes"]},
+        "threshold_masked": {
+            "encrypt_s": masked["client_encrypt_and_prove_s"], "decrypt_s": sealed["open_s"],
+            "bytes_up": masked["wire_bytes_per_contribution"], "bytes_down": sealed["bytes"]},
         "ckks": {"encrypt_s": MNIST_CNN_PARAMS / ckks["encrypt_values_per_s"],
                  "decrypt_s": MNIST_CNN_PARAMS / ckks["decrypt_values_per_s"],
                  "bytes_up": round(ckks_wire_mnist), "bytes_down": round(ckks_wire_mnist)},
@@ -268,10 +272,14 @@ def main() -> None:
         log(f"bandwidth model, {name}: crypto {row['crypto_cpu_s']} s; at 1/10/100 Mbit/s "
             f"{row['1_mbit_s']} / {row['10_mbit_s']} / {row['100_mbit_s']} s per round")
     summary.update({"ckks": ckks, "bandwidth_model": model})
+    summary["targets_met"]["threshold_masked_decryption_cpu_le_one_third_of_today"] = (
+        masked["goal_threshold_cpu_le_one_third_of_today"])
     if args.sim_rounds > 0:
-        summary["simulation"] = simulate_mnist(args)
-        summary["targets_met"]["paillier_le_2x_plaintext_seconds_per_round"] = (
-            summary["simulation"]["ratio_seconds_per_round"] <= 2.0)
+        sim = summary["simulation"] = simulate_mnist(args)
+        for name in ("paillier", "paillier_threshold"):
+            ratio = sim[f"ratio_seconds_per_round_{name}"]
+            summary["targets_met"][f"{name}_le_2x_plaintext_seconds_per_round"] = (
+                ratio is not None and ratio <= 2.0)
     print(json.dumps(summary))
 
 
@@ -321,6 +329,8 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
     assert all(np.array_equal(a, b) for a, b in zip(arrays, opened, strict=True))
     once_cpu = single_mnist + t_seal + (clients - 1) * t_open
     threshold_cpu = threshold * partial_mnist + combine_mnist + t_seal + clients * t_open
+    masked = masked_payload(public, shares[:threshold], clients, params, cnn, every_client,
+                            t_open)
     out = {
         "threshold": threshold, "shares": clients, "sample_ciphertexts": sample,
         "dealer_s": round(t_deal, 2),
@@ -345,6 +355,7 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
         "threshold_cpu_vs_today": round(threshold_cpu / every_client, 2),
         "goal_decrypt_once_cpu_le_one_third_of_today": once_cpu <= every_client / 3,
         "goal_threshold_cpu_le_one_third_of_today": threshold_cpu <= every_client / 3,
+        "masked_payload": masked,
     }
     per_ct = out["partial_with_proof_s_per_ciphertext"]
     log(f"threshold {threshold} of {clients}: partial+proof {per_ct} s per ciphertext "
@@ -353,6 +364,79 @@ def threshold_benchmark(pk, sk, aggregate: np.ndarray, mnist_ciphertexts: int,
         f"decryption CPU per round {threshold_cpu:.0f} s vs {every_client:.0f} s today "
         f"({out['threshold_cpu_vs_today']}x); decrypt-once {once_cpu:.1f} s "
         f"({out['decrypt_once_cpu_vs_today']}x: seal {t_seal:.3f} s, open {t_open:.3f} s)")
+    return out
+
+
+def masked_payload(public, shares: list, clients: int, params: EncodingParams, cnn: Layout,
+                   every_client: float, t_open: float) -> dict:
+    """The threshold mode's masked payload (strategies.ring_masks), for real on the whole
+    CNN: ``clients`` contributions (quantize, mask, encrypt the secret and the tag, prove),
+    checking one contribution's proof, the server's sum, each of the ``len(shares)``
+    decryptors' partial decryption with its proof, and the combiner's verification,
+    combination, unmasking and decoding; the decoded average is checked against the
+    plaintext one. The clients' decryption CPU per round is counted as for the packed
+    payload (decryptors' partials, the combiner, sealing, every client opening), and
+    once more with the decryptors' checks of every contribution's proof."""
+    from strategies.paillier import ciphertexts_from_array
+    from strategies.paillier_protocol import aggregate, encrypt_update, read_aggregate
+    from strategies.plaintext_proofs import ProvingEncryptor, verify_plaintexts
+    from strategies.threshold_paillier import ThresholdEncryptor, combine, partial_decrypt
+    from strategies.threshold_protocol import GroupKey, proof_context, seal_model
+
+    group = GroupKey.generate(public.fingerprint)
+    tag_key, encryptor = group.tag_key(public.n), ThresholdEncryptor(public)
+    rng = np.random.default_rng(2)
+    updates, t_client = [], []
+    for node in range(1, clients + 1):
+        arrays = [rng.uniform(-0.4, 0.4, s).astype(np.float32) for s in cnn.shapes]
+        prover = ProvingEncryptor(encryptor)
+        start = time.perf_counter()
+        model = encrypt_update(arrays, cnn, 1, params, prover, tag_key, run=1, server_round=1,
+                               node=node, masked=True)
+        proof = prover.prove(model.ciphertexts, proof_context(model))
+        t_client.append(time.perf_counter() - start)
+        updates.append((arrays, model, proof))
+    _, t_check = timed(verify_plaintexts, public, prover.ciphertexts, proof,
+                       proof_context(model))
+    summed, t_sum = timed(aggregate, public, [m for _, m, _ in updates])
+    cts, context = ciphertexts_from_array(public, summed.ciphertexts), b"bench masked"
+    partials, t_partials = timed(lambda: [partial_decrypt(s, cts, context) for s in shares])
+    start = time.perf_counter()
+    plaintexts, left_out = combine(public, cts, partials, context)
+    flat, sums = read_aggregate(summed, plaintexts, tag_key)
+    t_combine = time.perf_counter() - start
+    sealed, t_seal = timed(seal_model, group, summed, flat, sums)
+    expected = np.mean([np.concatenate([a.ravel() for a in arrays])
+                        for arrays, _, _ in updates], axis=0)
+    error = float(np.abs(np.concatenate([a.ravel() for a in flat]) - expected).max())
+    assert not left_out and error <= params.max_error(), "the masked aggregate is wrong"
+    t_partial = t_partials / len(shares)
+    cpu = len(shares) * t_partial + t_combine + t_seal + clients * t_open
+    checked = cpu + len(shares) * clients * t_check
+    wire = sum(a.nbytes for a in model.to_arrays().values())
+    out = {
+        "ciphertexts_per_contribution": int(model.ciphertexts.shape[0]),
+        "client_encrypt_and_prove_s": round(statistics.mean(t_client), 3),
+        "contribution_proof_check_s": round(t_check, 4),
+        "server_sum_s": round(t_sum, 3),
+        "partial_with_proof_s_per_decryptor": round(t_partial, 3),
+        "combine_unmask_decode_s": round(t_combine, 3),
+        "seal_s": round(t_seal, 4),
+        "max_abs_error": error,
+        "wire_bytes_per_contribution": int(wire),
+        "wire_ratio_vs_float32": round(wire / (4 * cnn.size), 3),
+        "client_decryption_cpu_per_round_s": round(cpu, 2),
+        "client_decryption_cpu_per_round_with_checks_s": round(checked, 2),
+        "cpu_vs_today": round(cpu / every_client, 3),
+        "cpu_with_checks_vs_today": round(checked / every_client, 3),
+        "goal_threshold_cpu_le_one_third_of_today": checked <= every_client / 3,
+    }
+    log(f"threshold, masked payload: {out['ciphertexts_per_contribution']} ciphertexts a "
+        f"contribution; client encrypt+prove {out['client_encrypt_and_prove_s']} s, partial "
+        f"{t_partial:.2f} s per decryptor, combine+unmask+decode {t_combine:.2f} s; decryption "
+        f"CPU per round {checked:.1f} s with the decryptors' checks vs {every_client:.0f} s "
+        f"today ({out['cpu_with_checks_vs_today']}x); wire {out['wire_ratio_vs_float32']}x "
+        f"float32; max error {error:.3g}")
     return out
 
 
@@ -454,15 +538,21 @@ def bandwidth_model(params: int, schemes: dict[str, dict]) -> dict:
 
 
 def simulate_mnist(args: argparse.Namespace) -> dict:
-    """Plaintext and Paillier MNIST simulations with the same settings, back to back."""
+    """Plaintext, Paillier and threshold Paillier (``--threshold`` of ``--sim-clients``
+    shares, the default masked payload) MNIST simulations with the same settings, back
+    to back."""
     import tempfile
 
     from fedapp import launch
-    from strategies.keyfiles import KEY_DIR_ENV, write_keypair
+    from strategies.keyfiles import (KEY_DIR_ENV, THRESHOLD_PUBLIC_NAME, write_keypair,
+                                     write_simulation_identities, write_threshold_key)
 
     work = Path(tempfile.mkdtemp(prefix="bench-paillier-"))
     public, private, _ = write_keypair(work / "keys")
     n = args.sim_clients
+    threshold_keys = work / "threshold-keys"
+    write_threshold_key(threshold_keys, args.threshold, n)
+    write_simulation_identities(threshold_keys, n)
     common = {"task": "mnist", "data-dir": str(Path(args.data_dir).resolve()),
               "num-server-rounds": args.sim_rounds, "min-available-nodes": n,
               "min-train-nodes": n, "min-evaluate-nodes": n, "local-epochs": 1,
@@ -471,13 +561,18 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
     # slots, 89 per ciphertext, the 1.44x wire size measured above
     paillier = {"aggregation": "paillier", "paillier-public-key": str(public),
                 "paillier-weight-unit": 512, "paillier-max-total-weight": 128}
+    threshold = {**paillier, "aggregation": "paillier-threshold",
+                 "paillier-public-key": str(threshold_keys / THRESHOLD_PUBLIC_NAME)}
     out = {"settings": common, "paillier-settings": {k: v for k, v in paillier.items()
-                                                     if k != "paillier-public-key"}}
-    for name, extra in (("plaintext", {}), ("paillier", paillier)):
+                                                     if k != "paillier-public-key"},
+           "threshold": f"{args.threshold} of {n} shares, masked payload"}
+    for name, extra, keys in (("plaintext", {}, private.parent),
+                              ("paillier", paillier, private.parent),
+                              ("paillier_threshold", threshold, threshold_keys)):
         log(f"simulation: {name} MNIST, {n} clients, {args.sim_rounds} rounds")
         status, run_dir, logs = launch.simulate(
             ROOT, work / name, n, {**common, **extra}, timeout=4 * 3600,
-            env={KEY_DIR_ENV: str(private.parent)})
+            env={KEY_DIR_ENV: str(keys)})
         rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
         later = [r for r in rows if r["round"] > 1]
         out[name] = {
@@ -491,13 +586,19 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
         if status != launch.FINISHED_OK:
             log(logs[-4000:])
         log(f"{name}: {json.dumps(out[name])}")
-    p, c = out["plaintext"], out["paillier"]
-    out["ratio_seconds_per_round"] = round(c["seconds_per_round"] / p["seconds_per_round"], 2) \
-        if p["seconds_per_round"] and c["seconds_per_round"] else None
-    out["ratio_bytes_up"] = round(c["bytes_up_per_round"] / p["bytes_up_per_round"], 3) \
-        if p["bytes_up_per_round"] and c["bytes_up_per_round"] else None
-    out["accuracy_difference_points"] = round(100 * (c["final_fed_accuracy"] - p["final_fed_accuracy"]), 2) \
-        if p["final_fed_accuracy"] is not None and c["final_fed_accuracy"] is not None else None
+    p = out["plaintext"]
+    for name in ("paillier", "paillier_threshold"):
+        c = out[name]
+        out[f"ratio_seconds_per_round_{name}"] = round(
+            c["seconds_per_round"] / p["seconds_per_round"], 2) \
+            if p["seconds_per_round"] and c["seconds_per_round"] else None
+        out[f"ratio_bytes_up_{name}"] = round(c["bytes_up_per_round"] / p["bytes_up_per_round"],
+                                              3) \
+            if p["bytes_up_per_round"] and c["bytes_up_per_round"] else None
+        out[f"accuracy_difference_points_{name}"] = round(
+            100 * (c["final_fed_accuracy"] - p["final_fed_accuracy"]), 2) \
+            if p["final_fed_accuracy"] is not None and c["final_fed_accuracy"] is not None \
+            else None
     return out
 
 

@@ -342,6 +342,9 @@ class ThresholdRounds(PaillierRounds):
         request = DecryptRequest(view, view_signatures,
                                  {node: c for node, (c, _) in signed.items()}, noise)
         decryptors = self._decryptors(connected())
+        log(INFO, "Threshold Paillier: round %d aggregates %d contributions, %s payload: %d "
+            "ciphertexts to decrypt", server_round, len(signed),
+            "masked" if summed.masks else "packed", summed.ciphertexts.shape[0])
         partials = {}
         for node, partial in self._stage(exchange, {node: request for node in decryptors},
                                          "decrypt").items():

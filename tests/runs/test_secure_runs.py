@@ -133,13 +133,14 @@ def test_paillier_reaches_the_plaintext_result(task, keys, plaintext, data_dir, 
         assert distance < 0.05 * size
 
 
+@pytest.mark.parametrize("payload", ["masked", "paillier"])
 def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, data_dir,
-                                                          tmp_path):
-    """A real simulation under a 2-of-3 key: 4 nodes, 3 of them holding a share (found by
-    partition id), every round's view, decrypt and combine stages over Flower's own
-    message routing and node state; the final model is sealed, opens with the group key
-    (``fedapp decrypt``), and no share or group key reaches the run directory or the
-    SuperLink's files."""
+                                                          tmp_path, payload):
+    """A real simulation under a 2-of-3 key, with each payload: 4 nodes, 3 of them
+    holding a share (found by partition id), every round's view, decrypt and combine
+    stages over Flower's own message routing and node state; the final model is sealed,
+    opens with the group key (``fedapp decrypt``), and no share or group key reaches the
+    run directory or the SuperLink's files."""
     import shutil
 
     from strategies.keyfiles import (GROUP_KEY_NAME, THRESHOLD_PUBLIC_NAME,
@@ -154,10 +155,13 @@ def test_threshold_paillier_runs_with_no_single_key_holder(threshold_key_dir, da
     status, run_dir, logs = launch.simulate(
         ROOT, work, 4, {**settings_for("housing", data_dir), "num-server-rounds": 2,
                         "aggregation": "paillier-threshold", "plaintext-metrics": True,
+                        "paillier-threshold-payload": payload,
                         "paillier-public-key": str(keydir / THRESHOLD_PUBLIC_NAME)},
         timeout=900, progress=False, env={KEY_DIR_ENV: str(keydir),
                                           NODE_CONFIG_ENV: PLAINTEXT_METRICS})
     assert status == launch.FINISHED_OK, logs[-3000:]
+    assert logs.count(f"aggregates 4 contributions, "
+                      f"{'masked' if payload == 'masked' else 'packed'} payload") == 2
     for stage, answered in (("view", "4 of 4"), ("decrypt", "3 of 3"), ("combine", "1 of 1")):
         assert logs.count(f"Threshold Paillier: {stage} stage, {answered} nodes") == 2, stage
     rows = [r for r in json.loads((run_dir / "metrics.json").read_text()) if r["round"] > 0]

@@ -62,3 +62,12 @@ def test_threshold_benchmark_decrypts_for_real_and_scales_to_the_mnist_aggregate
     sealed = out["sealed_model"]
     assert sealed["float32_bytes"] == 4 * 3030
     assert 0 < sealed["bytes"] - sealed["float32_bytes"] < 100
+    # the masked payload ran for real on the whole layout (it checks its own average):
+    # 33 secret rows and the tag, whatever the model's size, decrypted by 2 shares
+    masked = out["masked_payload"]
+    assert masked["ciphertexts_per_contribution"] == 34
+    assert masked["max_abs_error"] <= params.max_error()
+    assert masked["client_decryption_cpu_per_round_with_checks_s"] >= \
+        masked["client_decryption_cpu_per_round_s"] > 0
+    # one 4,096-coefficient ring element of 8 bytes each for the 3,030 values, and more
+    assert masked["wire_bytes_per_contribution"] > 8 * 4096
