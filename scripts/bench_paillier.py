@@ -546,6 +546,7 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
     from fedapp import launch
     from strategies.keyfiles import (KEY_DIR_ENV, THRESHOLD_PUBLIC_NAME, write_keypair,
                                      write_simulation_identities, write_threshold_key)
+    from strategies.node_settings import NODE_CONFIG_ENV, PLAINTEXT_METRICS
 
     work = Path(tempfile.mkdtemp(prefix="bench-paillier-"))
     public, private, _ = write_keypair(work / "keys")
@@ -558,13 +559,16 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
               "min-train-nodes": n, "min-evaluate-nodes": n, "local-epochs": 1,
               "batch-size": 32, "central-eval": False}
     # weights: examples in units of 512 (about 12 per client), total at most 128: 23-bit
-    # slots, 89 per ciphertext, the 1.44x wire size measured above
+    # slots, 89 per ciphertext, the 1.44x wire size measured above; the nodes release
+    # their evaluation metrics (plaintext-metrics), so the accuracies compare
     paillier = {"aggregation": "paillier", "paillier-public-key": str(public),
-                "paillier-weight-unit": 512, "paillier-max-total-weight": 128}
+                "paillier-weight-unit": 512, "paillier-max-total-weight": 128,
+                "plaintext-metrics": True}
     threshold = {**paillier, "aggregation": "paillier-threshold",
                  "paillier-public-key": str(threshold_keys / THRESHOLD_PUBLIC_NAME)}
     out = {"settings": common, "paillier-settings": {k: v for k, v in paillier.items()
                                                      if k != "paillier-public-key"},
+           "node-config": f"{PLAINTEXT_METRICS}=true",
            "threshold": f"{args.threshold} of {n} shares, masked payload"}
     for name, extra, keys in (("plaintext", {}, private.parent),
                               ("paillier", paillier, private.parent),
@@ -572,7 +576,7 @@ def simulate_mnist(args: argparse.Namespace) -> dict:
         log(f"simulation: {name} MNIST, {n} clients, {args.sim_rounds} rounds")
         status, run_dir, logs = launch.simulate(
             ROOT, work / name, n, {**common, **extra}, timeout=4 * 3600,
-            env={KEY_DIR_ENV: str(keys)})
+            env={KEY_DIR_ENV: str(keys), NODE_CONFIG_ENV: f"{PLAINTEXT_METRICS}=true"})
         rows = json.loads((run_dir / "metrics.json").read_text()) if run_dir else []
         later = [r for r in rows if r["round"] > 1]
         out[name] = {

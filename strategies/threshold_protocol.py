@@ -44,6 +44,17 @@ updates, never one. The server alone cannot open the partials (group key), so it
 learns no aggregate at all. A client colluding with the server can (every client
 learns the aggregate); that is the price of the group key and no more.
 
+Masked payload (:mod:`strategies.ring_masks`; the strategies' default). A contribution's
+ciphertexts then encrypt its fresh ring secret (and its metric sums and tag), and its
+masked levels travel beside them, covered by its digest, hence by its signature, the view
+and the partials' context. The argument above holds with "secret" for "update": the
+decryptors decrypt only the sum ``S`` of the view's secrets, each proven known to its
+signer, and ``S`` unmasks only the sum of the view's masked vectors. A masked vector that
+a colluder or the server shifts by anything built from the honest ones still carries the
+honest secrets' masks that ``S`` does not remove, so nothing isolates one update (and the
+combiner's bound check refuses it). The decryptors see only ciphertexts and masked
+vectors; the combiner sees the aggregate, as before.
+
 Distributed DP (``dp-mode = "distributed"``). Each contributor adds its share of
 discrete Gaussian noise to its levels before encrypting and names it in its header
 (:class:`strategies.paillier_protocol.ClientNoise`: std, quorum ``k``, clip); the

@@ -55,6 +55,8 @@ def test_auto_settings_take_the_task_defaults():
     ({"aggregation": "secagg", "dp-noise-multiplier": 1.0, "dp-mode": "distributed",
       "dp-adaptive-clip": True}, "and a fixed clip"),
     ({"dp-quorum": 0.0}, "dp-quorum must be in \\(0, 1\\]"),
+    ({"paillier-threshold-payload": "ckks"},
+     "paillier-threshold-payload must be masked or paillier"),
 ])
 def test_bad_settings_say_what_is_wrong(override, message):
     with pytest.raises(ValueError, match=message):

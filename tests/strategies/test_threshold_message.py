@@ -487,6 +487,14 @@ def test_too_few_decryptors_skip_the_round(keydir, task_identity, flwr_caplog):
 def test_the_strategy_takes_only_a_threshold_public_key(keydir, keypair):
     with pytest.raises(ValueError, match="ThresholdPublicKey"):
         ThresholdPaillierFedAvg(keypair[0], clip=CLIP)
+    public = load_threshold_public_key(keydir / THRESHOLD_PUBLIC_NAME)
+    with pytest.raises(ValueError, match="payload must be one of masked, paillier"):
+        ThresholdPaillierFedAvg(public, clip=CLIP, payload="ckks")
+    # sums of 44-bit slots do not fit the ring masks' 43-bit message range; packed they do
+    with pytest.raises(ValueError, match="44-bit slots do not fit the masked payload"):
+        ThresholdPaillierFedAvg(public, clip=CLIP, max_total_weight=2**28)
+    assert not ThresholdPaillierFedAvg(public, clip=CLIP, max_total_weight=2**28,
+                                       payload="paillier").masked
 
 
 def _bad_signature(stage, msg, reply, node):
