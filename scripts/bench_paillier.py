@@ -18,6 +18,10 @@ Measures
     coefficient moduli [60, 40, 40], scale 2^40): encrypt, add and decrypt values/s, wire
     bytes vs float32 and the largest error, on the same ``--params`` values
     (:func:`ckks_benchmark`; TenSEAL is in the test extras only);
+  * **threshold decryption** (:func:`threshold_benchmark`, ``--threshold`` of
+    ``--clients``): the packed payload's partial decryptions scaled to the CNN, and the
+    masked payload (:func:`masked_payload`) run for real on the whole CNN; the clients'
+    decryption CPU per round of each mode beside every client decrypting;
   * **a bandwidth model** (:func:`bandwidth_model`): for 1, 10 and 100 Mbit/s client links,
     a client's round time in each scheme modelled as its crypto CPU (encrypting its update,
     decrypting the model) plus the bytes it sends and receives over the link.
@@ -25,8 +29,9 @@ Measures
 Everything above runs in this process (``workers=1``). Then, unless ``--sim-rounds 0``:
   * real Flower simulations of MNIST (full data, McMahan CNN, ``--sim-clients`` clients,
     all training each round, E=1, B=32, no centralized evaluation), plaintext weighted
-    FedAvg and Paillier with the same settings, back to back: seconds per round (rounds
-    after the first), bytes per round and the final federated accuracy of each.
+    FedAvg, Paillier and threshold Paillier (masked payload) with the same settings, back
+    to back: seconds per round (rounds after the first), bytes per round and the final
+    federated accuracy of each (the nodes release their evaluation metrics).
 
 Shared machines make absolute times noisy: compare the ratios measured in the same run.
 The last line is a JSON summary.
