@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from clients.partition import PartitionSpec
 from clients.tasks import DataSpec, Task, get_task
 from strategies.checks import is_number
+from strategies.threshold_rounds import PAYLOADS
 
 #: Clip range of the secure aggregations' fixed-point encoding per task: above the
 #: largest weight each model reaches.
@@ -80,8 +81,8 @@ class PaillierSettings:
     max_total_weight: int = setting(65536, must_match=True)
     weight_unit: int = setting(1, must_match=True)
     extra_decryptors: int = setting(1, valid=_NOT_NEGATIVE)
-    threshold_payload: str = setting("masked", valid=(lambda v: v in ("masked", "paillier"),
-                                                      "must be masked or paillier"))
+    threshold_payload: str = setting("masked", valid=(lambda v: v in PAYLOADS,
+                                                      f"must be {' or '.join(PAYLOADS)}"))
     decrypt_once: bool = setting(False)
 
 
