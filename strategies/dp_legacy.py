@@ -97,7 +97,8 @@ class LegacyCentralDP(DPRounds, Strategy):
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if self.masked or self.encrypted:
             self._arm_sealed()
-            parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+            parameters, metrics = self._inner_aggregate(
+                server_round, lambda: self.strategy.aggregate_fit(server_round, results, failures))
             if parameters is None and self.encrypted:
                 spent = self._spent_without_model(server_round)
                 if spent is not None:

@@ -153,7 +153,8 @@ class CentralDP(DPRounds, Strategy):
             return array_record(new), MetricRecord(dp_metrics)
         if self.masked or self.encrypted:
             self._arm_sealed()
-            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+            arrays, metrics = self._inner_aggregate(
+                server_round, lambda: self.strategy.aggregate_train(server_round, replies))
             if arrays is None and self.encrypted:
                 spent = self._spent_without_model(server_round)
                 if spent is not None:

@@ -12,7 +12,8 @@ only move values in and out of their envelopes; neither imports the other.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 from logging import INFO, WARNING
 
 import numpy as np
@@ -24,9 +25,11 @@ from .dp import (AdaptiveClip, BudgetExhausted, DPConfig, PrivacyLedger, clip_up
                  distributed_multiplier, noised_average, poisson_sample)
 from .paillier import Encryptor
 from .paillier_protocol import CLIENT_TAIL_CLIP, ClientNoise, EncryptedModel, add_noise
-from .screening import PLAINTEXT_EMPTY_ROUNDS, RoundWatch
+from .screening import PLAINTEXT_EMPTY_ROUNDS, NoUsableUpdate, RoundWatch
 from .checks import is_int, is_number
 from .node_settings import node_setting
+
+T = TypeVar("T")
 
 CLIP_KEY = "dp-clip"
 
@@ -410,6 +413,21 @@ class DPRounds:
             server_round, how, model.total_weight, self.clipper.clip, epsilon, delta,
             self.config.delta, self.tail_mass, clipped_at)
         return noisy, {"dp-epsilon": epsilon, "dp-clip": self.clipper.clip, "dp-delta": delta}
+
+    def _inner_aggregate(self, server_round: int, aggregate: Callable[[], T]) -> T:
+        """``aggregate()``, the wrapped strategy's aggregation of ``server_round``. If the
+        run stops there (:class:`~strategies.screening.NoUsableUpdate`, its last allowed
+        empty round) after ``T`` decryptors decrypted the round's noised aggregate, the
+        round's cost is accounted first and the error says the epsilon spent."""
+        try:
+            return aggregate()
+        except NoUsableUpdate as err:
+            spent = self._spent_without_model(server_round) if self.encrypted else None
+            if spent is None:
+                raise
+            raise NoUsableUpdate(f"{err} Round {server_round}'s noised aggregate was "
+                                 f"decrypted, so its privacy cost counts: epsilon "
+                                 f"{spent['dp-epsilon']:.4g} spent in all") from None
 
     def _spent_without_model(self, server_round: int) -> dict | None:
         """Threshold Paillier, a round without a model: if ``T`` decryptors decrypted its

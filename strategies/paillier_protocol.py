@@ -442,9 +442,14 @@ class RoundSum:
         self._nodes: set[int] = set()
 
     def add(self, node: int, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
-        """Parse and check one update of ``node`` (see :meth:`EncryptedModel.from_arrays`),
-        then keep it; a second reply of a node in the round is refused, even after a bad
-        first one."""
+        """:meth:`check` one update of ``node``, then :meth:`keep` it."""
+        return self.keep(self.check(node, arrays))
+
+    def check(self, node: int, arrays: Mapping[str, np.ndarray]) -> EncryptedModel:
+        """Parse and check one update of ``node`` (see :meth:`EncryptedModel.from_arrays`)
+        against the round and what it keeps, without keeping it (a caller with more
+        checks keeps it after them); a second reply of a node in the round is refused,
+        even after a bad first one."""
         if node in self._nodes:
             raise InvalidUpdate("a second reply from this node in this round")
         self._nodes.add(node)
@@ -483,6 +488,10 @@ class RoundSum:
         except EncodingOverflow:
             raise InvalidUpdate("its noise would take the sum out of its slots: raise "
                                 "max_total_weight (more headroom bits)") from None
+        return update
+
+    def keep(self, update: EncryptedModel) -> EncryptedModel:
+        """Count a checked update (:meth:`check`) in the round's sum."""
         self.updates.append(update)
         self.total_weight += update.total_weight
         self.noise_offset += update.noise_offset

@@ -280,11 +280,12 @@ class ThresholdRounds(PaillierRounds):
         """
         if any(fields.identity == other for _, other in signed.values()):
             raise InvalidUpdate("another node of this round signed with the same identity")
-        contribution = Contribution(round_sum.add(node, arrays), fields.proof,
+        contribution = Contribution(round_sum.check(node, arrays), fields.proof,
                                     fields.signature)
         fault = contribution.fault(self.public_key, fields.identity)
-        if fault:
+        if fault:  # not kept: it takes nothing from the round's weight budget
             raise InvalidUpdate(f"{fault}; the decryptors would refuse the round")
+        round_sum.keep(contribution.model)
         signed[node] = (contribution, fields.identity)
         if fields.share:
             self.share_holders[node] = fields.share

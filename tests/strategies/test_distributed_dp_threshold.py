@@ -37,6 +37,7 @@ from strategies.paillier_message import PaillierFedAvg
 from strategies.paillier_node import round_config
 from strategies.paillier_protocol import EncryptedModel, aggregate
 from strategies.records import record_arrays
+from strategies.screening import NoUsableUpdate
 from strategies.threshold_message import ThresholdPaillierFedAvg
 from strategies.threshold_node import answer_combine, answer_decrypt, contribute, node_keys
 from strategies.threshold_protocol import (DecryptRequest, ServerNoise, ThresholdRefused, View,
@@ -443,10 +444,10 @@ def test_central_dp_noise_that_cancels_the_others_is_refused_and_works_unchecked
         decrypted_average(keydir, signed, noise_of, **ACCEPT)
 
 
-def central_epsilon(keypair, settings: dict) -> float:
+def central_epsilon(keypair, settings: dict, rounds: int = 1) -> float:
     reference = CentralDP(PaillierFedAvg(keypair[0], clip=CLIP), **settings)
     reference._start_dp(len(NODES), len(NODES), sum(math.prod(s) for s in SHAPES.values()))
-    return reference.ledger.step()
+    return [reference.ledger.step() for _ in range(rounds)][-1]
 
 
 def test_central_dp_round_through_the_wrapper_on_both_apis(keydir, keypair, task_identity):
@@ -455,7 +456,6 @@ def test_central_dp_round_through_the_wrapper_on_both_apis(keydir, keypair, task
     single-holder Paillier central one at the same settings; nodes that do not accept
     server noise refuse, and the run stops (one empty round allowed here) with their
     reason."""
-    from strategies.screening import NoUsableUpdate
     from strategies.dp_legacy import LegacyCentralDP, legacy_dp_clip_mod
     from tests.strategies.test_threshold_legacy import federation, fit_round, opened
     from tests.strategies.test_threshold_legacy import initial as legacy_initial
@@ -510,3 +510,11 @@ def test_a_decrypted_round_whose_combiners_all_fail_still_counts(keydir, keypair
     nodes = [DPNode(u, {**node_config(keydir, u), **ACCEPT}, silent="decrypt") for u in NODES]
     arrays, metrics = run_round(dp, FakeGrid(nodes), 2, initial())
     assert arrays is None and metrics is None
+    # a decrypted round that is also the last empty round allowed stops the run, and the
+    # error says its cost: it was accounted first (two rounds' epsilon)
+    nodes = [DPNode(u, {**node_config(keydir, u), **ACCEPT}, silent="combine") for u in NODES]
+    epsilon2 = central_epsilon(keypair, settings, rounds=2)
+    with pytest.raises(NoUsableUpdate, match=f"Round 3's noised aggregate was decrypted, so "
+                       f"its privacy cost counts: epsilon {epsilon2:.4g} spent in all"):
+        run_round(dp, FakeGrid(nodes), 3, initial())
+    assert dp.ledger.epsilon() == pytest.approx(epsilon2, rel=1e-12)

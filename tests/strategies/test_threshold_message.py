@@ -217,6 +217,41 @@ def test_an_update_without_a_valid_proof_is_left_out_and_the_round_finishes(
     assert "the proof that the sender knows its plaintexts does not verify" in flwr_caplog.text
 
 
+def test_a_reply_refused_for_its_proof_takes_no_weight_from_the_round(keydir):
+    """A node that claims a large weight with a proof that fails is left out before it
+    counts: the honest replies after it still fit the round's weight budget (64)."""
+    from strategies.aggregation import InvalidUpdate, Layout
+    from strategies.paillier_node import round_config
+    from strategies.threshold_node import contribute
+    from strategies.threshold_protocol import Contribution, _statement
+    from strategies.threshold_rounds import Signed
+
+    strategy = strategy_for(keydir, NODES, max_total_weight=64)
+    model = local_model(101)
+    strategy._layout = Layout.of(list(model), list(model.values()))
+    config = round_config(strategy.params, strategy.public_key.fingerprint, 1, 1,
+                          masked=strategy.masked)
+    made = {}
+    for u, examples in ((101, 60), (202, 20), (303, 20), (404, 20)):
+        context = new_context(u)
+        context.node_config.update(node_config(keydir, u))
+        model = local_model(u)
+        made[u] = contribute(config, list(model), list(model.values()), examples,
+                             node_keys(context), context, run=1)
+    bad = made[101]
+    proof = dataclasses.replace(bad.proof, z_message=bad.proof.z_message + 1)
+    made[101] = Contribution(bad.model, proof,
+                             IDENTITY(101).key.sign(_statement(bad.model, proof)))
+    round_sum, signed = strategy._round_sum(1), {}
+    with pytest.raises(InvalidUpdate, match="proof that the sender knows"):
+        strategy._accept(round_sum, signed, 101, made[101].model.to_arrays(), Signed(
+            IDENTITY(101).key.public, made[101].signature, made[101].proof, 1))
+    for u in (202, 303, 404):
+        strategy._accept(round_sum, signed, u, made[u].model.to_arrays(), Signed(
+            IDENTITY(u).key.public, made[u].signature, made[u].proof, 0))
+    assert sorted(signed) == [202, 303, 404] and round_sum.total_weight == 60
+
+
 # ------------------------------------------------------------------ attacks on the core
 
 
