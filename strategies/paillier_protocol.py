@@ -17,10 +17,11 @@ parameters, the model's layout, the total weight). Nothing is pickled.
 **Masked payload** (``masked=True``, the threshold mode's default): the levels are not
 packed into Paillier plaintexts but masked with a fresh Ring-LWE secret
 (:mod:`strategies.ring_masks`), and only the secret is encrypted (33 ciphertexts under
-a 2048-bit key, whatever the model's size). Sums add the masked vectors modulo
-``2^64`` beside the ciphertexts; decrypting the sum of the secrets unmasks the sum of
-the levels exactly. The masked vector travels as a third uint8 array (little-endian
-``uint64``).
+a 2048-bit key, whatever the model's size). Sums add the masked vectors modulo the
+ring's ``2^k`` (:attr:`EncryptedModel.ring`: the fewest whole bytes that hold the slots'
+sums) beside the ciphertexts; decrypting the sum of the secrets unmasks the sum of the
+levels exactly. The masked vector travels as a third uint8 array, ``k / 8``
+little-endian bytes a value.
 """
 
 from __future__ import annotations
@@ -150,8 +151,17 @@ class EncryptedModel:
         if self.client_noise:
             header["client-noise"] = self.client_noise.to_dict()
         if self.masks:
-            header["ring-masks"] = {**_RING, "count": self.masks}
+            header["ring-masks"] = {**self._ring_header(), "count": self.masks}
         return header
+
+    @property
+    def ring(self) -> ring_masks.Ring:
+        """The masks' ring for this encoding (``ValueError`` if its sums do not fit)."""
+        return ring_masks.Ring.for_levels(self.params.slot_bits)
+
+    def _ring_header(self) -> dict:
+        return {"degree": ring_masks.RING_DEGREE, "scale-bits": ring_masks.SCALE_BITS,
+                "modulus-bits": self.ring.bits}
 
     def context(self) -> bytes:
         """What the tags (and, masked, the ring's public polynomials) bind: run, round,
@@ -160,7 +170,7 @@ class EncryptedModel:
         if self.client_noise:
             bound.append(self.client_noise.to_dict())
         if self.masks:
-            bound.append(_RING)
+            bound.append(self._ring_header())
         return round_context(self.run, self.server_round, self.fingerprint,
                              self.params.to_dict(), bound)
 
@@ -182,12 +192,12 @@ class EncryptedModel:
         h = hashlib.sha256(json.dumps(self.header(), sort_keys=True).encode())
         h.update(np.ascontiguousarray(self.ciphertexts).data)
         if self.masked is not None:
-            h.update(masked_bytes(self.masked).data)
+            h.update(np.ascontiguousarray(self.masked, dtype="<u8").data)
         return h.hexdigest()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         header = json.dumps(self.header(), sort_keys=True).encode()
-        masked = {} if self.masked is None else {MASKED_KEY: masked_bytes(self.masked)}
+        masked = {} if self.masked is None else {MASKED_KEY: self.ring.to_bytes(self.masked)}
         return {CIPHERTEXTS_KEY: self.ciphertexts, **masked,
                 HEADER_KEY: np.frombuffer(header, dtype=np.uint8).copy()}
 
@@ -231,7 +241,7 @@ class EncryptedModel:
             sums = tuple(check_names(header.get("sums", [])))
             noise = header.get("client-noise")
             noise = ClientNoise.from_dict(noise) if noise is not None else None
-            masks = _masks(header.get("ring-masks"), params)
+            masks = header.get("ring-masks")
         except KeyError as err:
             raise InvalidUpdate(f"malformed header: no {err} entry") from None
         except (ValueError, TypeError, AttributeError, RecursionError) as err:  # deep JSON
@@ -241,59 +251,51 @@ class EncryptedModel:
                 f"encrypted under key {str(fingerprint)[:16]}..., expected "
                 f"{public_key.fingerprint[:16]}...: this node uses another key pair")
         model = EncryptedModel(np.zeros((0, 0), np.uint8), fingerprint, params, layout, run,
-                               server_round, contributors, offset, sums, noise, masks=masks)
+                               server_round, contributors, offset, sums, noise)
+        if masks is not None:
+            try:
+                model = dataclasses.replace(model, masks=model._masks(masks))
+            except (ValueError, TypeError) as err:
+                raise InvalidUpdate(f"malformed header: {err}") from None
         if model.server_noise < 0:
             raise InvalidUpdate(f"noise offset {offset} is below the contributors' own")
-        if bool(masks) != (MASKED_KEY in arrays):
+        if bool(model.masks) != (MASKED_KEY in arrays):
             raise InvalidUpdate(f"the header and the arrays disagree on whether the model is "
                                 f"masked ({MASKED_KEY})")
         try:
             cts = check_ciphertext_array(public_key, arrays[CIPHERTEXTS_KEY], model.rows)
         except ValueError as err:
             raise InvalidUpdate(str(err)) from None
-        masked = read_masked(arrays[MASKED_KEY], layout.size) if masks else None
+        try:
+            masked = model.ring.from_bytes(arrays[MASKED_KEY], layout.size) if model.masks \
+                else None
+        except ValueError as err:
+            raise InvalidUpdate(str(err)) from None
         return dataclasses.replace(model, ciphertexts=cts, masked=masked)
 
-
-_RING = {"degree": ring_masks.RING_DEGREE, "scale-bits": ring_masks.SCALE_BITS}
-
-
-def masked_bytes(masked: np.ndarray) -> np.ndarray:
-    """A masked vector as it travels: little-endian ``uint64`` bytes."""
-    return np.ascontiguousarray(masked, dtype="<u8").view(np.uint8)
-
-
-def read_masked(raw: object, size: int) -> np.ndarray:
-    """Inverse of :func:`masked_bytes`, for a model of ``size`` values (``InvalidUpdate``
-    if it is not one)."""
-    length = ring_masks.rows_for(size) * ring_masks.RING_DEGREE
-    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != (8 * length,):
-        raise InvalidUpdate(f"the masked vector of a {size}-value model must be a 1-D uint8 "
-                            f"array of {8 * length} bytes")
-    return raw.view("<u8").astype(np.uint64)
-
-
-def _masks(value: object, params: EncodingParams) -> int:
-    """The header's ``ring-masks`` entry checked: the number of secrets (0: absent)."""
-    if value is None:
-        return 0
-    if not isinstance(value, dict) or {k: value.get(k) for k in _RING} != _RING \
-            or set(value) != {*_RING, "count"}:
-        raise ValueError(f"ring-masks must be {_RING} with a count")
-    count = value["count"]
-    if not is_int(count) or not 1 <= count <= ring_masks.MAX_CONTRIBUTORS:
-        raise ValueError(f"ring-masks count must be in 1..{ring_masks.MAX_CONTRIBUTORS}, got "
-                         f"{count!r}")
-    check_maskable(params)
-    return int(count)
+    def _masks(self, value: object) -> int:
+        """The header's ``ring-masks`` entry checked against this encoding's ring: the
+        number of secrets."""
+        check_maskable(self.params)
+        expected = self._ring_header()
+        if not isinstance(value, dict) or set(value) != {*expected, "count"} \
+                or {k: value[k] for k in expected} != expected:
+            raise ValueError(f"ring-masks must be {expected} with a count")
+        count = value["count"]
+        if not is_int(count) or not 1 <= count <= ring_masks.MAX_CONTRIBUTORS:
+            raise ValueError(f"ring-masks count must be in 1..{ring_masks.MAX_CONTRIBUTORS}, "
+                             f"got {count!r}")
+        return int(count)
 
 
 def check_maskable(params: EncodingParams) -> None:
-    """``ValueError`` unless sums of ``params``' slots fit the ring masks' message range."""
-    if params.slot_bits >= ring_masks.MESSAGE_BITS:
-        raise ValueError(f"{params.slot_bits}-bit slots do not fit the masked payload "
-                         f"(at most {ring_masks.MESSAGE_BITS - 1} bits): lower the maximum "
-                         "total weight or the value bits")
+    """``ValueError`` unless sums of ``params``' slots fit the ring masks' messages."""
+    try:
+        ring_masks.Ring.for_levels(params.slot_bits)
+    except ValueError:
+        raise ValueError(f"{params.slot_bits}-bit slots do not fit the masked payload (at "
+                         f"most {63 - ring_masks.SCALE_BITS} bits): lower the maximum total "
+                         "weight or the value bits") from None
 
 
 def _contributors(value: object, params: EncodingParams) -> dict[int, int]:
@@ -353,7 +355,7 @@ def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
         levels = levels + shifted
     if masked:
         secret = ring_masks.new_secret()
-        model = dataclasses.replace(model, masked=ring_masks.mask(
+        model = dataclasses.replace(model, masked=model.ring.mask(
             levels.astype(np.int64), secret, model.context()))
         plaintexts = ring_masks.secret_plaintexts(secret, params.plaintext_bits)
     else:
@@ -382,7 +384,7 @@ def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,
         raise InvalidUpdate(f"total weight {sum(contributors.values())} exceeds the "
                             f"encoding's maximum {first.params.max_total_weight}")
     cts = aggregate_arrays(public_key, [u.ciphertexts for u in updates], workers=workers)
-    masked = ring_masks.add([u.masked for u in updates]) if first.masks else None
+    masked = first.ring.add([u.masked for u in updates]) if first.masks else None
     return dataclasses.replace(first, ciphertexts=cts, contributors=contributors,
                                noise_offset=sum(u.noise_offset for u in updates),
                                masked=masked, masks=sum(u.masks for u in updates))
@@ -587,7 +589,7 @@ def read_aggregate(model: EncryptedModel, plaintexts: Sequence[int], tag_key: Ta
         payload = plaintexts[:len(plaintexts) - len(model.sums)]
         if model.masks:
             secret = ring_masks.secret_sum(payload, model.masks, model.params.plaintext_bits)
-            levels = ring_masks.unmask(model.masked, secret, model.masks, model.context(),
+            levels = model.ring.unmask(model.masked, secret, model.masks, model.context(),
                                        model.layout.size)
             flat = decode_sums(levels, model.params, model.total_weight, model.noise_offset)
         else:

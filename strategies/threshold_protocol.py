@@ -108,7 +108,7 @@ from .checks import is_int
 from .encoding import encode_noise, pack
 from .paillier import aggregate_arrays, ciphertexts_from_array
 from . import ring_masks
-from .paillier_protocol import EncryptedModel, aggregate, masked_bytes, read_aggregate
+from .paillier_protocol import EncryptedModel, aggregate, read_aggregate
 from .paillier_tags import TagKey
 from .plaintext_proofs import InvalidProof, PlaintextProof, ProvingEncryptor, verify_plaintexts
 from .secagg_identity import NodeIdentity, Roster, verify
@@ -359,7 +359,7 @@ def _noise_context(view: View, offset: int, masked: np.ndarray | None) -> bytes:
     out = (b"fedapp threshold server noise v1\x00" + bytes.fromhex(view.digest())
            + offset.to_bytes(16, "big"))
     if masked is not None:
-        out += hashlib.sha256(masked_bytes(masked).data).digest()
+        out += hashlib.sha256(np.ascontiguousarray(masked, dtype="<u8").data).digest()
     return out
 
 
@@ -395,7 +395,7 @@ class ServerNoise:
         masked = None
         if model.masks:
             secret = ring_masks.new_secret()
-            masked = ring_masks.mask(values.astype(np.int64), secret, model.context())
+            masked = model.ring.mask(values.astype(np.int64), secret, model.context())
             plaintexts = ring_masks.secret_plaintexts(secret, model.params.plaintext_bits)
         else:
             plaintexts = pack(values, model.params)
@@ -410,7 +410,7 @@ class ServerNoise:
         rows = model.payload_rows
         summed = aggregate_arrays(public, [model.ciphertexts[:rows], self.ciphertexts])
         masked = {} if not model.masks else {
-            "masked": ring_masks.add([model.masked, self.masked]), "masks": model.masks + 1}
+            "masked": model.ring.add([model.masked, self.masked]), "masks": model.masks + 1}
         return dataclasses.replace(model, ciphertexts=np.concatenate(
             [summed, model.ciphertexts[rows:]]), noise_offset=model.noise_offset + self.offset,
             **masked)

@@ -30,8 +30,7 @@ from .discrete_gaussian import discrete_gaussian
 from .encoding import EncodingOverflow
 from .paillier import check_ciphertext_array
 from .paillier_node import PaillierRounds
-from .paillier_protocol import (EncryptedModel, RoundSum, aggregate, check_maskable,
-                                masked_bytes, read_masked)
+from .paillier_protocol import EncryptedModel, RoundSum, aggregate, check_maskable
 from .secagg_identity import verify
 from .threshold_paillier import ThresholdEncryptor, ThresholdPublicKey
 from .plaintext_proofs import InvalidProof, PlaintextProof
@@ -165,8 +164,10 @@ def request_arrays(request: DecryptRequest) -> dict[str, dict[str, np.ndarray]]:
            for node, c in request.contributions.items()}
     noise = request.noise
     if noise is not None:
-        out[NOISE_ARRAYS] = {"ciphertexts": noise.ciphertexts, **(
-            {} if noise.masked is None else {"masked": masked_bytes(noise.masked)})}
+        out[NOISE_ARRAYS] = {"ciphertexts": noise.ciphertexts}
+        if noise.masked is not None:  # in the ring of the contributions it is added to
+            ring = next(iter(request.contributions.values())).model.ring
+            out[NOISE_ARRAYS]["masked"] = ring.to_bytes(noise.masked)
     return out
 
 
@@ -203,7 +204,8 @@ def read_request(fields: Mapping[str, object],
                 first = next(iter(contributions.values()), None)
                 if first is None:
                     raise ValueError("masked noise without contributions")
-                masked = read_masked(noise_arrays["masked"], first.model.layout.size)
+                masked = first.model.ring.from_bytes(noise_arrays["masked"],
+                                                     first.model.layout.size)
             noise = ServerNoise(cts, int(str(fields["noise-offset"])),
                                 PlaintextProof.from_text(fields["noise-proof"]), masked)
     except (KeyError, ValueError, AttributeError, TypeError) as err:

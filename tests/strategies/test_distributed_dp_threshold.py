@@ -405,8 +405,10 @@ def cancelling_noise(keydir, signed: dict, cancelled: list[int], offset: int):
                 for u in cancelled)
             plain = np.zeros(ring_masks.rows_for(size) * ring_masks.RING_DEGREE, np.int64)
             plain[:size] = levels
-            vector = (plain << ring_masks.SCALE_BITS).astype(np.uint64) \
-                - sum(signed[u].model.masked for u in cancelled)
+            ring = signed[404].model.ring
+            vector = ((plain << ring_masks.SCALE_BITS).astype(np.uint64)
+                      - sum(signed[u].model.masked for u in cancelled)) \
+                & np.uint64((1 << ring.bits) - 1)
         else:
             known = pack(shift, PARAMS)
             for node in cancelled:

@@ -406,8 +406,9 @@ def colluding_contribution(keydir, contributions, colluder: int, cancelled: list
                 % public.nsquare
             known[j] = ((known[j][0] + zero.plaintexts[j]) % int(public.n),
                         known[j][1] + zero.randomizers[j])
-        if masked is not None:
-            masked = masked + zero_masked - out[node].model.masked  # modulo 2^64
+        if masked is not None:  # modulo the ring's 2^bits
+            masked = (masked + zero_masked - out[node].model.masked) \
+                & np.uint64((1 << honest.ring.bits) - 1)
     crafted = dataclasses.replace(honest, ciphertexts=ciphertexts_to_array(public, rows),
                                   masked=masked)
     proof = prove_plaintexts(public, *zip(*known), rows, proof_context(crafted))
