@@ -353,17 +353,23 @@ def encrypt_update(arrays: Sequence[np.ndarray], layout: Layout, weight: int,
         shifted, _ = encode_noise(discrete_gaussian(noise.std, layout.size), noise.bound,
                                   weight, params)
         levels = levels + shifted
-    if masked:
-        secret = ring_masks.new_secret()
-        model = dataclasses.replace(model, masked=model.ring.mask(
-            levels.astype(np.int64), secret, model.context()))
-        plaintexts = ring_masks.secret_plaintexts(secret, params.plaintext_bits)
-    else:
-        plaintexts = pack(levels, params)
+    plaintexts, vector = payload(model, levels)
+    model = dataclasses.replace(model, masked=vector)
     plaintexts += [to_fixed(sums[k]) + OFFSET for k in names]
     plaintexts.append(tag_key.tag(plaintexts, model.context(), node, weight))
     cts = encryptor.encrypt_to_array(plaintexts, workers=workers)
     return dataclasses.replace(model, ciphertexts=cts)
+
+
+def payload(model: EncryptedModel, levels: np.ndarray) -> tuple[list[int], np.ndarray | None]:
+    """The plaintexts that carry ``levels`` (slot values) in ``model``'s payload, and the
+    masked vector: the levels packed (``None``), or masked under a fresh ring secret
+    whose plaintexts these are."""
+    if not model.masks:
+        return pack(levels, model.params), None
+    secret = ring_masks.new_secret()
+    masked = model.ring.mask(levels.astype(np.int64), secret, model.context())
+    return ring_masks.secret_plaintexts(secret, model.params.plaintext_bits), masked
 
 
 def aggregate(public_key: PublicKey, updates: Sequence[EncryptedModel], *,

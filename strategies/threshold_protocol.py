@@ -105,10 +105,9 @@ from gmpy2 import mpz
 
 from .aggregation import InvalidUpdate, Layout
 from .checks import is_int
-from .encoding import encode_noise, pack
+from .encoding import encode_noise
 from .paillier import aggregate_arrays, ciphertexts_from_array
-from . import ring_masks
-from .paillier_protocol import EncryptedModel, aggregate, read_aggregate
+from .paillier_protocol import EncryptedModel, aggregate, payload, read_aggregate
 from .paillier_tags import TagKey
 from .plaintext_proofs import InvalidProof, PlaintextProof, ProvingEncryptor, verify_plaintexts
 from .secagg_identity import NodeIdentity, Roster, verify
@@ -392,13 +391,7 @@ class ServerNoise:
         """
         values, offset = encode_noise(noise, bound, model.total_weight, model.params)
         prover = ProvingEncryptor(encryptor)
-        masked = None
-        if model.masks:
-            secret = ring_masks.new_secret()
-            masked = model.ring.mask(values.astype(np.int64), secret, model.context())
-            plaintexts = ring_masks.secret_plaintexts(secret, model.params.plaintext_bits)
-        else:
-            plaintexts = pack(values, model.params)
+        plaintexts, masked = payload(model, values)
         cts = prover.encrypt_to_array(plaintexts)
         return ServerNoise(cts, offset, prover.prove(cts, _noise_context(view, offset, masked)),
                            masked)
